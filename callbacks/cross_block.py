@@ -1,0 +1,110 @@
+"""``CrossBlockCallback``: advances the sliding window around each window's ``trainer.fit``.
+
+Before the fit (``setup``, which Lightning runs before it builds the optimizer, so the newly quantized
+linears' parameters are part of it) it snapshots the full-precision teachers of entering blocks, runs the
+preprocessing hooks (CFP), quantizes the entering blocks and caches the teacher targets
+``Y_fp = T_fp(X_fp)`` and ``Y_h = T_fp(X_q)``. After the fit it finalises the leaving blocks, pushes both
+caches through them and logs the per-block output error and per-window summaries.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset
+
+from cbq_lightning.crossblock import BlockError, CrossBlockState
+from cbq_lightning.quant.convert import quant_linears
+
+
+class WindowTargets(Dataset):
+    """``(X_q[i], Y_fp[i], Y_h[i])`` read from the cross-block state when a batch is drawn.
+
+    Reading lazily lets the dataloader be built before the callback has cached this window's targets.
+    """
+
+    def __init__(self, state: CrossBlockState) -> None:
+        self.state = state
+
+    def __len__(self) -> int:
+        return self.state.inputs.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        state = self.state
+        if state.y_fp is None or state.y_h is None:
+            raise RuntimeError("window targets are not cached: CrossBlockCallback must run before the fit")
+        return state.x_q[index], state.y_fp[index], state.y_h[index]
+
+
+class CrossBlockCallback(L.Callback):
+    """Prepares each window before its fit and finalises/advances after it.
+
+    Args:
+        state: the caches and teachers shared by all windows of a run.
+    """
+
+    def __init__(self, state: CrossBlockState) -> None:
+        self.state = state
+        self.window_summaries: list[dict[str, Any]] = []
+        self._started = 0.0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._started = time.perf_counter()
+        self.state.enter(pl_module.window, trainer.strategy.root_device)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._loss_first = pl_module.hardened_loss(trainer.train_dataloader)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._loss_last = pl_module.hardened_loss(trainer.train_dataloader)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        window = pl_module.window
+        layers = [layer for _, layer in quant_linears(pl_module.blocks)]
+        clip = [layer.mean_clip_ratio() for layer in layers if layer.quantizer is not None]
+        errors = self.state.leave(window, trainer.strategy.root_device)
+        finalized = {id(m) for b in window.finalized for _, m in quant_linears(self.state.blocks[b])}
+        flips = [layer.flip_fraction for layer in layers if id(layer) in finalized]
+        summary = {
+            "index": window.index,
+            "blocks": list(window.blocks),
+            "finalized": list(window.finalized),
+            "steps": int(trainer.global_step),
+            # hardened-rounding reconstruction loss before and after training (what finalising gives)
+            "loss_first": self._loss_first,
+            "loss_last": self._loss_last,
+            "train_loss_first": pl_module.train_loss_first,
+            "train_loss_last": pl_module.train_loss_last,
+            "flip_fraction": sum(flips) / len(flips) if flips else 0.0,
+            "clip_ratio": sum(clip) / len(clip) if clip else 1.0,
+            "wall_s": time.perf_counter() - self._started,
+        }
+        self.window_summaries.append(summary)
+        if trainer.is_global_zero:
+            log_window(trainer.logger, summary, errors, method="cbq")
+
+
+def log_window(logger: Any, summary: dict[str, Any], errors: list[BlockError], method: str) -> None:
+    """Per-window summaries (step = window index) and per-block errors (step = block index).
+
+    The block errors of the quantized model (``block_error/<method>``) and of RTN (``block_error/rtn``)
+    share one chart per tag, plotted along the depth of the model.
+    """
+    if logger is None:
+        return
+    index = summary["index"]
+    scalars = {
+        f"window/{key}": float(summary[key])
+        for key in ("loss_first", "loss_last", "train_loss_first", "train_loss_last", "flip_fraction", "clip_ratio", "wall_s")
+        if summary.get(key) is not None
+    }
+    logger.log_metrics(scalars, step=index)
+    for error in errors:
+        values = {f"block_error/{method}": error.quantized}
+        if error.rtn is not None:
+            values["block_error/rtn"] = error.rtn
+        logger.log_metrics(values, step=error.block)
+    logger.save()

@@ -1,0 +1,79 @@
+"""The complete configuration of a ``cbq quantize`` run, and its boundary validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cbq_lightning.data.calibration import CalibrationConfig
+from cbq_lightning.data.text import SHIPPED_SOURCE
+from cbq_lightning.errors import ConfigError, DataError
+from cbq_lightning.loss import LossConfig
+from cbq_lightning.models.loading import ModelConfig, resolve_source
+from cbq_lightning.quant.config import QuantConfig
+from cbq_lightning.quant.rounding import RoundingConfig
+from cbq_lightning.quant.scheme import QuantScheme
+from cbq_lightning.train_config import OptimConfig, TrainerConfig
+from cbq_lightning.windows import WindowConfig
+
+
+@dataclass
+class MonitorConfig:
+    """Observability extras.
+
+    Attributes:
+        rtn_reference: also push the calibration inputs through a round-to-nearest copy of each block,
+            so the per-block error of RTN is logged next to CBQ's (costs one extra forward per block).
+    """
+
+    rtn_reference: bool = True
+
+
+@dataclass
+class QuantizeConfig:
+    """Everything ``cbq quantize`` reads (each field is a YAML key and a ``--dotted.flag``).
+
+    Attributes:
+        output_dir: where config.yaml, report.json, model/, quant_state.safetensors and tensorboard/ go.
+        method: ``cbq`` (cross-block training) or ``rtn`` (round-to-nearest baseline, same pipeline).
+        seed: seeds calibration sampling, rounding initialisation and data order.
+    """
+
+    output_dir: str = "runs/cbq"
+    method: Literal["cbq", "rtn"] = "cbq"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: CalibrationConfig = field(default_factory=CalibrationConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    rounding: RoundingConfig = field(default_factory=RoundingConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+
+def validate(config: QuantizeConfig) -> QuantScheme:
+    """Check everything that can be checked before loading weights; return the resolved scheme."""
+    if config.method not in ("cbq", "rtn"):
+        raise ConfigError(f"method={config.method!r} is unknown: use 'cbq' or 'rtn'.")
+    scheme = config.quant.resolve()
+    resolve_source(config.model)
+    config.model.torch_dtype()
+    if config.data.source != SHIPPED_SOURCE:
+        from pathlib import Path
+
+        if not Path(config.data.source).expanduser().is_file():
+            raise DataError(
+                f"data.source={config.data.source!r} is not an existing file: give a .jsonl/.txt corpus "
+                f"(e.g. ../shared/data/wikitext/wikitext-2-v1/validation.jsonl) or '{SHIPPED_SOURCE}'."
+            )
+    if config.method == "cbq":
+        if not (config.rounding.enabled or config.quant.learnable_clip):
+            raise ConfigError(
+                "method=cbq with rounding.enabled=false and quant.learnable_clip=false leaves nothing to "
+                "train: enable one of them, or use method=rtn."
+            )
+        if config.train.epochs_for(scheme.w_bits) < 1:
+            raise ConfigError("method=cbq needs train.epochs >= 1 (train.epochs_2bit for 2-bit weights).")
+    return scheme

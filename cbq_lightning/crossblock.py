@@ -1,0 +1,137 @@
+"""State that walks down the model with the sliding windows (METHOD.md §3).
+
+It owns the two input caches (``X_fp``: hidden states of the full-precision model, ``X_q``: hidden
+states produced by the already-quantized blocks), the frozen full-precision *teacher* copy of every block
+that is in or before the current window, and the teacher targets of the current window. The Lightning
+callback (:mod:`callbacks.cross_block`) calls :meth:`CrossBlockState.enter` before a window's fit and
+:meth:`CrossBlockState.leave` after it; the RTN baseline calls the same two methods without training.
+
+Teachers are copied when a block first enters a window - before any preprocessing or quantization - so
+targets always come from the *original* full-precision blocks, and at most K copies are alive at once.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from cbq_lightning.models.adapter import run_blocks_batched
+from cbq_lightning.quant.convert import finalize_block
+from cbq_lightning.windows import Window
+
+#: ``preprocess(block_index, block, block_inputs, block_kwargs) -> stats``: runs on a block entering its
+#: first window, before its linears are quantized (CFP hooks in here); may modify the block in place.
+Preprocessor = Callable[[int, nn.Module, torch.Tensor, dict[str, Any]], dict[str, float]]
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||output - reference||^2 / ||reference||^2``: scale-free, comparable across blocks."""
+    reference = reference.float()
+    return float((output.float() - reference).pow(2).sum() / reference.pow(2).sum().clamp(min=1e-30))
+
+
+@dataclass
+class BlockError:
+    """Output error after one block of the quantized model against the full-precision model."""
+
+    block: int
+    quantized: float
+    rtn: float | None = None
+
+
+@dataclass
+class CrossBlockState:
+    """Caches, teachers and targets of the cross-block calibration.
+
+    Args:
+        blocks: the model's transformer blocks (quantized in place as they enter windows).
+        inputs: ``X`` at block 0, ``[N, T, H]`` on CPU (the start of both caches).
+        block_kwargs: keyword arguments every block is called with (CPU tensors).
+        quantize: ``quantize(block_index, block)`` replaces the block's linears by quantized ones.
+        rtn_reference: ``rtn_reference(fp_block)`` returns an RTN copy, to track the RTN error per block
+            alongside CBQ's; ``None`` switches that monitoring off.
+        batch_size: sequences per forward when computing targets and advancing caches.
+        preprocessors: run on each block entering its first window (see :data:`Preprocessor`).
+    """
+
+    blocks: nn.ModuleList
+    inputs: torch.Tensor
+    block_kwargs: dict[str, Any]
+    quantize: Callable[[int, nn.Module], None]
+    rtn_reference: Callable[[nn.Module], nn.Module] | None = None
+    batch_size: int = 8
+    preprocessors: list[Preprocessor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.x_fp = self.inputs
+        self.x_q = self.inputs
+        self.x_rtn = self.inputs if self.rtn_reference is not None else None
+        self.y_fp: torch.Tensor | None = None
+        self.y_h: torch.Tensor | None = None
+        self.teachers: dict[int, nn.Module] = {}
+        self.block_errors: list[BlockError] = []
+        self.preprocess_stats: dict[int, dict[str, float]] = {}
+        self._entered: set[int] = set()
+
+    # --- before a fit --------------------------------------------------------------------------------
+    def enter(self, window: Window, device: torch.device | str, cache_targets: bool = True) -> None:
+        """Snapshot teachers of new blocks, preprocess and quantize them, cache the window's targets.
+
+        ``cache_targets=False`` skips the teacher forward passes (the RTN baseline trains nothing).
+        """
+        for index in window.blocks:
+            if index in self._entered:
+                continue  # overlap block: keeps its learned parameters as the warm start
+            block = self.blocks[index]
+            self.teachers[index] = copy.deepcopy(block).requires_grad_(False).eval().to("cpu")
+            if self.preprocessors:
+                inputs = self._quantized_path_inputs(window, index, device)
+                stats: dict[str, float] = {}
+                for preprocess in self.preprocessors:
+                    stats.update(preprocess(index, block, inputs, self.block_kwargs))
+                self.preprocess_stats[index] = stats
+            self.quantize(index, block)
+            self._entered.add(index)
+        if not cache_targets:
+            return
+        teachers = [self.teachers[index].to(device) for index in window.blocks]
+        self.y_fp = run_blocks_batched(teachers, self.x_fp, self.block_kwargs, device, self.batch_size)
+        self.y_h = run_blocks_batched(teachers, self.x_q, self.block_kwargs, device, self.batch_size)
+        for teacher in teachers:
+            teacher.to("cpu")
+
+    def _quantized_path_inputs(self, window: Window, index: int, device: torch.device | str) -> torch.Tensor:
+        """Inputs of block ``index`` on the quantized path: ``X_q`` through the window's earlier blocks."""
+        earlier = [self.blocks[b].to(device) for b in window.blocks if b < index]
+        if not earlier:
+            return self.x_q
+        return run_blocks_batched(earlier, self.x_q, self.block_kwargs, device, self.batch_size)
+
+    # --- after a fit ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def leave(self, window: Window, device: torch.device | str) -> list[BlockError]:
+        """Finalise the window's leaving blocks and push both caches through them."""
+        errors = []
+        for index in window.finalized:
+            block = self.blocks[index].to(device)
+            finalize_block(block)
+            teacher = self.teachers.pop(index).to(device)
+            self.x_q = run_blocks_batched([block], self.x_q, self.block_kwargs, device, self.batch_size)
+            self.x_fp = run_blocks_batched([teacher], self.x_fp, self.block_kwargs, device, self.batch_size)
+            error = BlockError(block=index, quantized=relative_error(self.x_q, self.x_fp))
+            if self.rtn_reference is not None:
+                baseline = self.rtn_reference(teacher)
+                self.x_rtn = run_blocks_batched([baseline], self.x_rtn, self.block_kwargs, device, self.batch_size)
+                error.rtn = relative_error(self.x_rtn, self.x_fp)
+                del baseline
+            block.to("cpu")
+            del teacher
+            errors.append(error)
+        self.block_errors.extend(errors)
+        self.y_fp = self.y_h = None
+        return errors

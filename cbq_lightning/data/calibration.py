@@ -1,0 +1,61 @@
+"""Calibration samples: N disjoint random segments of T tokens from a corpus, drawn by seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cbq_lightning.data.text import SHIPPED_SOURCE, load_text
+from cbq_lightning.errors import DataError
+
+
+@dataclass
+class CalibrationConfig:
+    """Calibration data.
+
+    Attributes:
+        source: ``shipped``, or a local ``.jsonl``/``.txt`` file (e.g. the WikiText-2 validation rows).
+        text_field: JSON key of the text in ``.jsonl`` rows.
+        num_samples: number of calibration sequences N.
+        seqlen: tokens per sequence T.
+    """
+
+    source: str = SHIPPED_SOURCE
+    text_field: str = "text"
+    num_samples: int = 128
+    seqlen: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.seqlen < 2:
+            raise DataError(
+                f"data.num_samples={self.num_samples} and data.seqlen={self.seqlen} must be >= 1 and >= 2."
+            )
+
+
+def sample_segments(tokens: torch.Tensor, num_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``[num_samples, seqlen]`` disjoint segments of ``tokens`` (1-D), chosen at random by ``seed``.
+
+    The corpus is cut into non-overlapping chunks starting at a random offset, and N distinct chunks are
+    drawn, so no token is seen twice and the result depends only on the corpus and the seed.
+    """
+    available = tokens.numel() // seqlen
+    if available < num_samples:
+        raise DataError(
+            f"the calibration text has {tokens.numel():,} tokens, too few for {num_samples} disjoint samples "
+            f"of {seqlen} tokens ({num_samples * seqlen:,} needed): lower data.num_samples or data.seqlen, "
+            "or give a longer corpus."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    slack = tokens.numel() - available * seqlen
+    offset = int(torch.randint(0, slack + 1, (1,), generator=generator))
+    chunks = tokens[offset : offset + available * seqlen].reshape(available, seqlen)
+    chosen = torch.randperm(available, generator=generator)[:num_samples]
+    return chunks[chosen].clone()
+
+
+def calibration_ids(config: CalibrationConfig, tokenizer, seed: int) -> torch.Tensor:
+    """Tokenize the calibration corpus once and draw the samples: ``[N, T]`` int64."""
+    text = load_text(config.source, config.text_field)
+    tokens = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return sample_segments(tokens, config.num_samples, config.seqlen, seed)

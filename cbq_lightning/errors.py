@@ -1,0 +1,25 @@
+"""Exceptions raised for bad user input.
+
+Every check that can fail on user input raises one of these *before* heavy work starts, with a message
+that names the offending value and says how to fix it. The CLI prints the message without a traceback.
+"""
+
+
+class CBQError(Exception):
+    """Base class of every user-facing error of cbq-lightning."""
+
+
+class ConfigError(CBQError, ValueError):
+    """A configuration value is invalid (out of range, inconsistent with the model, ...)."""
+
+
+class ModelSourceError(CBQError, ValueError):
+    """The model cannot be found or its architecture is not supported."""
+
+
+class DataError(CBQError, ValueError):
+    """The calibration or evaluation data is missing or too small."""
+
+
+class TrainingError(CBQError, RuntimeError):
+    """Training produced an unusable result (e.g. a non-finite loss)."""

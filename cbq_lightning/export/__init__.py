@@ -1,0 +1,1 @@
+"""Saving quantized models: the fake-quant Hugging Face checkpoint and the integer quantization state."""

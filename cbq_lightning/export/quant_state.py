@@ -1,0 +1,68 @@
+"""``quant_state.safetensors``: integer codes, scales, zero-points, bits and group size of every layer.
+
+Layout, per quantized linear ``NAME`` (its module path in the model, e.g. ``model.layers.0.self_attn.q_proj``):
+
+* ``NAME.qweight`` uint8 ``[out, in]`` - integer codes in ``[0, 2**bits - 1]`` (one per byte, unpacked)
+* ``NAME.scales`` float32 ``[out, in / group]``
+* ``NAME.zeros`` uint8 ``[out, in / group]`` - zero-points (``2**(bits-1)`` when symmetric)
+* ``NAME.bits``, ``NAME.group_size`` int32 scalars (group_size = in_features when per-channel)
+
+The dequantized weight is ``scales[:, j] * (qweight[:, j*g:(j+1)*g] - zeros[:, j])``. The file metadata
+holds ``format = cbq-quant-state``, its version and the scheme as JSON. The packed export formats are
+built from this file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cbq_lightning.io import atomic_write_file
+from cbq_lightning.quant.convert import quant_linears
+
+FORMAT = "cbq-quant-state"
+VERSION = "1"
+
+
+def collect_quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors of every finalised quantized linear of ``model``."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in quant_linears(model):
+        if not layer.finalized:
+            raise RuntimeError(f"layer {name} is not finalised; finalise every window before saving")
+        tensors[f"{name}.qweight"] = layer.qweight.contiguous().cpu()
+        tensors[f"{name}.scales"] = layer.scales.contiguous().cpu()
+        tensors[f"{name}.zeros"] = layer.zeros.contiguous().cpu()
+        tensors[f"{name}.bits"] = torch.tensor(layer.bits, dtype=torch.int32)
+        tensors[f"{name}.group_size"] = torch.tensor(layer.group_size or layer.in_features, dtype=torch.int32)
+    return tensors
+
+
+def save_quant_state(model: nn.Module, path: Path, scheme: dict) -> None:
+    """Write the quantization state atomically."""
+    tensors = collect_quant_state(model)
+    metadata = {"format": FORMAT, "version": VERSION, "scheme": json.dumps(scheme)}
+    atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_quant_state(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """``{layer_name: {"qweight", "scales", "zeros", "bits", "group_size"}}`` (safetensors: no pickle)."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(path)).items():
+        name, _, field = key.rpartition(".")
+        layers.setdefault(name, {})[field] = tensor
+    return layers
+
+
+def dequantize(layer: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The weight a layer of the quantization state stands for, ``[out, in]`` float32."""
+    q = layer["qweight"].float()
+    group = int(layer["group_size"])
+    out_features, in_features = q.shape
+    grouped = q.reshape(out_features, in_features // group, group)
+    weight = layer["scales"].unsqueeze(-1) * (grouped - layer["zeros"].float().unsqueeze(-1))
+    return weight.reshape(out_features, in_features)

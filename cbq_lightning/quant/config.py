@@ -1,0 +1,50 @@
+"""User-facing quantization settings: a scheme string plus per-field overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cbq_lightning.errors import ConfigError
+from cbq_lightning.quant.scheme import QuantScheme, parse_scheme
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize and how.
+
+    Attributes:
+        scheme: ``W<bits>A<bits>[G<group>]``, e.g. ``W4A16`` (per-channel), ``W3A16G64``.
+        w_bits: override the scheme's weight bits.
+        group_size: override the scheme's group size (``-1`` forces per-channel).
+        a_bits: override the scheme's activation bits (16 = activations in floating point).
+        sym: symmetric weights (needed for GPTQ-v1 export).
+        learnable_clip: learn per-channel/group clipping thresholds (CBQ); False keeps min/max.
+        clip_init: initial clipping ratio of the learnable thresholds (sigmoid of the logit).
+    """
+
+    scheme: str = "W4A16"
+    w_bits: int | None = None
+    group_size: int | None = None
+    a_bits: int | None = None
+    sym: bool = False
+    learnable_clip: bool = True
+    clip_init: float = 0.99
+
+    def resolve(self) -> QuantScheme:
+        """Scheme string with the explicit overrides applied, validated."""
+        base = parse_scheme(self.scheme)
+        group = base.group_size
+        if self.group_size is not None:
+            group = None if self.group_size in (-1, 0) else self.group_size
+        scheme = QuantScheme(
+            w_bits=base.w_bits if self.w_bits is None else self.w_bits,
+            group_size=group,
+            a_bits=base.a_bits if self.a_bits is None else self.a_bits,
+            sym=self.sym,
+        )
+        if scheme.quantizes_activations:
+            raise ConfigError(
+                f"scheme {scheme.name} quantizes activations (a_bits={scheme.a_bits}), which this release "
+                "does not support yet: use a_bits=16 (weight-only, e.g. W4A16)."
+            )
+        return scheme

@@ -1,0 +1,83 @@
+"""Turn the linears of a block into :class:`QuantLinear` layers, and walk them afterwards."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from cbq_lightning.errors import ConfigError
+from cbq_lightning.models.adapter import DecoderAdapter
+from cbq_lightning.quant.qlinear import QuantLinear
+from cbq_lightning.quant.rounding import RoundingConfig
+from cbq_lightning.quant.scheme import QuantScheme, valid_group_sizes
+
+
+def check_group_size(blocks: nn.ModuleList, scheme: QuantScheme) -> None:
+    """Fail early, naming the layer, when the group size does not divide a linear's in_features."""
+    if scheme.group_size is None:
+        return
+    for index, block in enumerate(blocks):
+        for name, linear in DecoderAdapter.block_linears(block):
+            if linear.in_features % scheme.group_size:
+                sizes = {lin.in_features for b in blocks for _, lin in DecoderAdapter.block_linears(b)}
+                common = sorted(set.intersection(*(set(valid_group_sizes(n)) for n in sizes)))
+                raise ConfigError(
+                    f"group_size={scheme.group_size} does not divide in_features={linear.in_features} of "
+                    f"layer blocks.{index}.{name}: use a group size that divides every layer's in_features "
+                    f"(valid here: {', '.join(map(str, common)) or 'none - use per-channel (-1)'}), or -1 "
+                    "for per-channel."
+                )
+
+
+def quantize_block(
+    block: nn.Module,
+    scheme: QuantScheme,
+    rounding: RoundingConfig,
+    learnable_clip: bool,
+    clip_init: float,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Replace every linear of ``block`` by a calibrating :class:`QuantLinear` (in place)."""
+
+    def factory(_name: str, linear: nn.Linear) -> QuantLinear:
+        return QuantLinear(linear, scheme, rounding, learnable_clip, clip_init, generator).to(linear.weight.device)
+
+    DecoderAdapter.replace_linears(block, factory)
+
+
+def quant_linears(module: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
+    """Every :class:`QuantLinear` under ``module`` with its dotted name."""
+    for name, child in module.named_modules():
+        if isinstance(child, QuantLinear):
+            yield name, child
+
+
+@contextmanager
+def hard_rounding(module: nn.Module) -> Iterator[None]:
+    """Within the block, quantized linears use hardened rounding decisions (as after finalisation)."""
+    layers = [layer for _, layer in quant_linears(module)]
+    for layer in layers:
+        layer.use_hard_rounding = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.use_hard_rounding = False
+
+
+def finalize_block(block: nn.Module) -> None:
+    """Harden rounding and freeze clipping of every quantized linear in ``block``."""
+    for _, layer in quant_linears(block):
+        layer.finalize()
+
+
+def rtn_block(block: nn.Module, scheme: QuantScheme) -> nn.Module:
+    """A round-to-nearest (min/max, no training) quantized copy of a full-precision block."""
+    baseline = copy.deepcopy(block)
+    quantize_block(baseline, scheme, RoundingConfig(enabled=False), learnable_clip=False, clip_init=1.0)
+    finalize_block(baseline)
+    return baseline

@@ -1,0 +1,144 @@
+"""The quantized linear layer used inside blocks during and after calibration.
+
+Two lives:
+* **calibrating** - holds the full-precision weight (a frozen buffer), a :class:`WeightQuantizer` with
+  learnable clipping logits and, when rounding is learned, a :class:`LoRARounding`. Its forward uses the
+  soft fake-quantized weight, so gradients reach exactly those parameters.
+* **finalised** - holds integer codes, scales and zero-points; ``weight`` becomes the dequantized weight
+  ``scale * (q - zero)`` and nothing is trainable. This is what is exported.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cbq_lightning.quant.rounding import LoRARounding, RoundingConfig
+from cbq_lightning.quant.scheme import QuantScheme
+from cbq_lightning.quant.weight_quantizer import WeightQuantizer
+
+
+class QuantLinear(nn.Module):
+    """Drop-in replacement of ``nn.Linear`` with fake-quantized weights.
+
+    Args:
+        linear: the layer to replace (its weight is copied, not shared).
+        scheme: bits / group size / symmetry.
+        rounding: LoRA-Rounding settings; ``rounding.enabled=False`` rounds to nearest.
+        learnable_clip: train the clipping thresholds.
+        clip_init: initial clipping ratio.
+        generator: random source of the rounding factors.
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        scheme: QuantScheme,
+        rounding: RoundingConfig,
+        learnable_clip: bool = True,
+        clip_init: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.bits = scheme.w_bits
+        self.group_size = scheme.group_size
+        self.sym = scheme.sym
+        weight = linear.weight.detach().clone()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.quantizer: WeightQuantizer | None = WeightQuantizer(
+            weight, scheme.w_bits, scheme.group_size, scheme.sym, learnable_clip, clip_init
+        )
+        self.rounding: LoRARounding | None = None
+        if rounding.enabled:
+            frac = self.quantizer.fractional_part(weight)
+            self.rounding = LoRARounding(frac, rounding.rank, rounding.form, rounding.init_std, generator)
+        self.finalized = False
+        #: forward with hardened (0/1) rounding decisions instead of soft ones, to measure what
+        #: finalisation would give without finalising
+        self.use_hard_rounding = False
+        #: share of hardened rounding decisions that differ from round-to-nearest (set at finalise)
+        self.flip_fraction: float = 0.0
+
+    # --- calibration ---------------------------------------------------------------------------------
+    def fake_weight(self) -> torch.Tensor:
+        """The weight used in forward: soft fake-quant while calibrating, dequantized once finalised."""
+        if self.finalized:
+            return self.weight
+        assert self.quantizer is not None
+        if self.rounding is None:
+            decisions = None
+        elif self.use_hard_rounding:
+            decisions = self.rounding.hard()
+        else:
+            decisions = self.rounding.soft()
+        return self.quantizer.fake_quantize(self.weight, decisions)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.fake_weight().to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+    def rounding_parameters(self) -> list[nn.Parameter]:
+        return [] if self.rounding is None else [self.rounding.a1, self.rounding.a2]
+
+    def clip_parameters(self) -> list[nn.Parameter]:
+        if self.quantizer is None:
+            return []
+        return [p for p in (self.quantizer.upper_logit, self.quantizer.lower_logit) if p is not None]
+
+    def rounding_regularizer(self, beta: float) -> torch.Tensor | None:
+        return None if self.rounding is None else self.rounding.regularizer(beta)
+
+    def mean_clip_ratio(self) -> float:
+        """Average upper clipping ratio (1.0 = unclipped): a monitoring signal."""
+        if self.quantizer is None:
+            return float("nan")
+        upper, _ = self.quantizer.clip_ratios()
+        return float(upper.detach().mean()) if torch.is_tensor(upper) else float(upper)
+
+    # --- finalisation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Harden rounding, freeze clipping, store integer codes; drops every trainable parameter."""
+        if self.finalized:
+            return
+        assert self.quantizer is not None
+        quantizer = self.quantizer
+        scale, zero = quantizer.scale_zero(self.weight)
+        hard = None if self.rounding is None else self.rounding.hard()
+        codes = quantizer.codes(self.weight, scale, zero, hard)
+        if hard is not None:
+            nearest = quantizer.codes(self.weight, scale, zero, None)
+            self.flip_fraction = float((codes != nearest).float().mean())
+        self.register_buffer("qweight", codes.reshape(self.out_features, self.in_features).to(torch.uint8))
+        self.register_buffer("scales", scale.squeeze(-1).to(torch.float32))
+        self.register_buffer("zeros", zero.squeeze(-1).to(torch.uint8))
+        self.weight = self.dequantized_weight().to(self.weight.dtype)
+        self.quantizer = None
+        self.rounding = None
+        self.finalized = True
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``scale * (q - zero)`` from the stored integer state, ``[out, in]`` fp32."""
+        group = self.group_size or self.in_features
+        q = self.qweight.float().reshape(self.out_features, -1, group)
+        w = self.scales.unsqueeze(-1) * (q - self.zeros.float().unsqueeze(-1))
+        return w.reshape(self.out_features, self.in_features)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the current (fake-quantized) weight, for saving/reloading."""
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            layer.weight.copy_(self.fake_weight().detach())
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer.to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        group = self.group_size or "channel"
+        state = "finalised" if self.finalized else "calibrating"
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={group}, {state}"

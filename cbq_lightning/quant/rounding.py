@@ -1,0 +1,136 @@
+"""LoRA-Rounding: learned rounding decisions with a low-rank parameterisation (METHOD.md §2).
+
+AdaRound learns one rounding logit per weight; CBQ makes that affordable for whole windows of blocks by
+writing the logits as a low-rank product. By default a frozen full-rank offset ``V0`` makes the soft
+rounding reproduce the original weight exactly at initialisation, so training starts from the
+full-precision function and the low-rank term only has to learn the *correction*.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from cbq_lightning.errors import ConfigError
+
+#: stretch of the rectified sigmoid (AdaRound): h can reach exactly 0 and 1 with finite logits
+ZETA, GAMMA = 1.1, -0.1
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """``h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)``."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
+    """Logit ``V`` with ``h(V) = h`` for ``h`` in [0, 1] (finite because of the stretch)."""
+    p = (h - GAMMA) / (ZETA - GAMMA)
+    return torch.log(p / (1.0 - p))
+
+
+@dataclass
+class RoundingConfig:
+    """How rounding is learned.
+
+    Attributes:
+        enabled: learn rounding (LoRA-Rounding); False rounds to nearest with a straight-through gradient.
+        form: ``residual`` (default, ``V = V0 + A1 @ A2``) or ``lowrank`` (the paper's ``V = A1 @ A2``).
+        rank: rank r of ``A1 @ A2``.
+        init_std: standard deviation of the random factor(s) at initialisation.
+        reg_weight: lambda, weight of the rounding regulariser.
+        beta_start: regulariser exponent after warm-up (sharp: only near-0.5 values are penalised).
+        beta_end: exponent at the last step (flat: every undecided value is pushed to 0 or 1).
+        warmup: fraction of a window's steps without regulariser.
+    """
+
+    enabled: bool = True
+    form: Literal["residual", "lowrank"] = "residual"
+    rank: int = 4
+    init_std: float = 0.1
+    reg_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"rounding.rank={self.rank} must be >= 1.")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"rounding.warmup={self.warmup} must lie in [0, 1).")
+        if self.reg_weight < 0:
+            raise ConfigError(f"rounding.reg_weight={self.reg_weight} must be >= 0.")
+
+
+class LoRARounding(nn.Module):
+    """Soft rounding decisions ``h(V)`` for one ``[out, in]`` weight, ``V`` low-rank (+ frozen offset).
+
+    Args:
+        frac: ``frac(W / s)`` at initialisation, ``[out, in]``; ``V0`` is set so that ``h(V0) = frac``.
+        rank: rank of ``A1 @ A2``; must be below ``min(out, in)`` to be low-rank at all.
+        form: ``residual`` or ``lowrank`` (see :class:`RoundingConfig`).
+        init_std: std of the random factor(s).
+        generator: random source for the factors (reproducibility).
+    """
+
+    def __init__(
+        self,
+        frac: torch.Tensor,
+        rank: int = 4,
+        form: str = "residual",
+        init_std: float = 0.1,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        out_features, in_features = frac.shape
+        if rank >= min(out_features, in_features):
+            raise ConfigError(
+                f"rounding.rank={rank} is not low-rank for a {out_features}x{in_features} weight: "
+                f"use a rank below {min(out_features, in_features)}."
+            )
+        self.form = form
+        a2 = torch.randn(rank, in_features, generator=generator) * init_std
+        if form == "residual":
+            self.register_buffer("v0", inverse_rectified_sigmoid(frac.float()))
+            a1 = torch.zeros(out_features, rank)
+        elif form == "lowrank":
+            self.v0 = None
+            a1 = torch.randn(out_features, rank, generator=generator) * init_std / math.sqrt(rank)
+        else:
+            raise ConfigError(f"rounding.form={form!r} is unknown: use 'residual' or 'lowrank'.")
+        self.a1 = nn.Parameter(a1)
+        self.a2 = nn.Parameter(a2)
+
+    def logits(self) -> torch.Tensor:
+        v = self.a1 @ self.a2
+        return v if self.v0 is None else self.v0 + v
+
+    def soft(self) -> torch.Tensor:
+        """Soft rounding decisions in [0, 1], ``[out, in]``."""
+        return rectified_sigmoid(self.logits())
+
+    def hard(self) -> torch.Tensor:
+        """Hardened decisions ``1[h >= 0.5]`` (float 0/1)."""
+        with torch.no_grad():
+            return (self.soft() >= 0.5).float()
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """``mean(1 - |2h - 1|^beta)``: zero once every decision is exactly 0 or 1."""
+        h = self.soft()
+        return (1.0 - (2.0 * h - 1.0).abs().pow(beta)).mean()
+
+
+def beta_at(step: int, total_steps: int, config: RoundingConfig) -> float | None:
+    """Regulariser exponent at ``step`` of ``total_steps``; ``None`` during warm-up (no regulariser).
+
+    After warm-up beta falls linearly from ``beta_start`` to ``beta_end`` at the last step.
+    """
+    warmup_steps = int(config.warmup * total_steps)
+    if step < warmup_steps or total_steps <= 0:
+        return None
+    span = max(total_steps - 1 - warmup_steps, 1)
+    t = min((step - warmup_steps) / span, 1.0)
+    return config.beta_start + (config.beta_end - config.beta_start) * t

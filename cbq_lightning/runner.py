@@ -1,0 +1,244 @@
+"""The quantization job: load, calibrate window by window, save. One ``trainer.fit`` per window."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import resource
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from callbacks.cross_block import CrossBlockCallback, WindowTargets, log_window
+from callbacks.progress import WindowProgressBar
+from cbq_lightning.config import QuantizeConfig, validate
+from cbq_lightning.crossblock import CrossBlockState
+from cbq_lightning.data.calibration import calibration_ids
+from cbq_lightning.export.fake_quant import save_fake_quant_checkpoint
+from cbq_lightning.export.quant_state import save_quant_state
+from cbq_lightning.io import atomic_write_json, atomic_write_text
+from cbq_lightning.models.adapter import DecoderAdapter
+from cbq_lightning.models.loading import load_model, load_tokenizer
+from cbq_lightning.quant.convert import check_group_size, quantize_block, rtn_block
+from cbq_lightning.quant.rounding import RoundingConfig
+from cbq_lightning.quant.scheme import QuantScheme
+from cbq_lightning.window import WindowModule
+from cbq_lightning.windows import Window, WindowConfig, window_schedule
+
+log = logging.getLogger("cbq_lightning")
+
+
+@dataclass
+class QuantizeResult:
+    """What a run returns in-process: the report written to disk, and the quantized model itself."""
+
+    report: dict[str, Any]
+    model: nn.Module
+    tokenizer: Any
+
+
+def _device(config: QuantizeConfig) -> torch.device:
+    accelerator = config.trainer.accelerator
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _peak_rss_gib() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024**3 if sys.platform == "darwin" else 1024**2)
+
+
+def _versions() -> dict[str, str]:
+    import lightning
+    import transformers
+
+    from cbq_lightning import __version__
+
+    return {
+        "cbq_lightning": __version__,
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _quiet_lightning() -> None:
+    """One Trainer per window would repeat Lightning's start-up banners dozens of times."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # blocks run in eval mode on purpose: calibration must not enable dropout
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+def _fit_windows(
+    config: QuantizeConfig,
+    scheme: QuantScheme,
+    state: CrossBlockState,
+    schedule: list[Window],
+    logger: TensorBoardLogger,
+) -> list[dict[str, Any]]:
+    """CBQ: one LightningModule and one ``trainer.fit`` per window, all logging into one run."""
+    callback = CrossBlockCallback(state)
+    dataset = WindowTargets(state)
+    epochs = config.train.epochs_for(scheme.w_bits)
+    trainer_kwargs = dataclasses.asdict(config.trainer)
+    step_offset = 0
+    for window in schedule:
+        module = WindowModule(
+            blocks=[state.blocks[i] for i in window.blocks],
+            window=window,
+            block_kwargs=state.block_kwargs,
+            loss=config.loss,
+            rounding=config.rounding,
+            optim=config.train,
+            step_offset=step_offset,
+        )
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            logger=logger,
+            callbacks=[callback, *([WindowProgressBar(len(schedule))] if config.trainer.enable_progress_bar else [])],
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=config.output_dir,
+            **trainer_kwargs,
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=config.train.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(config.seed + window.index),
+        )
+        trainer.fit(module, train_dataloaders=loader)
+        step_offset += trainer.global_step
+        summary = callback.window_summaries[-1]
+        log.info(
+            "%s: %d steps, loss %.4g -> %.4g, %.1fs",
+            window, summary["steps"], summary["loss_first"], summary["loss_last"], summary["wall_s"],
+        )
+    return callback.window_summaries
+
+
+def _round_to_nearest(
+    state: CrossBlockState, schedule: list[Window], device: torch.device, logger: TensorBoardLogger
+) -> list[dict[str, Any]]:
+    """The RTN baseline: the same walk down the model, finalising each block without training."""
+    summaries = []
+    for window in tqdm(schedule, desc="RTN blocks", unit="block"):
+        started = time.perf_counter()
+        state.enter(window, device, cache_targets=False)
+        errors = state.leave(window, device)
+        summary = {
+            "index": window.index,
+            "blocks": list(window.blocks),
+            "finalized": list(window.finalized),
+            "steps": 0,
+            "loss_first": None,
+            "loss_last": None,
+            "wall_s": time.perf_counter() - started,
+        }
+        summaries.append(summary)
+        log_window(logger, summary, errors, method="rtn")
+    return summaries
+
+
+def run_quantize(config: QuantizeConfig) -> QuantizeResult:
+    """Run a whole quantization job and write its outputs to ``config.output_dir``."""
+    started = time.perf_counter()
+    scheme = validate(config)
+    _quiet_lightning()
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+
+    tokenizer = load_tokenizer(config.model)
+    ids = calibration_ids(config.data, tokenizer, config.seed)
+    model = load_model(config.model, vocab_size=len(tokenizer), seed=config.seed)
+    adapter = DecoderAdapter(model)
+    check_group_size(adapter.blocks, scheme)
+    inputs, block_kwargs = adapter.capture_block_inputs(ids)
+
+    cbq = config.method == "cbq"
+    rounding = config.rounding if cbq else RoundingConfig(enabled=False)
+    learnable_clip = config.quant.learnable_clip and cbq
+    clip_init = config.quant.clip_init if learnable_clip else 1.0
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def quantize(_index: int, block: nn.Module) -> None:
+        quantize_block(block, scheme, rounding, learnable_clip, clip_init, generator)
+
+    state = CrossBlockState(
+        blocks=adapter.blocks,
+        inputs=inputs,
+        block_kwargs=block_kwargs,
+        quantize=quantize,
+        rtn_reference=(lambda block: rtn_block(block, scheme)) if cbq and config.monitor.rtn_reference else None,
+        batch_size=config.train.forward_batch_size,
+    )
+    logger = TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="", default_hp_metric=False)
+    device = _device(config)
+    if cbq:
+        schedule = window_schedule(adapter.num_blocks, config.window)
+        windows = _fit_windows(config, scheme, state, schedule, logger)
+    else:
+        schedule = window_schedule(adapter.num_blocks, WindowConfig(size=1, overlap=0))
+        windows = _round_to_nearest(state, schedule, device, logger)
+    calibrated_s = time.perf_counter() - started
+
+    scheme_info = {**dataclasses.asdict(scheme), "name": scheme.name}
+    quantization = {"method": config.method, "scheme": scheme_info, "quant_state": "../quant_state.safetensors"}
+    save_quant_state(model, output_dir / "quant_state.safetensors", scheme_info)
+    save_fake_quant_checkpoint(model, tokenizer, output_dir / "model", quantization)
+    logger.finalize("success")
+
+    final = state.block_errors[-1]
+    report = {
+        "method": config.method,
+        "scheme": scheme_info,
+        "window": {"size": config.window.size, "overlap": config.window.overlap} if cbq else {"size": 1, "overlap": 0},
+        "model": {
+            "name_or_path": config.model.name_or_path,
+            "model_type": adapter.model_type,
+            "num_blocks": adapter.num_blocks,
+        },
+        "calibration": {
+            "source": config.data.source,
+            "num_samples": int(ids.shape[0]),
+            "seqlen": int(ids.shape[1]),
+            "tokens": int(ids.numel()),
+        },
+        "windows": windows,
+        "block_errors": [dataclasses.asdict(e) for e in state.block_errors],
+        "final_error": {config.method: final.quantized, **({"rtn": final.rtn} if final.rtn is not None else {})},
+        "calibration_time_s": calibrated_s,
+        "wall_time_s": time.perf_counter() - started,
+        "peak_rss_gib": _peak_rss_gib(),
+        "versions": _versions(),
+        "device": _device_name(device),
+        "seed": config.seed,
+    }
+    atomic_write_json(output_dir / "report.json", report)
+    return QuantizeResult(report=report, model=model, tokenizer=tokenizer)

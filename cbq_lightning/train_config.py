@@ -1,0 +1,69 @@
+"""Optimisation settings of a window fit, and the Lightning ``Trainer`` settings users may change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from cbq_lightning.errors import ConfigError
+
+
+@dataclass
+class OptimConfig:
+    """How each window is trained.
+
+    Attributes:
+        epochs: passes over the calibration samples per window.
+        epochs_2bit: epochs per window when weights have 2 bits (the paper doubles them).
+        batch_size: calibration sequences per optimisation step.
+        lr_rounding: learning rate of the LoRA-Rounding factors.
+        lr_clip: learning rate of the clipping logits.
+        lr_schedule: ``constant`` or ``cosine`` (decay to 0 over the window's steps).
+        forward_batch_size: sequences per forward when caching targets and advancing caches.
+    """
+
+    epochs: int = 20
+    epochs_2bit: int = 40
+    batch_size: int = 4
+    lr_rounding: float = 1e-3
+    lr_clip: float = 5e-3
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    forward_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.epochs_2bit < 0:
+            raise ConfigError("train.epochs and train.epochs_2bit must be >= 0.")
+        if self.batch_size < 1 or self.forward_batch_size < 1:
+            raise ConfigError("train.batch_size and train.forward_batch_size must be >= 1.")
+        if self.lr_rounding <= 0 or self.lr_clip <= 0:
+            raise ConfigError("train.lr_rounding and train.lr_clip must be > 0.")
+
+    def epochs_for(self, w_bits: int) -> int:
+        return self.epochs_2bit if w_bits <= 2 else self.epochs
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments passed to every window's ``lightning.Trainer``.
+
+    Attributes:
+        accelerator: ``auto``, ``cpu``, ``gpu``/``cuda``...
+        devices: devices per node (an int, a list, or ``auto``).
+        strategy: ``auto`` or ``ddp`` ...
+        num_nodes: nodes for multi-node runs.
+        precision: ``32-true`` (CPU default) or ``bf16-mixed`` (GPU: bf16 autocast, fp32 parameters).
+        gradient_clip_val: clip gradient norm (None: off).
+        enable_progress_bar: show progress bars.
+        log_every_n_steps: how often training signals reach TensorBoard.
+        deterministic: ask torch for deterministic kernels.
+    """
+
+    accelerator: str = "auto"
+    devices: int | str | list[int] = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    gradient_clip_val: float | None = None
+    enable_progress_bar: bool = True
+    log_every_n_steps: int = 1
+    deterministic: bool = False

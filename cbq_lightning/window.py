@@ -1,0 +1,157 @@
+"""``WindowModule``: one sliding window of K quantized blocks as a LightningModule.
+
+Its only trainable parameters are the LoRA-Rounding factors and the clipping logits of the window's
+quantized linears; ``training_step`` computes the homologous reconstruction loss against the cached
+teacher targets. The window's blocks are the model's own block modules (quantized in place), so what it
+learns is what the model keeps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from cbq_lightning.errors import TrainingError
+from cbq_lightning.loss import LossConfig, homologous_loss
+from cbq_lightning.models.adapter import kwargs_to, run_block
+from cbq_lightning.quant.convert import hard_rounding, quant_linears
+from cbq_lightning.quant.rounding import RoundingConfig, beta_at
+from cbq_lightning.train_config import OptimConfig
+from cbq_lightning.windows import Window
+
+
+class WindowModule(L.LightningModule):
+    """A window of blocks trained to reproduce its full-precision teacher.
+
+    Args:
+        blocks: the window's blocks (their linears are quantized by the cross-block callback at setup).
+        window: which blocks these are.
+        block_kwargs: keyword arguments of every block call (attention mask, rotary embeddings...).
+        loss: loss branches and KL weight.
+        rounding: regulariser settings.
+        optim: learning rates and schedule.
+        step_offset: global TensorBoard step of this window's first step (windows share one run).
+    """
+
+    def __init__(
+        self,
+        blocks: list[nn.Module],
+        window: Window,
+        block_kwargs: dict[str, Any],
+        loss: LossConfig,
+        rounding: RoundingConfig,
+        optim: OptimConfig,
+        step_offset: int = 0,
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.window = window
+        self.loss_config = loss
+        self.rounding_config = rounding
+        self.optim_config = optim
+        self.step_offset = step_offset
+        self._block_kwargs_cpu = block_kwargs
+        self._block_kwargs: dict[str, Any] | None = None
+        #: soft (training-mode) reconstruction loss of the first and last optimisation step
+        self.train_loss_first: float | None = None
+        self.train_loss_last: float | None = None
+
+    # --- parameters ----------------------------------------------------------------------------------
+    def rounding_parameters(self) -> list[nn.Parameter]:
+        return [p for _, layer in quant_linears(self.blocks) for p in layer.rounding_parameters()]
+
+    def clip_parameters(self) -> list[nn.Parameter]:
+        return [p for _, layer in quant_linears(self.blocks) for p in layer.clip_parameters()]
+
+    def check_trainable(self) -> None:
+        """Assert that exactly the rounding factors and clipping logits train (nothing of the model)."""
+        allowed = {id(p) for p in self.rounding_parameters() + self.clip_parameters()}
+        extra = [name for name, p in self.named_parameters() if p.requires_grad and id(p) not in allowed]
+        if extra:
+            raise TrainingError(f"window has unexpected trainable parameters: {extra[:5]}")
+
+    # --- forward / loss ------------------------------------------------------------------------------
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._block_kwargs is None or self._kwargs_device != hidden.device:
+            self._block_kwargs = kwargs_to(self._block_kwargs_cpu, hidden.device)
+            self._kwargs_device = hidden.device
+        for block in self.blocks:
+            hidden = run_block(block, hidden, self._block_kwargs)
+        return hidden
+
+    def rounding_regularizer(self, beta: float) -> torch.Tensor:
+        terms = [layer.rounding_regularizer(beta) for _, layer in quant_linears(self.blocks)]
+        terms = [t for t in terms if t is not None]
+        return torch.stack(terms).mean() if terms else torch.zeros((), device=self.device)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        x_q, y_fp, y_h = batch
+        parts = homologous_loss(self(x_q), y_fp, y_h, self.loss_config)
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        beta = beta_at(self.global_step, total_steps, self.rounding_config)
+        reg = self.rounding_regularizer(beta) if beta is not None else parts["loss"].new_zeros(())
+        loss = parts["loss"] + self.rounding_config.reg_weight * reg
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"{self.window}: non-finite loss at step {self.global_step} ({float(loss)}); lower "
+                "train.lr_rounding / train.lr_clip or use precision 32-true."
+            )
+        reconstruction = float(parts["loss"].detach())
+        if self.train_loss_first is None:
+            self.train_loss_first = reconstruction
+        self.train_loss_last = reconstruction
+        self.log("loss", parts["loss"], prog_bar=True, logger=False)
+        optimizer = self.optimizers()
+        signals = {
+            "train/loss": loss.detach(),
+            "train/reconstruction": parts["loss"].detach(),
+            "train/global_branch": parts["global"].detach(),
+            "train/homologous_branch": parts["homologous"].detach(),
+            "train/mse": parts["mse"].detach(),
+            "train/kl": parts["kl"].detach(),
+            "train/rounding_reg": reg.detach(),
+            "train/beta": 0.0 if beta is None else beta,
+            "train/lr_rounding": optimizer.param_groups[0]["lr"],
+            "train/lr_clip": optimizer.param_groups[1]["lr"],
+            "train/window": float(self.window.index),
+            # a logged "step" is Lightning's documented way to set the x-axis: windows share one run
+            "step": float(self.step_offset + self.global_step),
+        }
+        self.log_dict(signals, on_step=True, on_epoch=False, prog_bar=False, logger=True)
+        return loss
+
+    @torch.no_grad()
+    def hardened_loss(self, batches: Iterable[tuple[torch.Tensor, ...]]) -> float:
+        """Mean reconstruction loss with hardened rounding: what finalising now would give.
+
+        The soft rounding of LoRA-Rounding reproduces the full-precision weight at initialisation, so the
+        *training* loss starts artificially low; this is the loss that measures what training achieved.
+        """
+        total, count = 0.0, 0
+        with hard_rounding(self.blocks):
+            for x_q, y_fp, y_h in batches:
+                x_q, y_fp, y_h = (t.to(self.device) for t in (x_q, y_fp, y_h))
+                total += float(homologous_loss(self(x_q), y_fp, y_h, self.loss_config)["loss"]) * x_q.shape[0]
+                count += x_q.shape[0]
+        return total / max(count, 1)
+
+    # --- optimisation --------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        self.check_trainable()
+        groups = [
+            {"params": self.rounding_parameters(), "lr": self.optim_config.lr_rounding, "name": "rounding"},
+            {"params": self.clip_parameters(), "lr": self.optim_config.lr_clip, "name": "clip"},
+        ]
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        if self.optim_config.lr_schedule == "constant":
+            return optimizer
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step / total, 1.0)))
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
