@@ -60,6 +60,7 @@ class WindowModule(L.LightningModule):
         #: soft (training-mode) reconstruction loss of the first and last optimisation step
         self.train_loss_first: float | None = None
         self.train_loss_last: float | None = None
+        self.freeze_all_but_quantization_parameters()
 
     # --- parameters ----------------------------------------------------------------------------------
     def rounding_parameters(self) -> list[nn.Parameter]:
@@ -67,6 +68,16 @@ class WindowModule(L.LightningModule):
 
     def clip_parameters(self) -> list[nn.Parameter]:
         return [p for _, layer in quant_linears(self.blocks) for p in layer.clip_parameters()]
+
+    def freeze_all_but_quantization_parameters(self) -> None:
+        """Freeze everything the window holds except rounding factors and clipping logits.
+
+        Called at construction (the blocks may come from an unfrozen model) and again once the callback
+        has quantized the entering blocks, just before the optimizer is built.
+        """
+        self.requires_grad_(False)
+        for parameter in self.rounding_parameters() + self.clip_parameters():
+            parameter.requires_grad_(True)
 
     def check_trainable(self) -> None:
         """Assert that exactly the rounding factors and clipping logits train (nothing of the model)."""
@@ -142,6 +153,7 @@ class WindowModule(L.LightningModule):
 
     # --- optimisation --------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
+        self.freeze_all_but_quantization_parameters()
         self.check_trainable()
         groups = [
             {"params": self.rounding_parameters(), "lr": self.optim_config.lr_rounding, "name": "rounding"},

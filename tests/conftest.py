@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny model and one CBQ run of the tiny recipe, made once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cbq_lightning.cli import main, quantize_parser
+from cbq_lightning.config import QuantizeConfig
+from cbq_lightning.models.tiny import TinyModelConfig, build_tiny_llama, byte_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RECIPE = REPO / "configs" / "tiny.yaml"
+
+
+def load_recipe(path: Path, *overrides: str) -> QuantizeConfig:
+    """A recipe parsed and instantiated exactly as ``cbq quantize --config PATH ...`` does."""
+    parser = quantize_parser()
+    namespace = parser.parse_args(["--config", str(path), *overrides])
+    instantiated = parser.instantiate_classes(namespace)
+    return QuantizeConfig(**{k: v for k, v in vars(instantiated).items() if k != "config"})
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> torch.nn.Module:
+    return build_tiny_llama(TinyModelConfig(), vocab_size=len(byte_tokenizer()), seed=0)
+
+
+@pytest.fixture(scope="session")
+def cli_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Output directory of ``cbq quantize --config configs/tiny.yaml`` (CBQ, W3 per-channel)."""
+    out = tmp_path_factory.mktemp("cli_run")
+    code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(out),
+                 "--trainer.enable_progress_bar", "false"])
+    assert code == 0
+    return out

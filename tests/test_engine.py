@@ -1,0 +1,114 @@
+"""The cross-block machinery on a tiny model: adapter, teacher caching, WindowModule, callback flow."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from callbacks.cross_block import CrossBlockCallback, WindowTargets
+from cbq_lightning.crossblock import CrossBlockState
+from cbq_lightning.errors import TrainingError
+from cbq_lightning.loss import LossConfig
+from cbq_lightning.models.adapter import DecoderAdapter, run_blocks_batched
+from cbq_lightning.quant.convert import quant_linears, quantize_block
+from cbq_lightning.quant.rounding import RoundingConfig
+from cbq_lightning.quant.scheme import QuantScheme
+from cbq_lightning.train_config import OptimConfig
+from cbq_lightning.window import WindowModule
+from cbq_lightning.windows import WindowConfig, window_schedule
+
+SCHEME = QuantScheme(w_bits=3)
+
+
+def _ids(n: int = 6, t: int = 32) -> torch.Tensor:
+    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(0))
+
+
+def _quantizer(index: int, block: nn.Module) -> None:
+    quantize_block(block, SCHEME, RoundingConfig(rank=2), learnable_clip=True, clip_init=0.99,
+                   generator=torch.Generator().manual_seed(index))
+
+
+def test_captured_inputs_replay_the_model(tiny_model: nn.Module) -> None:
+    """Block 0 inputs + captured kwargs, run through every block standalone, give the model's output."""
+    model = copy.deepcopy(tiny_model)
+    adapter = DecoderAdapter(model)
+    ids = _ids()
+    hidden, kwargs = adapter.capture_block_inputs(ids)
+    assert hidden.shape == (6, 32, 64)
+    replayed = run_blocks_batched(list(adapter.blocks), hidden, kwargs, "cpu", batch_size=4)
+    with torch.no_grad():
+        expected = model(ids, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(model.model.norm(replayed), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_teachers_are_the_original_blocks(tiny_model: nn.Module) -> None:
+    model = copy.deepcopy(tiny_model)
+    adapter = DecoderAdapter(model)
+    hidden, kwargs = adapter.capture_block_inputs(_ids())
+    originals = [copy.deepcopy(b) for b in adapter.blocks]
+    state = CrossBlockState(adapter.blocks, hidden, kwargs, _quantizer, batch_size=4)
+    window = window_schedule(4, WindowConfig(2, 1))[0]
+    state.enter(window, "cpu")
+    expected = run_blocks_batched(originals[:2], hidden, kwargs, "cpu", 4)
+    torch.testing.assert_close(state.y_fp, expected)
+    torch.testing.assert_close(state.y_h, expected)  # X_q == X_fp before anything is quantized
+    assert all(len(list(quant_linears(adapter.blocks[i]))) == 7 for i in (0, 1))
+    assert not list(quant_linears(adapter.blocks[2]))  # blocks outside the window stay untouched
+    state.leave(window, "cpu")
+    assert all(layer.finalized for _, layer in quant_linears(adapter.blocks[0]))
+    assert not any(layer.finalized for _, layer in quant_linears(adapter.blocks[1]))  # overlap: warm start
+    torch.testing.assert_close(state.x_fp, run_blocks_batched(originals[:1], hidden, kwargs, "cpu", 4))
+    assert not torch.equal(state.x_q, state.x_fp)  # the quantized path has diverged
+    assert set(state.teachers) == {1}  # the finalised block's teacher was released
+
+
+def _window_module(model: nn.Module, quantize, blocks=(0, 1)):
+    adapter = DecoderAdapter(model)
+    hidden, kwargs = adapter.capture_block_inputs(_ids())
+    state = CrossBlockState(adapter.blocks, hidden, kwargs, quantize, batch_size=4)
+    window = window_schedule(4, WindowConfig(2, 1))[0]
+    module = WindowModule([adapter.blocks[i] for i in blocks], window, kwargs, LossConfig(), RoundingConfig(),
+                          OptimConfig(epochs=1, batch_size=3))
+    return state, window, module
+
+
+def test_trainable_parameters_are_exactly_rounding_and_clipping(tiny_model: nn.Module) -> None:
+    state, window, module = _window_module(copy.deepcopy(tiny_model), _quantizer)
+    state.enter(window, "cpu")
+    module.freeze_all_but_quantization_parameters()  # what configure_optimizers does after setup
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    expected = {n for n, _ in module.named_parameters() if n.endswith(("rounding.a1", "rounding.a2",
+                                                                       "upper_logit", "lower_logit"))}
+    assert trainable == expected and len(trainable) == 2 * 7 * 4  # 2 blocks x 7 linears x (a1, a2, u, l)
+    module.check_trainable()
+    module.blocks[0].input_layernorm.weight.requires_grad_(True)
+    with pytest.raises(TrainingError, match="input_layernorm"):
+        module.check_trainable()
+
+
+def test_loss_is_zero_when_the_window_is_its_teacher(tiny_model: nn.Module) -> None:
+    """No quantization: the window reproduces its teacher, so every loss part is exactly zero."""
+    state, window, module = _window_module(copy.deepcopy(tiny_model), lambda index, block: None)
+    state.enter(window, "cpu")
+    loader = DataLoader(WindowTargets(state), batch_size=3)
+    assert module.hardened_loss(loader) == 0.0
+
+
+def test_callback_drives_a_window_fit(tiny_model: nn.Module) -> None:
+    """One trainer.fit of a WindowModule with the callback: quantize at setup, finalise after the fit."""
+    model = copy.deepcopy(tiny_model)
+    state, window, module = _window_module(model, _quantizer)
+    callback = CrossBlockCallback(state)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, callbacks=[callback],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(WindowTargets(state), batch_size=3))
+    summary = callback.window_summaries[0]
+    assert summary["steps"] == 4 and summary["finalized"] == [0]
+    assert all(layer.finalized for _, layer in quant_linears(model.model.layers[0]))
+    assert summary["train_loss_first"] is not None and summary["loss_last"] is not None
