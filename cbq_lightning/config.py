@@ -13,6 +13,7 @@ from cbq_lightning.models.loading import ModelConfig, resolve_source
 from cbq_lightning.quant.config import QuantConfig
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
+from cbq_lightning.quant.weight_quantizer import clip_logit
 from cbq_lightning.train_config import OptimConfig, TrainerConfig
 from cbq_lightning.windows import WindowConfig
 
@@ -69,6 +70,8 @@ def validate(config: QuantizeConfig) -> QuantScheme:
                 f"(e.g. ../shared/data/wikitext/wikitext-2-v1/validation.jsonl) or '{SHIPPED_SOURCE}'."
             )
     if config.method == "cbq":
+        if config.quant.learnable_clip:
+            clip_logit(config.quant.clip_init)  # raises a ConfigError naming clip_init when out of (0, 1)
         if not (config.rounding.enabled or config.quant.learnable_clip):
             raise ConfigError(
                 "method=cbq with rounding.enabled=false and quant.learnable_clip=false leaves nothing to "

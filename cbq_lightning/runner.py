@@ -31,7 +31,7 @@ from cbq_lightning.export.quant_state import save_quant_state
 from cbq_lightning.io import atomic_write_json, atomic_write_text
 from cbq_lightning.models.adapter import DecoderAdapter
 from cbq_lightning.models.loading import load_model, load_tokenizer
-from cbq_lightning.quant.convert import check_group_size, quantize_block, rtn_block
+from cbq_lightning.quant.convert import check_group_size, check_rounding_rank, quantize_block, rtn_block
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.window import WindowModule
@@ -179,6 +179,7 @@ def run_quantize(config: QuantizeConfig) -> QuantizeResult:
     model = load_model(config.model, vocab_size=len(tokenizer), seed=config.seed)
     adapter = DecoderAdapter(model)
     check_group_size(adapter.blocks, scheme)
+    check_rounding_rank(adapter.blocks, config.rounding if config.method == "cbq" else RoundingConfig(enabled=False))
     inputs, block_kwargs = adapter.capture_block_inputs(ids)
 
     cbq = config.method == "cbq"

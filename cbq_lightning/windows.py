@@ -34,10 +34,8 @@ class Window:
     index: int
     blocks: tuple[int, ...]
     finalized: tuple[int, ...]
-
-    @property
-    def is_last(self) -> bool:
-        return self.finalized[-1] == self.blocks[-1]
+    #: the window that reaches the model's last block (finalises everything it holds)
+    is_last: bool = False
 
     def __str__(self) -> str:
         return f"window {self.index} (blocks {self.blocks[0]}-{self.blocks[-1]})"
@@ -60,7 +58,7 @@ def window_schedule(num_blocks: int, config: WindowConfig) -> list[Window]:
         blocks = tuple(range(start, end))
         last = end == num_blocks
         finalized = blocks if last else blocks[:stride]
-        windows.append(Window(index=len(windows), blocks=blocks, finalized=finalized))
+        windows.append(Window(index=len(windows), blocks=blocks, finalized=finalized, is_last=last))
         if last:
             return windows
         start += stride

@@ -112,3 +112,27 @@ def test_callback_drives_a_window_fit(tiny_model: nn.Module) -> None:
     assert summary["steps"] == 4 and summary["finalized"] == [0]
     assert all(layer.finalized for _, layer in quant_linears(model.model.layers[0]))
     assert summary["train_loss_first"] is not None and summary["loss_last"] is not None
+
+
+def test_preprocessing_hook_sees_each_block_once_before_quantization(tiny_model: nn.Module) -> None:
+    """The hook point CFP uses: called once per entering block, on FP linears, with its quantized-path inputs."""
+    model = copy.deepcopy(tiny_model)
+    adapter = DecoderAdapter(model)
+    hidden, kwargs = adapter.capture_block_inputs(_ids())
+    calls: list[tuple[int, bool, torch.Tensor]] = []
+
+    def preprocess(index: int, block: nn.Module, inputs: torch.Tensor, _kwargs: dict) -> dict[str, float]:
+        calls.append((index, any(True for _ in quant_linears(block)), inputs.clone()))
+        return {"seen": float(index)}
+
+    state = CrossBlockState(adapter.blocks, hidden, kwargs, _quantizer, batch_size=4, preprocessors=[preprocess])
+    for window in window_schedule(4, WindowConfig(2, 1)):
+        state.enter(window, "cpu")
+        if window.index == 0:
+            quantized_block0 = run_blocks_batched([adapter.blocks[0]], hidden, kwargs, "cpu", 4)
+        state.leave(window, "cpu")
+    assert [index for index, _, _ in calls] == [0, 1, 2, 3]
+    assert not any(already_quantized for _, already_quantized, _ in calls)
+    torch.testing.assert_close(calls[0][2], hidden)
+    torch.testing.assert_close(calls[1][2], quantized_block0)  # block 1 sees block 0's quantized output
+    assert state.preprocess_stats[3] == {"seen": 3.0}

@@ -33,6 +33,18 @@ def check_group_size(blocks: nn.ModuleList, scheme: QuantScheme) -> None:
                 )
 
 
+def check_rounding_rank(blocks: nn.ModuleList, rounding: RoundingConfig) -> None:
+    """Fail early when the LoRA-Rounding rank is not below every linear's smaller dimension."""
+    if not rounding.enabled:
+        return
+    smallest = min(min(lin.in_features, lin.out_features) for b in blocks for _, lin in DecoderAdapter.block_linears(b))
+    if rounding.rank >= smallest:
+        raise ConfigError(
+            f"rounding.rank={rounding.rank} is not low-rank for this model: its smallest linear dimension is "
+            f"{smallest}; use a rank below it (the paper's default is 4)."
+        )
+
+
 def quantize_block(
     block: nn.Module,
     scheme: QuantScheme,

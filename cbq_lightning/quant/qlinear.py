@@ -37,7 +37,7 @@ class QuantLinear(nn.Module):
         scheme: QuantScheme,
         rounding: RoundingConfig,
         learnable_clip: bool = True,
-        clip_init: float = 1.0,
+        clip_init: float = 0.99,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()

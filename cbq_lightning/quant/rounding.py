@@ -2,8 +2,10 @@
 
 AdaRound learns one rounding logit per weight; CBQ makes that affordable for whole windows of blocks by
 writing the logits as a low-rank product. By default a frozen full-rank offset ``V0`` makes the soft
-rounding reproduce the original weight exactly at initialisation, so training starts from the
-full-precision function and the low-rank term only has to learn the *correction*.
+rounding reproduce the original weight at initialisation, so training starts from the full-precision
+function and the low-rank term only has to learn the *correction*. (Exactly so for every value the grid
+can hold: the integer zero-point shifts the grid by up to half a step, so a value within half a step of
+its group's max or min is clamped to the top/bottom code, as any integer-zero-point quantizer must.)
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def beta_at(step: int, total_steps: int, config: RoundingConfig) -> float | None
 
     After warm-up beta falls linearly from ``beta_start`` to ``beta_end`` at the last step.
     """
-    warmup_steps = int(config.warmup * total_steps)
+    warmup_steps = math.floor(config.warmup * total_steps + 1e-9)  # int(0.29 * 100) would be 28
     if step < warmup_steps or total_steps <= 0:
         return None
     span = max(total_steps - 1 - warmup_steps, 1)

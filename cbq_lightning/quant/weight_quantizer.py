@@ -54,7 +54,7 @@ class WeightQuantizer(nn.Module):
         group_size: int | None = None,
         sym: bool = False,
         learnable_clip: bool = True,
-        clip_init: float = 1.0,
+        clip_init: float = 0.99,
     ) -> None:
         super().__init__()
         out_features, in_features = weight.shape

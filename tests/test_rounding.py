@@ -1,0 +1,344 @@
+"""LoRA-Rounding (METHOD.md §2), its regulariser schedule, and hardening/finalisation of QuantLinear."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cbq_lightning.errors import ConfigError
+from cbq_lightning.export.quant_state import dequantize
+from cbq_lightning.quant.qlinear import QuantLinear
+from cbq_lightning.quant.rounding import (
+    LoRARounding,
+    RoundingConfig,
+    beta_at,
+    inverse_rectified_sigmoid,
+    rectified_sigmoid,
+)
+from cbq_lightning.quant.scheme import QuantScheme
+
+
+def make_linear(out_features: int = 8, in_features: int = 16, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(in_features, out_features)
+
+
+# --- rectified sigmoid ------------------------------------------------------------------------------
+
+
+def test_rectified_sigmoid_values():
+    v = torch.tensor([0.0, math.log(3.0), -math.log(3.0), 20.0, -20.0, 3.0, -3.0])
+    # sigmoid(log 3) = 0.75 -> 0.75 * 1.2 - 0.1 = 0.8; sigmoid(-log 3) = 0.25 -> 0.2
+    # |V| = 3: sigmoid(3) = 0.952574 -> 1.043 -> clamped to 1; sigmoid(-3) = 0.047426 -> -0.043 -> 0
+    expected = torch.tensor([0.5, 0.8, 0.2, 1.0, 0.0, 1.0, 0.0])
+    torch.testing.assert_close(rectified_sigmoid(v), expected, atol=1e-6, rtol=0)
+
+
+def test_rectified_sigmoid_reaches_bounds_with_finite_logits():
+    # h = 1 exactly from V = log(11) (sigmoid = 11/12 -> 11/12 * 1.2 - 0.1 = 1)
+    assert rectified_sigmoid(torch.tensor(2.5)).item() == 1.0
+    assert rectified_sigmoid(torch.tensor(-2.5)).item() == 0.0
+
+
+def test_inverse_rectified_sigmoid_hand_values():
+    h = torch.tensor([0.0, 0.5, 1.0, 0.8])
+    # h = 0 -> p = 0.1/1.2 = 1/12 -> log(1/11); h = 1 -> log(11); h = 0.8 -> p = 0.75 -> log 3
+    expected = torch.tensor([-math.log(11.0), 0.0, math.log(11.0), math.log(3.0)])
+    torch.testing.assert_close(inverse_rectified_sigmoid(h), expected, atol=1e-5, rtol=0)
+
+
+def test_inverse_rectified_sigmoid_round_trip():
+    h = torch.tensor([0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0])
+    torch.testing.assert_close(rectified_sigmoid(inverse_rectified_sigmoid(h)), h, atol=1e-6, rtol=0)
+
+
+# --- LoRARounding -----------------------------------------------------------------------------------
+
+
+def test_residual_soft_equals_frac_at_init():
+    generator = torch.Generator().manual_seed(0)
+    frac = torch.rand(8, 16, generator=generator)
+    rounding = LoRARounding(frac, rank=4, form="residual", generator=generator)
+    assert torch.equal(rounding.a1, torch.zeros(8, 4))
+    assert rounding.a2.shape == (4, 16) and rounding.a2.abs().sum() > 0
+    torch.testing.assert_close(rounding.soft(), frac, atol=1e-5, rtol=0)
+
+
+def test_residual_trainable_parameters_are_a1_a2_only():
+    rounding = LoRARounding(torch.rand(6, 10), rank=2)
+    assert sorted(name for name, _ in rounding.named_parameters()) == ["a1", "a2"]
+    assert "v0" in dict(rounding.named_buffers())
+    assert not rounding.v0.requires_grad
+
+
+def test_lowrank_form_has_no_offset():
+    generator = torch.Generator().manual_seed(0)
+    rounding = LoRARounding(torch.rand(6, 10), rank=2, form="lowrank", generator=generator)
+    assert rounding.v0 is None
+    assert rounding.a1.abs().sum() > 0
+    torch.testing.assert_close(rounding.logits(), rounding.a1 @ rounding.a2)
+
+
+def test_unknown_form_raises():
+    with pytest.raises(ConfigError, match="form"):
+        LoRARounding(torch.rand(6, 10), rank=2, form="fullrank")
+
+
+def test_same_generator_seed_same_factors():
+    a = LoRARounding(torch.rand(6, 10), rank=2, generator=torch.Generator().manual_seed(3))
+    b = LoRARounding(torch.rand(6, 10), rank=2, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.a2, b.a2)
+
+
+@pytest.mark.parametrize(("shape", "rank"), [((8, 16), 8), ((8, 16), 9), ((16, 4), 4), ((2, 2), 2)])
+def test_rank_not_below_min_dim_raises(shape, rank):
+    with pytest.raises(ConfigError, match="rank"):
+        LoRARounding(torch.rand(*shape), rank=rank)
+
+
+def test_rank_just_below_min_dim_is_accepted():
+    assert LoRARounding(torch.rand(8, 16), rank=7).a1.shape == (8, 7)
+
+
+def test_hard_is_threshold_at_half():
+    rounding = LoRARounding(torch.tensor([[0.2, 0.7, 0.0], [0.45, 0.55, 1.0], [0.9, 0.1, 0.3]]), rank=1)
+    expected = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert torch.equal(rounding.hard(), expected)
+
+
+def test_regularizer_zero_for_decided_values():
+    rounding = LoRARounding(torch.zeros(3, 3), rank=1)
+    with torch.no_grad():
+        # V = +-10 puts h exactly at 1 and 0 (clamped)
+        rounding.v0.copy_(torch.tensor([[10.0, -10.0, 10.0], [-10.0, -10.0, 10.0], [10.0, 10.0, -10.0]]))
+    assert torch.equal(rounding.soft(), (rounding.v0 > 0).float())
+    for beta in (2.0, 20.0):
+        assert rounding.regularizer(beta).item() == 0.0
+
+
+def test_regularizer_near_zero_when_initialised_at_zero_and_one():
+    rounding = LoRARounding(torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]), rank=1)
+    assert rounding.regularizer(2.0).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_regularizer_hand_values():
+    # h = 0.5: 1 - |0|^beta = 1 for any beta > 0
+    half = LoRARounding(torch.full((3, 3), 0.5), rank=1)
+    assert half.regularizer(2.0).item() == pytest.approx(1.0, abs=1e-6)
+    assert half.regularizer(20.0).item() == pytest.approx(1.0, abs=1e-6)
+    # beta 2: h = [0.5, 0.75, 0, 1] -> 1 - [0, 0.25, 1, 1] = [1, 0.75, 0, 0] -> mean 0.4375
+    mixed = LoRARounding(torch.tensor([[0.5, 0.75], [0.0, 1.0]]), rank=1)
+    assert mixed.regularizer(2.0).item() == pytest.approx(0.4375, abs=1e-5)
+
+
+def test_regularizer_gradient_reaches_a1():
+    rounding = LoRARounding(torch.full((3, 4), 0.75), rank=1, generator=torch.Generator().manual_seed(0))
+    rounding.regularizer(2.0).backward()
+    assert rounding.a1.grad is not None and (rounding.a1.grad != 0).any()
+
+
+# --- RoundingConfig / beta schedule -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [{"rank": 0}, {"warmup": 1.0}, {"warmup": -0.1}, {"reg_weight": -1.0}])
+def test_rounding_config_validation(kwargs):
+    with pytest.raises(ConfigError):
+        RoundingConfig(**kwargs)
+
+
+def test_beta_schedule_hand_values():
+    config = RoundingConfig(beta_start=20.0, beta_end=2.0, warmup=0.2)
+    # total 10, warm-up int(0.2 * 10) = 2 steps; then 7 intervals from step 2 to step 9: -18/7 per step
+    betas = [beta_at(step, 10, config) for step in range(10)]
+    expected = [
+        None,
+        None,
+        20.0,
+        17.428571428571427,
+        14.857142857142858,
+        12.285714285714286,
+        9.714285714285715,
+        7.142857142857143,
+        4.571428571428571,
+        2.0,
+    ]
+    assert betas[:2] == [None, None]
+    assert betas[2:] == pytest.approx(expected[2:], abs=1e-9)
+    steps = [b - a for a, b in zip(betas[2:], betas[3:], strict=False)]
+    assert steps == pytest.approx([-18.0 / 7.0] * 7, abs=1e-9)
+
+
+def test_beta_after_last_step_stays_at_end():
+    config = RoundingConfig(beta_start=20.0, beta_end=2.0, warmup=0.2)
+    assert beta_at(15, 10, config) == 2.0
+
+
+def test_beta_without_warmup_starts_immediately():
+    config = RoundingConfig(beta_start=10.0, beta_end=0.0, warmup=0.0)
+    # span = 5 - 1 = 4 -> 10, 7.5, 5, 2.5, 0
+    assert [beta_at(s, 5, config) for s in range(5)] == pytest.approx([10.0, 7.5, 5.0, 2.5, 0.0])
+
+
+def test_beta_no_steps_is_none():
+    assert beta_at(0, 0, RoundingConfig()) is None
+
+
+# --- QuantLinear: soft rounding at initialisation ---------------------------------------------------
+
+
+def grid_aligned_linear(seed: int = 0) -> nn.Linear:
+    """Rows spanning [-0.5c, c]: at 4 bits s = 1.5c/15 = 0.1c and z = 5 exactly, so no soft code is clamped."""
+    layer = make_linear(8, 16, seed)
+    generator = torch.Generator().manual_seed(seed)
+    c = torch.rand(8, 1, generator=generator) + 0.5
+    weight = (torch.rand(8, 16, generator=generator) * 1.5 - 0.5) * c
+    weight[:, 0] = -0.5 * c[:, 0]
+    weight[:, 1] = c[:, 0]
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return layer
+
+
+def test_soft_rounding_reproduces_fp_weight_at_init():
+    linear = grid_aligned_linear()
+    layer = QuantLinear(linear, QuantScheme(w_bits=4), RoundingConfig(), learnable_clip=False, clip_init=1.0)
+    assert layer.rounding is not None
+    torch.testing.assert_close(layer.fake_weight(), linear.weight.detach(), atol=1e-5, rtol=0)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(layer(x), linear(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_soft_rounding_at_init_reproduces_all_but_clamped_extremes():
+    """Generic weights: every element whose soft code stays inside [0, 2^b - 1] is reproduced exactly;
+    the elements near the group's max/min that the integer zero-point pushes outside are off by <= s/2."""
+    linear = make_linear()
+    layer = QuantLinear(linear, QuantScheme(w_bits=4), RoundingConfig(), learnable_clip=False, clip_init=1.0)
+    weight = linear.weight.detach()
+    scale, zero = layer.quantizer.scale_zero(weight)
+    soft_code = weight / scale.squeeze(-1) + zero.squeeze(-1)  # [8, 16], per-channel
+    inside = (soft_code >= 0) & (soft_code <= 15)
+    diff = (layer.fake_weight() - weight).abs()
+    assert diff[inside].max().item() < 1e-5
+    assert (diff <= 0.5 * scale.squeeze(-1) + 1e-6).all()
+    assert 0 < int((~inside).sum()) <= 16
+
+
+def trained_like_layer(sym: bool = False) -> QuantLinear:
+    """A 3-bit, group-8 calibrating layer whose rounding and clipping have moved away from their init."""
+    layer = QuantLinear(
+        make_linear(),
+        QuantScheme(w_bits=3, group_size=8, sym=sym),
+        RoundingConfig(rank=2),
+        learnable_clip=True,
+        clip_init=0.9,
+        generator=torch.Generator().manual_seed(0),
+    )
+    with torch.no_grad():
+        layer.rounding.a1.copy_(torch.randn(layer.rounding.a1.shape, generator=torch.Generator().manual_seed(3)))
+        layer.quantizer.upper_logit.sub_(0.5)
+    return layer
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_finalize_stores_integer_state(sym):
+    layer = trained_like_layer(sym)
+    layer.use_hard_rounding = True
+    hard_weight = layer.fake_weight().detach().clone()
+    layer.use_hard_rounding = False
+    layer.finalize()
+
+    assert layer.finalized
+    assert layer.qweight.dtype == torch.uint8 and layer.qweight.shape == (8, 16)
+    assert int(layer.qweight.min()) >= 0 and int(layer.qweight.max()) <= 7
+    assert layer.zeros.dtype == torch.uint8 and layer.zeros.shape == (8, 2)
+    assert int(layer.zeros.max()) <= 7
+    if sym:
+        assert (layer.zeros == 4).all()
+    assert layer.scales.dtype == torch.float32 and layer.scales.shape == (8, 2)
+    assert (layer.scales > 0).all()
+    assert 0.0 < layer.flip_fraction < 1.0
+
+    # weight == scales * (qweight - zeros), group by group
+    for j in range(2):
+        cols = slice(8 * j, 8 * (j + 1))
+        expected = layer.scales[:, j : j + 1] * (
+            layer.qweight[:, cols].float() - layer.zeros[:, j : j + 1].float()
+        )
+        assert torch.equal(layer.weight[:, cols], expected)
+    state = {
+        "qweight": layer.qweight,
+        "scales": layer.scales,
+        "zeros": layer.zeros,
+        "bits": torch.tensor(3, dtype=torch.int32),
+        "group_size": torch.tensor(8, dtype=torch.int32),
+    }
+    assert torch.equal(layer.weight, dequantize(state))
+    assert torch.equal(layer.weight, layer.dequantized_weight())
+    # finalising gives what the hardened forward showed before
+    torch.testing.assert_close(layer.weight, hard_weight, atol=1e-6, rtol=0)
+    x = torch.randn(2, 16, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_finalize_removes_all_trainable_parameters():
+    layer = trained_like_layer()
+    names = sorted(name for name, _ in layer.named_parameters())
+    assert names == ["quantizer.lower_logit", "quantizer.upper_logit", "rounding.a1", "rounding.a2"]
+    layer.finalize()
+    assert list(layer.parameters()) == []
+    assert not any(p.requires_grad for p in layer.parameters())
+    assert layer.quantizer is None and layer.rounding is None
+    assert layer.rounding_parameters() == [] and layer.clip_parameters() == []
+    assert layer.rounding_regularizer(2.0) is None
+    buffers = dict(layer.named_buffers())
+    assert {"weight", "bias", "qweight", "scales", "zeros"} <= set(buffers)
+
+
+def test_finalize_twice_is_a_no_op():
+    layer = trained_like_layer()
+    layer.finalize()
+    qweight, weight = layer.qweight.clone(), layer.weight.clone()
+    layer.finalize()
+    assert torch.equal(layer.qweight, qweight) and torch.equal(layer.weight, weight)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "learnable_clip", "clip_init"),
+    [
+        (QuantScheme(w_bits=4), False, 1.0),
+        (QuantScheme(w_bits=3, group_size=8), True, 0.9),
+        (QuantScheme(w_bits=2, group_size=4, sym=True), False, 0.8),
+    ],
+)
+def test_untrained_lora_rounding_hardens_to_round_to_nearest(scheme, learnable_clip, clip_init):
+    linear = make_linear(8, 16, seed=3)
+    generator = torch.Generator().manual_seed(0)
+    learned = QuantLinear(linear, scheme, RoundingConfig(), learnable_clip, clip_init, generator)
+    nearest = QuantLinear(linear, scheme, RoundingConfig(enabled=False), learnable_clip, clip_init)
+    assert nearest.rounding is None
+    learned.use_hard_rounding = True
+    torch.testing.assert_close(learned.fake_weight(), nearest.fake_weight(), atol=0, rtol=0)
+    learned.finalize()
+    nearest.finalize()
+    assert learned.flip_fraction == 0.0
+    assert torch.equal(learned.qweight, nearest.qweight)
+    assert torch.equal(learned.zeros, nearest.zeros)
+    assert torch.equal(learned.scales, nearest.scales)
+    assert torch.equal(learned.weight, nearest.weight)
+
+
+def test_rtn_finalize_codes_hand_values():
+    # 2-bit per-channel RTN on a hand-made weight (see test_quantizer): codes [[0,1,1,3],[0,1,2,3]]
+    linear = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[-1.0, -0.5, 0.25, 2.0], [0.0, 0.2, 0.4, 0.6]]))
+    layer = QuantLinear(linear, QuantScheme(w_bits=2), RoundingConfig(enabled=False), False, 1.0)
+    layer.finalize()
+    assert layer.qweight.tolist() == [[0, 1, 1, 3], [0, 1, 2, 3]]
+    assert layer.zeros.tolist() == [[1], [0]]
+    torch.testing.assert_close(layer.scales, torch.tensor([[1.0], [0.2]]))
+    torch.testing.assert_close(layer.weight, torch.tensor([[-1.0, 0.0, 0.0, 2.0], [0.0, 0.2, 0.4, 0.6]]))

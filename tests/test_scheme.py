@@ -1,0 +1,148 @@
+"""Scheme strings, QuantScheme validation and QuantConfig overrides (METHOD.md §1, §5)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cbq_lightning.errors import ConfigError
+from cbq_lightning.quant.config import QuantConfig
+from cbq_lightning.quant.scheme import QuantScheme, parse_scheme, valid_group_sizes
+
+# --- parse_scheme -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "w_bits", "group_size", "a_bits"),
+    [
+        ("W4A16", 4, None, 16),
+        ("W3A16G64", 3, 64, 16),
+        ("w2a16g64", 2, 64, 16),
+        ("W4A16G128", 4, 128, 16),
+        ("W4A8", 4, None, 8),
+        ("W8A8", 8, None, 8),
+        ("  W6A6 ", 6, None, 6),
+    ],
+)
+def test_parse_scheme(text, w_bits, group_size, a_bits):
+    scheme = parse_scheme(text)
+    assert scheme == QuantScheme(w_bits=w_bits, group_size=group_size, a_bits=a_bits, sym=False)
+
+
+def test_parse_scheme_activation_flag_and_name():
+    assert parse_scheme("W4A16").quantizes_activations is False
+    assert parse_scheme("W4A8").quantizes_activations is True
+    assert parse_scheme("w3a16g64").name == "W3A16G64"
+    assert parse_scheme("W4A16").name == "W4A16"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "W4",
+        "A16",
+        "4A16",
+        "W4A",
+        "W4A16G",
+        "W4A16G64x",
+        "WxA16",
+        "W4A16-G64",
+        "W4 A16",
+        "W-4A16",
+        "Q4A16",
+    ],
+)
+def test_parse_scheme_rejects_malformed(text):
+    with pytest.raises(ConfigError, match="not understood"):
+        parse_scheme(text)
+
+
+@pytest.mark.parametrize("text", ["W1A16", "W9A16", "W0A16", "W16A16"])
+def test_parse_scheme_rejects_weight_bits_out_of_range(text):
+    with pytest.raises(ConfigError, match="w_bits"):
+        parse_scheme(text)
+
+
+@pytest.mark.parametrize("text", ["W4A1", "W4A9", "W4A12"])
+def test_parse_scheme_rejects_activation_bits_out_of_range(text):
+    with pytest.raises(ConfigError, match="a_bits"):
+        parse_scheme(text)
+
+
+def test_parse_scheme_rejects_group_zero():
+    with pytest.raises(ConfigError, match="group_size=0"):
+        parse_scheme("W4A16G0")
+
+
+def test_bit_range_limits_are_accepted():
+    assert parse_scheme("W2A16").w_bits == 2
+    assert parse_scheme("W8A16").w_bits == 8
+    assert parse_scheme("W4A2").a_bits == 2
+
+
+@pytest.mark.parametrize("kwargs", [{"w_bits": 1}, {"w_bits": 9}, {"group_size": 0}, {"group_size": -64}])
+def test_quant_scheme_validation(kwargs):
+    with pytest.raises(ConfigError):
+        QuantScheme(**kwargs)
+
+
+# --- QuantConfig.resolve ------------------------------------------------------------------------------
+
+
+def test_resolve_default():
+    assert QuantConfig().resolve() == QuantScheme(w_bits=4, group_size=None, a_bits=16, sym=False)
+
+
+def test_resolve_overrides_bits_and_sym():
+    scheme = QuantConfig(scheme="W4A16G64", w_bits=3, sym=True).resolve()
+    assert scheme == QuantScheme(w_bits=3, group_size=64, a_bits=16, sym=True)
+
+
+@pytest.mark.parametrize("per_channel", [-1, 0])
+def test_resolve_group_size_minus_one_means_per_channel(per_channel):
+    scheme = QuantConfig(scheme="W3A16G64", group_size=per_channel).resolve()
+    assert scheme.group_size is None
+    assert scheme.name == "W3A16"
+
+
+def test_resolve_group_size_override():
+    assert QuantConfig(scheme="W4A16", group_size=128).resolve().group_size == 128
+    assert QuantConfig(scheme="W2A16G64", group_size=32).resolve().group_size == 32
+
+
+def test_resolve_rejects_bad_override():
+    with pytest.raises(ConfigError, match="w_bits=9"):
+        QuantConfig(w_bits=9).resolve()
+    with pytest.raises(ConfigError, match="not understood"):
+        QuantConfig(scheme="W4").resolve()
+
+
+@pytest.mark.parametrize("config", [QuantConfig(scheme="W4A8"), QuantConfig(scheme="W4A16", a_bits=4)])
+def test_resolve_rejects_activation_quantization(config):
+    with pytest.raises(ConfigError, match="a_bits"):
+        config.resolve()
+
+
+def test_resolve_a_bits_16_override_makes_weight_only():
+    scheme = QuantConfig(scheme="W4A8", a_bits=16).resolve()
+    assert scheme.a_bits == 16 and not scheme.quantizes_activations
+
+
+# --- valid_group_sizes ------------------------------------------------------------------------------
+
+
+def test_valid_group_sizes_576():
+    sizes = valid_group_sizes(576)
+    # 576 = 2^6 * 3^2: its divisors between 8 and the default limit 512
+    assert sizes == [8, 9, 12, 16, 18, 24, 32, 36, 48, 64, 72, 96, 144, 192, 288]
+    assert 64 in sizes
+    assert 128 not in sizes
+    assert 576 not in sizes  # above the default limit of 512 (per-channel is spelled -1)
+    assert all(576 % g == 0 for g in sizes)
+
+
+def test_valid_group_sizes_limit():
+    assert valid_group_sizes(576, limit=1024)[-1] == 576
+    assert valid_group_sizes(2048) == [8, 16, 32, 64, 128, 256, 512]
+    assert valid_group_sizes(1536, limit=64) == [8, 12, 16, 24, 32, 48, 64]
+    assert valid_group_sizes(4) == []
