@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from jsonargparse import ActionConfigFile
+from jsonargparse import ActionConfigFile, Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 
 from cbq_lightning import __version__
@@ -29,6 +29,12 @@ def quantize_parser() -> LightningArgumentParser:
     parser.add_argument("--config", action=ActionConfigFile, help="YAML recipe (see configs/).")
     parser.add_class_arguments(QuantizeConfig, nested_key=None, fail_untyped=True, sub_configs=True)
     return parser
+
+
+def quantize_config(parser: LightningArgumentParser, namespace: Namespace) -> QuantizeConfig:
+    """The :class:`QuantizeConfig` a parsed ``cbq quantize`` namespace stands for (dataclasses built)."""
+    instantiated = parser.instantiate_classes(namespace)
+    return QuantizeConfig(**{key: value for key, value in vars(instantiated).items() if key != "config"})
 
 
 def build_parser() -> LightningArgumentParser:
@@ -48,10 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "quantize":
             from cbq_lightning.runner import run_quantize
 
-            config = parser.instantiate_classes(args).quantize
-            config = QuantizeConfig(**{k: v for k, v in vars(config).items() if k != "config"}) if not isinstance(
-                config, QuantizeConfig
-            ) else config
+            config = quantize_config(quantize_parser(), args.quantize)
             result = run_quantize(config)
             report = result.report
             errors = report["final_error"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cbq_lightning.cli import main, quantize_parser
+from cbq_lightning.cli import main, quantize_config, quantize_parser
 from cbq_lightning.config import QuantizeConfig
 from cbq_lightning.models.tiny import TinyModelConfig, build_tiny_llama, byte_tokenizer
 
@@ -18,9 +18,7 @@ TINY_RECIPE = REPO / "configs" / "tiny.yaml"
 def load_recipe(path: Path, *overrides: str) -> QuantizeConfig:
     """A recipe parsed and instantiated exactly as ``cbq quantize --config PATH ...`` does."""
     parser = quantize_parser()
-    namespace = parser.parse_args(["--config", str(path), *overrides])
-    instantiated = parser.instantiate_classes(namespace)
-    return QuantizeConfig(**{k: v for k, v in vars(instantiated).items() if k != "config"})
+    return quantize_config(parser, parser.parse_args(["--config", str(path), *overrides]))
 
 
 @pytest.fixture(scope="session")
