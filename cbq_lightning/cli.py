@@ -31,9 +31,8 @@ def quantize_parser() -> LightningArgumentParser:
     return parser
 
 
-def quantize_config(parser: LightningArgumentParser, namespace: Namespace) -> QuantizeConfig:
-    """The :class:`QuantizeConfig` a parsed ``cbq quantize`` namespace stands for (dataclasses built)."""
-    instantiated = parser.instantiate_classes(namespace)
+def quantize_config(instantiated: Namespace) -> QuantizeConfig:
+    """The :class:`QuantizeConfig` of an instantiated ``cbq quantize`` namespace (its dataclasses built)."""
     return QuantizeConfig(**{key: value for key, value in vars(instantiated).items() if key != "config"})
 
 
@@ -54,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "quantize":
             from cbq_lightning.runner import run_quantize
 
-            config = quantize_config(quantize_parser(), args.quantize)
+            config = quantize_config(parser.instantiate_classes(args).quantize)
             result = run_quantize(config)
             report = result.report
             errors = report["final_error"]

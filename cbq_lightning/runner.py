@@ -178,12 +178,12 @@ def run_quantize(config: QuantizeConfig) -> QuantizeResult:
     ids = calibration_ids(config.data, tokenizer, config.seed)
     model = load_model(config.model, vocab_size=len(tokenizer), seed=config.seed)
     adapter = DecoderAdapter(model)
-    check_group_size(adapter.blocks, scheme)
-    check_rounding_rank(adapter.blocks, config.rounding if config.method == "cbq" else RoundingConfig(enabled=False))
-    inputs, block_kwargs = adapter.capture_block_inputs(ids)
-
     cbq = config.method == "cbq"
     rounding = config.rounding if cbq else RoundingConfig(enabled=False)
+    check_group_size(adapter.blocks, scheme)
+    check_rounding_rank(adapter.blocks, rounding)
+    inputs, block_kwargs = adapter.capture_block_inputs(ids)
+
     learnable_clip = config.quant.learnable_clip and cbq
     clip_init = config.quant.clip_init if learnable_clip else 1.0
     generator = torch.Generator().manual_seed(config.seed)

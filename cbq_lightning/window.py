@@ -154,7 +154,6 @@ class WindowModule(L.LightningModule):
     # --- optimisation --------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         self.freeze_all_but_quantization_parameters()
-        self.check_trainable()
         groups = [
             {"params": self.rounding_parameters(), "lr": self.optim_config.lr_rounding, "name": "rounding"},
             {"params": self.clip_parameters(), "lr": self.optim_config.lr_clip, "name": "clip"},

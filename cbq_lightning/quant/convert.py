@@ -16,28 +16,35 @@ from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme, valid_group_sizes
 
 
+def all_block_linears(blocks: nn.ModuleList) -> Iterator[tuple[str, nn.Linear]]:
+    """Every linear of every block, named ``blocks.<index>.<name>``."""
+    for index, block in enumerate(blocks):
+        for name, linear in DecoderAdapter.block_linears(block):
+            yield f"blocks.{index}.{name}", linear
+
+
 def check_group_size(blocks: nn.ModuleList, scheme: QuantScheme) -> None:
     """Fail early, naming the layer, when the group size does not divide a linear's in_features."""
     if scheme.group_size is None:
         return
-    for index, block in enumerate(blocks):
-        for name, linear in DecoderAdapter.block_linears(block):
-            if linear.in_features % scheme.group_size:
-                sizes = {lin.in_features for b in blocks for _, lin in DecoderAdapter.block_linears(b)}
-                common = sorted(set.intersection(*(set(valid_group_sizes(n)) for n in sizes)))
-                raise ConfigError(
-                    f"group_size={scheme.group_size} does not divide in_features={linear.in_features} of "
-                    f"layer blocks.{index}.{name}: use a group size that divides every layer's in_features "
-                    f"(valid here: {', '.join(map(str, common)) or 'none - use per-channel (-1)'}), or -1 "
-                    "for per-channel."
-                )
+    linears = list(all_block_linears(blocks))
+    for name, linear in linears:
+        if linear.in_features % scheme.group_size:
+            sizes = {lin.in_features for _, lin in linears}
+            common = sorted(set.intersection(*(set(valid_group_sizes(n)) for n in sizes)))
+            raise ConfigError(
+                f"group_size={scheme.group_size} does not divide in_features={linear.in_features} of "
+                f"layer {name}: use a group size that divides every layer's in_features "
+                f"(valid here: {', '.join(map(str, common)) or 'none - use per-channel (-1)'}), or -1 "
+                "for per-channel."
+            )
 
 
 def check_rounding_rank(blocks: nn.ModuleList, rounding: RoundingConfig) -> None:
     """Fail early when the LoRA-Rounding rank is not below every linear's smaller dimension."""
     if not rounding.enabled:
         return
-    smallest = min(min(lin.in_features, lin.out_features) for b in blocks for _, lin in DecoderAdapter.block_linears(b))
+    smallest = min(min(lin.in_features, lin.out_features) for _, lin in all_block_linears(blocks))
     if rounding.rank >= smallest:
         raise ConfigError(
             f"rounding.rank={rounding.rank} is not low-rank for this model: its smallest linear dimension is "
