@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.quant.scheme import QuantScheme, parse_scheme
+from cbq_lightning.quant.weight_quantizer import ClipSearch
 
 
 @dataclass
@@ -20,6 +21,9 @@ class QuantConfig:
         sym: symmetric weights (needed for GPTQ-v1 export).
         learnable_clip: learn per-channel/group clipping thresholds (CBQ); False keeps min/max.
         clip_init: initial clipping ratio of the learnable thresholds (sigmoid of the logit).
+        clip_search: start each group's learnable thresholds at the ratio in
+            [clip_search_min, clip_init] that minimises its weight quantization error (grid of
+            clip_search_steps ratios, error norm clip_search_norm); off = every group at clip_init.
     """
 
     scheme: str = "W4A16"
@@ -29,6 +33,16 @@ class QuantConfig:
     sym: bool = False
     learnable_clip: bool = True
     clip_init: float = 0.99
+    clip_search: bool = False
+    clip_search_min: float = 0.5
+    clip_search_steps: int = 25
+    clip_search_norm: float = 2.4
+
+    def clip_search_settings(self) -> ClipSearch | None:
+        """The clip search to run, or None (also None when clipping is not learnable: nothing to set)."""
+        if not (self.clip_search and self.learnable_clip):
+            return None
+        return ClipSearch(self.clip_search_min, self.clip_search_steps, self.clip_search_norm)
 
     def resolve(self) -> QuantScheme:
         """Scheme string with the explicit overrides applied, validated."""

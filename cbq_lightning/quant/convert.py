@@ -14,6 +14,7 @@ from cbq_lightning.models.adapter import DecoderAdapter
 from cbq_lightning.quant.qlinear import QuantLinear
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme, valid_group_sizes
+from cbq_lightning.quant.weight_quantizer import ClipSearch
 
 
 def all_block_linears(blocks: nn.ModuleList) -> Iterator[tuple[str, nn.Linear]]:
@@ -59,11 +60,13 @@ def quantize_block(
     learnable_clip: bool,
     clip_init: float,
     generator: torch.Generator | None = None,
+    clip_search: ClipSearch | None = None,
 ) -> None:
     """Replace every linear of ``block`` by a calibrating :class:`QuantLinear` (in place)."""
 
     def factory(_name: str, linear: nn.Linear) -> QuantLinear:
-        return QuantLinear(linear, scheme, rounding, learnable_clip, clip_init, generator).to(linear.weight.device)
+        layer = QuantLinear(linear, scheme, rounding, learnable_clip, clip_init, generator, clip_search)
+        return layer.to(linear.weight.device)
 
     DecoderAdapter.replace_linears(block, factory)
 

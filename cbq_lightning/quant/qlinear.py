@@ -16,7 +16,7 @@ from torch import nn
 
 from cbq_lightning.quant.rounding import LoRARounding, RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
-from cbq_lightning.quant.weight_quantizer import WeightQuantizer
+from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
 
 
 class QuantLinear(nn.Module):
@@ -29,6 +29,7 @@ class QuantLinear(nn.Module):
         learnable_clip: train the clipping thresholds.
         clip_init: initial clipping ratio.
         generator: random source of the rounding factors.
+        clip_search: search each group's initial clipping ratio (learnable clipping only).
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class QuantLinear(nn.Module):
         learnable_clip: bool = True,
         clip_init: float = 0.99,
         generator: torch.Generator | None = None,
+        clip_search: ClipSearch | None = None,
     ) -> None:
         super().__init__()
         self.in_features = linear.in_features
@@ -52,6 +54,8 @@ class QuantLinear(nn.Module):
         self.quantizer: WeightQuantizer | None = WeightQuantizer(
             weight, scheme.w_bits, scheme.group_size, scheme.sym, learnable_clip, clip_init
         )
+        if clip_search is not None:
+            self.quantizer.search_clip(weight, clip_search)
         self.rounding: LoRARounding | None = None
         if rounding.enabled:
             frac = self.quantizer.fractional_part(weight)

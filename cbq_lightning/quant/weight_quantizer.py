@@ -13,6 +13,7 @@ every packed export format requires.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,6 +33,32 @@ def clip_logit(ratio: float) -> float:
             "(it is sigmoid(logit)); 0.99 starts almost unclipped."
         )
     return math.log(ratio / (1.0 - ratio))
+
+
+@dataclass(frozen=True)
+class ClipSearch:
+    """Grid search of the initial clipping ratios (the GPTQ / OmniQuant-LWC style MSE initialisation).
+
+    Starting the learnable thresholds at ~1.0 (METHOD.md's default) leaves them on the flat tail of
+    the sigmoid, where a short CPU-budget fit cannot move them far; searching each group's ratio
+    that minimises ``sum |W - Q(W)|^norm`` first puts them near a good optimum for almost no cost.
+
+    Attributes:
+        min_ratio: smallest ratio tried (the largest is the configured ``clip_init``).
+        steps: ratios tried, evenly spaced.
+        norm: exponent of the error (2.4 is GPTQ's choice: between MSE and max error).
+    """
+
+    min_ratio: float = 0.5
+    steps: int = 25
+    norm: float = 2.4
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_ratio < 1.0 or self.steps < 2 or self.norm <= 0:
+            raise ConfigError(
+                f"clip search min_ratio={self.min_ratio}, steps={self.steps}, norm={self.norm}: need "
+                "0 < min_ratio < 1, steps >= 2 and norm > 0."
+            )
 
 
 class WeightQuantizer(nn.Module):
@@ -69,6 +96,7 @@ class WeightQuantizer(nn.Module):
         self.sym = sym
         self.qmax = 2**bits - 1
         self.learnable_clip = learnable_clip
+        self.clip_init = clip_init
         shape = (out_features, in_features // group, 1)
         if learnable_clip:
             logit = clip_logit(clip_init)
@@ -96,13 +124,16 @@ class WeightQuantizer(nn.Module):
         lower = upper if self.lower_logit is None else torch.sigmoid(self.lower_logit)
         return upper, lower
 
-    def scale_zero(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def scale_zero(
+        self, weight: torch.Tensor, ratios: tuple[torch.Tensor | float, torch.Tensor | float] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero-point, each ``[out, in/group, 1]``; differentiable w.r.t. the clip logits.
 
-        The zero-point is integer-valued (rounded with a straight-through gradient).
+        ``ratios`` overrides the (upper, lower) clipping ratios (used by the clip search). The
+        zero-point is integer-valued (rounded with a straight-through gradient).
         """
         w = self.grouped(weight.float())
-        upper, lower = self.clip_ratios()
+        upper, lower = self.clip_ratios() if ratios is None else ratios
         if self.sym:
             absmax = w.abs().amax(dim=-1, keepdim=True) * upper
             scale = (2.0 * absmax / self.qmax).clamp(min=SCALE_EPS)
@@ -135,6 +166,31 @@ class WeightQuantizer(nn.Module):
         scale, zero = self.scale_zero(weight)
         q = self.codes(weight, scale, zero, rounding)
         return (scale * (q - zero)).reshape(weight.shape)
+
+    @torch.no_grad()
+    def search_clip(self, weight: torch.Tensor, search: ClipSearch) -> torch.Tensor:
+        """Set the clipping logits to each group's best ratio by grid search; returns the ratios.
+
+        Both ends shrink by the same ratio (the GPTQ convention); the learned fit may then move them apart.
+        """
+        if self.upper_logit is None:
+            raise ConfigError("the clip search sets learnable thresholds: enable quant.learnable_clip.")
+        w = self.grouped(weight.float())
+        start = self.clip_init
+        best_error = torch.full(self.upper_logit.shape, float("inf"), device=w.device)
+        best_ratio = torch.full(self.upper_logit.shape, start, device=w.device)
+        for ratio in torch.linspace(start, min(search.min_ratio, start), search.steps).tolist():
+            scale, zero = self.scale_zero(weight, (ratio, ratio))
+            q = torch.clamp(torch.floor(w / scale + 0.5) + zero, 0, self.qmax)
+            error = (scale * (q - zero) - w).abs().pow(search.norm).sum(dim=-1, keepdim=True)
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+        logits = torch.log(best_ratio / (1.0 - best_ratio))
+        self.upper_logit.copy_(logits)
+        if self.lower_logit is not None:
+            self.lower_logit.copy_(logits)
+        return best_ratio
 
     def fractional_part(self, weight: torch.Tensor) -> torch.Tensor:
         """``frac(W/s)`` at the current scale, ``[out, in]``: what LoRA-Rounding starts from."""
