@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cbq_lightning.data.text import SHIPPED_SOURCE, load_text
+from cbq_lightning.data.text import SHIPPED_SOURCE, load_text, tokenize_text
 from cbq_lightning.errors import DataError
 
 
@@ -15,13 +15,16 @@ class CalibrationConfig:
     """Calibration data.
 
     Attributes:
-        source: ``shipped``, or a local ``.jsonl``/``.txt`` file (e.g. the WikiText-2 validation rows).
-        text_field: JSON key of the text in ``.jsonl`` rows.
+        source: a dataset name (``wikitext2``, ``wikitext2-tokenized``, ``c4``, ``ptb``), a local
+            ``.jsonl``/``.txt`` file, or ``shipped`` (the built-in WikiText-2 excerpt).
+        split: split of a named dataset. Calibrate on text you do not evaluate on (never ``test``).
+        text_field: JSON key of the text in ``.jsonl`` files.
         num_samples: number of calibration sequences N.
         seqlen: tokens per sequence T.
     """
 
     source: str = SHIPPED_SOURCE
+    split: str = "validation"
     text_field: str = "text"
     num_samples: int = 128
     seqlen: int = 2048
@@ -54,8 +57,8 @@ def sample_segments(tokens: torch.Tensor, num_samples: int, seqlen: int, seed: i
     return chunks[chosen].clone()
 
 
-def calibration_ids(config: CalibrationConfig, tokenizer, seed: int) -> torch.Tensor:
+def calibration_ids(config: CalibrationConfig, tokenizer, seed: int, data_dir: str | None = None) -> torch.Tensor:
     """Tokenize the calibration corpus once and draw the samples: ``[N, T]`` int64."""
-    text = load_text(config.source, config.text_field)
-    tokens = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    text = load_text(config.source, config.split, config.text_field, data_dir)
+    tokens = tokenize_text(tokenizer, text)
     return sample_segments(tokens, config.num_samples, config.seqlen, seed)
