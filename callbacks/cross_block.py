@@ -44,22 +44,29 @@ class CrossBlockCallback(L.Callback):
 
     Args:
         state: the caches and teachers shared by all windows of a run.
+        hardened_loss: measure the reconstruction loss with hardened rounding before and after each fit
+            (two extra passes over the calibration set per window; off saves that time on slow machines).
     """
 
-    def __init__(self, state: CrossBlockState) -> None:
+    def __init__(self, state: CrossBlockState, hardened_loss: bool = True) -> None:
         self.state = state
+        self.hardened_loss = hardened_loss
         self.window_summaries: list[dict[str, Any]] = []
         self._started = 0.0
+        self._loss_first: float | None = None
+        self._loss_last: float | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._started = time.perf_counter()
         self.state.enter(pl_module.window, trainer.strategy.root_device)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._loss_first = pl_module.hardened_loss(trainer.train_dataloader)
+        if self.hardened_loss:
+            self._loss_first = pl_module.hardened_loss(trainer.train_dataloader)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._loss_last = pl_module.hardened_loss(trainer.train_dataloader)
+        if self.hardened_loss:
+            self._loss_last = pl_module.hardened_loss(trainer.train_dataloader)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         window = pl_module.window

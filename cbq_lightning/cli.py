@@ -1,6 +1,7 @@
 """``cbq`` command line, built on Lightning's CLI parser (jsonargparse).
 
-``cbq quantize --config configs/<recipe>.yaml [--quant.w_bits 3] [--method rtn] [--output_dir DIR]``.
+``cbq quantize --config configs/<recipe>.yaml [--quant.w_bits 3] [--method rtn] [--output_dir DIR]``
+``cbq evaluate --model PATH_OR_NAME [--data wikitext2] [--max_windows 40]``.
 Every field of :class:`~cbq_lightning.config.QuantizeConfig` is a YAML key and a dotted flag;
 ``--print_config`` prints the resolved configuration. Errors in user input are printed without a
 traceback and exit with status 2.
@@ -18,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from cbq_lightning import __version__
 from cbq_lightning.config import QuantizeConfig
 from cbq_lightning.errors import CBQError
+from cbq_lightning.evaluation.command import EvaluateConfig
 
 
 def quantize_parser() -> LightningArgumentParser:
@@ -36,11 +38,37 @@ def quantize_config(instantiated: Namespace) -> QuantizeConfig:
     return QuantizeConfig(**{key: value for key, value in vars(instantiated).items() if key != "config"})
 
 
+def evaluate_parser() -> LightningArgumentParser:
+    """Parser of ``cbq evaluate``: the fields of :class:`EvaluateConfig`."""
+    parser = LightningArgumentParser(
+        description="Perplexity (GPTQ/OmniQuant protocol) of a full-precision model or a cbq-lightning output.",
+        default_env=False,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML with the options below.")
+    parser.add_class_arguments(EvaluateConfig, nested_key=None, fail_untyped=True)
+    return parser
+
+
+def _run_evaluate(namespace: Namespace) -> None:
+    from cbq_lightning.evaluation.command import run_evaluate
+
+    config = EvaluateConfig(**{key: value for key, value in vars(namespace).items() if key != "config"})
+    summary = run_evaluate(config)
+    for result in summary["results"]:
+        print(
+            f"{result['dataset']} {result['split']}: ppl {result['ppl']:.4f} "
+            f"({result['windows']} windows x {result['seqlen']} tokens, {result['eval_s']:.0f}s)"
+        )
+    if config.output:
+        print(f"results written to {config.output}")
+
+
 def build_parser() -> LightningArgumentParser:
     parser = LightningArgumentParser(prog="cbq", description="CBQ cross-block quantization for LLMs.")
     parser.add_argument("--version", action="version", version=f"cbq-lightning {__version__}")
     subcommands = parser.add_subcommands(dest="command", required=True)
     subcommands.add_subcommand("quantize", quantize_parser(), help="quantize a model (CBQ or RTN)")
+    subcommands.add_subcommand("evaluate", evaluate_parser(), help="perplexity of a model or a quantized output")
     return parser
 
 
@@ -62,6 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"final relative error {', '.join(f'{k} {v:.4g}' for k, v in errors.items())}; "
                 f"outputs in {config.output_dir}"
             )
+            for entry in report["eval"]:
+                fp = f" (fp {entry['ppl_fp']:.4f})" if entry["ppl_fp"] is not None else ""
+                print(f"{entry['dataset']} {entry['split']}: ppl {entry['ppl']:.4f}{fp}, {entry['windows']} windows")
+        elif args.command == "evaluate":
+            _run_evaluate(args.evaluate)
     except CBQError as error:
         print(f"cbq: error: {error}", file=sys.stderr)
         return 2

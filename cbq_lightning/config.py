@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cbq_lightning.data.calibration import CalibrationConfig
-from cbq_lightning.data.text import SHIPPED_SOURCE
-from cbq_lightning.errors import ConfigError, DataError
+from cbq_lightning.data.text import DEFAULT_DATA_DIR, NAMED_DATASETS, check_source
+from cbq_lightning.errors import ConfigError
+from cbq_lightning.evaluation.perplexity import EvalConfig
 from cbq_lightning.loss import LossConfig
 from cbq_lightning.models.loading import ModelConfig, resolve_source
 from cbq_lightning.quant.config import QuantConfig
@@ -25,9 +26,12 @@ class MonitorConfig:
     Attributes:
         rtn_reference: also push the calibration inputs through a round-to-nearest copy of each block,
             so the per-block error of RTN is logged next to CBQ's (costs one extra forward per block).
+        hardened_loss: measure each window's loss with hardened rounding before and after its fit
+            (``window/loss_first``/``loss_last``; two extra passes over the calibration set per window).
     """
 
     rtn_reference: bool = True
+    hardened_loss: bool = True
 
 
 @dataclass
@@ -38,11 +42,14 @@ class QuantizeConfig:
         output_dir: where config.yaml, report.json, model/, quant_state.safetensors and tensorboard/ go.
         method: ``cbq`` (cross-block training) or ``rtn`` (round-to-nearest baseline, same pipeline).
         seed: seeds calibration sampling, rounding initialisation and data order.
+        data_dir: local mirror of the named datasets (``wikitext2`` ...), laid out like
+            ``../shared/data``; a split found there is read from it, anything else from the hub.
     """
 
     output_dir: str = "runs/cbq"
     method: Literal["cbq", "rtn"] = "cbq"
     seed: int = 0
+    data_dir: str | None = DEFAULT_DATA_DIR
     model: ModelConfig = field(default_factory=ModelConfig)
     data: CalibrationConfig = field(default_factory=CalibrationConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -52,6 +59,7 @@ class QuantizeConfig:
     train: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def validate(config: QuantizeConfig) -> QuantScheme:
@@ -61,14 +69,13 @@ def validate(config: QuantizeConfig) -> QuantScheme:
     scheme = config.quant.resolve()
     resolve_source(config.model)
     config.model.torch_dtype()
-    if config.data.source != SHIPPED_SOURCE:
-        from pathlib import Path
-
-        if not Path(config.data.source).expanduser().is_file():
-            raise DataError(
-                f"data.source={config.data.source!r} is not an existing file: give a .jsonl/.txt corpus "
-                f"(e.g. ../shared/data/wikitext/wikitext-2-v1/validation.jsonl) or '{SHIPPED_SOURCE}'."
-            )
+    check_source(config.data.source)
+    if config.data.source in NAMED_DATASETS and config.data.split == "test":
+        raise ConfigError(
+            "data.split=test would calibrate on the evaluation text: calibrate on 'validation' or 'train'."
+        )
+    config.eval.check()
+    config.quant.clip_search_settings()  # raises a ConfigError on impossible search settings
     if config.method == "cbq":
         if config.quant.learnable_clip:
             clip_logit(config.quant.clip_init)  # raises a ConfigError naming clip_init when out of (0, 1)

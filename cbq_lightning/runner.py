@@ -26,6 +26,7 @@ from callbacks.progress import WindowProgressBar
 from cbq_lightning.config import QuantizeConfig, validate
 from cbq_lightning.crossblock import CrossBlockState
 from cbq_lightning.data.calibration import calibration_ids
+from cbq_lightning.evaluation.perplexity import EvalSet, evaluate_sets, prepare_eval_set
 from cbq_lightning.export.fake_quant import save_fake_quant_checkpoint
 from cbq_lightning.export.quant_state import save_quant_state
 from cbq_lightning.io import atomic_write_json, atomic_write_text
@@ -62,7 +63,7 @@ def _peak_rss_gib() -> float:
     return peak / (1024**3 if sys.platform == "darwin" else 1024**2)
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import lightning
     import transformers
 
@@ -100,7 +101,7 @@ def _fit_windows(
     logger: TensorBoardLogger,
 ) -> list[dict[str, Any]]:
     """CBQ: one LightningModule and one ``trainer.fit`` per window, all logging into one run."""
-    callback = CrossBlockCallback(state)
+    callback = CrossBlockCallback(state, hardened_loss=config.monitor.hardened_loss)
     dataset = WindowTargets(state)
     epochs = config.train.epochs_for(scheme.w_bits)
     trainer_kwargs = dataclasses.asdict(config.trainer)
@@ -134,10 +135,10 @@ def _fit_windows(
         trainer.fit(module, train_dataloaders=loader)
         step_offset += trainer.global_step
         summary = callback.window_summaries[-1]
-        log.info(
-            "%s: %d steps, loss %.4g -> %.4g, %.1fs",
-            window, summary["steps"], summary["loss_first"], summary["loss_last"], summary["wall_s"],
-        )
+        losses = (summary["loss_first"], summary["loss_last"])
+        if None in losses:  # hardened losses not measured: report the training loss
+            losses = (summary["train_loss_first"], summary["train_loss_last"])
+        log.info("%s: %d steps, loss %.4g -> %.4g, %.1fs", window, summary["steps"], *losses, summary["wall_s"])
     return callback.window_summaries
 
 
@@ -164,6 +165,28 @@ def _round_to_nearest(
     return summaries
 
 
+def _evaluate(
+    config: QuantizeConfig, model: nn.Module, sets: list[EvalSet], device: torch.device, label: str
+) -> list[dict[str, Any]]:
+    """Perplexity of ``model`` on every set, on ``device`` (the model goes back to the CPU after)."""
+    model.to(device)
+    try:
+        return evaluate_sets(model, sets, device, config.eval.batch_size, label=label)
+    finally:
+        model.to("cpu")
+
+
+def _eval_entries(quantized: list[dict[str, Any]], fp: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Report entries ``{dataset, split, seqlen, windows, tokens, ppl, ppl_fp, ...}``."""
+    entries = []
+    for index, result in enumerate(quantized):
+        entry = {key: value for key, value in result.items() if key != "eval_s"}
+        entry["ppl_fp"] = fp[index]["ppl"] if fp else None
+        entry["eval_s"] = result["eval_s"] + (fp[index]["eval_s"] if fp else 0.0)
+        entries.append(entry)
+    return entries
+
+
 def run_quantize(config: QuantizeConfig) -> QuantizeResult:
     """Run a whole quantization job and write its outputs to ``config.output_dir``."""
     started = time.perf_counter()
@@ -175,8 +198,15 @@ def run_quantize(config: QuantizeConfig) -> QuantizeResult:
     atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
     tokenizer = load_tokenizer(config.model)
-    ids = calibration_ids(config.data, tokenizer, config.seed)
+    ids = calibration_ids(config.data, tokenizer, config.seed, config.data_dir)
+    evaluation = config.eval
+    eval_sets = [
+        prepare_eval_set(source, tokenizer, evaluation.seqlen, evaluation.split, evaluation.max_windows, config.data_dir)
+        for source in evaluation.datasets
+    ]
     model = load_model(config.model, vocab_size=len(tokenizer), seed=config.seed)
+    device = _device(config)
+    fp_results = _evaluate(config, model, eval_sets, device, "fp") if eval_sets and evaluation.fp_reference else None
     adapter = DecoderAdapter(model)
     cbq = config.method == "cbq"
     rounding = config.rounding if cbq else RoundingConfig(enabled=False)
@@ -186,10 +216,11 @@ def run_quantize(config: QuantizeConfig) -> QuantizeResult:
 
     learnable_clip = config.quant.learnable_clip and cbq
     clip_init = config.quant.clip_init if learnable_clip else 1.0
+    clip_search = config.quant.clip_search_settings() if cbq else None
     generator = torch.Generator().manual_seed(config.seed)
 
     def quantize(_index: int, block: nn.Module) -> None:
-        quantize_block(block, scheme, rounding, learnable_clip, clip_init, generator)
+        quantize_block(block, scheme, rounding, learnable_clip, clip_init, generator, clip_search)
 
     state = CrossBlockState(
         blocks=adapter.blocks,
@@ -200,7 +231,6 @@ def run_quantize(config: QuantizeConfig) -> QuantizeResult:
         batch_size=config.train.forward_batch_size,
     )
     logger = TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="", default_hp_metric=False)
-    device = _device(config)
     if cbq:
         schedule = window_schedule(adapter.num_blocks, config.window)
         windows = _fit_windows(config, scheme, state, schedule, logger)
@@ -213,6 +243,12 @@ def run_quantize(config: QuantizeConfig) -> QuantizeResult:
     quantization = {"method": config.method, "scheme": scheme_info, "quant_state": "../quant_state.safetensors"}
     save_quant_state(model, output_dir / "quant_state.safetensors", scheme_info)
     save_fake_quant_checkpoint(model, tokenizer, output_dir / "model", quantization)
+    eval_entries = _eval_entries(_evaluate(config, model, eval_sets, device, config.method), fp_results)
+    for entry in eval_entries:
+        metrics = {f"eval/ppl/{entry['dataset']}": entry["ppl"]}
+        if entry["ppl_fp"] is not None:
+            metrics[f"eval/ppl_fp/{entry['dataset']}"] = entry["ppl_fp"]
+        logger.log_metrics(metrics, step=0)
     logger.finalize("success")
 
     final = state.block_errors[-1]
@@ -234,10 +270,11 @@ def run_quantize(config: QuantizeConfig) -> QuantizeResult:
         "windows": windows,
         "block_errors": [dataclasses.asdict(e) for e in state.block_errors],
         "final_error": {config.method: final.quantized, **({"rtn": final.rtn} if final.rtn is not None else {})},
+        "eval": eval_entries,
         "calibration_time_s": calibrated_s,
         "wall_time_s": time.perf_counter() - started,
         "peak_rss_gib": _peak_rss_gib(),
-        "versions": _versions(),
+        "versions": versions(),
         "device": _device_name(device),
         "seed": config.seed,
     }

@@ -1,0 +1,1 @@
+"""Perplexity evaluation with the GPTQ / OmniQuant / CBQ protocol."""
