@@ -245,9 +245,10 @@ def run_quantize(config: QuantizeConfig) -> QuantizeResult:
     save_fake_quant_checkpoint(model, tokenizer, output_dir / "model", quantization)
     eval_entries = _eval_entries(_evaluate(config, model, eval_sets, device, config.method), fp_results)
     for entry in eval_entries:
-        metrics = {f"eval/ppl/{entry['dataset']}": entry["ppl"]}
+        name = Path(entry["dataset"]).stem  # a dataset name, or a file's name without its folders
+        metrics = {f"eval/ppl/{name}": entry["ppl"]}
         if entry["ppl_fp"] is not None:
-            metrics[f"eval/ppl_fp/{entry['dataset']}"] = entry["ppl_fp"]
+            metrics[f"eval/ppl_fp/{name}"] = entry["ppl_fp"]
         logger.log_metrics(metrics, step=0)
     logger.finalize("success")
 

@@ -65,7 +65,8 @@ def test_tensorboard_scalars_read_back(cli_run: Path) -> None:
     tags = set(events.Tags()["scalars"])
     expected = {"train/loss", "train/global_branch", "train/homologous_branch", "train/kl", "train/rounding_reg",
                 "train/beta", "train/lr_rounding", "train/lr_clip", "window/loss_first", "window/loss_last",
-                "window/flip_fraction", "window/clip_ratio", "block_error/cbq", "block_error/rtn"}
+                "window/flip_fraction", "window/clip_ratio", "block_error/cbq", "block_error/rtn",
+                "eval/ppl/shipped", "eval/ppl_fp/shipped"}
     assert expected <= tags, expected - tags
     loss_steps = [event.step for event in events.Scalars("train/loss")]
     assert loss_steps == list(range(120)), "windows must continue one step axis"
