@@ -174,16 +174,31 @@ def main(argv: list[str] | None = None) -> int:
             path = args.output / f"quality_{scheme.lower()}{suffix}.json"
             path.write_text(json.dumps(record, indent=2) + "\n")
             print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}", flush=True)
-    table = _table(rows)
-    versions = versions_now()
-    header = (
-        f"Command: `{invocation}` — git {_git_commit()}, {record['device']}, torch {versions['torch']}, "
-        f"transformers {versions['transformers']}, lightning {versions['lightning']}, {record['date']}"
-    )
-    (args.output / f"quality{suffix}.md").write_text(header + "\n\n" + table + "\n")
-    print(header)
+    table = _combined_table(args.output, suffix)
+    (args.output / f"quality{suffix}.md").write_text(table)
     print(table)
     return 0
+
+
+def _combined_table(folder: Path, suffix: str) -> str:
+    """The table of the latest result of every scheme in ``folder`` (schemes may be run one at a time),
+    followed by the command, commit, device and versions of each row."""
+    records = []
+    for scheme in DEFAULT_SCHEMES + tuple(
+        p.stem.removeprefix("quality_").removesuffix(suffix).upper() for p in sorted(folder.glob(f"quality_*{suffix}.json"))
+    ):
+        path = folder / f"quality_{scheme.lower()}{suffix}.json"
+        if path.is_file() and all(r["row"]["scheme"] != scheme for r in records):
+            records.append(json.loads(path.read_text()))
+    lines = [_table([r["row"] for r in records]), ""]
+    for record in records:
+        versions = record["versions"]
+        lines.append(
+            f"- {record['row']['scheme']}: `{record['invocation']}` (git {record['git_commit']}, {record['device']}, "
+            f"torch {versions['torch']}, transformers {versions['transformers']}, lightning {versions['lightning']}, "
+            f"{record['date']})"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

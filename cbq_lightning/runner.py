@@ -33,6 +33,7 @@ from cbq_lightning.io import atomic_write_json, atomic_write_text
 from cbq_lightning.models.adapter import DecoderAdapter
 from cbq_lightning.models.loading import load_model, load_tokenizer
 from cbq_lightning.quant.convert import check_group_size, check_rounding_rank, quantize_block, rtn_block
+from cbq_lightning.quant.input_moments import InputMoments
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.window import WindowModule
@@ -217,10 +218,12 @@ def run_quantize(config: QuantizeConfig) -> QuantizeResult:
     learnable_clip = config.quant.learnable_clip and cbq
     clip_init = config.quant.clip_init if learnable_clip else 1.0
     clip_search = config.quant.clip_search_settings() if cbq else None
+    moments = InputMoments() if clip_search is not None and config.quant.clip_search_activation_aware else None
     generator = torch.Generator().manual_seed(config.seed)
 
-    def quantize(_index: int, block: nn.Module) -> None:
-        quantize_block(block, scheme, rounding, learnable_clip, clip_init, generator, clip_search)
+    def quantize(index: int, block: nn.Module) -> None:
+        block_moments = moments.pop(index) if moments is not None else None
+        quantize_block(block, scheme, rounding, learnable_clip, clip_init, generator, clip_search, block_moments)
 
     state = CrossBlockState(
         blocks=adapter.blocks,
@@ -229,6 +232,7 @@ def run_quantize(config: QuantizeConfig) -> QuantizeResult:
         quantize=quantize,
         rtn_reference=(lambda block: rtn_block(block, scheme)) if cbq and config.monitor.rtn_reference else None,
         batch_size=config.train.forward_batch_size,
+        preprocessors=[moments] if moments is not None else [],
     )
     logger = TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="", default_hp_metric=False)
     if cbq:

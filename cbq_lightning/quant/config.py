@@ -24,6 +24,8 @@ class QuantConfig:
         clip_search: start each group's learnable thresholds at the ratio in
             [clip_search_min, clip_init] that minimises its weight quantization error (grid of
             clip_search_steps ratios, error norm clip_search_norm); off = every group at clip_init.
+        clip_search_activation_aware: weight each weight's error by ``E[x^2]`` of the input feature it
+            multiplies (measured on the calibration data), i.e. search for the least *output* error.
     """
 
     scheme: str = "W4A16"
@@ -37,6 +39,7 @@ class QuantConfig:
     clip_search_min: float = 0.5
     clip_search_steps: int = 25
     clip_search_norm: float = 2.4
+    clip_search_activation_aware: bool = True
 
     def clip_search_settings(self) -> ClipSearch | None:
         """The clip search to run, or None (also None when clipping is not learnable: nothing to set)."""

@@ -61,11 +61,16 @@ def quantize_block(
     clip_init: float,
     generator: torch.Generator | None = None,
     clip_search: ClipSearch | None = None,
+    input_moments: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Replace every linear of ``block`` by a calibrating :class:`QuantLinear` (in place)."""
+    """Replace every linear of ``block`` by a calibrating :class:`QuantLinear` (in place).
 
-    def factory(_name: str, linear: nn.Linear) -> QuantLinear:
-        layer = QuantLinear(linear, scheme, rounding, learnable_clip, clip_init, generator, clip_search)
+    ``input_moments`` maps a linear's name in the block to ``E[x_j^2]`` of its inputs (activation-aware clip search).
+    """
+
+    def factory(name: str, linear: nn.Linear) -> QuantLinear:
+        moments = input_moments.get(name) if input_moments else None
+        layer = QuantLinear(linear, scheme, rounding, learnable_clip, clip_init, generator, clip_search, moments)
         return layer.to(linear.weight.device)
 
     DecoderAdapter.replace_linears(block, factory)

@@ -30,6 +30,7 @@ class QuantLinear(nn.Module):
         clip_init: initial clipping ratio.
         generator: random source of the rounding factors.
         clip_search: search each group's initial clipping ratio (learnable clipping only).
+        input_moments: ``E[x_j^2]`` of this layer's inputs, ``[in]``: makes the clip search activation-aware.
     """
 
     def __init__(
@@ -41,6 +42,7 @@ class QuantLinear(nn.Module):
         clip_init: float = 0.99,
         generator: torch.Generator | None = None,
         clip_search: ClipSearch | None = None,
+        input_moments: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.in_features = linear.in_features
@@ -55,7 +57,7 @@ class QuantLinear(nn.Module):
             weight, scheme.w_bits, scheme.group_size, scheme.sym, learnable_clip, clip_init
         )
         if clip_search is not None:
-            self.quantizer.search_clip(weight, clip_search)
+            self.quantizer.search_clip(weight, clip_search, input_moments)
         self.rounding: LoRARounding | None = None
         if rounding.enabled:
             frac = self.quantizer.fractional_part(weight)

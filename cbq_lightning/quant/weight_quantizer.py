@@ -168,21 +168,27 @@ class WeightQuantizer(nn.Module):
         return (scale * (q - zero)).reshape(weight.shape)
 
     @torch.no_grad()
-    def search_clip(self, weight: torch.Tensor, search: ClipSearch) -> torch.Tensor:
+    def search_clip(
+        self, weight: torch.Tensor, search: ClipSearch, input_moments: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Set the clipping logits to each group's best ratio by grid search; returns the ratios.
 
         Both ends shrink by the same ratio (the GPTQ convention); the learned fit may then move them apart.
+        ``input_moments`` (``E[x_j^2]`` per input feature, ``[in]``) weights each weight's error by what it
+        multiplies, so the search minimises the output error rather than the weight error.
         """
         if self.upper_logit is None:
             raise ConfigError("the clip search sets learnable thresholds: enable quant.learnable_clip.")
         w = self.grouped(weight.float())
+        weights = None if input_moments is None else self.grouped(input_moments.float().reshape(1, -1).to(w.device))
         start = self.clip_init
         best_error = torch.full(self.upper_logit.shape, float("inf"), device=w.device)
         best_ratio = torch.full(self.upper_logit.shape, start, device=w.device)
         for ratio in torch.linspace(start, min(search.min_ratio, start), search.steps).tolist():
             scale, zero = self.scale_zero(weight, (ratio, ratio))
             q = torch.clamp(torch.floor(w / scale + 0.5) + zero, 0, self.qmax)
-            error = (scale * (q - zero) - w).abs().pow(search.norm).sum(dim=-1, keepdim=True)
+            error = (scale * (q - zero) - w).abs().pow(search.norm)
+            error = (error if weights is None else error * weights).sum(dim=-1, keepdim=True)
             better = error < best_error
             best_error = torch.where(better, error, best_error)
             best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
