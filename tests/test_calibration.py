@@ -81,8 +81,9 @@ def test_calibration_ids_with_char_tokenizer(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("abcdefghijklmnopqrstuvwxyz" * 4, encoding="utf-8")
 
-    def tokenizer(text, add_special_tokens=True):
-        assert add_special_tokens is False
+    def tokenizer(text, **kwargs):
+        # the GPTQ protocol: the tokenizer's own defaults (a BOS, if it adds one, once at the corpus start)
+        assert "add_special_tokens" not in kwargs
         return {"input_ids": [ord(ch) - ord("a") for ch in text]}
 
     config = CalibrationConfig(source=str(path), num_samples=5, seqlen=20)
@@ -125,12 +126,12 @@ def test_load_text_txt_returns_file(tmp_path):
 
 def test_load_text_missing_file_raises(tmp_path):
     missing = tmp_path / "nope.jsonl"
-    with pytest.raises(DataError, match="not an existing file"):
+    with pytest.raises(DataError, match="nor an existing file"):
         load_text(str(missing))
 
 
 def test_load_text_directory_raises(tmp_path):
-    with pytest.raises(DataError, match="not an existing file"):
+    with pytest.raises(DataError, match="nor an existing file"):
         load_text(str(tmp_path))
 
 

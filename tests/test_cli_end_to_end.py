@@ -117,7 +117,7 @@ def test_rtn_method_through_console_entry(tmp_path: Path) -> None:
         (["--window.overlap", "2"], "window.overlap=2"),
         (["--window.size", "0"], "window.size=0"),
         (["--data.num_samples", "100", "--data.seqlen", "4096"], "too few for 100 disjoint samples"),
-        (["--data.source", "/no/such/corpus.jsonl"], "is not an existing file"),
+        (["--data.source", "/no/such/corpus.jsonl"], "nor an existing file"),
         (["--quant.clip_init", "1.0"], "clip_init=1.0 must lie strictly between 0 and 1"),
         (["--rounding.rank", "64"], "rounding.rank=64 is not low-rank for this model"),
     ],
