@@ -33,9 +33,14 @@ def quantize_parser() -> LightningArgumentParser:
     return parser
 
 
+def _fields(namespace: Namespace) -> dict:
+    """A subcommand's parsed options without the ``--config`` file entry: the dataclass's fields."""
+    return {key: value for key, value in vars(namespace).items() if key != "config"}
+
+
 def quantize_config(instantiated: Namespace) -> QuantizeConfig:
     """The :class:`QuantizeConfig` of an instantiated ``cbq quantize`` namespace (its dataclasses built)."""
-    return QuantizeConfig(**{key: value for key, value in vars(instantiated).items() if key != "config"})
+    return QuantizeConfig(**_fields(instantiated))
 
 
 def evaluate_parser() -> LightningArgumentParser:
@@ -52,7 +57,7 @@ def evaluate_parser() -> LightningArgumentParser:
 def _run_evaluate(namespace: Namespace) -> None:
     from cbq_lightning.evaluation.command import run_evaluate
 
-    config = EvaluateConfig(**{key: value for key, value in vars(namespace).items() if key != "config"})
+    config = EvaluateConfig(**_fields(namespace))
     summary = run_evaluate(config)
     for result in summary["results"]:
         print(

@@ -91,17 +91,15 @@ def _hub_rows(name: str, dataset: NamedDataset, split: str, mirror: Path | None)
     import datasets
 
     where = f" (no local copy at {mirror})" if mirror is not None else ""
+    if dataset.data_files and split not in dataset.data_files:
+        raise DataError(f"dataset {name!r} has no split {split!r}: use one of {', '.join(dataset.data_files)}.")
     try:
         if dataset.data_files:
-            if split not in dataset.data_files:
-                raise DataError(f"dataset {name!r} has no split {split!r}: use one of {', '.join(dataset.data_files)}.")
             loaded = datasets.load_dataset(
                 dataset.hub_path, data_files={split: dataset.data_files[split]}, split=split
             )
         else:
             loaded = datasets.load_dataset(dataset.hub_path, dataset.hub_config, split=split)
-    except DataError:
-        raise
     except Exception as error:  # datasets raises many types: connection, missing split, scripts
         raise DataError(
             f"cannot load dataset {name!r} split {split!r} from the hub{where}: {error}. Offline? Put the rows "

@@ -161,9 +161,17 @@ class WeightQuantizer(nn.Module):
             q = floor_ste(x) + self.grouped(rounding)
         return torch.clamp(q + zero, 0, self.qmax)
 
-    def fake_quantize(self, weight: torch.Tensor, rounding: torch.Tensor | None = None) -> torch.Tensor:
-        """``W_hat = s * (clamp(floor(W/s) + h + z, 0, 2^b-1) - z)``, same shape as ``weight`` (fp32)."""
-        scale, zero = self.scale_zero(weight)
+    def fake_quantize(
+        self,
+        weight: torch.Tensor,
+        rounding: torch.Tensor | None = None,
+        ratios: tuple[torch.Tensor | float, torch.Tensor | float] | None = None,
+    ) -> torch.Tensor:
+        """``W_hat = s * (clamp(floor(W/s) + h + z, 0, 2^b-1) - z)``, same shape as ``weight`` (fp32).
+
+        ``ratios`` overrides the clipping ratios (see :meth:`scale_zero`).
+        """
+        scale, zero = self.scale_zero(weight, ratios)
         q = self.codes(weight, scale, zero, rounding)
         return (scale * (q - zero)).reshape(weight.shape)
 
@@ -179,15 +187,14 @@ class WeightQuantizer(nn.Module):
         """
         if self.upper_logit is None:
             raise ConfigError("the clip search sets learnable thresholds: enable quant.learnable_clip.")
-        w = self.grouped(weight.float())
-        weights = None if input_moments is None else self.grouped(input_moments.float().reshape(1, -1).to(w.device))
+        weight = weight.float()
+        device = weight.device
+        weights = None if input_moments is None else self.grouped(input_moments.float().reshape(1, -1).to(device))
         start = self.clip_init
-        best_error = torch.full(self.upper_logit.shape, float("inf"), device=w.device)
-        best_ratio = torch.full(self.upper_logit.shape, start, device=w.device)
+        best_error = torch.full(self.upper_logit.shape, float("inf"), device=device)
+        best_ratio = torch.full(self.upper_logit.shape, start, device=device)
         for ratio in torch.linspace(start, min(search.min_ratio, start), search.steps).tolist():
-            scale, zero = self.scale_zero(weight, (ratio, ratio))
-            q = torch.clamp(torch.floor(w / scale + 0.5) + zero, 0, self.qmax)
-            error = (scale * (q - zero) - w).abs().pow(search.norm)
+            error = self.grouped(self.fake_quantize(weight, ratios=(ratio, ratio)) - weight).abs().pow(search.norm)
             error = (error if weights is None else error * weights).sum(dim=-1, keepdim=True)
             better = error < best_error
             best_error = torch.where(better, error, best_error)
