@@ -1,7 +1,7 @@
 """``WindowModule``: one sliding window of K quantized blocks as a LightningModule.
 
 Its only trainable parameters are the LoRA-Rounding factors and the clipping logits of the window's
-quantized linears; ``training_step`` computes the homologous reconstruction loss against the cached
+quantized linears (weights, and activations when the scheme quantizes them); ``training_step`` computes the homologous reconstruction loss against the cached
 teacher targets. The window's blocks are the model's own block modules (quantized in place), so what it
 learns is what the model keeps.
 """
@@ -67,7 +67,10 @@ class WindowModule(L.LightningModule):
         return [p for _, layer in quant_linears(self.blocks) for p in layer.rounding_parameters()]
 
     def clip_parameters(self) -> list[nn.Parameter]:
-        return [p for _, layer in quant_linears(self.blocks) for p in layer.clip_parameters()]
+        """Weight clipping logits and the activation quantizers' logits/steps (trained at ``lr_clip``)."""
+        return [
+            p for _, layer in quant_linears(self.blocks) for p in layer.clip_parameters() + layer.act_parameters()
+        ]
 
     def freeze_all_but_quantization_parameters(self) -> None:
         """Freeze everything the window holds except rounding factors and clipping logits.

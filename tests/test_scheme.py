@@ -117,10 +117,18 @@ def test_resolve_rejects_bad_override():
         QuantConfig(scheme="W4").resolve()
 
 
-@pytest.mark.parametrize("config", [QuantConfig(scheme="W4A8"), QuantConfig(scheme="W4A16", a_bits=4)])
-def test_resolve_rejects_activation_quantization(config):
-    with pytest.raises(ConfigError, match="a_bits"):
-        config.resolve()
+@pytest.mark.parametrize(
+    ("config", "a_bits"), [(QuantConfig(scheme="W4A8"), 8), (QuantConfig(scheme="W4A16", a_bits=4), 4)]
+)
+def test_resolve_accepts_activation_quantization(config, a_bits):
+    scheme = config.resolve()
+    assert scheme.a_bits == a_bits and scheme.quantizes_activations
+    assert config.act_settings(trained=True).bits == a_bits
+
+
+def test_resolve_rejects_activation_bits_override_out_of_range():
+    with pytest.raises(ConfigError, match="a_bits=12"):
+        QuantConfig(scheme="W4A16", a_bits=12).resolve()
 
 
 def test_resolve_a_bits_16_override_makes_weight_only():

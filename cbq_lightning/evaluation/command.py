@@ -14,7 +14,7 @@ import torch
 from cbq_lightning.data.text import DEFAULT_DATA_DIR
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.evaluation.perplexity import evaluate_sets, prepare_eval_set
-from cbq_lightning.export.fake_quant import SIDECAR
+from cbq_lightning.export.fake_quant import SIDECAR, attach_activation_quantizers
 from cbq_lightning.io import atomic_write_json
 from cbq_lightning.models.loading import ModelConfig, load_model, load_tokenizer
 
@@ -84,7 +84,10 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         prepare_eval_set(source, tokenizer, config.seqlen, config.split, config.max_windows, config.data_dir)
         for source in config.sources()
     ]
-    model = load_model(model_config, vocab_size=len(tokenizer)).to(device)
+    model = load_model(model_config, vocab_size=len(tokenizer))
+    if quantization is not None and quantization.get("scheme", {}).get("activations"):
+        attach_activation_quantizers(model, Path(path) / quantization["quant_state"])
+    model.to(device)
     results = evaluate_sets(model, sets, device, config.batch_size, label="eval")
     summary = {
         "model": config.model,

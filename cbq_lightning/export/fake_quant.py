@@ -1,8 +1,10 @@
 """The fake-quant Hugging Face checkpoint: the model with dequantized weights, in safetensors.
 
 It reloads with stock ``AutoModelForCausalLM.from_pretrained`` and computes exactly what the in-memory
-quantized model computes (weight-only schemes), which makes it the research output every evaluator can
-read. The integer state lives beside it in ``quant_state.safetensors``.
+quantized model computes for weight-only schemes, which makes it the research output every evaluator can
+read. The integer state lives beside it in ``quant_state.safetensors``; with activation quantization
+that file also holds each layer's activation quantizer, which :func:`attach_activation_quantizers`
+(``cbq evaluate`` on a run directory) puts back on the reloaded linears.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from pathlib import Path
 
 from torch import nn
 
+from cbq_lightning.export.quant_state import load_quant_state, load_quant_state_scheme
 from cbq_lightning.io import atomic_directory
+from cbq_lightning.quant.act_quantizer import ActivationQuantizer
 from cbq_lightning.quant.convert import quant_linears
 
 SIDECAR = "cbq_quantization.json"
@@ -21,9 +25,38 @@ _INTEGER_STATE = ("qweight", "scales", "zeros")
 
 
 def fake_quant_state_dict(model: nn.Module) -> dict:
-    """``model.state_dict()`` with the integer buffers dropped: a plain-``nn.Linear`` state dict."""
+    """``model.state_dict()`` without the integer buffers and activation quantizers: plain ``nn.Linear``s."""
     integer_keys = {f"{name}.{field}" for name, _ in quant_linears(model) for field in _INTEGER_STATE}
-    return {k: v for k, v in model.state_dict().items() if k not in integer_keys}
+    prefixes = tuple(f"{name}.act_quantizer." for name, layer in quant_linears(model) if layer.act_quantizer is not None)
+    return {k: v for k, v in model.state_dict().items() if k not in integer_keys and not k.startswith(prefixes)}
+
+
+def attach_activation_quantizers(model: nn.Module, quant_state_path: Path) -> int:
+    """Put the activation quantizers of a run back on the linears of its reloaded fake-quant model.
+
+    Each linear named in ``quant_state.safetensors`` with activation fields gets a frozen
+    :class:`ActivationQuantizer` (as its ``act_quantizer`` child) applied to its input by a forward
+    pre-hook, so the reloaded model computes what the calibrated model computed. Returns the number of
+    layers equipped; 0 for weight-only runs.
+    """
+    scheme = load_quant_state_scheme(quant_state_path)
+    activations = scheme.get("activations")
+    if not activations:
+        return 0
+    count = 0
+    for name, fields in load_quant_state(quant_state_path).items():
+        if "act_bits" not in fields:
+            continue
+        linear = model.get_submodule(name)
+        quantizer = ActivationQuantizer.from_export_state(int(fields["act_bits"]), activations["mode"], fields)
+        linear.add_module("act_quantizer", quantizer.to(linear.weight.device))
+        linear.register_forward_pre_hook(_quantize_input)
+        count += 1
+    return count
+
+
+def _quantize_input(module: nn.Module, args: tuple) -> tuple:
+    return (module.act_quantizer(args[0]), *args[1:])
 
 
 def save_fake_quant_checkpoint(model: nn.Module, tokenizer, directory: Path, quantization: dict) -> None:

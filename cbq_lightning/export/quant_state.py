@@ -6,6 +6,10 @@ Layout, per quantized linear ``NAME`` (its module path in the model, e.g. ``mode
 * ``NAME.scales`` float32 ``[out, in / group]``
 * ``NAME.zeros`` uint8 ``[out, in / group]`` - zero-points (``2**(bits-1)`` when symmetric)
 * ``NAME.bits``, ``NAME.group_size`` int32 scalars (group_size = in_features when per-channel)
+* with activation quantization: ``NAME.act_bits`` int32 and either ``NAME.act_clip_upper`` /
+  ``NAME.act_clip_lower`` float32 scalars (dynamic per-token modes: the clipping ratios of ``max|x|``)
+  or ``NAME.act_step`` (static mode: the step size); the mode is in the scheme metadata
+  (``scheme.activations.mode``)
 
 The dequantized weight is ``scales[:, j] * (qweight[:, j*g:(j+1)*g] - zeros[:, j])``. The file metadata
 holds ``format = cbq-quant-state``, its version and the scheme as JSON. The packed export formats are
@@ -39,6 +43,10 @@ def collect_quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
         tensors[f"{name}.zeros"] = layer.zeros.contiguous().cpu()
         tensors[f"{name}.bits"] = torch.tensor(layer.bits, dtype=torch.int32)
         tensors[f"{name}.group_size"] = torch.tensor(layer.group_size or layer.in_features, dtype=torch.int32)
+        if layer.act_quantizer is not None:
+            tensors[f"{name}.act_bits"] = torch.tensor(layer.act_quantizer.bits, dtype=torch.int32)
+            for field, value in layer.act_quantizer.export_state().items():
+                tensors[f"{name}.{field}"] = value.contiguous().cpu()
     return tensors
 
 
@@ -50,7 +58,7 @@ def save_quant_state(model: nn.Module, path: Path, scheme: dict) -> None:
 
 
 def load_quant_state(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """``{layer_name: {"qweight", "scales", "zeros", "bits", "group_size"}}`` (safetensors: no pickle)."""
+    """``{layer_name: {"qweight", "scales", "zeros", "bits", "group_size", ["act_*"]}}`` (safetensors: no pickle)."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in load_file(str(path)).items():
         name, _, field = key.rpartition(".")
@@ -66,3 +74,14 @@ def dequantize(layer: dict[str, torch.Tensor]) -> torch.Tensor:
     grouped = q.reshape(out_features, in_features // group, group)
     weight = layer["scales"].unsqueeze(-1) * (grouped - layer["zeros"].float().unsqueeze(-1))
     return weight.reshape(out_features, in_features)
+
+
+def load_quant_state_scheme(path: Path) -> dict:
+    """The scheme recorded in the file's metadata (bits, group size, activations ...)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} file (format={metadata.get('format')!r}).")
+    return json.loads(metadata["scheme"])

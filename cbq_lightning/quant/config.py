@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cbq_lightning.errors import ConfigError
+from cbq_lightning.quant.act_quantizer import ActMode, ActQuantSettings
 from cbq_lightning.quant.scheme import QuantScheme, parse_scheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch
 
@@ -26,6 +26,12 @@ class QuantConfig:
             clip_search_steps ratios, error norm clip_search_norm); off = every group at clip_init.
         clip_search_activation_aware: weight each weight's error by ``E[x^2]`` of the input feature it
             multiplies (measured on the calibration data), i.e. search for the least *output* error.
+        act_mode: activation quantizer when a_bits < 16: ``dynamic_sym`` (per token, symmetric: what
+            vLLM serves), ``dynamic_asym`` (per token, asymmetric) or ``static_lsq`` (one learned step
+            per layer).
+        act_learnable: train the activation clipping logit(s) / static step with the window (CBQ only;
+            RTN keeps them at their start).
+        act_clip_init: starting clipping ratio of the dynamic activation quantizers (RTN uses 1.0).
     """
 
     scheme: str = "W4A16"
@@ -40,6 +46,9 @@ class QuantConfig:
     clip_search_steps: int = 25
     clip_search_norm: float = 2.4
     clip_search_activation_aware: bool = True
+    act_mode: ActMode = "dynamic_sym"
+    act_learnable: bool = True
+    act_clip_init: float = 0.99
 
     def clip_search_settings(self) -> ClipSearch | None:
         """The clip search to run, or None (also None when clipping is not learnable: nothing to set)."""
@@ -60,8 +69,18 @@ class QuantConfig:
             sym=self.sym,
         )
         if scheme.quantizes_activations:
-            raise ConfigError(
-                f"scheme {scheme.name} quantizes activations (a_bits={scheme.a_bits}), which this release "
-                "does not support yet: use a_bits=16 (weight-only, e.g. W4A16)."
-            )
+            self.act_settings(trained=True)  # raises a ConfigError on a bad mode or clip ratio
         return scheme
+
+    def act_settings(self, trained: bool) -> ActQuantSettings | None:
+        """The activation quantization of the run, or None for weight-only schemes.
+
+        ``trained=False`` (the RTN baseline) gives the untrained quantizer: no clipping, nothing learned.
+        """
+        base = parse_scheme(self.scheme)
+        bits = base.a_bits if self.a_bits is None else self.a_bits
+        if bits >= 16:
+            return None
+        if not trained:
+            return ActQuantSettings(bits=bits, mode=self.act_mode, learnable=False, clip_init=1.0)
+        return ActQuantSettings(bits=bits, mode=self.act_mode, learnable=self.act_learnable, clip_init=self.act_clip_init)

@@ -11,6 +11,7 @@ from torch import nn
 
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.models.adapter import DecoderAdapter
+from cbq_lightning.quant.act_quantizer import ActQuantSettings
 from cbq_lightning.quant.qlinear import QuantLinear
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme, valid_group_sizes
@@ -62,15 +63,17 @@ def quantize_block(
     generator: torch.Generator | None = None,
     clip_search: ClipSearch | None = None,
     input_moments: dict[str, torch.Tensor] | None = None,
+    act: ActQuantSettings | None = None,
 ) -> None:
     """Replace every linear of ``block`` by a calibrating :class:`QuantLinear` (in place).
 
-    ``input_moments`` maps a linear's name in the block to ``E[x_j^2]`` of its inputs (activation-aware clip search).
+    ``input_moments`` maps a linear's name in the block to ``E[x_j^2]`` of its inputs (activation-aware clip
+    search); ``act`` adds an activation quantizer on every linear's input.
     """
 
     def factory(name: str, linear: nn.Linear) -> QuantLinear:
         moments = input_moments.get(name) if input_moments else None
-        layer = QuantLinear(linear, scheme, rounding, learnable_clip, clip_init, generator, clip_search, moments)
+        layer = QuantLinear(linear, scheme, rounding, learnable_clip, clip_init, generator, clip_search, moments, act)
         return layer.to(linear.weight.device)
 
     DecoderAdapter.replace_linears(block, factory)
@@ -102,9 +105,12 @@ def finalize_block(block: nn.Module) -> None:
         layer.finalize()
 
 
-def rtn_block(block: nn.Module, scheme: QuantScheme) -> nn.Module:
-    """A round-to-nearest (min/max, no training) quantized copy of a full-precision block."""
+def rtn_block(block: nn.Module, scheme: QuantScheme, act: ActQuantSettings | None = None) -> nn.Module:
+    """A round-to-nearest (min/max, no training) quantized copy of a full-precision block.
+
+    ``act`` (if any) should be the untrained form of the run's activation quantization.
+    """
     baseline = copy.deepcopy(block)
-    quantize_block(baseline, scheme, RoundingConfig(enabled=False), learnable_clip=False, clip_init=1.0)
+    quantize_block(baseline, scheme, RoundingConfig(enabled=False), learnable_clip=False, clip_init=1.0, act=act)
     finalize_block(baseline)
     return baseline

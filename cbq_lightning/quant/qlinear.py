@@ -6,6 +6,9 @@ Two lives:
   soft fake-quantized weight, so gradients reach exactly those parameters.
 * **finalised** - holds integer codes, scales and zero-points; ``weight`` becomes the dequantized weight
   ``scale * (q - zero)`` and nothing is trainable. This is what is exported.
+
+With an activation scheme (``W4A8`` ...) an :class:`ActivationQuantizer` fake-quantizes the layer's input
+in both lives; its clipping logit(s) / step train with the window and are frozen at finalisation.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbq_lightning.quant.act_quantizer import ActivationQuantizer, ActQuantSettings
 from cbq_lightning.quant.rounding import LoRARounding, RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
@@ -31,6 +35,7 @@ class QuantLinear(nn.Module):
         generator: random source of the rounding factors.
         clip_search: search each group's initial clipping ratio (learnable clipping only).
         input_moments: ``E[x_j^2]`` of this layer's inputs, ``[in]``: makes the clip search activation-aware.
+        act: activation quantization of the layer's input; None keeps activations in floating point.
     """
 
     def __init__(
@@ -43,6 +48,7 @@ class QuantLinear(nn.Module):
         generator: torch.Generator | None = None,
         clip_search: ClipSearch | None = None,
         input_moments: torch.Tensor | None = None,
+        act: ActQuantSettings | None = None,
     ) -> None:
         super().__init__()
         self.in_features = linear.in_features
@@ -62,6 +68,7 @@ class QuantLinear(nn.Module):
         if rounding.enabled:
             frac = self.quantizer.fractional_part(weight)
             self.rounding = LoRARounding(frac, rounding.rank, rounding.form, rounding.init_std, generator)
+        self.act_quantizer: ActivationQuantizer | None = None if act is None else ActivationQuantizer(act)
         self.finalized = False
         #: forward with hardened (0/1) rounding decisions instead of soft ones, to measure what
         #: finalisation would give without finalising
@@ -84,6 +91,8 @@ class QuantLinear(nn.Module):
         return self.quantizer.fake_quantize(self.weight, decisions)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quantizer is not None:
+            x = self.act_quantizer(x)
         weight = self.fake_weight().to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)
@@ -95,6 +104,12 @@ class QuantLinear(nn.Module):
         if self.quantizer is None:
             return []
         return [p for p in (self.quantizer.upper_logit, self.quantizer.lower_logit) if p is not None]
+
+    def act_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the activation quantizer (empty once finalised or weight-only)."""
+        if self.act_quantizer is None or self.finalized:
+            return []
+        return self.act_quantizer.trainable_parameters()
 
     def rounding_regularizer(self, beta: float) -> torch.Tensor | None:
         return None if self.rounding is None else self.rounding.regularizer(beta)
@@ -126,6 +141,8 @@ class QuantLinear(nn.Module):
         self.weight = self.dequantized_weight().to(self.weight.dtype)
         self.quantizer = None
         self.rounding = None
+        if self.act_quantizer is not None:
+            self.act_quantizer.requires_grad_(False)
         self.finalized = True
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -134,15 +151,6 @@ class QuantLinear(nn.Module):
         q = self.qweight.float().reshape(self.out_features, -1, group)
         w = self.scales.unsqueeze(-1) * (q - self.zeros.float().unsqueeze(-1))
         return w.reshape(self.out_features, self.in_features)
-
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the current (fake-quantized) weight, for saving/reloading."""
-        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        with torch.no_grad():
-            layer.weight.copy_(self.fake_weight().detach())
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        return layer.to(self.weight.dtype)
 
     def extra_repr(self) -> str:
         group = self.group_size or "channel"

@@ -21,3 +21,8 @@ def round_half_up_ste(x: torch.Tensor) -> torch.Tensor:
     trained (``h = 1[frac >= 0.5]``) gives exactly the round-to-nearest codes.
     """
     return x + (torch.floor(x + 0.5) - x).detach()
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even (``torch.round``, what integer kernels do) forward, identity gradient."""
+    return x + (torch.round(x) - x).detach()
