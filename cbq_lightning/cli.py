@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "quantize":
             from cbq_lightning.runner import run_quantize
 
-            config = quantize_config(parser.instantiate_classes(args).quantize)
+            config = quantize_config(parser.instantiate(args).quantize)
             result = run_quantize(config)
             report = result.report
             errors = report["final_error"]

@@ -18,7 +18,7 @@ TINY_RECIPE = REPO / "configs" / "tiny.yaml"
 def load_recipe(path: Path, *overrides: str) -> QuantizeConfig:
     """A recipe parsed and instantiated exactly as ``cbq quantize --config PATH ...`` does."""
     parser = quantize_parser()
-    return quantize_config(parser.instantiate_classes(parser.parse_args(["--config", str(path), *overrides])))
+    return quantize_config(parser.instantiate(parser.parse_args(["--config", str(path), *overrides])))
 
 
 @pytest.fixture(scope="session")
