@@ -58,7 +58,9 @@ class CrossBlockCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._started = time.perf_counter()
-        self.state.enter(pl_module.window, trainer.strategy.root_device)
+        entering = self.state.enter(pl_module.window, trainer.strategy.root_device)
+        if trainer.is_global_zero:
+            log_preprocess(trainer.logger, {index: self.state.preprocess_stats.get(index, {}) for index in entering})
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.hardened_loss:
@@ -72,6 +74,7 @@ class CrossBlockCallback(L.Callback):
         window = pl_module.window
         layers = [layer for _, layer in quant_linears(pl_module.blocks)]
         clip = [layer.mean_clip_ratio() for layer in layers if layer.quantizer is not None]
+        act = [layer.act_quantizer.summary() for layer in layers if layer.act_quantizer is not None]
         errors = self.state.leave(window, trainer.strategy.root_device)
         finalized = {id(m) for b in window.finalized for _, m in quant_linears(self.state.blocks[b])}
         flips = [layer.flip_fraction for layer in layers if id(layer) in finalized]
@@ -87,6 +90,8 @@ class CrossBlockCallback(L.Callback):
             "train_loss_last": pl_module.train_loss_last,
             "flip_fraction": sum(flips) / len(flips) if flips else 0.0,
             "clip_ratio": sum(clip) / len(clip) if clip else 1.0,
+            # mean activation clipping ratio (dynamic modes) or step (static); None when weight-only
+            "act_clip": sum(act) / len(act) if act else None,
             "wall_s": time.perf_counter() - self._started,
         }
         self.window_summaries.append(summary)
@@ -105,7 +110,7 @@ def log_window(logger: Any, summary: dict[str, Any], errors: list[BlockError], m
     index = summary["index"]
     scalars = {
         f"window/{key}": float(summary[key])
-        for key in ("loss_first", "loss_last", "train_loss_first", "train_loss_last", "flip_fraction", "clip_ratio", "wall_s")
+        for key in ("loss_first", "loss_last", "train_loss_first", "train_loss_last", "flip_fraction", "clip_ratio", "act_clip", "wall_s")
         if summary.get(key) is not None
     }
     logger.log_metrics(scalars, step=index)
@@ -115,3 +120,17 @@ def log_window(logger: Any, summary: dict[str, Any], errors: list[BlockError], m
             values["block_error/rtn"] = error.rtn
         logger.log_metrics(values, step=error.block)
     logger.save()
+
+
+def log_preprocess(logger: Any, stats_by_block: dict[int, dict[str, float]]) -> None:
+    """Preprocessing statistics (CFP outlier counts, thresholds, max before/after) along the depth.
+
+    One chart per statistic and layer (e.g. ``cfp/act_max_before/input_layernorm``: the preprocessors
+    name their statistics as TensorBoard tags), step = block index, so the effect of CFP reads as a curve
+    down the model.
+    """
+    if logger is None:
+        return
+    for index, stats in sorted(stats_by_block.items()):
+        if stats:
+            logger.log_metrics(stats, step=index)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cbq_lightning.cfp import CFPConfig
 from cbq_lightning.data.calibration import CalibrationConfig
 from cbq_lightning.data.text import DEFAULT_DATA_DIR, NAMED_DATASETS, check_source
 from cbq_lightning.errors import ConfigError
@@ -54,6 +55,7 @@ class QuantizeConfig:
     data: CalibrationConfig = field(default_factory=CalibrationConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     rounding: RoundingConfig = field(default_factory=RoundingConfig)
+    cfp: CFPConfig = field(default_factory=CFPConfig)
     window: WindowConfig = field(default_factory=WindowConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
@@ -75,11 +77,13 @@ def validate(config: QuantizeConfig) -> QuantScheme:
             "data.split=test would calibrate on the evaluation text: calibrate on 'validation' or 'train'."
         )
     config.eval.check()
+    config.cfp.check()
     config.quant.clip_search_settings()  # raises a ConfigError on impossible search settings
     if config.method == "cbq":
         if config.quant.learnable_clip:
             clip_logit(config.quant.clip_init)  # raises a ConfigError naming clip_init when out of (0, 1)
-        if not (config.rounding.enabled or config.quant.learnable_clip):
+        learnable_act = scheme.quantizes_activations and config.quant.act_learnable
+        if not (config.rounding.enabled or config.quant.learnable_clip or learnable_act):
             raise ConfigError(
                 "method=cbq with rounding.enabled=false and quant.learnable_clip=false leaves nothing to "
                 "train: enable one of them, or use method=rtn."

@@ -79,11 +79,13 @@ class CrossBlockState:
         self._entered: set[int] = set()
 
     # --- before a fit --------------------------------------------------------------------------------
-    def enter(self, window: Window, device: torch.device | str, cache_targets: bool = True) -> None:
+    def enter(self, window: Window, device: torch.device | str, cache_targets: bool = True) -> list[int]:
         """Snapshot teachers of new blocks, preprocess and quantize them, cache the window's targets.
 
         ``cache_targets=False`` skips the teacher forward passes (the RTN baseline trains nothing).
+        Returns the blocks that entered (their preprocessing statistics are in :attr:`preprocess_stats`).
         """
+        entering = [index for index in window.blocks if index not in self._entered]
         for index in window.blocks:
             if index in self._entered:
                 continue  # overlap block: keeps its learned parameters as the warm start
@@ -98,12 +100,13 @@ class CrossBlockState:
             self.quantize(index, block)
             self._entered.add(index)
         if not cache_targets:
-            return
+            return entering
         teachers = [self.teachers[index].to(device) for index in window.blocks]
         self.y_fp = run_blocks_batched(teachers, self.x_fp, self.block_kwargs, device, self.batch_size)
         self.y_h = run_blocks_batched(teachers, self.x_q, self.block_kwargs, device, self.batch_size)
         for teacher in teachers:
             teacher.to("cpu")
+        return entering
 
     def _quantized_path_inputs(self, window: Window, index: int, device: torch.device | str) -> torch.Tensor:
         """Inputs of block ``index`` on the quantized path: ``X_q`` through the window's earlier blocks."""

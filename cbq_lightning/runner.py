@@ -21,8 +21,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from callbacks.cross_block import CrossBlockCallback, WindowTargets, log_window
+from callbacks.cross_block import CrossBlockCallback, WindowTargets, log_preprocess, log_window
 from callbacks.progress import WindowProgressBar
+from cbq_lightning.cfp import CoarseToFinePreprocessor
 from cbq_lightning.config import QuantizeConfig, validate
 from cbq_lightning.crossblock import CrossBlockState
 from cbq_lightning.data.calibration import calibration_ids
@@ -150,7 +151,8 @@ def _round_to_nearest(
     summaries = []
     for window in tqdm(schedule, desc="RTN blocks", unit="block"):
         started = time.perf_counter()
-        state.enter(window, device, cache_targets=False)
+        entering = state.enter(window, device, cache_targets=False)
+        log_preprocess(logger, {index: state.preprocess_stats.get(index, {}) for index in entering})
         errors = state.leave(window, device)
         summary = {
             "index": window.index,
@@ -219,20 +221,31 @@ def run_quantize(config: QuantizeConfig) -> QuantizeResult:
     clip_init = config.quant.clip_init if learnable_clip else 1.0
     clip_search = config.quant.clip_search_settings() if cbq else None
     moments = InputMoments() if clip_search is not None and config.quant.clip_search_activation_aware else None
+    act = config.quant.act_settings(trained=cbq)
+    cfp = CoarseToFinePreprocessor(
+        config.cfp, scale_activations=config.cfp.activations and act is not None,
+        batch_size=config.train.forward_batch_size,
+    )
+    # CFP first: the clip search's moments must describe the inputs the quantized linears will see
+    preprocessors = [p for p in (cfp if cfp.active else None, moments) if p is not None]
     generator = torch.Generator().manual_seed(config.seed)
 
     def quantize(index: int, block: nn.Module) -> None:
         block_moments = moments.pop(index) if moments is not None else None
-        quantize_block(block, scheme, rounding, learnable_clip, clip_init, generator, clip_search, block_moments)
+        quantize_block(block, scheme, rounding, learnable_clip, clip_init, generator, clip_search, block_moments, act)
 
     state = CrossBlockState(
         blocks=adapter.blocks,
         inputs=inputs,
         block_kwargs=block_kwargs,
         quantize=quantize,
-        rtn_reference=(lambda block: rtn_block(block, scheme)) if cbq and config.monitor.rtn_reference else None,
+        rtn_reference=(
+            (lambda block: rtn_block(block, scheme, config.quant.act_settings(trained=False)))
+            if cbq and config.monitor.rtn_reference
+            else None
+        ),
         batch_size=config.train.forward_batch_size,
-        preprocessors=[moments] if moments is not None else [],
+        preprocessors=preprocessors,
     )
     logger = TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="", default_hp_metric=False)
     if cbq:
@@ -243,7 +256,11 @@ def run_quantize(config: QuantizeConfig) -> QuantizeResult:
         windows = _round_to_nearest(state, schedule, device, logger)
     calibrated_s = time.perf_counter() - started
 
-    scheme_info = {**dataclasses.asdict(scheme), "name": scheme.name}
+    scheme_info = {
+        **dataclasses.asdict(scheme),
+        "name": scheme.name,
+        "activations": None if act is None else dataclasses.asdict(act),
+    }
     quantization = {"method": config.method, "scheme": scheme_info, "quant_state": "../quant_state.safetensors"}
     save_quant_state(model, output_dir / "quant_state.safetensors", scheme_info)
     save_fake_quant_checkpoint(model, tokenizer, output_dir / "model", quantization)
@@ -274,6 +291,12 @@ def run_quantize(config: QuantizeConfig) -> QuantizeResult:
         },
         "windows": windows,
         "block_errors": [dataclasses.asdict(e) for e in state.block_errors],
+        "cfp": {
+            "weights": config.cfp.weights,
+            "activations": cfp.scale_activations,
+            "outlier_channels": {str(index): found for index, found in sorted(cfp.outlier_channels.items())},
+        },
+        "preprocess": {str(index): stats for index, stats in sorted(state.preprocess_stats.items())},
         "final_error": {config.method: final.quantized, **({"rtn": final.rtn} if final.rtn is not None else {})},
         "eval": eval_entries,
         "calibration_time_s": calibrated_s,

@@ -33,7 +33,9 @@ def test_report_contents(cli_run: Path) -> None:
     report = json.loads((cli_run / "report.json").read_text())
     assert REPORT_KEYS <= report.keys()
     assert report["method"] == "cbq"
-    assert report["scheme"] == {"w_bits": 3, "group_size": None, "a_bits": 16, "sym": False, "name": "W3A16"}
+    assert report["scheme"] == {
+        "w_bits": 3, "group_size": None, "a_bits": 16, "sym": False, "name": "W3A16", "activations": None
+    }
     assert report["window"] == {"size": 2, "overlap": 1}
     assert {"torch", "lightning", "transformers"} <= report["versions"].keys()
     windows = report["windows"]

@@ -31,7 +31,7 @@ def test_moments_of_q_proj_are_the_mean_square_of_the_normed_input(tiny_model) -
     torch.testing.assert_close(recorded["self_attn.k_proj"], expected, rtol=1e-5, atol=1e-7)
     assert set(recorded) == {name for name, _ in DecoderAdapter.block_linears(block)}
     assert recorded["mlp.down_proj"].shape == (block.mlp.down_proj.in_features,)
-    assert stats["input_moment_peak_to_mean"] >= 1.0
+    assert stats["preprocess/input_moment_peak_to_mean"] >= 1.0
     assert moments.pop(0) is None, "moments are handed out once"
 
 

@@ -21,6 +21,14 @@ from cbq_lightning.errors import ModelSourceError
 #: passed in, and whose block linears are q/k/v/o + gate/up/down
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
+#: (norm, linears it feeds) in a decoder layer of the supported types: where a per-channel scale can be
+#: folded exactly, since their norms compute ``weight * normalized(x)`` (RMSNorm) and the linears read
+#: nothing else
+NORM_LINEAR_PAIRS = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+)
+
 #: keyword arguments of a block call that must not be replayed (KV caches, output flags)
 _DROPPED_KWARGS = ("past_key_value", "past_key_values", "use_cache", "output_attentions")
 
@@ -102,6 +110,22 @@ class DecoderAdapter:
         for name, module in block.named_modules():
             if isinstance(module, nn.Linear):
                 yield name, module
+
+    @staticmethod
+    def norm_linear_pairs(block: nn.Module) -> list[tuple[str, nn.Module, list[nn.Linear]]]:
+        """``(norm name, norm, [linears reading its output])`` of a block, for CFP's channel scaling."""
+        pairs = []
+        for norm_name, linear_names in NORM_LINEAR_PAIRS:
+            try:
+                norm = block.get_submodule(norm_name)
+                linears = [block.get_submodule(name) for name in linear_names]
+            except AttributeError as error:
+                raise ModelSourceError(
+                    f"block has no {norm_name} -> {', '.join(linear_names)} pair ({error}): CFP's activation "
+                    "scaling needs the LLaMA-family layout; set cfp.activations=false for this model."
+                ) from error
+            pairs.append((norm_name, norm, linears))
+        return pairs
 
     @staticmethod
     def replace_linears(block: nn.Module, factory: Callable[[str, nn.Linear], nn.Module]) -> None:

@@ -59,7 +59,7 @@ class InputMoments:
         moments = {name: (sums[name] / counts[name]).float() for name in sums}
         self._moments[index] = moments
         peak = max(float(m.max() / m.mean().clamp(min=1e-30)) for m in moments.values())
-        return {"input_moment_peak_to_mean": peak}
+        return {"preprocess/input_moment_peak_to_mean": peak}
 
     def pop(self, index: int) -> dict[str, torch.Tensor] | None:
         """The moments recorded for block ``index`` (forgotten afterwards), or None."""

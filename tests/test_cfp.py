@@ -1,0 +1,156 @@
+"""Coarse-to-fine preprocessing: outlier detection on hand-made sets, truncation, exact channel scaling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cbq_lightning.cfp import (
+    CFPConfig,
+    CoarseToFinePreprocessor,
+    channel_scales,
+    find_outliers,
+    fold_channel_scales,
+    truncate_weight_outliers,
+)
+from cbq_lightning.errors import ConfigError
+from cbq_lightning.models.adapter import DecoderAdapter, run_blocks_batched
+from cbq_lightning.models.tiny import TinyModelConfig, build_tiny_llama, byte_tokenizer
+
+#: 1..20 plus two planted outliers; Q1 = 6.25, Q3 = 16.75, coarse threshold 32.5 -> candidates {100, 95}.
+#: In robust-sigma units (IQR / 1.349): t=1 scores (100-95)/u - Var({1..20, 95})/u^2 < 0,
+#: t=2 scores (95-20)/u - Var({1..20})/u^2 = 9.64 - 0.55 > 0 -> two outliers, threshold 20.
+PLANTED = torch.tensor([float(v) for v in range(1, 21)] + [95.0, 100.0])
+
+
+def test_fine_split_picks_the_planted_gap() -> None:
+    split = find_outliers(PLANTED)
+    assert split.coarse.tolist() == pytest.approx([32.5])
+    assert split.count.tolist() == [2]
+    assert split.threshold.tolist() == [20.0]
+
+
+def test_fine_split_prefers_the_wider_gap_among_candidates() -> None:
+    # Q1 = 6.5, Q3 = 17.5, coarse threshold 34 -> candidates 60, 58, 40
+    values = torch.tensor([float(v) for v in range(1, 21)] + [40.0, 58.0, 60.0])
+    split = find_outliers(values)
+    # t=2 ({60, 58}) leaves 40 in the retained set, whose variance outweighs the gap 58-40; t=3 wins
+    assert split.count.tolist() == [3]
+    assert split.threshold.tolist() == [20.0]
+
+
+def test_no_outliers_on_a_gaussian_set() -> None:
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(4096, generator=generator)
+    split = find_outliers(values)
+    assert int((values > split.coarse).sum()) > 0, "the coarse stage alone does flag a Gaussian tail"
+    assert split.count.tolist() == [0]
+    assert split.threshold.tolist() == [float(values.max())]
+
+
+def test_gaussian_rows_are_rarely_flagged_and_scale_does_not_matter() -> None:
+    generator = torch.Generator().manual_seed(1)
+    rows = torch.randn(200, 1024, generator=generator)
+    counts = find_outliers(rows).count
+    assert float((counts > 0).float().mean()) < 0.05
+    # robust-sigma units: multiplying the values changes nothing
+    assert torch.equal(find_outliers(rows * 1e-3).count, counts)
+    assert torch.equal(find_outliers(rows * 1e3).count, counts)
+
+
+def test_rows_are_independent() -> None:
+    flat = torch.linspace(1.0, 22.0, 22)
+    split = find_outliers(torch.stack([PLANTED, flat]))
+    assert split.count.tolist() == [2, 0]
+    assert split.threshold.tolist() == [20.0, 22.0]
+
+
+def test_constant_and_tiny_sets() -> None:
+    assert find_outliers(torch.ones(16)).count.tolist() == [0]
+    assert find_outliers(torch.tensor([3.0])).count.tolist() == [0]
+
+
+def test_weight_truncation_per_row() -> None:
+    weight = torch.stack([PLANTED * torch.tensor([1.0, -1.0]).repeat(11), torch.linspace(-1.0, 1.0, 22)])
+    original = weight.clone()
+    split = truncate_weight_outliers(weight)
+    assert split.count.tolist() == [2, 0]
+    # row 0: |100| and |95| clipped to 20 with their signs, every other weight unchanged
+    assert weight[0, -1] == -20.0 and weight[0, -2] == 20.0
+    torch.testing.assert_close(weight[0, :-2], original[0, :-2])
+    torch.testing.assert_close(weight[1], original[1])
+
+
+def test_channel_scales_hand_values() -> None:
+    scales, split = channel_scales(PLANTED, alpha=0.7)
+    expected = torch.ones(22)
+    expected[20] = (95.0 / 20.0) ** 0.7
+    expected[21] = (100.0 / 20.0) ** 0.7
+    torch.testing.assert_close(scales, expected)
+    assert split.count.tolist() == [2]
+
+
+def test_fold_channel_scales_is_exact_for_a_norm_linear_pair() -> None:
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    linears = [nn.Linear(8, 5), nn.Linear(8, 3)]
+    x = torch.randn(4, 8)
+    before = [linear(norm(x)) for linear in linears]
+    scales = torch.tensor([1.0, 4.0, 1.0, 1.0, 2.5, 1.0, 1.0, 1.0])
+    fold_channel_scales(norm, linears, scales)
+    for linear, reference in zip(linears, before, strict=True):
+        torch.testing.assert_close(linear(norm(x)), reference, atol=1e-5, rtol=1e-5)
+
+
+def _block_with_planted_outliers() -> tuple[nn.Module, torch.Tensor, dict]:
+    model = build_tiny_llama(TinyModelConfig(), vocab_size=len(byte_tokenizer()), seed=0)
+    block = model.model.layers[0]
+    with torch.no_grad():
+        block.input_layernorm.weight[[3, 17]] *= 60.0
+        block.post_attention_layernorm.weight[5] *= 40.0
+    ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0))
+    hidden, kwargs = DecoderAdapter(model).capture_block_inputs(ids)
+    return block, hidden, kwargs
+
+
+def test_activation_scaling_keeps_the_block_output_and_finds_the_planted_channels() -> None:
+    block, hidden, kwargs = _block_with_planted_outliers()
+    before = run_blocks_batched([block], hidden, kwargs, "cpu", 8)
+    cfp = CoarseToFinePreprocessor(CFPConfig(weights=False), scale_activations=True)
+    stats = cfp(0, block, hidden, kwargs)
+    after = run_blocks_batched([block], hidden, kwargs, "cpu", 8)
+    assert float((after - before).abs().max()) < 1e-4
+    assert cfp.outlier_channels[0] == {"input_layernorm": [3, 17], "post_attention_layernorm": [5]}
+    assert stats["cfp/act_outlier_channels/input_layernorm"] == 2.0
+    assert stats["cfp/act_max_after/input_layernorm"] < stats["cfp/act_max_before/input_layernorm"] / 5
+    # the scale went into the norm weight and the linears' columns
+    assert float(block.input_layernorm.weight[3].detach()) < 60.0
+
+
+def test_preprocessor_weight_part_truncates_and_reports() -> None:
+    block, hidden, kwargs = _block_with_planted_outliers()
+    with torch.no_grad():
+        block.mlp.down_proj.weight[2, 7] = 50.0
+    cfp = CoarseToFinePreprocessor(CFPConfig(weights=True), scale_activations=False)
+    stats = cfp(0, block, hidden, kwargs)
+    assert stats["cfp/weight_max_before/mlp.down_proj"] == 50.0
+    assert stats["cfp/weight_max_after/mlp.down_proj"] < 1.0
+    assert stats["cfp/weight_truncated/mlp.down_proj"] >= 1.0
+    assert cfp.outlier_channels == {}, "the activation part was off"
+
+
+def test_inactive_preprocessor() -> None:
+    assert not CoarseToFinePreprocessor(CFPConfig(weights=False), scale_activations=False).active
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"alpha": 0.0}, "cfp.alpha"), ({"lambda1": -1.0}, "cfp.lambda1"), ({"max_samples": 0}, "cfp.max_samples")],
+)
+def test_config_validation(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        CFPConfig(**kwargs).check()
