@@ -1,12 +1,13 @@
 """Quality benchmark (BENCHMARK.md): FP, RTN and CBQ perplexity per scheme, in one invocation.
 
-For each scheme the recipe ``configs/smollm2_<scheme>.yaml`` is run twice, ``--method rtn`` and
-``--method cbq``, with the same seed, hence the same calibration samples and the same evaluation
-windows; the full-precision model is evaluated once on those windows. Every run is its own ``cbq``
+For each scheme the recipe ``configs/smollm2_<scheme>.yaml`` is run as ``--method rtn`` (plain
+round-to-nearest: CFP off) and ``--method cbq``, with the same seed, hence the same calibration samples
+and the same evaluation windows; schemes that quantize activations also get a CBQ run without CFP (the
+ablation of BENCHMARK.md). The full-precision model is evaluated once on those windows. Every run is its own ``cbq``
 process, so its wall time and peak RSS are its own. Results go to ``benchmarks/results/`` as one JSON
 per scheme plus ``quality.md`` (the markdown table, also printed).
 
-    python benchmarks/quality.py                      # W4A16, W3A16G64, W2A16G64 (cpu-quick protocol)
+    python benchmarks/quality.py                      # every scheme below (cpu-quick protocol)
     python benchmarks/quality.py --schemes W3A16G64 --set train.epochs=2   # quick look, overrides
 """
 
@@ -26,7 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-DEFAULT_SCHEMES = ("W4A16", "W3A16G64", "W2A16G64")
+DEFAULT_SCHEMES = ("W4A16", "W3A16G64", "W2A16G64", "W4A8", "W4A4")
+#: flags that switch coarse-to-fine preprocessing off (the RTN baseline and the CFP ablation)
+CFP_OFF = ["--cfp.weights", "false", "--cfp.activations", "false"]
 
 
 def _run(command: list[str]) -> float:
@@ -86,18 +89,25 @@ def _fp_reference(recipe: Path, workdir: Path, flags: list[str]) -> dict:
     return {"results": summary["results"], "wall_s": wall, "command": shlex.join(command)}
 
 
-def _quantize(recipe: Path, method: str, workdir: Path, flags: list[str]) -> dict:
-    out = workdir / method
+def _quantize(recipe: Path, method: str, workdir: Path, flags: list[str], cfp: bool = True, name: str = "") -> dict:
+    out = workdir / (name or method)
     command = [
         sys.executable, "-m", "cbq_lightning.cli", "quantize", "--config", str(recipe.relative_to(ROOT)),
-        "--method", method, "--eval.fp_reference", "false", "--output_dir", str(out), *flags,
+        "--method", method, "--eval.fp_reference", "false", "--output_dir", str(out),
+        *([] if cfp else CFP_OFF), *flags,
     ]
     wall = _run(command)
     report = json.loads((out / "report.json").read_text())
     return {"report": report, "wall_s": wall, "command": shlex.join(command)}
 
 
-def _row(scheme: str, fp: dict, rtn: dict, cbq: dict) -> dict:
+def _quantizes_activations(scheme: str) -> bool:
+    from cbq_lightning.quant.scheme import parse_scheme
+
+    return parse_scheme(scheme).quantizes_activations
+
+
+def _row(scheme: str, fp: dict, rtn: dict, cbq: dict, cbq_no_cfp: dict | None = None) -> dict:
     ppl_fp = fp["results"][0]["ppl"]
     ppl_rtn = rtn["report"]["eval"][0]["ppl"]
     ppl_cbq = cbq["report"]["eval"][0]["ppl"]
@@ -107,6 +117,8 @@ def _row(scheme: str, fp: dict, rtn: dict, cbq: dict) -> dict:
         "fp": ppl_fp,
         "rtn": ppl_rtn,
         "cbq": ppl_cbq,
+        "cbq_no_cfp": None if cbq_no_cfp is None else cbq_no_cfp["report"]["eval"][0]["ppl"],
+        "cbq_over_fp": ppl_cbq / ppl_fp,
         "gap_closed": (ppl_rtn - ppl_cbq) / gap if gap > 0 else None,
         "cbq_over_rtn": ppl_cbq / ppl_rtn,
         "cbq_time_s": cbq["wall_s"],
@@ -119,13 +131,15 @@ def _row(scheme: str, fp: dict, rtn: dict, cbq: dict) -> dict:
 
 def _table(rows: list[dict]) -> str:
     lines = [
-        "| scheme | FP | RTN | CBQ | gap closed | CBQ time | peak RSS |",
-        "|---|---|---|---|---|---|---|",
+        "| scheme | FP | RTN | CBQ w/o CFP | CBQ | gap closed | CBQ / RTN | CBQ / FP | CBQ time | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         closed = f"{100 * row['gap_closed']:.0f} %" if row["gap_closed"] is not None else "n/a"
+        no_cfp = f"{row['cbq_no_cfp']:.2f}" if row.get("cbq_no_cfp") is not None else "-"
         lines.append(
-            f"| {row['scheme']} | {row['fp']:.2f} | {row['rtn']:.2f} | {row['cbq']:.2f} | {closed} | "
+            f"| {row['scheme']} | {row['fp']:.2f} | {row['rtn']:.2f} | {no_cfp} | {row['cbq']:.2f} | {closed} | "
+            f"{row['cbq_over_rtn']:.2f} | {row['cbq'] / row['fp']:.2f} | "
             f"{row['cbq_time_s'] / 60:.1f} min | {row['cbq_peak_rss_gib']:.2f} GiB |"
         )
     return "\n".join(lines)
@@ -152,9 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         fp = _fp_reference(next(iter(recipes.values())), workdir, flags)
         suffix = f"_{args.tag}" if args.tag else ""
         for scheme, recipe in recipes.items():
-            rtn = _quantize(recipe, "rtn", workdir / scheme, flags)
+            rtn = _quantize(recipe, "rtn", workdir / scheme, flags, cfp=False)
+            ablation = None
+            if _quantizes_activations(scheme):
+                ablation = _quantize(recipe, "cbq", workdir / scheme, flags, cfp=False, name="cbq_no_cfp")
             cbq = _quantize(recipe, "cbq", workdir / scheme, flags)
-            row = _row(scheme, fp, rtn, cbq)
+            row = _row(scheme, fp, rtn, cbq, ablation)
             rows.append(row)
             record = {
                 "benchmark": "quality",
@@ -162,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
                 "recipe": str(recipe.relative_to(ROOT)),
                 "overrides": args.set,
                 "invocation": invocation,
-                "commands": {"fp": fp["command"], "rtn": rtn["command"], "cbq": cbq["command"]},
+                "commands": {
+                    "fp": fp["command"], "rtn": rtn["command"], "cbq": cbq["command"],
+                    **({"cbq_no_cfp": ablation["command"]} if ablation else {}),
+                },
                 "cbq_report": cbq["report"],
                 "device": cbq["report"]["device"],
                 "cpu_count": os.cpu_count(),
