@@ -10,6 +10,7 @@ from cbq_lightning.data.calibration import CalibrationConfig
 from cbq_lightning.data.text import DEFAULT_DATA_DIR, NAMED_DATASETS, check_source
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.evaluation.perplexity import EvalConfig
+from cbq_lightning.guard import GuardConfig
 from cbq_lightning.loss import LossConfig
 from cbq_lightning.models.loading import ModelConfig, resolve_source
 from cbq_lightning.quant.config import QuantConfig
@@ -45,12 +46,15 @@ class QuantizeConfig:
         seed: seeds calibration sampling, rounding initialisation and data order.
         data_dir: local mirror of the named datasets (``wikitext2`` ...), laid out like
             ``../shared/data``; a split found there is read from it, anything else from the hub.
+        resume: continue from ``output_dir/checkpoints/`` when an interrupted CBQ run left one there
+            (refused, naming the keys, if the configuration changed); false starts over.
     """
 
     output_dir: str = "runs/cbq"
     method: Literal["cbq", "rtn"] = "cbq"
     seed: int = 0
     data_dir: str | None = DEFAULT_DATA_DIR
+    resume: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     data: CalibrationConfig = field(default_factory=CalibrationConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -61,6 +65,7 @@ class QuantizeConfig:
     train: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -78,6 +83,7 @@ def validate(config: QuantizeConfig) -> QuantScheme:
         )
     config.eval.check()
     config.cfp.check()
+    config.guard.check()
     config.quant.clip_search_settings()  # raises a ConfigError on impossible search settings
     if config.method == "cbq":
         if config.quant.learnable_clip:

@@ -77,6 +77,8 @@ class CrossBlockState:
         self.block_errors: list[BlockError] = []
         self.preprocess_stats: dict[int, dict[str, float]] = {}
         self._entered: set[int] = set()
+        #: index of the window whose targets are cached (a retried fit reuses them)
+        self._targets_for: int | None = None
 
     # --- before a fit --------------------------------------------------------------------------------
     def enter(self, window: Window, device: torch.device | str, cache_targets: bool = True) -> list[int]:
@@ -99,13 +101,14 @@ class CrossBlockState:
                 self.preprocess_stats[index] = stats
             self.quantize(index, block)
             self._entered.add(index)
-        if not cache_targets:
+        if not cache_targets or self._targets_for == window.index:
             return entering
         teachers = [self.teachers[index].to(device) for index in window.blocks]
         self.y_fp = run_blocks_batched(teachers, self.x_fp, self.block_kwargs, device, self.batch_size)
         self.y_h = run_blocks_batched(teachers, self.x_q, self.block_kwargs, device, self.batch_size)
         for teacher in teachers:
             teacher.to("cpu")
+        self._targets_for = window.index
         return entering
 
     def _quantized_path_inputs(self, window: Window, index: int, device: torch.device | str) -> torch.Tensor:
@@ -114,6 +117,23 @@ class CrossBlockState:
         if not earlier:
             return self.x_q
         return run_blocks_batched(earlier, self.x_q, self.block_kwargs, device, self.batch_size)
+
+    def restore(
+        self,
+        x_fp: torch.Tensor,
+        x_q: torch.Tensor,
+        x_rtn: torch.Tensor | None,
+        entered: set[int],
+        block_errors: list[BlockError],
+        preprocess_stats: dict[int, dict[str, float]],
+    ) -> None:
+        """Resume between two windows: caches, entered blocks and history of an interrupted run."""
+        self.x_fp, self.x_q = x_fp, x_q
+        if self.rtn_reference is not None:
+            self.x_rtn = x_rtn
+        self._entered = set(entered)
+        self.block_errors = list(block_errors)
+        self.preprocess_stats = dict(preprocess_stats)
 
     # --- after a fit ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -137,4 +157,5 @@ class CrossBlockState:
             errors.append(error)
         self.block_errors.extend(errors)
         self.y_fp = self.y_h = None
+        self._targets_for = None
         return errors

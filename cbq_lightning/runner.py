@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import platform
@@ -9,6 +10,7 @@ import resource
 import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,16 +26,26 @@ from tqdm.auto import tqdm
 from callbacks.cross_block import CrossBlockCallback, WindowTargets, log_preprocess, log_window
 from callbacks.progress import WindowProgressBar
 from cbq_lightning.cfp import CoarseToFinePreprocessor
+from cbq_lightning.checkpoint import ResumePoint, WindowCheckpointer, restore_rng
 from cbq_lightning.config import QuantizeConfig, validate
-from cbq_lightning.crossblock import CrossBlockState
+from cbq_lightning.crossblock import BlockError, CrossBlockState
 from cbq_lightning.data.calibration import calibration_ids
+from cbq_lightning.errors import TrainingError
 from cbq_lightning.evaluation.perplexity import EvalSet, evaluate_sets, prepare_eval_set
 from cbq_lightning.export.fake_quant import save_fake_quant_checkpoint
 from cbq_lightning.export.quant_state import save_quant_state
+from cbq_lightning.guard import DivergenceError
 from cbq_lightning.io import atomic_write_json, atomic_write_text
 from cbq_lightning.models.adapter import DecoderAdapter
 from cbq_lightning.models.loading import load_model, load_tokenizer
-from cbq_lightning.quant.convert import check_group_size, check_rounding_rank, quantize_block, rtn_block
+from cbq_lightning.quant.convert import (
+    check_group_size,
+    check_rounding_rank,
+    finalize_block,
+    quantize_block,
+    reset_block_to_round_to_nearest,
+    rtn_block,
+)
 from cbq_lightning.quant.input_moments import InputMoments
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
@@ -101,47 +113,109 @@ def _fit_windows(
     state: CrossBlockState,
     schedule: list[Window],
     logger: TensorBoardLogger,
+    device: torch.device,
+    extra_callbacks: Sequence[L.Callback] = (),
+    done: list[dict[str, Any]] | None = None,
+    step_offset: int = 0,
+    on_window_end: Callable[[Window, list[dict[str, Any]], int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """CBQ: one LightningModule and one ``trainer.fit`` per window, all logging into one run."""
+    """CBQ: one LightningModule and one ``trainer.fit`` per window, all logging into one run.
+
+    A diverging fit is retried from the window's starting state with lower learning rates, then falls
+    back to round-to-nearest (:mod:`cbq_lightning.guard`). ``done`` holds the summaries of windows
+    finished before a resume; ``on_window_end(window, summaries, step_offset)`` runs after each window
+    (the checkpoint).
+    """
     callback = CrossBlockCallback(state, hardened_loss=config.monitor.hardened_loss)
+    callback.window_summaries.extend(done or [])
     dataset = WindowTargets(state)
     epochs = config.train.epochs_for(scheme.w_bits)
     trainer_kwargs = dataclasses.asdict(config.trainer)
-    step_offset = 0
+    guard = config.guard
     for window in schedule:
-        module = WindowModule(
-            blocks=[state.blocks[i] for i in window.blocks],
-            window=window,
-            block_kwargs=state.block_kwargs,
-            loss=config.loss,
-            rounding=config.rounding,
-            optim=config.train,
-            step_offset=step_offset,
-        )
-        trainer = L.Trainer(
-            max_epochs=epochs,
-            logger=logger,
-            callbacks=[callback, *([WindowProgressBar(len(schedule))] if config.trainer.enable_progress_bar else [])],
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            default_root_dir=config.output_dir,
-            **trainer_kwargs,
-        )
-        loader = DataLoader(
-            dataset,
-            batch_size=config.train.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(config.seed + window.index),
-        )
-        trainer.fit(module, train_dataloaders=loader)
-        step_offset += trainer.global_step
-        summary = callback.window_summaries[-1]
-        losses = (summary["loss_first"], summary["loss_last"])
-        if None in losses:  # hardened losses not measured: report the training loss
-            losses = (summary["train_loss_first"], summary["train_loss_last"])
-        log.info("%s: %d steps, loss %.4g -> %.4g, %.1fs", window, summary["steps"], *losses, summary["wall_s"])
+        lr_scale = 1.0
+        for attempt in range(1, guard.retries + 2):
+            module = WindowModule(
+                blocks=[state.blocks[i] for i in window.blocks],
+                window=window,
+                block_kwargs=state.block_kwargs,
+                loss=config.loss,
+                rounding=config.rounding,
+                optim=config.train,
+                step_offset=step_offset,
+                lr_scale=lr_scale,
+                explode_factor=guard.explode_factor,
+            )
+            progress = [WindowProgressBar(len(schedule))] if config.trainer.enable_progress_bar else []
+            trainer = L.Trainer(
+                max_epochs=epochs,
+                logger=logger,
+                callbacks=[callback, *extra_callbacks, *progress],
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                default_root_dir=config.output_dir,
+                **trainer_kwargs,
+            )
+            loader = DataLoader(
+                dataset,
+                batch_size=config.train.batch_size,
+                shuffle=True,
+                generator=torch.Generator().manual_seed(config.seed + window.index),
+            )
+            try:
+                trainer.fit(module, train_dataloaders=loader)
+            except DivergenceError as error:
+                step_offset += trainer.global_step
+                module.restore_start_state()
+                if attempt <= guard.retries:
+                    lr_scale *= guard.lr_factor
+                    log.warning("%s; retrying from the window's start with learning rates x%g", error, lr_scale)
+                    continue
+                if guard.fallback == "error":
+                    raise TrainingError(
+                        f"{error}; still diverging after {guard.retries} retries. Lower train.lr_rounding / "
+                        "train.lr_clip, use precision 32-true, or set guard.fallback=rtn."
+                    ) from error
+                log.warning("%s; after %d retries %s falls back to round-to-nearest", error, guard.retries, window)
+                callback.window_summaries.append(_fall_back_to_rtn(state, window, device, logger, attempt, error))
+                break
+            step_offset += trainer.global_step
+            summary = callback.window_summaries[-1]
+            summary.update(attempts=attempt, lr_scale=lr_scale, fallback=None)
+            losses = (summary["loss_first"], summary["loss_last"])
+            if None in losses:  # hardened losses not measured: report the training loss
+                losses = (summary["train_loss_first"], summary["train_loss_last"])
+            log.info("%s: %d steps, loss %.4g -> %.4g, %.1fs", window, summary["steps"], *losses, summary["wall_s"])
+            break
+        if on_window_end is not None:
+            on_window_end(window, callback.window_summaries, step_offset)
     return callback.window_summaries
+
+
+def _fall_back_to_rtn(
+    state: CrossBlockState, window: Window, device: torch.device, logger: TensorBoardLogger, attempts: int,
+    error: DivergenceError,
+) -> dict[str, Any]:
+    """Finalise a window that kept diverging at round-to-nearest (its overlap blocks' warm start included)."""
+    started = time.perf_counter()
+    for index in window.blocks:
+        reset_block_to_round_to_nearest(state.blocks[index])
+    errors = state.leave(window, device)
+    summary = {
+        "index": window.index,
+        "blocks": list(window.blocks),
+        "finalized": list(window.finalized),
+        "steps": 0,
+        "loss_first": None,
+        "loss_last": None,
+        "attempts": attempts,
+        "fallback": "rtn",
+        "divergence": str(error),
+        "wall_s": time.perf_counter() - started,
+    }
+    log_window(logger, summary, errors, method="cbq")
+    return summary
 
 
 def _round_to_nearest(
@@ -190,14 +264,64 @@ def _eval_entries(quantized: list[dict[str, Any]], fp: list[dict[str, Any]] | No
     return entries
 
 
-def run_quantize(config: QuantizeConfig) -> QuantizeResult:
-    """Run a whole quantization job and write its outputs to ``config.output_dir``."""
+def _resume(
+    point: ResumePoint,
+    checkpointer: WindowCheckpointer,
+    state: CrossBlockState,
+    schedule: list[Window],
+    generator: torch.Generator,
+    cfp: CoarseToFinePreprocessor,
+    structure: Callable[[nn.Module], None],
+) -> tuple[list[dict[str, Any]], int]:
+    """Rebuild the state an interrupted run had after window ``point.last_window``.
+
+    Finalised blocks get their quantized layout and then their saved state; overlap blocks keep a copy of
+    their (still full-precision) weights as the teacher before they get their saved calibrating state.
+    Returns the finished windows' summaries and the TensorBoard step to continue from.
+    """
+    finished = [w for w in schedule if w.index <= point.last_window]
+    entered = sorted({b for w in finished for b in w.blocks})
+    finalized = {b for w in finished for b in w.finalized}
+    for index in entered:
+        block = state.blocks[index]
+        if index in finalized:
+            structure(block)
+            finalize_block(block)
+            block.load_state_dict(point.block_state(checkpointer.directory, index), strict=True)
+        else:
+            state.teachers[index] = copy.deepcopy(block).requires_grad_(False).eval().to("cpu")
+            structure(block)
+            block.load_state_dict(point.overlap_state(index), strict=True)
+    state.restore(
+        x_fp=point.tensors["x_fp"],
+        x_q=point.tensors["x_q"],
+        x_rtn=point.tensors.get("x_rtn"),
+        entered=set(entered),
+        block_errors=[BlockError(**e) for e in point.meta["block_errors"]],
+        preprocess_stats={int(k): v for k, v in point.meta["preprocess_stats"].items()},
+    )
+    cfp.outlier_channels.update({int(k): v for k, v in point.meta["outlier_channels"].items()})
+    restore_rng(point, generator)
+    return point.meta["windows"], int(point.meta["step_offset"])
+
+
+def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -> QuantizeResult:
+    """Run a whole quantization job and write its outputs to ``config.output_dir``.
+
+    ``callbacks`` join every window's ``Trainer`` (monitoring, or tests that plant faults).
+    """
     started = time.perf_counter()
     scheme = validate(config)
     _quiet_lightning()
     L.seed_everything(config.seed, workers=True, verbose=False)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    checkpointer = WindowCheckpointer(output_dir, dataclasses.asdict(config))
+    resume: ResumePoint | None = None
+    if config.method == "cbq" and config.resume:
+        resume = checkpointer.load()  # refuses a checkpoint of a different configuration, naming the keys
+    else:
+        checkpointer.clear()
     atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
     tokenizer = load_tokenizer(config.model)
@@ -209,7 +333,11 @@ def run_quantize(config: QuantizeConfig) -> QuantizeResult:
     ]
     model = load_model(config.model, vocab_size=len(tokenizer), seed=config.seed)
     device = _device(config)
-    fp_results = _evaluate(config, model, eval_sets, device, "fp") if eval_sets and evaluation.fp_reference else None
+    fp_results = None
+    if resume is not None and resume.meta.get("fp_results") is not None:
+        fp_results = resume.meta["fp_results"]  # measured before the interruption
+    elif eval_sets and evaluation.fp_reference:
+        fp_results = _evaluate(config, model, eval_sets, device, "fp")
     adapter = DecoderAdapter(model)
     cbq = config.method == "cbq"
     rounding = config.rounding if cbq else RoundingConfig(enabled=False)
@@ -234,6 +362,10 @@ def run_quantize(config: QuantizeConfig) -> QuantizeResult:
         block_moments = moments.pop(index) if moments is not None else None
         quantize_block(block, scheme, rounding, learnable_clip, clip_init, generator, clip_search, block_moments, act)
 
+    def structure(block: nn.Module) -> None:
+        """The quantized layout of a block without touching the run's random state (resume loads the values)."""
+        quantize_block(block, scheme, rounding, learnable_clip, clip_init, torch.Generator(), None, None, act)
+
     state = CrossBlockState(
         blocks=adapter.blocks,
         inputs=inputs,
@@ -250,7 +382,31 @@ def run_quantize(config: QuantizeConfig) -> QuantizeResult:
     logger = TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="", default_hp_metric=False)
     if cbq:
         schedule = window_schedule(adapter.num_blocks, config.window)
-        windows = _fit_windows(config, scheme, state, schedule, logger)
+        done, step_offset = [], 0
+        if resume is not None:
+            done, step_offset = _resume(resume, checkpointer, state, schedule, generator, cfp, structure)
+            schedule = [w for w in schedule if w.index > resume.last_window]
+            log.info("resuming after window %d of %d from %s", resume.last_window + 1, len(schedule) + len(done),
+                     checkpointer.directory)
+
+        def save_checkpoint(window: Window, summaries: list[dict[str, Any]], offset: int) -> None:
+            for index in window.finalized:
+                checkpointer.save_block(index, state.blocks[index])
+            caches = {"x_fp": state.x_fp, "x_q": state.x_q, **({"x_rtn": state.x_rtn} if state.x_rtn is not None else {})}
+            meta = {
+                "windows": summaries,
+                "step_offset": offset,
+                "block_errors": [dataclasses.asdict(e) for e in state.block_errors],
+                "preprocess_stats": {str(k): v for k, v in state.preprocess_stats.items()},
+                "outlier_channels": {str(k): v for k, v in cfp.outlier_channels.items()},
+                "fp_results": fp_results,
+            }
+            overlap = {i: state.blocks[i] for i in window.blocks if i not in window.finalized}
+            checkpointer.save_state(window.index, caches, overlap, generator, meta)
+
+        windows = _fit_windows(
+            config, scheme, state, schedule, logger, device, callbacks, done, step_offset, save_checkpoint
+        )
     else:
         schedule = window_schedule(adapter.num_blocks, WindowConfig(size=1, overlap=0))
         windows = _round_to_nearest(state, schedule, device, logger)
@@ -299,6 +455,11 @@ def run_quantize(config: QuantizeConfig) -> QuantizeResult:
         "preprocess": {str(index): stats for index, stats in sorted(state.preprocess_stats.items())},
         "final_error": {config.method: final.quantized, **({"rtn": final.rtn} if final.rtn is not None else {})},
         "eval": eval_entries,
+        "resumed_after_window": None if resume is None else resume.last_window,
+        "guard": {
+            "retried_windows": [w["index"] for w in windows if w.get("attempts", 1) > 1],
+            "rtn_fallback_windows": [w["index"] for w in windows if w.get("fallback") == "rtn"],
+        },
         "calibration_time_s": calibrated_s,
         "wall_time_s": time.perf_counter() - started,
         "peak_rss_gib": _peak_rss_gib(),
@@ -307,4 +468,5 @@ def run_quantize(config: QuantizeConfig) -> QuantizeResult:
         "seed": config.seed,
     }
     atomic_write_json(output_dir / "report.json", report)
+    checkpointer.clear()  # the outputs are complete: the per-window state is no longer needed
     return QuantizeResult(report=report, model=model, tokenizer=tokenizer)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cbq_lightning.errors import TrainingError
+from cbq_lightning.guard import TrainableSnapshot, check_loss
 from cbq_lightning.loss import LossConfig, homologous_loss
 from cbq_lightning.models.adapter import kwargs_to, run_block
 from cbq_lightning.quant.convert import hard_rounding, quant_linears
@@ -36,6 +37,8 @@ class WindowModule(L.LightningModule):
         rounding: regulariser settings.
         optim: learning rates and schedule.
         step_offset: global TensorBoard step of this window's first step (windows share one run).
+        lr_scale: multiplies both learning rates (the divergence guard lowers it on a retry).
+        explode_factor: a loss above this multiple of the fit's first loss is a divergence.
     """
 
     def __init__(
@@ -47,6 +50,8 @@ class WindowModule(L.LightningModule):
         rounding: RoundingConfig,
         optim: OptimConfig,
         step_offset: int = 0,
+        lr_scale: float = 1.0,
+        explode_factor: float = 1000.0,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
@@ -55,6 +60,10 @@ class WindowModule(L.LightningModule):
         self.rounding_config = rounding
         self.optim_config = optim
         self.step_offset = step_offset
+        self.lr_scale = lr_scale
+        self.explode_factor = explode_factor
+        self._first_loss: float | None = None
+        self._start_state: TrainableSnapshot | None = None
         self._block_kwargs_cpu = block_kwargs
         self._block_kwargs: dict[str, Any] | None = None
         #: soft (training-mode) reconstruction loss of the first and last optimisation step
@@ -89,6 +98,15 @@ class WindowModule(L.LightningModule):
         if extra:
             raise TrainingError(f"window has unexpected trainable parameters: {extra[:5]}")
 
+    def on_train_start(self) -> None:
+        # after the callback quantized the entering blocks: this is where a retried fit must start again
+        self._start_state = TrainableSnapshot(self)
+
+    def restore_start_state(self) -> None:
+        """Put the trainable tensors back to where this fit started (the divergence guard's retry)."""
+        if self._start_state is not None:
+            self._start_state.restore(self)
+
     # --- forward / loss ------------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._block_kwargs is None or self._kwargs_device != hidden.device:
@@ -110,11 +128,10 @@ class WindowModule(L.LightningModule):
         beta = beta_at(self.global_step, total_steps, self.rounding_config)
         reg = self.rounding_regularizer(beta) if beta is not None else parts["loss"].new_zeros(())
         loss = parts["loss"] + self.rounding_config.reg_weight * reg
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"{self.window}: non-finite loss at step {self.global_step} ({float(loss)}); lower "
-                "train.lr_rounding / train.lr_clip or use precision 32-true."
-            )
+        value = float(loss.detach())
+        check_loss(value, self._first_loss, self.explode_factor, str(self.window), self.global_step)
+        if self._first_loss is None:
+            self._first_loss = value
         reconstruction = float(parts["loss"].detach())
         if self.train_loss_first is None:
             self.train_loss_first = reconstruction
@@ -158,8 +175,8 @@ class WindowModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         self.freeze_all_but_quantization_parameters()
         groups = [
-            {"params": self.rounding_parameters(), "lr": self.optim_config.lr_rounding, "name": "rounding"},
-            {"params": self.clip_parameters(), "lr": self.optim_config.lr_clip, "name": "clip"},
+            {"params": self.rounding_parameters(), "lr": self.optim_config.lr_rounding * self.lr_scale, "name": "rounding"},
+            {"params": self.clip_parameters(), "lr": self.optim_config.lr_clip * self.lr_scale, "name": "clip"},
         ]
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         if self.optim_config.lr_schedule == "constant":

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cbq_lightning.errors import TrainingError
 from cbq_lightning.io import atomic_write_file
 from cbq_lightning.quant.convert import quant_linears
 
@@ -38,6 +39,11 @@ def collect_quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, layer in quant_linears(model):
         if not layer.finalized:
             raise RuntimeError(f"layer {name} is not finalised; finalise every window before saving")
+        if not (torch.isfinite(layer.scales).all() and torch.isfinite(layer.weight).all()):
+            raise TrainingError(
+                f"layer {name} has non-finite scales or weights: refusing to write them. The divergence guard "
+                "(guard.*) should have caught this; rerun with guard.fallback=rtn or lower learning rates."
+            )
         tensors[f"{name}.qweight"] = layer.qweight.contiguous().cpu()
         tensors[f"{name}.scales"] = layer.scales.contiguous().cpu()
         tensors[f"{name}.zeros"] = layer.zeros.contiguous().cpu()

@@ -105,6 +105,12 @@ def finalize_block(block: nn.Module) -> None:
         layer.finalize()
 
 
+def reset_block_to_round_to_nearest(block: nn.Module) -> None:
+    """Drop the learned state of every calibrating quantized linear of ``block`` (the guard's RTN fallback)."""
+    for _, layer in quant_linears(block):
+        layer.reset_to_round_to_nearest()
+
+
 def rtn_block(block: nn.Module, scheme: QuantScheme, act: ActQuantSettings | None = None) -> nn.Module:
     """A round-to-nearest (min/max, no training) quantized copy of a full-precision block.
 

@@ -121,6 +121,20 @@ class QuantLinear(nn.Module):
         upper, _ = self.quantizer.clip_ratios()
         return float(upper.detach().mean()) if torch.is_tensor(upper) else float(upper)
 
+    @torch.no_grad()
+    def reset_to_round_to_nearest(self) -> None:
+        """Forget what training learned: min/max range, round-to-nearest, untrained activation clipping.
+
+        The divergence guard's fallback for a window that kept diverging; ``finalize`` then stores RTN codes.
+        """
+        if self.finalized:
+            return
+        self.quantizer = WeightQuantizer(self.weight, self.bits, self.group_size, self.sym, learnable_clip=False, clip_init=1.0)
+        self.rounding = None
+        if self.act_quantizer is not None:
+            untrained = ActQuantSettings(bits=self.act_quantizer.bits, mode=self.act_quantizer.mode, learnable=False, clip_init=1.0)
+            self.act_quantizer = ActivationQuantizer(untrained).to(self.weight.device)
+
     # --- finalisation --------------------------------------------------------------------------------
     @torch.no_grad()
     def finalize(self) -> None:

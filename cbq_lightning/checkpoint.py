@@ -1,0 +1,167 @@
+"""Per-window checkpoints: a killed run resumes from the last finished window, bit for bit.
+
+Layout of ``DIR/checkpoints/``:
+
+* ``block_NNNN.safetensors`` - the state of block NNNN once it is finalised (integer codes, scales,
+  zero-points, CFP-folded norms, activation quantizers). Written once: a finalised block never changes.
+* ``state.safetensors`` - everything that still moves, replaced atomically after every window: both
+  input caches (``x_fp``, ``x_q``, and ``x_rtn`` when the RTN reference is tracked), the calibrating state of
+  the overlap blocks that warm-start the next window, the RNG states, and - as JSON in the file's
+  metadata - the index of the last finished window, the run's configuration, the window summaries,
+  block errors, preprocessing statistics and the FP perplexities already measured.
+
+Block files are written before the state that names them, so a kill at any moment leaves a consistent
+checkpoint. Everything is safetensors: nothing is unpickled on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cbq_lightning.errors import ConfigError
+from cbq_lightning.io import atomic_write_file
+
+FORMAT = "cbq-window-checkpoint"
+VERSION = "1"
+#: configuration keys that may change between a killed run and its resumption (they do not affect the
+#: calibration): where outputs go, progress bars, evaluation settings, and the resume switch itself
+RESUMABLE_CHANGES = ("output_dir", "resume", "trainer.enable_progress_bar", "eval.")
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys (dotted) whose values differ and matter for the calibration."""
+    old, new = _flatten(saved), _flatten(current)
+    keys = sorted(set(old) | set(new))
+    return [
+        key for key in keys
+        if old.get(key) != new.get(key) and not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
+    ]
+
+
+@dataclass
+class ResumePoint:
+    """What a checkpoint holds (see the module docstring)."""
+
+    last_window: int
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    def block_state(self, directory: Path, index: int) -> dict[str, torch.Tensor]:
+        """State dict of a finalised block."""
+        return load_file(str(directory / f"block_{index:04d}.safetensors"))
+
+    def overlap_state(self, index: int) -> dict[str, torch.Tensor]:
+        """State dict of an overlap block (entered, not finalised) as it was after the last window."""
+        prefix = f"overlap.{index}."
+        return {key[len(prefix):]: value for key, value in self.tensors.items() if key.startswith(prefix)}
+
+
+def _rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"rng.torch": torch.get_rng_state(), "rng.generator": generator.get_state()}
+
+
+def _rng_meta() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+
+
+def restore_rng(point: ResumePoint, generator: torch.Generator) -> None:
+    """Put every random source back to where the interrupted run was after its last window."""
+    torch.set_rng_state(point.tensors["rng.torch"])
+    generator.set_state(point.tensors["rng.generator"])
+    version, internal, gauss = point.meta["rng"]["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = point.meta["rng"]["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.detach().to("cpu").contiguous().clone() for key, value in state.items()}
+
+
+class WindowCheckpointer:
+    """Writes and reads ``DIR/checkpoints/`` (see the module docstring).
+
+    Args:
+        output_dir: the run's output directory.
+        config: the run's resolved configuration (``dataclasses.asdict``), compared on resume.
+    """
+
+    def __init__(self, output_dir: Path, config: dict[str, Any]) -> None:
+        self.directory = Path(output_dir) / "checkpoints"
+        self.config = config
+
+    @property
+    def state_path(self) -> Path:
+        return self.directory / "state.safetensors"
+
+    def save_block(self, index: int, block: nn.Module) -> None:
+        """Write a block that has just been finalised."""
+        path = self.directory / f"block_{index:04d}.safetensors"
+        tensors = _plain(block.state_dict())
+        atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+
+    def save_state(
+        self,
+        last_window: int,
+        caches: dict[str, torch.Tensor],
+        overlap_blocks: dict[int, nn.Module],
+        generator: torch.Generator,
+        meta: dict[str, Any],
+    ) -> None:
+        """Replace the moving state after window ``last_window`` (its finalised blocks already saved)."""
+        tensors = {name: value.contiguous().clone() for name, value in caches.items()}
+        for index, block in overlap_blocks.items():
+            tensors.update({f"overlap.{index}.{key}": value for key, value in _plain(block.state_dict()).items()})
+        tensors.update(_rng_tensors(generator))
+        document = {**meta, "last_window": last_window, "config": self.config, "rng": _rng_meta()}
+        metadata = {"format": FORMAT, "version": VERSION, "meta": json.dumps(document)}
+        atomic_write_file(self.state_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+    def load(self) -> ResumePoint | None:
+        """The checkpoint to resume from, or None; refuses one written by a different configuration."""
+        if not self.state_path.is_file():
+            return None
+        with safe_open(str(self.state_path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise ConfigError(f"{self.state_path} is not a cbq-lightning checkpoint: remove it or use --resume false.")
+        meta = json.loads(metadata["meta"])
+        differences = config_differences(meta["config"], self.config)
+        if differences:
+            shown = ", ".join(f"{key} ({_flatten(meta['config']).get(key)!r} -> {_flatten(self.config).get(key)!r})"
+                              for key in differences[:8])
+            raise ConfigError(
+                f"{self.directory} holds a checkpoint of a run with a different configuration: {shown}. "
+                "Rerun with the original settings to resume, or pass --resume false to start over."
+            )
+        return ResumePoint(last_window=int(meta["last_window"]), meta=meta, tensors=load_file(str(self.state_path)))
+
+    def clear(self) -> None:
+        """Remove every checkpoint (a fresh start, or a finished run)."""
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -1,0 +1,94 @@
+"""A killed run resumes from the last finished window and ends bit for bit where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cbq_lightning.errors import ConfigError
+from cbq_lightning.runner import run_quantize
+from tests.conftest import TINY_RECIPE, load_recipe
+
+FAST = ("--train.epochs", "2", "--trainer.enable_progress_bar", "false", "--eval.datasets", "[]")
+
+
+class Killed(RuntimeError):
+    """The test's stand-in for a killed process."""
+
+
+class KillAtWindow(L.Callback):
+    """Test-only fault: raises when window ``index`` starts training (the windows before it are finished)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if pl_module.window.index == self.index:
+            raise Killed(f"killed at window {self.index}")
+
+
+def _state(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "quant_state.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(out), *FAST))
+    return out
+
+
+def test_killed_run_resumes_at_the_next_window_bit_for_bit(tmp_path: Path, uninterrupted: Path) -> None:
+    with pytest.raises(Killed):
+        run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *FAST), [KillAtWindow(2)])
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["block_0000.safetensors", "block_0001.safetensors",
+                                                             "state.safetensors"]
+    started: list[int] = []
+
+    class Record(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            started.append(pl_module.window.index)
+
+    report = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *FAST), [Record()]).report
+    assert started == [2], "only the unfinished window trains again"
+    assert report["resumed_after_window"] == 1
+    assert [w["index"] for w in report["windows"]] == [0, 1, 2]
+    assert [e["block"] for e in report["block_errors"]] == [0, 1, 2, 3]
+    expected, resumed = _state(uninterrupted), _state(tmp_path)
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+    reference = json.loads((uninterrupted / "report.json").read_text())
+    assert report["final_error"] == reference["final_error"]
+    assert not checkpoints.exists(), "a finished run removes its checkpoints"
+
+
+def test_changed_config_refuses_to_resume_and_resume_false_starts_over(tmp_path: Path) -> None:
+    with pytest.raises(Killed):
+        run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *FAST), [KillAtWindow(1)])
+    changed = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *FAST, "--train.lr_clip", "0.5")
+    with pytest.raises(ConfigError, match=r"train\.lr_clip \(0\.02 -> 0\.5\).*--resume false"):
+        run_quantize(changed)
+    started: list[int] = []
+
+    class Record(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            started.append(pl_module.window.index)
+
+    fresh = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *FAST, "--train.lr_clip", "0.5", "--resume", "false")
+    report = run_quantize(fresh, [Record()]).report
+    assert started == [0, 1, 2] and report["resumed_after_window"] is None
+
+
+def test_eval_settings_may_change_on_resume(tmp_path: Path) -> None:
+    with pytest.raises(Killed):
+        run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *FAST), [KillAtWindow(1)])
+    flags = [*FAST, "--eval.datasets", "[shipped]", "--eval.seqlen", "128", "--eval.max_windows", "2"]
+    report = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *flags)).report
+    assert report["resumed_after_window"] == 0 and report["eval"][0]["windows"] == 2
