@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cbq_lightning.distributed import all_reduce_
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.models.adapter import DecoderAdapter, run_blocks_batched
 
@@ -232,7 +233,7 @@ class CoarseToFinePreprocessor:
         stats: dict[str, float] = {}
         found: dict[str, list[int]] = {}
         for norm_name, norm, linears in pairs:
-            channel_max = maxima[norm_name]
+            channel_max = all_reduce_(maxima[norm_name], "max")  # DDP: every rank folds the same scales
             scales, split = channel_scales(channel_max, self.config.alpha, self.config.lambda1, self.config.lambda2)
             fold_channel_scales(norm, linears, scales.to(norm.weight.device))
             found[norm_name] = torch.nonzero(scales > 1.0).flatten().tolist()

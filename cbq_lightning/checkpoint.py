@@ -4,6 +4,8 @@ Layout of ``DIR/checkpoints/``:
 
 * ``block_NNNN.safetensors`` - the state of block NNNN once it is finalised (integer codes, scales,
   zero-points, CFP-folded norms, activation quantizers). Written once: a finalised block never changes.
+* ``caches_rank_R.safetensors`` (DDP ranks other than 0) - that rank's shard of both input caches and
+  its RNG states, beside rank 0's ``state.safetensors`` that holds everything else.
 * ``state.safetensors`` - everything that still moves, replaced atomically after every window: both
   input caches (``x_fp``, ``x_q``, and ``x_rtn`` when the RTN reference is tracked), the calibrating state of
   the overlap blocks that warm-start the next window, the RNG states, and - as JSON in the file's
@@ -110,18 +112,26 @@ class WindowCheckpointer:
     Args:
         output_dir: the run's output directory.
         config: the run's resolved configuration (``dataclasses.asdict``), compared on resume.
+        rank: this process's DDP rank: rank 0 writes blocks and state, the others their cache shards.
     """
 
-    def __init__(self, output_dir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, output_dir: Path, config: dict[str, Any], rank: int = 0) -> None:
         self.directory = Path(output_dir) / "checkpoints"
         self.config = config
+        self.rank = rank
+
+    @property
+    def caches_path(self) -> Path:
+        return self.directory / f"caches_rank_{self.rank}.safetensors"
 
     @property
     def state_path(self) -> Path:
         return self.directory / "state.safetensors"
 
     def save_block(self, index: int, block: nn.Module) -> None:
-        """Write a block that has just been finalised."""
+        """Write a block that has just been finalised (rank 0: every rank holds the same block)."""
+        if self.rank != 0:
+            return
         path = self.directory / f"block_{index:04d}.safetensors"
         tensors = _plain(block.state_dict())
         atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
@@ -136,6 +146,12 @@ class WindowCheckpointer:
     ) -> None:
         """Replace the moving state after window ``last_window`` (its finalised blocks already saved)."""
         tensors = {name: value.contiguous().clone() for name, value in caches.items()}
+        if self.rank != 0:  # this rank's shard of the caches and its random state
+            tensors.update(_rng_tensors(generator))
+            metadata = {"format": FORMAT, "version": VERSION, "last_window": str(last_window),
+                        "rng": json.dumps(_rng_meta())}
+            atomic_write_file(self.caches_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+            return
         for index, block in overlap_blocks.items():
             tensors.update({f"overlap.{index}.{key}": value for key, value in _plain(block.state_dict()).items()})
         tensors.update(_rng_tensors(generator))
@@ -160,8 +176,28 @@ class WindowCheckpointer:
                 f"{self.directory} holds a checkpoint of a run with a different configuration: {shown}. "
                 "Rerun with the original settings to resume, or pass --resume false to start over."
             )
-        return ResumePoint(last_window=int(meta["last_window"]), meta=meta, tensors=load_file(str(self.state_path)))
+        tensors = load_file(str(self.state_path))
+        if self.rank != 0:
+            tensors = self._rank_caches(tensors, int(meta["last_window"]), meta)
+        return ResumePoint(last_window=int(meta["last_window"]), meta=meta, tensors=tensors)
+
+    def _rank_caches(self, tensors: dict[str, torch.Tensor], last_window: int, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Rank 0's state with this rank's caches and random state in place of rank 0's."""
+        if not self.caches_path.is_file():
+            raise ConfigError(f"{self.caches_path} is missing: this rank cannot resume; pass --resume false.")
+        with safe_open(str(self.caches_path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if int(metadata.get("last_window", -1)) != last_window:
+            raise ConfigError(
+                f"{self.caches_path} is from window {metadata.get('last_window')}, rank 0's state from window "
+                f"{last_window} (the run was killed between the two writes): pass --resume false."
+            )
+        own = load_file(str(self.caches_path))
+        meta["rng"] = json.loads(metadata["rng"])
+        kept = {key: value for key, value in tensors.items() if key not in ("x_fp", "x_q", "x_rtn")}
+        return {**kept, **own}
 
     def clear(self) -> None:
-        """Remove every checkpoint (a fresh start, or a finished run)."""
-        shutil.rmtree(self.directory, ignore_errors=True)
+        """Remove every checkpoint (a fresh start, or a finished run); rank 0's job."""
+        if self.rank == 0:
+            shutil.rmtree(self.directory, ignore_errors=True)

@@ -8,6 +8,7 @@ from typing import Literal
 from cbq_lightning.cfp import CFPConfig
 from cbq_lightning.data.calibration import CalibrationConfig
 from cbq_lightning.data.text import DEFAULT_DATA_DIR, NAMED_DATASETS, check_source
+from cbq_lightning.distributed import check_divisible, placement
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.evaluation.perplexity import EvalConfig
 from cbq_lightning.guard import GuardConfig
@@ -82,6 +83,9 @@ def validate(config: QuantizeConfig) -> QuantScheme:
             "data.split=test would calibrate on the evaluation text: calibrate on 'validation' or 'train'."
         )
     config.eval.check()
+    if config.method == "cbq":
+        world = placement(config.trainer.strategy, config.trainer.devices, config.trainer.num_nodes).world
+        check_divisible(config.data.num_samples, world)
     config.cfp.check()
     config.guard.check()
     config.quant.clip_search_settings()  # raises a ConfigError on impossible search settings

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cbq_lightning.distributed import all_reduce_
 from cbq_lightning.models.adapter import run_blocks_batched
 from cbq_lightning.quant.convert import finalize_block
 from cbq_lightning.windows import Window
@@ -30,9 +31,14 @@ Preprocessor = Callable[[int, nn.Module, torch.Tensor, dict[str, Any]], dict[str
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """``||output - reference||^2 / ||reference||^2``: scale-free, comparable across blocks."""
+    """``||output - reference||^2 / ||reference||^2``: scale-free, comparable across blocks.
+
+    Under DDP both sums run over every rank's shard, so all ranks report the same value.
+    """
     reference = reference.float()
-    return float((output.float() - reference).pow(2).sum() / reference.pow(2).sum().clamp(min=1e-30))
+    sums = torch.stack([(output.float() - reference).pow(2).sum(), reference.pow(2).sum()]).double()
+    error, power = all_reduce_(sums).tolist()
+    return error / max(power, 1e-30)
 
 
 @dataclass

@@ -19,6 +19,7 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -30,6 +31,7 @@ from cbq_lightning.checkpoint import ResumePoint, WindowCheckpointer, restore_rn
 from cbq_lightning.config import QuantizeConfig, validate
 from cbq_lightning.crossblock import BlockError, CrossBlockState
 from cbq_lightning.data.calibration import calibration_ids
+from cbq_lightning.distributed import Placement, all_gather_objects, placement
 from cbq_lightning.errors import TrainingError
 from cbq_lightning.evaluation.perplexity import EvalSet, evaluate_sets, prepare_eval_set
 from cbq_lightning.export.fake_quant import save_fake_quant_checkpoint
@@ -107,6 +109,15 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
+def _strategy(name: str) -> str | DDPStrategy:
+    """A fresh strategy per window's Trainer (Lightning binds a strategy object to its first Trainer).
+
+    Plain ``ddp`` skips the per-step buffer broadcast: the frozen weights are buffers that agree on every
+    rank already, and broadcasting a window of 7B blocks each step would cost more than the step.
+    """
+    return DDPStrategy(broadcast_buffers=False) if name == "ddp" else name
+
+
 def _fit_windows(
     config: QuantizeConfig,
     scheme: QuantScheme,
@@ -155,12 +166,13 @@ def _fit_windows(
                 enable_model_summary=False,
                 num_sanity_val_steps=0,
                 default_root_dir=config.output_dir,
-                **trainer_kwargs,
+                use_distributed_sampler=False,  # each rank already holds only its shard
+                **{**trainer_kwargs, "strategy": _strategy(config.trainer.strategy)},
             )
             loader = DataLoader(
                 dataset,
                 batch_size=config.train.batch_size,
-                shuffle=True,
+                shuffle=config.train.shuffle,
                 generator=torch.Generator().manual_seed(config.seed + window.index),
             )
             try:
@@ -312,20 +324,25 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
     """
     started = time.perf_counter()
     scheme = validate(config)
+    # DDP shards the CBQ windows' training; RTN trains nothing and runs in one process
+    place = placement(config.trainer.strategy, config.trainer.devices, config.trainer.num_nodes)
+    place = place if config.method == "cbq" else Placement()
     _quiet_lightning()
     L.seed_everything(config.seed, workers=True, verbose=False)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    checkpointer = WindowCheckpointer(output_dir, dataclasses.asdict(config))
+    checkpointer = WindowCheckpointer(output_dir, dataclasses.asdict(config), rank=place.rank)
     resume: ResumePoint | None = None
     if config.method == "cbq" and config.resume:
         resume = checkpointer.load()  # refuses a checkpoint of a different configuration, naming the keys
     else:
         checkpointer.clear()
-    atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    if place.is_main:
+        atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
     tokenizer = load_tokenizer(config.model)
-    ids = calibration_ids(config.data, tokenizer, config.seed, config.data_dir)
+    all_ids = calibration_ids(config.data, tokenizer, config.seed, config.data_dir)
+    ids = place.shard(all_ids)  # DDP: this rank's samples (all of them in a single process)
     evaluation = config.eval
     eval_sets = [
         prepare_eval_set(source, tokenizer, evaluation.seqlen, evaluation.split, evaluation.max_windows, config.data_dir)
@@ -336,7 +353,7 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
     fp_results = None
     if resume is not None and resume.meta.get("fp_results") is not None:
         fp_results = resume.meta["fp_results"]  # measured before the interruption
-    elif eval_sets and evaluation.fp_reference:
+    elif eval_sets and evaluation.fp_reference and place.is_main:
         fp_results = _evaluate(config, model, eval_sets, device, "fp")
     adapter = DecoderAdapter(model)
     cbq = config.method == "cbq"
@@ -411,6 +428,11 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
         schedule = window_schedule(adapter.num_blocks, WindowConfig(size=1, overlap=0))
         windows = _round_to_nearest(state, schedule, device, logger)
     calibrated_s = time.perf_counter() - started
+    # every rank says which samples it calibrated on (a collective: all ranks take part)
+    shards = all_gather_objects({"rank": place.rank, "samples": place.shard_indices(int(all_ids.shape[0])),
+                                 "cached_rows": int(state.x_q.shape[0])})
+    if not place.is_main:  # rank 0 holds the same model and writes every output
+        return QuantizeResult(report={"rank": place.rank, "windows": windows}, model=model, tokenizer=tokenizer)
 
     scheme_info = {
         **dataclasses.asdict(scheme),
@@ -441,10 +463,11 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
         },
         "calibration": {
             "source": config.data.source,
-            "num_samples": int(ids.shape[0]),
-            "seqlen": int(ids.shape[1]),
-            "tokens": int(ids.numel()),
+            "num_samples": int(all_ids.shape[0]),
+            "seqlen": int(all_ids.shape[1]),
+            "tokens": int(all_ids.numel()),
         },
+        "distributed": {"world_size": place.world, "shards": shards},
         "windows": windows,
         "block_errors": [dataclasses.asdict(e) for e in state.block_errors],
         "cfp": {

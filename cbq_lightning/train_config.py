@@ -20,6 +20,8 @@ class OptimConfig:
         lr_clip: learning rate of the clipping logits.
         lr_schedule: ``constant`` or ``cosine`` (decay to 0 over the window's steps).
         forward_batch_size: sequences per forward when caching targets and advancing caches.
+        shuffle: reshuffle the calibration samples every epoch (seeded per window); off gives contiguous
+            batches (with DDP, the union of the ranks' batches is then a single process's batch).
     """
 
     epochs: int = 20
@@ -29,6 +31,7 @@ class OptimConfig:
     lr_clip: float = 5e-3
     lr_schedule: Literal["constant", "cosine"] = "constant"
     forward_batch_size: int = 8
+    shuffle: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.epochs_2bit < 0:

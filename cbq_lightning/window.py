@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from cbq_lightning.distributed import all_reduce_, global_mean
 from cbq_lightning.errors import TrainingError
 from cbq_lightning.guard import TrainableSnapshot, check_loss
 from cbq_lightning.loss import LossConfig, homologous_loss
@@ -128,7 +129,7 @@ class WindowModule(L.LightningModule):
         beta = beta_at(self.global_step, total_steps, self.rounding_config)
         reg = self.rounding_regularizer(beta) if beta is not None else parts["loss"].new_zeros(())
         loss = parts["loss"] + self.rounding_config.reg_weight * reg
-        value = float(loss.detach())
+        value = global_mean(float(loss.detach()))  # DDP: every rank takes the same decision
         check_loss(value, self._first_loss, self.explode_factor, str(self.window), self.global_step)
         if self._first_loss is None:
             self._first_loss = value
@@ -169,7 +170,8 @@ class WindowModule(L.LightningModule):
                 x_q, y_fp, y_h = (t.to(self.device) for t in (x_q, y_fp, y_h))
                 total += float(homologous_loss(self(x_q), y_fp, y_h, self.loss_config)["loss"]) * x_q.shape[0]
                 count += x_q.shape[0]
-        return total / max(count, 1)
+        sums = all_reduce_(torch.tensor([total, float(count)], dtype=torch.float64))
+        return float(sums[0]) / max(float(sums[1]), 1.0)
 
     # --- optimisation --------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from cbq_lightning.distributed import all_reduce_
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.quant.ste import round_ste
 from cbq_lightning.quant.weight_quantizer import SCALE_EPS, clip_logit
@@ -163,13 +164,13 @@ class ActivationQuantizer(nn.Module):
         x = x.detach().float().reshape(-1)
         if x.numel() > 1_000_000:  # a strided subsample keeps the search cheap on long batches
             x = x[:: x.numel() // 1_000_000 + 1]
-        absmax = x.abs().max().clamp(min=SCALE_EPS)
-        best_step, best_error = absmax / self.qmax, float("inf")
-        for ratio in _STATIC_INIT_RATIOS.tolist():
-            step = (absmax * ratio / self.qmax).clamp(min=SCALE_EPS)
-            error = float((torch.clamp(torch.round(x / step), -self.qmax - 1, self.qmax) * step - x).pow(2).mean())
-            if error < best_error:
-                best_step, best_error = step, error
+        absmax = all_reduce_(x.abs().max().clamp(min=SCALE_EPS).reshape(1), "max")[0]  # DDP: one grid for all
+        steps = (absmax * _STATIC_INIT_RATIOS.to(x.device) / self.qmax).clamp(min=SCALE_EPS)
+        errors = torch.stack(
+            [(torch.clamp(torch.round(x / step), -self.qmax - 1, self.qmax) * step - x).pow(2).mean() for step in steps]
+        )
+        all_reduce_(errors)  # every rank picks the step with the least error over all shards
+        best_step = steps[int(torch.argmin(errors))]
         self.current_step().copy_(best_step)
         self.initialized.fill_(True)
         return float(best_step)

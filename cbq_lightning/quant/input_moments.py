@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cbq_lightning.distributed import all_reduce_
 from cbq_lightning.models.adapter import DecoderAdapter, run_blocks_batched
 
 
@@ -56,6 +57,9 @@ class InputMoments:
         finally:
             for handle in handles:
                 handle.remove()
+        for name in sorted(sums):  # one statistic for all DDP ranks (sorted: every rank reduces in one order)
+            all_reduce_(sums[name])
+            counts[name] = int(all_reduce_(torch.tensor([counts[name]], dtype=torch.float64))[0])
         moments = {name: (sums[name] / counts[name]).float() for name in sums}
         self._moments[index] = moments
         peak = max(float(m.max() / m.mean().clamp(min=1e-30)) for m in moments.values())
