@@ -4,16 +4,18 @@ Layout of ``DIR/checkpoints/``:
 
 * ``block_NNNN.safetensors`` - the state of block NNNN once it is finalised (integer codes, scales,
   zero-points, CFP-folded norms, activation quantizers). Written once: a finalised block never changes.
-* ``caches_rank_R.safetensors`` (DDP ranks other than 0) - that rank's shard of both input caches and
-  its RNG states, beside rank 0's ``state.safetensors`` that holds everything else.
-* ``state.safetensors`` - everything that still moves, replaced atomically after every window: both
+* ``caches_rank_R_wNNNN.safetensors`` (DDP ranks other than 0) - that rank's shard of both input caches
+  and its RNG states after window NNNN, beside rank 0's state of the same window.
+* ``state_wNNNN.safetensors`` - everything that still moves after window NNNN: both
   input caches (``x_fp``, ``x_q``, and ``x_rtn`` when the RTN reference is tracked), the calibrating state of
   the overlap blocks that warm-start the next window, the RNG states, and - as JSON in the file's
   metadata - the index of the last finished window, the run's configuration, the window summaries,
   block errors, preprocessing statistics and the FP perplexities already measured.
 
-Block files are written before the state that names them, so a kill at any moment leaves a consistent
-checkpoint. Everything is safetensors: nothing is unpickled on resume.
+Block files are written before the state that names them, and the last two windows' state files are
+kept, so a kill at any moment - also between two ranks' writes - leaves a window whose files are complete
+on every rank: resuming takes the latest such window. (With several nodes the output directory must be
+shared, as it is for the outputs.) Everything is safetensors: nothing is unpickled on resume.
 """
 
 from __future__ import annotations
@@ -115,18 +117,29 @@ class WindowCheckpointer:
         rank: this process's DDP rank: rank 0 writes blocks and state, the others their cache shards.
     """
 
-    def __init__(self, output_dir: Path, config: dict[str, Any], rank: int = 0) -> None:
+    def __init__(self, output_dir: Path, config: dict[str, Any], rank: int = 0, world: int = 1) -> None:
         self.directory = Path(output_dir) / "checkpoints"
         self.config = config
         self.rank = rank
+        self.world = world
 
-    @property
-    def caches_path(self) -> Path:
-        return self.directory / f"caches_rank_{self.rank}.safetensors"
+    def caches_path(self, window: int, rank: int | None = None) -> Path:
+        return self.directory / f"caches_rank_{self.rank if rank is None else rank}_w{window:04d}.safetensors"
 
-    @property
-    def state_path(self) -> Path:
-        return self.directory / "state.safetensors"
+    def state_path(self, window: int) -> Path:
+        return self.directory / f"state_w{window:04d}.safetensors"
+
+    def _latest_complete_window(self) -> int | None:
+        """The last window whose state (rank 0) and cache shards (every other rank) are all on disk."""
+        windows = sorted((int(p.stem.rsplit("_w", 1)[1]) for p in self.directory.glob("state_w*.safetensors")), reverse=True)
+        for window in windows:
+            if all(self.caches_path(window, rank).is_file() for rank in range(1, self.world)):
+                return window
+        return None
+
+    def _prune(self, pattern: str, keep: int = 2) -> None:
+        for old in sorted(self.directory.glob(pattern))[:-keep]:
+            old.unlink(missing_ok=True)
 
     def save_block(self, index: int, block: nn.Module) -> None:
         """Write a block that has just been finalised (rank 0: every rank holds the same block)."""
@@ -145,28 +158,33 @@ class WindowCheckpointer:
         meta: dict[str, Any],
     ) -> None:
         """Replace the moving state after window ``last_window`` (its finalised blocks already saved)."""
-        tensors = {name: value.contiguous().clone() for name, value in caches.items()}
+        tensors = {name: value.contiguous() for name, value in caches.items()}  # may be memory-mapped: no copy
         if self.rank != 0:  # this rank's shard of the caches and its random state
             tensors.update(_rng_tensors(generator))
             metadata = {"format": FORMAT, "version": VERSION, "last_window": str(last_window),
                         "rng": json.dumps(_rng_meta())}
-            atomic_write_file(self.caches_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+            path = self.caches_path(last_window)
+            atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+            self._prune(f"caches_rank_{self.rank}_w*.safetensors")
             return
         for index, block in overlap_blocks.items():
             tensors.update({f"overlap.{index}.{key}": value for key, value in _plain(block.state_dict()).items()})
         tensors.update(_rng_tensors(generator))
         document = {**meta, "last_window": last_window, "config": self.config, "rng": _rng_meta()}
         metadata = {"format": FORMAT, "version": VERSION, "meta": json.dumps(document)}
-        atomic_write_file(self.state_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        atomic_write_file(self.state_path(last_window), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        self._prune("state_w*.safetensors")
 
     def load(self) -> ResumePoint | None:
         """The checkpoint to resume from, or None; refuses one written by a different configuration."""
-        if not self.state_path.is_file():
+        window = self._latest_complete_window() if self.directory.is_dir() else None
+        if window is None:
             return None
-        with safe_open(str(self.state_path), framework="pt") as handle:
+        path = self.state_path(window)
+        with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         if metadata.get("format") != FORMAT:
-            raise ConfigError(f"{self.state_path} is not a cbq-lightning checkpoint: remove it or use --resume false.")
+            raise ConfigError(f"{path} is not a cbq-lightning checkpoint: remove it or use --resume false.")
         meta = json.loads(metadata["meta"])
         differences = config_differences(meta["config"], self.config)
         if differences:
@@ -176,23 +194,17 @@ class WindowCheckpointer:
                 f"{self.directory} holds a checkpoint of a run with a different configuration: {shown}. "
                 "Rerun with the original settings to resume, or pass --resume false to start over."
             )
-        tensors = load_file(str(self.state_path))
+        tensors = load_file(str(path))
         if self.rank != 0:
-            tensors = self._rank_caches(tensors, int(meta["last_window"]), meta)
+            tensors = self._rank_caches(tensors, window, meta)
         return ResumePoint(last_window=int(meta["last_window"]), meta=meta, tensors=tensors)
 
     def _rank_caches(self, tensors: dict[str, torch.Tensor], last_window: int, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Rank 0's state with this rank's caches and random state in place of rank 0's."""
-        if not self.caches_path.is_file():
-            raise ConfigError(f"{self.caches_path} is missing: this rank cannot resume; pass --resume false.")
-        with safe_open(str(self.caches_path), framework="pt") as handle:
+        path = self.caches_path(last_window)
+        with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        if int(metadata.get("last_window", -1)) != last_window:
-            raise ConfigError(
-                f"{self.caches_path} is from window {metadata.get('last_window')}, rank 0's state from window "
-                f"{last_window} (the run was killed between the two writes): pass --resume false."
-            )
-        own = load_file(str(self.caches_path))
+        own = load_file(str(path))
         meta["rng"] = json.loads(metadata["rng"])
         kept = {key: value for key, value in tensors.items() if key not in ("x_fp", "x_q", "x_rtn")}
         return {**kept, **own}

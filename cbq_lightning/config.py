@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cbq_lightning.cache import CacheConfig
 from cbq_lightning.cfp import CFPConfig
 from cbq_lightning.data.calibration import CalibrationConfig
 from cbq_lightning.data.text import DEFAULT_DATA_DIR, NAMED_DATASETS, check_source
@@ -67,6 +68,7 @@ class QuantizeConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -88,6 +90,7 @@ def validate(config: QuantizeConfig) -> QuantScheme:
         check_divisible(config.data.num_samples, world)
     config.cfp.check()
     config.guard.check()
+    config.cache.check()
     config.quant.clip_search_settings()  # raises a ConfigError on impossible search settings
     if config.method == "cbq":
         if config.quant.learnable_clip:

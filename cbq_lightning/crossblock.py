@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cbq_lightning.cache import TensorStore
 from cbq_lightning.distributed import all_reduce_
 from cbq_lightning.models.adapter import run_blocks_batched
 from cbq_lightning.quant.convert import finalize_block
@@ -63,6 +64,8 @@ class CrossBlockState:
             alongside CBQ's; ``None`` switches that monitoring off.
         batch_size: sequences per forward when computing targets and advancing caches.
         preprocessors: run on each block entering its first window (see :data:`Preprocessor`).
+        store: where the caches are allocated (RAM, or memory-mapped files).
+        target_dtype: dtype of the cached teacher targets (None: the caches' dtype).
     """
 
     blocks: nn.ModuleList
@@ -72,6 +75,8 @@ class CrossBlockState:
     rtn_reference: Callable[[nn.Module], nn.Module] | None = None
     batch_size: int = 8
     preprocessors: list[Preprocessor] = field(default_factory=list)
+    store: TensorStore = field(default_factory=TensorStore)
+    target_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         self.x_fp = self.inputs
@@ -105,13 +110,15 @@ class CrossBlockState:
                 for preprocess in self.preprocessors:
                     stats.update(preprocess(index, block, inputs, self.block_kwargs))
                 self.preprocess_stats[index] = stats
+                if inputs is not self.x_q:
+                    self.store.release(inputs)
             self.quantize(index, block)
             self._entered.add(index)
         if not cache_targets or self._targets_for == window.index:
             return entering
         teachers = [self.teachers[index].to(device) for index in window.blocks]
-        self.y_fp = run_blocks_batched(teachers, self.x_fp, self.block_kwargs, device, self.batch_size)
-        self.y_h = run_blocks_batched(teachers, self.x_q, self.block_kwargs, device, self.batch_size)
+        self.y_fp = self._run(teachers, self.x_fp, device, "y_fp", self.target_dtype)
+        self.y_h = self._run(teachers, self.x_q, device, "y_h", self.target_dtype)
         for teacher in teachers:
             teacher.to("cpu")
         self._targets_for = window.index
@@ -122,7 +129,15 @@ class CrossBlockState:
         earlier = [self.blocks[b].to(device) for b in window.blocks if b < index]
         if not earlier:
             return self.x_q
-        return run_blocks_batched(earlier, self.x_q, self.block_kwargs, device, self.batch_size)
+        return self._run(earlier, self.x_q, device, "x_pre")
+
+    def _run(
+        self, blocks: list[nn.Module], hidden: torch.Tensor, device: torch.device | str, name: str,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """``blocks(hidden)`` batch by batch into a new cache allocated by the store."""
+        out = self.store.allocate(name, tuple(hidden.shape), dtype or hidden.dtype)
+        return run_blocks_batched(blocks, hidden, self.block_kwargs, device, self.batch_size, out=out)
 
     def restore(
         self,
@@ -150,18 +165,26 @@ class CrossBlockState:
             block = self.blocks[index].to(device)
             finalize_block(block)
             teacher = self.teachers.pop(index).to(device)
-            self.x_q = run_blocks_batched([block], self.x_q, self.block_kwargs, device, self.batch_size)
-            self.x_fp = run_blocks_batched([teacher], self.x_fp, self.block_kwargs, device, self.batch_size)
+            self.x_q = self._replace(self.x_q, self._run([block], self.x_q, device, "x_q"))
+            self.x_fp = self._replace(self.x_fp, self._run([teacher], self.x_fp, device, "x_fp"))
             error = BlockError(block=index, quantized=relative_error(self.x_q, self.x_fp))
             if self.rtn_reference is not None:
                 baseline = self.rtn_reference(teacher)
-                self.x_rtn = run_blocks_batched([baseline], self.x_rtn, self.block_kwargs, device, self.batch_size)
+                self.x_rtn = self._replace(self.x_rtn, self._run([baseline], self.x_rtn, device, "x_rtn"))
                 error.rtn = relative_error(self.x_rtn, self.x_fp)
                 del baseline
             block.to("cpu")
             del teacher
             errors.append(error)
         self.block_errors.extend(errors)
+        self.store.release(self.y_fp)
+        self.store.release(self.y_h)
         self.y_fp = self.y_h = None
         self._targets_for = None
         return errors
+
+    def _replace(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """``new`` takes the place of cache ``old``, whose storage is released (unless still shared)."""
+        if old is not self.inputs:
+            self.store.release(old)
+        return new

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from callbacks.cross_block import CrossBlockCallback, WindowTargets, log_preprocess, log_window
 from callbacks.progress import WindowProgressBar
+from cbq_lightning.cache import TensorStore
 from cbq_lightning.cfp import CoarseToFinePreprocessor
 from cbq_lightning.checkpoint import ResumePoint, WindowCheckpointer, restore_rng
 from cbq_lightning.config import QuantizeConfig, validate
@@ -214,20 +215,23 @@ def _fall_back_to_rtn(
     for index in window.blocks:
         reset_block_to_round_to_nearest(state.blocks[index])
     errors = state.leave(window, device)
-    summary = {
+    summary = _untrained_summary(window, started, attempts=attempts, fallback="rtn", divergence=str(error))
+    log_window(logger, summary, errors, method="cbq")
+    return summary
+
+
+def _untrained_summary(window: Window, started: float, **extra: Any) -> dict[str, Any]:
+    """The report entry of a window finalised without training (RTN baseline, guard fallback)."""
+    return {
         "index": window.index,
         "blocks": list(window.blocks),
         "finalized": list(window.finalized),
         "steps": 0,
         "loss_first": None,
         "loss_last": None,
-        "attempts": attempts,
-        "fallback": "rtn",
-        "divergence": str(error),
+        **extra,
         "wall_s": time.perf_counter() - started,
     }
-    log_window(logger, summary, errors, method="cbq")
-    return summary
 
 
 def _round_to_nearest(
@@ -240,15 +244,7 @@ def _round_to_nearest(
         entering = state.enter(window, device, cache_targets=False)
         log_preprocess(logger, {index: state.preprocess_stats.get(index, {}) for index in entering})
         errors = state.leave(window, device)
-        summary = {
-            "index": window.index,
-            "blocks": list(window.blocks),
-            "finalized": list(window.finalized),
-            "steps": 0,
-            "loss_first": None,
-            "loss_last": None,
-            "wall_s": time.perf_counter() - started,
-        }
+        summary = _untrained_summary(window, started)
         summaries.append(summary)
         log_window(logger, summary, errors, method="rtn")
     return summaries
@@ -331,7 +327,7 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
     L.seed_everything(config.seed, workers=True, verbose=False)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    checkpointer = WindowCheckpointer(output_dir, dataclasses.asdict(config), rank=place.rank)
+    checkpointer = WindowCheckpointer(output_dir, dataclasses.asdict(config), rank=place.rank, world=place.world)
     resume: ResumePoint | None = None
     if config.method == "cbq" and config.resume:
         resume = checkpointer.load()  # refuses a checkpoint of a different configuration, naming the keys
@@ -374,6 +370,9 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
     # CFP first: the clip search's moments must describe the inputs the quantized linears will see
     preprocessors = [p for p in (cfp if cfp.active else None, moments) if p is not None]
     generator = torch.Generator().manual_seed(config.seed)
+    cache_dir = Path(config.cache.directory) if config.cache.directory else output_dir / "cache"
+    cache_dir = cache_dir / f"rank_{place.rank}" if place.world > 1 else cache_dir
+    store = TensorStore(cache_dir if config.cache.location == "disk" else None)
 
     def quantize(index: int, block: nn.Module) -> None:
         block_moments = moments.pop(index) if moments is not None else None
@@ -395,6 +394,8 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
         ),
         batch_size=config.train.forward_batch_size,
         preprocessors=preprocessors,
+        store=store,
+        target_dtype=config.cache.targets_dtype(),
     )
     logger = TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="", default_hp_metric=False)
     if cbq:
@@ -427,6 +428,7 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
     else:
         schedule = window_schedule(adapter.num_blocks, WindowConfig(size=1, overlap=0))
         windows = _round_to_nearest(state, schedule, device, logger)
+    store.cleanup()  # the disk caches (if any) are not needed past calibration
     calibrated_s = time.perf_counter() - started
     # every rank says which samples it calibrated on (a collective: all ranks take part)
     shards = all_gather_objects({"rank": place.rank, "samples": place.shard_indices(int(all_ids.shape[0])),

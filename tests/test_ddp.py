@@ -10,8 +10,11 @@ its own half batch) and float summation order. Tolerance: at least 99.5 % of the
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,3 +79,32 @@ def test_samples_must_split_evenly() -> None:
     config = load_recipe(TINY_RECIPE, "--trainer.devices", "3", "--trainer.strategy", "ddp")
     with pytest.raises(ConfigError, match="num_samples=16 does not split evenly over 3"):
         validate(config)
+
+
+def test_ddp_run_killed_mid_way_resumes_bit_for_bit(tmp_path: Path, runs) -> None:
+    """SIGKILL both ranks once the first window's checkpoint exists; the rerun resumes and matches."""
+    ddp, _, _, _ = runs
+    flags = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--train.batch_size", "2"]
+    command = [sys.executable, "-m", "cbq_lightning.cli", "quantize", "--config", str(TINY_RECIPE),
+               "--output_dir", str(tmp_path), *COMMON, *flags]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    checkpoints = tmp_path / "checkpoints"
+
+    def complete() -> bool:  # window 0's state (rank 0) and cache shard (rank 1) are both on disk
+        return (checkpoints / "state_w0000.safetensors").exists() and (
+            checkpoints / "caches_rank_1_w0000.safetensors").exists()
+
+    deadline = time.monotonic() + 600
+    while not complete() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and the rank it started
+    process.wait()
+    assert complete(), "the run ended before its first checkpoint"
+    report = _cbq(tmp_path, *flags)
+    assert report["resumed_after_window"] is not None and report["resumed_after_window"] >= 0
+    expected = load_quant_state(ddp / "quant_state.safetensors")
+    resumed = load_quant_state(tmp_path / "quant_state.safetensors")
+    for name in expected:
+        for field in ("qweight", "scales", "zeros"):
+            assert torch.equal(expected[name][field], resumed[name][field]), (name, field)

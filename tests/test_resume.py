@@ -48,7 +48,7 @@ def test_killed_run_resumes_at_the_next_window_bit_for_bit(tmp_path: Path, unint
         run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *FAST), [KillAtWindow(2)])
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["block_0000.safetensors", "block_0001.safetensors",
-                                                             "state.safetensors"]
+                                                             "state_w0000.safetensors", "state_w0001.safetensors"]
     started: list[int] = []
 
     class Record(L.Callback):

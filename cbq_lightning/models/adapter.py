@@ -78,16 +78,24 @@ def run_blocks_batched(
     device: torch.device | str,
     batch_size: int,
     out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Push a CPU cache ``[N, T, H]`` through ``blocks`` on ``device`` in batches; result on CPU."""
+    """Push a CPU cache ``[N, T, H]`` through ``blocks`` on ``device`` in batches; result on CPU.
+
+    ``out`` (e.g. a memory-mapped cache, see :mod:`cbq_lightning.cache`) receives the result batch by
+    batch instead of a new tensor.
+    """
     kwargs = kwargs_to(kwargs, device)
     outputs = []
     for start in range(0, hidden.shape[0], batch_size):
         x = hidden[start : start + batch_size].to(device)
         for block in blocks:
             x = run_block(block, x, kwargs)
-        outputs.append(x.to("cpu", dtype=out_dtype or hidden.dtype))
-    return torch.cat(outputs)
+        if out is not None:
+            out[start : start + x.shape[0]] = x.to("cpu", dtype=out.dtype)
+        else:
+            outputs.append(x.to("cpu", dtype=out_dtype or hidden.dtype))
+    return out if out is not None else torch.cat(outputs)
 
 
 class DecoderAdapter:
