@@ -29,20 +29,19 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from callbacks.cross_block import CrossBlockCallback, WindowTargets
+from cbq_lightning.crossblock import CrossBlockState
+from cbq_lightning.loss import LossConfig
+from cbq_lightning.models.adapter import DecoderAdapter
+from cbq_lightning.quant.config import QuantConfig
+from cbq_lightning.quant.convert import quantize_block
+from cbq_lightning.quant.rounding import RoundingConfig
+from cbq_lightning.runner import versions
+from cbq_lightning.train_config import OptimConfig
+from cbq_lightning.window import WindowModule
+from cbq_lightning.windows import Window
 
-from callbacks.cross_block import CrossBlockCallback, WindowTargets  # noqa: E402
-from cbq_lightning.crossblock import CrossBlockState  # noqa: E402
-from cbq_lightning.loss import LossConfig  # noqa: E402
-from cbq_lightning.models.adapter import DecoderAdapter  # noqa: E402
-from cbq_lightning.quant.config import QuantConfig  # noqa: E402
-from cbq_lightning.quant.convert import quantize_block  # noqa: E402
-from cbq_lightning.quant.rounding import RoundingConfig  # noqa: E402
-from cbq_lightning.runner import versions  # noqa: E402
-from cbq_lightning.train_config import OptimConfig  # noqa: E402
-from cbq_lightning.window import WindowModule  # noqa: E402
-from cbq_lightning.windows import Window  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SHAPES = {
     "llama2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,

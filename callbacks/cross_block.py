@@ -60,7 +60,7 @@ class CrossBlockCallback(L.Callback):
         self._started = time.perf_counter()
         entering = self.state.enter(pl_module.window, trainer.strategy.root_device)
         if trainer.is_global_zero:
-            log_preprocess(trainer.logger, {index: self.state.preprocess_stats.get(index, {}) for index in entering})
+            log_preprocess(trainer.logger, self.state.preprocess_stats, entering)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.hardened_loss:
@@ -122,8 +122,9 @@ def log_window(logger: Any, summary: dict[str, Any], errors: list[BlockError], m
     logger.save()
 
 
-def log_preprocess(logger: Any, stats_by_block: dict[int, dict[str, float]]) -> None:
-    """Preprocessing statistics (CFP outlier counts, thresholds, max before/after) along the depth.
+def log_preprocess(logger: Any, stats_by_block: dict[int, dict[str, float]], blocks: list[int]) -> None:
+    """Preprocessing statistics (CFP outlier counts, thresholds, max before/after) of ``blocks`` along the
+    depth.
 
     One chart per statistic and layer (e.g. ``cfp/act_max_before/input_layernorm``: the preprocessors
     name their statistics as TensorBoard tags), step = block index, so the effect of CFP reads as a curve
@@ -131,6 +132,7 @@ def log_preprocess(logger: Any, stats_by_block: dict[int, dict[str, float]]) -> 
     """
     if logger is None:
         return
-    for index, stats in sorted(stats_by_block.items()):
+    for index in sorted(blocks):
+        stats = stats_by_block.get(index)
         if stats:
             logger.log_metrics(stats, step=index)

@@ -31,7 +31,7 @@ from torch import nn
 
 from cbq_lightning.distributed import all_reduce_
 from cbq_lightning.errors import ConfigError
-from cbq_lightning.models.adapter import DecoderAdapter, run_blocks_batched
+from cbq_lightning.models.adapter import DecoderAdapter, observe_linear_inputs
 
 #: IQR of a standard normal distribution: IQR / this is a robust estimate of the standard deviation
 _NORMAL_IQR = 1.349
@@ -188,6 +188,11 @@ class CoarseToFinePreprocessor:
     def active(self) -> bool:
         return self.config.weights or self.scale_activations
 
+    @property
+    def max_samples(self) -> int:
+        """Sequences of the quantized-path inputs the activation statistics read (the rest go unused)."""
+        return self.config.max_samples
+
     def __call__(self, index: int, block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, float]:
         stats: dict[str, float] = {}
         if self.config.weights:
@@ -215,21 +220,13 @@ class CoarseToFinePreprocessor:
         pairs = DecoderAdapter.norm_linear_pairs(block)
         maxima: dict[str, torch.Tensor] = {}
 
-        def record(norm_name: str):
-            def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-                x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float().cpu()
-                maxima[norm_name] = torch.maximum(maxima[norm_name], x) if norm_name in maxima else x
-
-            return hook
+        def record(norm_name: str, x: torch.Tensor) -> None:
+            x = x.abs().amax(dim=0).float().cpu()
+            maxima[norm_name] = torch.maximum(maxima[norm_name], x) if norm_name in maxima else x
 
         # the first linear of a pair sees exactly the norm's output
-        handles = [linears[0].register_forward_pre_hook(record(norm_name)) for norm_name, _, linears in pairs]
-        try:
-            device = next(block.parameters()).device
-            run_blocks_batched([block], inputs[: self.config.max_samples], kwargs, device, self.batch_size)
-        finally:
-            for handle in handles:
-                handle.remove()
+        first_linears = [(norm_name, linears[0]) for norm_name, _, linears in pairs]
+        observe_linear_inputs(block, first_linears, inputs[: self.max_samples], kwargs, self.batch_size, record)
         stats: dict[str, float] = {}
         found: dict[str, list[int]] = {}
         for norm_name, norm, linears in pairs:

@@ -28,6 +28,7 @@ from cbq_lightning.windows import Window
 
 #: ``preprocess(block_index, block, block_inputs, block_kwargs) -> stats``: runs on a block entering its
 #: first window, before its linears are quantized (CFP hooks in here); may modify the block in place.
+#: A preprocessor with a ``max_samples`` attribute reads only that many leading sequences of its inputs.
 Preprocessor = Callable[[int, nn.Module, torch.Tensor, dict[str, Any]], dict[str, float]]
 
 
@@ -125,11 +126,21 @@ class CrossBlockState:
         return entering
 
     def _quantized_path_inputs(self, window: Window, index: int, device: torch.device | str) -> torch.Tensor:
-        """Inputs of block ``index`` on the quantized path: ``X_q`` through the window's earlier blocks."""
+        """Inputs of block ``index`` on the quantized path: ``X_q`` through the window's earlier blocks.
+
+        Only as many sequences as the preprocessors read are pushed through the earlier blocks.
+        """
         earlier = [self.blocks[b].to(device) for b in window.blocks if b < index]
         if not earlier:
             return self.x_q
-        return self._run(earlier, self.x_q, device, "x_pre")
+        return self._run(earlier, self.x_q[: self._preprocess_rows()], device, "x_pre")
+
+    def _preprocess_rows(self) -> int:
+        """The most calibration sequences any preprocessor reads (one without a ``max_samples``: all)."""
+        limits = [getattr(preprocess, "max_samples", None) for preprocess in self.preprocessors]
+        if any(limit is None for limit in limits):
+            return self.x_q.shape[0]
+        return max(limits)
 
     def _run(
         self, blocks: list[nn.Module], hidden: torch.Tensor, device: torch.device | str, name: str,
@@ -184,7 +195,6 @@ class CrossBlockState:
         return errors
 
     def _replace(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """``new`` takes the place of cache ``old``, whose storage is released (unless still shared)."""
-        if old is not self.inputs:
-            self.store.release(old)
+        """``new`` takes the place of cache ``old``, whose storage is released if the store owns it."""
+        self.store.release(old)
         return new

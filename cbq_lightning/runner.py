@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import platform
 import resource
@@ -242,7 +243,7 @@ def _round_to_nearest(
     for window in tqdm(schedule, desc="RTN blocks", unit="block"):
         started = time.perf_counter()
         entering = state.enter(window, device, cache_targets=False)
-        log_preprocess(logger, {index: state.preprocess_stats.get(index, {}) for index in entering})
+        log_preprocess(logger, state.preprocess_stats, entering)
         errors = state.leave(window, device)
         summary = _untrained_summary(window, started)
         summaries.append(summary)
@@ -388,7 +389,7 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
         block_kwargs=block_kwargs,
         quantize=quantize,
         rtn_reference=(
-            (lambda block: rtn_block(block, scheme, config.quant.act_settings(trained=False)))
+            functools.partial(rtn_block, scheme=scheme, act=config.quant.act_settings(trained=False))
             if cbq and config.monitor.rtn_reference
             else None
         ),

@@ -98,6 +98,38 @@ def run_blocks_batched(
     return out if out is not None else torch.cat(outputs)
 
 
+@torch.no_grad()
+def observe_linear_inputs(
+    block: nn.Module,
+    linears: list[tuple[str, nn.Module]],
+    inputs: torch.Tensor,
+    kwargs: dict[str, Any],
+    batch_size: int,
+    observe: Callable[[str, torch.Tensor], None],
+) -> None:
+    """Run ``block`` over ``inputs`` and hand each named linear's input, as ``[tokens, features]``, to
+    ``observe(name, x)``.
+
+    Why one helper: every statistic a preprocessor gathers (second moments for the clip search, channel
+    maxima for CFP) is "what does this linear see on the quantized path", and the hooks must be removed
+    even when the forward fails.
+    """
+
+    def hook_for(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            observe(name, args[0].detach().reshape(-1, args[0].shape[-1]))
+
+        return hook
+
+    handles = [linear.register_forward_pre_hook(hook_for(name)) for name, linear in linears]
+    try:
+        device = next(block.parameters()).device
+        run_blocks_batched([block], inputs, kwargs, device, batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class DecoderAdapter:
     """Access to the transformer blocks of a Hugging Face causal LM."""
 

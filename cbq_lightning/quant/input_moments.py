@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cbq_lightning.distributed import all_reduce_
-from cbq_lightning.models.adapter import DecoderAdapter, run_blocks_batched
+from cbq_lightning.models.adapter import DecoderAdapter, observe_linear_inputs
 
 
 class InputMoments:
@@ -40,23 +40,12 @@ class InputMoments:
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
 
-        def record(name: str):
-            def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                sums[name] = sums.get(name, 0) + x.pow(2).sum(dim=0).cpu()
-                counts[name] = counts.get(name, 0) + x.shape[0]
+        def record(name: str, x: torch.Tensor) -> None:
+            sums[name] = sums.get(name, 0) + x.double().pow(2).sum(dim=0).cpu()
+            counts[name] = counts.get(name, 0) + x.shape[0]
 
-            return hook
-
-        handles = [
-            linear.register_forward_pre_hook(record(name)) for name, linear in DecoderAdapter.block_linears(block)
-        ]
-        try:
-            device = next(block.parameters()).device
-            run_blocks_batched([block], inputs[: self.max_samples], kwargs, device, self.batch_size)
-        finally:
-            for handle in handles:
-                handle.remove()
+        linears = list(DecoderAdapter.block_linears(block))
+        observe_linear_inputs(block, linears, inputs[: self.max_samples], kwargs, self.batch_size, record)
         for name in sorted(sums):  # one statistic for all DDP ranks (sorted: every rank reduces in one order)
             all_reduce_(sums[name])
             counts[name] = int(all_reduce_(torch.tensor([counts[name]], dtype=torch.float64))[0])
