@@ -1,1 +1,2 @@
-"""Saving quantized models: the fake-quant Hugging Face checkpoint and the integer quantization state."""
+"""Saving quantized models: the fake-quant Hugging Face checkpoint, the integer quantization state, and
+packed checkpoints (compressed-tensors, GPTQ) built from them."""

@@ -1,0 +1,118 @@
+"""compressed-tensors ``pack-quantized`` export: the format transformers and vLLM read for int weights.
+
+Per quantized linear ``NAME`` the checkpoint holds (compressed-tensors 0.20 layout):
+
+* ``NAME.weight_packed`` int32 ``[out, ceil(in*b/32)]``: the codes packed along ``in``
+  (:mod:`~cbq_lightning.export.packing`);
+* ``NAME.weight_scale`` ``[out, in/g]`` (``[out, 1]`` per channel) in the checkpoint's dtype;
+* ``NAME.weight_shape`` int64 ``[out, in]``;
+* asymmetric only: ``NAME.weight_zero_point`` int32 ``[ceil(out*b/32), in/g]``, packed along ``out``.
+
+The format dequantizes ``W = (q - zp) * scale`` with *signed* codes ``q in [-2^(b-1), 2^(b-1)-1]`` and a
+signed zero-point, and packs ``q + 2^(b-1)``. Our codes ``u`` and zero-points ``z`` are unsigned with
+``W = (u - z) * scale``, so ``q = u - 2^(b-1)`` and ``zp = z - 2^(b-1)``: the packed fields are exactly
+``u`` and ``z``, and a symmetric run's ``z = 2^(b-1)`` is the format's implied ``zp = 0`` (no zero-point
+is written). Our symmetric scale ``absmax / ((2^b - 1) / 2)`` is also the format's own.
+
+Activations: only dynamic per-token symmetric quantization has a description in the format
+(``input_activations: {strategy: token, dynamic: true, symmetric: true}``). It computes each token's
+scale from ``max|x|`` at run time and has no place for a learned clipping ratio, so a run's learned
+activation clipping is not carried over (:func:`activation_warnings` says so).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cbq_lightning.errors import ConfigError
+from cbq_lightning.export.packing import pack_codes
+from cbq_lightning.export.quantized_run import ExportScheme, QuantizedLayer, QuantizedRun
+
+NAME = "compressed-tensors"
+#: the compressed-tensors release whose layout (dense bit packing, 3-bit included) this writer follows
+LAYOUT_VERSION = "0.20.0"
+FORMAT = "pack-quantized"
+#: the only activation quantizer the format can describe
+EXPORTABLE_ACT_MODE = "dynamic_sym"
+
+
+def check_scheme(scheme: ExportScheme) -> None:
+    """Refuse schemes the format cannot describe (raised before a quantize run starts, too)."""
+    if scheme.a_bits is not None and scheme.act_mode != EXPORTABLE_ACT_MODE:
+        raise ConfigError(
+            f"quant.act_mode={scheme.act_mode!r} cannot be exported to compressed-tensors: the format (and vLLM) "
+            f"only describes dynamic per-token symmetric activations; quantize with quant.act_mode="
+            f"{EXPORTABLE_ACT_MODE}, or keep the fake-quant checkpoint (export.format: null)."
+        )
+
+
+def quantization_config(scheme: ExportScheme, ignore: list[str]) -> dict:
+    """The ``quantization_config`` block of ``config.json`` (keys transformers and vLLM validate)."""
+    weights = {
+        "num_bits": scheme.w_bits,
+        "type": "int",
+        "symmetric": scheme.sym,
+        "strategy": "group" if scheme.group_size else "channel",
+        "group_size": scheme.group_size,
+        "dynamic": False,
+    }
+    activations = None
+    if scheme.a_bits is not None:
+        activations = {
+            "num_bits": scheme.a_bits,
+            "type": "int",
+            "symmetric": True,
+            "strategy": "token",
+            "group_size": None,
+            "dynamic": True,
+        }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": FORMAT,
+        "quantization_status": "compressed",
+        "version": LAYOUT_VERSION,
+        "config_groups": {
+            # the group's own "format" matters: without it transformers infers int-quantized for W4A8
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": activations,
+                "output_activations": None,
+                "format": FORMAT,
+            }
+        },
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+    }
+
+
+def pack_layer(layer: QuantizedLayer, dtype: torch.dtype, sym: bool) -> dict[str, torch.Tensor]:
+    """The tensors replacing ``NAME.weight``, keyed by their suffix."""
+    tensors = {
+        "weight_packed": pack_codes(layer.codes, layer.bits, dim=1),
+        "weight_scale": layer.scales.to(dtype).contiguous(),
+        "weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64),
+    }
+    if not sym:
+        tensors["weight_zero_point"] = pack_codes(layer.zeros, layer.bits, dim=0)
+    return tensors
+
+
+def activation_warnings(run: QuantizedRun) -> list[str]:
+    """What the exported activation description leaves out of the run (empty for weight-only runs)."""
+    if run.scheme.a_bits is None:
+        return []
+    ratios = [ratio for layer in run.layers.values() if layer.act_clip is not None for ratio in layer.act_clip]
+    clipped = [ratio for ratio in ratios if abs(ratio - 1.0) > 1e-6]
+    if not clipped:
+        return []
+    return [
+        f"{len(clipped)} of {len(ratios)} learned activation clipping ratios differ from 1 (range "
+        f"{min(clipped):.4f}..{max(clipped):.4f}); compressed-tensors' dynamic per-token quantization has no "
+        "clipping ratio, so the exported model quantizes each token with its full max|x| (vLLM: max|x| / "
+        f"{2 ** (run.scheme.a_bits - 1) - 1}; transformers' CPU simulation: max|x| / "
+        f"{(2 ** run.scheme.a_bits - 1) / 2}) and its outputs differ from the run's fake-quant model."
+    ]

@@ -1,0 +1,226 @@
+"""Packed export of a finished run: ``cbq export`` and the ``export:`` section of ``cbq quantize``.
+
+Writes a Hugging Face checkpoint directory that stock loaders run: ``config.json`` with the format's
+``quantization_config``, one ``model.safetensors`` where every quantized linear's ``weight`` is replaced
+by the format's packed tensors and every other tensor is the fake-quant checkpoint's (in ``dtype``),
+the tokenizer and generation files, and ``cbq_export.json`` (format, scheme, sizes against fp16,
+warnings). The directory is written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from cbq_lightning.errors import ConfigError
+from cbq_lightning.export import compressed_tensors, gptq
+from cbq_lightning.export.fake_quant import SIDECAR
+from cbq_lightning.export.quantized_run import ExportScheme, QuantizedLayer, QuantizedRun, open_run
+from cbq_lightning.io import atomic_directory
+
+log = logging.getLogger("cbq_lightning")
+
+ExportFormat = Literal["compressed-tensors", "gptq"]
+ExportDtype = Literal["float16", "bfloat16", "float32", "auto"]
+FORMATS: tuple[str, ...] = (compressed_tensors.NAME, gptq.NAME)
+REPORT = "cbq_export.json"
+WEIGHTS = "model.safetensors"
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+#: files of the fake-quant checkpoint that the export writes anew instead of copying
+_REWRITTEN = {"config.json", SIDECAR, "model.safetensors.index.json"}
+_FP16_BYTES = 2
+
+
+@dataclass
+class ExportConfig:
+    """Packed export of the quantized model (the fake-quant ``model/`` checkpoint is always written too).
+
+    Attributes:
+        format: ``null`` = no packed export; ``compressed-tensors`` (``pack-quantized``: symmetric or
+            asymmetric weights, W4A8/W4A4 with dynamic per-token activations; transformers and vLLM) or
+            ``gptq`` (GPTQ v1, symmetric weight-only runs: ``quant.sym: true``).
+        output: directory to write; ``null`` = ``<run>/packed-<format>``.
+        dtype: dtype of compressed-tensors' scales and of every tensor left unquantized (embeddings,
+            norms, ``lm_head``): ``float16`` (compact, what serving runs; GPTQ's scales are float16 in any
+            case), ``bfloat16``, ``float32``, or ``auto`` = the fake-quant checkpoint's own dtype (exact).
+    """
+
+    format: ExportFormat | None = None
+    output: str | None = None
+    dtype: ExportDtype = "float16"
+
+    def check(self, scheme: ExportScheme) -> None:
+        """Refuse a format that cannot hold ``scheme``, before any work (also before a quantize run)."""
+        if self.format is None:
+            return
+        if self.format not in FORMATS:
+            raise ConfigError(f"export.format={self.format!r} is unknown: use one of {', '.join(FORMATS)} or null.")
+        if self.dtype not in (*_DTYPES, "auto"):
+            raise ConfigError(f"export.dtype={self.dtype!r} is unknown: use one of {', '.join(_DTYPES)} or auto.")
+        _format_module(self.format).check_scheme(scheme)
+
+    def output_dir(self, run_dir: Path) -> Path:
+        return Path(self.output).expanduser() if self.output else run_dir / f"packed-{self.format}"
+
+
+def _format_module(name: str) -> Any:
+    return compressed_tensors if name == compressed_tensors.NAME else gptq
+
+
+def export_run(run_dir: str | Path, config: ExportConfig) -> dict[str, Any]:
+    """Write ``run_dir``'s quantized model in ``config.format``; returns the summary in ``cbq_export.json``."""
+    if config.format is None:
+        raise ConfigError("export.format is not set: choose compressed-tensors or gptq.")
+    run = open_run(run_dir)
+    config.check(run.scheme)
+    output = config.output_dir(run.run_dir)
+    if output.resolve() in (run.run_dir.resolve(), run.model_dir.resolve()):
+        raise ConfigError(f"export output {output} would replace the run's own outputs: choose another directory.")
+    model_config = run.model_config()
+    dtype = _DTYPES[_source_dtype(model_config) if config.dtype == "auto" else config.dtype]
+    unquantized = _unquantized_linears(run)
+    warnings: list[str] = []
+    if config.format == compressed_tensors.NAME:
+        quantization = compressed_tensors.quantization_config(run.scheme, ignore=unquantized)
+        warnings += compressed_tensors.activation_warnings(run)
+        pack = functools.partial(compressed_tensors.pack_layer, dtype=dtype, sym=run.scheme.sym)
+    else:
+        gptq.check_layers(run)
+        _check_gptq_covers_blocks(run, unquantized)
+        quantization = gptq.quantization_config(run.scheme)
+        pack = gptq.pack_layer
+
+    tensors, sizes = _packed_tensors(run, pack, dtype)
+    with atomic_directory(output) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        _write_config(tmp, model_config, quantization, dtype)
+        _copy_support_files(run.model_dir, tmp)
+        summary = _summary(run, config, tmp, sizes, dtype, warnings)
+        (tmp / REPORT).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    for warning in warnings:
+        log.warning("export: %s", warning)
+    log.info(
+        "exported %s (%s) to %s: %.2f MiB of weights, %.3f x the fp16 size (quantized linears %.3f x), directory %.2f MiB",
+        run.scheme_metadata.get("name", ""), config.format, output, summary["weights_bytes"] / 2**20,
+        summary["ratio_to_fp16"], summary["quantized_linears"]["ratio_to_fp16"], summary["directory_bytes"] / 2**20,
+    )
+    return {**summary, "output": str(output)}
+
+
+def _source_dtype(model_config: dict) -> str:
+    name = model_config.get("dtype") or model_config.get("torch_dtype") or "float32"
+    if name not in _DTYPES:
+        raise ConfigError(f"the checkpoint's dtype {name!r} has no export equivalent: set export.dtype explicitly.")
+    return name
+
+
+def _linear_names(model_dir: Path) -> list[str]:
+    """Every ``nn.Linear`` of the model, from its config on the meta device (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def _unquantized_linears(run: QuantizedRun) -> list[str]:
+    """Linears the run left in floating point (``lm_head``): compressed-tensors' ``ignore`` list."""
+    linears = _linear_names(run.model_dir)
+    missing = sorted(set(run.layers) - set(linears))
+    if missing:
+        raise ConfigError(f"quant_state layers {missing[:3]} are not linears of the model in {run.model_dir}.")
+    return [name for name in linears if name not in run.layers]
+
+
+def _check_gptq_covers_blocks(run: QuantizedRun, unquantized: list[str]) -> None:
+    """transformers' GPTQ loader replaces every linear inside the blocks, so each must have packed weights."""
+    match = re.match(r"^(.*?\.)\d+\.", next(iter(run.layers)))
+    prefix = match.group(1) if match else None
+    inside = [name for name in unquantized if prefix and name.startswith(prefix)]
+    if inside:
+        raise ConfigError(
+            f"GPTQ loaders quantize every linear in the blocks, but {inside[:3]} were not quantized: "
+            "export as compressed-tensors (its ignore list keeps them dense)."
+        )
+
+
+def _packed_tensors(
+    run: QuantizedRun, pack: Callable[[QuantizedLayer], dict[str, torch.Tensor]], dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The export's tensors: packed layers plus the checkpoint's other tensors in ``dtype``; and byte counts."""
+    tensors: dict[str, torch.Tensor] = {}
+    sizes = {"fp16_bytes": 0, "linears_fp16_bytes": 0, "linears_packed_bytes": 0}
+    replaced = {f"{name}.weight" for name in run.layers}
+    seen: set[str] = set()
+    for key, tensor in run.checkpoint_tensors():
+        seen.add(key)
+        if tensor.is_floating_point():
+            sizes["fp16_bytes"] += tensor.numel() * _FP16_BYTES
+        if key in replaced:
+            sizes["linears_fp16_bytes"] += tensor.numel() * _FP16_BYTES
+            continue
+        tensors[key] = tensor.to(dtype).contiguous() if tensor.is_floating_point() else tensor.contiguous()
+    absent = replaced - seen
+    if absent:
+        raise ConfigError(f"the fake-quant checkpoint lacks the weights of {sorted(absent)[:3]}: it is not this run's.")
+    for name, layer in run.layers.items():
+        for suffix, tensor in pack(layer).items():
+            tensors[f"{name}.{suffix}"] = tensor
+            sizes["linears_packed_bytes"] += tensor.numel() * tensor.element_size()
+    return tensors, sizes
+
+
+def _write_config(directory: Path, model_config: dict, quantization: dict, dtype: torch.dtype) -> None:
+    config = {key: value for key, value in model_config.items() if key != "torch_dtype"}
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config["quantization_config"] = quantization
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _copy_support_files(model_dir: Path, directory: Path) -> None:
+    """Tokenizer, generation config, chat template ...: everything but weights and rewritten files."""
+    for path in model_dir.iterdir():
+        if path.is_file() and path.suffix != ".safetensors" and path.name not in _REWRITTEN:
+            shutil.copy2(path, directory / path.name)
+
+
+def _directory_bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+
+
+def _summary(
+    run: QuantizedRun, config: ExportConfig, directory: Path, sizes: dict[str, int], dtype: torch.dtype,
+    warnings: list[str],
+) -> dict[str, Any]:
+    weights = (directory / WEIGHTS).stat().st_size
+    return {
+        "format": config.format,
+        "source_run": str(run.run_dir),
+        "scheme": run.scheme_metadata,
+        "export_scheme": dataclasses.asdict(run.scheme),
+        "dtype": str(dtype).removeprefix("torch."),
+        "quantized_layers": len(run.layers),
+        "weights_bytes": weights,
+        "directory_bytes": _directory_bytes(directory),
+        "fp16_bytes": sizes["fp16_bytes"],
+        "ratio_to_fp16": weights / sizes["fp16_bytes"],
+        "quantized_linears": {
+            "packed_bytes": sizes["linears_packed_bytes"],
+            "fp16_bytes": sizes["linears_fp16_bytes"],
+            "ratio_to_fp16": sizes["linears_packed_bytes"] / sizes["linears_fp16_bytes"],
+        },
+        "warnings": warnings,
+    }

@@ -1,0 +1,180 @@
+"""A finished ``cbq quantize`` run, read back for packed export: its scheme, integer layers and checkpoint.
+
+The packed formats are built from ``quant_state.safetensors`` (the integer codes, scales and zero-points
+that the run finalised) and take every other tensor (embeddings, norms, ``lm_head``, biases) from the
+fake-quant checkpoint in ``model/``. Hardened rounding decisions and CFP's folded scales are already in
+those codes and tensors, so nothing else from the run is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from cbq_lightning.errors import ConfigError
+from cbq_lightning.export.fake_quant import SIDECAR
+from cbq_lightning.export.quant_state import load_quant_state, load_quant_state_scheme
+from cbq_lightning.quant.act_quantizer import ActQuantSettings
+from cbq_lightning.quant.scheme import QuantScheme
+
+QUANT_STATE = "quant_state.safetensors"
+MODEL_DIR = "model"
+
+
+@dataclass(frozen=True)
+class ExportScheme:
+    """What a packed format has to express: weight bits, grouping, symmetry and activation quantization.
+
+    Built from a finished run's metadata (:meth:`from_metadata`) or from a quantize configuration before
+    the run starts (so that an impossible export is refused before hours of calibration).
+
+    Attributes:
+        w_bits: weight bits.
+        group_size: input features per scale; ``None`` = per output channel.
+        sym: symmetric weights (zero-point ``2**(w_bits-1)``).
+        a_bits: activation bits, ``None`` for weight-only schemes.
+        act_mode: activation quantizer mode (``dynamic_sym`` ...), ``None`` for weight-only schemes.
+    """
+
+    w_bits: int
+    group_size: int | None
+    sym: bool
+    a_bits: int | None = None
+    act_mode: str | None = None
+
+    @classmethod
+    def from_settings(cls, scheme: QuantScheme, act: ActQuantSettings | None) -> ExportScheme:
+        """From a quantize configuration's resolved scheme and activation settings."""
+        return cls(
+            w_bits=scheme.w_bits,
+            group_size=scheme.group_size,
+            sym=scheme.sym,
+            a_bits=None if act is None else act.bits,
+            act_mode=None if act is None else act.mode,
+        )
+
+    @classmethod
+    def from_metadata(cls, scheme: dict) -> ExportScheme:
+        """From the ``scheme`` recorded in ``quant_state.safetensors``."""
+        activations = scheme.get("activations") or {}
+        return cls(
+            w_bits=int(scheme["w_bits"]),
+            group_size=scheme.get("group_size"),
+            sym=bool(scheme.get("sym", False)),
+            a_bits=activations.get("bits"),
+            act_mode=activations.get("mode"),
+        )
+
+
+@dataclass(frozen=True)
+class QuantizedLayer:
+    """One quantized linear of the run, as unsigned codes and per-group parameters.
+
+    ``weight = scales[:, j] * (codes[:, j*g:(j+1)*g] - zeros[:, j])`` (see :mod:`quant_state`).
+    """
+
+    name: str
+    codes: torch.Tensor  # uint8 [out, in], values in [0, 2**bits - 1]
+    scales: torch.Tensor  # float32 [out, in / group]
+    zeros: torch.Tensor  # uint8 [out, in / group]
+    bits: int
+    group_size: int  # in_features when per-channel
+    act_clip: tuple[float, float] | None  # (upper, lower) ratios of a dynamic activation quantizer
+
+    @property
+    def out_features(self) -> int:
+        return int(self.codes.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.codes.shape[1])
+
+    @property
+    def groups(self) -> int:
+        return int(self.scales.shape[1])
+
+    @classmethod
+    def from_fields(cls, name: str, fields: dict[str, torch.Tensor]) -> QuantizedLayer:
+        clip = None
+        if "act_clip_upper" in fields:
+            clip = (float(fields["act_clip_upper"]), float(fields["act_clip_lower"]))
+        return cls(
+            name=name,
+            codes=fields["qweight"],
+            scales=fields["scales"],
+            zeros=fields["zeros"],
+            bits=int(fields["bits"]),
+            group_size=int(fields["group_size"]),
+            act_clip=clip,
+        )
+
+
+@dataclass
+class QuantizedRun:
+    """The parts of a run directory that export reads."""
+
+    run_dir: Path
+    model_dir: Path
+    scheme: ExportScheme
+    scheme_metadata: dict
+    layers: dict[str, QuantizedLayer]
+
+    def checkpoint_files(self) -> list[Path]:
+        """The fake-quant checkpoint's safetensors files (one, or the shards of an index)."""
+        return sorted(self.model_dir.glob("*.safetensors"))
+
+    def checkpoint_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor of the fake-quant checkpoint, one at a time (a 7B model never sits in memory twice)."""
+        for path in self.checkpoint_files():
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    yield key, handle.get_tensor(key)
+
+    def model_config(self) -> dict:
+        return json.loads((self.model_dir / "config.json").read_text(encoding="utf-8"))
+
+
+def open_run(run_dir: str | Path) -> QuantizedRun:
+    """Read a ``cbq quantize`` output directory, checking that it holds what export needs."""
+    run_dir = Path(run_dir).expanduser()
+    state_path = run_dir / QUANT_STATE
+    model_dir = run_dir / MODEL_DIR
+    if not state_path.is_file() or not (model_dir / "config.json").is_file():
+        raise ConfigError(
+            f"{run_dir} is not a finished cbq quantize output: it needs {QUANT_STATE} and {MODEL_DIR}/config.json "
+            "(give the run's output_dir, not its model/ folder)."
+        )
+    if not any(model_dir.glob("*.safetensors")):
+        raise ConfigError(f"{model_dir} holds no safetensors weights: rerun cbq quantize to write them.")
+    if not (model_dir / SIDECAR).is_file():
+        raise ConfigError(f"{model_dir} has no {SIDECAR}: it is not a cbq-lightning fake-quant checkpoint.")
+    try:
+        metadata = load_quant_state_scheme(state_path)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    layers = {name: QuantizedLayer.from_fields(name, fields) for name, fields in load_quant_state(state_path).items()}
+    if not layers:
+        raise ConfigError(f"{state_path} holds no quantized layers.")
+    scheme = ExportScheme.from_metadata(metadata)
+    _check_layers(layers, scheme, state_path)
+    return QuantizedRun(run_dir=run_dir, model_dir=model_dir, scheme=scheme, scheme_metadata=metadata, layers=layers)
+
+
+def _check_layers(layers: dict[str, QuantizedLayer], scheme: ExportScheme, path: Path) -> None:
+    """Every layer follows the run's one scheme (both formats describe one scheme for all layers)."""
+    for layer in layers.values():
+        if layer.bits != scheme.w_bits:
+            raise ConfigError(f"{path}: layer {layer.name} has {layer.bits} bits, the scheme {scheme.w_bits}.")
+        group = scheme.group_size or layer.in_features
+        if layer.group_size != group:
+            raise ConfigError(f"{path}: layer {layer.name} has groups of {layer.group_size}, the scheme {group}.")
+        if scheme.sym and not bool((layer.zeros == 2 ** (layer.bits - 1)).all()):
+            raise ConfigError(
+                f"{path}: layer {layer.name} is marked symmetric but has zero-points other than "
+                f"{2 ** (layer.bits - 1)}; the quantization state is inconsistent."
+            )

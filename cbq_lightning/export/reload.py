@@ -1,0 +1,74 @@
+"""Reloading a packed export with stock transformers, on the path that computes what the file says.
+
+``AutoModelForCausalLM.from_pretrained(OUT)`` reads the ``quantization_config`` by itself; two cases
+need a loading override, which :func:`loading_kwargs` supplies (``cbq evaluate`` uses it):
+
+* compressed-tensors with **asymmetric** weights: transformers 5.x's default (compressed) path cannot
+  load a packed zero-point (its meta model expects the unpacked shape), so the weights are dequantized at
+  load time instead (``CompressedTensorsConfig(dequantize=True)``) - which also skips the simulated
+  activation quantization, so W4A8/W4A4 with asymmetric weights are evaluated weight-only (logged).
+* GPTQ: gptqmodel's automatic CPU kernel choice for 4 bits computes in reduced precision
+  (``aten._weight_int4pack_mm``); the plain torch kernel (``backend="torch"``) dequantizes to the
+  float16 the scales are stored in and is the faithful reference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from cbq_lightning.errors import ModelSourceError
+
+log = logging.getLogger("cbq_lightning")
+
+#: packages transformers needs for each packed format, and the extra that installs them
+_REQUIREMENTS = {
+    "compressed-tensors": (("compressed_tensors",), "export"),
+    "gptq": (("optimum", "gptqmodel"), "gptq"),
+}
+
+
+def quantization_config(model_dir: Path) -> dict | None:
+    """The ``quantization_config`` of a local checkpoint directory, if it has one."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8")).get("quantization_config")
+
+
+def _require(method: str) -> None:
+    import importlib.util
+
+    modules, extra = _REQUIREMENTS[method]
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModelSourceError(
+            f"loading a {method} checkpoint needs {', '.join(missing)}: pip install -e \".[{extra}]\" "
+            "(or the packages themselves)."
+        )
+
+
+def loading_kwargs(model_dir: Path) -> dict[str, Any]:
+    """Extra ``from_pretrained`` arguments for a packed export in ``model_dir`` (empty for other checkpoints)."""
+    config = quantization_config(model_dir)
+    method = (config or {}).get("quant_method")
+    if method not in _REQUIREMENTS:
+        return {}
+    _require(method)
+    if method == "gptq":
+        from transformers import GPTQConfig
+
+        return {"quantization_config": GPTQConfig(bits=int(config["bits"]), backend="torch")}
+    groups = config.get("config_groups", {}).values()
+    if all((group.get("weights") or {}).get("symmetric", True) for group in groups):
+        return {}
+    if any(group.get("input_activations") for group in groups):
+        log.warning(
+            "%s has asymmetric weights: transformers can only load them dequantized, which does not simulate "
+            "its activation quantization; the model is evaluated weight-only.", model_dir,
+        )
+    from transformers import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
