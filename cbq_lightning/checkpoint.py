@@ -39,8 +39,8 @@ from cbq_lightning.io import atomic_write_file
 FORMAT = "cbq-window-checkpoint"
 VERSION = "1"
 #: configuration keys that may change between a killed run and its resumption (they do not affect the
-#: calibration): where outputs go, progress bars, evaluation settings, and the resume switch itself
-RESUMABLE_CHANGES = ("output_dir", "resume", "trainer.enable_progress_bar", "eval.")
+#: calibration): where outputs go, progress bars, evaluation and packed-export settings, and the resume switch itself
+RESUMABLE_CHANGES = ("output_dir", "resume", "trainer.enable_progress_bar", "eval.", "export.")
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

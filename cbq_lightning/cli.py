@@ -1,7 +1,8 @@
 """``cbq`` command line, built on Lightning's CLI parser (jsonargparse).
 
 ``cbq quantize --config configs/<recipe>.yaml [--quant.w_bits 3] [--method rtn] [--output_dir DIR]``
-``cbq evaluate --model PATH_OR_NAME [--data wikitext2] [--max_windows 40]``.
+``cbq evaluate --model PATH_OR_NAME [--data wikitext2] [--max_windows 40]``,
+``cbq export --run DIR --format {compressed-tensors,gptq} [--output OUT] [--dtype float16]``.
 Every field of :class:`~cbq_lightning.config.QuantizeConfig` is a YAML key and a dotted flag;
 ``--print_config`` prints the resolved configuration. Errors in user input are printed without a
 traceback and exit with status 2.
@@ -20,6 +21,7 @@ from cbq_lightning import __version__
 from cbq_lightning.config import QuantizeConfig
 from cbq_lightning.errors import CBQError
 from cbq_lightning.evaluation.command import EvaluateConfig
+from cbq_lightning.export.packed import ExportConfig
 
 
 def quantize_parser() -> LightningArgumentParser:
@@ -68,12 +70,44 @@ def _run_evaluate(namespace: Namespace) -> None:
         print(f"results written to {config.output}")
 
 
+def export_parser() -> LightningArgumentParser:
+    """Parser of ``cbq export``: the run directory plus the fields of :class:`ExportConfig`."""
+    parser = LightningArgumentParser(
+        description="Write a finished cbq quantize run as a packed checkpoint that transformers and vLLM load "
+        "(compressed-tensors pack-quantized, or GPTQ v1 for symmetric weight-only runs).",
+        default_env=False,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML with the options below.")
+    parser.add_argument("--run", type=str, required=True, help="output directory of cbq quantize (holds quant_state.safetensors and model/).")
+    parser.add_class_arguments(ExportConfig, nested_key=None, fail_untyped=True)
+    return parser
+
+
+def _run_export(namespace: Namespace) -> None:
+    from cbq_lightning.export.packed import export_run
+
+    fields = _fields(namespace)
+    run = fields.pop("run")
+    _print_export(export_run(run, ExportConfig(**fields)))
+
+
+def _print_export(summary: dict) -> None:
+    print(
+        f"{summary['format']} export in {summary['output']}: {summary['weights_bytes'] / 2**20:.2f} MiB of weights, "
+        f"{summary['ratio_to_fp16']:.3f} x the fp16 size (quantized linears "
+        f"{summary['quantized_linears']['ratio_to_fp16']:.3f} x)"
+    )
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}")
+
+
 def build_parser() -> LightningArgumentParser:
     parser = LightningArgumentParser(prog="cbq", description="CBQ cross-block quantization for LLMs.")
     parser.add_argument("--version", action="version", version=f"cbq-lightning {__version__}")
     subcommands = parser.add_subcommands(dest="command", required=True)
     subcommands.add_subcommand("quantize", quantize_parser(), help="quantize a model (CBQ or RTN)")
     subcommands.add_subcommand("evaluate", evaluate_parser(), help="perplexity of a model or a quantized output")
+    subcommands.add_subcommand("export", export_parser(), help="packed checkpoint (compressed-tensors, GPTQ) of a run")
     return parser
 
 
@@ -98,8 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for entry in report["eval"]:
                 fp = f" (fp {entry['ppl_fp']:.4f})" if entry["ppl_fp"] is not None else ""
                 print(f"{entry['dataset']} {entry['split']}: ppl {entry['ppl']:.4f}{fp}, {entry['windows']} windows")
+            if "export" in report:
+                _print_export(report["export"])
         elif args.command == "evaluate":
             _run_evaluate(args.evaluate)
+        elif args.command == "export":
+            _run_export(args.export)
     except CBQError as error:
         print(f"cbq: error: {error}", file=sys.stderr)
         return 2

@@ -12,6 +12,8 @@ from cbq_lightning.data.text import DEFAULT_DATA_DIR, NAMED_DATASETS, check_sour
 from cbq_lightning.distributed import check_divisible, placement
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.evaluation.perplexity import EvalConfig
+from cbq_lightning.export.packed import ExportConfig
+from cbq_lightning.export.quantized_run import ExportScheme
 from cbq_lightning.guard import GuardConfig
 from cbq_lightning.loss import LossConfig
 from cbq_lightning.models.loading import ModelConfig, resolve_source
@@ -70,6 +72,7 @@ class QuantizeConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def validate(config: QuantizeConfig) -> QuantScheme:
@@ -92,6 +95,8 @@ def validate(config: QuantizeConfig) -> QuantScheme:
     config.guard.check()
     config.cache.check()
     config.quant.clip_search_settings()  # raises a ConfigError on impossible search settings
+    # a packed format that cannot hold the scheme is refused now, not after the calibration
+    config.export.check(ExportScheme.from_settings(scheme, config.quant.act_settings(trained=True)))
     if config.method == "cbq":
         if config.quant.learnable_clip:
             clip_logit(config.quant.clip_init)  # raises a ConfigError naming clip_init when out of (0, 1)

@@ -37,6 +37,7 @@ from cbq_lightning.distributed import Placement, all_gather_objects, placement
 from cbq_lightning.errors import TrainingError
 from cbq_lightning.evaluation.perplexity import EvalSet, evaluate_sets, prepare_eval_set
 from cbq_lightning.export.fake_quant import save_fake_quant_checkpoint
+from cbq_lightning.export.packed import export_run
 from cbq_lightning.export.quant_state import save_quant_state
 from cbq_lightning.guard import DivergenceError
 from cbq_lightning.io import atomic_write_json, atomic_write_text
@@ -495,4 +496,8 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
     }
     atomic_write_json(output_dir / "report.json", report)
     checkpointer.clear()  # the outputs are complete: the per-window state is no longer needed
+    if config.export.format is not None:
+        # from the files just written, exactly as `cbq export --run output_dir` would
+        report["export"] = export_run(output_dir, config.export)
+        atomic_write_json(output_dir / "report.json", report)
     return QuantizeResult(report=report, model=model, tokenizer=tokenizer)
