@@ -18,7 +18,10 @@ Two choices the method leaves open, fixed here (and documented in the README):
 Uses: per output row of a linear on ``|W|`` (values beyond the threshold are truncated), and per input
 channel on the calibration ``max|x|`` of a norm's output, where outlier channels get
 ``s_c = (max_c / max_retained) ** alpha`` folded into the norm (divided) and the following linears' input
-columns (multiplied): an exact re-parameterisation, nothing is left for run time.
+columns (multiplied): an exact re-parameterisation, nothing is left for run time. Optionally
+(``cfp.mlp``, an extension of the method) the same detection and scaling run on the input of the gated MLP's
+down projection, folded into the up projection's output rows instead of a norm: exact as well, and where
+LLaMA-family models carry their largest activations.
 """
 
 from __future__ import annotations
@@ -49,12 +52,16 @@ class CFPConfig:
             the weights and help nothing.
         lambda1: coarse IQR multiplier.
         lambda2: weight of the retained-set variance in the fine split score.
+        mlp: also scale outlier input channels of the down projection, folded into the up projection's
+            output rows (exact; an extension of METHOD.md §4, off by default). Applied under the same
+            conditions as ``activations``.
         alpha: migration strength of the channel scales, ``s_c = (max_c / max_retained) ** alpha``.
         max_samples: calibration sequences used for the activation statistics.
     """
 
     weights: bool = True
     activations: bool = True
+    mlp: bool = False
     lambda1: float = 1.5
     lambda2: float = 1.0
     alpha: float = 0.7
@@ -151,6 +158,19 @@ def channel_scales(channel_max: torch.Tensor, alpha: float, lambda1: float = 1.5
 
 
 @torch.no_grad()
+def fold_linear_channel_scales(producer: nn.Linear, consumer: nn.Linear, scales: torch.Tensor) -> None:
+    """Divide the producer's output rows (and bias) by ``scales`` and multiply the consumer's input columns.
+
+    Exact whenever the consumer's input channel ``c`` is the producer's output ``c`` times something that
+    does not depend on it (the gated MLP's ``act(gate(x)) * up(x)``).
+    """
+    producer.weight.div_(scales.to(producer.weight).unsqueeze(1))
+    if producer.bias is not None:
+        producer.bias.div_(scales.to(producer.bias))
+    consumer.weight.mul_(scales.to(consumer.weight).unsqueeze(0))
+
+
+@torch.no_grad()
 def fold_channel_scales(norm: nn.Module, linears: list[nn.Linear], scales: torch.Tensor) -> None:
     """Divide the norm's weight (and bias) by ``scales`` and multiply the linears' input columns by them.
 
@@ -218,25 +238,34 @@ class CoarseToFinePreprocessor:
         self, index: int, block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]
     ) -> dict[str, float]:
         pairs = DecoderAdapter.norm_linear_pairs(block)
+        mlp_pairs = DecoderAdapter.linear_linear_pairs(block) if self.config.mlp else []
         maxima: dict[str, torch.Tensor] = {}
 
-        def record(norm_name: str, x: torch.Tensor) -> None:
+        def record(name: str, x: torch.Tensor) -> None:
             x = x.abs().amax(dim=0).float().cpu()
-            maxima[norm_name] = torch.maximum(maxima[norm_name], x) if norm_name in maxima else x
+            maxima[name] = torch.maximum(maxima[name], x) if name in maxima else x
 
-        # the first linear of a pair sees exactly the norm's output
-        first_linears = [(norm_name, linears[0]) for norm_name, _, linears in pairs]
-        observe_linear_inputs(block, first_linears, inputs[: self.max_samples], kwargs, self.batch_size, record)
+        # the first linear of a pair sees exactly the norm's output; the down projection's input does not
+        # change when the norm pairs are folded (those foldings are exact), so one pass observes everything
+        observed = [(norm_name, linears[0]) for norm_name, _, linears in pairs]
+        observed += [(name, consumer) for name, _, consumer in mlp_pairs]
+        observe_linear_inputs(block, observed, inputs[: self.max_samples], kwargs, self.batch_size, record)
         stats: dict[str, float] = {}
         found: dict[str, list[int]] = {}
-        for norm_name, norm, linears in pairs:
-            channel_max = all_reduce_(maxima[norm_name], "max")  # DDP: every rank folds the same scales
+
+        def scales_for(name: str) -> torch.Tensor:
+            channel_max = all_reduce_(maxima[name], "max")  # DDP: every rank folds the same scales
             scales, split = channel_scales(channel_max, self.config.alpha, self.config.lambda1, self.config.lambda2)
-            fold_channel_scales(norm, linears, scales.to(norm.weight.device))
-            found[norm_name] = torch.nonzero(scales > 1.0).flatten().tolist()
-            stats[f"cfp/act_outlier_channels/{norm_name}"] = float(len(found[norm_name]))
-            stats[f"cfp/act_threshold/{norm_name}"] = float(split.threshold[0])
-            stats[f"cfp/act_max_before/{norm_name}"] = float(channel_max.max())
-            stats[f"cfp/act_max_after/{norm_name}"] = float((channel_max / scales).max())
+            found[name] = torch.nonzero(scales > 1.0).flatten().tolist()
+            stats[f"cfp/act_outlier_channels/{name}"] = float(len(found[name]))
+            stats[f"cfp/act_threshold/{name}"] = float(split.threshold[0])
+            stats[f"cfp/act_max_before/{name}"] = float(channel_max.max())
+            stats[f"cfp/act_max_after/{name}"] = float((channel_max / scales).max())
+            return scales
+
+        for norm_name, norm, linears in pairs:
+            fold_channel_scales(norm, linears, scales_for(norm_name).to(norm.weight.device))
+        for name, producer, consumer in mlp_pairs:
+            fold_linear_channel_scales(producer, consumer, scales_for(name).to(consumer.weight.device))
         self.outlier_channels[index] = found
         return stats

@@ -12,6 +12,7 @@ from cbq_lightning.cfp import (
     channel_scales,
     find_outliers,
     fold_channel_scales,
+    fold_linear_channel_scales,
     truncate_weight_outliers,
 )
 from cbq_lightning.errors import ConfigError
@@ -106,12 +107,29 @@ def test_fold_channel_scales_is_exact_for_a_norm_linear_pair() -> None:
         torch.testing.assert_close(linear(norm(x)), reference, atol=1e-5, rtol=1e-5)
 
 
+def test_fold_linear_channel_scales_is_exact_for_a_gated_mlp() -> None:
+    torch.manual_seed(0)
+    gate, up, down = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 4)
+    x = torch.randn(5, 6)
+
+    def mlp() -> torch.Tensor:
+        return down(torch.nn.functional.silu(gate(x)) * up(x))
+
+    before = mlp()
+    scales = torch.tensor([1.0, 1.0, 8.0, 1.0, 1.0, 1.0, 3.0, 1.0])
+    with torch.no_grad():
+        fold_linear_channel_scales(up, down, scales)
+        # the up projection's row 2 (and its bias) shrank by 8, the down projection's column 2 grew by 8
+    torch.testing.assert_close(mlp(), before, atol=1e-5, rtol=1e-5)
+
+
 def _block_with_planted_outliers() -> tuple[nn.Module, torch.Tensor, dict]:
     model = build_tiny_llama(TinyModelConfig(), vocab_size=len(byte_tokenizer()), seed=0)
     block = model.model.layers[0]
     with torch.no_grad():
         block.input_layernorm.weight[[3, 17]] *= 60.0
         block.post_attention_layernorm.weight[5] *= 40.0
+        block.mlp.up_proj.weight[9] *= 80.0  # channel 9 of the down projection's input
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0))
     hidden, kwargs = DecoderAdapter(model).capture_block_inputs(ids)
     return block, hidden, kwargs
@@ -129,6 +147,23 @@ def test_activation_scaling_keeps_the_block_output_and_finds_the_planted_channel
     assert stats["cfp/act_max_after/input_layernorm"] < stats["cfp/act_max_before/input_layernorm"] / 5
     # the scale went into the norm weight and the linears' columns
     assert float(block.input_layernorm.weight[3].detach()) < 60.0
+
+
+def test_mlp_scaling_keeps_the_block_output_and_finds_the_planted_channel() -> None:
+    block, hidden, kwargs = _block_with_planted_outliers()
+    before = run_blocks_batched([block], hidden, kwargs, "cpu", 8)
+    cfp = CoarseToFinePreprocessor(CFPConfig(weights=False, mlp=True), scale_activations=True)
+    stats = cfp(0, block, hidden, kwargs)
+    after = run_blocks_batched([block], hidden, kwargs, "cpu", 8)
+    assert float((after - before).abs().max()) < 1e-4
+    assert cfp.outlier_channels[0]["mlp.down_proj"] == [9]
+    # the planted channel is the maximum; it shrinks by s = (max / threshold) ** alpha
+    before_max, threshold = stats["cfp/act_max_before/mlp.down_proj"], stats["cfp/act_threshold/mlp.down_proj"]
+    shrunk = before_max / (before_max / threshold) ** 0.7
+    assert stats["cfp/act_max_after/mlp.down_proj"] == pytest.approx(max(shrunk, threshold), rel=1e-5)
+    assert "cfp/act_max_after/mlp.down_proj" not in CoarseToFinePreprocessor(CFPConfig(weights=False), True)(
+        0, *_block_with_planted_outliers()
+    ), "cfp.mlp is off by default"
 
 
 def test_preprocessor_weight_part_truncates_and_reports() -> None:

@@ -29,8 +29,24 @@ NORM_LINEAR_PAIRS = (
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
 )
 
+#: (producer, consumer) linears of a decoder layer where the consumer reads the producer's output through
+#: an elementwise product only: in the gated MLP ``down(act(gate(x)) * up(x))`` scaling up's output row c
+#: by ``1/s_c`` and down's input column c by ``s_c`` is exact, so CFP can fold channel scales there too
+LINEAR_LINEAR_PAIRS = (("mlp.up_proj", "mlp.down_proj"),)
+
 #: keyword arguments of a block call that must not be replayed (KV caches, output flags)
 _DROPPED_KWARGS = ("past_key_value", "past_key_values", "use_cache", "output_attentions")
+
+
+def _pair_modules(block: nn.Module, names: tuple[str, ...], switch: str) -> list[nn.Module]:
+    """The submodules of a scaling pair, or an error naming the missing one and the switch that avoids it."""
+    try:
+        return [block.get_submodule(name) for name in names]
+    except AttributeError as error:
+        raise ModelSourceError(
+            f"block has no {' -> '.join(names)} pair ({error}): CFP's channel scaling needs the LLaMA-family "
+            f"layout; set {switch}=false for this model."
+        ) from error
 
 
 class _StopForward(Exception):
@@ -156,15 +172,17 @@ class DecoderAdapter:
         """``(norm name, norm, [linears reading its output])`` of a block, for CFP's channel scaling."""
         pairs = []
         for norm_name, linear_names in NORM_LINEAR_PAIRS:
-            try:
-                norm = block.get_submodule(norm_name)
-                linears = [block.get_submodule(name) for name in linear_names]
-            except AttributeError as error:
-                raise ModelSourceError(
-                    f"block has no {norm_name} -> {', '.join(linear_names)} pair ({error}): CFP's activation "
-                    "scaling needs the LLaMA-family layout; set cfp.activations=false for this model."
-                ) from error
+            norm, *linears = _pair_modules(block, (norm_name, *linear_names), "cfp.activations")
             pairs.append((norm_name, norm, linears))
+        return pairs
+
+    @staticmethod
+    def linear_linear_pairs(block: nn.Module) -> list[tuple[str, nn.Linear, nn.Linear]]:
+        """``(consumer name, producer, consumer)`` of a block, for CFP's channel scaling inside the MLP."""
+        pairs = []
+        for producer_name, consumer_name in LINEAR_LINEAR_PAIRS:
+            producer, consumer = _pair_modules(block, (producer_name, consumer_name), "cfp.mlp")
+            pairs.append((consumer_name, producer, consumer))
         return pairs
 
     @staticmethod
