@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -69,11 +69,13 @@ def ct() -> None:
 
 
 @pytest.fixture
-def gptq_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+def gptq_loader() -> Iterator[None]:
     pytest.importorskip("optimum")
     pytest.importorskip("gptqmodel")
-    # gptqmodel torch.compiles its dequantization on first use: on CPU that needs a C++ toolchain and minutes
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    # gptqmodel torch.compiles its dequantization on first use: on CPU that needs a C++ toolchain and
+    # minutes. torch's own config patcher (monkeypatching the config module loses the key on undo)
+    with torch._dynamo.config.patch(disable=True):
+        yield
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
