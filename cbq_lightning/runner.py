@@ -36,9 +36,9 @@ from cbq_lightning.data.calibration import calibration_ids
 from cbq_lightning.distributed import Placement, all_gather_objects, placement
 from cbq_lightning.errors import TrainingError
 from cbq_lightning.evaluation.perplexity import EvalSet, evaluate_sets, prepare_eval_set
-from cbq_lightning.export.fake_quant import save_fake_quant_checkpoint
+from cbq_lightning.export.fake_quant import MODEL_DIR, save_fake_quant_checkpoint
 from cbq_lightning.export.packed import export_run
-from cbq_lightning.export.quant_state import save_quant_state
+from cbq_lightning.export.quant_state import QUANT_STATE_FILE, save_quant_state
 from cbq_lightning.guard import DivergenceError
 from cbq_lightning.io import atomic_write_json, atomic_write_text
 from cbq_lightning.models.adapter import DecoderAdapter
@@ -443,9 +443,9 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
         "name": scheme.name,
         "activations": None if act is None else dataclasses.asdict(act),
     }
-    quantization = {"method": config.method, "scheme": scheme_info, "quant_state": "../quant_state.safetensors"}
-    save_quant_state(model, output_dir / "quant_state.safetensors", scheme_info)
-    save_fake_quant_checkpoint(model, tokenizer, output_dir / "model", quantization)
+    quantization = {"method": config.method, "scheme": scheme_info, "quant_state": f"../{QUANT_STATE_FILE}"}
+    save_quant_state(model, output_dir / QUANT_STATE_FILE, scheme_info)
+    save_fake_quant_checkpoint(model, tokenizer, output_dir / MODEL_DIR, quantization)
     eval_entries = _eval_entries(_evaluate(config, model, eval_sets, device, config.method), fp_results)
     for entry in eval_entries:
         name = Path(entry["dataset"]).stem  # a dataset name, or a file's name without its folders

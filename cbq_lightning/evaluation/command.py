@@ -14,7 +14,7 @@ import torch
 from cbq_lightning.data.text import DEFAULT_DATA_DIR
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.evaluation.perplexity import evaluate_sets, prepare_eval_set
-from cbq_lightning.export.fake_quant import SIDECAR, attach_activation_quantizers
+from cbq_lightning.export.fake_quant import MODEL_DIR, SIDECAR, attach_activation_quantizers
 from cbq_lightning.io import atomic_write_json
 from cbq_lightning.models.loading import ModelConfig, load_model, load_tokenizer
 
@@ -57,8 +57,8 @@ class EvaluateConfig:
 def resolve_model_path(name_or_path: str) -> tuple[str, dict[str, Any] | None]:
     """A ``cbq quantize`` output directory stands for its ``model/`` checkpoint; also its quantization info."""
     path = Path(name_or_path).expanduser()
-    if (path / "model" / SIDECAR).is_file():
-        path = path / "model"
+    if (path / MODEL_DIR / SIDECAR).is_file():
+        path = path / MODEL_DIR
     sidecar = path / SIDECAR
     if sidecar.is_file():
         return str(path), json.loads(sidecar.read_text(encoding="utf-8"))

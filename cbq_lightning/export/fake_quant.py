@@ -20,6 +20,8 @@ from cbq_lightning.quant.act_quantizer import ActivationQuantizer
 from cbq_lightning.quant.convert import quant_linears
 
 SIDECAR = "cbq_quantization.json"
+#: the checkpoint's folder in a ``cbq quantize`` output directory
+MODEL_DIR = "model"
 #: buffers of a finalised QuantLinear that are not part of a plain nn.Linear
 _INTEGER_STATE = ("qweight", "scales", "zeros")
 

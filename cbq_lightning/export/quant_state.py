@@ -30,6 +30,8 @@ from cbq_lightning.io import atomic_write_file
 from cbq_lightning.quant.convert import quant_linears
 
 FORMAT = "cbq-quant-state"
+#: its name in a ``cbq quantize`` output directory
+QUANT_STATE_FILE = "quant_state.safetensors"
 VERSION = "1"
 
 

@@ -17,13 +17,10 @@ import torch
 from safetensors import safe_open
 
 from cbq_lightning.errors import ConfigError
-from cbq_lightning.export.fake_quant import SIDECAR
-from cbq_lightning.export.quant_state import load_quant_state, load_quant_state_scheme
+from cbq_lightning.export.fake_quant import MODEL_DIR, SIDECAR
+from cbq_lightning.export.quant_state import QUANT_STATE_FILE, load_quant_state, load_quant_state_scheme
 from cbq_lightning.quant.act_quantizer import ActQuantSettings
 from cbq_lightning.quant.scheme import QuantScheme
-
-QUANT_STATE = "quant_state.safetensors"
-MODEL_DIR = "model"
 
 
 @dataclass(frozen=True)
@@ -142,11 +139,11 @@ class QuantizedRun:
 def open_run(run_dir: str | Path) -> QuantizedRun:
     """Read a ``cbq quantize`` output directory, checking that it holds what export needs."""
     run_dir = Path(run_dir).expanduser()
-    state_path = run_dir / QUANT_STATE
+    state_path = run_dir / QUANT_STATE_FILE
     model_dir = run_dir / MODEL_DIR
     if not state_path.is_file() or not (model_dir / "config.json").is_file():
         raise ConfigError(
-            f"{run_dir} is not a finished cbq quantize output: it needs {QUANT_STATE} and {MODEL_DIR}/config.json "
+            f"{run_dir} is not a finished cbq quantize output: it needs {QUANT_STATE_FILE} and {MODEL_DIR}/config.json "
             "(give the run's output_dir, not its model/ folder)."
         )
     if not any(model_dir.glob("*.safetensors")):
