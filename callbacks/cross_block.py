@@ -77,7 +77,7 @@ class CrossBlockCallback(L.Callback):
         act = [layer.act_quantizer.summary() for layer in layers if layer.act_quantizer is not None]
         errors = self.state.leave(window, trainer.strategy.root_device)
         finalized = {id(m) for b in window.finalized for _, m in quant_linears(self.state.blocks[b])}
-        flips = [layer.flip_fraction for layer in layers if id(layer) in finalized]
+        flips = [layer.flip_fraction for layer in layers if id(layer) in finalized and layer.flip_fraction is not None]
         summary = {
             "index": window.index,
             "blocks": list(window.blocks),
@@ -88,7 +88,8 @@ class CrossBlockCallback(L.Callback):
             "loss_last": self._loss_last,
             "train_loss_first": pl_module.train_loss_first,
             "train_loss_last": pl_module.train_loss_last,
-            "flip_fraction": sum(flips) / len(flips) if flips else 0.0,
+            # share of rounding decisions learned away from round-to-nearest; None when rounding is not learned
+            "flip_fraction": sum(flips) / len(flips) if flips else None,
             "clip_ratio": sum(clip) / len(clip) if clip else 1.0,
             # mean activation clipping ratio (dynamic modes) or step (static); None when weight-only
             "act_clip": sum(act) / len(act) if act else None,

@@ -12,9 +12,11 @@ from torch import nn
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.export.quant_state import dequantize
 from cbq_lightning.quant.qlinear import QuantLinear
+from cbq_lightning.quant.convert import check_rounding_rank
 from cbq_lightning.quant.rounding import (
     LoRARounding,
     RoundingConfig,
+    RoundingOffset,
     beta_at,
     inverse_rectified_sigmoid,
     rectified_sigmoid,
@@ -342,3 +344,72 @@ def test_rtn_finalize_codes_hand_values():
     assert layer.zeros.tolist() == [[1], [0]]
     torch.testing.assert_close(layer.scales, torch.tensor([[1.0], [0.2]]))
     torch.testing.assert_close(layer.weight, torch.tensor([[-1.0, 0.0, 0.0, 2.0], [0.0, 0.2, 0.4, 0.6]]))
+
+
+# --- signed-offset rounding (form: offset) -------------------------------------------------------------
+
+
+def hand_offset_layer() -> QuantLinear:
+    """The 2-bit hand-made layer of ``test_rtn_finalize_codes_hand_values`` with signed rounding offsets."""
+    linear = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[-1.0, -0.5, 0.25, 2.0], [0.0, 0.2, 0.4, 0.6]]))
+    layer = QuantLinear(linear, QuantScheme(w_bits=2), RoundingConfig(form="offset"), False, 1.0)
+    assert isinstance(layer.rounding, RoundingOffset)
+    return layer
+
+
+def test_offset_starts_at_round_to_nearest():
+    layer = hand_offset_layer()
+    nearest = QuantLinear(nn.Linear(4, 2, bias=False), QuantScheme(w_bits=2), RoundingConfig(enabled=False), False, 1.0)
+    nearest.weight.copy_(layer.weight)
+    torch.testing.assert_close(layer.fake_weight(), nearest.fake_weight(), atol=0, rtol=0)
+
+
+def test_offset_codes_hand_values():
+    # row 0: W/s = [-1, -0.5, 0.25, 2], zero 1; offsets [0.3, -0.2, 0.3, 0.9 -> 0.5]
+    #   round_half_up([-0.7, -0.7, 0.55, 2.5]) = [-1, -1, 1, 3] -> +1 -> [0, 0, 2, 4 -> clamp 3]
+    # row 1: W/s = [0, 1, 2, 3], zero 0; offsets [-0.6 -> -0.5, 0.49, -0.49, 0]
+    #   round_half_up([-0.5, 1.49, 1.51, 3]) = [0, 1, 2, 3]: a bounded offset cannot move a grid value
+    layer = hand_offset_layer()
+    with torch.no_grad():
+        layer.rounding.v.copy_(torch.tensor([[0.3, -0.2, 0.3, 0.9], [-0.6, 0.49, -0.49, 0.0]]))
+    torch.testing.assert_close(layer.fake_weight(), torch.tensor([[-1.0, -1.0, 1.0, 2.0], [0.0, 0.2, 0.4, 0.6]]))
+    layer.finalize()
+    assert layer.qweight.tolist() == [[0, 0, 2, 3], [0, 1, 2, 3]]
+    assert layer.flip_fraction == pytest.approx(2 / 8)  # row 0, positions 1 and 2 left round-to-nearest
+    assert list(layer.parameters()) == [] and layer.rounding is None
+
+
+def test_offset_gradient_is_straight_through():
+    # d W_hat / d v = s inside (-0.5, 0.5) and where the code is not clamped; zero beyond the bounds
+    layer = hand_offset_layer()
+    with torch.no_grad():
+        layer.rounding.v.copy_(torch.tensor([[0.1, -0.1, 0.7, 0.0], [0.2, 0.0, -0.2, -0.7]]))
+    layer.fake_weight().sum().backward()
+    grad = layer.rounding.v.grad
+    # row 0: s = 1; position 2 is beyond the bound; position 3 (code 3 = top) is not clamped by the +0 offset
+    # row 1: s = 0.2; position 3 beyond the bound
+    torch.testing.assert_close(grad, torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.2, 0.2, 0.2, 0.0]]))
+
+
+def test_offset_has_no_regulariser_and_trains_with_clipping():
+    layer = QuantLinear(make_linear(), QuantScheme(w_bits=3, group_size=8), RoundingConfig(form="offset"), True, 0.9)
+    assert layer.rounding_regularizer(2.0) is None
+    assert [p.shape for p in layer.rounding_parameters()] == [torch.Size([8, 16])]
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    layer(x).pow(2).sum().backward()
+    assert layer.rounding.v.grad.abs().sum() > 0
+    assert layer.quantizer.upper_logit.grad.abs().sum() > 0
+
+
+def test_offset_form_skips_the_low_rank_check():
+    blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4))])
+    check_rounding_rank(blocks, RoundingConfig(form="offset", rank=8))
+    with pytest.raises(ConfigError, match="not low-rank"):
+        check_rounding_rank(blocks, RoundingConfig(form="residual", rank=8))
+
+
+def test_unknown_rounding_form_in_config_raises():
+    with pytest.raises(ConfigError, match="rounding.form"):
+        RoundingConfig(form="adaround")

@@ -44,7 +44,7 @@ def check_group_size(blocks: nn.ModuleList, scheme: QuantScheme) -> None:
 
 def check_rounding_rank(blocks: nn.ModuleList, rounding: RoundingConfig) -> None:
     """Fail early when the LoRA-Rounding rank is not below every linear's smaller dimension."""
-    if not rounding.enabled:
+    if not rounding.enabled or rounding.form == "offset":  # the offset form is full-rank by design
         return
     smallest = min(min(lin.in_features, lin.out_features) for _, lin in all_block_linears(blocks))
     if rounding.rank >= smallest:

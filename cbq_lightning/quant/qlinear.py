@@ -2,8 +2,9 @@
 
 Two lives:
 * **calibrating** - holds the full-precision weight (a frozen buffer), a :class:`WeightQuantizer` with
-  learnable clipping logits and, when rounding is learned, a :class:`LoRARounding`. Its forward uses the
-  soft fake-quantized weight, so gradients reach exactly those parameters.
+  learnable clipping logits and, when rounding is learned, a :class:`LoRARounding` (soft decisions) or a
+  :class:`RoundingOffset` (hard decisions, straight-through). Its forward uses the fake-quantized weight,
+  so gradients reach exactly those parameters.
 * **finalised** - holds integer codes, scales and zero-points; ``weight`` becomes the dequantized weight
   ``scale * (q - zero)`` and nothing is trainable. This is what is exported.
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbq_lightning.quant.act_quantizer import ActivationQuantizer, ActQuantSettings
-from cbq_lightning.quant.rounding import LoRARounding, RoundingConfig
+from cbq_lightning.quant.rounding import LoRARounding, RoundingConfig, RoundingOffset
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
 
@@ -64,8 +65,10 @@ class QuantLinear(nn.Module):
         )
         if clip_search is not None:
             self.quantizer.search_clip(weight, clip_search, input_moments)
-        self.rounding: LoRARounding | None = None
-        if rounding.enabled:
+        self.rounding: LoRARounding | RoundingOffset | None = None
+        if rounding.enabled and rounding.form == "offset":
+            self.rounding = RoundingOffset(tuple(weight.shape))
+        elif rounding.enabled:
             frac = self.quantizer.fractional_part(weight)
             self.rounding = LoRARounding(frac, rounding.rank, rounding.form, rounding.init_std, generator)
         self.act_quantizer: ActivationQuantizer | None = None if act is None else ActivationQuantizer(act)
@@ -73,8 +76,9 @@ class QuantLinear(nn.Module):
         #: forward with hardened (0/1) rounding decisions instead of soft ones, to measure what
         #: finalisation would give without finalising
         self.use_hard_rounding = False
-        #: share of hardened rounding decisions that differ from round-to-nearest (set at finalise)
-        self.flip_fraction: float = 0.0
+        #: share of hardened rounding decisions that differ from round-to-nearest (set at finalise when
+        #: rounding is learned; None when the layer rounds to nearest)
+        self.flip_fraction: float | None = None
 
     # --- calibration ---------------------------------------------------------------------------------
     def fake_weight(self) -> torch.Tensor:
@@ -82,6 +86,8 @@ class QuantLinear(nn.Module):
         if self.finalized:
             return self.weight
         assert self.quantizer is not None
+        if isinstance(self.rounding, RoundingOffset):  # always hard: nothing to harden
+            return self.quantizer.fake_quantize(self.weight, offset=self.rounding.offset())
         if self.rounding is None:
             decisions = None
         elif self.use_hard_rounding:
@@ -98,7 +104,11 @@ class QuantLinear(nn.Module):
         return F.linear(x, weight, bias)
 
     def rounding_parameters(self) -> list[nn.Parameter]:
-        return [] if self.rounding is None else [self.rounding.a1, self.rounding.a2]
+        if self.rounding is None:
+            return []
+        if isinstance(self.rounding, RoundingOffset):
+            return [self.rounding.v]
+        return [self.rounding.a1, self.rounding.a2]
 
     def clip_parameters(self) -> list[nn.Parameter]:
         if self.quantizer is None:
@@ -112,7 +122,9 @@ class QuantLinear(nn.Module):
         return self.act_quantizer.trainable_parameters()
 
     def rounding_regularizer(self, beta: float) -> torch.Tensor | None:
-        return None if self.rounding is None else self.rounding.regularizer(beta)
+        if not isinstance(self.rounding, LoRARounding):  # offsets are hard decisions already
+            return None
+        return self.rounding.regularizer(beta)
 
     def mean_clip_ratio(self) -> float:
         """Average upper clipping ratio (1.0 = unclipped): a monitoring signal."""
@@ -144,9 +156,10 @@ class QuantLinear(nn.Module):
         assert self.quantizer is not None
         quantizer = self.quantizer
         scale, zero = quantizer.scale_zero(self.weight)
-        hard = None if self.rounding is None else self.rounding.hard()
-        codes = quantizer.codes(self.weight, scale, zero, hard)
-        if hard is not None:
+        offset = self.rounding.offset() if isinstance(self.rounding, RoundingOffset) else None
+        hard = self.rounding.hard() if isinstance(self.rounding, LoRARounding) else None
+        codes = quantizer.codes(self.weight, scale, zero, hard, offset)
+        if self.rounding is not None:
             nearest = quantizer.codes(self.weight, scale, zero, None)
             self.flip_fraction = float((codes != nearest).float().mean())
         self.register_buffer("qweight", codes.reshape(self.out_features, self.in_features).to(torch.uint8))

@@ -1,4 +1,11 @@
-"""LoRA-Rounding: learned rounding decisions with a low-rank parameterisation (METHOD.md §2).
+"""Learned rounding decisions: LoRA-Rounding (METHOD.md §2) and a signed-offset form.
+
+LoRA-Rounding (``form: residual`` / ``lowrank``) learns soft decisions through AdaRound's rectified sigmoid
+and needs a regulariser schedule long enough to push them to 0 or 1. The ``offset`` form (an extension, the
+parameterisation AutoRound uses) learns an offset ``d`` in [-0.5, 0.5] per weight and rounds
+``round(W/s + d)`` with a straight-through gradient: decisions are hard from the first step, so it needs no
+annealing and suits short fits (the CPU recipes' 64 steps per window), at one trainable value per weight of
+the window's blocks.
 
 AdaRound learns one rounding logit per weight; CBQ makes that affordable for whole windows of blocks by
 writing the logits as a low-rank product. By default a frozen full-rank offset ``V0`` makes the soft
@@ -40,8 +47,9 @@ class RoundingConfig:
 
     Attributes:
         enabled: learn rounding (LoRA-Rounding); False rounds to nearest with a straight-through gradient.
-        form: ``residual`` (default, ``V = V0 + A1 @ A2``) or ``lowrank`` (the paper's ``V = A1 @ A2``).
-        rank: rank r of ``A1 @ A2``.
+        form: ``residual`` (default, ``V = V0 + A1 @ A2``), ``lowrank`` (the paper's ``V = A1 @ A2``) or
+            ``offset`` (full-rank signed offset with straight-through rounding, no regulariser).
+        rank: rank r of ``A1 @ A2`` (not used by ``offset``).
         init_std: standard deviation of the random factor(s) at initialisation.
         reg_weight: lambda, weight of the rounding regulariser.
         beta_start: regulariser exponent after warm-up (sharp: only near-0.5 values are penalised).
@@ -50,7 +58,7 @@ class RoundingConfig:
     """
 
     enabled: bool = True
-    form: Literal["residual", "lowrank"] = "residual"
+    form: Literal["residual", "lowrank", "offset"] = "residual"
     rank: int = 4
     init_std: float = 0.1
     reg_weight: float = 0.01
@@ -63,6 +71,8 @@ class RoundingConfig:
             raise ConfigError(f"rounding.rank={self.rank} must be >= 1.")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"rounding.warmup={self.warmup} must lie in [0, 1).")
+        if self.form not in ("residual", "lowrank", "offset"):
+            raise ConfigError(f"rounding.form={self.form!r} is unknown: use 'residual', 'lowrank' or 'offset'.")
         if self.reg_weight < 0:
             raise ConfigError(f"rounding.reg_weight={self.reg_weight} must be >= 0.")
 
@@ -123,6 +133,23 @@ class LoRARounding(nn.Module):
         """``mean(1 - |2h - 1|^beta)``: zero once every decision is exactly 0 or 1."""
         h = self.soft()
         return (1.0 - (2.0 * h - 1.0).abs().pow(beta)).mean()
+
+
+class RoundingOffset(nn.Module):
+    """Signed rounding offset ``d = clamp(V, -0.5, 0.5)`` for one ``[out, in]`` weight (``form: offset``).
+
+    The weight is rounded as ``round(W/s + d)`` (see :meth:`WeightQuantizer.codes`); ``V`` starts at zero,
+    i.e. at round-to-nearest, and each value can move the decision by at most one step, as AdaRound's can.
+    The decision depends on the current scale, so it is made by the quantizer, not stored here.
+    """
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.v = nn.Parameter(torch.zeros(shape, dtype=torch.float32))
+
+    def offset(self) -> torch.Tensor:
+        """The offset in [-0.5, 0.5], ``[out, in]`` (zero gradient once a value sits beyond a bound)."""
+        return torch.clamp(self.v, -0.5, 0.5)
 
 
 def beta_at(step: int, total_steps: int, config: RoundingConfig) -> float | None:

@@ -147,18 +147,26 @@ class WeightQuantizer(nn.Module):
 
     # --- quantization -------------------------------------------------------------------------------
     def codes(
-        self, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, rounding: torch.Tensor | None
+        self,
+        weight: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        rounding: torch.Tensor | None,
+        offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Integer codes (as float, straight-through) ``clamp(floor(W/s) + h + z, 0, 2^b-1)``.
 
         ``rounding`` is the rounding decision ``h`` in [0, 1] with the weight's ``[out, in]`` shape; ``None``
-        means round-to-nearest.
+        means round-to-nearest, or ``round(W/s + offset)`` when a signed ``offset`` (``[out, in]``, in
+        [-0.5, 0.5]) is given.
         """
         x = self.grouped(weight.float()) / scale
-        if rounding is None:
-            q = round_half_up_ste(x)
-        else:
+        if rounding is not None:
             q = floor_ste(x) + self.grouped(rounding)
+        elif offset is not None:
+            q = round_half_up_ste(x + self.grouped(offset))
+        else:
+            q = round_half_up_ste(x)
         return torch.clamp(q + zero, 0, self.qmax)
 
     def fake_quantize(
@@ -166,13 +174,15 @@ class WeightQuantizer(nn.Module):
         weight: torch.Tensor,
         rounding: torch.Tensor | None = None,
         ratios: tuple[torch.Tensor | float, torch.Tensor | float] | None = None,
+        offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``W_hat = s * (clamp(floor(W/s) + h + z, 0, 2^b-1) - z)``, same shape as ``weight`` (fp32).
 
-        ``ratios`` overrides the clipping ratios (see :meth:`scale_zero`).
+        ``ratios`` overrides the clipping ratios (see :meth:`scale_zero`); ``offset`` is a signed rounding
+        offset (see :meth:`codes`).
         """
         scale, zero = self.scale_zero(weight, ratios)
-        q = self.codes(weight, scale, zero, rounding)
+        q = self.codes(weight, scale, zero, rounding, offset)
         return (scale * (q - zero)).reshape(weight.shape)
 
     @torch.no_grad()
