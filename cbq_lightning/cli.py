@@ -1,7 +1,7 @@
 """``cbq`` command line, built on Lightning's CLI parser (jsonargparse).
 
 ``cbq quantize --config configs/<recipe>.yaml [--quant.w_bits 3] [--method rtn] [--output_dir DIR]``
-``cbq evaluate --model PATH_OR_NAME [--data wikitext2] [--max_windows 40]``,
+``cbq evaluate --model PATH_OR_NAME [--data wikitext2] [--max_windows 40] [--tasks arc_easy,piqa]``,
 ``cbq export --run DIR --format {compressed-tensors,gptq} [--output OUT] [--dtype float16]``.
 Every field of :class:`~cbq_lightning.config.QuantizeConfig` is a YAML key and a dotted flag;
 ``--print_config`` prints the resolved configuration. Errors in user input are printed without a
@@ -48,7 +48,8 @@ def quantize_config(instantiated: Namespace) -> QuantizeConfig:
 def evaluate_parser() -> LightningArgumentParser:
     """Parser of ``cbq evaluate``: the fields of :class:`EvaluateConfig`."""
     parser = LightningArgumentParser(
-        description="Perplexity (GPTQ/OmniQuant protocol) of a full-precision model or a cbq-lightning output.",
+        description="Perplexity (GPTQ/OmniQuant protocol) and lm-evaluation-harness task accuracy (--tasks) "
+        "of a full-precision model or a cbq-lightning output.",
         default_env=False,
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML with the options below.")
@@ -58,9 +59,12 @@ def evaluate_parser() -> LightningArgumentParser:
 
 def _run_evaluate(namespace: Namespace) -> None:
     from cbq_lightning.evaluation.command import run_evaluate
+    from cbq_lightning.evaluation.zero_shot import format_entry
 
     config = EvaluateConfig(**_fields(namespace))
     summary = run_evaluate(config)
+    for entry in summary["zero_shot"]:
+        print(format_entry(entry))
     for result in summary["results"]:
         print(
             f"{result['dataset']} {result['split']}: ppl {result['ppl']:.4f} "
@@ -106,7 +110,7 @@ def build_parser() -> LightningArgumentParser:
     parser.add_argument("--version", action="version", version=f"cbq-lightning {__version__}")
     subcommands = parser.add_subcommands(dest="command", required=True)
     subcommands.add_subcommand("quantize", quantize_parser(), help="quantize a model (CBQ or RTN)")
-    subcommands.add_subcommand("evaluate", evaluate_parser(), help="perplexity of a model or a quantized output")
+    subcommands.add_subcommand("evaluate", evaluate_parser(), help="perplexity and lm-eval tasks of a model or a quantized output")
     subcommands.add_subcommand("export", export_parser(), help="packed checkpoint (compressed-tensors, GPTQ) of a run")
     return parser
 

@@ -1,4 +1,4 @@
-"""``cbq evaluate``: perplexity of any causal LM (full precision, or a cbq-lightning output)."""
+"""``cbq evaluate``: perplexity and lm-eval task accuracy of any causal LM (full precision, or a cbq-lightning output)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from cbq_lightning.data.text import DEFAULT_DATA_DIR
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.evaluation.perplexity import evaluate_sets, prepare_eval_set
+from cbq_lightning.evaluation.zero_shot import parse_tasks, prepare_tasks, run_tasks
 from cbq_lightning.export.fake_quant import MODEL_DIR, SIDECAR, attach_activation_quantizers
 from cbq_lightning.io import atomic_write_json
 from cbq_lightning.models.loading import ModelConfig, load_model, load_tokenizer
@@ -26,7 +27,8 @@ class EvaluateConfig:
     Attributes:
         model: a hub id, a checkpoint directory, a ``.gguf`` file, ``smollm2-135m``, or the output
             directory of ``cbq quantize`` (its ``model/`` checkpoint is used).
-        data: one source or a list: dataset names (``wikitext2``, ``c4``, ``ptb``) or ``.jsonl``/``.txt`` files.
+        data: perplexity sources, one or a list: dataset names (``wikitext2``, ``c4``, ``ptb``) or
+            ``.jsonl``/``.txt`` files; ``[]`` = no perplexity (e.g. with ``tasks``).
         split: split of the named datasets; empty = each dataset's standard evaluation split.
         seqlen: tokens per window.
         max_windows: evaluate the first N windows only; null = all.
@@ -36,6 +38,14 @@ class EvaluateConfig:
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         trust_remote_code: allow custom model code from the hub.
         output: also write the results to this JSON file.
+        tasks: lm-evaluation-harness tasks (or groups, tags) to run on the same model, a list or a
+            comma-separated string (``arc_easy,hellaswag,piqa``); needs ``pip install "cbq-lightning[lm-eval]"``.
+        task_dir: a directory of lm-eval task YAMLs, indexed next to lm-eval's own tasks (for tasks over
+            local files: ``dataset_path: json`` with ``dataset_kwargs: {data_files: ...}``).
+        num_fewshot: few-shot examples per prompt; null = each task's default (0 for most).
+        limit: evaluate the first N documents of each task only (a quick check, not a comparable score).
+        lm_eval_batch_size: requests per forward pass in lm-eval: a number, ``auto`` or ``auto:N``
+            (largest that fits, re-detected N times); null = ``batch_size``.
     """
 
     model: str
@@ -49,9 +59,44 @@ class EvaluateConfig:
     device: str = "auto"
     trust_remote_code: bool = False
     output: str | None = None
+    tasks: list[str] | str | None = None
+    task_dir: str | None = None
+    num_fewshot: int | None = None
+    limit: int | None = None
+    lm_eval_batch_size: int | str | None = None
 
     def sources(self) -> list[str]:
         return [self.data] if isinstance(self.data, str) else list(self.data)
+
+    def task_names(self) -> list[str]:
+        return parse_tasks(self.tasks)
+
+    def check(self) -> None:
+        """Reject impossible settings before anything is loaded."""
+        tasks = self.task_names()
+        if not self.sources() and not tasks:
+            raise ConfigError("nothing to evaluate: --data is empty and no --tasks given; set at least one of them.")
+        if not tasks:
+            for name in ("task_dir", "num_fewshot", "limit", "lm_eval_batch_size"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name}={getattr(self, name)!r} applies to lm-eval tasks only: also give --tasks.")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ConfigError(f"num_fewshot={self.num_fewshot} must be >= 0, or null for each task's default.")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit={self.limit} must be >= 1 (documents per task), or null for all.")
+        size = self.lm_eval_batch_size
+        if isinstance(size, int) and size < 1 or isinstance(size, str) and not _is_auto_batch_size(size):
+            raise ConfigError(
+                f"lm_eval_batch_size={size!r} must be a number >= 1, 'auto' or 'auto:N' (N re-detections)."
+            )
+
+    def lm_eval_batch(self) -> int | str:
+        return self.batch_size if self.lm_eval_batch_size is None else self.lm_eval_batch_size
+
+
+def _is_auto_batch_size(value: str) -> bool:
+    head, _, times = value.partition(":")
+    return head == "auto" and (not times or (times.isdigit() and int(times) >= 1))
 
 
 def resolve_model_path(name_or_path: str) -> tuple[str, dict[str, Any] | None]:
@@ -74,9 +119,17 @@ def _device(name: str) -> torch.device:
 
 
 def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate and return ``{model, quantization, device, results: [{dataset, split, ..., ppl}]}``."""
+    """Evaluate and return ``{model, quantization, device, results: [{dataset, split, ..., ppl}], zero_shot: [...]}``.
+
+    Everything that can fail on user input (the options, lm-eval being installed, task names, task data,
+    perplexity data) is checked before the model is loaded. The lm-eval tasks then run on the very model
+    object the perplexity is measured on (activation quantizers attached); ``zero_shot`` holds one entry
+    per task and group (see :func:`~cbq_lightning.evaluation.zero_shot.run_tasks`), empty without ``tasks``.
+    """
     started = time.perf_counter()
+    config.check()
     device = _device(config.device)
+    tasks = prepare_tasks(config.task_names(), config.task_dir) if config.task_names() else None
     path, quantization = resolve_model_path(config.model)
     model_config = ModelConfig(name_or_path=path, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
     tokenizer = load_tokenizer(model_config)
@@ -88,6 +141,12 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if quantization is not None and quantization.get("scheme", {}).get("activations"):
         attach_activation_quantizers(model, Path(path) / quantization["quant_state"])
     model.to(device)
+    zero_shot: list[dict[str, Any]] = []
+    zero_shot_s = None
+    if tasks is not None:
+        zero_shot_started = time.perf_counter()
+        zero_shot = run_tasks(model, tokenizer, tasks, config.num_fewshot, config.limit, config.lm_eval_batch())
+        zero_shot_s = time.perf_counter() - zero_shot_started
     results = evaluate_sets(model, sets, device, config.batch_size, label="eval")
     summary = {
         "model": config.model,
@@ -95,6 +154,9 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         "device": str(device),
         "dtype": config.dtype,
         "results": results,
+        "zero_shot": zero_shot,
+        "lm_eval_version": tasks.lm_eval_version if tasks is not None else None,
+        "zero_shot_s": zero_shot_s,
         "wall_time_s": time.perf_counter() - started,
         "config": dataclasses.asdict(config),
     }
