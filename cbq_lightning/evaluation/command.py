@@ -129,7 +129,8 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     started = time.perf_counter()
     config.check()
     device = _device(config.device)
-    tasks = prepare_tasks(config.task_names(), config.task_dir) if config.task_names() else None
+    names = config.task_names()
+    tasks = prepare_tasks(names, config.task_dir) if names else None
     path, quantization = resolve_model_path(config.model)
     model_config = ModelConfig(name_or_path=path, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
     tokenizer = load_tokenizer(model_config)

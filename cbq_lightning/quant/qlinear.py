@@ -104,11 +104,8 @@ class QuantLinear(nn.Module):
         return F.linear(x, weight, bias)
 
     def rounding_parameters(self) -> list[nn.Parameter]:
-        if self.rounding is None:
-            return []
-        if isinstance(self.rounding, RoundingOffset):
-            return [self.rounding.v]
-        return [self.rounding.a1, self.rounding.a2]
+        # LoRA-Rounding's A1, A2 or the offset's V (LoRA-Rounding's V0 is a frozen buffer, not a parameter)
+        return [] if self.rounding is None else list(self.rounding.parameters())
 
     def clip_parameters(self) -> list[nn.Parameter]:
         if self.quantizer is None:
