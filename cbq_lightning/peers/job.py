@@ -1,0 +1,171 @@
+"""One peer run as the quality benchmark needs it: the recipe's model, calibration rows and evaluation
+windows, the peer's quantization, our perplexity.
+
+Everything that makes the comparison fair is taken from the recipe exactly as ``cbq quantize`` takes
+it: the model through :func:`~cbq_lightning.models.loading.load_model` (so the SmolLM2 GGUF is dequantized
+the same way), the calibration rows from :func:`~cbq_lightning.data.calibration.calibration_ids` with the
+recipe's ``data`` settings and seed (the same N x T tokens CBQ trains on), and the evaluation windows of
+its ``eval`` section, scored by :func:`~cbq_lightning.evaluation.perplexity.evaluate_sets`.
+
+A peer that cannot run gives a record with ``status`` ``unavailable`` (package missing, scheme it cannot
+express) or ``failed`` (it raised) and the ``reason``, never nothing: the benchmark table prints it.
+
+    python -m cbq_lightning.peers --peer gptq --config configs/smollm2_w3a16g64.yaml --output gptq.json
+    python -m cbq_lightning.peers --peer autoround --iters 50 --config configs/tiny.yaml --output ar.json \\
+        --data.num_samples 8          # any further flag is a recipe override, as for `cbq quantize`
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from cbq_lightning.config import QuantizeConfig
+from cbq_lightning.data.calibration import calibration_ids
+from cbq_lightning.evaluation.perplexity import evaluate_sets, prepare_eval_set
+from cbq_lightning.io import atomic_write_json
+from cbq_lightning.models.loading import load_model, load_tokenizer
+from cbq_lightning.peers import autoround, gptq
+from cbq_lightning.peers.settings import PeerSettings, PeerUnavailable, installed_version, peer_settings
+
+log = logging.getLogger("cbq_lightning.peers")
+
+#: the peers by the name ``--peers`` takes
+PEERS: dict[str, ModuleType] = {gptq.NAME: gptq, autoround.NAME: autoround}
+#: longest reason kept in a record (exception messages can be pages long)
+MAX_REASON = 300
+
+
+def parse_peers(text: str | Sequence[str] | None) -> list[str]:
+    """``"gptq,autoround"`` (or a list) as known peer names, in order, without repeats."""
+    if not text:
+        return []
+    items = text.split(",") if isinstance(text, str) else [part for item in text for part in item.split(",")]
+    names: list[str] = []
+    for item in (part.strip().lower() for part in items):
+        if not item:
+            continue
+        if item not in PEERS:
+            raise SystemExit(f"unknown peer {item!r}: choose from {', '.join(PEERS)}")
+        if item not in names:
+            names.append(item)
+    return names
+
+
+def _device(config: QuantizeConfig) -> torch.device:
+    """Where ``cbq quantize`` would run this recipe (CUDA only when the recipe asks for it)."""
+    if config.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _peak_rss_gib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024**3 if sys.platform == "darwin" else 1024**2)
+
+
+def _short(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
+
+
+def check_peer(name: str, config: QuantizeConfig) -> PeerSettings:
+    """The peer's settings for the recipe's scheme; raises :class:`PeerUnavailable` with the reason."""
+    settings = peer_settings(config.quant.resolve())
+    reason = PEERS[name].unavailable_reason(settings)
+    if reason is not None:
+        raise PeerUnavailable(reason)
+    return settings
+
+
+def run_peer(name: str, config: QuantizeConfig, iters: int | None = None) -> dict[str, Any]:
+    """Quantize the recipe's model with peer ``name`` on the recipe's calibration rows and evaluate it.
+
+    Returns the record ``{peer, label, package, version, status, reason, settings, results, quantize_s,
+    eval_s, wall_s, peak_rss_gib, device}``; ``results`` is :func:`evaluate_sets`'s list (one entry per
+    ``eval.datasets`` source) and is empty unless ``status`` is ``ok``. ``iters`` applies to AutoRound.
+    """
+    started = time.perf_counter()
+    peer = PEERS[name]
+    device = _device(config)
+    record: dict[str, Any] = {
+        "peer": name, "label": peer.LABEL, "package": peer.DISTRIBUTION,
+        "version": installed_version(peer.DISTRIBUTION), "status": "ok", "reason": None, "settings": None,
+        "results": [], "quantize_s": None, "eval_s": None, "device": str(device),
+    }
+    try:
+        settings = check_peer(name, config)
+        tokenizer = load_tokenizer(config.model)
+        ids = calibration_ids(config.data, tokenizer, config.seed, config.data_dir)
+        evaluation = config.eval
+        sets = [
+            prepare_eval_set(source, tokenizer, evaluation.seqlen, evaluation.split, evaluation.max_windows,
+                             config.data_dir)
+            for source in evaluation.datasets
+        ]
+        model = load_model(config.model, vocab_size=len(tokenizer), seed=config.seed)
+        try:
+            if name == autoround.NAME:
+                outcome = autoround.quantize(model, tokenizer, ids, settings, iters=iters, seed=config.seed,
+                                             device=str(device))
+            else:
+                outcome = gptq.quantize(model, tokenizer, ids, settings, device=str(device))
+        except ImportError as error:  # installed, but it does not import against this torch/transformers
+            raise PeerUnavailable(f"{peer.DISTRIBUTION} does not import here: {_short(error)}") from error
+        del model
+        record.update(settings=outcome.settings, version=outcome.version, quantize_s=outcome.quantize_s)
+        eval_started = time.perf_counter()
+        outcome.model.to(device)
+        record["results"] = evaluate_sets(outcome.model, sets, device, evaluation.batch_size, label=name)
+        record["eval_s"] = time.perf_counter() - eval_started
+    except PeerUnavailable as error:
+        record.update(status="unavailable", reason=str(error))
+        log.warning("%s not run: %s", peer.LABEL, error)
+    except Exception as error:  # a peer's crash is a result of the benchmark, not the end of it
+        record.update(status="failed", reason=_short(error), traceback=traceback.format_exc())
+        log.error("%s failed: %s", peer.LABEL, record["reason"])
+    record["wall_s"] = time.perf_counter() - started
+    record["peak_rss_gib"] = _peak_rss_gib()
+    return record
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> QuantizeConfig:
+    """The recipe parsed exactly as ``cbq quantize --config PATH OVERRIDES...`` parses it."""
+    from cbq_lightning.cli import quantize_config, quantize_parser
+
+    parser = quantize_parser()
+    return quantize_config(parser.instantiate(parser.parse_args(["--config", str(path), *overrides])))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m cbq_lightning.peers", allow_abbrev=False,
+        description="Quantize a recipe's model with a peer method (GPTQ, AutoRound) on the recipe's "
+        "calibration rows and evaluate it with cbq-lightning's perplexity; further flags override the recipe.",
+    )
+    parser.add_argument("--peer", required=True, choices=sorted(PEERS))
+    parser.add_argument("--config", required=True, help="the recipe (a cbq quantize YAML)")
+    parser.add_argument("--output", required=True, type=Path, help="where the JSON record goes")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="AutoRound iterations per block (default: AutoRound's own, 200)")
+    args, overrides = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_recipe(args.config, overrides)
+    record = run_peer(args.peer, config, iters=args.iters)
+    record["recipe"] = str(args.config)
+    record["overrides"] = list(overrides)
+    atomic_write_json(args.output, record)
+    result = ", ".join(f"{r['dataset']} ppl {r['ppl']:.4f}" for r in record["results"])
+    print(f"{record['label']}: {record['status']}" + (f" ({record['reason']})" if record["reason"] else "")
+          + (f": {result}" if result else ""))
+    return 0
