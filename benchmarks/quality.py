@@ -5,16 +5,27 @@ round-to-nearest: CFP off) and ``--method cbq``, with the same seed, hence the s
 and the same evaluation windows; schemes that quantize activations also get a CBQ run without CFP (the
 ablation of BENCHMARK.md). The full-precision model is evaluated once on those windows. Every run is its own ``cbq``
 process, so its wall time and peak RSS are its own. Results go to ``benchmarks/results/`` as one JSON
-per scheme plus ``quality.md`` (the markdown table, also printed).
+per scheme plus ``quality.md`` (the markdown table, also printed) and ``quality.png`` (perplexity vs
+weight bits, per-block error of RTN vs CBQ: ``quality_plot.py``; needs matplotlib, skipped with a message
+without it).
+
+Peers (``--peers gptq,autoround``): GPTQ and AutoRound quantize the same model on the same calibration rows
+(the recipe's ``data`` settings and seed) and are scored by our evaluator on the same windows, each in its
+own process (``python -m cbq_lightning.peers``, see ``cbq_lightning/peers``); a peer that cannot run gets
+its reason in the table. They need ``pip install -e ".[peers]"``.
 
     python benchmarks/quality.py                      # every scheme below (cpu-quick protocol)
     python benchmarks/quality.py --schemes W3A16G64 --set train.epochs=2   # quick look, overrides
+    python benchmarks/quality.py --schemes W4A16 W3A16G64 W2A16G64 --peers gptq,autoround --autoround-iters 50
+    python benchmarks/quality.py --schemes W3A16G64 --peers gptq,autoround --peers-only   # add peers to a record
+    python benchmarks/quality.py --plot-only          # redraw quality.png from the records, run nothing
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -103,13 +114,54 @@ def _quantize(recipe: Path, method: str, workdir: Path, flags: list[str], cfp: b
     return {"report": report, "wall_s": wall, "command": shlex.join(command)}
 
 
+def _peer(recipe: Path, peer: str, workdir: Path, flags: list[str], iters: int | None) -> dict:
+    """One peer in its own process (its own wall time and peak RSS; a crash is a row, not the end).
+
+    Returns the peer's record (``cbq_lightning.peers.job.run_peer``) plus ``command``."""
+    output = workdir / f"peer_{peer}.json"
+    command = [
+        sys.executable, "-m", "cbq_lightning.peers", "--peer", peer, "--config", str(recipe.relative_to(ROOT)),
+        "--output", str(output), *([] if iters is None else ["--iters", str(iters)]), *flags,
+    ]
+    print("$", shlex.join(command), flush=True)
+    started = time.perf_counter()
+    status = subprocess.run(command, cwd=ROOT).returncode
+    wall = time.perf_counter() - started
+    if output.is_file():
+        record = json.loads(output.read_text())
+    else:  # killed (memory), or it died before writing: still a row
+        record = {"peer": peer, "status": "failed", "reason": f"peer process exited with status {status}",
+                  "results": [], "settings": None, "version": None, "quantize_s": None}
+    record["process_wall_s"] = wall
+    record["command"] = shlex.join(command)
+    return record
+
+
+def _peer_summary(record: dict) -> dict:
+    """What the table and the plot need of a peer record."""
+    results = record.get("results") or []
+    return {
+        "status": record["status"],
+        "reason": record.get("reason"),
+        "ppl": results[0]["ppl"] if results else None,
+        "package": record.get("package"),
+        "version": record.get("version"),
+        "settings": record.get("settings"),
+        "quantize_s": record.get("quantize_s"),
+        "wall_s": record.get("process_wall_s", record.get("wall_s")),
+        "peak_rss_gib": record.get("peak_rss_gib"),
+    }
+
+
 def _quantizes_activations(scheme: str) -> bool:
     from cbq_lightning.quant.scheme import parse_scheme
 
     return parse_scheme(scheme).quantizes_activations
 
 
-def _row(scheme: str, fp: dict, rtn: dict, cbq: dict, cbq_no_cfp: dict | None = None) -> dict:
+def _row(
+    scheme: str, fp: dict, rtn: dict, cbq: dict, cbq_no_cfp: dict | None = None, peers: dict | None = None
+) -> dict:
     ppl_fp = fp["results"][0]["ppl"]
     ppl_rtn = rtn["report"]["eval"][0]["ppl"]
     ppl_cbq = cbq["report"]["eval"][0]["ppl"]
@@ -128,23 +180,57 @@ def _row(scheme: str, fp: dict, rtn: dict, cbq: dict, cbq_no_cfp: dict | None = 
         "cbq_peak_rss_gib": cbq["report"]["peak_rss_gib"],
         "rtn_time_s": rtn["wall_s"],
         "eval": cbq["report"]["eval"][0] | {"ppl": None},
+        **({"peers": {name: _peer_summary(record) for name, record in peers.items()}} if peers else {}),
     }
 
 
+def _peer_cell(row: dict, peer: str) -> str:
+    """A peer's perplexity, why it has none, or ``-`` when the row's run did not ask for it."""
+    summary = (row.get("peers") or {}).get(peer)
+    if summary is None:
+        return "-"
+    if summary["status"] == "ok" and summary["ppl"] is not None:
+        return f"{summary['ppl']:.2f}"
+    return f"not run: {summary['reason']}" if summary["status"] == "unavailable" else f"failed: {summary['reason']}"
+
+
 def _table(rows: list[dict]) -> str:
+    from cbq_lightning.peers.job import PEERS
+
+    peers = [name for name in PEERS if any(name in (row.get("peers") or {}) for row in rows)]
+    peer_heads = "".join(f" {PEERS[name].LABEL} |" for name in peers)
     lines = [
-        "| scheme | FP | RTN | CBQ w/o CFP | CBQ | gap closed | CBQ / RTN | CBQ / FP | CBQ time | peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| scheme | FP | RTN |{peer_heads} CBQ w/o CFP | CBQ | gap closed | CBQ / RTN | CBQ / FP | CBQ time | peak RSS |",
+        "|---|---|---|" + "---|" * len(peers) + "---|---|---|---|---|---|---|",
     ]
     for row in rows:
         closed = f"{100 * row['gap_closed']:.0f} %" if row["gap_closed"] is not None else "n/a"
         no_cfp = f"{row['cbq_no_cfp']:.2f}" if row.get("cbq_no_cfp") is not None else "-"
+        peer_cells = "".join(f" {_peer_cell(row, name)} |" for name in peers)
         lines.append(
-            f"| {row['scheme']} | {row['fp']:.2f} | {row['rtn']:.2f} | {no_cfp} | {row['cbq']:.2f} | {closed} | "
-            f"{row['cbq_over_rtn']:.2f} | {row['cbq'] / row['fp']:.2f} | "
+            f"| {row['scheme']} | {row['fp']:.2f} | {row['rtn']:.2f} |{peer_cells} {no_cfp} | {row['cbq']:.2f} | "
+            f"{closed} | {row['cbq_over_rtn']:.2f} | {row['cbq'] / row['fp']:.2f} | "
             f"{row['cbq_time_s'] / 60:.1f} min | {row['cbq_peak_rss_gib']:.2f} GiB |"
         )
     return "\n".join(lines)
+
+
+def _peer_notes(row: dict) -> list[str]:
+    """One line per peer that ran: package, version, settings, wall time (the table's fine print)."""
+    from cbq_lightning.peers.job import PEERS
+
+    notes = []
+    for name, summary in (row.get("peers") or {}).items():
+        if summary["status"] != "ok":
+            continue
+        settings = ", ".join(f"{k} {v}" for k, v in (summary["settings"] or {}).items())
+        label = PEERS[name].LABEL if name in PEERS else name
+        notes.append(
+            f"  - {label}: {summary['package']} {summary['version']} ({settings}); quantization "
+            f"{summary['quantize_s'] / 60:.1f} min, whole peer run {summary['wall_s'] / 60:.1f} min"
+            + (f", peak RSS {summary['peak_rss_gib']:.2f} GiB" if summary.get("peak_rss_gib") else "")
+        )
+    return notes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,27 +240,59 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a recipe key in every run, e.g. --set train.epochs=2 (repeatable)")
     parser.add_argument("--output", type=Path, default=RESULTS, help="where the JSON and table go")
     parser.add_argument("--tag", default="", help="suffix of the result files (keeps experiments apart)")
+    parser.add_argument("--peers", default="", metavar="NAMES",
+                        help="peer methods run next to CBQ on the same samples and windows: gptq,autoround")
+    parser.add_argument("--autoround-iters", type=int, default=None, metavar="N",
+                        help="AutoRound iterations per block (default: AutoRound's own, 200); stated in the row")
+    parser.add_argument("--peers-only", action="store_true",
+                        help="run only the peers and add them to the existing record of each scheme "
+                        "(same recipe and overrides as that record; FP, RTN and CBQ are not rerun)")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="only redraw quality.png from the records in --output; nothing runs")
     args = parser.parse_args(argv)
+    suffix = f"_{args.tag}" if args.tag else ""
+    if args.plot_only:
+        _draw(args.output, suffix)
+        return 0
 
-    from cbq_lightning.runner import versions as versions_now
+    from cbq_lightning.peers.job import parse_peers
 
+    peers = parse_peers(args.peers)
+    if args.peers_only and not peers:
+        raise SystemExit("--peers-only needs --peers (e.g. --peers gptq,autoround)")
     flags = _overrides(args.set)
     recipes = {scheme: _recipe(scheme) for scheme in args.schemes}
     args.output.mkdir(parents=True, exist_ok=True)
     invocation = shlex.join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
-    rows = []
+    if args.peers_only:
+        _add_peers(recipes, peers, args, invocation, suffix)
+    else:
+        _run_all(recipes, peers, flags, args, invocation, suffix)
+    table = _combined_table(args.output, suffix)
+    (args.output / f"quality{suffix}.md").write_text(table)
+    print(table)
+    _draw(args.output, suffix)
+    return 0
+
+
+def _run_all(recipes: dict[str, Path], peers: list[str], flags: list[str], args: argparse.Namespace,
+             invocation: str, suffix: str) -> None:
+    """FP once, then per scheme RTN, (CBQ w/o CFP,) CBQ and the peers; one record per scheme."""
+    from cbq_lightning.runner import versions as versions_now
+
     with tempfile.TemporaryDirectory(prefix="cbq-quality-") as tmp:
         workdir = Path(tmp)
         fp = _fp_reference(next(iter(recipes.values())), workdir, flags)
-        suffix = f"_{args.tag}" if args.tag else ""
         for scheme, recipe in recipes.items():
             rtn = _quantize(recipe, "rtn", workdir / scheme, flags, cfp=False)
             ablation = None
             if _quantizes_activations(scheme):
                 ablation = _quantize(recipe, "cbq", workdir / scheme, flags, cfp=False, name="cbq_no_cfp")
             cbq = _quantize(recipe, "cbq", workdir / scheme, flags)
-            row = _row(scheme, fp, rtn, cbq, ablation)
-            rows.append(row)
+            peer_records = {
+                name: _peer(recipe, name, workdir / scheme, flags, args.autoround_iters) for name in peers
+            }
+            row = _row(scheme, fp, rtn, cbq, ablation, peer_records)
             record = {
                 "benchmark": "quality",
                 "row": row,
@@ -184,8 +302,12 @@ def main(argv: list[str] | None = None) -> int:
                 "commands": {
                     "fp": fp["command"], "rtn": rtn["command"], "cbq": cbq["command"],
                     **({"cbq_no_cfp": ablation["command"]} if ablation else {}),
+                    **{f"peer_{name}": peer["command"] for name, peer in peer_records.items()},
                 },
                 "cbq_report": cbq["report"],
+                # RTN's per-block errors on the same calibration rows (the plot's right panel)
+                "rtn_block_errors": rtn["report"].get("block_errors"),
+                **({"peers": peer_records} if peer_records else {}),
                 "device": cbq["report"]["device"],
                 "cpu_count": os.cpu_count(),
                 "machine": platform.platform(),
@@ -193,18 +315,50 @@ def main(argv: list[str] | None = None) -> int:
                 "git_commit": _git_commit(),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             }
-            path = args.output / f"quality_{scheme.lower()}{suffix}.json"
-            path.write_text(json.dumps(record, indent=2) + "\n")
-            print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}", flush=True)
-    table = _combined_table(args.output, suffix)
-    (args.output / f"quality{suffix}.md").write_text(table)
-    print(table)
-    return 0
+            _write_record(args.output / f"quality_{scheme.lower()}{suffix}.json", record)
 
 
-def _combined_table(folder: Path, suffix: str) -> str:
-    """The table of the latest result of every scheme in ``folder`` (schemes may be run one at a time),
-    followed by the command, commit, device and versions of each row."""
+def _write_record(path: Path, record: dict) -> None:
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}", flush=True)
+
+
+def _add_peers(recipes: dict[str, Path], peers: list[str], args: argparse.Namespace, invocation: str,
+               suffix: str) -> None:
+    """``--peers-only``: run the peers with each scheme's recorded recipe and overrides, add them to its record."""
+    from cbq_lightning.runner import versions as versions_now
+
+    records = {}
+    for scheme in recipes:
+        path = args.output / f"quality_{scheme.lower()}{suffix}.json"
+        if not path.is_file():
+            raise SystemExit(f"--peers-only: no record {path} for {scheme}; run it without --peers-only first.")
+        record = json.loads(path.read_text())
+        if args.set and args.set != record.get("overrides", []):
+            raise SystemExit(f"--peers-only: {scheme}'s record ran with --set {record.get('overrides')}, not "
+                             f"{args.set}: the peers must calibrate like the record (drop --set).")
+        records[scheme] = (path, record)
+    with tempfile.TemporaryDirectory(prefix="cbq-quality-peers-") as tmp:
+        for scheme, (path, record) in records.items():
+            recipe = ROOT / record["recipe"]
+            flags = _overrides(record.get("overrides", []))
+            peer_records = {
+                name: _peer(recipe, name, Path(tmp) / scheme, flags, args.autoround_iters) for name in peers
+            }
+            record["row"].setdefault("peers", {}).update(
+                {name: _peer_summary(peer) for name, peer in peer_records.items()})
+            record.setdefault("peers", {}).update(peer_records)
+            record.setdefault("commands", {}).update(
+                {f"peer_{name}": peer["command"] for name, peer in peer_records.items()})
+            record["peer_run"] = {
+                "invocation": invocation, "git_commit": _git_commit(), "versions": versions_now(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+            _write_record(path, record)
+
+
+def _latest_records(folder: Path, suffix: str) -> list[dict]:
+    """The latest record of every scheme in ``folder`` (schemes may be run one at a time), in scheme order."""
     records = []
     for scheme in DEFAULT_SCHEMES + tuple(
         p.stem.removeprefix("quality_").removesuffix(suffix).upper() for p in sorted(folder.glob(f"quality_*{suffix}.json"))
@@ -212,6 +366,13 @@ def _combined_table(folder: Path, suffix: str) -> str:
         path = folder / f"quality_{scheme.lower()}{suffix}.json"
         if path.is_file() and all(r["row"]["scheme"] != scheme for r in records):
             records.append(json.loads(path.read_text()))
+    return records
+
+
+def _combined_table(folder: Path, suffix: str) -> str:
+    """The table of the latest result of every scheme in ``folder``, followed by the command, commit,
+    device and versions of each row (and the peers' packages, settings and times)."""
+    records = _latest_records(folder, suffix)
     lines = [_table([r["row"] for r in records]), ""]
     for record in records:
         versions = record["versions"]
@@ -220,7 +381,41 @@ def _combined_table(folder: Path, suffix: str) -> str:
             f"torch {versions['torch']}, transformers {versions['transformers']}, lightning {versions['lightning']}, "
             f"{record['date']})"
         )
+        if "peer_run" in record:
+            run = record["peer_run"]
+            lines.append(f"  - peers added by `{run['invocation']}` (git {run['git_commit']}, {run['date']})")
+        lines.extend(_peer_notes(record["row"]))
+    if any(r["row"].get("peers") for r in records):
+        lines.append("")
+        lines.append("Peer columns: `-` = not asked for in that scheme's run; a reason = asked for but not run.")
     return "\n".join(lines) + "\n"
+
+
+def _plot_module():
+    """``quality_plot.py`` beside this script (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("quality_plot", Path(__file__).with_name("quality_plot.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _draw(folder: Path, suffix: str) -> Path | None:
+    """Draw ``quality{suffix}.png`` from the records in ``folder``; skipped, with the reason, when impossible."""
+    plot = _plot_module()
+    reason = plot.plot_unavailable()
+    records = _latest_records(folder, suffix)
+    if reason is None and not records:
+        reason = f"no quality_*{suffix}.json records in {folder}"
+    if reason is None:
+        try:
+            path = plot.plot_quality(records, folder / f"quality{suffix}.png")
+        except ValueError as error:
+            reason = str(error)
+        else:
+            print(f"plot: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}", flush=True)
+            return path
+    print(f"plot skipped: {reason}", flush=True)
+    return None
 
 
 if __name__ == "__main__":

@@ -52,3 +52,130 @@ def test_combined_table_takes_the_latest_record_of_every_scheme(quality, tmp_pat
     assert lines[2].startswith("| W4A16 | 20.00 | 37.00 | - | 28.00 | 53 % |")
     assert lines[3].startswith("| W4A4 | 20.00 | 900.00 | 450.00 | 300.00 | 68 % | 0.33 | 15.00 |")
     assert "--schemes W4A4" in table
+
+
+# --- peers (GPTQ, AutoRound) and the plot -----------------------------------------------------------------
+
+
+def _peer_record(name: str, ppl: float | None, status: str = "ok", reason: str | None = None) -> dict:
+    return {"peer": name, "package": {"gptq": "gptqmodel", "autoround": "auto-round"}[name], "version": "1.0",
+            "status": status, "reason": reason, "settings": {"bits": 3, "group_size": 64, "sym": False},
+            "results": [{"dataset": "wikitext2", "ppl": ppl}] if ppl is not None else [], "quantize_s": 90.0,
+            "process_wall_s": 150.0, "peak_rss_gib": 1.5, "command": f"python -m cbq_lightning.peers --peer {name}"}
+
+
+def test_peer_columns_show_perplexity_or_the_reason(quality) -> None:
+    fp = {"results": [{"ppl": 20.0}]}
+    peers = {"gptq": _peer_record("gptq", 45.0),
+             "autoround": _peer_record("autoround", None, "unavailable", "auto-round not installed (pip install -e '.[peers]')")}
+    row = quality._row("W3A16G64", fp, _run(72.0), _run(36.0), peers=peers)
+    assert row["peers"]["gptq"]["ppl"] == 45.0 and row["peers"]["autoround"]["status"] == "unavailable"
+    w4a4 = quality._row("W4A4", fp, _run(900.0), _run(300.0), _run(450.0),
+                        peers={"gptq": _peer_record("gptq", None, "failed", "RuntimeError: boom")})
+    old = quality._row("W4A16", fp, _run(37.0), _run(28.0))  # a record made before peers existed
+    lines = quality._table([row, w4a4, old]).splitlines()
+    assert lines[0].startswith("| scheme | FP | RTN | GPTQ | AutoRound | CBQ w/o CFP | CBQ |")
+    assert lines[1].count("|") == lines[0].count("|")
+    assert lines[2].startswith("| W3A16G64 | 20.00 | 72.00 | 45.00 | not run: auto-round not installed")
+    assert lines[3].startswith("| W4A4 | 20.00 | 900.00 | failed: RuntimeError: boom | - | 450.00 | 300.00 |")
+    assert lines[4].startswith("| W4A16 | 20.00 | 37.00 | - | - | - | 28.00 |")
+    notes = quality._peer_notes(row)
+    assert len(notes) == 1 and "GPTQ: gptqmodel 1.0 (bits 3, group_size 64, sym False)" in notes[0]
+    assert "quantization 1.5 min, whole peer run 2.5 min" in notes[0]
+    # no peers anywhere: the table keeps its columns
+    assert quality._table([old]).startswith("| scheme | FP | RTN | CBQ w/o CFP | CBQ |")
+
+
+def test_peer_process_gives_a_record_in_any_environment(quality, tmp_path: Path, monkeypatch) -> None:
+    """The real subprocess on the tiny recipe: GPTQ runs where gptqmodel is installed, says why not elsewhere."""
+    flags = ["--data.num_samples", "4", "--data.seqlen", "32", "--eval.seqlen", "32", "--eval.max_windows", "2"]
+    record = quality._peer(REPO / "configs" / "tiny.yaml", "gptq", tmp_path, flags, None)
+    if importlib.util.find_spec("gptqmodel") is None:
+        assert record["status"] == "unavailable" and "gptqmodel not installed" in record["reason"]
+    else:
+        assert record["status"] == "ok", record["reason"]
+        assert record["results"][0]["windows"] == 2 and record["settings"]["samples"] == 4
+    assert record["process_wall_s"] > 0 and "--peer gptq" in record["command"]
+    # a process that dies without writing its record is still a row
+    monkeypatch.setattr(quality.sys, "executable", "false")
+    broken = quality._peer(REPO / "configs" / "tiny.yaml", "gptq", tmp_path / "x", flags, None)
+    assert broken["status"] == "failed" and broken["reason"].startswith("peer process exited with status")
+
+
+def _record(scheme: str, fp: float, rtn: float, cbq: float, peers: dict | None = None, blocks: int = 4,
+            rtn_errors: bool = True) -> dict:
+    row = {"scheme": scheme, "fp": fp, "rtn": rtn, "cbq": cbq, "cbq_no_cfp": None,
+           "gap_closed": (rtn - cbq) / (rtn - fp), "cbq_over_rtn": cbq / rtn, "cbq_time_s": 600.0,
+           "cbq_peak_rss_gib": 2.5, "eval": {"dataset": "wikitext2", "windows": 40, "seqlen": 2048}}
+    if peers:
+        row["peers"] = peers
+    errors = [{"block": b, "quantized": 0.01 * (b + 1), "rtn": None} for b in range(blocks)]
+    return {"row": row, "invocation": f"python benchmarks/quality.py --schemes {scheme}", "git_commit": "abc",
+            "device": "cpu", "date": "2026-11-23", "recipe": f"configs/smollm2_{scheme.lower()}.yaml", "overrides": [],
+            "versions": {"torch": "2", "transformers": "5", "lightning": "2"},
+            "cbq_report": {"block_errors": errors, "model": {"name_or_path": "tiny-llama"}},
+            **({"rtn_block_errors": [{"block": b, "quantized": 0.03 * (b + 1), "rtn": None} for b in range(blocks)]}
+               if rtn_errors else {})}
+
+
+def test_plot_from_synthetic_records(quality, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    plot = quality._plot_module()
+    ok = {"status": "ok", "ppl": 40.0, "reason": None}
+    records = [
+        _record("W4A16", 20.0, 37.0, 28.0, {"gptq": ok | {"ppl": 30.0}, "autoround": ok | {"ppl": 29.0}}),
+        _record("W3A16G64", 20.0, 72.0, 36.0, {"gptq": ok, "autoround": {"status": "unavailable", "ppl": None,
+                                                                          "reason": "not installed"}}),
+        _record("W2A16G64", 20.0, 8.6e5, 598.0, rtn_errors=False),  # old record: CBQ's block errors only
+        _record("W4A4", 20.0, 11561.0, 2419.0),  # activation scheme: not on the bits axis
+    ]
+    cbq, rtn = plot.block_errors(records[0])
+    assert cbq[0] == (0, 0.01) and rtn[-1] == (3, pytest.approx(0.12))
+    assert plot.block_errors(records[2])[1] == []
+    path = plot.plot_quality(records, tmp_path / "quality.png")
+    assert path.stat().st_size > 10_000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no weight-only scheme"):
+        plot.plot_quality([records[3]], tmp_path / "none.png")
+
+
+def test_plot_only_redraws_from_the_records(quality, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for scheme, values in {"W4A16": (20.0, 37.0, 28.0), "W3A16G64": (20.0, 72.0, 36.0)}.items():
+        (tmp_path / f"quality_{scheme.lower()}.json").write_text(json.dumps(_record(scheme, *values)))
+    assert quality.main(["--plot-only", "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "plot skipped: matplotlib is not installed" in out
+    else:
+        assert (tmp_path / "quality.png").stat().st_size > 10_000
+    assert not (tmp_path / "quality.md").exists()  # only the picture is redrawn
+    assert quality.main(["--plot-only", "--output", str(tmp_path / "empty")]) == 0
+    assert "plot skipped" in capsys.readouterr().out
+
+
+def test_peers_only_adds_peers_to_the_existing_record(quality, tmp_path: Path, monkeypatch) -> None:
+    record = _record("W3A16G64", 20.0, 72.0, 36.0)
+    record["overrides"] = ["train.epochs=2"]
+    path = tmp_path / "quality_w3a16g64.json"
+    path.write_text(json.dumps(record))
+    calls = []
+
+    def fake_peer(recipe, name, workdir, flags, iters):
+        calls.append((recipe.name, name, flags, iters))
+        return _peer_record(name, 41.0 if name == "gptq" else 39.0)
+
+    monkeypatch.setattr(quality, "_peer", fake_peer)
+    monkeypatch.setattr(quality, "_draw", lambda folder, suffix: None)
+    assert quality.main(["--schemes", "W3A16G64", "--peers", "gptq,autoround", "--peers-only",
+                         "--autoround-iters", "50", "--output", str(tmp_path)]) == 0
+    assert calls == [("smollm2_w3a16g64.yaml", "gptq", ["--train.epochs", "2"], 50),
+                     ("smollm2_w3a16g64.yaml", "autoround", ["--train.epochs", "2"], 50)]
+    updated = json.loads(path.read_text())
+    assert updated["row"]["cbq"] == 36.0 and updated["row"]["peers"]["autoround"]["ppl"] == 39.0
+    assert set(updated["peers"]) == {"gptq", "autoround"} and "--peers-only" in updated["peer_run"]["invocation"]
+    table = (tmp_path / "quality.md").read_text()
+    assert "| W3A16G64 | 20.00 | 72.00 | 41.00 | 39.00 | - | 36.00 |" in table
+    with pytest.raises(SystemExit, match="drop --set"):
+        quality.main(["--schemes", "W3A16G64", "--peers", "gptq", "--peers-only", "--set", "train.epochs=3",
+                      "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no record"):
+        quality.main(["--schemes", "W4A16", "--peers", "gptq", "--peers-only", "--output", str(tmp_path)])

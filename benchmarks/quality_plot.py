@@ -1,0 +1,132 @@
+"""The quality benchmark's figure, drawn from its result records (``benchmarks/results/quality_*.json``).
+
+Left: perplexity against weight bits for the weight-only schemes (W4 / W3 / W2, activations in FP), one
+line per method - FP, RTN, GPTQ, AutoRound, CBQ - on a log axis, because RTN at 2 bits is orders of
+magnitude off. Right: the relative output error after each block of the quantized model against the FP
+model on the calibration rows, RTN (dashed) against CBQ (solid), one colour per scheme: where along the
+depth CBQ's cross-block training pays off.
+
+Only what the records hold is drawn: a peer that did not run is named in the legend as not run, and
+records made before the benchmark kept RTN's per-block errors show CBQ's alone (said in the panel title).
+matplotlib is optional (``pip install -e ".[plot]"``): :func:`plot_unavailable` says why it cannot draw.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+#: methods of the left panel, in legend order: (label, key of the row or of row["peers"], style)
+METHODS = (
+    ("FP", "fp", {"color": "black", "linestyle": ":", "marker": None}),
+    ("RTN", "rtn", {"color": "tab:red", "linestyle": "--", "marker": "s"}),
+    ("GPTQ", "gptq", {"color": "tab:orange", "linestyle": "-", "marker": "^"}),
+    ("AutoRound", "autoround", {"color": "tab:purple", "linestyle": "-", "marker": "v"}),
+    ("CBQ", "cbq", {"color": "tab:blue", "linestyle": "-", "marker": "o"}),
+)
+PEER_KEYS = ("gptq", "autoround")
+SCHEME_COLOURS = ("tab:green", "tab:blue", "tab:red", "tab:brown", "tab:pink")
+
+
+def plot_unavailable() -> str | None:
+    """Why the plot cannot be drawn here (matplotlib missing), or None."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[plot]')"
+    return None
+
+
+def _weight_only(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of weight-only schemes, most bits first."""
+    from cbq_lightning.quant.scheme import parse_scheme
+
+    chosen = [r for r in records if not parse_scheme(r["row"]["scheme"]).quantizes_activations]
+    return sorted(chosen, key=lambda r: -parse_scheme(r["row"]["scheme"]).w_bits)
+
+
+def _value(row: dict[str, Any], key: str) -> float | None:
+    if key in PEER_KEYS:
+        peer = (row.get("peers") or {}).get(key)
+        return peer.get("ppl") if peer and peer.get("status") == "ok" else None
+    return row.get(key)
+
+
+def block_errors(record: dict[str, Any]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """``(cbq, rtn)`` as ``[(block, relative error)]``; RTN's from the RTN run of the same invocation
+    (``rtn_block_errors``) or from the CBQ run's RTN reference (``monitor.rtn_reference``), else empty."""
+    errors = (record.get("cbq_report") or {}).get("block_errors") or []
+    cbq = [(e["block"], e["quantized"]) for e in errors if e.get("quantized") is not None]
+    rtn = [(e["block"], e["quantized"]) for e in record.get("rtn_block_errors") or [] if e.get("quantized") is not None]
+    if not rtn:
+        rtn = [(e["block"], e["rtn"]) for e in errors if e.get("rtn") is not None]
+    return cbq, rtn
+
+
+def _subtitle(records: list[dict[str, Any]]) -> str:
+    row = records[0]["row"]
+    evaluation = row.get("eval") or {}
+    model = ((records[0].get("cbq_report") or {}).get("model") or {}).get("name_or_path", "")
+    windows = f"{evaluation.get('windows')} x {evaluation.get('seqlen')} tokens" if evaluation.get("windows") else ""
+    return ", ".join(part for part in (model, evaluation.get("dataset", ""), windows) if part)
+
+
+def plot_quality(records: list[dict[str, Any]], path: Path) -> Path:
+    """Draw the two panels from the benchmark records (``quality_<scheme>.json`` contents) into ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cbq_lightning.quant.scheme import parse_scheme
+
+    chosen = _weight_only(records)
+    if not chosen:
+        raise ValueError("no weight-only scheme (W<b>A16) among the records: nothing to plot")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    bits = [parse_scheme(r["row"]["scheme"]).w_bits for r in chosen]
+    for label, key, style in METHODS:
+        points = [(b, _value(r["row"], key)) for b, r in zip(bits, chosen, strict=True)]
+        points = [(b, v) for b, v in points if v is not None]
+        if not points:
+            if key in PEER_KEYS:  # a peer that did not run is named, not silently missing
+                left.plot([], [], label=f"{label} (not run)", **style)
+            continue
+        xs, ys = zip(*points, strict=True)
+        left.plot(xs, ys, label=label, linewidth=1.8, markersize=6, **style)
+    left.set_yscale("log")
+    left.set_xticks(bits, [f"W{b}\n{r['row']['scheme']}" for b, r in zip(bits, chosen, strict=True)])
+    left.set_xlim(max(bits) + 0.3, min(bits) - 0.3)  # fewer bits to the right
+    left.set_xlabel("weight bits (activations not quantized)")
+    left.set_ylabel("perplexity (log scale)")
+    left.set_title("Perplexity vs weight bits")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend()
+
+    missing_rtn = []
+    for colour, record in zip(SCHEME_COLOURS, chosen, strict=False):
+        scheme = record["row"]["scheme"]
+        cbq, rtn = block_errors(record)
+        if cbq:
+            right.plot(*zip(*cbq, strict=True), color=colour, linestyle="-", marker="o", markersize=3,
+                       label=f"{scheme} CBQ")
+        if rtn:
+            right.plot(*zip(*rtn, strict=True), color=colour, linestyle="--", marker="s", markersize=3,
+                       label=f"{scheme} RTN")
+        else:
+            missing_rtn.append(scheme)
+    right.set_yscale("log")
+    right.set_xlabel("block")
+    right.set_ylabel("relative output error vs FP (log scale)")
+    title = "Per-block output error on the calibration rows"
+    if missing_rtn:
+        title += f"\n(no RTN per-block errors recorded for {', '.join(missing_rtn)})"
+    right.set_title(title)
+    right.grid(True, which="both", alpha=0.3)
+    right.legend(fontsize="small")
+    fig.suptitle(_subtitle(chosen))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
