@@ -24,6 +24,7 @@ from cbq_lightning.peers.settings import (
     PeerSettings,
     contiguous_groups,
     installed_version,
+    preserved_global_state,
 )
 
 NAME = "autoround"
@@ -52,12 +53,13 @@ def quantize(
 
     options: dict[str, Any] = {} if iters is None else {"iters": iters}
     started = time.perf_counter()
-    rounder = AutoRound(
-        model, tokenizer=tokenizer, bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
-        dataset=[row.unsqueeze(0) for row in ids], nsamples=int(ids.shape[0]), seqlen=int(ids.shape[1]),
-        device_map=device, seed=seed, **options,
-    )
-    quantized, _ = rounder.quantize()
+    with preserved_global_state():  # AutoRound seeds the global generators with `seed`
+        rounder = AutoRound(
+            model, tokenizer=tokenizer, bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
+            dataset=[row.unsqueeze(0) for row in ids], nsamples=int(ids.shape[0]), seqlen=int(ids.shape[1]),
+            device_map=device, seed=seed, **options,
+        )
+        quantized, _ = rounder.quantize()
     quantize_s = time.perf_counter() - started
     quantized.requires_grad_(False).eval()
     tuned = rounder.quantize_config

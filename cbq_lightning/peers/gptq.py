@@ -31,7 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from cbq_lightning.peers.settings import PER_CHANNEL, PeerOutcome, PeerSettings, installed_version
+from cbq_lightning.peers.settings import (
+    PER_CHANNEL,
+    PeerOutcome,
+    PeerSettings,
+    installed_version,
+    preserved_global_state,
+)
 
 NAME = "gptq"
 LABEL = "GPTQ"
@@ -103,7 +109,7 @@ def quantize(
     config = QuantizeConfig(bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
                             offload_to_disk=False, **ordering)
     calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids]
-    with tempfile.TemporaryDirectory(prefix="cbq-peer-gptq-") as checkpoint, \
+    with tempfile.TemporaryDirectory(prefix="cbq-peer-gptq-") as checkpoint, preserved_global_state(), \
             torch._dynamo.config.patch(disable=True):  # no torch.compile (a C++ toolchain, minutes on CPU)
         model.save_pretrained(checkpoint)
         tokenizer.save_pretrained(checkpoint)

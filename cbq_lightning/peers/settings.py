@@ -9,6 +9,9 @@ reason in the table instead of leaving the row out.
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -111,3 +114,24 @@ def max_levels_per_group(weight: torch.Tensor, groups: torch.Tensor) -> int:
         block = weight[:, groups == group]
         most = max(most, max(int(row.unique().numel()) for row in block))
     return most
+
+
+@contextmanager
+def preserved_global_state() -> Iterator[None]:
+    """Run a peer without leaving its global side effects behind.
+
+    AutoRound seeds Python's, NumPy's and torch's global generators with its own seed, and peers may
+    change torch's thread count; a peer run in-process (tests, notebooks) must not change what runs
+    after it.
+    """
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    torch_state, threads = torch.get_rng_state(), torch.get_num_threads()
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+        torch.set_num_threads(threads)
