@@ -131,13 +131,16 @@ def _check_on_grid(outcome, settings: PeerSettings, model_before: dict[str, torc
 
 @pytest.mark.parametrize("settings", [PeerSettings(3, 32, False), PeerSettings(4, -1, True)],
                          ids=lambda s: s.describe().replace(" ", "-"))
-def test_gptq_weights_sit_on_the_grid_and_perplexity_moves(settings: PeerSettings) -> None:
+def test_gptq_weights_sit_on_the_grid_and_perplexity_moves(settings: PeerSettings, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("gptqmodel")
     assert gptq.unavailable_reason(settings) is None
     model, tokenizer, ids, windows = _tiny()
     before = {name: model.get_submodule(name).weight.detach().clone() for name in _block_linears(model)}
     ppl_fp = perplexity(model, windows)
+    monkeypatch.chdir(tmp_path)
     outcome = gptq.quantize(model, tokenizer, ids, settings)
+    assert not (tmp_path / "logs").exists(), "GPTQModel's layer logs must not land in the working directory"
     assert outcome.model is not model  # GPTQModel quantized its own copy: ours is untouched
     assert all(torch.equal(model.get_submodule(n).weight, w) for n, w in before.items())
     _check_on_grid(outcome, settings, before)

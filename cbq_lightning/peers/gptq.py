@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -94,6 +95,15 @@ def dequantize_linears(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.
     return groups
 
 
+def _keep_logs_in(directory: Path) -> None:
+    """GPTQModel writes a per-layer log file under ``./logs`` of whatever directory the user ran from; the
+    peer's logs belong to its temporary checkpoint, not to the user's working tree."""
+    from gptqmodel.looper import loop_processor
+
+    if hasattr(loop_processor, "_PROJECT_LOG_DIR"):
+        loop_processor._PROJECT_LOG_DIR = directory
+
+
 def quantize(
     model: nn.Module, tokenizer: Any, ids: torch.Tensor, settings: PeerSettings, device: str = "cpu",
 ) -> PeerOutcome:
@@ -113,6 +123,7 @@ def quantize(
             torch._dynamo.config.patch(disable=True):  # no torch.compile (a C++ toolchain, minutes on CPU)
         model.save_pretrained(checkpoint)
         tokenizer.save_pretrained(checkpoint)
+        _keep_logs_in(Path(checkpoint) / "logs")
         started = time.perf_counter()
         wrapped = GPTQModel.load(checkpoint, config, device=device, dtype=dtype)
         wrapped.quantize(calibration)
