@@ -95,6 +95,12 @@ def validate(config: QuantizeConfig) -> QuantScheme:
     config.guard.check()
     config.cache.check()
     config.quant.clip_search_settings()  # raises a ConfigError on impossible search settings
+    if config.quant.gptq_settings() is not None and config.method == "cbq" and config.rounding.enabled:
+        if config.rounding.form != "offset":
+            raise ConfigError(
+                f"quant.gptq_init starts hard rounding decisions; rounding.form={config.rounding.form!r} learns "
+                "soft ones: use rounding.form=offset or rounding.enabled=false."
+            )
     # a packed format that cannot hold the scheme is refused now, not after the calibration
     config.export.check(ExportScheme.from_settings(scheme, config.quant.act_settings(trained=True)))
     if config.method == "cbq":

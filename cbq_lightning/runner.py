@@ -363,7 +363,9 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
     learnable_clip = config.quant.learnable_clip and cbq
     clip_init = config.quant.clip_init if learnable_clip else 1.0
     clip_search = config.quant.clip_search_settings() if cbq else None
-    moments = InputMoments() if clip_search is not None and config.quant.clip_search_activation_aware else None
+    gptq = config.quant.gptq_settings()
+    aware = clip_search is not None and config.quant.clip_search_activation_aware
+    moments = InputMoments(full=gptq is not None) if aware or gptq is not None else None
     act = config.quant.act_settings(trained=cbq)
     cfp = CoarseToFinePreprocessor(
         config.cfp, scale_activations=config.cfp.activations and act is not None,
@@ -378,7 +380,13 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
 
     def quantize(index: int, block: nn.Module) -> None:
         block_moments = moments.pop(index) if moments is not None else None
-        quantize_block(block, scheme, rounding, learnable_clip, clip_init, generator, clip_search, block_moments, act)
+        hessians = block_moments if gptq is not None else None
+        if aware and hessians is not None:  # the clip search weighs by the diagonal E[x_j^2]
+            block_moments = {name: torch.diagonal(m) for name, m in hessians.items()}
+        quantize_block(
+            block, scheme, rounding, learnable_clip, clip_init, generator, clip_search,
+            block_moments if aware else None, act, gptq, hessians,
+        )
 
     def structure(block: nn.Module) -> None:
         """The quantized layout of a block without touching the run's random state (resume loads the values)."""

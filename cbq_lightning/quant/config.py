@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cbq_lightning.quant.act_quantizer import ActMode, ActQuantSettings
+from cbq_lightning.quant.gptq import GPTQInit
 from cbq_lightning.quant.scheme import QuantScheme, parse_scheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch
 
@@ -26,6 +27,13 @@ class QuantConfig:
             clip_search_steps ratios, error norm clip_search_norm); off = every group at clip_init.
         clip_search_activation_aware: weight each weight's error by ``E[x^2]`` of the input feature it
             multiplies (measured on the calibration data), i.e. search for the least *output* error.
+        gptq_init: start each layer's rounding from GPTQ's codes on its (searched) grid, computed from the
+            layer's input Hessian on the window's quantized-path inputs (an extension; see
+            :mod:`cbq_lightning.quant.gptq`). The window's fit then refines clipping (and, with
+            ``rounding.form: offset``, the rounding) from there. Works with ``method: rtn`` too, which then
+            is plain GPTQ.
+        gptq_damp: GPTQ's Hessian dampening, a fraction of the diagonal's mean.
+        gptq_act_order: GPTQ rounds the columns in order of decreasing Hessian diagonal.
         act_mode: activation quantizer when a_bits < 16: ``dynamic_sym`` (per token, symmetric: what
             vLLM serves), ``dynamic_asym`` (per token, asymmetric) or ``static_lsq`` (one learned step
             per layer).
@@ -46,6 +54,9 @@ class QuantConfig:
     clip_search_steps: int = 25
     clip_search_norm: float = 2.4
     clip_search_activation_aware: bool = True
+    gptq_init: bool = False
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = True
     act_mode: ActMode = "dynamic_sym"
     act_learnable: bool = True
     act_clip_init: float = 0.99
@@ -55,6 +66,12 @@ class QuantConfig:
         if not (self.clip_search and self.learnable_clip):
             return None
         return ClipSearch(self.clip_search_min, self.clip_search_steps, self.clip_search_norm)
+
+    def gptq_settings(self) -> GPTQInit | None:
+        """The GPTQ initialisation to run, or None; raises a ConfigError on a bad dampening."""
+        if not self.gptq_init:
+            return None
+        return GPTQInit(damp=self.gptq_damp, act_order=self.gptq_act_order)
 
     def resolve(self) -> QuantScheme:
         """Scheme string with the explicit overrides applied, validated."""

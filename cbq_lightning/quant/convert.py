@@ -12,6 +12,7 @@ from torch import nn
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.models.adapter import DecoderAdapter
 from cbq_lightning.quant.act_quantizer import ActQuantSettings
+from cbq_lightning.quant.gptq import GPTQInit
 from cbq_lightning.quant.qlinear import QuantLinear
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme, valid_group_sizes
@@ -64,16 +65,22 @@ def quantize_block(
     clip_search: ClipSearch | None = None,
     input_moments: dict[str, torch.Tensor] | None = None,
     act: ActQuantSettings | None = None,
+    gptq: GPTQInit | None = None,
+    hessians: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Replace every linear of ``block`` by a calibrating :class:`QuantLinear` (in place).
 
     ``input_moments`` maps a linear's name in the block to ``E[x_j^2]`` of its inputs (activation-aware clip
-    search); ``act`` adds an activation quantizer on every linear's input.
+    search); ``act`` adds an activation quantizer on every linear's input; ``gptq`` starts the rounding from
+    GPTQ's codes, computed from ``hessians`` (name -> ``E[x x^T]``).
     """
 
     def factory(name: str, linear: nn.Linear) -> QuantLinear:
         moments = input_moments.get(name) if input_moments else None
-        layer = QuantLinear(linear, scheme, rounding, learnable_clip, clip_init, generator, clip_search, moments, act)
+        hessian = hessians.get(name) if hessians else None
+        layer = QuantLinear(
+            linear, scheme, rounding, learnable_clip, clip_init, generator, clip_search, moments, act, gptq, hessian
+        )
         return layer.to(linear.weight.device)
 
     DecoderAdapter.replace_linears(block, factory)

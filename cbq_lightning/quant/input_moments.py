@@ -1,11 +1,12 @@
-"""Per-input-feature second moments ``E[x_j^2]`` of every linear of a block, for the clip search.
+"""Second moments of every linear's input in a block: ``E[x_j^2]`` for the clip search, ``E[x x^T]`` for GPTQ.
 
 Why: clipping a weight range by weight error alone is blind to what the weight multiplies. LLaMA-family
 models carry "massive activations" (a few hidden features hundreds of times larger than the rest); a
 weight-error search happily clips the weights that multiply them, and the model breaks although the
 weight error went down. Weighting each input feature's error by ``E[x_j^2]`` makes the search minimise
 (the diagonal approximation of) the layer's *output* error instead, as AWQ's clip search and GPTQ's
-Hessian do.
+Hessian do. GPTQ (:mod:`cbq_lightning.quant.gptq`) needs the whole matrix ``E[x x^T]``; its diagonal is
+the same ``E[x_j^2]``, so one pass serves both.
 """
 
 from __future__ import annotations
@@ -20,19 +21,22 @@ from cbq_lightning.models.adapter import DecoderAdapter, observe_linear_inputs
 
 
 class InputMoments:
-    """A cross-block preprocessor: records ``E[x_j^2]`` at each linear's input, per block.
+    """A cross-block preprocessor: records the second moments at each linear's input, per block.
 
     Runs the (still full-precision) block on the first ``max_samples`` sequences of its quantized-path
     inputs with forward hooks; :meth:`pop` hands the moments to the quantizer of that block once.
 
     Args:
-        max_samples: sequences used (the moments of a few thousand tokens are stable).
+        max_samples: sequences used (the diagonal of a few thousand tokens is stable; the full matrix
+            of a 1536-wide input wants more, hence the larger default when ``full``).
         batch_size: sequences per forward.
+        full: record ``E[x x^T]`` (``[in, in]``) instead of its diagonal ``E[x_j^2]`` (``[in]``).
     """
 
-    def __init__(self, max_samples: int = 16, batch_size: int = 8) -> None:
-        self.max_samples = max_samples
+    def __init__(self, max_samples: int | None = None, batch_size: int = 8, full: bool = False) -> None:
+        self.max_samples = max_samples if max_samples is not None else (128 if full else 16)
         self.batch_size = batch_size
+        self.full = full
         self._moments: dict[int, dict[str, torch.Tensor]] = {}
 
     @torch.no_grad()
@@ -41,7 +45,10 @@ class InputMoments:
         counts: dict[str, int] = {}
 
         def record(name: str, x: torch.Tensor) -> None:
-            sums[name] = sums.get(name, 0) + x.double().pow(2).sum(dim=0).cpu()
+            # the full matrix multiplies in float32 (a float64 GEMM is several times slower on CPU) and is
+            # summed over batches in float64
+            moment = (x.float().T @ x.float()).double() if self.full else x.double().pow(2).sum(dim=0)
+            sums[name] = sums.get(name, 0) + moment.cpu()
             counts[name] = counts.get(name, 0) + x.shape[0]
 
         linears = list(DecoderAdapter.block_linears(block))
@@ -51,9 +58,10 @@ class InputMoments:
             counts[name] = int(all_reduce_(torch.tensor([counts[name]], dtype=torch.float64))[0])
         moments = {name: (sums[name] / counts[name]).float() for name in sums}
         self._moments[index] = moments
-        peak = max(float(m.max() / m.mean().clamp(min=1e-30)) for m in moments.values())
+        diagonals = [torch.diagonal(m) if self.full else m for m in moments.values()]
+        peak = max(float(d.max() / d.mean().clamp(min=1e-30)) for d in diagonals)
         return {"preprocess/input_moment_peak_to_mean": peak}
 
     def pop(self, index: int) -> dict[str, torch.Tensor] | None:
-        """The moments recorded for block ``index`` (forgotten afterwards), or None."""
+        """The moments recorded for block ``index`` by linear name (forgotten afterwards), or None."""
         return self._moments.pop(index, None)

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbq_lightning.errors import ConfigError
 from cbq_lightning.quant.act_quantizer import ActivationQuantizer, ActQuantSettings
+from cbq_lightning.quant.gptq import GPTQInit, gptq_codes
 from cbq_lightning.quant.rounding import LoRARounding, RoundingConfig, RoundingOffset
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
@@ -37,6 +39,10 @@ class QuantLinear(nn.Module):
         clip_search: search each group's initial clipping ratio (learnable clipping only).
         input_moments: ``E[x_j^2]`` of this layer's inputs, ``[in]``: makes the clip search activation-aware.
         act: activation quantization of the layer's input; None keeps activations in floating point.
+        gptq: start the rounding from GPTQ's codes on the (searched) grid, computed from ``hessian``. Kept
+            as a frozen whole-number shift ``rounding_base`` added before rounding, under the learned offset when
+            ``rounding.form`` is ``offset``; soft LoRA-Rounding cannot start from it.
+        hessian: ``E[x x^T]`` of this layer's inputs, ``[in, in]`` (GPTQ only).
     """
 
     def __init__(
@@ -50,6 +56,8 @@ class QuantLinear(nn.Module):
         clip_search: ClipSearch | None = None,
         input_moments: torch.Tensor | None = None,
         act: ActQuantSettings | None = None,
+        gptq: GPTQInit | None = None,
+        hessian: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.in_features = linear.in_features
@@ -65,6 +73,16 @@ class QuantLinear(nn.Module):
         )
         if clip_search is not None:
             self.quantizer.search_clip(weight, clip_search, input_moments)
+        self.register_buffer("rounding_base", None)
+        if gptq is not None:
+            if rounding.enabled and rounding.form != "offset":
+                raise ConfigError(
+                    f"quant.gptq_init starts hard rounding decisions; rounding.form={rounding.form!r} learns soft "
+                    "ones: use rounding.form=offset or rounding.enabled=false."
+                )
+            if hessian is None:
+                raise ValueError("GPTQ initialisation needs the layer's input Hessian E[x x^T]")
+            self.rounding_base = self._gptq_offset(hessian, gptq)
         self.rounding: LoRARounding | RoundingOffset | None = None
         if rounding.enabled and rounding.form == "offset":
             self.rounding = RoundingOffset(tuple(weight.shape))
@@ -77,17 +95,43 @@ class QuantLinear(nn.Module):
         #: finalisation would give without finalising
         self.use_hard_rounding = False
         #: share of hardened rounding decisions that differ from round-to-nearest (set at finalise when
-        #: rounding is learned; None when the layer rounds to nearest)
+        #: rounding is learned or starts from GPTQ; None when the layer rounds to nearest)
         self.flip_fraction: float | None = None
 
+    @torch.no_grad()
+    def _gptq_offset(self, hessian: torch.Tensor, settings: GPTQInit) -> torch.Tensor:
+        """GPTQ's codes minus round-to-nearest's on the current grid, ``[out, in]`` (whole numbers).
+
+        An integer shift, not ``codes - z - W/s``: with it ``W/s + shift`` keeps the fractional part of
+        ``W/s``, so a learned offset in [-0.5, 0.5] can still move a decision to the neighbouring code of
+        GPTQ's (from an exactly integer value it never could), and when the learned clipping moves the grid
+        the codes follow the weight as round-to-nearest's do, carrying GPTQ's correction along.
+        """
+        assert self.quantizer is not None
+        quantizer = self.quantizer
+        scale, zero = quantizer.scale_zero(self.weight)
+        codes = gptq_codes(self.weight, hessian.to(self.weight.device), scale, zero, quantizer.qmax, quantizer.group, settings)
+        x = quantizer.grouped(self.weight.float()) / scale
+        nearest = torch.floor(x + 0.5) + zero  # not clamped: the shift must land on GPTQ's code exactly
+        return (quantizer.grouped(codes.float()) - nearest).reshape(self.weight.shape)
+
     # --- calibration ---------------------------------------------------------------------------------
+    def signed_offset(self) -> torch.Tensor | None:
+        """The signed rounding offset added to ``W/s`` before rounding: GPTQ's frozen start plus the learned
+        offset, either alone, or None (round-to-nearest or soft LoRA-Rounding)."""
+        learned = self.rounding.offset() if isinstance(self.rounding, RoundingOffset) else None
+        if self.rounding_base is None:
+            return learned
+        return self.rounding_base if learned is None else self.rounding_base + learned
+
     def fake_weight(self) -> torch.Tensor:
         """The weight used in forward: soft fake-quant while calibrating, dequantized once finalised."""
         if self.finalized:
             return self.weight
         assert self.quantizer is not None
-        if isinstance(self.rounding, RoundingOffset):  # always hard: nothing to harden
-            return self.quantizer.fake_quantize(self.weight, offset=self.rounding.offset())
+        offset = self.signed_offset()
+        if offset is not None:  # hard decisions: nothing to harden
+            return self.quantizer.fake_quantize(self.weight, offset=offset)
         if self.rounding is None:
             decisions = None
         elif self.use_hard_rounding:
@@ -140,6 +184,7 @@ class QuantLinear(nn.Module):
             return
         self.quantizer = WeightQuantizer(self.weight, self.bits, self.group_size, self.sym, learnable_clip=False, clip_init=1.0)
         self.rounding = None
+        self.rounding_base = None
         if self.act_quantizer is not None:
             untrained = ActQuantSettings(bits=self.act_quantizer.bits, mode=self.act_quantizer.mode, learnable=False, clip_init=1.0)
             self.act_quantizer = ActivationQuantizer(untrained).to(self.weight.device)
@@ -153,10 +198,10 @@ class QuantLinear(nn.Module):
         assert self.quantizer is not None
         quantizer = self.quantizer
         scale, zero = quantizer.scale_zero(self.weight)
-        offset = self.rounding.offset() if isinstance(self.rounding, RoundingOffset) else None
+        offset = self.signed_offset()
         hard = self.rounding.hard() if isinstance(self.rounding, LoRARounding) else None
         codes = quantizer.codes(self.weight, scale, zero, hard, offset)
-        if self.rounding is not None:
+        if offset is not None or hard is not None:
             nearest = quantizer.codes(self.weight, scale, zero, None)
             self.flip_fraction = float((codes != nearest).float().mean())
         self.register_buffer("qweight", codes.reshape(self.out_features, self.in_features).to(torch.uint8))
@@ -165,6 +210,7 @@ class QuantLinear(nn.Module):
         self.weight = self.dequantized_weight().to(self.weight.dtype)
         self.quantizer = None
         self.rounding = None
+        self.rounding_base = None
         if self.act_quantizer is not None:
             self.act_quantizer.requires_grad_(False)
         self.finalized = True
