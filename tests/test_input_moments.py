@@ -71,3 +71,27 @@ def test_uniform_moments_give_the_weight_error_search() -> None:
     plain = WeightQuantizer(weight, bits=3, group_size=16).search_clip(weight, search)
     uniform = WeightQuantizer(weight, bits=3, group_size=16).search_clip(weight, search, torch.full((32,), 3.0))
     torch.testing.assert_close(plain, uniform)
+
+
+def test_full_moments_are_the_input_covariance_and_share_the_diagonal(tiny_model) -> None:
+    """``full=True`` records E[x x^T] (GPTQ's Hessian); its diagonal is the clip search's E[x_j^2]."""
+    adapter, inputs, kwargs = _block_inputs(tiny_model)
+    block = adapter.blocks[0]
+    full = InputMoments(max_samples=2, batch_size=1, full=True)
+    full(0, block, inputs, kwargs)
+    matrices = full.pop(0)
+    diagonal = InputMoments(max_samples=2, batch_size=1)
+    diagonal(0, block, inputs, kwargs)
+    diagonals = diagonal.pop(0)
+    with torch.no_grad():
+        normed = block.input_layernorm(inputs[:2]).reshape(-1, inputs.shape[-1]).double()
+    expected = (normed.T @ normed / normed.shape[0]).float()
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        torch.testing.assert_close(matrices[name], expected, rtol=1e-4, atol=1e-6)
+    for name, matrix in matrices.items():
+        width = block.get_submodule(name).in_features
+        assert matrix.shape == (width, width)
+        torch.testing.assert_close(torch.diagonal(matrix), diagonals[name], rtol=1e-4, atol=1e-6)
+    # the MLP's down projection reads a different input than gate/up: its matrix is not theirs
+    assert matrices["mlp.down_proj"].shape != matrices["mlp.gate_proj"].shape or not torch.allclose(
+        matrices["mlp.down_proj"], matrices["mlp.gate_proj"])
