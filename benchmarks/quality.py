@@ -41,6 +41,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_SCHEMES = ("W4A16", "W3A16G64", "W2A16G64", "W4A8", "W4A4")
 #: flags that switch coarse-to-fine preprocessing off (the RTN baseline and the CFP ablation)
 CFP_OFF = ["--cfp.weights", "false", "--cfp.activations", "false"]
+#: the RTN baseline is plain round-to-nearest even when the recipe starts CBQ from GPTQ
+#: (``method: rtn`` with ``quant.gptq_init`` would be GPTQ)
+PLAIN_RTN = ["--quant.gptq_init", "false"]
 
 
 def _run(command: list[str]) -> float:
@@ -284,7 +287,7 @@ def _run_all(recipes: dict[str, Path], peers: list[str], flags: list[str], args:
         workdir = Path(tmp)
         fp = _fp_reference(next(iter(recipes.values())), workdir, flags)
         for scheme, recipe in recipes.items():
-            rtn = _quantize(recipe, "rtn", workdir / scheme, flags, cfp=False)
+            rtn = _quantize(recipe, "rtn", workdir / scheme, [*PLAIN_RTN, *flags], cfp=False)
             ablation = None
             if _quantizes_activations(scheme):
                 ablation = _quantize(recipe, "cbq", workdir / scheme, flags, cfp=False, name="cbq_no_cfp")
