@@ -40,8 +40,13 @@ def main(argv: list[str]) -> int:
         model.config.num_hidden_layers = blocks
         return model
 
+    # The cut lives only for this call: the patch is undone even when quantize raises, so a caller in the same
+    # process (the test session, a notebook) gets the whole model from the next run.
     runner.load_model = first_blocks
-    code = cli.main(["quantize", *overrides, "--eval.datasets", "[]", "--resume", "false"])
+    try:
+        code = cli.main(["quantize", *overrides, "--eval.datasets", "[]", "--resume", "false"])
+    finally:
+        runner.load_model = load_full_model
     if code != 0:
         return code
     output = Path(overrides[overrides.index("--output_dir") + 1])

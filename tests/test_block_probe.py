@@ -20,6 +20,7 @@ def _probe():
 
 def test_probe_quantizes_only_the_first_blocks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     probe = _probe()
+    loader = probe.runner.load_model
     code = probe.main(["2", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path),
                        "--trainer.enable_progress_bar", "false"])
     assert code == 0
@@ -27,6 +28,7 @@ def test_probe_quantizes_only_the_first_blocks(tmp_path: Path, capsys: pytest.Ca
     assert [entry["block"] for entry in report["block_errors"]] == [0, 1]
     assert not report.get("eval"), "the probe does not evaluate"
     assert "final relative error after block 2" in capsys.readouterr().out
+    assert probe.runner.load_model is loader, "the cut must not leak into later runs in the same process"
 
 
 def test_probe_without_arguments_prints_its_usage(capsys: pytest.CaptureFixture[str]) -> None:
