@@ -132,14 +132,17 @@ def _fit_windows(
     done: list[dict[str, Any]] | None = None,
     step_offset: int = 0,
     on_window_end: Callable[[Window, list[dict[str, Any]], int], None] | None = None,
+    output_head: nn.Module | None = None,
 ) -> list[dict[str, Any]]:
     """CBQ: one LightningModule and one ``trainer.fit`` per window, all logging into one run.
 
     A diverging fit is retried from the window's starting state with lower learning rates, then falls
     back to round-to-nearest (:mod:`cbq_lightning.guard`). ``done`` holds the summaries of windows
     finished before a resume; ``on_window_end(window, summaries, step_offset)`` runs after each window
-    (the checkpoint).
+    (the checkpoint). ``output_head`` (final norm + LM head) goes to the window holding the last block,
+    for ``loss.output_kl_weight``.
     """
+    last_block = len(state.blocks) - 1
     callback = CrossBlockCallback(state, hardened_loss=config.monitor.hardened_loss)
     callback.window_summaries.extend(done or [])
     dataset = WindowTargets(state)
@@ -159,6 +162,7 @@ def _fit_windows(
                 step_offset=step_offset,
                 lr_scale=lr_scale,
                 explode_factor=guard.explode_factor,
+                output_head=output_head if last_block in window.blocks else None,
             )
             progress = [WindowProgressBar(len(schedule))] if config.trainer.enable_progress_bar else []
             trainer = L.Trainer(
@@ -432,8 +436,9 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
             overlap = {i: state.blocks[i] for i in window.blocks if i not in window.finalized}
             checkpointer.save_state(window.index, caches, overlap, generator, meta)
 
+        head = adapter.output_head() if config.loss.output_kl_weight > 0 else None
         windows = _fit_windows(
-            config, scheme, state, schedule, logger, device, callbacks, done, step_offset, save_checkpoint
+            config, scheme, state, schedule, logger, device, callbacks, done, step_offset, save_checkpoint, head
         )
     else:
         schedule = window_schedule(adapter.num_blocks, WindowConfig(size=1, overlap=0))

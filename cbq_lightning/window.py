@@ -8,6 +8,7 @@ learns is what the model keeps.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -19,7 +20,7 @@ from torch import nn
 from cbq_lightning.distributed import all_reduce_, global_mean
 from cbq_lightning.errors import TrainingError
 from cbq_lightning.guard import TrainableSnapshot, check_loss
-from cbq_lightning.loss import LossConfig, homologous_loss
+from cbq_lightning.loss import LossConfig, homologous_loss, output_kl
 from cbq_lightning.models.adapter import kwargs_to, run_block
 from cbq_lightning.quant.convert import hard_rounding, quant_linears
 from cbq_lightning.quant.rounding import RoundingConfig, beta_at
@@ -40,6 +41,9 @@ class WindowModule(L.LightningModule):
         step_offset: global TensorBoard step of this window's first step (windows share one run).
         lr_scale: multiplies both learning rates (the divergence guard lowers it on a retry).
         explode_factor: a loss above this multiple of the fit's first loss is a divergence.
+        output_head: final norm + LM head, given to the window that holds the model's last block when
+            ``loss.output_kl_weight > 0`` (see :func:`cbq_lightning.loss.output_kl`). It is frozen and kept
+            out of the module's parameters: it is the model's own head, possibly tied to the embedding.
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class WindowModule(L.LightningModule):
         step_offset: int = 0,
         lr_scale: float = 1.0,
         explode_factor: float = 1000.0,
+        output_head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
@@ -70,6 +75,9 @@ class WindowModule(L.LightningModule):
         #: soft (training-mode) reconstruction loss of the first and last optimisation step
         self.train_loss_first: float | None = None
         self.train_loss_last: float | None = None
+        # a tuple keeps the head out of named_parameters / state_dict / DDP; moved lazily by output_head_on
+        self._output_head: tuple[nn.Module, ...] = (output_head,) if output_head is not None else ()
+        self._output_head_generator = torch.Generator().manual_seed(7919 + window.index)
         self.freeze_all_but_quantization_parameters()
 
     # --- parameters ----------------------------------------------------------------------------------
@@ -117,6 +125,19 @@ class WindowModule(L.LightningModule):
             hidden = run_block(block, hidden, self._block_kwargs)
         return hidden
 
+    @property
+    def trains_on_output(self) -> bool:
+        """Whether this window adds the next-token KL term (it holds the last block and the weight is > 0)."""
+        return bool(self._output_head) and self.loss_config.output_kl_weight > 0
+
+    def output_head_on(self, device: torch.device) -> nn.Module:
+        """The frozen output head on ``device`` (a copy when the model's head lives elsewhere, e.g. on CPU)."""
+        head = self._output_head[0]
+        if next(head.parameters()).device != device:
+            head = copy.deepcopy(head).to(device).requires_grad_(False)
+            self._output_head = (head,)
+        return head
+
     def rounding_regularizer(self, beta: float) -> torch.Tensor:
         terms = [layer.rounding_regularizer(beta) for _, layer in quant_linears(self.blocks)]
         terms = [t for t in terms if t is not None]
@@ -124,7 +145,14 @@ class WindowModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         x_q, y_fp, y_h = batch
-        parts = homologous_loss(self(x_q), y_fp, y_h, self.loss_config)
+        output = self(x_q)
+        parts = homologous_loss(output, y_fp, y_h, self.loss_config)
+        if self.trains_on_output:
+            head = self.output_head_on(output.device)
+            parts["output_kl"] = output_kl(
+                head, y_fp, output, self.loss_config.output_kl_tokens, self._output_head_generator
+            )
+            parts["loss"] = parts["loss"] + self.loss_config.output_kl_weight * parts["output_kl"]
         total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
         beta = beta_at(self.global_step, total_steps, self.rounding_config)
         reg = self.rounding_regularizer(beta) if beta is not None else parts["loss"].new_zeros(())
@@ -146,6 +174,7 @@ class WindowModule(L.LightningModule):
             "train/homologous_branch": parts["homologous"].detach(),
             "train/mse": parts["mse"].detach(),
             "train/kl": parts["kl"].detach(),
+            **({"train/output_kl": parts["output_kl"].detach()} if "output_kl" in parts else {}),
             "train/rounding_reg": reg.detach(),
             "train/beta": 0.0 if beta is None else beta,
             "train/lr_rounding": optimizer.param_groups[0]["lr"],

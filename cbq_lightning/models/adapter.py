@@ -160,6 +160,15 @@ class DecoderAdapter:
     def num_blocks(self) -> int:
         return len(self.blocks)
 
+    def output_head(self) -> nn.Module:
+        """The final norm and the LM head, as one frozen module mapping last-block hidden states to logits.
+
+        Why: the last window can then be trained on what perplexity measures (the next-token distribution)
+        rather than on a proxy of it. The modules are the model's own (the head may be tied to the
+        embedding), so nothing is copied.
+        """
+        return nn.Sequential(self.model.model.norm, self.model.get_output_embeddings())
+
     @staticmethod
     def block_linears(block: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
         """Every ``nn.Linear`` of a block with its dotted name inside the block (q_proj, mlp.up_proj...)."""
