@@ -72,9 +72,12 @@ class WindowModule(L.LightningModule):
         self._start_state: TrainableSnapshot | None = None
         self._block_kwargs_cpu = block_kwargs
         self._block_kwargs: dict[str, Any] | None = None
-        #: soft (training-mode) reconstruction loss of the first and last optimisation step
+        #: soft (training-mode) reconstruction loss, mean over the first and over the last epoch: a single
+        #: step's loss depends on which batch it drew and says little about the trend
         self.train_loss_first: float | None = None
         self.train_loss_last: float | None = None
+        self._epoch_loss_sum = 0.0
+        self._epoch_steps = 0
         # a tuple keeps the head out of named_parameters / state_dict / DDP; moved lazily by output_head_on
         self._output_head: tuple[nn.Module, ...] = (output_head,) if output_head is not None else ()
         self._output_head_generator = torch.Generator().manual_seed(7919 + window.index)
@@ -161,10 +164,8 @@ class WindowModule(L.LightningModule):
         check_loss(value, self._first_loss, self.explode_factor, str(self.window), self.global_step)
         if self._first_loss is None:
             self._first_loss = value
-        reconstruction = float(parts["loss"].detach())
-        if self.train_loss_first is None:
-            self.train_loss_first = reconstruction
-        self.train_loss_last = reconstruction
+        self._epoch_loss_sum += float(parts["loss"].detach())
+        self._epoch_steps += 1
         self.log("loss", parts["loss"], prog_bar=True, logger=False)
         optimizer = self.optimizers()
         signals = {
@@ -185,6 +186,14 @@ class WindowModule(L.LightningModule):
         }
         self.log_dict(signals, on_step=True, on_epoch=False, prog_bar=False, logger=True)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self._epoch_steps:
+            mean = self._epoch_loss_sum / self._epoch_steps
+            if self.train_loss_first is None:
+                self.train_loss_first = mean
+            self.train_loss_last = mean
+        self._epoch_loss_sum, self._epoch_steps = 0.0, 0
 
     @torch.no_grad()
     def hardened_loss(self, batches: Iterable[tuple[torch.Tensor, ...]]) -> float:

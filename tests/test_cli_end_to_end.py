@@ -75,6 +75,20 @@ def test_tensorboard_scalars_read_back(cli_run: Path) -> None:
     assert [event.step for event in events.Scalars("block_error/cbq")] == [0, 1, 2, 3]
 
 
+def test_window_training_losses_are_epoch_means(cli_run: Path) -> None:
+    """``train_loss_first/last`` average the first/last epoch's steps (4 per epoch here), not one batch."""
+    events = EventAccumulator(str(cli_run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    steps = [event.value for event in events.Scalars("train/reconstruction")]
+    windows = json.loads((cli_run / "report.json").read_text())["windows"]
+    per_epoch, offset = 4, 0
+    for window in windows:
+        mine = steps[offset:offset + window["steps"]]
+        offset += window["steps"]
+        assert window["train_loss_first"] == pytest.approx(sum(mine[:per_epoch]) / per_epoch, rel=1e-5)
+        assert window["train_loss_last"] == pytest.approx(sum(mine[-per_epoch:]) / per_epoch, rel=1e-5)
+
+
 def test_quant_state_matches_checkpoint(cli_run: Path) -> None:
     layers = load_quant_state(cli_run / "quant_state.safetensors")
     weights = load_file(str(cli_run / "model" / "model.safetensors"))
