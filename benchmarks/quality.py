@@ -18,7 +18,7 @@ its reason in the table. They need ``pip install -e ".[peers]"``.
     python benchmarks/quality.py --schemes W3A16G64 --set train.epochs=2   # quick look, overrides
     python benchmarks/quality.py --schemes W4A16 W3A16G64 W2A16G64 --peers gptq,autoround --autoround-iters 50
     python benchmarks/quality.py --schemes W3A16G64 --peers gptq,autoround --peers-only   # add peers to a record
-    python benchmarks/quality.py --plot-only          # redraw quality.png from the records, run nothing
+    python benchmarks/quality.py --redraw             # rewrite quality.md and quality.png from the records, run nothing
 """
 
 from __future__ import annotations
@@ -250,11 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers-only", action="store_true",
                         help="run only the peers and add them to the existing record of each scheme "
                         "(same recipe and overrides as that record; FP, RTN and CBQ are not rerun)")
-    parser.add_argument("--plot-only", action="store_true",
-                        help="only redraw quality.png from the records in --output; nothing runs")
+    parser.add_argument("--redraw", action="store_true",
+                        help="only rewrite quality.md and redraw quality.png from the records in --output "
+                        "(after copying in records of separate runs); nothing runs")
     args = parser.parse_args(argv)
     suffix = f"_{args.tag}" if args.tag else ""
-    if args.plot_only:
+    if args.redraw:
+        _write_table(args.output, suffix)
         _draw(args.output, suffix)
         return 0
 
@@ -271,11 +273,19 @@ def main(argv: list[str] | None = None) -> int:
         _add_peers(recipes, peers, args, invocation, suffix)
     else:
         _run_all(recipes, peers, flags, args, invocation, suffix)
-    table = _combined_table(args.output, suffix)
-    (args.output / f"quality{suffix}.md").write_text(table)
-    print(table)
+    _write_table(args.output, suffix)
     _draw(args.output, suffix)
     return 0
+
+
+def _write_table(folder: Path, suffix: str) -> None:
+    """Write (and print) ``quality{suffix}.md`` from the latest records in ``folder``, if there are any."""
+    if not _latest_records(folder, suffix):
+        print(f"table skipped: no quality_*{suffix}.json records in {folder}", flush=True)
+        return
+    table = _combined_table(folder, suffix)
+    (folder / f"quality{suffix}.md").write_text(table)
+    print(table)
 
 
 def _run_all(recipes: dict[str, Path], peers: list[str], flags: list[str], args: argparse.Namespace,

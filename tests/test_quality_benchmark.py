@@ -138,18 +138,21 @@ def test_plot_from_synthetic_records(quality, tmp_path: Path) -> None:
         plot.plot_quality([records[3]], tmp_path / "none.png")
 
 
-def test_plot_only_redraws_from_the_records(quality, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_redraw_rewrites_table_and_plot_from_the_records(quality, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for scheme, values in {"W4A16": (20.0, 37.0, 28.0), "W3A16G64": (20.0, 72.0, 36.0)}.items():
         (tmp_path / f"quality_{scheme.lower()}.json").write_text(json.dumps(_record(scheme, *values)))
-    assert quality.main(["--plot-only", "--output", str(tmp_path)]) == 0
+    assert quality.main(["--redraw", "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     if importlib.util.find_spec("matplotlib") is None:
         assert "plot skipped: matplotlib is not installed" in out
     else:
         assert (tmp_path / "quality.png").stat().st_size > 10_000
-    assert not (tmp_path / "quality.md").exists()  # only the picture is redrawn
-    assert quality.main(["--plot-only", "--output", str(tmp_path / "empty")]) == 0
-    assert "plot skipped" in capsys.readouterr().out
+    table = (tmp_path / "quality.md").read_text()
+    assert "| W4A16 | 20.00 | 37.00 |" in table and "| W3A16G64 | 20.00 | 72.00 |" in table
+    assert quality.main(["--redraw", "--output", str(tmp_path / "empty")]) == 0
+    out = capsys.readouterr().out
+    assert "table skipped" in out and "plot skipped" in out
+    assert not (tmp_path / "empty" / "quality.md").exists()
 
 
 def test_peers_only_adds_peers_to_the_existing_record(quality, tmp_path: Path, monkeypatch) -> None:
