@@ -64,11 +64,11 @@ class CrossBlockCallback(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.hardened_loss:
-            self._loss_first = pl_module.hardened_loss(trainer.train_dataloader)
+            self._loss_first = pl_module.hardened_loss()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.hardened_loss:
-            self._loss_last = pl_module.hardened_loss(trainer.train_dataloader)
+            self._loss_last = pl_module.hardened_loss()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         window = pl_module.window
@@ -88,6 +88,9 @@ class CrossBlockCallback(L.Callback):
             "loss_last": self._loss_last,
             "train_loss_first": pl_module.train_loss_first,
             "train_loss_last": pl_module.train_loss_last,
+            # with train.keep_best: the epoch whose end state was kept (0: the fit's starting state)
+            "best_epoch": pl_module.best_epoch,
+            "best_loss": pl_module.best_loss,
             # share of rounding decisions learned away from round-to-nearest; None when rounding is not learned
             "flip_fraction": sum(flips) / len(flips) if flips else None,
             "clip_ratio": sum(clip) / len(clip) if clip else 1.0,
@@ -111,7 +114,10 @@ def log_window(logger: Any, summary: dict[str, Any], errors: list[BlockError], m
     index = summary["index"]
     scalars = {
         f"window/{key}": float(summary[key])
-        for key in ("loss_first", "loss_last", "train_loss_first", "train_loss_last", "flip_fraction", "clip_ratio", "act_clip", "wall_s")
+        for key in (
+            "loss_first", "loss_last", "train_loss_first", "train_loss_last", "best_epoch", "best_loss",
+            "flip_fraction", "clip_ratio", "act_clip", "wall_s",
+        )
         if summary.get(key) is not None
     }
     logger.log_metrics(scalars, step=index)

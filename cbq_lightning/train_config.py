@@ -22,6 +22,11 @@ class OptimConfig:
         forward_batch_size: sequences per forward when caching targets and advancing caches.
         shuffle: reshuffle the calibration samples every epoch (seeded per window); off gives contiguous
             batches (with DDP, the union of the ranks' batches is then a single process's batch).
+        keep_best: measure the window's objective on all its calibration samples with hardened rounding
+            when the fit starts and after every epoch, and finish with the best of those states. Training
+            through rounding with a straight-through gradient does not descend monotonically: from a
+            strong start (GPTQ) an epoch can leave the window worse than it found it. Costs one
+            forward pass over the samples per epoch, plus one.
     """
 
     epochs: int = 20
@@ -32,6 +37,7 @@ class OptimConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"
     forward_batch_size: int = 8
     shuffle: bool = True
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.epochs_2bit < 0:

@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from cbq_lightning.distributed import all_reduce_, global_mean
 from cbq_lightning.errors import TrainingError
@@ -81,6 +82,11 @@ class WindowModule(L.LightningModule):
         # a tuple keeps the head out of named_parameters / state_dict / DDP; moved lazily by output_head_on
         self._output_head: tuple[nn.Module, ...] = (output_head,) if output_head is not None else ()
         self._output_head_generator = torch.Generator().manual_seed(7919 + window.index)
+        #: with ``train.keep_best``: the epoch whose end state the window kept (0: the state the fit started
+        #: from) and its hardened objective
+        self.best_epoch: int | None = None
+        self.best_loss: float | None = None
+        self._best_state: TrainableSnapshot | None = None
         self.freeze_all_but_quantization_parameters()
 
     # --- parameters ----------------------------------------------------------------------------------
@@ -113,6 +119,9 @@ class WindowModule(L.LightningModule):
     def on_train_start(self) -> None:
         # after the callback quantized the entering blocks: this is where a retried fit must start again
         self._start_state = TrainableSnapshot(self)
+        if self.optim_config.keep_best:
+            self.best_epoch, self.best_loss = 0, self.hardened_loss()
+            self._best_state = self._start_state
 
     def restore_start_state(self) -> None:
         """Put the trainable tensors back to where this fit started (the divergence guard's retry)."""
@@ -148,14 +157,7 @@ class WindowModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         x_q, y_fp, y_h = batch
-        output = self(x_q)
-        parts = homologous_loss(output, y_fp, y_h, self.loss_config)
-        if self.trains_on_output:
-            head = self.output_head_on(output.device)
-            parts["output_kl"] = output_kl(
-                head, y_fp, output, self.loss_config.output_kl_tokens, self._output_head_generator
-            )
-            parts["loss"] = parts["loss"] + self.loss_config.output_kl_weight * parts["output_kl"]
+        parts = self.objective(self(x_q), y_fp, y_h, self._output_head_generator)
         total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
         beta = beta_at(self.global_step, total_steps, self.rounding_config)
         reg = self.rounding_regularizer(beta) if beta is not None else parts["loss"].new_zeros(())
@@ -194,19 +196,58 @@ class WindowModule(L.LightningModule):
                 self.train_loss_first = mean
             self.train_loss_last = mean
         self._epoch_loss_sum, self._epoch_steps = 0.0, 0
+        if self.optim_config.keep_best and self.best_loss is not None:
+            self._keep_if_best(self.trainer.current_epoch + 1)
+
+    def _keep_if_best(self, epoch: int) -> None:
+        """Remember the state after ``epoch`` if it beats the best so far; after the last epoch, go back
+        to the best. Restoring here (not in ``on_train_end``) lets the callbacks' end-of-fit measurements
+        see the state the window keeps."""
+        loss = self.hardened_loss()
+        if loss < self.best_loss:
+            self.best_epoch, self.best_loss, self._best_state = epoch, loss, TrainableSnapshot(self)
+        if epoch >= self.trainer.max_epochs and self.best_epoch != epoch:
+            self._best_state.restore(self)
+
+    def objective(
+        self, output: torch.Tensor, y_fp: torch.Tensor, y_h: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """The window's reconstruction objective (``loss``) and its parts: the homologous loss, plus the
+        weighted next-token KL when this window holds the last block (positions drawn from ``generator``)."""
+        parts = homologous_loss(output, y_fp, y_h, self.loss_config)
+        if self.trains_on_output:
+            head = self.output_head_on(output.device)
+            parts["output_kl"] = output_kl(head, y_fp, output, self.loss_config.output_kl_tokens, generator)
+            parts["loss"] = parts["loss"] + self.loss_config.output_kl_weight * parts["output_kl"]
+        return parts
+
+    def fixed_batches(self) -> DataLoader:
+        """The fit's calibration samples in their stored order and the fit's batch size.
+
+        The loss normalises per batch, so its mean depends on which samples share a batch: measurements
+        meant to be compared (before/after a fit, epoch against epoch) must batch the samples the same way,
+        which the reshuffling training loader does not.
+        """
+        loader = self.trainer.train_dataloader
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False)
 
     @torch.no_grad()
-    def hardened_loss(self, batches: Iterable[tuple[torch.Tensor, ...]]) -> float:
-        """Mean reconstruction loss with hardened rounding: what finalising now would give.
+    def hardened_loss(self, batches: Iterable[tuple[torch.Tensor, ...]] | None = None) -> float:
+        """Mean objective (without the rounding regulariser) with hardened rounding: what finalising now
+        would give.
 
         The soft rounding of LoRA-Rounding reproduces the full-precision weight at initialisation, so the
         *training* loss starts artificially low; this is the loss that measures what training achieved.
+        The output-KL positions are drawn from a fixed seed, so two measurements compare the same terms.
+        ``batches`` defaults to :meth:`fixed_batches`.
         """
+        batches = self.fixed_batches() if batches is None else batches
         total, count = 0.0, 0
+        generator = torch.Generator().manual_seed(104729 + self.window.index)
         with hard_rounding(self.blocks):
             for x_q, y_fp, y_h in batches:
                 x_q, y_fp, y_h = (t.to(self.device) for t in (x_q, y_fp, y_h))
-                total += float(homologous_loss(self(x_q), y_fp, y_h, self.loss_config)["loss"]) * x_q.shape[0]
+                total += float(self.objective(self(x_q), y_fp, y_h, generator)["loss"]) * x_q.shape[0]
                 count += x_q.shape[0]
         sums = all_reduce_(torch.tensor([total, float(count)], dtype=torch.float64))
         return float(sums[0]) / max(float(sums[1]), 1.0)
