@@ -63,10 +63,13 @@ class CrossBlockCallback(L.Callback):
             log_preprocess(trainer.logger, self.state.preprocess_stats, entering)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.hardened_loss:
+        self._loss_first = self._loss_last = None
+        # with train.keep_best the window measures its starting state itself
+        if self.hardened_loss and not pl_module.optim_config.keep_best:
             self._loss_first = pl_module.hardened_loss()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # measured even with train.keep_best: it checks the state the window kept
         if self.hardened_loss:
             self._loss_last = pl_module.hardened_loss()
 
@@ -84,8 +87,8 @@ class CrossBlockCallback(L.Callback):
             "finalized": list(window.finalized),
             "steps": int(trainer.global_step),
             # hardened-rounding reconstruction loss before and after training (what finalising gives)
-            "loss_first": self._loss_first,
-            "loss_last": self._loss_last,
+            "loss_first": self._loss_first if self._loss_first is not None else pl_module.start_loss,
+            "loss_last": self._loss_last if self._loss_last is not None else pl_module.best_loss,
             "train_loss_first": pl_module.train_loss_first,
             "train_loss_last": pl_module.train_loss_last,
             # with train.keep_best: the epoch whose end state was kept (0: the fit's starting state)

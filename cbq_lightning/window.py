@@ -86,6 +86,8 @@ class WindowModule(L.LightningModule):
         #: from) and its hardened objective
         self.best_epoch: int | None = None
         self.best_loss: float | None = None
+        #: with ``train.keep_best``: the hardened objective of the state the fit started from
+        self.start_loss: float | None = None
         self._best_state: TrainableSnapshot | None = None
         self.freeze_all_but_quantization_parameters()
 
@@ -120,7 +122,8 @@ class WindowModule(L.LightningModule):
         # after the callback quantized the entering blocks: this is where a retried fit must start again
         self._start_state = TrainableSnapshot(self)
         if self.optim_config.keep_best:
-            self.best_epoch, self.best_loss = 0, self.hardened_loss()
+            self.start_loss = self.hardened_loss()
+            self.best_epoch, self.best_loss = 0, self.start_loss
             self._best_state = self._start_state
 
     def restore_start_state(self) -> None:

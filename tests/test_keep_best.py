@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cbq_lightning.runner import run_quantize
@@ -38,10 +37,11 @@ def test_a_fit_that_hurts_returns_to_its_start(tmp_path: Path) -> None:
     assert plain[0]["loss_last"] > 1.2 * plain[0]["loss_first"]
     assert all(w["best_epoch"] is None and w["best_loss"] is None for w in plain)
     kept = _windows(tmp_path, "kept", *hurt, "--train.keep_best", "true")
-    assert kept[0]["loss_first"] == plain[0]["loss_first"]  # same start: the first window's inputs are FP
+    # same start (the first window's inputs are FP), measured by the callback (plain) and by the window (kept)
+    assert kept[0]["loss_first"] == plain[0]["loss_first"]
     assert kept[0]["best_epoch"] == 0
     for window in kept:
-        # the callback measures with the same fixed batching after the restore: the very same state
+        # loss_last is measured by the callback after the fit, on the same fixed batching: the state kept
         assert window["loss_last"] == window["best_loss"] <= window["loss_first"]
         assert window["best_epoch"] > 0 or window["loss_last"] == window["loss_first"]
 
@@ -50,8 +50,7 @@ def test_a_fit_that_helps_keeps_its_best_epoch(tmp_path: Path) -> None:
     kept = _windows(tmp_path, "kept", "--train.keep_best", "true")
     for window in kept:
         assert 0 <= window["best_epoch"] <= EPOCHS
-        assert window["loss_last"] == pytest.approx(window["best_loss"], rel=1e-6)
-        assert window["best_loss"] <= window["loss_first"]
+        assert window["loss_last"] == window["best_loss"] <= window["loss_first"]
     assert any(window["best_epoch"] > 0 for window in kept), "training at the recipe's rates must help somewhere"
     events = EventAccumulator(str(tmp_path / "kept" / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
