@@ -232,7 +232,8 @@ class WindowModule(L.LightningModule):
         which the reshuffling training loader does not.
         """
         loader = self.trainer.train_dataloader
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False)
+        # its own generator: iterating a loader draws a base seed, which must not advance the global RNG
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, generator=torch.Generator())
 
     @torch.no_grad()
     def hardened_loss(self, batches: Iterable[tuple[torch.Tensor, ...]] | None = None) -> float:
