@@ -164,7 +164,8 @@ def _fit_windows(
                 explode_factor=guard.explode_factor,
                 output_head=output_head if last_block in window.blocks else None,
             )
-            progress = [WindowProgressBar(len(schedule))] if config.trainer.enable_progress_bar else []
+            # the whole run's window count: after a resume the schedule holds only the windows still to do
+            progress = [WindowProgressBar(len(schedule) + len(done or []))] if config.trainer.enable_progress_bar else []
             trainer = L.Trainer(
                 max_epochs=epochs,
                 logger=logger,
@@ -369,7 +370,8 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
     clip_search = config.quant.clip_search_settings() if cbq else None
     gptq = config.quant.gptq_settings()
     aware = clip_search is not None and config.quant.clip_search_activation_aware
-    moments = InputMoments(full=gptq is not None) if aware or gptq is not None else None
+    sequential = gptq is not None and config.quant.gptq_true_sequential
+    moments = InputMoments(full=gptq is not None, sequential=sequential) if aware or gptq is not None else None
     act = config.quant.act_settings(trained=cbq)
     cfp = CoarseToFinePreprocessor(
         config.cfp, scale_activations=config.cfp.activations and act is not None,
@@ -383,14 +385,19 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
     store = TensorStore(cache_dir if config.cache.location == "disk" else None)
 
     def quantize(index: int, block: nn.Module) -> None:
-        block_moments = moments.pop(index) if moments is not None else None
-        hessians = block_moments if gptq is not None else None
-        if aware and hessians is not None:  # the clip search weighs by the diagonal E[x_j^2]
-            block_moments = {name: torch.diagonal(m) for name, m in hessians.items()}
-        quantize_block(
-            block, scheme, rounding, learnable_clip, clip_init, generator, clip_search,
-            block_moments if aware else None, act, gptq, hessians,
-        )
+        if gptq is None:
+            block_moments = moments.pop(index) if moments is not None else None
+            quantize_block(block, scheme, rounding, learnable_clip, clip_init, generator, clip_search, block_moments, act)
+            return
+        assert moments is not None
+        # GPTQ: stage by stage in forward order (q/k/v, o, gate/up, down), so that with
+        # quant.gptq_true_sequential each stage's Hessian is measured behind the stages already quantized
+        for names, hessians in moments.stages(index, block):
+            diagonals = {name: torch.diagonal(m) for name, m in hessians.items()}  # the clip search's E[x_j^2]
+            quantize_block(
+                block, scheme, rounding, learnable_clip, clip_init, generator, clip_search,
+                diagonals if aware else None, act, gptq, hessians, names=names,
+            )
 
     def structure(block: nn.Module) -> None:
         """The quantized layout of a block without touching the run's random state (resume loads the values)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -95,3 +97,67 @@ def test_full_moments_are_the_input_covariance_and_share_the_diagonal(tiny_model
     # the MLP's down projection reads a different input than gate/up: its matrix is not theirs
     assert matrices["mlp.down_proj"].shape != matrices["mlp.gate_proj"].shape or not torch.allclose(
         matrices["mlp.down_proj"], matrices["mlp.gate_proj"])
+
+
+def _quantize_stage(block: torch.nn.Module, names: list[str], hessians: dict[str, torch.Tensor]) -> None:
+    from cbq_lightning.quant.convert import quantize_block
+    from cbq_lightning.quant.gptq import GPTQInit
+    from cbq_lightning.quant.rounding import RoundingConfig
+    from cbq_lightning.quant.scheme import QuantScheme
+
+    quantize_block(
+        block, QuantScheme(w_bits=2), RoundingConfig(enabled=False), learnable_clip=False, clip_init=1.0,
+        gptq=GPTQInit(), hessians=hessians, names=names,
+    )
+
+
+def _input_covariance(block: torch.nn.Module, name: str, inputs: torch.Tensor, kwargs) -> torch.Tensor:
+    """E[x x^T] of one linear's input, measured by a hook of its own (the reference for the tests)."""
+    from cbq_lightning.models.adapter import run_block
+
+    seen: list[torch.Tensor] = []
+    handle = block.get_submodule(name).register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
+    )
+    try:
+        with torch.no_grad():
+            run_block(block, inputs, kwargs)
+    finally:
+        handle.remove()
+    x = torch.cat(seen)
+    return (x.T @ x / x.shape[0]).float()
+
+
+def test_stages_follow_the_forward_and_group_linears_by_shared_input(tiny_model) -> None:
+    adapter, inputs, kwargs = _block_inputs(tiny_model)
+    moments = InputMoments(max_samples=2, batch_size=1, full=True)
+    moments(0, adapter.blocks[0], inputs, kwargs)
+    stages = [names for names, _ in moments.stages(0, adapter.blocks[0])]
+    assert stages == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"],
+    ]
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_true_sequential_measures_each_stage_behind_the_quantized_ones(tiny_model, sequential: bool) -> None:
+    """Sequential: o_proj's Hessian is that of the block with q/k/v already at 2 bits (not the FP one), and
+    so on down the block; otherwise every stage gets the full-precision pass's matrices."""
+    adapter, inputs, kwargs = _block_inputs(copy.deepcopy(tiny_model))  # its block 0 gets quantized
+    block = adapter.blocks[0]
+    rows = inputs[:2]
+    fp = {name: _input_covariance(block, name, rows, kwargs) for name, _ in DecoderAdapter.block_linears(block)}
+    moments = InputMoments(max_samples=2, batch_size=1, full=True, sequential=sequential)
+    moments(0, block, inputs, kwargs)
+    changed = []
+    for position, (names, hessians) in enumerate(moments.stages(0, block)):
+        for name in names:
+            current = _input_covariance(block, name, rows, kwargs)  # the block as it is now
+            expected = current if sequential else fp[name]
+            torch.testing.assert_close(hessians[name], expected, rtol=1e-4, atol=1e-6)
+            if position > 0:
+                changed.append(float((current - fp[name]).norm() / fp[name].norm()))
+        _quantize_stage(block, names, hessians)
+    # the later stages do see the quantized earlier ones (2-bit q/k/v/o/gate/up move their inputs)
+    assert min(changed) > 1e-3, changed
+    assert not any(isinstance(m, torch.nn.Linear) for m in block.modules()), "every stage was quantized"

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from callbacks.progress import WindowProgressBar
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.runner import run_quantize
 from tests.conftest import TINY_RECIPE, load_recipe
@@ -50,13 +51,18 @@ def test_killed_run_resumes_at_the_next_window_bit_for_bit(tmp_path: Path, unint
     assert sorted(p.name for p in checkpoints.iterdir()) == ["block_0000.safetensors", "block_0001.safetensors",
                                                              "state_w0000.safetensors", "state_w0001.safetensors"]
     started: list[int] = []
+    bar_totals: list[int] = []
 
     class Record(L.Callback):
         def on_train_start(self, trainer, pl_module) -> None:
             started.append(pl_module.window.index)
+            bar_totals.extend(c.num_windows for c in trainer.callbacks if isinstance(c, WindowProgressBar))
 
-    report = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *FAST), [Record()]).report
+    # progress bars may change on resume: on here, to see that the bar counts the run's windows, not those left
+    resumed_args = (*FAST, "--trainer.enable_progress_bar", "true")
+    report = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *resumed_args), [Record()]).report
     assert started == [2], "only the unfinished window trains again"
+    assert bar_totals == [3], "the bar says 'window 3/3', not '3/1'"
     assert report["resumed_after_window"] == 1
     assert [w["index"] for w in report["windows"]] == [0, 1, 2]
     assert [e["block"] for e in report["block_errors"]] == [0, 1, 2, 3]

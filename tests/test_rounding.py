@@ -11,8 +11,8 @@ from torch import nn
 
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.export.quant_state import dequantize
-from cbq_lightning.quant.qlinear import QuantLinear
 from cbq_lightning.quant.convert import check_rounding_rank
+from cbq_lightning.quant.qlinear import QuantLinear
 from cbq_lightning.quant.rounding import (
     LoRARounding,
     RoundingConfig,

@@ -34,6 +34,9 @@ class QuantConfig:
             is plain GPTQ.
         gptq_damp: GPTQ's Hessian dampening, a fraction of the diagonal's mean.
         gptq_act_order: GPTQ rounds the columns in order of decreasing Hessian diagonal.
+        gptq_true_sequential: measure each linear's Hessian behind the block's already-quantized linears
+            (o_proj after q/k/v, the MLP after the attention, down_proj after gate/up), as GPTQ's
+            ``true_sequential``; off: every Hessian from the full-precision block on the same inputs.
         act_mode: activation quantizer when a_bits < 16: ``dynamic_sym`` (per token, symmetric: what
             vLLM serves), ``dynamic_asym`` (per token, asymmetric) or ``static_lsq`` (one learned step
             per layer).
@@ -57,6 +60,7 @@ class QuantConfig:
     gptq_init: bool = False
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
+    gptq_true_sequential: bool = False
     act_mode: ActMode = "dynamic_sym"
     act_learnable: bool = True
     act_clip_init: float = 0.99

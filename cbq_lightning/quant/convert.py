@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -67,15 +67,19 @@ def quantize_block(
     act: ActQuantSettings | None = None,
     gptq: GPTQInit | None = None,
     hessians: dict[str, torch.Tensor] | None = None,
+    names: Collection[str] | None = None,
 ) -> None:
-    """Replace every linear of ``block`` by a calibrating :class:`QuantLinear` (in place).
+    """Replace every linear of ``block`` (or those in ``names``) by a calibrating :class:`QuantLinear` (in place).
 
     ``input_moments`` maps a linear's name in the block to ``E[x_j^2]`` of its inputs (activation-aware clip
     search); ``act`` adds an activation quantizer on every linear's input; ``gptq`` starts the rounding from
-    GPTQ's codes, computed from ``hessians`` (name -> ``E[x x^T]``).
+    GPTQ's codes, computed from ``hessians`` (name -> ``E[x x^T]``). ``names`` lets GPTQ quantize a block
+    stage by stage; the layers are built in the block's order either way, so the random draws are the same.
     """
 
-    def factory(name: str, linear: nn.Linear) -> QuantLinear:
+    def factory(name: str, linear: nn.Linear) -> nn.Module:
+        if names is not None and name not in names:
+            return linear
         moments = input_moments.get(name) if input_moments else None
         hessian = hessians.get(name) if hessians else None
         layer = QuantLinear(
