@@ -189,14 +189,18 @@ def test_cli_refuses_gptq_with_soft_rounding(tmp_path: Path, capsys: pytest.Capt
 
 def test_gptq_method_rtn_beats_plain_rtn(tmp_path: Path) -> None:
     """``method: rtn`` with ``quant.gptq_init`` is plain GPTQ: on the tiny model its final output error is
-    below round-to-nearest's (both on min/max grids, no training)."""
+    below round-to-nearest's (both on min/max grids, no training), with and without true-sequential
+    Hessians, which change the result (o_proj, the MLP and down_proj see the quantized stages before them)."""
     from cbq_lightning.cli import main
 
     errors = {}
-    for name, extra in (("rtn", []), ("gptq", ["--quant.gptq_init", "true"])):
+    gptq = ["--quant.gptq_init", "true"]
+    for name, extra in (("rtn", []), ("gptq", gptq), ("sequential", [*gptq, "--quant.gptq_true_sequential", "true"])):
         out = tmp_path / name
         code = main(["quantize", "--config", str(TINY_RECIPE), "--method", "rtn", "--output_dir", str(out),
                      "--eval.datasets", "[]", "--trainer.enable_progress_bar", "false", *extra])
         assert code == 0
         errors[name] = json.loads((out / "report.json").read_text())["final_error"]["rtn"]
     assert errors["gptq"] < errors["rtn"]
+    assert errors["sequential"] < errors["rtn"]
+    assert errors["sequential"] != errors["gptq"]
