@@ -57,21 +57,27 @@ class InputMoments:
     @torch.no_grad()
     def __call__(self, index: int, block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, float]:
         inputs = inputs[: self.max_samples]
-        moments, stages = self.measure(block, inputs, kwargs)
+        # sequential: the later stages' matrices are measured again anyway; here only their diagonals (for
+        # the statistic), which saves the largest product (down_proj's [in, in]) of every block
+        moments, stages = self.measure(block, inputs, kwargs, first_stage_only=self.sequential)
         self._moments[index] = moments
         self._stages[index] = stages
         if self.sequential:  # a copy: the caller may release the cache the inputs live in
             self._inputs[index] = (inputs.clone(), kwargs)
-        diagonals = [torch.diagonal(m) if self.full else m for m in moments.values()]
+        diagonals = [torch.diagonal(m) if m.dim() == 2 else m for m in moments.values()]
         peak = max(float(d.max() / d.mean().clamp(min=1e-30)) for d in diagonals)
         return {"preprocess/input_moment_peak_to_mean": peak}
 
     @torch.no_grad()
     def measure(
-        self, block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any], names: set[str] | None = None
+        self, block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any], names: set[str] | None = None,
+        first_stage_only: bool = False,
     ) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
         """Moments of the block's ``nn.Linear`` inputs (those in ``names``, or all), averaged over every DDP
-        rank, and the linears grouped into stages: consecutive calls on one input tensor form a stage."""
+        rank, and the linears grouped into stages: consecutive calls on one input tensor form a stage.
+
+        ``first_stage_only``: full matrices (when ``full``) for the first stage only, diagonals for the rest.
+        """
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         last: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, its moment): q/k/v and gate/up share one
@@ -87,7 +93,8 @@ class InputMoments:
                     stages.append([name])
                 # the full matrix multiplies in float32 (a float64 GEMM is several times slower on CPU) and
                 # is summed over batches in float64
-                moment = (x.float().T @ x.float()).double() if self.full else x.double().pow(2).sum(dim=0)
+                matrix = self.full and not (first_stage_only and name not in stages[0])
+                moment = (x.float().T @ x.float()).double() if matrix else x.double().pow(2).sum(dim=0)
                 last[:] = [(x, moment)]
             sums[name] = sums.get(name, 0) + moment.cpu()
             counts[name] = counts.get(name, 0) + x.shape[0]
