@@ -18,6 +18,8 @@ from cbq_lightning.guard import GuardConfig
 from cbq_lightning.loss import LossConfig
 from cbq_lightning.models.loading import ModelConfig, resolve_source
 from cbq_lightning.quant.config import QuantConfig
+from cbq_lightning.quant.correction import CorrectionConfig
+from cbq_lightning.quant.mixed_precision import MixedPrecisionConfig
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import clip_logit
@@ -63,6 +65,8 @@ class QuantizeConfig:
     data: CalibrationConfig = field(default_factory=CalibrationConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     rounding: RoundingConfig = field(default_factory=RoundingConfig)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
+    mixed: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
     cfp: CFPConfig = field(default_factory=CFPConfig)
     window: WindowConfig = field(default_factory=WindowConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -95,12 +99,42 @@ def validate(config: QuantizeConfig) -> QuantScheme:
     config.guard.check()
     config.cache.check()
     config.quant.clip_search_settings()  # raises a ConfigError on impossible search settings
+    continuous = config.quant.continuous_settings()  # raises a ConfigError on an unknown mode or temperature
+    if continuous is not None and continuous.estimator == "sigmoid" and config.method == "cbq":
+        soft_rounding = config.rounding.enabled and config.rounding.form != "offset"
+        if soft_rounding and not scheme.quantizes_activations:
+            raise ConfigError(
+                "quant.estimator=sigmoid smooths the rounding that is not learned, but this run's weights are "
+                f"rounded by soft LoRA-Rounding (rounding.form={config.rounding.form!r}) and it quantizes no "
+                "activations: it would change nothing. Use rounding.form=offset or rounding.enabled=false, "
+                "an activation scheme, or quant.estimator=ste."
+            )
     if config.quant.gptq_settings() is not None and config.method == "cbq" and config.rounding.enabled:
         if config.rounding.form != "offset":
             raise ConfigError(
                 f"quant.gptq_init starts hard rounding decisions; rounding.form={config.rounding.form!r} learns "
                 "soft ones: use rounding.form=offset or rounding.enabled=false."
             )
+    config.mixed.check()
+    mixed = config.mixed.budget is not None or bool(config.quant.layer_bits)
+    if config.mixed.budget is not None and config.quant.layer_bits:
+        raise ConfigError(
+            "mixed.budget computes quant.layer_bits from a sensitivity pass; both are set. Keep one: the budget, "
+            "or your own per-layer bits."
+        )
+    if mixed and config.export.format is not None:
+        raise ConfigError(
+            f"export.format={config.export.format!r} describes one weight scheme for all layers; this run mixes "
+            "bit-widths (mixed.budget / quant.layer_bits). Keep export.format null: the fake-quant checkpoint and "
+            "quant_state.safetensors (per-layer bits) hold the result."
+        )
+    if config.correction.enabled and config.method == "cbq" and config.export.format is not None:
+        raise ConfigError(
+            f"export.format={config.export.format!r} cannot hold the low-rank correction (correction.rank / "
+            "rank_fraction): its stock kernels compute Q(W) Q(x) only. Keep export.format null (the fake-quant "
+            "checkpoint and quant_state.safetensors hold the correction; `cbq evaluate` on the run applies it) "
+            "or switch the correction off."
+        )
     # a packed format that cannot hold the scheme is refused now, not after the calibration
     config.export.check(ExportScheme.from_settings(scheme, config.quant.act_settings(trained=True)))
     if config.method == "cbq":

@@ -44,16 +44,28 @@ from cbq_lightning.io import atomic_write_json, atomic_write_text
 from cbq_lightning.models.adapter import DecoderAdapter
 from cbq_lightning.models.loading import load_model, load_tokenizer
 from cbq_lightning.quant.convert import (
+    all_block_linears,
+    check_correction_rank,
     check_group_size,
     check_rounding_rank,
     finalize_block,
+    quant_linears,
     quantize_block,
     reset_block_to_round_to_nearest,
     rtn_block,
 )
+from cbq_lightning.quant.correction import CorrectionConfig
 from cbq_lightning.quant.input_moments import InputMoments
+from cbq_lightning.quant.mixed_precision import (
+    allocate,
+    average_bits,
+    check_layer_bits,
+    fused_groups,
+    measure_sensitivity,
+)
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
+from cbq_lightning.quant.weight_quantizer import ClipSearch
 from cbq_lightning.window import WindowModule
 from cbq_lightning.windows import Window, WindowConfig, window_schedule
 
@@ -163,6 +175,7 @@ def _fit_windows(
                 lr_scale=lr_scale,
                 explode_factor=guard.explode_factor,
                 output_head=output_head if last_block in window.blocks else None,
+                continuous=config.quant.continuous_settings(),
             )
             # the whole run's window count: after a resume the schedule holds only the windows still to do
             progress = [WindowProgressBar(len(schedule) + len(done or []))] if config.trainer.enable_progress_bar else []
@@ -286,7 +299,7 @@ def _resume(
     schedule: list[Window],
     generator: torch.Generator,
     cfp: CoarseToFinePreprocessor,
-    structure: Callable[[nn.Module], None],
+    structure: Callable[[int, nn.Module], None],
 ) -> tuple[list[dict[str, Any]], int]:
     """Rebuild the state an interrupted run had after window ``point.last_window``.
 
@@ -300,12 +313,12 @@ def _resume(
     for index in entered:
         block = state.blocks[index]
         if index in finalized:
-            structure(block)
+            structure(index, block)
             finalize_block(block)
             block.load_state_dict(point.block_state(checkpointer.directory, index), strict=True)
         else:
             state.teachers[index] = copy.deepcopy(block).requires_grad_(False).eval().to("cpu")
-            structure(block)
+            structure(index, block)
             block.load_state_dict(point.overlap_state(index), strict=True)
     state.restore(
         x_fp=point.tensors["x_fp"],
@@ -318,6 +331,77 @@ def _resume(
     cfp.outlier_channels.update({int(k): v for k, v in point.meta["outlier_channels"].items()})
     restore_rng(point, generator)
     return point.meta["windows"], int(point.meta["step_offset"])
+
+
+def _correction_summary(model: nn.Module, correction: CorrectionConfig | None) -> dict[str, Any] | None:
+    """What the low-rank corrections add: their ranks and full-precision parameters, against the quantized
+    linears' own weight count (the corrections are not folded into the integer weights)."""
+    if correction is None:
+        return None
+    layers = [layer for _, layer in quant_linears(model)]
+    added = sum(layer.correction_parameter_count() for layer in layers)
+    weights = sum(layer.in_features * layer.out_features for layer in layers)
+    ranks = sorted({layer.correction.rank for layer in layers if layer.correction is not None})
+    return {
+        "rank": correction.rank or None,
+        "rank_fraction": correction.rank_fraction or None,
+        "ranks": ranks,
+        "init": correction.init,
+        "parameters": added,
+        "parameters_per_quantized_weight": added / weights if weights else 0.0,
+    }
+
+
+def _layer_bits(
+    config: QuantizeConfig,
+    adapter: DecoderAdapter,
+    inputs: torch.Tensor,
+    block_kwargs: dict[str, Any],
+    scheme: QuantScheme,
+    clip_search: ClipSearch | None,
+    device: torch.device,
+) -> tuple[dict[str, int], dict[str, Any] | None]:
+    """Per-layer weight bits (``blocks.<i>.<name>`` -> bits) and their summary for the report, or ``({}, None)``.
+
+    With ``mixed.budget``: a sensitivity pass on the full-precision model and the allocation under the budget;
+    with ``quant.layer_bits``: those overrides, checked against the model's layers and fused groups.
+    """
+    mixed = config.mixed
+    if mixed.budget is None and not config.quant.layer_bits:
+        return {}, None
+    weights = {name: linear.weight.numel() for name, linear in all_block_linears(adapter.blocks)}
+    sensitivity = None
+    if mixed.budget is not None:
+        groups = measure_sensitivity(
+            adapter.blocks, inputs[: mixed.samples], block_kwargs, scheme, mixed.candidates, clip_search, device,
+            config.train.forward_batch_size, progress=config.trainer.enable_progress_bar,
+        )
+        layer_bits = allocate(groups, mixed.candidates, mixed.budget)
+        sensitivity = [{"layers": g.names, "weights": g.weights, "errors": {str(b): e for b, e in g.errors.items()}}
+                       for g in groups]
+    else:
+        layer_bits = {name: int(bits) for name, bits in config.quant.layer_bits.items()}
+        check_layer_bits(layer_bits, list(weights), fused_groups(adapter.blocks[0], inputs, block_kwargs),
+                         adapter.num_blocks)
+    full_bits = {name: layer_bits.get(name, scheme.w_bits) for name in weights}
+    achieved = average_bits(weights, full_bits)
+    counts = {str(b): sum(1 for v in full_bits.values() if v == b) for b in sorted(set(full_bits.values()))}
+    summary = {
+        "budget": mixed.budget,
+        "average_bits": achieved,
+        "layers_per_bits": counts,
+        "layer_bits": full_bits,
+        **({"sensitivity": sensitivity} if sensitivity is not None else {}),
+    }
+    log.info("mixed precision: %.3f average weight bits (%s layers per bit-width)", achieved, counts)
+    return full_bits, summary
+
+
+def _log_layer_bits(logger: Any, layer_bits: dict[str, int]) -> None:
+    """One TensorBoard chart per layer (name in the block): its bits along the depth of the model."""
+    for name, bits in layer_bits.items():
+        _, index, inner = name.split(".", 2)
+        logger.log_metrics({f"mixed_precision/bits/{inner}": float(bits)}, step=int(index))
 
 
 def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -> QuantizeResult:
@@ -363,6 +447,8 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
     rounding = config.rounding if cbq else RoundingConfig(enabled=False)
     check_group_size(adapter.blocks, scheme)
     check_rounding_rank(adapter.blocks, rounding)
+    correction = config.correction if cbq and config.correction.enabled else None
+    check_correction_rank(adapter.blocks, correction)
     inputs, block_kwargs = adapter.capture_block_inputs(ids)
 
     learnable_clip = config.quant.learnable_clip and cbq
@@ -373,6 +459,13 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
     sequential = gptq is not None and config.quant.gptq_true_sequential
     moments = InputMoments(full=gptq is not None, sequential=sequential) if aware or gptq is not None else None
     act = config.quant.act_settings(trained=cbq)
+    # before CFP and any quantization: the sensitivity pass runs the full-precision model
+    layer_bits, mixed_summary = _layer_bits(config, adapter, inputs, block_kwargs, scheme, clip_search, device)
+
+    def bits_of(index: int) -> dict[str, int]:
+        prefix = f"blocks.{index}."
+        return {name[len(prefix):]: bits for name, bits in layer_bits.items() if name.startswith(prefix)}
+
     cfp = CoarseToFinePreprocessor(
         config.cfp, scale_activations=config.cfp.activations and act is not None,
         batch_size=config.train.forward_batch_size,
@@ -387,7 +480,10 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
     def quantize(index: int, block: nn.Module) -> None:
         if gptq is None:
             block_moments = moments.pop(index) if moments is not None else None
-            quantize_block(block, scheme, rounding, learnable_clip, clip_init, generator, clip_search, block_moments, act)
+            quantize_block(
+                block, scheme, rounding, learnable_clip, clip_init, generator, clip_search, block_moments, act,
+                correction=correction, layer_bits=bits_of(index),
+            )
             return
         assert moments is not None
         # GPTQ: stage by stage in forward order (q/k/v, o, gate/up, down), so that with
@@ -396,12 +492,16 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
             diagonals = {name: torch.diagonal(m) for name, m in hessians.items()}  # the clip search's E[x_j^2]
             quantize_block(
                 block, scheme, rounding, learnable_clip, clip_init, generator, clip_search,
-                diagonals if aware else None, act, gptq, hessians, names=names,
+                diagonals if aware else None, act, gptq, hessians, names=names, correction=correction,
+                layer_bits=bits_of(index),
             )
 
-    def structure(block: nn.Module) -> None:
+    def structure(index: int, block: nn.Module) -> None:
         """The quantized layout of a block without touching the run's random state (resume loads the values)."""
-        quantize_block(block, scheme, rounding, learnable_clip, clip_init, torch.Generator(), None, None, act)
+        quantize_block(
+            block, scheme, rounding, learnable_clip, clip_init, torch.Generator(), None, None, act,
+            correction=correction, layer_bits=bits_of(index),
+        )
 
     state = CrossBlockState(
         blocks=adapter.blocks,
@@ -419,6 +519,8 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
         target_dtype=config.cache.targets_dtype(),
     )
     logger = TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="", default_hp_metric=False)
+    if layer_bits and place.is_main:
+        _log_layer_bits(logger, layer_bits)
     if cbq:
         schedule = window_schedule(adapter.num_blocks, config.window)
         done, step_offset = [], 0
@@ -463,7 +565,11 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
         "name": scheme.name,
         "activations": None if act is None else dataclasses.asdict(act),
     }
-    quantization = {"method": config.method, "scheme": scheme_info, "quant_state": f"../{QUANT_STATE_FILE}"}
+    correction_info = _correction_summary(model, correction)
+    quantization = {
+        "method": config.method, "scheme": scheme_info, "quant_state": f"../{QUANT_STATE_FILE}",
+        **({"correction": correction_info} if correction_info else {}),
+    }
     save_quant_state(model, output_dir / QUANT_STATE_FILE, scheme_info)
     save_fake_quant_checkpoint(model, tokenizer, output_dir / MODEL_DIR, quantization)
     eval_entries = _eval_entries(_evaluate(config, model, eval_sets, device, config.method), fp_results)
@@ -500,6 +606,10 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
             "outlier_channels": {str(index): found for index, found in sorted(cfp.outlier_channels.items())},
         },
         "preprocess": {str(index): stats for index, stats in sorted(state.preprocess_stats.items())},
+        # the low-rank correction's cost, which the integer weights do not show (None without one)
+        "correction": correction_info,
+        # per-layer bits (mixed.budget / quant.layer_bits), their average and the sensitivities (None: uniform)
+        "mixed_precision": mixed_summary,
         "final_error": {config.method: final.quantized, **({"rtn": final.rtn} if final.rtn is not None else {})},
         "eval": eval_entries,
         "resumed_after_window": None if resume is None else resume.last_window,

@@ -18,6 +18,7 @@ class OptimConfig:
         batch_size: calibration sequences per optimisation step.
         lr_rounding: learning rate of the LoRA-Rounding factors.
         lr_clip: learning rate of the clipping logits.
+        lr_correction: learning rate of the low-rank correction factors (``correction.rank``).
         lr_schedule: ``constant`` or ``cosine`` (decay to 0 over the window's steps).
         forward_batch_size: sequences per forward when caching targets and advancing caches.
         shuffle: reshuffle the calibration samples every epoch (seeded per window); off gives contiguous
@@ -34,6 +35,7 @@ class OptimConfig:
     batch_size: int = 4
     lr_rounding: float = 1e-3
     lr_clip: float = 5e-3
+    lr_correction: float = 1e-4
     lr_schedule: Literal["constant", "cosine"] = "constant"
     forward_batch_size: int = 8
     shuffle: bool = True
@@ -44,8 +46,8 @@ class OptimConfig:
             raise ConfigError("train.epochs and train.epochs_2bit must be >= 0.")
         if self.batch_size < 1 or self.forward_batch_size < 1:
             raise ConfigError("train.batch_size and train.forward_batch_size must be >= 1.")
-        if self.lr_rounding <= 0 or self.lr_clip <= 0:
-            raise ConfigError("train.lr_rounding and train.lr_clip must be > 0.")
+        if self.lr_rounding <= 0 or self.lr_clip <= 0 or self.lr_correction <= 0:
+            raise ConfigError("train.lr_rounding, train.lr_clip and train.lr_correction must be > 0.")
 
     def epochs_for(self, w_bits: int) -> int:
         return self.epochs_2bit if w_bits <= 2 else self.epochs

@@ -23,6 +23,7 @@ from cbq_lightning.errors import TrainingError
 from cbq_lightning.guard import TrainableSnapshot, check_loss
 from cbq_lightning.loss import LossConfig, homologous_loss, output_kl
 from cbq_lightning.models.adapter import kwargs_to, run_block
+from cbq_lightning.quant.continuous import ContinuousApprox, set_temperatures
 from cbq_lightning.quant.convert import hard_rounding, quant_linears
 from cbq_lightning.quant.rounding import RoundingConfig, beta_at
 from cbq_lightning.train_config import OptimConfig
@@ -45,6 +46,9 @@ class WindowModule(L.LightningModule):
         output_head: final norm + LM head, given to the window that holds the model's last block when
             ``loss.output_kl_weight > 0`` (see :func:`cbq_lightning.loss.output_kl`). It is frozen and kept
             out of the module's parameters: it is the model's own head, possibly tied to the embedding.
+        continuous: continuous approximations of rounding / clamping for the training forward, with the
+            temperature annealed over the fit's steps (:mod:`cbq_lightning.quant.continuous`); None: STE and
+            hard clamp.
     """
 
     def __init__(
@@ -59,8 +63,10 @@ class WindowModule(L.LightningModule):
         lr_scale: float = 1.0,
         explode_factor: float = 1000.0,
         output_head: nn.Module | None = None,
+        continuous: ContinuousApprox | None = None,
     ) -> None:
         super().__init__()
+        self.continuous = continuous
         self.blocks = nn.ModuleList(blocks)
         self.window = window
         self.loss_config = loss
@@ -101,19 +107,27 @@ class WindowModule(L.LightningModule):
             p for _, layer in quant_linears(self.blocks) for p in layer.clip_parameters() + layer.act_parameters()
         ]
 
+    def correction_parameters(self) -> list[nn.Parameter]:
+        """``U``, ``V`` of the low-rank corrections (``correction.rank``; empty without them)."""
+        return [p for _, layer in quant_linears(self.blocks) for p in layer.correction_parameters()]
+
+    def quantization_parameters(self) -> list[nn.Parameter]:
+        """Everything the window may train: rounding, clipping and (if configured) the low-rank corrections."""
+        return self.rounding_parameters() + self.clip_parameters() + self.correction_parameters()
+
     def freeze_all_but_quantization_parameters(self) -> None:
-        """Freeze everything the window holds except rounding factors and clipping logits.
+        """Freeze everything the window holds except rounding factors, clipping logits (and corrections).
 
         Called at construction (the blocks may come from an unfrozen model) and again once the callback
         has quantized the entering blocks, just before the optimizer is built.
         """
         self.requires_grad_(False)
-        for parameter in self.rounding_parameters() + self.clip_parameters():
+        for parameter in self.quantization_parameters():
             parameter.requires_grad_(True)
 
     def check_trainable(self) -> None:
-        """Assert that exactly the rounding factors and clipping logits train (nothing of the model)."""
-        allowed = {id(p) for p in self.rounding_parameters() + self.clip_parameters()}
+        """Assert that exactly the quantization parameters train (nothing of the model)."""
+        allowed = {id(p) for p in self.quantization_parameters()}
         extra = [name for name, p in self.named_parameters() if p.requires_grad and id(p) not in allowed]
         if extra:
             raise TrainingError(f"window has unexpected trainable parameters: {extra[:5]}")
@@ -160,8 +174,12 @@ class WindowModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         x_q, y_fp, y_h = batch
-        parts = self.objective(self(x_q), y_fp, y_h, self._output_head_generator)
         total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        temperature = None
+        if self.continuous is not None:
+            temperature = self.continuous.temperature_at(self.global_step, total_steps)
+            set_temperatures(self.blocks, self.continuous, temperature)
+        parts = self.objective(self(x_q), y_fp, y_h, self._output_head_generator)
         beta = beta_at(self.global_step, total_steps, self.rounding_config)
         reg = self.rounding_regularizer(beta) if beta is not None else parts["loss"].new_zeros(())
         loss = parts["loss"] + self.rounding_config.reg_weight * reg
@@ -183,14 +201,20 @@ class WindowModule(L.LightningModule):
             **({"train/output_kl": parts["output_kl"].detach()} if "output_kl" in parts else {}),
             "train/rounding_reg": reg.detach(),
             "train/beta": 0.0 if beta is None else beta,
+            **({"train/temperature": temperature} if temperature is not None else {}),
             "train/lr_rounding": optimizer.param_groups[0]["lr"],
             "train/lr_clip": optimizer.param_groups[1]["lr"],
+            **({"train/lr_correction": optimizer.param_groups[2]["lr"]} if len(optimizer.param_groups) > 2 else {}),
             "train/window": float(self.window.index),
             # a logged "step" is Lightning's documented way to set the x-axis: windows share one run
             "step": float(self.step_offset + self.global_step),
         }
         self.log_dict(signals, on_step=True, on_epoch=False, prog_bar=False, logger=True)
         return loss
+
+    def on_train_end(self) -> None:
+        # the quantizers use exact rounding outside a training forward anyway; clearing makes that explicit
+        set_temperatures(self.blocks, None, None)
 
     def on_train_epoch_end(self) -> None:
         if self._epoch_steps:
@@ -263,6 +287,9 @@ class WindowModule(L.LightningModule):
             {"params": self.rounding_parameters(), "lr": self.optim_config.lr_rounding * self.lr_scale, "name": "rounding"},
             {"params": self.clip_parameters(), "lr": self.optim_config.lr_clip * self.lr_scale, "name": "clip"},
         ]
+        corrections = self.correction_parameters()
+        if corrections:
+            groups.append({"params": corrections, "lr": self.optim_config.lr_correction * self.lr_scale, "name": "correction"})
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         if self.optim_config.lr_schedule == "constant":
             return optimizer

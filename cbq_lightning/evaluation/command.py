@@ -15,7 +15,12 @@ from cbq_lightning.data.text import DEFAULT_DATA_DIR
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.evaluation.perplexity import evaluate_sets, prepare_eval_set
 from cbq_lightning.evaluation.zero_shot import parse_tasks, prepare_tasks, run_tasks
-from cbq_lightning.export.fake_quant import MODEL_DIR, SIDECAR, attach_activation_quantizers
+from cbq_lightning.export.fake_quant import (
+    MODEL_DIR,
+    SIDECAR,
+    attach_activation_quantizers,
+    attach_corrections,
+)
 from cbq_lightning.io import atomic_write_json
 from cbq_lightning.models.loading import ModelConfig, load_model, load_tokenizer
 
@@ -141,6 +146,8 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     model = load_model(model_config, vocab_size=len(tokenizer))
     if quantization is not None and quantization.get("scheme", {}).get("activations"):
         attach_activation_quantizers(model, Path(path) / quantization["quant_state"])
+    if quantization is not None and quantization.get("correction"):
+        attach_corrections(model, Path(path) / quantization["quant_state"])  # after: it wraps the linears
     model.to(device)
     zero_shot: list[dict[str, Any]] = []
     zero_shot_s = None

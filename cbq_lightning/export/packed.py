@@ -85,6 +85,14 @@ def export_run(run_dir: str | Path, config: ExportConfig) -> dict[str, Any]:
         raise ConfigError("export.format is not set: choose compressed-tensors or gptq.")
     run = open_run(run_dir)
     config.check(run.scheme)
+    corrected = [name for name, layer in run.layers.items() if layer.correction_rank]
+    if corrected:
+        raise ConfigError(
+            f"{run_dir} has low-rank corrections ({len(corrected)} layers, e.g. {corrected[0]}): "
+            f"{config.format} stores Q(W) only and its kernels cannot add U V^T x. Serve the fake-quant "
+            "checkpoint with the corrections attached (`cbq evaluate --model RUN`), or quantize without "
+            "correction.rank for a packed export."
+        )
     output = config.output_dir(run.run_dir)
     if output.resolve() in (run.run_dir.resolve(), run.model_dir.resolve()):
         raise ConfigError(f"export output {output} would replace the run's own outputs: choose another directory.")

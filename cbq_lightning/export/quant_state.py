@@ -10,6 +10,9 @@ Layout, per quantized linear ``NAME`` (its module path in the model, e.g. ``mode
   ``NAME.act_clip_lower`` float32 scalars (dynamic per-token modes: the clipping ratios of ``max|x|``)
   or ``NAME.act_step`` (static mode: the step size); the mode is in the scheme metadata
   (``scheme.activations.mode``)
+* with a low-rank correction (``correction.rank``): ``NAME.correction_u`` float32 ``[out, r]`` and
+  ``NAME.correction_v`` float32 ``[in, r]``; the layer computes ``Q(W) Q(x) + (x V) U^T`` on its
+  unquantized input ``x``
 
 The dequantized weight is ``scales[:, j] * (qweight[:, j*g:(j+1)*g] - zeros[:, j])``. The file metadata
 holds ``format = cbq-quant-state``, its version and the scheme as JSON. The packed export formats are
@@ -55,6 +58,9 @@ def collect_quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
             tensors[f"{name}.act_bits"] = torch.tensor(layer.act_quantizer.bits, dtype=torch.int32)
             for field, value in layer.act_quantizer.export_state().items():
                 tensors[f"{name}.{field}"] = value.contiguous().cpu()
+        if layer.correction is not None:
+            tensors[f"{name}.correction_u"] = layer.correction.u.detach().float().contiguous().cpu()
+            tensors[f"{name}.correction_v"] = layer.correction.v.detach().float().contiguous().cpu()
     return tensors
 
 

@@ -82,6 +82,7 @@ class QuantizedLayer:
     bits: int
     group_size: int  # in_features when per-channel
     act_clip: tuple[float, float] | None  # (upper, lower) ratios of a dynamic activation quantizer
+    correction_rank: int = 0  # rank of the layer's low-rank correction (0: none)
 
     @property
     def out_features(self) -> int:
@@ -108,6 +109,7 @@ class QuantizedLayer:
             bits=int(fields["bits"]),
             group_size=int(fields["group_size"]),
             act_clip=clip,
+            correction_rank=int(fields["correction_u"].shape[1]) if "correction_u" in fields else 0,
         )
 
 

@@ -14,7 +14,8 @@ Three modes:
   LLaMA-family "massive activations" (a handful of tokens hundreds of times larger than the rest).
 
 Rounding is round-half-to-even (what integer kernels do) with a straight-through gradient, so the
-clipping logits get LSQ-style gradients through ``x / scale``.
+clipping logits get LSQ-style gradients through ``x / scale``; a fit with continuous approximations
+(:mod:`cbq_lightning.quant.continuous`) smooths the rounding and the clamp while it trains.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 
 from cbq_lightning.distributed import all_reduce_
 from cbq_lightning.errors import ConfigError
+from cbq_lightning.quant.continuous import SmoothableQuantizer
 from cbq_lightning.quant.ste import round_ste
 from cbq_lightning.quant.weight_quantizer import SCALE_EPS, clip_logit
 
@@ -71,7 +73,7 @@ def _grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
     return (x - scaled).detach() + scaled
 
 
-class ActivationQuantizer(nn.Module):
+class ActivationQuantizer(SmoothableQuantizer):
     """Fake-quantizes a linear's input ``[..., features]`` (see the module docstring for the modes)."""
 
     def __init__(self, settings: ActQuantSettings) -> None:
@@ -137,7 +139,7 @@ class ActivationQuantizer(nn.Module):
         upper, _ = self.clip_ratios()
         absmax = x.abs().amax(dim=-1, keepdim=True) * upper
         scale = (absmax / self.qmax).clamp(min=SCALE_EPS)
-        q = torch.clamp(round_ste(x / scale), -self.qmax - 1, self.qmax)
+        q = self.smooth_or_hard_clamp(self.smooth_or_ste_round(x / scale, round_ste), -self.qmax - 1, self.qmax)
         return q * scale
 
     def _dynamic_asymmetric(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +148,7 @@ class ActivationQuantizer(nn.Module):
         xmin = x.amin(dim=-1, keepdim=True).clamp(max=0.0) * lower
         scale = ((xmax - xmin) / self.qmax).clamp(min=SCALE_EPS)
         zero = round_ste(-xmin / scale).clamp(0, self.qmax)
-        q = torch.clamp(round_ste(x / scale) + zero, 0, self.qmax)
+        q = self.smooth_or_hard_clamp(self.smooth_or_ste_round(x / scale, round_ste) + zero, 0, self.qmax)
         return (q - zero) * scale
 
     def _static(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +157,7 @@ class ActivationQuantizer(nn.Module):
         step = self.current_step().abs().clamp(min=SCALE_EPS)
         if self.step is not None and torch.is_grad_enabled():
             step = _grad_scale(step, (x.shape[-1] * self.qmax) ** -0.5)
-        q = torch.clamp(round_ste(x / step), -self.qmax - 1, self.qmax)
+        q = self.smooth_or_hard_clamp(self.smooth_or_ste_round(x / step, round_ste), -self.qmax - 1, self.qmax)
         return q * step
 
     @torch.no_grad()

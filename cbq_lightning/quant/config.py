@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cbq_lightning.quant.act_quantizer import ActMode, ActQuantSettings
+from cbq_lightning.quant.continuous import ClampMode, ContinuousApprox, Estimator
 from cbq_lightning.quant.gptq import GPTQInit
 from cbq_lightning.quant.scheme import QuantScheme, parse_scheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch
@@ -43,6 +44,17 @@ class QuantConfig:
         act_learnable: train the activation clipping logit(s) / static step with the window (CBQ only;
             RTN keeps them at their start).
         act_clip_init: starting clipping ratio of the dynamic activation quantizers (RTN uses 1.0).
+        estimator: how the window's fit differentiates rounding that is not learned (activation quantizers;
+            weights unless soft LoRA-Rounding decides them): ``ste`` (straight-through) or ``sigmoid``
+            (the temperature-``T`` sigmoid rounding in the training forward; see
+            :mod:`cbq_lightning.quant.continuous`). Training only: measurements and the result are exact.
+        clamp: ``hard`` or ``smooth`` (softplus clamp with temperature ``T`` in the training forward, so
+            the clipping bounds get gradient from values near and beyond them).
+        temperature_start: ``T`` at each window's first step (annealed geometrically).
+        temperature_end: ``T`` at its last step.
+        layer_bits: per-layer weight bits overriding the scheme's, by layer name ``blocks.<index>.<name in the
+            block>`` (e.g. ``blocks.3.mlp.down_proj: 4``); layers that read one input (q/k/v, gate/up) must
+            share one value. ``mixed.budget`` writes these itself from a sensitivity pass.
     """
 
     scheme: str = "W4A16"
@@ -64,6 +76,16 @@ class QuantConfig:
     act_mode: ActMode = "dynamic_sym"
     act_learnable: bool = True
     act_clip_init: float = 0.99
+    estimator: Estimator = "ste"
+    clamp: ClampMode = "hard"
+    temperature_start: float = 4.0
+    temperature_end: float = 64.0
+    layer_bits: dict[str, int] = field(default_factory=dict)
+
+    def continuous_settings(self) -> ContinuousApprox | None:
+        """The continuous approximations of the fit, or None when both are off; raises a ConfigError on bad values."""
+        settings = ContinuousApprox(self.estimator, self.clamp, self.temperature_start, self.temperature_end)
+        return settings if settings.active else None
 
     def clip_search_settings(self) -> ClipSearch | None:
         """The clip search to run, or None (also None when clipping is not learnable: nothing to set)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
@@ -12,6 +13,7 @@ from torch import nn
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.models.adapter import DecoderAdapter
 from cbq_lightning.quant.act_quantizer import ActQuantSettings
+from cbq_lightning.quant.correction import CorrectionConfig
 from cbq_lightning.quant.gptq import GPTQInit
 from cbq_lightning.quant.qlinear import QuantLinear
 from cbq_lightning.quant.rounding import RoundingConfig
@@ -55,6 +57,17 @@ def check_rounding_rank(blocks: nn.ModuleList, rounding: RoundingConfig) -> None
         )
 
 
+def check_correction_rank(blocks: nn.ModuleList, correction: CorrectionConfig | None) -> None:
+    """Fail early, naming the layer, when the low-rank correction's rank is not below a linear's smaller dimension."""
+    if correction is None or not correction.enabled:
+        return
+    for name, linear in all_block_linears(blocks):
+        try:
+            correction.rank_for(linear.out_features, linear.in_features)
+        except ConfigError as error:
+            raise ConfigError(f"layer {name}: {error}") from None
+
+
 def quantize_block(
     block: nn.Module,
     scheme: QuantScheme,
@@ -68,6 +81,8 @@ def quantize_block(
     gptq: GPTQInit | None = None,
     hessians: dict[str, torch.Tensor] | None = None,
     names: Collection[str] | None = None,
+    correction: CorrectionConfig | None = None,
+    layer_bits: dict[str, int] | None = None,
 ) -> None:
     """Replace every linear of ``block`` (or those in ``names``) by a calibrating :class:`QuantLinear` (in place).
 
@@ -75,6 +90,8 @@ def quantize_block(
     search); ``act`` adds an activation quantizer on every linear's input; ``gptq`` starts the rounding from
     GPTQ's codes, computed from ``hessians`` (name -> ``E[x x^T]``). ``names`` lets GPTQ quantize a block
     stage by stage; the layers are built in the block's order either way, so the random draws are the same.
+    ``correction`` gives every layer a trainable low-rank correction; ``layer_bits`` (name in the block ->
+    bits) overrides the scheme's weight bits per layer (mixed precision).
     """
 
     def factory(name: str, linear: nn.Linear) -> nn.Module:
@@ -82,8 +99,10 @@ def quantize_block(
             return linear
         moments = input_moments.get(name) if input_moments else None
         hessian = hessians.get(name) if hessians else None
+        layer_scheme = dataclasses.replace(scheme, w_bits=layer_bits[name]) if layer_bits and name in layer_bits else scheme
         layer = QuantLinear(
-            linear, scheme, rounding, learnable_clip, clip_init, generator, clip_search, moments, act, gptq, hessian
+            linear, layer_scheme, rounding, learnable_clip, clip_init, generator, clip_search, moments, act, gptq, hessian,
+            correction,
         )
         return layer.to(linear.weight.device)
 

@@ -9,7 +9,9 @@ Two lives:
   ``scale * (q - zero)`` and nothing is trainable. This is what is exported.
 
 With an activation scheme (``W4A8`` ...) an :class:`ActivationQuantizer` fake-quantizes the layer's input
-in both lives; its clipping logit(s) / step train with the window and are frozen at finalisation.
+in both lives; its clipping logit(s) / step train with the window and are frozen at finalisation. A
+:class:`LowRankCorrection` (``correction.rank``) adds ``U V^T x`` on the unquantized input in both lives; it
+trains with the window and is frozen, not folded, at finalisation.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.quant.act_quantizer import ActivationQuantizer, ActQuantSettings
+from cbq_lightning.quant.correction import CorrectionConfig, LowRankCorrection
 from cbq_lightning.quant.gptq import GPTQInit, gptq_codes
 from cbq_lightning.quant.rounding import LoRARounding, RoundingConfig, RoundingOffset
 from cbq_lightning.quant.scheme import QuantScheme
@@ -43,6 +46,8 @@ class QuantLinear(nn.Module):
             as a frozen whole-number shift ``rounding_base`` added before rounding, under the learned offset when
             ``rounding.form`` is ``offset``; soft LoRA-Rounding cannot start from it.
         hessian: ``E[x x^T]`` of this layer's inputs, ``[in, in]`` (GPTQ only).
+        correction: add a trainable low-rank correction on the unquantized input (None or disabled: none),
+            started from the layer's starting weight error (see :mod:`cbq_lightning.quant.correction`).
     """
 
     def __init__(
@@ -58,6 +63,7 @@ class QuantLinear(nn.Module):
         act: ActQuantSettings | None = None,
         gptq: GPTQInit | None = None,
         hessian: torch.Tensor | None = None,
+        correction: CorrectionConfig | None = None,
     ) -> None:
         super().__init__()
         self.in_features = linear.in_features
@@ -97,6 +103,20 @@ class QuantLinear(nn.Module):
         #: share of hardened rounding decisions that differ from round-to-nearest (set at finalise when
         #: rounding is learned or starts from GPTQ; None when the layer rounds to nearest)
         self.flip_fraction: float | None = None
+        self.correction: LowRankCorrection | None = None
+        if correction is not None and correction.enabled:
+            rank = correction.rank_for(self.out_features, self.in_features)
+            error = self.starting_weight_error() if correction.init == "svd" else None
+            self.correction = LowRankCorrection(self.out_features, self.in_features, rank, error).to(weight.device)
+
+    @torch.no_grad()
+    def starting_weight_error(self) -> torch.Tensor:
+        """``W - Q(W)`` with the current grid and hardened rounding decisions, ``[out, in]`` fp32."""
+        hard, self.use_hard_rounding = self.use_hard_rounding, True
+        try:
+            return self.weight.float() - self.fake_weight().float()
+        finally:
+            self.use_hard_rounding = hard
 
     @torch.no_grad()
     def _gptq_offset(self, hessian: torch.Tensor, settings: GPTQInit) -> torch.Tensor:
@@ -141,11 +161,15 @@ class QuantLinear(nn.Module):
         return self.quantizer.fake_quantize(self.weight, decisions)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unquantized = x
         if self.act_quantizer is not None:
             x = self.act_quantizer(x)
         weight = self.fake_weight().to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, weight, bias)
+        out = F.linear(x, weight, bias)
+        if self.correction is not None:
+            out = out + self.correction(unquantized)
+        return out
 
     def rounding_parameters(self) -> list[nn.Parameter]:
         # LoRA-Rounding's A1, A2 or the offset's V (LoRA-Rounding's V0 is a frozen buffer, not a parameter)
@@ -161,6 +185,16 @@ class QuantLinear(nn.Module):
         if self.act_quantizer is None or self.finalized:
             return []
         return self.act_quantizer.trainable_parameters()
+
+    def correction_parameters(self) -> list[nn.Parameter]:
+        """``U`` and ``V`` of the low-rank correction (empty once finalised or without one)."""
+        if self.correction is None or self.finalized:
+            return []
+        return list(self.correction.parameters())
+
+    def correction_parameter_count(self) -> int:
+        """Full-precision parameters the correction adds to the layer (0 without one)."""
+        return 0 if self.correction is None else sum(p.numel() for p in self.correction.parameters())
 
     def rounding_regularizer(self, beta: float) -> torch.Tensor | None:
         if not isinstance(self.rounding, LoRARounding):  # offsets are hard decisions already
@@ -188,6 +222,8 @@ class QuantLinear(nn.Module):
         if self.act_quantizer is not None:
             untrained = ActQuantSettings(bits=self.act_quantizer.bits, mode=self.act_quantizer.mode, learnable=False, clip_init=1.0)
             self.act_quantizer = ActivationQuantizer(untrained).to(self.weight.device)
+        if self.correction is not None:  # kept (a resumed run expects its tensors) but contributing nothing
+            self.correction.u.zero_()
 
     # --- finalisation --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -213,6 +249,8 @@ class QuantLinear(nn.Module):
         self.rounding_base = None
         if self.act_quantizer is not None:
             self.act_quantizer.requires_grad_(False)
+        if self.correction is not None:
+            self.correction.requires_grad_(False)
         self.finalized = True
 
     def dequantized_weight(self) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cbq_lightning.errors import ConfigError
+from cbq_lightning.quant.continuous import SmoothableQuantizer
 from cbq_lightning.quant.ste import floor_ste, round_half_up_ste
 
 #: smallest scale, so that a constant (e.g. all-zero) group does not divide by zero
@@ -61,7 +62,7 @@ class ClipSearch:
             )
 
 
-class WeightQuantizer(nn.Module):
+class WeightQuantizer(SmoothableQuantizer):
     """Computes scales/zero-points for one ``[out, in]`` weight and fake-quantizes it.
 
     Args:
@@ -158,16 +159,15 @@ class WeightQuantizer(nn.Module):
 
         ``rounding`` is the rounding decision ``h`` in [0, 1] with the weight's ``[out, in]`` shape; ``None``
         means round-to-nearest, or ``round(W/s + offset)`` when a signed ``offset`` (``[out, in]``, in
-        [-0.5, 0.5]) is given.
+        [-0.5, 0.5]) is given. In a fit with continuous approximations (:mod:`cbq_lightning.quant.continuous`)
+        that rounding and the clamp are the smooth ones while training.
         """
         x = self.grouped(weight.float()) / scale
         if rounding is not None:
             q = floor_ste(x) + self.grouped(rounding)
-        elif offset is not None:
-            q = round_half_up_ste(x + self.grouped(offset))
-        else:
-            q = round_half_up_ste(x)
-        return torch.clamp(q + zero, 0, self.qmax)
+        else:  # rounding not learned by LoRA-Rounding: the continuous approximation may stand in for the STE
+            q = self.smooth_or_ste_round(x if offset is None else x + self.grouped(offset), round_half_up_ste)
+        return self.smooth_or_hard_clamp(q + zero, 0, self.qmax)
 
     def fake_quantize(
         self,
