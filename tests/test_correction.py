@@ -168,7 +168,7 @@ def test_too_large_a_rank_fails_before_calibration(tmp_path: Path) -> None:
 
 
 def test_killed_corrected_run_resumes_bit_for_bit(tmp_path: Path) -> None:
-    from tests.test_resume import FAST, Killed, KillAtWindow
+    from tests.test_resume import FAST, KillAtWindow, Killed
 
     flags = (*FAST, "--correction.rank", "2", "--quant.scheme", "W4A8")
     run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path / "whole"), *flags))

@@ -158,7 +158,7 @@ def test_mixed_precision_lands_between_the_uniform_runs(mixed_run: Path, tmp_pat
 
 
 def test_layer_bits_override_resumes_bit_for_bit(tmp_path: Path) -> None:
-    from tests.test_resume import Killed, KillAtWindow
+    from tests.test_resume import KillAtWindow, Killed
 
     flags = (*FAST, "--quant.scheme", "W3A16", "--quant.layer_bits",
              '{"blocks.1.mlp.down_proj": 4, "blocks.2.self_attn.o_proj": 2}')
