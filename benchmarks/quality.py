@@ -19,6 +19,14 @@ its reason in the table. They need ``pip install -e ".[peers]"``.
     python benchmarks/quality.py --schemes W4A16 W3A16G64 W2A16G64 --peers gptq,autoround --autoround-iters 50
     python benchmarks/quality.py --schemes W3A16G64 --peers gptq,autoround --peers-only   # add peers to a record
     python benchmarks/quality.py --redraw             # rewrite quality.md and quality.png from the records, run nothing
+
+Ablations (``--ablation NAME KEY=VALUE ...``, repeatable): extra CBQ runs of the scheme's recipe with those
+overrides on top (same samples and windows), each a row of the ablation table under the main one, e.g. the
+options of METHOD.md §6. ``--ablations-only`` adds them to the scheme's existing record instead of rerunning FP,
+RTN and CBQ:
+
+    python benchmarks/quality.py --schemes W4A4 --ablations-only --ablation lowrank10 correction.rank_fraction=0.1
+    python benchmarks/quality.py --schemes W2A16G64 --ablations-only --ablation mixed2.5 mixed.budget=2.5
 """
 
 from __future__ import annotations
@@ -140,6 +148,58 @@ def _peer(recipe: Path, peer: str, workdir: Path, flags: list[str], iters: int |
     return record
 
 
+def _parse_ablations(specs: list[list[str]]) -> dict[str, list[str]]:
+    """``[[NAME, KEY=VALUE, ...], ...]`` -> ``{NAME: [KEY=VALUE, ...]}`` (checked: a name, then overrides)."""
+    ablations: dict[str, list[str]] = {}
+    for spec in specs:
+        name, settings = spec[0], spec[1:]
+        if "=" in name or not settings:
+            raise SystemExit(f"--ablation {' '.join(spec)}: write a name, then KEY=VALUE overrides, e.g. "
+                             "--ablation lowrank10 correction.rank_fraction=0.1")
+        if name in ablations:
+            raise SystemExit(f"--ablation {name} is given twice")
+        _overrides(settings)  # the same KEY=VALUE check as --set
+        ablations[name] = settings
+    return ablations
+
+
+def _ablation_summary(name: str, settings: list[str], run: dict, cbq_ppl: float | None) -> dict:
+    """What the ablation table shows of one ablation run (with what the option adds, where it reports it)."""
+    report = run["report"]
+    ppl = report["eval"][0]["ppl"]
+    correction = report.get("correction") or {}
+    mixed = report.get("mixed_precision") or {}
+    return {
+        "name": name,
+        "overrides": settings,
+        "ppl": ppl,
+        "over_cbq": ppl / cbq_ppl if cbq_ppl else None,
+        "time_s": run["wall_s"],
+        "peak_rss_gib": report["peak_rss_gib"],
+        **({"correction_parameters": correction["parameters"],
+            "correction_per_weight": correction["parameters_per_quantized_weight"]} if correction else {}),
+        **({"average_bits": mixed["average_bits"]} if mixed else {}),
+    }
+
+
+def _ablation_table(rows: list[dict]) -> str:
+    """One line per ablation run of every row: the option, its perplexity against plain CBQ, its cost."""
+    lines = ["| scheme | ablation | overrides | PPL | / CBQ | adds | time | peak RSS |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for entry in (row.get("ablations") or {}).values():
+            adds = []
+            if "correction_parameters" in entry:
+                adds.append(f"{entry['correction_parameters']:,} params ({100 * entry['correction_per_weight']:.1f} %)")
+            if "average_bits" in entry:
+                adds.append(f"{entry['average_bits']:.3f} avg bits")
+            ratio = f"{entry['over_cbq']:.3f}" if entry["over_cbq"] else "-"
+            lines.append(
+                f"| {row['scheme']} | {entry['name']} | `{' '.join(entry['overrides'])}` | {entry['ppl']:.2f} | "
+                f"{ratio} | {', '.join(adds) or '-'} | {entry['time_s'] / 60:.1f} min | {entry['peak_rss_gib']:.2f} GiB |"
+            )
+    return "\n".join(lines)
+
+
 def _peer_summary(record: dict) -> dict:
     """What the table and the plot need of a peer record."""
     results = record.get("results") or []
@@ -250,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers-only", action="store_true",
                         help="run only the peers and add them to the existing record of each scheme "
                         "(same recipe and overrides as that record; FP, RTN and CBQ are not rerun)")
+    parser.add_argument("--ablation", action="append", nargs="+", default=[], metavar="NAME KEY=VALUE",
+                        help="an extra CBQ run per scheme with these overrides, shown in the ablation table "
+                        "(repeatable), e.g. --ablation lowrank10 correction.rank_fraction=0.1")
+    parser.add_argument("--ablations-only", action="store_true",
+                        help="run only the --ablation runs and add them to each scheme's existing record")
     parser.add_argument("--redraw", action="store_true",
                         help="only rewrite quality.md and redraw quality.png from the records in --output "
                         "(after copying in records of separate runs); nothing runs")
@@ -265,14 +330,21 @@ def main(argv: list[str] | None = None) -> int:
     peers = parse_peers(args.peers)
     if args.peers_only and not peers:
         raise SystemExit("--peers-only needs --peers (e.g. --peers gptq,autoround)")
+    ablations = _parse_ablations(args.ablation)
+    if args.ablations_only and not ablations:
+        raise SystemExit("--ablations-only needs --ablation NAME KEY=VALUE ...")
+    if args.ablations_only and args.peers_only:
+        raise SystemExit("--ablations-only and --peers-only: run them one after the other")
     flags = _overrides(args.set)
     recipes = {scheme: _recipe(scheme) for scheme in args.schemes}
     args.output.mkdir(parents=True, exist_ok=True)
     invocation = shlex.join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
     if args.peers_only:
         _add_peers(recipes, peers, args, invocation, suffix)
+    elif args.ablations_only:
+        _add_ablations(recipes, ablations, args, invocation, suffix)
     else:
-        _run_all(recipes, peers, flags, args, invocation, suffix)
+        _run_all(recipes, peers, flags, args, invocation, suffix, ablations)
     _write_table(args.output, suffix)
     _draw(args.output, suffix)
     return 0
@@ -289,8 +361,8 @@ def _write_table(folder: Path, suffix: str) -> None:
 
 
 def _run_all(recipes: dict[str, Path], peers: list[str], flags: list[str], args: argparse.Namespace,
-             invocation: str, suffix: str) -> None:
-    """FP once, then per scheme RTN, (CBQ w/o CFP,) CBQ and the peers; one record per scheme."""
+             invocation: str, suffix: str, ablations: dict[str, list[str]] | None = None) -> None:
+    """FP once, then per scheme RTN, (CBQ w/o CFP,) CBQ, the ablations and the peers; one record per scheme."""
     from cbq_lightning.runner import versions as versions_now
 
     with tempfile.TemporaryDirectory(prefix="cbq-quality-") as tmp:
@@ -305,7 +377,15 @@ def _run_all(recipes: dict[str, Path], peers: list[str], flags: list[str], args:
             peer_records = {
                 name: _peer(recipe, name, workdir / scheme, flags, args.autoround_iters) for name in peers
             }
+            ablation_runs = {
+                name: _quantize(recipe, "cbq", workdir / scheme, [*flags, *_overrides(settings)], name=f"ablation_{name}")
+                for name, settings in (ablations or {}).items()
+            }
             row = _row(scheme, fp, rtn, cbq, ablation, peer_records)
+            if ablation_runs:
+                row["ablations"] = {
+                    name: _ablation_summary(name, ablations[name], run, row["cbq"]) for name, run in ablation_runs.items()
+                }
             record = {
                 "benchmark": "quality",
                 "row": row,
@@ -316,6 +396,7 @@ def _run_all(recipes: dict[str, Path], peers: list[str], flags: list[str], args:
                     "fp": fp["command"], "rtn": rtn["command"], "cbq": cbq["command"],
                     **({"cbq_no_cfp": ablation["command"]} if ablation else {}),
                     **{f"peer_{name}": peer["command"] for name, peer in peer_records.items()},
+                    **{f"ablation_{name}": run["command"] for name, run in ablation_runs.items()},
                 },
                 "cbq_report": cbq["report"],
                 # RTN's per-block errors on the same calibration rows (the plot's right panel)
@@ -370,6 +451,34 @@ def _add_peers(recipes: dict[str, Path], peers: list[str], args: argparse.Namesp
             _write_record(path, record)
 
 
+def _add_ablations(recipes: dict[str, Path], ablations: dict[str, list[str]], args: argparse.Namespace,
+                   invocation: str, suffix: str) -> None:
+    """``--ablations-only``: run the ablations with each scheme's recorded recipe and overrides, add them to
+    its record (a later run of the same name replaces the earlier one)."""
+    from cbq_lightning.runner import versions as versions_now
+
+    records = {}
+    for scheme in recipes:
+        path = args.output / f"quality_{scheme.lower()}{suffix}.json"
+        if not path.is_file():
+            raise SystemExit(f"--ablations-only: no record {path} for {scheme}; run it without --ablations-only first.")
+        records[scheme] = (path, json.loads(path.read_text()))
+    with tempfile.TemporaryDirectory(prefix="cbq-quality-ablations-") as tmp:
+        for scheme, (path, record) in records.items():
+            recipe = ROOT / record["recipe"]
+            flags = _overrides(record.get("overrides", []))
+            for name, settings in ablations.items():
+                run = _quantize(recipe, "cbq", Path(tmp) / scheme, [*flags, *_overrides(settings)], name=f"ablation_{name}")
+                record["row"].setdefault("ablations", {})[name] = _ablation_summary(name, settings, run, record["row"]["cbq"])
+                record.setdefault("commands", {})[f"ablation_{name}"] = run["command"]
+                record.setdefault("ablation_runs", {})[name] = {
+                    "invocation": invocation, "git_commit": _git_commit(), "versions": versions_now(),
+                    "device": run["report"]["device"],
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                }
+                _write_record(path, record)  # after each run: a long series keeps what it finished
+
+
 def _latest_records(folder: Path, suffix: str) -> list[dict]:
     """The latest record of every scheme in ``folder`` (schemes may be run one at a time), in scheme order."""
     records = []
@@ -401,6 +510,13 @@ def _combined_table(folder: Path, suffix: str) -> str:
     if any(r["row"].get("peers") for r in records):
         lines.append("")
         lines.append("Peer columns: `-` = not asked for in that scheme's run; a reason = asked for but not run.")
+    if any(r["row"].get("ablations") for r in records):
+        lines += ["", "Ablations (extra CBQ runs with the overrides shown; `/ CBQ` against the row's CBQ):", "",
+                  _ablation_table([r["row"] for r in records]), ""]
+        for record in records:
+            for name, run in (record.get("ablation_runs") or {}).items():
+                lines.append(f"- {record['row']['scheme']} {name}: `{run['invocation']}` (git {run['git_commit']}, "
+                             f"{run['device']}, {run['date']})")
     return "\n".join(lines) + "\n"
 
 

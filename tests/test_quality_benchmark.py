@@ -182,3 +182,55 @@ def test_peers_only_adds_peers_to_the_existing_record(quality, tmp_path: Path, m
                       "--output", str(tmp_path)])
     with pytest.raises(SystemExit, match="no record"):
         quality.main(["--schemes", "W4A16", "--peers", "gptq", "--peers-only", "--output", str(tmp_path)])
+
+
+# --- ablations (extra CBQ runs with overrides) -----------------------------------------------------------------
+
+
+def test_ablation_specs_are_checked(quality) -> None:
+    assert quality._parse_ablations([["lowrank10", "correction.rank_fraction=0.1", "train.lr_correction=1e-3"]]) == {
+        "lowrank10": ["correction.rank_fraction=0.1", "train.lr_correction=1e-3"]}
+    with pytest.raises(SystemExit, match="write a name"):
+        quality._parse_ablations([["correction.rank=4"]])
+    with pytest.raises(SystemExit, match="write a name"):
+        quality._parse_ablations([["lowrank"]])
+    with pytest.raises(SystemExit, match="twice"):
+        quality._parse_ablations([["a", "x.y=1"], ["a", "x.y=2"]])
+    with pytest.raises(SystemExit, match="key=value"):
+        quality._parse_ablations([["a", "x.y"]])
+
+
+def test_ablations_only_adds_rows_to_the_existing_record(quality, tmp_path: Path, monkeypatch) -> None:
+    record = _record("W4A4", 20.0, 11000.0, 2400.0)
+    record["overrides"] = ["train.epochs=2"]
+    path = tmp_path / "quality_w4a4.json"
+    path.write_text(json.dumps(record))
+    calls = []
+
+    def fake_quantize(recipe, method, workdir, flags, cfp=True, name=""):
+        calls.append((recipe.name, method, flags, name))
+        run = _run(1200.0 if "correction.rank_fraction" in " ".join(flags) else 2000.0, wall=1500.0)
+        if name == "ablation_lowrank10":
+            run["report"]["correction"] = {"parameters": 1_000_000, "parameters_per_quantized_weight": 0.125}
+        run["report"]["device"] = "cpu"
+        run["command"] = f"cbq quantize {' '.join(flags)}"
+        return run
+
+    monkeypatch.setattr(quality, "_quantize", fake_quantize)
+    monkeypatch.setattr(quality, "_draw", lambda folder, suffix: None)
+    assert quality.main(["--schemes", "W4A4", "--ablations-only", "--output", str(tmp_path),
+                         "--ablation", "lowrank10", "correction.rank_fraction=0.1",
+                         "--ablation", "smooth", "quant.clamp=smooth"]) == 0
+    assert calls == [
+        ("smollm2_w4a4.yaml", "cbq", ["--train.epochs", "2", "--correction.rank_fraction", "0.1"], "ablation_lowrank10"),
+        ("smollm2_w4a4.yaml", "cbq", ["--train.epochs", "2", "--quant.clamp", "smooth"], "ablation_smooth"),
+    ]
+    updated = json.loads(path.read_text())
+    assert updated["row"]["cbq"] == 2400.0, "the plain CBQ row stays"
+    assert updated["row"]["ablations"]["lowrank10"]["over_cbq"] == pytest.approx(0.5)
+    table = (tmp_path / "quality.md").read_text()
+    assert ("| W4A4 | lowrank10 | `correction.rank_fraction=0.1` | 1200.00 | 0.500 | 1,000,000 params (12.5 %) | "
+            "25.0 min | 2.50 GiB |") in table
+    assert "| W4A4 | smooth | `quant.clamp=smooth` | 2000.00 | 0.833 | - |" in table
+    with pytest.raises(SystemExit, match="needs --ablation"):
+        quality.main(["--schemes", "W4A4", "--ablations-only", "--output", str(tmp_path)])
