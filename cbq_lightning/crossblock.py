@@ -61,8 +61,8 @@ class CrossBlockState:
         inputs: ``X`` at block 0, ``[N, T, H]`` on CPU (the start of both caches).
         block_kwargs: keyword arguments every block is called with (CPU tensors).
         quantize: ``quantize(block_index, block)`` replaces the block's linears by quantized ones.
-        rtn_reference: ``rtn_reference(fp_block)`` returns an RTN copy, to track the RTN error per block
-            alongside CBQ's; ``None`` switches that monitoring off.
+        rtn_reference: ``rtn_reference(index, fp_block)`` returns an RTN copy of block ``index``, to track the
+            RTN error per block alongside CBQ's; ``None`` switches that monitoring off.
         batch_size: sequences per forward when computing targets and advancing caches.
         preprocessors: run on each block entering its first window (see :data:`Preprocessor`).
         store: where the caches are allocated (RAM, or memory-mapped files).
@@ -73,7 +73,7 @@ class CrossBlockState:
     inputs: torch.Tensor
     block_kwargs: dict[str, Any]
     quantize: Callable[[int, nn.Module], None]
-    rtn_reference: Callable[[nn.Module], nn.Module] | None = None
+    rtn_reference: Callable[[int, nn.Module], nn.Module] | None = None
     batch_size: int = 8
     preprocessors: list[Preprocessor] = field(default_factory=list)
     store: TensorStore = field(default_factory=TensorStore)
@@ -180,7 +180,7 @@ class CrossBlockState:
             self.x_fp = self._replace(self.x_fp, self._run([teacher], self.x_fp, device, "x_fp"))
             error = BlockError(block=index, quantized=relative_error(self.x_q, self.x_fp))
             if self.rtn_reference is not None:
-                baseline = self.rtn_reference(teacher)
+                baseline = self.rtn_reference(index, teacher)
                 self.x_rtn = self._replace(self.x_rtn, self._run([baseline], self.x_rtn, device, "x_rtn"))
                 error.rtn = relative_error(self.x_rtn, self.x_fp)
                 del baseline

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import logging
 import platform
 import resource
@@ -503,13 +502,14 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
             correction=correction, layer_bits=bits_of(index),
         )
 
+    untrained_act = config.quant.act_settings(trained=False)
     state = CrossBlockState(
         blocks=adapter.blocks,
         inputs=inputs,
         block_kwargs=block_kwargs,
         quantize=quantize,
         rtn_reference=(
-            functools.partial(rtn_block, scheme=scheme, act=config.quant.act_settings(trained=False))
+            (lambda index, block: rtn_block(block, scheme, untrained_act, bits_of(index)))
             if cbq and config.monitor.rtn_reference
             else None
         ),

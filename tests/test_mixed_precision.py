@@ -148,13 +148,16 @@ def test_mixed_run_meets_the_budget_and_stores_per_layer_bits(mixed_run: Path) -
 
 
 def test_mixed_precision_lands_between_the_uniform_runs(mixed_run: Path, tmp_path: Path) -> None:
-    errors = {}
+    errors, reports = {}, {}
     for bits in (2, 4):
         out = tmp_path / f"w{bits}"
-        errors[bits] = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(out), *FAST,
-                                                "--quant.scheme", f"W{bits}A16")).report["final_error"]["cbq"]
-    mixed = json.loads((mixed_run / "report.json").read_text())["final_error"]["cbq"]
-    assert errors[4] < mixed < errors[2], (errors, mixed)
+        reports[bits] = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(out), *FAST,
+                                                 "--quant.scheme", f"W{bits}A16")).report
+        errors[bits] = reports[bits]["final_error"]["cbq"]
+    mixed = json.loads((mixed_run / "report.json").read_text())
+    assert errors[4] < mixed["final_error"]["cbq"] < errors[2], (errors, mixed["final_error"])
+    # the RTN reference of the monitor has the run's per-layer bits too
+    assert reports[4]["final_error"]["rtn"] < mixed["final_error"]["rtn"] < reports[2]["final_error"]["rtn"]
 
 
 def test_layer_bits_override_resumes_bit_for_bit(tmp_path: Path) -> None:

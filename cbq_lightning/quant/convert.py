@@ -141,12 +141,18 @@ def reset_block_to_round_to_nearest(block: nn.Module) -> None:
         layer.reset_to_round_to_nearest()
 
 
-def rtn_block(block: nn.Module, scheme: QuantScheme, act: ActQuantSettings | None = None) -> nn.Module:
+def rtn_block(
+    block: nn.Module, scheme: QuantScheme, act: ActQuantSettings | None = None, layer_bits: dict[str, int] | None = None
+) -> nn.Module:
     """A round-to-nearest (min/max, no training) quantized copy of a full-precision block.
 
-    ``act`` (if any) should be the untrained form of the run's activation quantization.
+    ``act`` (if any) should be the untrained form of the run's activation quantization; ``layer_bits`` the
+    block's per-layer bits of a mixed-precision run (so the reference has the same bits as the run).
     """
     baseline = copy.deepcopy(block)
-    quantize_block(baseline, scheme, RoundingConfig(enabled=False), learnable_clip=False, clip_init=1.0, act=act)
+    quantize_block(
+        baseline, scheme, RoundingConfig(enabled=False), learnable_clip=False, clip_init=1.0, act=act,
+        layer_bits=layer_bits,
+    )
     finalize_block(baseline)
     return baseline
