@@ -168,7 +168,11 @@ def _check_layers(layers: dict[str, QuantizedLayer], scheme: ExportScheme, path:
     """Every layer follows the run's one scheme (both formats describe one scheme for all layers)."""
     for layer in layers.values():
         if layer.bits != scheme.w_bits:
-            raise ConfigError(f"{path}: layer {layer.name} has {layer.bits} bits, the scheme {scheme.w_bits}.")
+            raise ConfigError(
+                f"{path}: layer {layer.name} has {layer.bits} bits, the scheme {scheme.w_bits}: a mixed-precision run "
+                "(mixed.budget / quant.layer_bits). The packed formats describe one scheme for all layers; use the "
+                "fake-quant checkpoint (model/) with quant_state.safetensors."
+            )
         group = scheme.group_size or layer.in_features
         if layer.group_size != group:
             raise ConfigError(f"{path}: layer {layer.name} has groups of {layer.group_size}, the scheme {group}.")
