@@ -7,7 +7,10 @@ fake-quantized weights (``scale * (q - zero)``, float16 scales), which our evalu
 Settings: bits / group size / symmetry from the scheme, the calibration rows' count and length as
 ``nsamples`` / ``seqlen``, the recipe's seed; everything else is AutoRound's default (SignRound with
 min-max tuning, learning rate ``1 / iters``, batch 8, lm_head left in full precision) except ``iters``,
-which the caller may lower from AutoRound's 200 to fit a CPU budget - the row states the value.
+which the caller may lower from AutoRound's 200 to fit a CPU budget - the row states the value - and
+``amp=False``: on a CPU with bf16 support (AVX-512 BF16 / AMX) AutoRound would otherwise cast the whole model to
+bfloat16, so the peer would be tuned and scored in another precision than CBQ (float32) and its row would
+depend on which machine ran it.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def quantize(
         rounder = AutoRound(
             model, tokenizer=tokenizer, bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
             dataset=[row.unsqueeze(0) for row in ids], nsamples=int(ids.shape[0]), seqlen=int(ids.shape[1]),
-            device_map=device, seed=seed, **options,
+            device_map=device, seed=seed, amp=False, **options,
         )
         quantized, _ = rounder.quantize()
     quantize_s = time.perf_counter() - started
@@ -70,6 +73,7 @@ def quantize(
         "lr": tuned.lr,
         "minmax_tuning": tuned.enable_minmax_tuning,
         "batch_size": calibration.batch_size,
+        "amp": False,
         "scales": str(getattr(rounder, "_scale_dtype", "")).removeprefix("torch."),
         "samples": int(ids.shape[0]),
         "seqlen": int(ids.shape[1]),
