@@ -495,11 +495,14 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
                 layer_bits=bits_of(index),
             )
 
+    # the layout only: resume loads the values, so the correction's SVD start would be computed for nothing
+    layout_correction = None if correction is None else dataclasses.replace(correction, init="zero")
+
     def structure(index: int, block: nn.Module) -> None:
         """The quantized layout of a block without touching the run's random state (resume loads the values)."""
         quantize_block(
             block, scheme, rounding, learnable_clip, clip_init, torch.Generator(), None, None, act,
-            correction=correction, layer_bits=bits_of(index),
+            correction=layout_correction, layer_bits=bits_of(index),
         )
 
     untrained_act = config.quant.act_settings(trained=False)
