@@ -15,7 +15,9 @@ from cbq_lightning.evaluation.perplexity import perplexity, prepare_eval_set
 from cbq_lightning.models.adapter import DecoderAdapter
 from cbq_lightning.models.tiny import TinyModelConfig, build_tiny_llama, byte_tokenizer
 from cbq_lightning.peers import autoround, gptq, job
+from cbq_lightning.quant.weight_quantizer import WeightQuantizer
 from cbq_lightning.peers.settings import (
+    PER_CHANNEL,
     PeerSettings,
     PeerUnavailable,
     contiguous_groups,
@@ -129,6 +131,19 @@ def _check_on_grid(outcome, settings: PeerSettings, model_before: dict[str, torc
     assert max_levels_per_group(model_before[name], groups) > 2**settings.bits
 
 
+def _check_near_rtn(outcome, settings: PeerSettings, model_before: dict[str, torch.Tensor]) -> None:
+    """The peer's weights are the original ones on the grid: their error is of the order of round-to-nearest's
+    on the same grid (GPTQ trades some weight error for output error, so somewhat above it), not a whole step
+    off (a misread zero-point puts every weight one step away: about 3 x RTN's error)."""
+    for name in outcome.column_groups:
+        original = model_before[name]
+        quantizer = WeightQuantizer(original, settings.bits, None if settings.group_size == PER_CHANNEL
+                                    else settings.group_size, sym=settings.sym, learnable_clip=False, clip_init=1.0)
+        rtn = float((quantizer.fake_quantize(original) - original).norm() / original.norm())
+        peer = float((outcome.model.get_submodule(name).weight - original).norm() / original.norm())
+        assert peer < 1.6 * rtn, (name, peer, rtn)
+
+
 @pytest.mark.parametrize("settings", [PeerSettings(3, 32, False), PeerSettings(4, -1, True)],
                          ids=lambda s: s.describe().replace(" ", "-"))
 def test_gptq_weights_sit_on_the_grid_and_perplexity_moves(settings: PeerSettings, tmp_path: Path,
@@ -144,6 +159,7 @@ def test_gptq_weights_sit_on_the_grid_and_perplexity_moves(settings: PeerSetting
     assert outcome.model is not model  # GPTQModel quantized its own copy: ours is untouched
     assert all(torch.equal(model.get_submodule(n).weight, w) for n, w in before.items())
     _check_on_grid(outcome, settings, before)
+    _check_near_rtn(outcome, settings, before)
     assert outcome.settings["bits"] == settings.bits and outcome.settings["samples"] == 8
     assert outcome.settings["desc_act"] is (settings.group_size == -1)
     ppl = perplexity(outcome.model, windows)
@@ -165,6 +181,7 @@ def test_autoround_weights_sit_on_the_grid_and_perplexity_moves() -> None:
     # AutoRound seeds the global generators: the tests that run after it must not notice
     assert torch.equal(torch.rand(3), expected) and torch.get_num_threads() == threads
     _check_on_grid(outcome, settings, before)
+    _check_near_rtn(outcome, settings, before)
     assert outcome.settings["iters"] == 2 and outcome.settings["samples"] == 8 and outcome.settings["seqlen"] == 64
     ppl = perplexity(outcome.model, windows)
     assert math.isfinite(ppl) and abs(ppl - ppl_fp) > 1e-3 * ppl_fp

@@ -80,10 +80,16 @@ def dequantize_linears(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.
     groups under activation order).
     """
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+    from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
 
     groups: dict[str, torch.Tensor] = {}
     packed = [(name, module) for name, module in model.named_modules() if isinstance(module, BaseQuantLinear)]
     for name, module in packed:
+        if module.qzero_format() == 1:
+            # GPTQModel leaves its freshly packed linears in the v1 layout (zero-points stored minus one, what
+            # v1 checkpoints hold), while dequantize_weight reads the zero-points as stored (v2): without this
+            # every weight comes out one quantization step too high (SmolLM2 W4: PPL 4.6e8 instead of ~30).
+            convert_gptq_v1_to_v2_format_module(module, bits=module.bits, pack_dtype=module.pack_dtype)
         weight = module.dequantize_weight().T  # [in, out] -> [out, in]
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
         linear.weight = nn.Parameter(weight.detach().to("cpu", dtype), requires_grad=False)
