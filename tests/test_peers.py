@@ -15,7 +15,6 @@ from cbq_lightning.evaluation.perplexity import perplexity, prepare_eval_set
 from cbq_lightning.models.adapter import DecoderAdapter
 from cbq_lightning.models.tiny import TinyModelConfig, build_tiny_llama, byte_tokenizer
 from cbq_lightning.peers import autoround, gptq, job
-from cbq_lightning.quant.weight_quantizer import WeightQuantizer
 from cbq_lightning.peers.settings import (
     PER_CHANNEL,
     PeerSettings,
@@ -24,6 +23,7 @@ from cbq_lightning.peers.settings import (
     max_levels_per_group,
     peer_settings,
 )
+from cbq_lightning.quant.weight_quantizer import WeightQuantizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "configs" / "tiny.yaml"
