@@ -38,6 +38,8 @@ RUNS = {
     "w4_asym": ("--quant.scheme", "W4A16"),
     "w4a8_sym": ("--quant.scheme", "W4A8", "--quant.sym", "true"),
     "w4a4_sym": ("--quant.scheme", "W4A4", "--quant.sym", "true"),
+    # lm_head shares the input embedding (SmolLM2's layout): a quantized embedding also moves the output
+    "w4_sym_tied": ("--quant.scheme", "W4A16", "--quant.sym", "true", "--model.tiny.tie_embeddings", "true"),
 }
 IDS = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
 #: the issue's bar for "the logits equal the fake-quant model's"
@@ -183,6 +185,71 @@ def test_default_float16_export_size_and_cli(ct, runs, tmp_path: Path, capsys: p
     assert summary["weights_bytes"] == (out / "model.safetensors").stat().st_size
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert _relative_error(_logits(model), _logits(_fake_quant(run))) < 1e-2  # float16 scales and embeddings
+
+
+def _rtn_rows(weight: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
+    """The embedding the export stores, written out independently, per row (per channel).
+    sym: s = max|w| / ((2^b - 1) / 2), w_hat = s * clamp(floor(w / s + 1/2), -2^(b-1), 2^(b-1) - 1);
+    asym: s = (max(w, 0) - min(w, 0)) / (2^b - 1), z = floor(-min / s + 1/2), w_hat = s * (clamp(floor(w / s + 1/2) + z, 0,
+    2^b - 1) - z)."""
+    if sym:
+        scale = weight.abs().amax(dim=1, keepdim=True) / ((2**bits - 1) / 2)
+        return torch.clamp(torch.floor(weight / scale + 0.5), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scale
+    high, low = weight.amax(dim=1, keepdim=True).clamp(min=0), weight.amin(dim=1, keepdim=True).clamp(max=0)
+    scale = (high - low) / (2**bits - 1)
+    zero = torch.floor(-low / scale + 0.5)
+    return (torch.clamp(torch.floor(weight / scale + 0.5) + zero, 0, 2**bits - 1) - zero) * scale
+
+
+def test_embedding_layer_codes_by_hand() -> None:
+    # W4 sym per row: s = 3 / 7.5 = 0.4; w / s = 7.5, -2.5, 1 -> half up 8, -2, 1 -> +8 -> 16 (clamped 15), 6, 9
+    layer = compressed_tensors.embedding_layer("emb", torch.tensor([[3.0, -1.0, 0.4]]), ExportScheme(4, None, True))
+    assert layer.codes.tolist() == [[15, 6, 9]] and layer.codes.dtype == torch.uint8
+    assert layer.scales.tolist() == [[pytest.approx(0.4)]] and layer.zeros.tolist() == [[8]]
+    # W2 asym, groups of 2: [1, -2] s = 3/3 = 1, z = 2, codes 3, 0; [0.5, 1.0] s = 1/3, z = 0, codes 1.5 -> 2, 3
+    layer = compressed_tensors.embedding_layer("emb", torch.tensor([[1.0, -2.0, 0.5, 1.0]]), ExportScheme(2, 2, False))
+    assert layer.codes.tolist() == [[3, 0, 2, 3]] and layer.zeros.tolist() == [[2, 0]]
+    assert layer.scales.flatten().tolist() == pytest.approx([1.0, 1 / 3])
+    with pytest.raises(ConfigError, match="group size 64 does not divide the embedding's 96"):
+        compressed_tensors.embedding_layer("emb", torch.ones(2, 96), ExportScheme(4, 64, True))
+
+
+@pytest.mark.parametrize(("name", "sym"), [("w4_sym_tied", True), ("w4_asym", False)])
+def test_quantized_embedding_round_trip(ct, runs, tmp_path: Path, name: str, sym: bool) -> None:
+    """export.quantize_embedding: the embedding (and a tied lm_head) reload as the per-row RTN grid says, the rest
+    as before, and the export is smaller by the embedding's saving."""
+    from cbq_lightning.export.reload import loading_kwargs
+
+    run = runs(name)
+    plain = _export(run, "compressed-tensors", tmp_path / "plain")
+    summary = export_run(run, ExportConfig(format="compressed-tensors", output=str(tmp_path / "ct"), dtype="auto",
+                                           quantize_embedding=True))
+    group = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert group["targets"] == ["Linear", "Embedding"]
+    assert len(summary["warnings"]) == 1 and "vLLM does not load" in summary["warnings"][0]
+    vocab, hidden = 257, 64
+    saved = vocab * hidden * 4 - summary["quantized_embedding"]["packed_bytes"]  # dtype auto: the embedding was fp32
+    assert summary["quantized_embedding"]["packed_bytes"] < vocab * hidden  # 4 bits + a scale (and zero) per row
+    assert plain["weights_bytes"] - summary["weights_bytes"] == pytest.approx(saved, abs=4096)  # header bytes
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32, **loading_kwargs(tmp_path / "ct"))
+    reference = _fake_quant(run)
+    with torch.no_grad():
+        reference.model.embed_tokens.weight.copy_(_rtn_rows(reference.model.embed_tokens.weight, 4, sym))
+    assert _relative_error(model.model.embed_tokens.weight, reference.model.embed_tokens.weight) < 1e-6
+    tied = name == "w4_sym_tied"
+    assert (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()) == tied
+    assert _relative_error(_logits(model), _logits(reference)) < 1e-5
+    assert _ppl(tmp_path / "ct") != pytest.approx(_ppl(run), rel=1e-6)  # the embedding really moved
+
+
+def test_quantize_embedding_refused_where_it_cannot_apply(runs, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="quantize_embedding needs export.format: compressed-tensors"):
+        export_run(runs("w4g32_sym"), ExportConfig(format="gptq", output=str(tmp_path / "g"), quantize_embedding=True))
+    with pytest.raises(ConfigError, match="quantize_embedding is for weight-only schemes"):
+        validate(load_recipe(TINY_RECIPE, "--quant.scheme", "W4A8", "--quant.sym", "true",
+                             "--export.format", "compressed-tensors", "--export.quantize_embedding", "true"))
+    assert not (tmp_path / "g").exists()
 
 
 # --- GPTQ ------------------------------------------------------------------------------------------------

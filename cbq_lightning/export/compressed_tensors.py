@@ -14,6 +14,16 @@ signed zero-point, and packs ``q + 2^(b-1)``. Our codes ``u`` and zero-points ``
 ``u`` and ``z``, and a symmetric run's ``z = 2^(b-1)`` is the format's implied ``zp = 0`` (no zero-point
 is written). Our symmetric scale ``absmax / ((2^b - 1) / 2)`` is also the format's own.
 
+Embedding (opt-in, ``export.quantize_embedding``): the input embedding ``[vocab, hidden]`` can join the
+weight group (``targets: [Linear, Embedding]``), stored on the same grid as the linears (bits, group size,
+symmetry) by round-to-nearest. Small models are dominated by it (SmolLM2-135M: 21 % of the parameters, and
+``lm_head`` is tied to it), so it decides whether the export is much smaller than fp16 at all. It has to
+be the same grid: transformers 5.x's dequantizing loader decompresses every dense module with one config
+group's scheme, so an embedding in a group of its own would be read with the linears' bit-width.
+transformers loads it dequantized (``CompressedTensorsConfig(dequantize=True)``, see
+:mod:`~cbq_lightning.export.reload`); vLLM quantizes only linear layers and does not load it, which is why
+it is off by default.
+
 Activations: only dynamic per-token symmetric quantization has a description in the format
 (``input_activations: {strategy: token, dynamic: true, symmetric: true}``). It computes each token's
 scale from ``max|x|`` at run time and has no place for a learned clipping ratio, so a run's learned
@@ -27,6 +37,7 @@ import torch
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.export.packing import pack_codes
 from cbq_lightning.export.quantized_run import ExportScheme, QuantizedLayer, QuantizedRun
+from cbq_lightning.quant.weight_quantizer import WeightQuantizer
 
 NAME = "compressed-tensors"
 #: the compressed-tensors release whose layout (dense bit packing, 3-bit included) this writer follows
@@ -34,6 +45,8 @@ LAYOUT_VERSION = "0.20.0"
 FORMAT = "pack-quantized"
 #: the only activation quantizer the format can describe
 EXPORTABLE_ACT_MODE = "dynamic_sym"
+#: the config-group target of a quantized input embedding (the module's class name)
+EMBEDDING_TARGET = "Embedding"
 
 
 def check_scheme(scheme: ExportScheme) -> None:
@@ -46,8 +59,11 @@ def check_scheme(scheme: ExportScheme) -> None:
         )
 
 
-def quantization_config(scheme: ExportScheme, ignore: list[str]) -> dict:
-    """The ``quantization_config`` block of ``config.json`` (keys transformers and vLLM validate)."""
+def quantization_config(scheme: ExportScheme, ignore: list[str], embedding: bool = False) -> dict:
+    """The ``quantization_config`` block of ``config.json`` (keys transformers and vLLM validate).
+
+    ``embedding``: the input embedding is quantized too (:func:`embedding_layer`) and joins the group.
+    """
     weights = {
         "num_bits": scheme.w_bits,
         "type": "int",
@@ -66,27 +82,69 @@ def quantization_config(scheme: ExportScheme, ignore: list[str]) -> dict:
             "group_size": None,
             "dynamic": True,
         }
+    groups = {
+        # the group's own "format" matters: without it transformers infers int-quantized for W4A8
+        "group_0": {
+            "targets": ["Linear", EMBEDDING_TARGET] if embedding else ["Linear"],
+            "weights": weights,
+            "input_activations": activations,
+            "output_activations": None,
+            "format": FORMAT,
+        }
+    }
     return {
         "quant_method": "compressed-tensors",
         "format": FORMAT,
         "quantization_status": "compressed",
         "version": LAYOUT_VERSION,
-        "config_groups": {
-            # the group's own "format" matters: without it transformers infers int-quantized for W4A8
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": weights,
-                "input_activations": activations,
-                "output_activations": None,
-                "format": FORMAT,
-            }
-        },
+        "config_groups": groups,
         "ignore": ignore,
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
         "sparsity_config": {},
         "transform_config": {},
     }
+
+
+def check_embedding(scheme: ExportScheme, hidden_size: int | None = None) -> None:
+    """Refuse a quantized embedding the format cannot describe (see the module docstring); ``hidden_size``
+    unknown (before a quantize run has loaded the model) skips the group-size check."""
+    if scheme.a_bits is not None:
+        raise ConfigError(
+            "export.quantize_embedding is for weight-only schemes: the weight group's activation quantizer "
+            f"(A{scheme.a_bits}) would apply to the embedding's token ids. Export without quantize_embedding."
+        )
+    if scheme.group_size and hidden_size is not None and hidden_size % scheme.group_size:
+        raise ConfigError(
+            f"export.quantize_embedding: the group size {scheme.group_size} does not divide the embedding's "
+            f"{hidden_size} features; export without quantize_embedding."
+        )
+
+
+def embedding_layer(name: str, weight: torch.Tensor, scheme: ExportScheme) -> QuantizedLayer:
+    """The input embedding ``[vocab, hidden]`` quantized for export on the linears' grid (bits, group size,
+    symmetry: one group serves both, see the module docstring) by round-to-nearest of min/max ranges.
+
+    Plain RTN rather than anything learned: the embedding is a lookup table, each row is used alone and
+    never passed through the window's reconstruction. With a tied ``lm_head`` the output projection reads
+    the same rows, which the export's perplexity then includes.
+    """
+    check_embedding(scheme, int(weight.shape[1]))
+    quantizer = WeightQuantizer(
+        weight.float(), scheme.w_bits, group_size=scheme.group_size, sym=scheme.sym, learnable_clip=False, clip_init=1.0
+    )
+    with torch.no_grad():
+        scale, zero = quantizer.scale_zero(weight)
+        codes = quantizer.codes(weight, scale, zero, rounding=None)
+    return QuantizedLayer(
+        name=name,
+        codes=codes.reshape(weight.shape).to(torch.uint8),
+        scales=scale.reshape(weight.shape[0], -1),
+        zeros=zero.reshape(weight.shape[0], -1).to(torch.uint8),
+        bits=scheme.w_bits,
+        group_size=scheme.group_size or int(weight.shape[1]),
+        act_clip=None,
+    )
 
 
 def pack_layer(layer: QuantizedLayer, dtype: torch.dtype, sym: bool) -> dict[str, torch.Tensor]:

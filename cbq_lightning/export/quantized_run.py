@@ -134,6 +134,14 @@ class QuantizedRun:
                 for key in handle.keys():
                     yield key, handle.get_tensor(key)
 
+    def checkpoint_tensor(self, key: str) -> torch.Tensor:
+        """One tensor of the fake-quant checkpoint, by key."""
+        for path in self.checkpoint_files():
+            with safe_open(str(path), framework="pt") as handle:
+                if key in handle.keys():
+                    return handle.get_tensor(key)
+        raise ConfigError(f"the fake-quant checkpoint in {self.model_dir} has no tensor {key!r}: it is not this run's.")
+
     def model_config(self) -> dict:
         return json.loads((self.model_dir / "config.json").read_text(encoding="utf-8"))
 

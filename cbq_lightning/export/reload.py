@@ -6,7 +6,9 @@ need a loading override, which :func:`loading_kwargs` supplies (``cbq evaluate``
 * compressed-tensors with **asymmetric** weights: transformers 5.x's default (compressed) path cannot
   load a packed zero-point (its meta model expects the unpacked shape), so the weights are dequantized at
   load time instead (``CompressedTensorsConfig(dequantize=True)``) - which also skips the simulated
-  activation quantization, so W4A8/W4A4 with asymmetric weights are evaluated weight-only (logged).
+  activation quantization, so W4A8/W4A4 with asymmetric weights are evaluated weight-only (logged). The
+  same holds for a quantized input embedding (``export.embedding_bits``): the compressed path cannot build
+  an embedding without its ``weight``.
 * GPTQ: gptqmodel's automatic CPU kernel choice for 4 bits computes in reduced precision
   (``aten._weight_int4pack_mm``); the plain torch kernel (``backend="torch"``) dequantizes to the
   float16 the scales are stored in and is the faithful reference.
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cbq_lightning.errors import ModelSourceError
+from cbq_lightning.export import compressed_tensors
 
 log = logging.getLogger("cbq_lightning")
 
@@ -61,13 +64,16 @@ def loading_kwargs(model_dir: Path) -> dict[str, Any]:
         from transformers import GPTQConfig
 
         return {"quantization_config": GPTQConfig(bits=int(config["bits"]), backend="torch")}
-    groups = config.get("config_groups", {}).values()
-    if all((group.get("weights") or {}).get("symmetric", True) for group in groups):
+    groups = list(config.get("config_groups", {}).values())
+    asymmetric = not all((group.get("weights") or {}).get("symmetric", True) for group in groups)
+    embedding = any(compressed_tensors.EMBEDDING_TARGET in group.get("targets", []) for group in groups)
+    if not (asymmetric or embedding):
         return {}
     if any(group.get("input_activations") for group in groups):
         log.warning(
-            "%s has asymmetric weights: transformers can only load them dequantized, which does not simulate "
-            "its activation quantization; the model is evaluated weight-only.", model_dir,
+            "%s has %s: transformers can only load it dequantized, which does not simulate its activation "
+            "quantization; the model is evaluated weight-only.", model_dir,
+            "asymmetric weights" if asymmetric else "a quantized embedding",
         )
     from transformers import CompressedTensorsConfig
 

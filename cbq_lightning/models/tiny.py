@@ -26,6 +26,8 @@ class TinyModelConfig:
     num_kv_heads: int = 2
     intermediate_size: int = 128
     init_std: float = 0.02
+    #: share the input embedding with ``lm_head`` (as SmolLM2, Gemma and Qwen2-0.5B do)
+    tie_embeddings: bool = False
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -50,7 +52,7 @@ def build_tiny_llama(config: TinyModelConfig, vocab_size: int, seed: int = 0) ->
         num_key_value_heads=config.num_kv_heads,
         max_position_embeddings=4096,
         initializer_range=config.init_std,
-        tie_word_embeddings=False,
+        tie_word_embeddings=config.tie_embeddings,
         bos_token_id=vocab_size - 1,
         eos_token_id=vocab_size - 1,
     )
