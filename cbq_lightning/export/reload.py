@@ -7,7 +7,7 @@ need a loading override, which :func:`loading_kwargs` supplies (``cbq evaluate``
   load a packed zero-point (its meta model expects the unpacked shape), so the weights are dequantized at
   load time instead (``CompressedTensorsConfig(dequantize=True)``) - which also skips the simulated
   activation quantization, so W4A8/W4A4 with asymmetric weights are evaluated weight-only (logged). The
-  same holds for a quantized input embedding (``export.embedding_bits``): the compressed path cannot build
+  same holds for a quantized input embedding (``export.quantize_embedding``): the compressed path cannot build
   an embedding without its ``weight``.
 * GPTQ: gptqmodel's automatic CPU kernel choice for 4 bits computes in reduced precision
   (``aten._weight_int4pack_mm``); the plain torch kernel (``backend="torch"``) dequantizes to the
