@@ -18,6 +18,8 @@ from torch.utils.data import Dataset
 
 from cbq_lightning.crossblock import BlockError, CrossBlockState
 from cbq_lightning.quant.convert import quant_linears
+from cbq_lightning.quant.qlinear import QuantLinear
+from cbq_lightning.quant.rounding import RoundingOffset
 
 
 class WindowTargets(Dataset):
@@ -78,6 +80,7 @@ class CrossBlockCallback(L.Callback):
         layers = [layer for _, layer in quant_linears(pl_module.blocks)]
         clip = [layer.mean_clip_ratio() for layer in layers if layer.quantizer is not None]
         act = [layer.act_quantizer.summary() for layer in layers if layer.act_quantizer is not None]
+        trainable = trainable_parameter_counts(layers)  # before leave(): finalising drops the parameters
         errors = self.state.leave(window, trainer.strategy.root_device)
         finalized = {id(m) for b in window.finalized for _, m in quant_linears(self.state.blocks[b])}
         flips = [layer.flip_fraction for layer in layers if id(layer) in finalized and layer.flip_fraction is not None]
@@ -86,6 +89,9 @@ class CrossBlockCallback(L.Callback):
             "blocks": list(window.blocks),
             "finalized": list(window.finalized),
             "steps": int(trainer.global_step),
+            # what the window trained, by kind: the evidence that a run is CBQ (LoRA-rounding factors and
+            # clipping thresholds) and which extensions added parameters
+            "trainable_parameters": trainable,
             # hardened-rounding reconstruction loss before and after training (what finalising gives)
             "loss_first": self._loss_first if self._loss_first is not None else pl_module.start_loss,
             "loss_last": self._loss_last if self._loss_last is not None else pl_module.best_loss,
@@ -104,6 +110,24 @@ class CrossBlockCallback(L.Callback):
         self.window_summaries.append(summary)
         if trainer.is_global_zero:
             log_window(trainer.logger, summary, errors, method="cbq")
+
+
+def trainable_parameter_counts(layers: list[QuantLinear]) -> dict[str, int]:
+    """Trainable values of a window's quantized linears by kind.
+
+    ``rounding`` counts LoRA-Rounding's factors ``A1``, ``A2`` (or the offset form's full-rank offsets,
+    reported separately as ``rounding_offset`` since that form is not LoRA-Rounding), ``weight_clip`` the
+    clipping logits, ``activation_clip`` the activation quantizers' logits/steps, ``correction`` the
+    low-rank corrections' factors.
+    """
+    counts = {"rounding": 0, "rounding_offset": 0, "weight_clip": 0, "activation_clip": 0, "correction": 0}
+    for layer in layers:
+        rounding = sum(p.numel() for p in layer.rounding_parameters() if p.requires_grad)
+        counts["rounding_offset" if isinstance(layer.rounding, RoundingOffset) else "rounding"] += rounding
+        counts["weight_clip"] += sum(p.numel() for p in layer.clip_parameters() if p.requires_grad)
+        counts["activation_clip"] += sum(p.numel() for p in layer.act_parameters() if p.requires_grad)
+        counts["correction"] += sum(p.numel() for p in layer.correction_parameters() if p.requires_grad)
+    return counts
 
 
 def log_window(logger: Any, summary: dict[str, Any], errors: list[BlockError], method: str) -> None:

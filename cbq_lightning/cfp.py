@@ -15,7 +15,8 @@ Two choices the method leaves open, fixed here (and documented in the README):
 * a set has outliers only when the best ``M(t)`` is positive, i.e. the gap is larger than the retained
   spread: a Gaussian set then has none, and a set whose "candidates" merely continue the tail is left alone.
 
-Uses: per output row of a linear on ``|W|`` (values beyond the threshold are truncated), and per input
+Uses: per output row of a linear on ``|W|`` (values beyond the threshold are truncated; by default only in
+the rows where truncating lowers the layer's quantized output error, see :class:`CFPConfig`), and per input
 channel on the calibration ``max|x|`` of a norm's output, where outlier channels get
 ``s_c = (max_c / max_retained) ** alpha`` folded into the norm (divided) and the following linears' input
 columns (multiplied): an exact re-parameterisation, nothing is left for run time. Optionally
@@ -26,8 +27,9 @@ LLaMA-family models carry their largest activations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -35,6 +37,7 @@ from torch import nn
 from cbq_lightning.distributed import all_reduce_
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.models.adapter import DecoderAdapter, observe_linear_inputs
+from cbq_lightning.quant.input_moments import InputMoments
 
 #: IQR of a standard normal distribution: IQR / this is a robust estimate of the standard deviation
 _NORMAL_IQR = 1.349
@@ -47,6 +50,14 @@ class CFPConfig:
     Attributes:
         weights: truncate weight outliers per output row of every block linear (changes the function
             slightly; the truncation counts are logged).
+        truncation: ``judged`` (default) keeps a row's truncation only where it lowers the layer's output
+            error after round-to-nearest quantization on the scheme's grid, ``E||(W - Q(W')) x||^2`` with
+            ``W'`` the truncated row, measured on the calibration inputs; ``always`` truncates every
+            detected outlier (METHOD.md §4 read literally). Why: the detection looks at ``|W|`` alone, and
+            LLaMA-family models have a few large weights that their massive activations depend on ("super
+            weights"); truncating those wrecks the model (SmolLM2 W3A16G64: 246.97 perplexity against
+            RTN's 71.97), while truncating a large weight on a quiet input channel buys a finer grid for
+            the rest of the row, which is what the paper wants from it.
         activations: scale outlier input channels of norm -> linear pairs (exact). Applied only when the
             scheme quantizes activations: for weight-only schemes it would move activation outliers into
             the weights and help nothing.
@@ -60,6 +71,7 @@ class CFPConfig:
     """
 
     weights: bool = True
+    truncation: Literal["judged", "always"] = "judged"
     activations: bool = True
     mlp: bool = False
     lambda1: float = 1.5
@@ -74,6 +86,8 @@ class CFPConfig:
             raise ConfigError(f"cfp.alpha={self.alpha} must lie in (0, 1] (0.7 is the default).")
         if self.max_samples < 1:
             raise ConfigError(f"cfp.max_samples={self.max_samples} must be >= 1.")
+        if self.truncation not in ("judged", "always"):
+            raise ConfigError(f"cfp.truncation={self.truncation!r} is unknown: use 'judged' or 'always'.")
 
 
 @dataclass(frozen=True)
@@ -148,6 +162,34 @@ def truncate_weight_outliers(weight: torch.Tensor, lambda1: float = 1.5, lambda2
 
 
 @torch.no_grad()
+def output_error(weight: torch.Tensor, approximation: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Per output row, ``E[((W - W_hat) x)^2] = d H d^T`` with ``d`` the row's error and ``H = E[x x^T]``: ``[out]``."""
+    error = (weight.double() - approximation.double())
+    return ((error @ hessian.double().to(error.device)) * error).sum(dim=-1)
+
+
+@torch.no_grad()
+def judged_truncation(
+    weight: torch.Tensor, hessian: torch.Tensor, quantize: Callable[[torch.Tensor], torch.Tensor],
+    lambda1: float = 1.5, lambda2: float = 1.0,
+) -> tuple[OutlierSplit, torch.Tensor]:
+    """Truncate each row's outliers (in place) only where that lowers the row's quantized output error.
+
+    ``quantize`` maps a weight to its round-to-nearest fake-quantized version on the run's grid;
+    ``hessian`` is ``E[x x^T]`` of the layer's inputs. Returns the detected split and the ``[out]`` mask of
+    rows whose truncation was kept.
+    """
+    candidate = weight.detach().clone()
+    split = truncate_weight_outliers(candidate, lambda1, lambda2)
+    detected = split.count > 0
+    kept = output_error(weight, quantize(weight), hessian)
+    truncated = output_error(weight, quantize(candidate), hessian)
+    accept = detected & (truncated < kept)
+    weight.copy_(torch.where(accept.unsqueeze(-1), candidate, weight))
+    return split, accept
+
+
+@torch.no_grad()
 def channel_scales(channel_max: torch.Tensor, alpha: float, lambda1: float = 1.5, lambda2: float = 1.0) -> tuple[torch.Tensor, OutlierSplit]:
     """Per-channel scales ``[C]``: ``(max_c / max_retained) ** alpha`` on outlier channels, 1 elsewhere."""
     split = find_outliers(channel_max.reshape(1, -1), lambda1, lambda2)
@@ -197,10 +239,20 @@ class CoarseToFinePreprocessor:
         batch_size: sequences per forward when gathering statistics.
     """
 
-    def __init__(self, config: CFPConfig, scale_activations: bool, batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        config: CFPConfig,
+        scale_activations: bool,
+        batch_size: int = 8,
+        rtn: Callable[[int, str, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        if config.weights and config.truncation == "judged" and rtn is None:
+            raise ValueError("judged weight truncation needs the run's round-to-nearest quantizer (rtn)")
         self.config = config
         self.scale_activations = scale_activations
         self.batch_size = batch_size
+        #: ``rtn(block index, linear name, weight)``: the weight fake-quantized to nearest on its grid
+        self.rtn = rtn
         #: outlier channels found per block and norm (indices), for inspection and tests
         self.outlier_channels: dict[int, dict[str, list[int]]] = {}
 
@@ -216,18 +268,36 @@ class CoarseToFinePreprocessor:
     def __call__(self, index: int, block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, float]:
         stats: dict[str, float] = {}
         if self.config.weights:
-            stats.update(self._truncate_weights(block))
+            stats.update(self._truncate_weights(index, block, inputs, kwargs))
         if self.scale_activations:
             stats.update(self._scale_activations(index, block, inputs, kwargs))
         return stats
 
-    def _truncate_weights(self, block: nn.Module) -> dict[str, float]:
+    def _truncate_weights(
+        self, index: int, block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]
+    ) -> dict[str, float]:
         stats: dict[str, float] = {}
+        judged = self.config.truncation == "judged"
+        hessians: dict[str, torch.Tensor] = {}
+        if judged:
+            moments = InputMoments(max_samples=self.max_samples, batch_size=self.batch_size, full=True)
+            hessians, _ = moments.measure(block, inputs[: self.max_samples], kwargs)
         for name, linear in DecoderAdapter.block_linears(block):
             weight = linear.weight.detach()
             before = float(weight.abs().max())
-            split = truncate_weight_outliers(weight, self.config.lambda1, self.config.lambda2)
-            stats[f"cfp/weight_truncated/{name}"] = float(split.count.sum())
+            if judged:
+                assert self.rtn is not None
+                split, accept = judged_truncation(
+                    weight, hessians[name], lambda w, name=name: self.rtn(index, name, w),
+                    self.config.lambda1, self.config.lambda2,
+                )
+                stats[f"cfp/weight_rows_refused/{name}"] = float(((split.count > 0) & ~accept).sum())
+                stats[f"cfp/weight_rows_truncated/{name}"] = float(accept.sum())
+                truncated = split.count * accept
+            else:
+                split = truncate_weight_outliers(weight, self.config.lambda1, self.config.lambda2)
+                truncated = split.count
+            stats[f"cfp/weight_truncated/{name}"] = float(truncated.sum())
             stats[f"cfp/weight_threshold/{name}"] = float(split.threshold.mean())
             stats[f"cfp/weight_max_before/{name}"] = before
             stats[f"cfp/weight_max_after/{name}"] = float(weight.abs().max())

@@ -110,10 +110,11 @@ def validate(config: QuantizeConfig) -> QuantScheme:
                 "an activation scheme, or quant.estimator=ste."
             )
     if config.quant.gptq_settings() is not None and config.method == "cbq" and config.rounding.enabled:
-        if config.rounding.form != "offset":
+        if config.rounding.form == "lowrank":
             raise ConfigError(
-                f"quant.gptq_init starts hard rounding decisions; rounding.form={config.rounding.form!r} learns "
-                "soft ones: use rounding.form=offset or rounding.enabled=false."
+                "quant.gptq_init with rounding.form='lowrank': the pure low-rank form has no frozen V0 to hold "
+                "GPTQ's decisions; use rounding.form=residual (LoRA-Rounding on top of GPTQ), offset, or "
+                "rounding.enabled=false."
             )
     config.mixed.check()
     mixed = config.mixed.budget is not None or bool(config.quant.layer_bits)

@@ -64,7 +64,7 @@ from cbq_lightning.quant.mixed_precision import (
 )
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
-from cbq_lightning.quant.weight_quantizer import ClipSearch
+from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
 from cbq_lightning.window import WindowModule
 from cbq_lightning.windows import Window, WindowConfig, window_schedule
 
@@ -465,9 +465,15 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
         prefix = f"blocks.{index}."
         return {name[len(prefix):]: bits for name, bits in layer_bits.items() if name.startswith(prefix)}
 
+    def rtn(index: int, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` rounded to nearest on its layer's min/max grid (CFP judges truncation with it)."""
+        bits = bits_of(index).get(name, scheme.w_bits)
+        quantizer = WeightQuantizer(weight, bits, scheme.group_size, scheme.sym, learnable_clip=False, clip_init=1.0)
+        return quantizer.fake_quantize(weight)
+
     cfp = CoarseToFinePreprocessor(
         config.cfp, scale_activations=config.cfp.activations and act is not None,
-        batch_size=config.train.forward_batch_size,
+        batch_size=config.train.forward_batch_size, rtn=rtn,
     )
     # CFP first: the clip search's moments must describe the inputs the quantized linears will see
     preprocessors = [p for p in (cfp if cfp.active else None, moments) if p is not None]

@@ -13,9 +13,12 @@ from cbq_lightning.cfp import (
     find_outliers,
     fold_channel_scales,
     fold_linear_channel_scales,
+    judged_truncation,
+    output_error,
     truncate_weight_outliers,
 )
 from cbq_lightning.errors import ConfigError
+from cbq_lightning.quant.weight_quantizer import WeightQuantizer
 from cbq_lightning.models.adapter import DecoderAdapter, run_blocks_batched
 from cbq_lightning.models.tiny import TinyModelConfig, build_tiny_llama, byte_tokenizer
 
@@ -170,12 +173,64 @@ def test_preprocessor_weight_part_truncates_and_reports() -> None:
     block, hidden, kwargs = _block_with_planted_outliers()
     with torch.no_grad():
         block.mlp.down_proj.weight[2, 7] = 50.0
-    cfp = CoarseToFinePreprocessor(CFPConfig(weights=True), scale_activations=False)
+    cfp = CoarseToFinePreprocessor(CFPConfig(weights=True, truncation="always"), scale_activations=False)
     stats = cfp(0, block, hidden, kwargs)
     assert stats["cfp/weight_max_before/mlp.down_proj"] == 50.0
     assert stats["cfp/weight_max_after/mlp.down_proj"] < 1.0
     assert stats["cfp/weight_truncated/mlp.down_proj"] >= 1.0
     assert cfp.outlier_channels == {}, "the activation part was off"
+
+
+def test_output_error_by_hand() -> None:
+    """``d H d^T`` per row: d = [1, 0] with H = [[2, 1], [1, 3]] gives 2; d = [1, -1] gives 2 - 2 + 3 = 3."""
+    weight = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
+    approximation = torch.tensor([[0.0, 2.0], [0.0, 3.0]])
+    hessian = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+    assert output_error(weight, approximation, hessian).tolist() == [2.0, 3.0]
+
+
+def _row_with_outlier() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(4, 64, generator=generator) * 0.1
+    weight[1, 7] = 5.0  # one large weight in row 1, on input channel 7
+    return weight
+
+
+def _rtn3(weight: torch.Tensor) -> torch.Tensor:
+    return WeightQuantizer(weight, 3, None, False, learnable_clip=False, clip_init=1.0).fake_quantize(weight)
+
+
+@pytest.mark.parametrize(("moment", "truncated"), [(1e4, False), (1e-4, True)])
+def test_judged_truncation_keeps_a_weight_its_input_depends_on(moment: float, truncated: bool) -> None:
+    """The same outlier (5.0 among N(0, 0.1) weights) is kept when its input channel carries a massive
+    activation (E[x_7^2] = 1e4: cutting it to ~0.3 costs 4.7^2 * 1e4 in output error, far above the grid's
+    gain) and truncated when the channel is quiet (1e-4: the finer 3-bit grid for the other 63 weights wins)."""
+    weight = _row_with_outlier()
+    original = weight.clone()
+    moments = torch.ones(64)
+    moments[7] = moment
+    split, accept = judged_truncation(weight, torch.diag(moments), _rtn3)
+    assert int(split.count[1]) == 1, "the detection finds the outlier in row 1 either way"
+    assert bool(accept[1]) is truncated
+    assert (float(weight[1, 7]) < 1.0) is truncated
+    assert torch.equal(weight[~accept], original[~accept]), "refused rows are left as they were"
+
+
+def test_preprocessor_judged_truncation_reports_refused_rows() -> None:
+    """Every row the detection flags is either truncated or refused, and the statistics say which."""
+    block, hidden, kwargs = _block_with_planted_outliers()
+    detected = {
+        name: int((truncate_weight_outliers(linear.weight.detach().clone()).count > 0).sum())
+        for name, linear in DecoderAdapter.block_linears(block)
+    }
+    quantize = lambda _index, _name, w: _rtn3(w)  # noqa: E731
+    cfp = CoarseToFinePreprocessor(CFPConfig(weights=True), scale_activations=False, rtn=quantize)
+    stats = cfp(0, block, hidden, kwargs)
+    for name, rows in detected.items():
+        assert stats[f"cfp/weight_rows_truncated/{name}"] + stats[f"cfp/weight_rows_refused/{name}"] == rows
+    assert sum(detected.values()) > 0
+    with pytest.raises(ValueError, match="rtn"):
+        CoarseToFinePreprocessor(CFPConfig(weights=True), scale_activations=False)
 
 
 def test_inactive_preprocessor() -> None:
@@ -184,7 +239,8 @@ def test_inactive_preprocessor() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"alpha": 0.0}, "cfp.alpha"), ({"lambda1": -1.0}, "cfp.lambda1"), ({"max_samples": 0}, "cfp.max_samples")],
+    [({"alpha": 0.0}, "cfp.alpha"), ({"lambda1": -1.0}, "cfp.lambda1"), ({"max_samples": 0}, "cfp.max_samples"),
+     ({"truncation": "sometimes"}, "cfp.truncation")],
 )
 def test_config_validation(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -164,10 +164,68 @@ def test_learned_offset_moves_on_top_of_gptq() -> None:
     assert not torch.equal(moved, start), "some offsets must cross a rounding boundary"
 
 
-def test_soft_rounding_cannot_start_from_gptq() -> None:
+def _soft_layer(hessian: torch.Tensor, linear: nn.Linear, bits: int = 3) -> QuantLinear:
+    rounding = RoundingConfig(form="residual", rank=2)
+    return QuantLinear(linear, QuantScheme(w_bits=bits), rounding, learnable_clip=True, clip_init=0.9,
+                       generator=torch.Generator().manual_seed(0), gptq=GPTQInit(), hessian=hessian)
+
+
+def _random_layer_and_hessian(seed: int, out_features: int = 8, in_features: int = 32) -> tuple[nn.Linear, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=generator))
+    x = torch.randn(512, in_features, generator=generator) @ torch.randn(in_features, in_features, generator=generator)
+    return linear, x.T @ x / 512
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_lora_rounding_from_gptq_hardens_to_gptq_codes(seed: int) -> None:
+    """LoRA-Rounding started from GPTQ: the untrained layer's hardened decisions are exactly GPTQ's codes,
+    through finalisation too, and only A1 and A2 train (the shift and V0 are buffers)."""
+    linear, hessian = _random_layer_and_hessian(seed)
+    layer = _soft_layer(hessian, linear)
+    quantizer = layer.quantizer
+    scale, zero = quantizer.scale_zero(layer.weight)
+    expected = gptq_codes(layer.weight, hessian, scale, zero, quantizer.qmax, quantizer.group)
+    nearest = quantizer.codes(layer.weight, scale, zero, None).reshape(layer.weight.shape)
+    assert not torch.equal(expected.float(), nearest), "the test needs GPTQ to differ from RTN"
+    hard = quantizer.codes(layer.weight, scale, zero, layer.rounding.hard(), layer.signed_offset())
+    assert torch.equal(hard.reshape(expected.shape), expected.float())
+    assert {name for name, _ in layer.named_parameters() if "rounding" in name} == {"rounding.a1", "rounding.a2"}
+    layer.finalize()
+    assert torch.equal(layer.qweight.float(), expected.float())
+    assert layer.flip_fraction == pytest.approx(float((expected.float() != nearest).float().mean()))
+
+
+def test_lora_rounding_from_gptq_starts_at_the_compensated_weight() -> None:
+    """The soft layer starts at GPTQ's compensated weight and hardens to GPTQ's codes, by hand on a
+    2-column layer: H = [[1, 0.5], [0.5, 1]] (dampening negligible), index order, 3 bits, W = [0.3, 2.2] on
+    the min/max grid s = 2.2 / 7, z = 0. GPTQ rounds t0 = 0.3 / s to code0 with error e = t0 - code0 and
+    moves column 1 by -e * Hinv[0,1] / Hinv[0,0] = +0.5 e, so t1 = 2.2 / s + 0.5 e. The soft weight is
+    s * [t0, t1], the hardened one s * [code0, round(t1)] (two equal rows, so that rank 1 is low-rank)."""
+    linear = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[0.3, 2.2], [0.3, 2.2]]))
+    hessian = torch.tensor([[1.0, 0.5], [0.5, 1.0]])
+    layer = QuantLinear(linear, QuantScheme(w_bits=3), RoundingConfig(form="residual", rank=1), learnable_clip=False,
+                        clip_init=1.0, generator=torch.Generator().manual_seed(0),
+                        gptq=GPTQInit(damp=1e-9, act_order=False), hessian=hessian)
+    # min/max grid of [0, 2.2] (min capped at 0): s = 2.2 / 7, z = 0
+    s = 2.2 / 7
+    t0 = 0.3 / s
+    code0 = float(torch.floor(torch.tensor(t0 + 0.5)))
+    t1 = 2.2 / s - (t0 - code0) * (-0.5)  # Hinv = inverse(H): Hinv[0,1] / Hinv[0,0] = -0.5
+    torch.testing.assert_close(layer.fake_weight(), torch.tensor([[t0 * s, t1 * s]] * 2), rtol=1e-5, atol=1e-5)
+    layer.use_hard_rounding = True
+    expected_hard = torch.tensor([[code0 * s, float(torch.floor(torch.tensor(t1 + 0.5))) * s]] * 2)
+    torch.testing.assert_close(layer.fake_weight(), expected_hard, rtol=1e-6, atol=1e-6)
+
+
+def test_pure_low_rank_rounding_cannot_start_from_gptq() -> None:
     linear = nn.Linear(16, 4, bias=False)
-    with pytest.raises(ConfigError, match="rounding.form=offset or rounding.enabled=false"):
-        QuantLinear(linear, QuantScheme(w_bits=3), RoundingConfig(form="residual", rank=2), True, 0.9,
+    with pytest.raises(ConfigError, match="rounding.form=residual"):
+        QuantLinear(linear, QuantScheme(w_bits=3), RoundingConfig(form="lowrank", rank=2), True, 0.9,
                     gptq=GPTQInit(), hessian=torch.eye(16))
 
 
@@ -178,13 +236,13 @@ def test_bad_dampening_is_refused(damp: float) -> None:
     assert QuantConfig(gptq_init=False, gptq_damp=damp).gptq_settings() is None
 
 
-def test_cli_refuses_gptq_with_soft_rounding(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_refuses_gptq_with_pure_low_rank_rounding(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from cbq_lightning.cli import main
 
     code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path),
-                 "--quant.gptq_init", "true", "--rounding.enabled", "true", "--rounding.form", "residual"])
+                 "--quant.gptq_init", "true", "--rounding.enabled", "true", "--rounding.form", "lowrank"])
     assert code == 2
-    assert "rounding.form=offset or rounding.enabled=false" in capsys.readouterr().err
+    assert "use rounding.form=residual" in capsys.readouterr().err
 
 
 def test_gptq_method_rtn_beats_plain_rtn(tmp_path: Path) -> None:

@@ -66,6 +66,22 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     )
 
 
+@dataclass(frozen=True)
+class GPTQResult:
+    """What GPTQ decided for one weight, both ``[out, in]`` float64 in code units (before the zero-point).
+
+    Attributes:
+        codes: the integer codes (zero-point included, clamped to the grid).
+        targets: the error-compensated value ``w'/s`` of each weight at the moment its column was rounded:
+            GPTQ's code is ``clamp(floor(targets + 0.5) + zero)``. Its fractional part says how close the
+            decision was, which is what a soft (LoRA-Rounding) start needs; an input feature that is never
+            non-zero has its plain ``W/s`` here.
+    """
+
+    codes: torch.Tensor
+    targets: torch.Tensor
+
+
 @torch.no_grad()
 def gptq_codes(
     weight: torch.Tensor,
@@ -76,7 +92,21 @@ def gptq_codes(
     group: int,
     settings: GPTQInit = GPTQInit(),
 ) -> torch.Tensor:
-    """GPTQ's integer codes of ``weight`` on a fixed grid, ``[out, in]`` as float64.
+    """GPTQ's integer codes of ``weight`` on a fixed grid, ``[out, in]`` as float64 (see :func:`gptq_quantize`)."""
+    return gptq_quantize(weight, hessian, scale, zero, qmax, group, settings).codes
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    qmax: int,
+    group: int,
+    settings: GPTQInit = GPTQInit(),
+) -> GPTQResult:
+    """GPTQ on a fixed grid: the integer codes of ``weight`` and the compensated values they round.
 
     Args:
         weight: ``[out, in]``.
@@ -109,6 +139,7 @@ def gptq_codes(
     s = scale.reshape(out_features, -1).double()[:, column_group]  # [out, in], permuted
     z = zero.reshape(out_features, -1).double()[:, column_group]
     codes = torch.empty_like(w)
+    targets = torch.empty_like(w)
     for start in range(0, in_features, settings.block_size):
         stop = min(start + settings.block_size, in_features)
         block = w[:, start:stop].clone()
@@ -117,18 +148,23 @@ def gptq_codes(
         for i in range(stop - start):
             column = block[:, i]
             col_scale, col_zero = s[:, start + i], z[:, start + i]
-            q = torch.clamp(torch.floor(column / col_scale + 0.5) + col_zero, 0, qmax)
+            target = column / col_scale
+            q = torch.clamp(torch.floor(target + 0.5) + col_zero, 0, qmax)
             codes[:, start + i] = q
+            targets[:, start + i] = target
             error = (column - col_scale * (q - col_zero)) / hinv_block[i, i]
             block[:, i:] -= error.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
             errors[:, i] = error
         w[:, stop:] -= errors @ hinv[start:stop, stop:]
     result = torch.empty_like(codes)
     result[:, perm] = codes
+    result_targets = torch.empty_like(targets)
+    result_targets[:, perm] = targets
     if bool(dead.any()):
         groups = torch.arange(in_features, device=weight.device) // group
         s_dead = scale.reshape(out_features, -1).double()[:, groups[dead]]
         z_dead = zero.reshape(out_features, -1).double()[:, groups[dead]]
-        nearest = torch.floor(weight.double()[:, dead] / s_dead + 0.5) + z_dead
-        result[:, dead] = torch.clamp(nearest, 0, qmax)
-    return result
+        plain = weight.double()[:, dead] / s_dead
+        result[:, dead] = torch.clamp(torch.floor(plain + 0.5) + z_dead, 0, qmax)
+        result_targets[:, dead] = plain
+    return GPTQResult(result, result_targets)

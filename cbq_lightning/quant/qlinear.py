@@ -16,6 +16,8 @@ trains with the window and is frozen, not folded, at finalisation.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +25,7 @@ from torch import nn
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.quant.act_quantizer import ActivationQuantizer, ActQuantSettings
 from cbq_lightning.quant.correction import CorrectionConfig, LowRankCorrection
-from cbq_lightning.quant.gptq import GPTQInit, gptq_codes
+from cbq_lightning.quant.gptq import GPTQInit, gptq_codes, gptq_quantize
 from cbq_lightning.quant.rounding import LoRARounding, RoundingConfig, RoundingOffset
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
@@ -43,8 +45,10 @@ class QuantLinear(nn.Module):
         input_moments: ``E[x_j^2]`` of this layer's inputs, ``[in]``: makes the clip search activation-aware.
         act: activation quantization of the layer's input; None keeps activations in floating point.
         gptq: start the rounding from GPTQ's codes on the (searched) grid, computed from ``hessian``. Kept
-            as a frozen whole-number shift ``rounding_base`` added before rounding, under the learned offset when
-            ``rounding.form`` is ``offset``; soft LoRA-Rounding cannot start from it.
+            as a frozen whole-number shift ``rounding_base`` added to ``W/s`` before rounding. With LoRA-Rounding
+            (``rounding.form: residual``) GPTQ's error-compensated values also set ``V0``: the soft weight
+            starts at GPTQ's compensated weight and hardening the untrained layer gives exactly GPTQ's codes
+            (see :meth:`_gptq_soft_start`); with ``offset`` the learned offset sits on top of the shift.
         hessian: ``E[x x^T]`` of this layer's inputs, ``[in, in]`` (GPTQ only).
         correction: add a trainable low-rank correction on the unquantized input (None or disabled: none),
             started from the layer's starting weight error (see :mod:`cbq_lightning.quant.correction`).
@@ -80,20 +84,26 @@ class QuantLinear(nn.Module):
         if clip_search is not None:
             self.quantizer.search_clip(weight, clip_search, input_moments)
         self.register_buffer("rounding_base", None)
+        soft_rounding = rounding.enabled and rounding.form != "offset"
+        frac: torch.Tensor | None = None
         if gptq is not None:
-            if rounding.enabled and rounding.form != "offset":
+            if soft_rounding and rounding.form != "residual":
                 raise ConfigError(
-                    f"quant.gptq_init starts hard rounding decisions; rounding.form={rounding.form!r} learns soft "
-                    "ones: use rounding.form=offset or rounding.enabled=false."
+                    f"quant.gptq_init with rounding.form={rounding.form!r}: the pure low-rank form has no frozen "
+                    "V0 to hold GPTQ's decisions; use rounding.form=residual (LoRA-Rounding on top of GPTQ), "
+                    "offset, or rounding.enabled=false."
                 )
             if hessian is None:
                 raise ValueError("GPTQ initialisation needs the layer's input Hessian E[x x^T]")
-            self.rounding_base = self._gptq_offset(hessian, gptq)
+            if soft_rounding:
+                self.rounding_base, frac = self._gptq_soft_start(hessian, gptq)
+            else:
+                self.rounding_base = self._gptq_offset(hessian, gptq)
         self.rounding: LoRARounding | RoundingOffset | None = None
         if rounding.enabled and rounding.form == "offset":
             self.rounding = RoundingOffset(tuple(weight.shape))
-        elif rounding.enabled:
-            frac = self.quantizer.fractional_part(weight)
+        elif soft_rounding:
+            frac = self.quantizer.fractional_part(weight) if frac is None else frac
             self.rounding = LoRARounding(frac, rounding.rank, rounding.form, rounding.init_std, generator)
         self.act_quantizer: ActivationQuantizer | None = None if act is None else ActivationQuantizer(act)
         self.finalized = False
@@ -135,10 +145,44 @@ class QuantLinear(nn.Module):
         nearest = torch.floor(x + 0.5) + zero  # not clamped: the shift must land on GPTQ's code exactly
         return (quantizer.grouped(codes.float()) - nearest).reshape(self.weight.shape)
 
+    @torch.no_grad()
+    def _gptq_soft_start(self, hessian: torch.Tensor, settings: GPTQInit) -> tuple[torch.Tensor, torch.Tensor]:
+        """GPTQ as the start of LoRA-Rounding: a whole-number shift and the fractional parts ``V0`` holds.
+
+        GPTQ rounds the compensated value ``t = w'/s`` of each weight (its own value plus the corrections of
+        the columns rounded before it) to nearest. With ``shift = floor(t) - floor(W/s)`` and
+        ``h(V0) = frac(t)``, the soft code ``floor(W/s) + shift + h(V0)`` is ``t`` itself, so the soft layer
+        starts at GPTQ's compensated weight, and the hardened one, ``floor(t) + 1[frac(t) >= 0.5]``, at
+        GPTQ's codes. Fractions within ``1e-3`` of 0.5 are moved to GPTQ's side of it, so float rounding in
+        ``h(V0)`` cannot flip a decision. LoRA-Rounding then learns where GPTQ's decisions should change.
+        """
+        assert self.quantizer is not None
+        quantizer = self.quantizer
+        scale, zero = quantizer.scale_zero(self.weight)
+        result = gptq_quantize(
+            self.weight, hessian.to(self.weight.device), scale, zero, quantizer.qmax, quantizer.group, settings
+        )
+        x = quantizer.grouped(self.weight.float()) / scale
+        target = quantizer.grouped(result.targets.float())
+        shift = torch.floor(target) - torch.floor(x)
+        frac = target - torch.floor(target)
+        up = frac >= 0.5
+        frac = torch.where(up, frac.clamp(min=0.5 + 1e-3), frac.clamp(max=0.5 - 1e-3))
+        return shift.reshape(self.weight.shape), frac.reshape(self.weight.shape)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # a layer rebuilt for resume has no GPTQ shift yet (it is computed from data, not from the layout):
+        # take the saved one's shape so the saved values load into it
+        key = prefix + "rounding_base"
+        if key in state_dict and self.rounding_base is None:
+            self.rounding_base = torch.empty_like(state_dict[key], device=self.weight.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # --- calibration ---------------------------------------------------------------------------------
     def signed_offset(self) -> torch.Tensor | None:
-        """The signed rounding offset added to ``W/s`` before rounding: GPTQ's frozen start plus the learned
-        offset, either alone, or None (round-to-nearest or soft LoRA-Rounding)."""
+        """The signed rounding offset added to ``W/s`` before rounding: GPTQ's frozen whole-number shift plus
+        the learned offset (``offset`` form), either alone, or None (round-to-nearest, or LoRA-Rounding from
+        round-to-nearest)."""
         learned = self.rounding.offset() if isinstance(self.rounding, RoundingOffset) else None
         if self.rounding_base is None:
             return learned
@@ -149,16 +193,10 @@ class QuantLinear(nn.Module):
         if self.finalized:
             return self.weight
         assert self.quantizer is not None
-        offset = self.signed_offset()
-        if offset is not None:  # hard decisions: nothing to harden
-            return self.quantizer.fake_quantize(self.weight, offset=offset)
-        if self.rounding is None:
-            decisions = None
-        elif self.use_hard_rounding:
-            decisions = self.rounding.hard()
-        else:
-            decisions = self.rounding.soft()
-        return self.quantizer.fake_quantize(self.weight, decisions)
+        decisions = None
+        if isinstance(self.rounding, LoRARounding):
+            decisions = self.rounding.hard() if self.use_hard_rounding else self.rounding.soft()
+        return self.quantizer.fake_quantize(self.weight, decisions, offset=self.signed_offset())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unquantized = x

@@ -155,18 +155,21 @@ class WeightQuantizer(SmoothableQuantizer):
         rounding: torch.Tensor | None,
         offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Integer codes (as float, straight-through) ``clamp(floor(W/s) + h + z, 0, 2^b-1)``.
+        """Integer codes (as float, straight-through) ``clamp(floor(W/s + offset) + h + z, 0, 2^b-1)``.
 
         ``rounding`` is the rounding decision ``h`` in [0, 1] with the weight's ``[out, in]`` shape; ``None``
-        means round-to-nearest, or ``round(W/s + offset)`` when a signed ``offset`` (``[out, in]``, in
-        [-0.5, 0.5]) is given. In a fit with continuous approximations (:mod:`cbq_lightning.quant.continuous`)
-        that rounding and the clamp are the smooth ones while training.
+        means round-to-nearest, ``round(W/s + offset)``. ``offset`` (``[out, in]``, default 0) is added to
+        ``W/s`` first: GPTQ's whole-number shift, plus a learned signed offset in [-0.5, 0.5] in the offset
+        form. In a fit with continuous approximations (:mod:`cbq_lightning.quant.continuous`) the rounding
+        that is not learned and the clamp are the smooth ones while training.
         """
         x = self.grouped(weight.float()) / scale
+        if offset is not None:
+            x = x + self.grouped(offset)
         if rounding is not None:
             q = floor_ste(x) + self.grouped(rounding)
         else:  # rounding not learned by LoRA-Rounding: the continuous approximation may stand in for the STE
-            q = self.smooth_or_ste_round(x if offset is None else x + self.grouped(offset), round_half_up_ste)
+            q = self.smooth_or_ste_round(x, round_half_up_ste)
         return self.smooth_or_hard_clamp(q + zero, 0, self.qmax)
 
     def fake_quantize(
