@@ -18,9 +18,9 @@ from cbq_lightning.cfp import (
     truncate_weight_outliers,
 )
 from cbq_lightning.errors import ConfigError
-from cbq_lightning.quant.weight_quantizer import WeightQuantizer
 from cbq_lightning.models.adapter import DecoderAdapter, run_blocks_batched
 from cbq_lightning.models.tiny import TinyModelConfig, build_tiny_llama, byte_tokenizer
+from cbq_lightning.quant.weight_quantizer import WeightQuantizer
 
 #: 1..20 plus two planted outliers; Q1 = 6.25, Q3 = 16.75, coarse threshold 32.5 -> candidates {100, 95}.
 #: In robust-sigma units (IQR / 1.349): t=1 scores (100-95)/u - Var({1..20, 95})/u^2 < 0,
