@@ -110,6 +110,8 @@ class QuantLinear(nn.Module):
         #: forward with hardened (0/1) rounding decisions instead of soft ones, to measure what
         #: finalisation would give without finalising
         self.use_hard_rounding = False
+        #: train through hardened decisions with a straight-through gradient (``rounding.forward: hardened``)
+        self.hardened_forward = rounding.forward == "hardened"
         #: share of hardened rounding decisions that differ from round-to-nearest (set at finalise when
         #: rounding is learned or starts from GPTQ; None when the layer rounds to nearest)
         self.flip_fraction: float | None = None
@@ -195,7 +197,12 @@ class QuantLinear(nn.Module):
         assert self.quantizer is not None
         decisions = None
         if isinstance(self.rounding, LoRARounding):
-            decisions = self.rounding.hard() if self.use_hard_rounding else self.rounding.soft()
+            if self.use_hard_rounding:
+                decisions = self.rounding.hard()
+            elif self.hardened_forward:
+                decisions = self.rounding.hardened_straight_through()
+            else:
+                decisions = self.rounding.soft()
         return self.quantizer.fake_quantize(self.weight, decisions, offset=self.signed_offset())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,14 @@ class RoundingConfig:
         beta_start: regulariser exponent after warm-up (sharp: only near-0.5 values are penalised).
         beta_end: exponent at the last step (flat: every undecided value is pushed to 0 or 1).
         warmup: fraction of a window's steps without regulariser.
+        forward: what the training forward uses (LoRA-Rounding forms): ``soft`` (the paper, AdaRound) the
+            soft decisions ``h(V)``, hardened at 0.5 only at finalisation; ``hardened`` the decisions
+            ``1[h(V) >= 0.5]`` already, with the gradient passed straight through to ``h(V)``. Why the
+            option: a soft fit optimises a model that does not exist after hardening, and closing that gap
+            takes the regulariser's long anneal (thousands of steps per layer in AdaRound); a fit of a few
+            dozen steps per window (the CPU budget) leaves a gap larger than what it gained. A hardened
+            forward trains the model that will be kept, with the same parameters (``A1``, ``A2`` inside the
+            rectified sigmoid) and the same regulariser.
     """
 
     enabled: bool = True
@@ -65,6 +73,7 @@ class RoundingConfig:
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2
+    forward: Literal["soft", "hardened"] = "soft"
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -75,6 +84,8 @@ class RoundingConfig:
             raise ConfigError(f"rounding.form={self.form!r} is unknown: use 'residual', 'lowrank' or 'offset'.")
         if self.reg_weight < 0:
             raise ConfigError(f"rounding.reg_weight={self.reg_weight} must be >= 0.")
+        if self.forward not in ("soft", "hardened"):
+            raise ConfigError(f"rounding.forward={self.forward!r} is unknown: use 'soft' or 'hardened'.")
 
 
 class LoRARounding(nn.Module):
@@ -128,6 +139,12 @@ class LoRARounding(nn.Module):
         """Hardened decisions ``1[h >= 0.5]`` (float 0/1)."""
         with torch.no_grad():
             return (self.soft() >= 0.5).float()
+
+    def hardened_straight_through(self) -> torch.Tensor:
+        """``1[h >= 0.5]`` in the forward, the gradient of ``h(V)`` in the backward (``rounding.forward:
+        hardened``)."""
+        h = self.soft()
+        return (h >= 0.5).float().detach() + h - h.detach()
 
     def regularizer(self, beta: float) -> torch.Tensor:
         """``mean(1 - |2h - 1|^beta)``: zero once every decision is exactly 0 or 1."""
