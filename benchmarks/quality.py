@@ -52,6 +52,25 @@ CFP_OFF = ["--cfp.weights", "false", "--cfp.activations", "false"]
 #: the RTN baseline is plain round-to-nearest even when the recipe starts CBQ from GPTQ
 #: (``method: rtn`` with ``quant.gptq_init`` would be GPTQ)
 PLAIN_RTN = ["--quant.gptq_init", "false"]
+#: ``CBQ (paper settings)``: METHOD.md §1-4 as stated, on top of a scheme's recipe, which keeps only its
+#: budget (samples, epochs, batch size) and its scheme: RTN start on the unclipped grid, LoRA-Rounding
+#: ``V0 + A1 A2`` (rank 4) trained through soft decisions and hardened at the end, windows K=2 / O=1, MSE +
+#: hidden-state KL on both branches, learnable weight (and activation) clipping, CFP, AdamW at the paper's
+#: learning rates. One deviation, named wherever the row is shown: CFP's weight truncation is *judged*
+#: (``cfp.truncation: judged``, kept only where it lowers the layer's quantized output error); read
+#: literally (``always``) it cuts the weights SmolLM2's massive activations depend on.
+PAPER_SETTINGS = {
+    "quant.gptq_init": "false", "quant.clip_search": "false", "quant.clip_init": "0.99", "quant.learnable_clip": "true",
+    "quant.act_learnable": "true",
+    "rounding.enabled": "true", "rounding.form": "residual", "rounding.rank": "4", "rounding.forward": "soft",
+    "rounding.reg_weight": "0.01",
+    "window.size": "2", "window.overlap": "1",
+    "cfp.weights": "true", "cfp.truncation": "judged", "cfp.activations": "true",
+    "loss.global_branch": "true", "loss.homologous_branch": "true", "loss.kl_weight": "1.0",
+    "loss.output_kl_weight": "0",
+    "train.keep_best": "false", "train.lr_rounding": "0.001", "train.lr_clip": "0.005",
+}
+PAPER_FLAGS = [flag for key, value in PAPER_SETTINGS.items() for flag in (f"--{key}", value)]
 
 
 def _run(command: list[str]) -> float:
@@ -71,6 +90,34 @@ def _git_commit() -> str:
         return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
     except OSError:
         return "unknown"
+
+
+def recipe_deviations(recipe: Path) -> dict[str, tuple[str, str]]:
+    """Where a recipe departs from :data:`PAPER_SETTINGS`: ``{key: (paper value, recipe value)}``.
+
+    Read from the recipe itself, so the list shown next to a ``CBQ (shipped recipe)`` figure cannot drift
+    from what ran. A key the recipe leaves out takes the code's default (read from the config classes).
+    """
+    from cbq_lightning.cli import quantize_config, quantize_parser
+
+    parser = quantize_parser()
+    config = quantize_config(parser.instantiate(parser.parse_args(["--config", str(recipe)])))
+    deviations = {}
+    for key, paper in PAPER_SETTINGS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        if _normalise(shown) != _normalise(paper):
+            deviations[key] = (paper, shown)
+    return deviations
+
+
+def _normalise(value: str) -> str:
+    """``1.0`` and ``1``, ``0.0`` and ``0`` are the same setting."""
+    try:
+        return repr(float(value))
+    except ValueError:
+        return value
 
 
 def _recipe(scheme: str) -> Path:
@@ -223,7 +270,8 @@ def _quantizes_activations(scheme: str) -> bool:
 
 
 def _row(
-    scheme: str, fp: dict, rtn: dict, cbq: dict, cbq_no_cfp: dict | None = None, peers: dict | None = None
+    scheme: str, fp: dict, rtn: dict, cbq: dict, cbq_no_cfp: dict | None = None, peers: dict | None = None,
+    cbq_paper: dict | None = None,
 ) -> dict:
     ppl_fp = fp["results"][0]["ppl"]
     ppl_rtn = rtn["report"]["eval"][0]["ppl"]
@@ -235,6 +283,7 @@ def _row(
         "rtn": ppl_rtn,
         "cbq": ppl_cbq,
         "cbq_no_cfp": None if cbq_no_cfp is None else cbq_no_cfp["report"]["eval"][0]["ppl"],
+        **(_paper_summary(cbq_paper) if cbq_paper is not None else {}),
         "cbq_over_fp": ppl_cbq / ppl_fp,
         "gap_closed": (ppl_rtn - ppl_cbq) / gap if gap > 0 else None,
         "cbq_over_rtn": ppl_cbq / ppl_rtn,
@@ -245,6 +294,11 @@ def _row(
         "eval": cbq["report"]["eval"][0] | {"ppl": None},
         **({"peers": {name: _peer_summary(record) for name, record in peers.items()}} if peers else {}),
     }
+
+
+def _paper_summary(run: dict) -> dict:
+    """The ``CBQ (paper settings)`` fields of a row."""
+    return {"cbq_paper": run["report"]["eval"][0]["ppl"], "cbq_paper_time_s": run["wall_s"]}
 
 
 def _peer_cell(row: dict, peer: str) -> str:
@@ -263,15 +317,17 @@ def _table(rows: list[dict]) -> str:
     peers = [name for name in PEERS if any(name in (row.get("peers") or {}) for row in rows)]
     peer_heads = "".join(f" {PEERS[name].LABEL} |" for name in peers)
     lines = [
-        f"| scheme | FP | RTN |{peer_heads} CBQ w/o CFP | CBQ | gap closed | CBQ / RTN | CBQ / FP | CBQ time | peak RSS |",
-        "|---|---|---|" + "---|" * len(peers) + "---|---|---|---|---|---|---|",
+        f"| scheme | FP | RTN |{peer_heads} CBQ (paper settings) | CBQ w/o CFP | CBQ (shipped recipe) | gap closed | "
+        "CBQ / RTN | CBQ / FP | CBQ time | peak RSS |",
+        "|---|---|---|" + "---|" * len(peers) + "---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         closed = f"{100 * row['gap_closed']:.0f} %" if row["gap_closed"] is not None else "n/a"
         no_cfp = f"{row['cbq_no_cfp']:.2f}" if row.get("cbq_no_cfp") is not None else "-"
+        paper = f"{row['cbq_paper']:.2f}" if row.get("cbq_paper") is not None else "not measured"
         peer_cells = "".join(f" {_peer_cell(row, name)} |" for name in peers)
         lines.append(
-            f"| {row['scheme']} | {row['fp']:.2f} | {row['rtn']:.2f} |{peer_cells} {no_cfp} | {row['cbq']:.2f} | "
+            f"| {row['scheme']} | {row['fp']:.2f} | {row['rtn']:.2f} |{peer_cells} {paper} | {no_cfp} | {row['cbq']:.2f} | "
             f"{closed} | {row['cbq_over_rtn']:.2f} | {row['cbq'] / row['fp']:.2f} | "
             f"{row['cbq_time_s'] / 60:.1f} min | {row['cbq_peak_rss_gib']:.2f} GiB |"
         )
@@ -315,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(repeatable), e.g. --ablation lowrank10 correction.rank_fraction=0.1")
     parser.add_argument("--ablations-only", action="store_true",
                         help="run only the --ablation runs and add them to each scheme's existing record")
+    parser.add_argument("--no-paper", action="store_true",
+                        help="skip the CBQ (paper settings) run of each scheme (PAPER_SETTINGS on the recipe)")
+    parser.add_argument("--paper-only", action="store_true",
+                        help="run only CBQ (paper settings) and add it to each scheme's existing record")
     parser.add_argument("--redraw", action="store_true",
                         help="only rewrite quality.md and redraw quality.png from the records in --output "
                         "(after copying in records of separate runs); nothing runs")
@@ -333,13 +393,15 @@ def main(argv: list[str] | None = None) -> int:
     ablations = _parse_ablations(args.ablation)
     if args.ablations_only and not ablations:
         raise SystemExit("--ablations-only needs --ablation NAME KEY=VALUE ...")
-    if args.ablations_only and args.peers_only:
-        raise SystemExit("--ablations-only and --peers-only: run them one after the other")
+    if sum((args.ablations_only, args.peers_only, args.paper_only)) > 1:
+        raise SystemExit("--ablations-only, --peers-only and --paper-only: run them one after the other")
     flags = _overrides(args.set)
     recipes = {scheme: _recipe(scheme) for scheme in args.schemes}
     args.output.mkdir(parents=True, exist_ok=True)
     invocation = shlex.join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
-    if args.peers_only:
+    if args.paper_only:
+        _add_paper(recipes, args, invocation, suffix)
+    elif args.peers_only:
         _add_peers(recipes, peers, args, invocation, suffix)
     elif args.ablations_only:
         _add_ablations(recipes, ablations, args, invocation, suffix)
@@ -373,6 +435,8 @@ def _run_all(recipes: dict[str, Path], peers: list[str], flags: list[str], args:
             ablation = None
             if _quantizes_activations(scheme):
                 ablation = _quantize(recipe, "cbq", workdir / scheme, flags, cfp=False, name="cbq_no_cfp")
+            paper = None if args.no_paper else _quantize(
+                recipe, "cbq", workdir / scheme, [*flags, *PAPER_FLAGS], name="cbq_paper")
             cbq = _quantize(recipe, "cbq", workdir / scheme, flags)
             peer_records = {
                 name: _peer(recipe, name, workdir / scheme, flags, args.autoround_iters) for name in peers
@@ -381,7 +445,7 @@ def _run_all(recipes: dict[str, Path], peers: list[str], flags: list[str], args:
                 name: _quantize(recipe, "cbq", workdir / scheme, [*flags, *_overrides(settings)], name=f"ablation_{name}")
                 for name, settings in (ablations or {}).items()
             }
-            row = _row(scheme, fp, rtn, cbq, ablation, peer_records)
+            row = _row(scheme, fp, rtn, cbq, ablation, peer_records, paper)
             if ablation_runs:
                 row["ablations"] = {
                     name: _ablation_summary(name, ablations[name], run, row["cbq"]) for name, run in ablation_runs.items()
@@ -394,11 +458,13 @@ def _run_all(recipes: dict[str, Path], peers: list[str], flags: list[str], args:
                 "invocation": invocation,
                 "commands": {
                     "fp": fp["command"], "rtn": rtn["command"], "cbq": cbq["command"],
+                    **({"cbq_paper": paper["command"]} if paper else {}),
                     **({"cbq_no_cfp": ablation["command"]} if ablation else {}),
                     **{f"peer_{name}": peer["command"] for name, peer in peer_records.items()},
                     **{f"ablation_{name}": run["command"] for name, run in ablation_runs.items()},
                 },
                 "cbq_report": cbq["report"],
+                "recipe_deviations": {k: list(v) for k, v in recipe_deviations(recipe).items()},
                 # RTN's per-block errors on the same calibration rows (the plot's right panel)
                 "rtn_block_errors": rtn["report"].get("block_errors"),
                 **({"peers": peer_records} if peer_records else {}),
@@ -422,16 +488,11 @@ def _add_peers(recipes: dict[str, Path], peers: list[str], args: argparse.Namesp
     """``--peers-only``: run the peers with each scheme's recorded recipe and overrides, add them to its record."""
     from cbq_lightning.runner import versions as versions_now
 
-    records = {}
-    for scheme in recipes:
-        path = args.output / f"quality_{scheme.lower()}{suffix}.json"
-        if not path.is_file():
-            raise SystemExit(f"--peers-only: no record {path} for {scheme}; run it without --peers-only first.")
-        record = json.loads(path.read_text())
+    records = _existing_records(recipes, args, suffix, "--peers-only")
+    for scheme, (_path, record) in records.items():
         if args.set and args.set != record.get("overrides", []):
             raise SystemExit(f"--peers-only: {scheme}'s record ran with --set {record.get('overrides')}, not "
                              f"{args.set}: the peers must calibrate like the record (drop --set).")
-        records[scheme] = (path, record)
     with tempfile.TemporaryDirectory(prefix="cbq-quality-peers-") as tmp:
         for scheme, (path, record) in records.items():
             recipe = ROOT / record["recipe"]
@@ -457,12 +518,7 @@ def _add_ablations(recipes: dict[str, Path], ablations: dict[str, list[str]], ar
     its record (a later run of the same name replaces the earlier one)."""
     from cbq_lightning.runner import versions as versions_now
 
-    records = {}
-    for scheme in recipes:
-        path = args.output / f"quality_{scheme.lower()}{suffix}.json"
-        if not path.is_file():
-            raise SystemExit(f"--ablations-only: no record {path} for {scheme}; run it without --ablations-only first.")
-        records[scheme] = (path, json.loads(path.read_text()))
+    records = _existing_records(recipes, args, suffix, "--ablations-only")
     with tempfile.TemporaryDirectory(prefix="cbq-quality-ablations-") as tmp:
         for scheme, (path, record) in records.items():
             recipe = ROOT / record["recipe"]
@@ -477,6 +533,38 @@ def _add_ablations(recipes: dict[str, Path], ablations: dict[str, list[str]], ar
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 }
                 _write_record(path, record)  # after each run: a long series keeps what it finished
+
+
+def _existing_records(recipes: dict[str, Path], args: argparse.Namespace, suffix: str, mode: str) -> dict:
+    """``{scheme: (path, record)}`` of the records a ``--*-only`` mode adds to (each must exist)."""
+    records = {}
+    for scheme in recipes:
+        path = args.output / f"quality_{scheme.lower()}{suffix}.json"
+        if not path.is_file():
+            raise SystemExit(f"{mode}: no record {path} for {scheme}; run it without {mode} first.")
+        records[scheme] = (path, json.loads(path.read_text()))
+    return records
+
+
+def _add_paper(recipes: dict[str, Path], args: argparse.Namespace, invocation: str, suffix: str) -> None:
+    """``--paper-only``: run CBQ (paper settings) with each scheme's recorded recipe and overrides, add it to
+    the record (replacing an earlier one)."""
+    from cbq_lightning.runner import versions as versions_now
+
+    records = _existing_records(recipes, args, suffix, "--paper-only")
+    with tempfile.TemporaryDirectory(prefix="cbq-quality-paper-") as tmp:
+        for scheme, (path, record) in records.items():
+            recipe = ROOT / record["recipe"]
+            flags = _overrides(record.get("overrides", []))
+            run = _quantize(recipe, "cbq", Path(tmp) / scheme, [*flags, *PAPER_FLAGS], name="cbq_paper")
+            record["row"].update(_paper_summary(run))
+            record.setdefault("commands", {})["cbq_paper"] = run["command"]
+            record["paper_run"] = {
+                "invocation": invocation, "git_commit": _git_commit(), "versions": versions_now(),
+                "device": run["report"]["device"], "report": run["report"],
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+            _write_record(path, record)
 
 
 def _latest_records(folder: Path, suffix: str) -> list[dict]:
@@ -503,10 +591,21 @@ def _combined_table(folder: Path, suffix: str) -> str:
             f"torch {versions['torch']}, transformers {versions['transformers']}, lightning {versions['lightning']}, "
             f"{record['date']})"
         )
+        if "recipe_deviations" in record:
+            changed = ", ".join(f"{k} {paper} -> {mine}" for k, (paper, mine) in record["recipe_deviations"].items())
+            lines.append(f"  - shipped recipe, deviations from the paper settings: {changed or 'none'}")
+        if "paper_run" in record:
+            run = record["paper_run"]
+            lines.append(f"  - paper settings added by `{run['invocation']}` (git {run['git_commit']}, {run['device']}, "
+                         f"{run['date']})")
         if "peer_run" in record:
             run = record["peer_run"]
             lines.append(f"  - peers added by `{run['invocation']}` (git {run['git_commit']}, {run['date']})")
         lines.extend(_peer_notes(record["row"]))
+    lines.append("")
+    lines.append("CBQ (paper settings): METHOD.md as stated on the recipe's budget (RTN start, LoRA-Rounding trained "
+                 "soft, K=2/O=1, MSE + KL on both branches, learnable clipping, CFP with weight truncation judged "
+                 "by output error, lr 1e-3 / 5e-3); `benchmarks/quality.py` PAPER_SETTINGS.")
     if any(r["row"].get("peers") for r in records):
         lines.append("")
         lines.append("Peer columns: `-` = not asked for in that scheme's run; a reason = asked for but not run.")

@@ -33,6 +33,42 @@ def test_row_gap_closed_and_cfp_ablation(quality) -> None:
     assert quality._row("W4A16", fp, _run(30.0), _run(25.0))["cbq_no_cfp"] is None
 
 
+def test_paper_settings_have_a_column_of_their_own(quality) -> None:
+    fp = {"results": [{"ppl": 20.0}]}
+    row = quality._row("W3A16G64", fp, _run(72.0), _run(28.0), cbq_paper=_run(60.0, wall=900.0))
+    assert row["cbq_paper"] == 60.0 and row["cbq_paper_time_s"] == 900.0 and row["cbq"] == 28.0
+    assert "| 60.00 | - | 28.00 |" in quality._table([row]).splitlines()[2]
+
+
+def test_paper_flags_are_what_method_md_states(quality) -> None:
+    """The paper row's overrides: RTN start, LoRA-Rounding (residual, rank 4, soft forward), K=2/O=1, both
+    branches with the hidden-state KL, no output KL, no keep-best, the paper's learning rates."""
+    settings = quality.PAPER_SETTINGS
+    assert settings["quant.gptq_init"] == "false" and settings["rounding.form"] == "residual"
+    assert settings["rounding.forward"] == "soft" and (settings["window.size"], settings["window.overlap"]) == ("2", "1")
+    assert settings["loss.kl_weight"] == "1.0" and settings["loss.output_kl_weight"] == "0"
+    assert (settings["train.lr_rounding"], settings["train.lr_clip"]) == ("0.001", "0.005")
+    flags = quality.PAPER_FLAGS
+    assert flags[flags.index("--cfp.truncation") + 1] == "judged" and len(flags) == 2 * len(settings)
+
+
+def test_recipe_deviations_are_read_from_the_recipe(quality, tmp_path: Path) -> None:
+    """A recipe that sets the paper's values has no deviation; changing two keys lists exactly those two
+    (a key the recipe leaves out is compared at the code's default)."""
+    lines = [f"{key}: {value}" for key, value in quality.PAPER_SETTINGS.items()]
+    sections: dict[str, list[str]] = {}
+    for key, value in quality.PAPER_SETTINGS.items():
+        section, name = key.split(".")
+        sections.setdefault(section, []).append(f"  {name}: {value}")
+    text = "model:\n  name_or_path: tiny-llama\n" + "".join(f"{s}:\n" + "\n".join(v) + "\n" for s, v in sections.items())
+    assert lines
+    recipe = tmp_path / "paper.yaml"
+    recipe.write_text(text)
+    assert quality.recipe_deviations(recipe) == {}
+    recipe.write_text(text.replace("overlap: 1", "overlap: 0").replace("forward: soft", "forward: hardened"))
+    assert quality.recipe_deviations(recipe) == {"window.overlap": ("1", "0"), "rounding.forward": ("soft", "hardened")}
+
+
 def test_schemes_with_activations_get_the_ablation(quality) -> None:
     assert quality._quantizes_activations("W4A4") and quality._quantizes_activations("W4A8")
     assert not quality._quantizes_activations("W3A16G64")
@@ -48,9 +84,9 @@ def test_combined_table_takes_the_latest_record_of_every_scheme(quality, tmp_pat
         (tmp_path / f"quality_{scheme.lower()}.json").write_text(json.dumps(record))
     table = quality._combined_table(tmp_path, "")
     lines = table.splitlines()
-    assert lines[0].startswith("| scheme | FP | RTN | CBQ w/o CFP | CBQ |")
-    assert lines[2].startswith("| W4A16 | 20.00 | 37.00 | - | 28.00 | 53 % |")
-    assert lines[3].startswith("| W4A4 | 20.00 | 900.00 | 450.00 | 300.00 | 68 % | 0.33 | 15.00 |")
+    assert lines[0].startswith("| scheme | FP | RTN | CBQ (paper settings) | CBQ w/o CFP | CBQ (shipped recipe) |")
+    assert lines[2].startswith("| W4A16 | 20.00 | 37.00 | not measured | - | 28.00 | 53 % |")
+    assert lines[3].startswith("| W4A4 | 20.00 | 900.00 | not measured | 450.00 | 300.00 | 68 % | 0.33 | 15.00 |")
     assert "--schemes W4A4" in table
 
 
@@ -74,16 +110,16 @@ def test_peer_columns_show_perplexity_or_the_reason(quality) -> None:
                         peers={"gptq": _peer_record("gptq", None, "failed", "RuntimeError: boom")})
     old = quality._row("W4A16", fp, _run(37.0), _run(28.0))  # a record made before peers existed
     lines = quality._table([row, w4a4, old]).splitlines()
-    assert lines[0].startswith("| scheme | FP | RTN | GPTQ | AutoRound | CBQ w/o CFP | CBQ |")
+    assert lines[0].startswith("| scheme | FP | RTN | GPTQ | AutoRound | CBQ (paper settings) | CBQ w/o CFP | CBQ (shipped recipe) |")
     assert lines[1].count("|") == lines[0].count("|")
     assert lines[2].startswith("| W3A16G64 | 20.00 | 72.00 | 45.00 | not run: auto-round not installed")
-    assert lines[3].startswith("| W4A4 | 20.00 | 900.00 | failed: RuntimeError: boom | - | 450.00 | 300.00 |")
-    assert lines[4].startswith("| W4A16 | 20.00 | 37.00 | - | - | - | 28.00 |")
+    assert lines[3].startswith("| W4A4 | 20.00 | 900.00 | failed: RuntimeError: boom | - | not measured | 450.00 | 300.00 |")
+    assert lines[4].startswith("| W4A16 | 20.00 | 37.00 | - | - | not measured | - | 28.00 |")
     notes = quality._peer_notes(row)
     assert len(notes) == 1 and "GPTQ: gptqmodel 1.0 (bits 3, group_size 64, sym False)" in notes[0]
     assert "quantization 1.5 min, whole peer run 2.5 min" in notes[0]
     # no peers anywhere: the table keeps its columns
-    assert quality._table([old]).startswith("| scheme | FP | RTN | CBQ w/o CFP | CBQ |")
+    assert quality._table([old]).startswith("| scheme | FP | RTN | CBQ (paper settings) | CBQ w/o CFP | CBQ (shipped recipe) |")
 
 
 def test_peer_process_gives_a_record_in_any_environment(quality, tmp_path: Path, monkeypatch) -> None:
@@ -176,7 +212,7 @@ def test_peers_only_adds_peers_to_the_existing_record(quality, tmp_path: Path, m
     assert updated["row"]["cbq"] == 36.0 and updated["row"]["peers"]["autoround"]["ppl"] == 39.0
     assert set(updated["peers"]) == {"gptq", "autoround"} and "--peers-only" in updated["peer_run"]["invocation"]
     table = (tmp_path / "quality.md").read_text()
-    assert "| W3A16G64 | 20.00 | 72.00 | 41.00 | 39.00 | - | 36.00 |" in table
+    assert "| W3A16G64 | 20.00 | 72.00 | 41.00 | 39.00 | not measured | - | 36.00 |" in table
     with pytest.raises(SystemExit, match="drop --set"):
         quality.main(["--schemes", "W3A16G64", "--peers", "gptq", "--peers-only", "--set", "train.epochs=3",
                       "--output", str(tmp_path)])
@@ -234,3 +270,30 @@ def test_ablations_only_adds_rows_to_the_existing_record(quality, tmp_path: Path
     assert "| W4A4 | smooth | `quant.clamp=smooth` | 2000.00 | 0.833 | - |" in table
     with pytest.raises(SystemExit, match="needs --ablation"):
         quality.main(["--schemes", "W4A4", "--ablations-only", "--output", str(tmp_path)])
+
+
+def test_paper_only_adds_the_paper_row_to_the_existing_record(quality, tmp_path: Path, monkeypatch) -> None:
+    record = _record("W3A16G64", 20.0, 72.0, 28.0)
+    record["overrides"] = ["train.epochs=2"]
+    path = tmp_path / "quality_w3a16g64.json"
+    path.write_text(json.dumps(record))
+    calls = []
+
+    def fake_quantize(recipe, method, workdir, flags, cfp=True, name=""):
+        calls.append((recipe.name, method, flags, name))
+        run = _run(60.0, wall=1200.0)
+        run["report"]["device"] = "cpu"
+        run["command"] = f"cbq quantize {' '.join(flags)}"
+        return run
+
+    monkeypatch.setattr(quality, "_quantize", fake_quantize)
+    monkeypatch.setattr(quality, "_draw", lambda folder, suffix: None)
+    assert quality.main(["--schemes", "W3A16G64", "--paper-only", "--output", str(tmp_path)]) == 0
+    assert calls == [("smollm2_w3a16g64.yaml", "cbq", ["--train.epochs", "2", *quality.PAPER_FLAGS], "cbq_paper")]
+    updated = json.loads(path.read_text())
+    assert updated["row"]["cbq_paper"] == 60.0 and updated["row"]["cbq"] == 28.0
+    assert "--paper-only" in updated["paper_run"]["invocation"]
+    assert "| W3A16G64 | 20.00 | 72.00 | 60.00 | - | 28.00 |" in (tmp_path / "quality.md").read_text()
+    with pytest.raises(SystemExit, match="one after the other"):
+        quality.main(["--schemes", "W3A16G64", "--paper-only", "--ablations-only", "--ablation", "a", "x.y=1",
+                      "--output", str(tmp_path)])
