@@ -98,3 +98,21 @@ def test_eval_settings_may_change_on_resume(tmp_path: Path) -> None:
     flags = [*FAST, "--eval.datasets", "[shipped]", "--eval.seqlen", "128", "--eval.max_windows", "2"]
     report = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *flags)).report
     assert report["resumed_after_window"] == 0 and report["eval"][0]["windows"] == 2
+
+
+def test_lora_rounding_from_gptq_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """The shipped recipes' combination: LoRA-Rounding started from GPTQ with overlapping windows. The overlap
+    block's calibrating state (its GPTQ shift and V0, computed from data when it entered) is restored on
+    resume, so the run ends where an uninterrupted one does."""
+    flags = (*FAST, "--quant.gptq_init", "true", "--quant.clip_search", "true", "--cfp.weights", "true")
+    reference = tmp_path / "uninterrupted"
+    run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(reference), *flags))
+    killed = tmp_path / "killed"
+    with pytest.raises(Killed):
+        run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(killed), *flags), [KillAtWindow(2)])
+    report = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(killed), *flags)).report
+    assert report["resumed_after_window"] == 1
+    expected, resumed = _state(reference), _state(killed)
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key

@@ -413,3 +413,38 @@ def test_offset_form_skips_the_low_rank_check():
 def test_unknown_rounding_form_in_config_raises():
     with pytest.raises(ConfigError, match="rounding.form"):
         RoundingConfig(form="adaround")
+
+
+def test_hardened_forward_uses_hard_decisions_with_the_soft_gradient() -> None:
+    """``rounding.forward: hardened``: the forward value is ``1[h(V) >= 0.5]``, the gradient that of ``h(V)``.
+    By hand for one weight with V = 0.3: h = 1.2 sigmoid(0.3) - 0.1 = 0.5893 (forward 1.0) and
+    dh/dV = 1.2 sigmoid(0.3) (1 - sigmoid(0.3)) = 0.2934."""
+    rounding = LoRARounding(torch.full((2, 3), 0.5), rank=1, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        rounding.v0.fill_(0.3)
+        rounding.a1.zero_()
+    decisions = rounding.hardened_straight_through()
+    assert torch.equal(decisions, torch.ones(2, 3))
+    decisions.sum().backward()
+    sig = 1.0 / (1.0 + math.exp(-0.3))
+    expected_a1_grad = 1.2 * sig * (1 - sig) * rounding.a2.detach().sum(dim=1)  # dV/dA1[o, r] = sum_i A2[r, i]
+    torch.testing.assert_close(rounding.a1.grad, expected_a1_grad.expand(2, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_hardened_forward_layer_equals_its_hardened_measurement() -> None:
+    """A layer trained through hardened decisions computes, in training, exactly what finalising would give."""
+    linear = make_linear()
+    layer = QuantLinear(linear, QuantScheme(w_bits=3), RoundingConfig(forward="hardened"),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.rounding.a1.normal_()
+    trained_view = layer.fake_weight()
+    layer.use_hard_rounding = True
+    torch.testing.assert_close(trained_view, layer.fake_weight(), rtol=0, atol=0)
+    soft = QuantLinear(linear, QuantScheme(w_bits=3), RoundingConfig(forward="soft"),
+                       generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        soft.rounding.a1.copy_(layer.rounding.a1)
+    assert not torch.equal(soft.fake_weight(), trained_view), "the soft forward differs from the hardened one"
+    with pytest.raises(ConfigError, match="rounding.forward"):
+        RoundingConfig(forward="sometimes")
