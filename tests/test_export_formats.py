@@ -132,6 +132,47 @@ def test_compressed_tensors_asymmetric_round_trip(ct, runs, cli_run: Path, tmp_p
     assert _relative_error(_logits(model), _logits(_fake_quant(run))) < 1e-6
 
 
+def test_asymmetric_reload_moves_to_a_device(ct, runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers <= 5.17 (the GPU suite's image) dequantizes through compressed-tensors'
+    ``decompress_model``, which leaves every module in an ``OffloadCache`` pinned to the CPU: ``.to("cuda")``
+    had no effect (the suite's first run). Newer transformers do not wrap, so the wrapping is reproduced here
+    with the very call 5.17 makes (``from_accelerate``); a move to ``meta`` stands for the GPU on CPU-only CI
+    (it fails on a wrapped model). ``load_model`` (what ``cbq evaluate`` uses) must hand back plain modules."""
+    from compressed_tensors.offload.cache.base import OffloadCache
+    from compressed_tensors.offload.convert import from_accelerate
+
+    from cbq_lightning.export.reload import loading_kwargs
+    from cbq_lightning.models.loading import ModelConfig, load_model
+
+    run = runs("w4_asym")
+    _export(run, "compressed-tensors", tmp_path / "ct")
+
+    def offloaded(model: torch.nn.Module) -> int:
+        return sum(isinstance(module._parameters, OffloadCache) for module in model.modules())
+
+    wrapped = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32, **loading_kwargs(tmp_path / "ct"))
+    from_accelerate(wrapped)
+    assert offloaded(wrapped), "the simulated transformers 5.17 load did not wrap the modules"
+    with pytest.raises(NotImplementedError):  # the wrapped model refuses to move
+        wrapped.to("meta")
+
+    stock = AutoModelForCausalLM.from_pretrained
+
+    def like_5_17(*args, **kwargs):
+        model = stock(*args, **kwargs)
+        from_accelerate(model)
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", like_5_17)
+    model = load_model(ModelConfig(name_or_path=str(tmp_path / "ct")), vocab_size=257)
+    assert offloaded(model) == 0
+    assert not any(hasattr(module, "_original_forward_func") for module in model.modules())
+    assert _relative_error(_logits(model), _logits(_fake_quant(run))) < 1e-6
+    model.to("meta")
+    assert {parameter.device.type for parameter in model.parameters()} == {"meta"}
+    assert {buffer.device.type for buffer in model.buffers()} == {"meta"}
+
+
 def _format_token_quantizer(bits: int) -> Callable:
     """compressed-tensors' documented dynamic per-token symmetric quantization, written out independently:
     scale = max|x| / ((2^b - 1) / 2), q = clamp(round(x / scale), -2^(b-1), 2^(b-1) - 1)."""

@@ -9,9 +9,10 @@ Tolerances, against the CPU run of the same recipe (``cli_run``). For scale: the
 codes already agree with CBQ's on 95.3 % of the weights (CBQ flips 1.5-5 % per window), so a GPU run whose
 training did nothing would still score 95 %: the bars must sit well above that.
 
-- float32: >= 99 % identical codes, final error within 2 %. CUDA and CPU kernels differ only in summation
-  order; the CPU DDP test, where two runs differ in summation order and loss normalisation, measures
-  99.90 % identical codes.
+- float32: >= 99 % identical codes, perplexity within 1 %, CBQ / RTN final error at most 13 % above the
+  CPU run's (the CPU's seed spread, see :func:`test_float32_on_cuda_matches_the_cpu_run`). CUDA and CPU
+  kernels differ only in summation order; the CPU DDP test, where two runs differ in summation order and
+  loss normalisation, measures 99.90 % identical codes.
 - bf16-mixed: >= 97.5 % identical codes, final error at most 15 % above the CPU float32 run's and still
   below 0.9 x RTN's (the CLI test's bar). Autocast runs the window's matmuls with 8-bit mantissas, so the
   loss and its gradients move by ~0.4 % and rounding decisions near the threshold go the other way: the
@@ -36,6 +37,7 @@ from transformers import AutoModelForCausalLM
 from cbq_lightning import distributed
 from cbq_lightning.cli import main
 from cbq_lightning.export.quant_state import load_quant_state
+from cbq_lightning.models.loading import ModelConfig, load_model
 from cbq_lightning.runner import run_quantize
 from tests.conftest import TINY_RECIPE, load_recipe
 from tests.test_export_formats import IDS, RELATIVE_TOLERANCE, _export, _relative_error
@@ -47,6 +49,9 @@ pytestmark = [
 ]
 
 GPU = ("--trainer.accelerator", "gpu", "--trainer.devices", "1")
+#: relative spread of the tiny recipe's CBQ / RTN final error over CPU seeds 0-2 (0.283-0.320 around 0.286;
+#: see test_float32_on_cuda_matches_the_cpu_run)
+CPU_SEED_SPREAD = 0.13
 CUDA = torch.device("cuda")
 
 
@@ -126,15 +131,34 @@ def gpu_fast(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_float32_on_cuda_matches_the_cpu_run(cli_run: Path, gpu_fp32: Path) -> None:
+    """The final error is compared through its margin over RTN, with the CPU's seed spread as tolerance.
+
+    The straight-through training of the tiny recipe is chaotic: CUDA's summation order flips a few
+    rounding decisions (the first GPU run: 0.43 % of the codes) and the final error then follows another
+    path. The tolerance is what such a change of path costs on CPU: the recipe as shipped (``rounding.forward:
+    hardened``), the seed-0 weights saved as a checkpoint and quantized with seeds 0, 1, 2 (other calibration
+    draws, rounding initialisation and data order; 2026-11-27, torch 2.13.0; seed 0 equals the in-memory
+    run exactly) gave final errors 0.0342, 0.0371, 0.0345 against RTN's 0.1193, 0.1159, 0.1219: CBQ / RTN
+    0.286, 0.320, 0.283, a spread of 0.037,
+    13 % of the seed-0 ratio (``CPU_SEED_SPREAD``); perplexity 252.14, 251.03, 250.77 (0.55 %: the 1 %
+    bar). A GPU run passes when its CBQ / RTN ratio is at most 13 % above the CPU run's (a better ratio is
+    no fault). 1 thread instead of 2 on CPU is bit-identical, so thread counts give no spread.
+
+    The first GPU run (H100, 2026-11-27, the recipe then still ``rounding.forward: soft``) scored 99.57 %
+    identical codes and a final error of 0.0717 vs the CPU's 0.0690 (+3.9 %; CBQ / RTN 0.601 vs 0.578),
+    which failed the former, unfounded 2 % bar.
+    """
     report, cpu = _report(gpu_fp32), _report(cli_run)
     assert report["device"] == torch.cuda.get_device_name(0), "the run did not use the GPU"
     same, near = code_agreement(cli_run, gpu_fp32)
     record("fp32_codes_identical", same)
     record("fp32_final_error", {"cuda": report["final_error"]["cbq"], "cpu": cpu["final_error"]["cbq"]})
+    record("fp32_ppl", {"cuda": report["eval"][0]["ppl"], "cpu": cpu["eval"][0]["ppl"]})
     assert same >= 0.99, same
     assert near >= 0.9999, near
-    assert report["final_error"]["cbq"] == pytest.approx(cpu["final_error"]["cbq"], rel=0.02)
     assert report["final_error"]["rtn"] == pytest.approx(cpu["final_error"]["rtn"], rel=1e-3)  # no training
+    ratio = {run: r["final_error"]["cbq"] / r["final_error"]["rtn"] for run, r in (("cuda", report), ("cpu", cpu))}
+    assert ratio["cuda"] <= ratio["cpu"] * (1 + CPU_SEED_SPREAD), ratio
     # evaluation on the GPU as well: the quantized model's perplexity on the shipped text
     assert report["eval"][0]["ppl"] == pytest.approx(cpu["eval"][0]["ppl"], rel=0.01)
     assert report["eval"][0]["ppl_fp"] == pytest.approx(cpu["eval"][0]["ppl_fp"], rel=1e-4)
@@ -156,23 +180,28 @@ def test_bf16_mixed_on_cuda_stays_close_to_the_cpu_run(cli_run: Path, tmp_path: 
 @pytest.mark.parametrize("name", ["cbq_w3_asym", "rtn_w4g32_sym"])
 def test_compressed_tensors_export_reloads_on_cuda(gpu_fp32: Path, tmp_path: Path, name: str) -> None:
     """The GPU run's export, and a symmetric one that transformers loads on its compressed path (the
-    asymmetric zero-points load on its dequantize path), reloaded on the GPU with the fake-quant logits."""
+    asymmetric zero-points load on its dequantize path), reloaded the way ``cbq evaluate`` does
+    (``load_model``, then ``.to``) and compared on the GPU with the fake-quant logits.
+
+    The first GPU run (transformers 5.17) found the dequantize path's model still on the CPU after
+    ``.to("cuda")``: compressed-tensors' decompression wraps the modules in a CPU-pinned offload cache, which
+    ``load_model`` now removes (``export.reload.release_offload``; CPU test:
+    ``test_export_formats.py::test_asymmetric_reload_moves_to_a_device``)."""
     pytest.importorskip("compressed_tensors")
-    from transformers import CompressedTensorsConfig
 
     if name == "cbq_w3_asym":
-        run, options = gpu_fp32, {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+        run = gpu_fp32
     else:
-        run, options = tmp_path / "rtn", {}
+        run = tmp_path / "rtn"
         run_quantize(load_recipe(
             TINY_RECIPE, "--method", "rtn", "--quant.scheme", "W4A16G32", "--quant.sym", "true", "--eval.datasets",
             "[]", "--monitor.rtn_reference", "false", "--trainer.enable_progress_bar", "false",
             "--output_dir", str(run), *GPU,
         ))
     _export(run, "compressed-tensors", tmp_path / "ct")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32, **options).to(CUDA).eval()
+    model = load_model(ModelConfig(name_or_path=str(tmp_path / "ct")), vocab_size=257).to(CUDA)
     reference = AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32).to(CUDA).eval()
-    assert next(model.parameters()).device.type == CUDA.type
+    assert {tensor.device.type for tensor in [*model.parameters(), *model.buffers()]} == {CUDA.type}
     with torch.no_grad():
         got, expected = model(IDS.to(CUDA)).logits.float(), reference(IDS.to(CUDA)).logits.float()
     error = _relative_error(got, expected)

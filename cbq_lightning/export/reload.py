@@ -12,14 +12,24 @@ need a loading override, which :func:`loading_kwargs` supplies (``cbq evaluate``
 * GPTQ: gptqmodel's automatic CPU kernel choice for 4 bits computes in reduced precision
   (``aten._weight_int4pack_mm``); the plain torch kernel (``backend="torch"``) dequantizes to the
   float16 the scales are stored in and is the faithful reference.
+
+After loading, :func:`release_offload` removes the module offloading that compressed-tensors puts on a model
+it decompressed (``load_model`` calls it): transformers <= 5.17 dequantizes through
+``ModelCompressor.decompress_model``, which wraps every module in an ``OffloadCache`` whose onload device is
+where the weights were loaded (the CPU). ``model.to("cuda")`` then moves the stored tensors, but every access
+copies them back to the CPU and the forward moves its inputs there: the model silently computes on the CPU
+(the GPU suite's first run: ``next(model.parameters()).device`` was ``cpu`` after ``.to("cuda")``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 from cbq_lightning.errors import ModelSourceError
 from cbq_lightning.export import compressed_tensors
@@ -78,3 +88,21 @@ def loading_kwargs(model_dir: Path) -> dict[str, Any]:
     from transformers import CompressedTensorsConfig
 
     return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+
+
+def release_offload(model: nn.Module) -> nn.Module:
+    """``model`` as plain modules: compressed-tensors' offloading removed, the tensors left where they are.
+
+    A no-op for a model compressed-tensors never wrapped (not imported, or no module offloaded), so
+    ``model.to(device)`` moves every weight afterwards (see the module docstring for why it may not before).
+    """
+    if "compressed_tensors" not in sys.modules:  # only its quantizer installs the offloading
+        return model
+    try:
+        from compressed_tensors.offload import remove_dispatch
+        from compressed_tensors.offload.cache.base import OffloadCache
+    except ImportError:  # a release without module offloading
+        return model
+    if any(isinstance(module._parameters, OffloadCache) for module in model.modules()):
+        remove_dispatch(model, onload_tensors=False)
+    return model

@@ -174,12 +174,12 @@ def load_model(config: ModelConfig, vocab_size: int, seed: int = 0) -> nn.Module
     else:
         from transformers import AutoModelForCausalLM
 
-        from cbq_lightning.export.reload import loading_kwargs
+        from cbq_lightning.export.reload import loading_kwargs, release_offload
 
         kwargs = _hub_kwargs(config, gguf_file)
         if Path(source).is_dir():  # a packed export (compressed-tensors, GPTQ) may need a loading override
             kwargs.update(loading_kwargs(Path(source)))
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model = release_offload(AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs))
         if gguf_file:
             model = _as_plain_model(model)
     model.requires_grad_(False)
