@@ -83,20 +83,6 @@ class GPTQResult:
 
 
 @torch.no_grad()
-def gptq_codes(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    qmax: int,
-    group: int,
-    settings: GPTQInit = GPTQInit(),
-) -> torch.Tensor:
-    """GPTQ's integer codes of ``weight`` on a fixed grid, ``[out, in]`` as float64 (see :func:`gptq_quantize`)."""
-    return gptq_quantize(weight, hessian, scale, zero, qmax, group, settings).codes
-
-
-@torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,

@@ -25,7 +25,7 @@ from torch import nn
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.quant.act_quantizer import ActivationQuantizer, ActQuantSettings
 from cbq_lightning.quant.correction import CorrectionConfig, LowRankCorrection
-from cbq_lightning.quant.gptq import GPTQInit, gptq_codes, gptq_quantize
+from cbq_lightning.quant.gptq import GPTQInit, gptq_quantize
 from cbq_lightning.quant.rounding import LoRARounding, RoundingConfig, RoundingOffset
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
@@ -142,7 +142,9 @@ class QuantLinear(nn.Module):
         assert self.quantizer is not None
         quantizer = self.quantizer
         scale, zero = quantizer.scale_zero(self.weight)
-        codes = gptq_codes(self.weight, hessian.to(self.weight.device), scale, zero, quantizer.qmax, quantizer.group, settings)
+        codes = gptq_quantize(
+            self.weight, hessian.to(self.weight.device), scale, zero, quantizer.qmax, quantizer.group, settings
+        ).codes
         x = quantizer.grouped(self.weight.float()) / scale
         nearest = torch.floor(x + 0.5) + zero  # not clamped: the shift must land on GPTQ's code exactly
         return (quantizer.grouped(codes.float()) - nearest).reshape(self.weight.shape)
