@@ -236,6 +236,19 @@ def test_ablation_specs_are_checked(quality) -> None:
         quality._parse_ablations([["a", "x.y"]])
 
 
+def _recording_quantize(calls: list, make_run):
+    """A stand-in for ``quality._quantize`` that records its calls and returns ``make_run(flags, name)``."""
+
+    def fake_quantize(recipe, method, workdir, flags, cfp=True, name=""):
+        calls.append((recipe.name, method, flags, name))
+        run = make_run(flags, name)
+        run["report"]["device"] = "cpu"
+        run["command"] = f"cbq quantize {' '.join(flags)}"
+        return run
+
+    return fake_quantize
+
+
 def test_ablations_only_adds_rows_to_the_existing_record(quality, tmp_path: Path, monkeypatch) -> None:
     record = _record("W4A4", 20.0, 11000.0, 2400.0)
     record["overrides"] = ["train.epochs=2"]
@@ -243,16 +256,13 @@ def test_ablations_only_adds_rows_to_the_existing_record(quality, tmp_path: Path
     path.write_text(json.dumps(record))
     calls = []
 
-    def fake_quantize(recipe, method, workdir, flags, cfp=True, name=""):
-        calls.append((recipe.name, method, flags, name))
+    def ablation_run(flags: list[str], name: str) -> dict:
         run = _run(1200.0 if "correction.rank_fraction" in " ".join(flags) else 2000.0, wall=1500.0)
         if name == "ablation_lowrank10":
             run["report"]["correction"] = {"parameters": 1_000_000, "parameters_per_quantized_weight": 0.125}
-        run["report"]["device"] = "cpu"
-        run["command"] = f"cbq quantize {' '.join(flags)}"
         return run
 
-    monkeypatch.setattr(quality, "_quantize", fake_quantize)
+    monkeypatch.setattr(quality, "_quantize", _recording_quantize(calls, ablation_run))
     monkeypatch.setattr(quality, "_draw", lambda folder, suffix: None)
     assert quality.main(["--schemes", "W4A4", "--ablations-only", "--output", str(tmp_path),
                          "--ablation", "lowrank10", "correction.rank_fraction=0.1",
@@ -278,15 +288,7 @@ def test_paper_only_adds_the_paper_row_to_the_existing_record(quality, tmp_path:
     path = tmp_path / "quality_w3a16g64.json"
     path.write_text(json.dumps(record))
     calls = []
-
-    def fake_quantize(recipe, method, workdir, flags, cfp=True, name=""):
-        calls.append((recipe.name, method, flags, name))
-        run = _run(60.0, wall=1200.0)
-        run["report"]["device"] = "cpu"
-        run["command"] = f"cbq quantize {' '.join(flags)}"
-        return run
-
-    monkeypatch.setattr(quality, "_quantize", fake_quantize)
+    monkeypatch.setattr(quality, "_quantize", _recording_quantize(calls, lambda flags, name: _run(60.0, wall=1200.0)))
     monkeypatch.setattr(quality, "_draw", lambda folder, suffix: None)
     assert quality.main(["--schemes", "W3A16G64", "--paper-only", "--output", str(tmp_path)]) == 0
     assert calls == [("smollm2_w3a16g64.yaml", "cbq", ["--train.epochs", "2", *quality.PAPER_FLAGS], "cbq_paper")]
