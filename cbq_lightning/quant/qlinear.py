@@ -25,7 +25,7 @@ from torch import nn
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.quant.act_quantizer import ActivationQuantizer, ActQuantSettings
 from cbq_lightning.quant.correction import CorrectionConfig, LowRankCorrection
-from cbq_lightning.quant.gptq import GPTQInit, gptq_quantize
+from cbq_lightning.quant.gptq import GPTQInit, GPTQResult, gptq_quantize
 from cbq_lightning.quant.rounding import LoRARounding, RoundingConfig, RoundingOffset
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
@@ -131,6 +131,18 @@ class QuantLinear(nn.Module):
             self.use_hard_rounding = hard
 
     @torch.no_grad()
+    def _gptq(
+        self, hessian: torch.Tensor, settings: GPTQInit
+    ) -> tuple[WeightQuantizer, GPTQResult, torch.Tensor, torch.Tensor]:
+        """GPTQ on the layer's current grid: the quantizer, GPTQ's result, and the grid's scales and zeros."""
+        assert self.quantizer is not None
+        scale, zero = self.quantizer.scale_zero(self.weight)
+        result = gptq_quantize(
+            self.weight, hessian.to(self.weight.device), scale, zero, self.quantizer.qmax, self.quantizer.group, settings
+        )
+        return self.quantizer, result, scale, zero
+
+    @torch.no_grad()
     def _gptq_offset(self, hessian: torch.Tensor, settings: GPTQInit) -> torch.Tensor:
         """GPTQ's codes minus round-to-nearest's on the current grid, ``[out, in]`` (whole numbers).
 
@@ -139,12 +151,8 @@ class QuantLinear(nn.Module):
         GPTQ's (from an exactly integer value it never could), and when the learned clipping moves the grid
         the codes follow the weight as round-to-nearest's do, carrying GPTQ's correction along.
         """
-        assert self.quantizer is not None
-        quantizer = self.quantizer
-        scale, zero = quantizer.scale_zero(self.weight)
-        codes = gptq_quantize(
-            self.weight, hessian.to(self.weight.device), scale, zero, quantizer.qmax, quantizer.group, settings
-        ).codes
+        quantizer, result, scale, zero = self._gptq(hessian, settings)
+        codes = result.codes
         x = quantizer.grouped(self.weight.float()) / scale
         nearest = torch.floor(x + 0.5) + zero  # not clamped: the shift must land on GPTQ's code exactly
         return (quantizer.grouped(codes.float()) - nearest).reshape(self.weight.shape)
@@ -160,12 +168,7 @@ class QuantLinear(nn.Module):
         GPTQ's codes. Fractions within ``1e-3`` of 0.5 are moved to GPTQ's side of it, so float rounding in
         ``h(V0)`` cannot flip a decision. LoRA-Rounding then learns where GPTQ's decisions should change.
         """
-        assert self.quantizer is not None
-        quantizer = self.quantizer
-        scale, zero = quantizer.scale_zero(self.weight)
-        result = gptq_quantize(
-            self.weight, hessian.to(self.weight.device), scale, zero, quantizer.qmax, quantizer.group, settings
-        )
+        quantizer, result, scale, _ = self._gptq(hessian, settings)
         x = quantizer.grouped(self.weight.float()) / scale
         target = quantizer.grouped(result.targets.float())
         shift = torch.floor(target) - torch.floor(x)
