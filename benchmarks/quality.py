@@ -9,15 +9,17 @@ per scheme plus ``quality.md`` (the markdown table, also printed) and ``quality.
 weight bits, per-block error of RTN vs CBQ: ``quality_plot.py``; needs matplotlib, skipped with a message
 without it).
 
-Peers (``--peers gptq,autoround``): GPTQ and AutoRound quantize the same model on the same calibration rows
+Peers (``--peers gptq,gptq-tuned,autoround,autoround-light``): GPTQ at GPTQModel's defaults and at its best
+options (act-order, MSE grid), AutoRound at its default 200 iterations and its light 50, quantize the same
+model on the same calibration rows
 (the recipe's ``data`` settings and seed) and are scored by our evaluator on the same windows, each in its
 own process (``python -m cbq_lightning.peers``, see ``cbq_lightning/peers``); a peer that cannot run gets
 its reason in the table. They need ``pip install -e ".[peers]"``.
 
     python benchmarks/quality.py                      # every scheme below (cpu-quick protocol)
     python benchmarks/quality.py --schemes W3A16G64 --set train.epochs=2   # quick look, overrides
-    python benchmarks/quality.py --schemes W4A16 W3A16G64 W2A16G64 --peers gptq,autoround --autoround-iters 50
-    python benchmarks/quality.py --schemes W3A16G64 --peers gptq,autoround --peers-only   # add peers to a record
+    python benchmarks/quality.py --schemes W4A16 W3A16G64 W2A16G64 --peers gptq,autoround-light
+    python benchmarks/quality.py --schemes W3A16G64 --peers gptq-tuned,autoround --peers-only   # add peers to a record
     python benchmarks/quality.py --redraw             # rewrite quality.md and quality.png from the records, run nothing
 
 Ablations (``--ablation NAME KEY=VALUE ...``, repeatable): extra CBQ runs of the scheme's recipe with those
@@ -172,14 +174,14 @@ def _quantize(recipe: Path, method: str, workdir: Path, flags: list[str], cfp: b
     return {"report": report, "wall_s": wall, "command": shlex.join(command)}
 
 
-def _peer(recipe: Path, peer: str, workdir: Path, flags: list[str], iters: int | None) -> dict:
+def _peer(recipe: Path, peer: str, workdir: Path, flags: list[str]) -> dict:
     """One peer in its own process (its own wall time and peak RSS; a crash is a row, not the end).
 
     Returns the peer's record (``cbq_lightning.peers.job.run_peer``) plus ``command``."""
     output = workdir / f"peer_{peer}.json"
     command = [
         sys.executable, "-m", "cbq_lightning.peers", "--peer", peer, "--config", str(recipe.relative_to(ROOT)),
-        "--output", str(output), *([] if iters is None else ["--iters", str(iters)]), *flags,
+        "--output", str(output), *flags,
     ]
     print("$", shlex.join(command), flush=True)
     started = time.perf_counter()
@@ -315,7 +317,7 @@ def _table(rows: list[dict]) -> str:
     from cbq_lightning.peers.job import PEERS
 
     peers = [name for name in PEERS if any(name in (row.get("peers") or {}) for row in rows)]
-    peer_heads = "".join(f" {PEERS[name].LABEL} |" for name in peers)
+    peer_heads = "".join(f" {PEERS[name].label} |" for name in peers)
     lines = [
         f"| scheme | FP | RTN |{peer_heads} CBQ (paper settings) | CBQ w/o CFP | CBQ (shipped recipe) | gap closed | "
         "CBQ / RTN | CBQ / FP | CBQ time | peak RSS |",
@@ -343,7 +345,7 @@ def _peer_notes(row: dict) -> list[str]:
         if summary["status"] != "ok":
             continue
         settings = ", ".join(f"{k} {v}" for k, v in (summary["settings"] or {}).items())
-        label = PEERS[name].LABEL if name in PEERS else name
+        label = PEERS[name].label if name in PEERS else name
         notes.append(
             f"  - {label}: {summary['package']} {summary['version']} ({settings}); quantization "
             f"{summary['quantize_s'] / 60:.1f} min, whole peer run {summary['wall_s'] / 60:.1f} min"
@@ -360,9 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS, help="where the JSON and table go")
     parser.add_argument("--tag", default="", help="suffix of the result files (keeps experiments apart)")
     parser.add_argument("--peers", default="", metavar="NAMES",
-                        help="peer methods run next to CBQ on the same samples and windows: gptq,autoround")
-    parser.add_argument("--autoround-iters", type=int, default=None, metavar="N",
-                        help="AutoRound iterations per block (default: AutoRound's own, 200); stated in the row")
+                        help="peer methods run next to CBQ on the same samples and windows, from "
+                        "gptq,gptq-tuned,autoround,autoround-light")
     parser.add_argument("--peers-only", action="store_true",
                         help="run only the peers and add them to the existing record of each scheme "
                         "(same recipe and overrides as that record; FP, RTN and CBQ are not rerun)")
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
 
     peers = parse_peers(args.peers)
     if args.peers_only and not peers:
-        raise SystemExit("--peers-only needs --peers (e.g. --peers gptq,autoround)")
+        raise SystemExit("--peers-only needs --peers (e.g. --peers gptq-tuned,autoround)")
     ablations = _parse_ablations(args.ablation)
     if args.ablations_only and not ablations:
         raise SystemExit("--ablations-only needs --ablation NAME KEY=VALUE ...")
@@ -439,7 +440,7 @@ def _run_all(recipes: dict[str, Path], peers: list[str], flags: list[str], args:
                 recipe, "cbq", workdir / scheme, [*flags, *PAPER_FLAGS], name="cbq_paper")
             cbq = _quantize(recipe, "cbq", workdir / scheme, flags)
             peer_records = {
-                name: _peer(recipe, name, workdir / scheme, flags, args.autoround_iters) for name in peers
+                name: _peer(recipe, name, workdir / scheme, flags) for name in peers
             }
             ablation_runs = {
                 name: _quantize(recipe, "cbq", workdir / scheme, [*flags, *_overrides(settings)], name=f"ablation_{name}")
@@ -498,7 +499,7 @@ def _add_peers(recipes: dict[str, Path], peers: list[str], args: argparse.Namesp
             recipe = ROOT / record["recipe"]
             flags = _overrides(record.get("overrides", []))
             peer_records = {
-                name: _peer(recipe, name, Path(tmp) / scheme, flags, args.autoround_iters) for name in peers
+                name: _peer(recipe, name, Path(tmp) / scheme, flags) for name in peers
             }
             record["row"].setdefault("peers", {}).update(
                 {name: _peer_summary(peer) for name, peer in peer_records.items()})

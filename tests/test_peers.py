@@ -50,6 +50,7 @@ def test_grid_helpers() -> None:
 
 def test_parse_peers() -> None:
     assert job.parse_peers("gptq,autoround") == ["gptq", "autoround"]
+    assert job.parse_peers("GPTQ-Tuned,autoround-light") == ["gptq-tuned", "autoround-light"]
     assert job.parse_peers(["AutoRound", "gptq,autoround"]) == ["autoround", "gptq"]
     assert job.parse_peers(None) == []
     with pytest.raises(SystemExit, match="unknown peer 'awq'"):
@@ -84,6 +85,32 @@ def test_unsupported_settings_and_activation_schemes_are_reasons(monkeypatch: py
     assert "gptqmodel<7.7" in gptq.unavailable_reason(PeerSettings(4, 64, False))
     record = job.run_peer("autoround", job.load_recipe(TINY_RECIPE, ["--quant.scheme", "W4A8"]))
     assert record["status"] == "unavailable" and record["reason"].startswith("weight-only peer: W4A8")
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("gptq", {}), ("gptq-tuned", {"tuned": True}),
+    ("autoround", {"iters": 200, "seed": 0}), ("autoround-light", {"iters": 50, "seed": 0}),
+])
+def test_each_variant_runs_its_package_with_its_own_options(name: str, expected: dict,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The variant's name decides the options the package gets (and so what its column means)."""
+    module = job.PEERS[name].module
+    seen: dict = {}
+
+    def record_options(model, tokenizer, ids, settings, device="cpu", **options):
+        seen.update(options, device=device)
+        raise RuntimeError("stop after the call")
+
+    monkeypatch.setattr(module, "unavailable_reason", lambda settings: None)
+    monkeypatch.setattr(module, "quantize", record_options)
+    record = job.run_peer(name, job.load_recipe(TINY_RECIPE, ["--data.num_samples", "2", "--data.seqlen", "16",
+                                                              "--eval.max_windows", "1"]))
+    assert record["status"] == "failed" and record["label"] == job.PEERS[name].label
+    assert seen == {**expected, "device": "cpu"}
+    if module is autoround:  # --iters of the peer job replaces the variant's count
+        job.run_peer(name, job.load_recipe(TINY_RECIPE, ["--data.num_samples", "2", "--data.seqlen", "16",
+                                                         "--eval.max_windows", "1"]), iters=7)
+        assert seen["iters"] == 7
 
 
 def test_a_peer_crash_is_recorded_not_raised(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -144,9 +171,11 @@ def _check_near_rtn(outcome, settings: PeerSettings, model_before: dict[str, tor
         assert peer < 1.6 * rtn, (name, peer, rtn)
 
 
-@pytest.mark.parametrize("settings", [PeerSettings(3, 32, False), PeerSettings(4, -1, True)],
-                         ids=lambda s: s.describe().replace(" ", "-"))
-def test_gptq_weights_sit_on_the_grid_and_perplexity_moves(settings: PeerSettings, tmp_path: Path,
+@pytest.mark.parametrize(("settings", "tuned"),
+                         [(PeerSettings(3, 32, False), False), (PeerSettings(4, -1, True), False),
+                          (PeerSettings(3, 32, False), True)],
+                         ids=["W3G32-asym", "W4-sym", "W3G32-asym-tuned"])
+def test_gptq_weights_sit_on_the_grid_and_perplexity_moves(settings: PeerSettings, tuned: bool, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("gptqmodel")
     assert gptq.unavailable_reason(settings) is None
@@ -154,14 +183,17 @@ def test_gptq_weights_sit_on_the_grid_and_perplexity_moves(settings: PeerSetting
     before = {name: model.get_submodule(name).weight.detach().clone() for name in _block_linears(model)}
     ppl_fp = perplexity(model, windows)
     monkeypatch.chdir(tmp_path)
-    outcome = gptq.quantize(model, tokenizer, ids, settings)
+    outcome = gptq.quantize(model, tokenizer, ids, settings, tuned=tuned)
     assert not (tmp_path / "logs").exists(), "GPTQModel's layer logs must not land in the working directory"
     assert outcome.model is not model  # GPTQModel quantized its own copy: ours is untouched
     assert all(torch.equal(model.get_submodule(n).weight, w) for n, w in before.items())
     _check_on_grid(outcome, settings, before)
     _check_near_rtn(outcome, settings, before)
     assert outcome.settings["bits"] == settings.bits and outcome.settings["samples"] == 8
-    assert outcome.settings["desc_act"] is (settings.group_size == -1)
+    # activation order: the defaults use it per channel only, the tuned variant everywhere (with groups too,
+    # where the grid check above follows g_idx); only the tuned variant searches scales by MSE
+    assert outcome.settings["desc_act"] is (tuned or settings.group_size == -1)
+    assert outcome.settings["mse"] == (2.4 if tuned else 0.0)
     ppl = perplexity(outcome.model, windows)
     assert math.isfinite(ppl) and abs(ppl - ppl_fp) > 1e-3 * ppl_fp
 

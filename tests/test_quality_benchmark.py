@@ -110,7 +110,7 @@ def test_peer_columns_show_perplexity_or_the_reason(quality) -> None:
                         peers={"gptq": _peer_record("gptq", None, "failed", "RuntimeError: boom")})
     old = quality._row("W4A16", fp, _run(37.0), _run(28.0))  # a record made before peers existed
     lines = quality._table([row, w4a4, old]).splitlines()
-    assert lines[0].startswith("| scheme | FP | RTN | GPTQ | AutoRound | CBQ (paper settings) | CBQ w/o CFP | CBQ (shipped recipe) |")
+    assert lines[0].startswith("| scheme | FP | RTN | GPTQ | AutoRound (200 iters) | CBQ (paper settings) | CBQ w/o CFP | CBQ (shipped recipe) |")
     assert lines[1].count("|") == lines[0].count("|")
     assert lines[2].startswith("| W3A16G64 | 20.00 | 72.00 | 45.00 | not run: auto-round not installed")
     assert lines[3].startswith("| W4A4 | 20.00 | 900.00 | failed: RuntimeError: boom | - | not measured | 450.00 | 300.00 |")
@@ -125,7 +125,7 @@ def test_peer_columns_show_perplexity_or_the_reason(quality) -> None:
 def test_peer_process_gives_a_record_in_any_environment(quality, tmp_path: Path, monkeypatch) -> None:
     """The real subprocess on the tiny recipe: GPTQ runs where gptqmodel is installed, says why not elsewhere."""
     flags = ["--data.num_samples", "4", "--data.seqlen", "32", "--eval.seqlen", "32", "--eval.max_windows", "2"]
-    record = quality._peer(REPO / "configs" / "tiny.yaml", "gptq", tmp_path, flags, None)
+    record = quality._peer(REPO / "configs" / "tiny.yaml", "gptq", tmp_path, flags)
     if importlib.util.find_spec("gptqmodel") is None:
         assert record["status"] == "unavailable" and "gptqmodel not installed" in record["reason"]
     else:
@@ -134,7 +134,7 @@ def test_peer_process_gives_a_record_in_any_environment(quality, tmp_path: Path,
     assert record["process_wall_s"] > 0 and "--peer gptq" in record["command"]
     # a process that dies without writing its record is still a row
     monkeypatch.setattr(quality.sys, "executable", "false")
-    broken = quality._peer(REPO / "configs" / "tiny.yaml", "gptq", tmp_path / "x", flags, None)
+    broken = quality._peer(REPO / "configs" / "tiny.yaml", "gptq", tmp_path / "x", flags)
     assert broken["status"] == "failed" and broken["reason"].startswith("peer process exited with status")
 
 
@@ -198,16 +198,16 @@ def test_peers_only_adds_peers_to_the_existing_record(quality, tmp_path: Path, m
     path.write_text(json.dumps(record))
     calls = []
 
-    def fake_peer(recipe, name, workdir, flags, iters):
-        calls.append((recipe.name, name, flags, iters))
+    def fake_peer(recipe, name, workdir, flags):
+        calls.append((recipe.name, name, flags))
         return _peer_record(name, 41.0 if name == "gptq" else 39.0)
 
     monkeypatch.setattr(quality, "_peer", fake_peer)
     monkeypatch.setattr(quality, "_draw", lambda folder, suffix: None)
     assert quality.main(["--schemes", "W3A16G64", "--peers", "gptq,autoround", "--peers-only",
-                         "--autoround-iters", "50", "--output", str(tmp_path)]) == 0
-    assert calls == [("smollm2_w3a16g64.yaml", "gptq", ["--train.epochs", "2"], 50),
-                     ("smollm2_w3a16g64.yaml", "autoround", ["--train.epochs", "2"], 50)]
+                         "--output", str(tmp_path)]) == 0
+    assert calls == [("smollm2_w3a16g64.yaml", "gptq", ["--train.epochs", "2"]),
+                     ("smollm2_w3a16g64.yaml", "autoround", ["--train.epochs", "2"])]
     updated = json.loads(path.read_text())
     assert updated["row"]["cbq"] == 36.0 and updated["row"]["peers"]["autoround"]["ppl"] == 39.0
     assert set(updated["peers"]) == {"gptq", "autoround"} and "--peers-only" in updated["peer_run"]["invocation"]

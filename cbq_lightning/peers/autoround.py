@@ -7,7 +7,7 @@ fake-quantized weights (``scale * (q - zero)``, float16 scales), which our evalu
 Settings: bits / group size / symmetry from the scheme, the calibration rows' count and length as
 ``nsamples`` / ``seqlen``, the recipe's seed; everything else is AutoRound's default (SignRound with
 min-max tuning, learning rate ``1 / iters``, batch 8, lm_head left in full precision) except ``iters``,
-which the caller may lower from AutoRound's 200 to fit a CPU budget - the row states the value - and
+which the light variant lowers from AutoRound's 200 to its 50 to fit a CPU budget - the row states it - and
 ``amp=False``: on a CPU with bf16 support (AVX-512 BF16 / AMX) AutoRound would otherwise cast the whole model to
 bfloat16, so the peer would be tuned and scored in another precision than CBQ (float32) and its row would
 depend on which machine ran it.
@@ -30,9 +30,11 @@ from cbq_lightning.peers.settings import (
     preserved_global_state,
 )
 
-NAME = "autoround"
-LABEL = "AutoRound"
 DISTRIBUTION = "auto-round"
+#: AutoRound's own default iterations per block (its recipe "auto-round")
+DEFAULT_ITERS = 200
+#: AutoRound's "light" recipe (its ``--iters 50`` preset): a quarter of the tuning, for a CPU budget
+LIGHT_ITERS = 50
 
 
 def unavailable_reason(settings: PeerSettings) -> str | None:
@@ -45,16 +47,13 @@ def unavailable_reason(settings: PeerSettings) -> str | None:
 
 
 def quantize(
-    model: nn.Module, tokenizer: Any, ids: torch.Tensor, settings: PeerSettings, iters: int | None = None,
+    model: nn.Module, tokenizer: Any, ids: torch.Tensor, settings: PeerSettings, iters: int = DEFAULT_ITERS,
     seed: int = 0, device: str = "cpu",
 ) -> PeerOutcome:
-    """AutoRound of ``model`` (in place) on the calibration rows ``ids`` ``[N, T]``.
-
-    ``iters=None`` keeps AutoRound's default (200 per block).
-    """
+    """AutoRound of ``model`` (in place) on the calibration rows ``ids`` ``[N, T]``, ``iters`` per block."""
     from auto_round import AutoRound
 
-    options: dict[str, Any] = {} if iters is None else {"iters": iters}
+    options: dict[str, Any] = {"iters": iters}
     started = time.perf_counter()
     with preserved_global_state():  # AutoRound seeds the global generators with `seed`
         rounder = AutoRound(

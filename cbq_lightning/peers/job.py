@@ -11,7 +11,7 @@ A peer that cannot run gives a record with ``status`` ``unavailable`` (package m
 express) or ``failed`` (it raised) and the ``reason``, never nothing: the benchmark table prints it.
 
     python -m cbq_lightning.peers --peer gptq --config configs/smollm2_w3a16g64.yaml --output gptq.json
-    python -m cbq_lightning.peers --peer autoround --iters 50 --config configs/tiny.yaml --output ar.json \\
+    python -m cbq_lightning.peers --peer autoround-light --config configs/tiny.yaml --output ar.json \\
         --data.num_samples 8          # any further flag is a recipe override, as for `cbq quantize`
 """
 
@@ -23,7 +23,8 @@ import resource
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -40,8 +41,35 @@ from cbq_lightning.peers.settings import PeerSettings, PeerUnavailable, installe
 
 log = logging.getLogger("cbq_lightning.peers")
 
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A peer as the benchmark names it: the package adapter and the options that make this variant.
+
+    Why variants and not one row per package: a peer at its light or default settings is a different
+    competitor from the same peer at its best options, and the table must say which one it beat."""
+
+    name: str
+    label: str
+    module: ModuleType
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def distribution(self) -> str:
+        return self.module.DISTRIBUTION
+
+    def unavailable_reason(self, settings: PeerSettings) -> str | None:
+        return self.module.unavailable_reason(settings)
+
+
 #: the peers by the name ``--peers`` takes
-PEERS: dict[str, ModuleType] = {gptq.NAME: gptq, autoround.NAME: autoround}
+PEERS: dict[str, Peer] = {peer.name: peer for peer in (
+    Peer("gptq", "GPTQ", gptq),
+    Peer("gptq-tuned", "GPTQ (act-order, MSE grid)", gptq, {"tuned": True}),
+    Peer("autoround", "AutoRound (200 iters)", autoround, {"iters": autoround.DEFAULT_ITERS}),
+    Peer("autoround-light", "AutoRound (50 iters)", autoround, {"iters": autoround.LIGHT_ITERS}),
+)}
 #: longest reason kept in a record (exception messages can be pages long)
 MAX_REASON = 300
 
@@ -99,8 +127,8 @@ def run_peer(name: str, config: QuantizeConfig, iters: int | None = None) -> dic
     peer = PEERS[name]
     device = _device(config)
     record: dict[str, Any] = {
-        "peer": name, "label": peer.LABEL, "package": peer.DISTRIBUTION,
-        "version": installed_version(peer.DISTRIBUTION), "status": "ok", "reason": None, "settings": None,
+        "peer": name, "label": peer.label, "package": peer.distribution,
+        "version": installed_version(peer.distribution), "status": "ok", "reason": None, "settings": None,
         "results": [], "quantize_s": None, "eval_s": None, "device": str(device),
     }
     try:
@@ -115,13 +143,13 @@ def run_peer(name: str, config: QuantizeConfig, iters: int | None = None) -> dic
         ]
         model = load_model(config.model, vocab_size=len(tokenizer), seed=config.seed)
         try:
-            if name == autoround.NAME:
-                outcome = autoround.quantize(model, tokenizer, ids, settings, iters=iters, seed=config.seed,
-                                             device=str(device))
+            if peer.module is autoround:
+                options = {**peer.options, **({} if iters is None else {"iters": iters}), "seed": config.seed}
             else:
-                outcome = gptq.quantize(model, tokenizer, ids, settings, device=str(device))
+                options = dict(peer.options)
+            outcome = peer.module.quantize(model, tokenizer, ids, settings, device=str(device), **options)
         except ImportError as error:  # installed, but it does not import against this torch/transformers
-            raise PeerUnavailable(f"{peer.DISTRIBUTION} does not import here: {_short(error)}") from error
+            raise PeerUnavailable(f"{peer.distribution} does not import here: {_short(error)}") from error
         del model
         record.update(settings=outcome.settings, version=outcome.version, quantize_s=outcome.quantize_s)
         eval_started = time.perf_counter()
@@ -130,10 +158,10 @@ def run_peer(name: str, config: QuantizeConfig, iters: int | None = None) -> dic
         record["eval_s"] = time.perf_counter() - eval_started
     except PeerUnavailable as error:
         record.update(status="unavailable", reason=str(error))
-        log.warning("%s not run: %s", peer.LABEL, error)
+        log.warning("%s not run: %s", peer.label, error)
     except Exception as error:  # a peer's crash is a result of the benchmark, not the end of it
         record.update(status="failed", reason=_short(error), traceback=traceback.format_exc())
-        log.error("%s failed: %s", peer.LABEL, record["reason"])
+        log.error("%s failed: %s", peer.label, record["reason"])
     record["wall_s"] = time.perf_counter() - started
     record["peak_rss_gib"] = _peak_rss_gib()
     return record
@@ -157,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="the recipe (a cbq quantize YAML)")
     parser.add_argument("--output", required=True, type=Path, help="where the JSON record goes")
     parser.add_argument("--iters", type=int, default=None,
-                        help="AutoRound iterations per block (default: AutoRound's own, 200)")
+                        help="AutoRound iterations per block, replacing the variant's (autoround: 200, "
+                        "AutoRound's default; autoround-light: 50)")
     args, overrides = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_recipe(args.config, overrides)
