@@ -126,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             config = quantize_config(parser.instantiate(args).quantize)
             result = run_quantize(config)
+            if not result.main:  # another DDP rank: rank 0 reports and writes the outputs
+                return 0
             report = result.report
             errors = report["final_error"]
             print(

@@ -78,6 +78,8 @@ class QuantizeResult:
     report: dict[str, Any]
     model: nn.Module
     tokenizer: Any
+    #: False on the other DDP ranks: their report holds only their windows, rank 0 writes the outputs
+    main: bool = True
 
 
 def _device(config: QuantizeConfig) -> torch.device:
@@ -427,6 +429,15 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
         atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
     tokenizer = load_tokenizer(config.model)
+    model = load_model(config.model, vocab_size=len(tokenizer), seed=config.seed)
+    adapter = DecoderAdapter(model)
+    cbq = config.method == "cbq"
+    rounding = config.rounding if cbq else RoundingConfig(enabled=False)
+    correction = config.correction if cbq and config.correction.enabled else None
+    # the configuration against the model's shapes, before any data is read or any evaluation runs
+    check_group_size(adapter.blocks, scheme)
+    check_rounding_rank(adapter.blocks, rounding)
+    check_correction_rank(adapter.blocks, correction)
     all_ids = calibration_ids(config.data, tokenizer, config.seed, config.data_dir)
     ids = place.shard(all_ids)  # DDP: this rank's samples (all of them in a single process)
     evaluation = config.eval
@@ -434,20 +445,12 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
         prepare_eval_set(source, tokenizer, evaluation.seqlen, evaluation.split, evaluation.max_windows, config.data_dir)
         for source in evaluation.datasets
     ]
-    model = load_model(config.model, vocab_size=len(tokenizer), seed=config.seed)
     device = _device(config)
     fp_results = None
     if resume is not None and resume.meta.get("fp_results") is not None:
         fp_results = resume.meta["fp_results"]  # measured before the interruption
     elif eval_sets and evaluation.fp_reference and place.is_main:
         fp_results = _evaluate(config, model, eval_sets, device, "fp")
-    adapter = DecoderAdapter(model)
-    cbq = config.method == "cbq"
-    rounding = config.rounding if cbq else RoundingConfig(enabled=False)
-    check_group_size(adapter.blocks, scheme)
-    check_rounding_rank(adapter.blocks, rounding)
-    correction = config.correction if cbq and config.correction.enabled else None
-    check_correction_rank(adapter.blocks, correction)
     inputs, block_kwargs = adapter.capture_block_inputs(ids)
 
     learnable_clip = config.quant.learnable_clip and cbq
@@ -567,7 +570,8 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
     shards = all_gather_objects({"rank": place.rank, "samples": place.shard_indices(int(all_ids.shape[0])),
                                  "cached_rows": int(state.x_q.shape[0])})
     if not place.is_main:  # rank 0 holds the same model and writes every output
-        return QuantizeResult(report={"rank": place.rank, "windows": windows}, model=model, tokenizer=tokenizer)
+        return QuantizeResult(report={"rank": place.rank, "windows": windows}, model=model, tokenizer=tokenizer,
+                              main=False)
 
     scheme_info = {
         **dataclasses.asdict(scheme),

@@ -158,6 +158,22 @@ def test_bad_input_is_a_clear_early_error(overrides: list[str], message: str, tm
     assert not (tmp_path / "out" / "report.json").exists()
 
 
+@pytest.mark.parametrize("overrides", [["--quant.group_size", "48"], ["--rounding.rank", "64"]])
+def test_shape_checks_come_before_any_data_or_evaluation(overrides: list[str], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A configuration that cannot fit the model stops before calibration data are read and before the
+    full-precision evaluation (on a 7B model that evaluation alone takes many minutes)."""
+    from cbq_lightning import runner
+    from cbq_lightning.cli import main
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("heavy work started before the configuration was checked against the model")
+
+    for name in ("calibration_ids", "prepare_eval_set", "_evaluate"):
+        monkeypatch.setattr(runner, name, too_late)
+    assert main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path), *overrides]) == 2
+
+
 def test_unsupported_architecture_names_the_model_type() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
