@@ -4,7 +4,8 @@ Rows are joined (``"\\n\\n"`` for WikiText-2), tokenized once, cut into non-over
 ``seqlen`` tokens (the tail shorter than a window is dropped), and PPL = exp of the mean over windows
 of the per-window mean next-token cross-entropy. All windows have the same length, so that equals
 exp(total NLL / total predicted tokens), which is what :class:`WindowPerplexity` accumulates — in
-float64 and as a torchmetrics ``Metric``, so shards evaluated on several processes sync correctly.
+float64 and as a torchmetrics ``Metric`` (``sync_on_compute=True`` sums shards evaluated on several
+processes; off by default, since a run evaluates on one process).
 """
 
 from __future__ import annotations
@@ -107,8 +108,10 @@ class WindowPerplexity(Metric):
     full_state_update = False
     higher_is_better = False
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, sync_on_compute: bool = False) -> None:
+        # no cross-process sync by default: a run evaluates the whole set on one process (rank 0 under DDP,
+        # after the other ranks have finished), and a sync would wait at a barrier for ranks that are gone
+        super().__init__(sync_on_compute=sync_on_compute)
         self.add_state("nll_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
