@@ -23,3 +23,7 @@ class DataError(CBQError, ValueError):
 
 class TrainingError(CBQError, RuntimeError):
     """Training produced an unusable result (e.g. a non-finite loss)."""
+
+
+class FileFormatError(CBQError, ValueError):
+    """A file the tool reads is missing, truncated or not what it should be (the message names it)."""

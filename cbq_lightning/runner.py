@@ -423,10 +423,6 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
     resume: ResumePoint | None = None
     if config.method == "cbq" and config.resume:
         resume = checkpointer.load()  # refuses a checkpoint of a different configuration, naming the keys
-    else:
-        checkpointer.clear()
-    if place.is_main:
-        atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, vocab_size=len(tokenizer), seed=config.seed)
@@ -445,6 +441,11 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
         prepare_eval_set(source, tokenizer, evaluation.seqlen, evaluation.split, evaluation.max_windows, config.data_dir)
         for source in evaluation.datasets
     ]
+    # every input has been read and checked: only now may earlier outputs of this folder be replaced
+    if resume is None:
+        checkpointer.clear()
+    if place.is_main:
+        atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     device = _device(config)
     fp_results = None
     if resume is not None and resume.meta.get("fp_results") is not None:
@@ -626,6 +627,8 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
         "final_error": {config.method: final.quantized, **({"rtn": final.rtn} if final.rtn is not None else {})},
         "eval": eval_entries,
         "resumed_after_window": None if resume is None else resume.last_window,
+        # the windows this invocation trained (all of them, unless it resumed a killed run)
+        "recomputed_windows": [w["index"] for w in windows if resume is None or w["index"] > resume.last_window],
         "guard": {
             "retried_windows": [w["index"] for w in windows if w.get("attempts", 1) > 1],
             "rtn_fallback_windows": [w["index"] for w in windows if w.get("fallback") == "rtn"],

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from callbacks.progress import WindowProgressBar
-from cbq_lightning.errors import ConfigError
+from cbq_lightning.errors import ConfigError, FileFormatError
 from cbq_lightning.runner import run_quantize
 from tests.conftest import TINY_RECIPE, load_recipe
 
@@ -63,7 +63,7 @@ def test_killed_run_resumes_at_the_next_window_bit_for_bit(tmp_path: Path, unint
     report = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *resumed_args), [Record()]).report
     assert started == [2], "only the unfinished window trains again"
     assert bar_totals == [3], "the bar says 'window 3/3', not '3/1'"
-    assert report["resumed_after_window"] == 1
+    assert report["resumed_after_window"] == 1 and report["recomputed_windows"] == [2]
     assert [w["index"] for w in report["windows"]] == [0, 1, 2]
     assert [e["block"] for e in report["block_errors"]] == [0, 1, 2, 3]
     expected, resumed = _state(uninterrupted), _state(tmp_path)
@@ -92,6 +92,23 @@ def test_changed_config_refuses_to_resume_and_resume_false_starts_over(tmp_path:
     assert started == [0, 1, 2] and report["resumed_after_window"] is None
 
 
+@pytest.mark.parametrize("victim", ["state_w0001.safetensors", "block_0000.safetensors"])
+def test_a_damaged_checkpoint_is_a_clean_error_and_is_left_alone(tmp_path: Path, victim: str) -> None:
+    """Finished windows are written atomically, so only a foreign hand or a failing disk damages one: the
+    resume names the file and the two ways on, and deletes nothing (the user decides)."""
+    with pytest.raises(Killed):
+        run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *FAST), [KillAtWindow(2)])
+    checkpoints = tmp_path / "checkpoints"
+    damaged = checkpoints / victim
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    before = {p.name: p.read_bytes() for p in checkpoints.iterdir()}
+    with pytest.raises(FileFormatError, match=rf"{victim}: truncated.*remove .*checkpoints or pass --resume false"):
+        run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *FAST))
+    assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == before
+    report = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *FAST, "--resume", "false")).report
+    assert report["resumed_after_window"] is None and report["recomputed_windows"] == [0, 1, 2]
+
+
 def test_eval_settings_may_change_on_resume(tmp_path: Path) -> None:
     with pytest.raises(Killed):
         run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *FAST), [KillAtWindow(1)])
@@ -111,7 +128,7 @@ def test_lora_rounding_from_gptq_resumes_bit_for_bit(tmp_path: Path) -> None:
     with pytest.raises(Killed):
         run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(killed), *flags), [KillAtWindow(2)])
     report = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(killed), *flags)).report
-    assert report["resumed_after_window"] == 1
+    assert report["resumed_after_window"] == 1 and report["recomputed_windows"] == [2]
     expected, resumed = _state(reference), _state(killed)
     assert expected.keys() == resumed.keys()
     for key in expected:

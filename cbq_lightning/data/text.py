@@ -76,14 +76,23 @@ NAMED_DATASETS: dict[str, NamedDataset] = {
 def read_jsonl_rows(path: Path, field: str = "text") -> list[str]:
     """The ``field`` of every JSON line of ``path`` (blank lines skipped; blank *rows* are ``""``)."""
     rows = []
+    fix = "repair or replace the file (one JSON object per line, e.g. {\"text\": \"...\"})"
     with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if field not in record:
-                raise DataError(f"{path}:{number} has no {field!r} field: set the text field to the text key.")
-            rows.append(record[field])
+        number = 0
+        try:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if not isinstance(record, dict) or field not in record:
+                    raise DataError(f"{path}:{number} has no {field!r} field: set the text field to the text key.")
+                if not isinstance(record[field], str):
+                    raise DataError(f"{path}:{number}: the {field!r} field is not text; {fix}.")
+                rows.append(record[field])
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text after line {number} (corrupt or binary file); {fix}.") from None
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number} is not valid JSON ({error.msg}; truncated?); {fix}.") from None
     return rows
 
 
@@ -160,7 +169,10 @@ def load_text(source: str, split: str = "test", field: str = "text", data_dir: s
     path = Path(source).expanduser()
     if path.suffix == ".jsonl":
         return ROW_SEPARATOR.join(read_jsonl_rows(path, field))
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text (corrupt or binary file); give a UTF-8 .txt file.") from None
 
 
 def tokenize_text(tokenizer, text: str):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from cbq_lightning.export.fake_quant import (
     attach_activation_quantizers,
     attach_corrections,
 )
+from cbq_lightning.files import check_json, check_safetensors
 from cbq_lightning.io import atomic_write_json
 from cbq_lightning.models.loading import ModelConfig, load_model, load_tokenizer
 
@@ -104,6 +104,10 @@ def _is_auto_batch_size(value: str) -> bool:
     return head == "auto" and (not times or (times.isdigit() and int(times) >= 1))
 
 
+#: the fix for a broken file of a cbq quantize output
+_RERUN = "rerun the cbq quantize that wrote it (it resumes from its last finished window)"
+
+
 def resolve_model_path(name_or_path: str) -> tuple[str, dict[str, Any] | None]:
     """A ``cbq quantize`` output directory stands for its ``model/`` checkpoint; also its quantization info."""
     path = Path(name_or_path).expanduser()
@@ -111,7 +115,7 @@ def resolve_model_path(name_or_path: str) -> tuple[str, dict[str, Any] | None]:
         path = path / MODEL_DIR
     sidecar = path / SIDECAR
     if sidecar.is_file():
-        return str(path), json.loads(sidecar.read_text(encoding="utf-8"))
+        return str(path), check_json(sidecar, _RERUN)
     return name_or_path, None
 
 
@@ -143,6 +147,8 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         prepare_eval_set(source, tokenizer, config.seqlen, config.split, config.max_windows, config.data_dir)
         for source in config.sources()
     ]
+    if quantization is not None and (quantization.get("scheme", {}).get("activations") or quantization.get("correction")):
+        check_safetensors(Path(path) / quantization["quant_state"], _RERUN)
     model = load_model(model_config, vocab_size=len(tokenizer))
     if quantization is not None and quantization.get("scheme", {}).get("activations"):
         attach_activation_quantizers(model, Path(path) / quantization["quant_state"])

