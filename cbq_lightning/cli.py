@@ -11,6 +11,7 @@ traceback and exit with status 2.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -19,7 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from cbq_lightning import __version__
 from cbq_lightning.config import QuantizeConfig
-from cbq_lightning.errors import CBQError
+from cbq_lightning.errors import CBQError, RunStopped
 from cbq_lightning.evaluation.command import EvaluateConfig
 from cbq_lightning.export.packed import ExportConfig
 
@@ -144,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_evaluate(args.evaluate)
         elif args.command == "export":
             _run_export(args.export)
+    except RunStopped as error:  # SIGTERM: stopped at a safe point, resumable
+        print(f"cbq: stopped: {error}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except CBQError as error:
         print(f"cbq: error: {error}", file=sys.stderr)
         return 2

@@ -27,3 +27,11 @@ class TrainingError(CBQError, RuntimeError):
 
 class FileFormatError(CBQError, ValueError):
     """A file the tool reads is missing, truncated or not what it should be (the message names it)."""
+
+
+class OutputError(CBQError, OSError):
+    """An output cannot be written (full disk, read-only or forbidden folder); earlier outputs are intact."""
+
+
+class RunStopped(CBQError):
+    """The run was asked to stop (SIGTERM) and stopped at a safe point; the same command resumes it."""

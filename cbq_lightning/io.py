@@ -1,7 +1,13 @@
-"""Atomic writes: a run that is killed never leaves a half-written output behind."""
+"""Atomic writes: a run that is killed never leaves a half-written output behind.
+
+Every output goes through these helpers, so they are also where a failing write (full disk, read-only or
+forbidden folder) becomes one clear :class:`~cbq_lightning.errors.OutputError` instead of a traceback: the
+temporary file is removed and the previous version of the output is still in place.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -11,20 +17,46 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cbq_lightning.errors import OutputError
+
+#: write failures that are the environment's, not a bug: said in one line with the fix
+_ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _output_error(path: Path, error: OSError) -> OutputError:
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = f"free space under {path.parent} (or choose another output_dir)"
+    else:
+        fix = f"make {path.parent} writable (or choose another output_dir)"
+    return OutputError(f"cannot write {path}: {reason}; {fix}, then rerun the same command: the earlier outputs "
+                       "are intact and a CBQ run resumes from its last finished window.")
+
+
+@contextmanager
+def _reported(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as error:
+        if isinstance(error, OutputError) or error.errno not in _ENVIRONMENT_ERRORS:
+            raise
+        raise _output_error(path, error) from error
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _reported(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -33,24 +65,27 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 def atomic_write_file(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp_path)`` then rename the result over ``path`` (for writers that take a path)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _reported(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        try:
+            write(Path(tmp))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 @contextmanager
 def atomic_directory(path: Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``path`` when the block finishes without error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    with _reported(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        yield tmp
+        with _reported(path):
+            yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -20,6 +20,7 @@ import torch
 import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -33,7 +34,7 @@ from cbq_lightning.config import QuantizeConfig, validate
 from cbq_lightning.crossblock import BlockError, CrossBlockState
 from cbq_lightning.data.calibration import calibration_ids
 from cbq_lightning.distributed import Placement, all_gather_objects, placement
-from cbq_lightning.errors import TrainingError
+from cbq_lightning.errors import RunStopped, TrainingError
 from cbq_lightning.evaluation.perplexity import EvalSet, evaluate_sets, prepare_eval_set
 from cbq_lightning.export.fake_quant import MODEL_DIR, save_fake_quant_checkpoint
 from cbq_lightning.export.packed import export_run
@@ -65,6 +66,7 @@ from cbq_lightning.quant.mixed_precision import (
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
+from cbq_lightning.stop import GracefulStop
 from cbq_lightning.window import WindowModule
 from cbq_lightning.windows import Window, WindowConfig, window_schedule
 
@@ -146,6 +148,7 @@ def _fit_windows(
     step_offset: int = 0,
     on_window_end: Callable[[Window, list[dict[str, Any]], int], None] | None = None,
     output_head: nn.Module | None = None,
+    stop: GracefulStop | None = None,
 ) -> list[dict[str, Any]]:
     """CBQ: one LightningModule and one ``trainer.fit`` per window, all logging into one run.
 
@@ -163,6 +166,8 @@ def _fit_windows(
     trainer_kwargs = dataclasses.asdict(config.trainer)
     guard = config.guard
     for window in schedule:
+        if stop is not None and stop.requested:
+            raise _stopped(config, callback.window_summaries, f"before {window}")
         lr_scale = 1.0
         for attempt in range(1, guard.retries + 2):
             module = WindowModule(
@@ -199,6 +204,8 @@ def _fit_windows(
             )
             try:
                 trainer.fit(module, train_dataloaders=loader)
+            except SIGTERMException:  # Lightning ended the fit at a step boundary: this window is not saved
+                raise _stopped(config, callback.window_summaries, f"during {window}") from None
             except DivergenceError as error:
                 step_offset += trainer.global_step
                 module.restore_start_state()
@@ -225,6 +232,13 @@ def _fit_windows(
         if on_window_end is not None:
             on_window_end(window, callback.window_summaries, step_offset)
     return callback.window_summaries
+
+
+def _stopped(config: QuantizeConfig, finished: list[dict[str, Any]], where: str) -> RunStopped:
+    """The message of a SIGTERM stop: where, what is saved, how to go on."""
+    saved = (f"windows 1-{finished[-1]['index'] + 1} are saved in {Path(config.output_dir) / 'checkpoints'}"
+             if finished else "no window had finished")
+    return RunStopped(f"SIGTERM: stopped {where}; {saved}. Rerun the same command to resume.")
 
 
 def _fall_back_to_rtn(
@@ -408,8 +422,14 @@ def _log_layer_bits(logger: Any, layer_bits: dict[str, int]) -> None:
 def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -> QuantizeResult:
     """Run a whole quantization job and write its outputs to ``config.output_dir``.
 
-    ``callbacks`` join every window's ``Trainer`` (monitoring, or tests that plant faults).
+    ``callbacks`` join every window's ``Trainer`` (monitoring, or tests that plant faults). SIGTERM stops the
+    run at the next safe point with :class:`RunStopped` (:mod:`cbq_lightning.stop`).
     """
+    with GracefulStop() as stop:
+        return _run_quantize(config, callbacks, stop)
+
+
+def _run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback], stop: GracefulStop) -> QuantizeResult:
     started = time.perf_counter()
     scheme = validate(config)
     # DDP shards the CBQ windows' training; RTN trains nothing and runs in one process
@@ -560,7 +580,7 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
 
         head = adapter.output_head() if config.loss.output_kl_weight > 0 else None
         windows = _fit_windows(
-            config, scheme, state, schedule, logger, device, callbacks, done, step_offset, save_checkpoint, head
+            config, scheme, state, schedule, logger, device, callbacks, done, step_offset, save_checkpoint, head, stop
         )
     else:
         schedule = window_schedule(adapter.num_blocks, WindowConfig(size=1, overlap=0))
