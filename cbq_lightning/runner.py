@@ -167,7 +167,7 @@ def _fit_windows(
     guard = config.guard
     for window in schedule:
         if stop is not None and stop.requested:
-            raise _stopped(config, callback.window_summaries, f"before {window}")
+            raise _stopped(config, callback.window_summaries, "before", window, len(schedule) + len(done or []))
         lr_scale = 1.0
         for attempt in range(1, guard.retries + 2):
             module = WindowModule(
@@ -205,7 +205,8 @@ def _fit_windows(
             try:
                 trainer.fit(module, train_dataloaders=loader)
             except SIGTERMException:  # Lightning ended the fit at a step boundary: this window is not saved
-                raise _stopped(config, callback.window_summaries, f"during {window}") from None
+                raise _stopped(config, callback.window_summaries, "during", window,
+                               len(schedule) + len(done or [])) from None
             except DivergenceError as error:
                 step_offset += trainer.global_step
                 module.restore_start_state()
@@ -234,10 +235,13 @@ def _fit_windows(
     return callback.window_summaries
 
 
-def _stopped(config: QuantizeConfig, finished: list[dict[str, Any]], where: str) -> RunStopped:
-    """The message of a SIGTERM stop: where, what is saved, how to go on."""
+def _stopped(config: QuantizeConfig, finished: list[dict[str, Any]], when: str, window: Window,
+             total: int) -> RunStopped:
+    """The message of a SIGTERM stop: where (windows counted from 1, as the progress bar), what is saved, how
+    to go on."""
     saved = (f"windows 1-{finished[-1]['index'] + 1} are saved in {Path(config.output_dir) / 'checkpoints'}"
              if finished else "no window had finished")
+    where = f"{when} window {window.index + 1}/{total} (blocks {window.blocks[0]}-{window.blocks[-1]})"
     return RunStopped(f"SIGTERM: stopped {where}; {saved}. Rerun the same command to resume.")
 
 
