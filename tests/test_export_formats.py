@@ -130,6 +130,10 @@ def test_compressed_tensors_asymmetric_round_trip(ct, runs, cli_run: Path, tmp_p
         tmp_path / "ct", dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
     )
     assert _relative_error(_logits(model), _logits(_fake_quant(run))) < 1e-6
+    # a user's plain from_pretrained, no arguments: the export's config tells transformers to dequantize
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["dequantize"] is True
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    assert _relative_error(_logits(plain), _logits(model)) < 1e-6
 
 
 def test_asymmetric_reload_moves_to_a_device(ct, runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -274,6 +278,8 @@ def test_quantized_embedding_round_trip(ct, runs, tmp_path: Path, name: str, sym
     assert plain["weights_bytes"] - summary["weights_bytes"] == pytest.approx(saved, abs=4096)  # header bytes
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32, **loading_kwargs(tmp_path / "ct"))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)  # as a user would
+    assert _relative_error(_logits(plain), _logits(model)) < 1e-6
     reference = _fake_quant(run)
     with torch.no_grad():
         reference.model.embed_tokens.weight.copy_(_rtn_rows(reference.model.embed_tokens.weight, 4, sym))

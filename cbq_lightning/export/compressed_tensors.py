@@ -92,7 +92,12 @@ def quantization_config(scheme: ExportScheme, ignore: list[str], embedding: bool
             "format": FORMAT,
         }
     }
+    # transformers' compressed (default) loading path cannot hold a packed zero-point or build a quantized
+    # embedding, so a plain from_pretrained(OUT) would stop with a size-mismatch report; "dequantize" makes it
+    # take its dequantize-at-load path by itself. vLLM and compressed-tensors ignore the key.
+    loader_hint = {"dequantize": True} if (not scheme.sym or embedding) else {}
     return {
+        **loader_hint,
         "quant_method": "compressed-tensors",
         "format": FORMAT,
         "quantization_status": "compressed",
