@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from cbq_lightning.errors import ConfigError
 
@@ -46,8 +47,9 @@ class OptimConfig:
             raise ConfigError("train.epochs and train.epochs_2bit must be >= 0.")
         if self.batch_size < 1 or self.forward_batch_size < 1:
             raise ConfigError("train.batch_size and train.forward_batch_size must be >= 1.")
-        if self.lr_rounding <= 0 or self.lr_clip <= 0 or self.lr_correction <= 0:
-            raise ConfigError("train.lr_rounding, train.lr_clip and train.lr_correction must be > 0.")
+        rates = (self.lr_rounding, self.lr_clip, self.lr_correction)
+        if not all(math.isfinite(rate) and rate > 0 for rate in rates):
+            raise ConfigError("train.lr_rounding, train.lr_clip and train.lr_correction must be finite and > 0.")
 
     def epochs_for(self, w_bits: int) -> int:
         return self.epochs_2bit if w_bits <= 2 else self.epochs
@@ -78,3 +80,20 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     log_every_n_steps: int = 1
     deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        # Lightning would refuse these only at the first window's fit, after loading and calibrating
+        from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT_STR
+
+        allowed = (*get_args(_PRECISION_INPUT_STR), "64", "32", "16", "bf16")  # the last four: older spellings
+        if str(self.precision) not in allowed:
+            raise ConfigError(f"trainer.precision={self.precision!r} is not a Lightning precision: use one of "
+                              f"{', '.join(allowed)} (32-true on CPU, bf16-mixed on recent GPUs).")
+        if self.gradient_clip_val is not None and not (math.isfinite(self.gradient_clip_val)
+                                                       and self.gradient_clip_val > 0):
+            raise ConfigError(f"trainer.gradient_clip_val={self.gradient_clip_val} must be a finite number > 0 "
+                              "(or null: no clipping).")
+        if self.log_every_n_steps < 1:
+            raise ConfigError(f"trainer.log_every_n_steps={self.log_every_n_steps} must be >= 1.")
+        if self.num_nodes < 1:
+            raise ConfigError(f"trainer.num_nodes={self.num_nodes} must be >= 1.")

@@ -6,11 +6,14 @@ reload with transformers) runs on it in seconds on a CPU, with no download.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from cbq_lightning.errors import ConfigError
 
 TINY_MODEL_NAME = "tiny-llama"
 EOS_TOKEN = "<|endoftext|>"
@@ -28,6 +31,24 @@ class TinyModelConfig:
     init_std: float = 0.02
     #: share the input embedding with ``lm_head`` (as SmolLM2, Gemma and Qwen2-0.5B do)
     tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        # transformers would refuse (or crash on) these shapes only when the model is built
+        sizes = {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "num_heads": self.num_heads,
+                 "num_kv_heads": self.num_kv_heads, "intermediate_size": self.intermediate_size}
+        for name, value in sizes.items():
+            if value < 1:
+                raise ConfigError(f"model.tiny.{name}={value} must be >= 1.")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            raise ConfigError(
+                f"model.tiny.hidden_size={self.hidden_size} must split into num_heads={self.num_heads} heads of an "
+                "even size (rotary embeddings pair the dimensions), e.g. hidden_size 64 with 4 heads."
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model.tiny.num_heads={self.num_heads} must be a multiple of num_kv_heads="
+                              f"{self.num_kv_heads} (grouped-query attention).")
+        if not (math.isfinite(self.init_std) and self.init_std > 0):
+            raise ConfigError(f"model.tiny.init_std={self.init_std} must be a finite number > 0.")
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
