@@ -284,6 +284,7 @@ def _row(
         "fp": ppl_fp,
         "rtn": ppl_rtn,
         "cbq": ppl_cbq,
+        "is_cbq": is_cbq(cbq["report"]),
         "cbq_no_cfp": None if cbq_no_cfp is None else cbq_no_cfp["report"]["eval"][0]["ppl"],
         **(_paper_summary(cbq_paper) if cbq_paper is not None else {}),
         "cbq_over_fp": ppl_cbq / ppl_fp,
@@ -313,6 +314,17 @@ def _peer_cell(row: dict, peer: str) -> str:
     return f"not run: {summary['reason']}" if summary["status"] == "unavailable" else f"failed: {summary['reason']}"
 
 
+def is_cbq(report: dict) -> bool:
+    """Whether a run's report shows the method the project calls CBQ: overlapping windows whose trainable
+    parameters are LoRA-rounding factors and clipping thresholds (no full-rank rounding offsets). A report
+    that predates the per-window parameter counts cannot show it, so it is not called CBQ."""
+    counts = [window.get("trainable_parameters") for window in report.get("windows", [])]
+    if not counts or any(count is None for count in counts):
+        return False
+    trains_lora = any(count["rounding"] > 0 for count in counts)
+    return trains_lora and all(count["rounding_offset"] == 0 for count in counts) and report["window"]["overlap"] >= 1
+
+
 def _table(rows: list[dict]) -> str:
     from cbq_lightning.peers.job import PEERS
 
@@ -328,8 +340,9 @@ def _table(rows: list[dict]) -> str:
         no_cfp = f"{row['cbq_no_cfp']:.2f}" if row.get("cbq_no_cfp") is not None else "-"
         paper = f"{row['cbq_paper']:.2f}" if row.get("cbq_paper") is not None else "not measured"
         peer_cells = "".join(f" {_peer_cell(row, name)} |" for name in peers)
+        shipped = f"{row['cbq']:.2f}" if row.get("is_cbq") else f"not CBQ: {row['cbq']:.2f} (earlier recipe)"
         lines.append(
-            f"| {row['scheme']} | {row['fp']:.2f} | {row['rtn']:.2f} |{peer_cells} {paper} | {no_cfp} | {row['cbq']:.2f} | "
+            f"| {row['scheme']} | {row['fp']:.2f} | {row['rtn']:.2f} |{peer_cells} {paper} | {no_cfp} | {shipped} | "
             f"{closed} | {row['cbq_over_rtn']:.2f} | {row['cbq'] / row['fp']:.2f} | "
             f"{row['cbq_time_s'] / 60:.1f} min | {row['cbq_peak_rss_gib']:.2f} GiB |"
         )
@@ -584,7 +597,8 @@ def _combined_table(folder: Path, suffix: str) -> str:
     """The table of the latest result of every scheme in ``folder``, followed by the command, commit,
     device and versions of each row (and the peers' packages, settings and times)."""
     records = _latest_records(folder, suffix)
-    lines = [_table([r["row"] for r in records]), ""]
+    rows = [{**r["row"], "is_cbq": is_cbq(r.get("cbq_report") or {})} for r in records]  # judged from the run's report
+    lines = [_table(rows), ""]
     for record in records:
         versions = record["versions"]
         lines.append(
@@ -632,7 +646,7 @@ def _draw(folder: Path, suffix: str) -> Path | None:
     """Draw ``quality{suffix}.png`` from the records in ``folder``; skipped, with the reason, when impossible."""
     plot = _plot_module()
     reason = plot.plot_unavailable()
-    records = _latest_records(folder, suffix)
+    records = [{**r, "row": {**r["row"], "is_cbq": is_cbq(r.get("cbq_report") or {})}} for r in _latest_records(folder, suffix)]
     if reason is None and not records:
         reason = f"no quality_*{suffix}.json records in {folder}"
     if reason is None:

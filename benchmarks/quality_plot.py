@@ -21,10 +21,14 @@ METHODS = (
     ("FP", "fp", {"color": "black", "linestyle": ":", "marker": None}),
     ("RTN", "rtn", {"color": "tab:red", "linestyle": "--", "marker": "s"}),
     ("GPTQ", "gptq", {"color": "tab:orange", "linestyle": "-", "marker": "^"}),
-    ("AutoRound", "autoround", {"color": "tab:purple", "linestyle": "-", "marker": "v"}),
+    ("GPTQ (act-order, MSE grid)", "gptq-tuned", {"color": "tab:orange", "linestyle": "--", "marker": "^"}),
+    ("AutoRound (200 iters)", "autoround", {"color": "tab:purple", "linestyle": "-", "marker": "v"}),
+    ("AutoRound (50 iters)", "autoround-light", {"color": "tab:purple", "linestyle": "--", "marker": "v"}),
     ("CBQ", "cbq", {"color": "tab:blue", "linestyle": "-", "marker": "o"}),
+    # a record whose "cbq" run is not CBQ (full-rank offsets or no overlap: quality.is_cbq) is drawn as what it is
+    ("offset rounding, earlier recipe (not CBQ)", "not_cbq", {"color": "tab:gray", "linestyle": "-", "marker": "x"}),
 )
-PEER_KEYS = ("gptq", "autoround")
+PEER_KEYS = ("gptq", "gptq-tuned", "autoround", "autoround-light")
 SCHEME_COLOURS = ("tab:green", "tab:blue", "tab:red", "tab:brown", "tab:pink")
 
 
@@ -49,6 +53,8 @@ def _value(row: dict[str, Any], key: str) -> float | None:
     if key in PEER_KEYS:
         peer = (row.get("peers") or {}).get(key)
         return peer.get("ppl") if peer and peer.get("status") == "ok" else None
+    if key in ("cbq", "not_cbq"):  # the row's recipe run goes to one of the two lines, by what it trained
+        return row.get("cbq") if bool(row.get("is_cbq")) == (key == "cbq") else None
     return row.get(key)
 
 
@@ -108,8 +114,9 @@ def plot_quality(records: list[dict[str, Any]], path: Path) -> Path:
         scheme = record["row"]["scheme"]
         cbq, rtn = block_errors(record)
         if cbq:
+            name = "CBQ" if record["row"].get("is_cbq") else "offset rounding (not CBQ)"
             right.plot(*zip(*cbq, strict=True), color=colour, linestyle="-", marker="o", markersize=3,
-                       label=f"{scheme} CBQ")
+                       label=f"{scheme} {name}")
         if rtn:
             right.plot(*zip(*rtn, strict=True), color=colour, linestyle="--", marker="s", markersize=3,
                        label=f"{scheme} RTN")

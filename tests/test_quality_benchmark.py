@@ -19,9 +19,27 @@ def quality():
     return module
 
 
+#: what a CBQ report says of its windows: LoRA-rounding factors and clipping trained, windows overlapping
+CBQ_WINDOWS = {"window": {"size": 2, "overlap": 1}, "windows": [
+    {"index": 0, "trainable_parameters": {"rounding": 80, "rounding_offset": 0, "weight_clip": 20,
+                                          "activation_clip": 0, "correction": 0}}]}
+
+
 def _run(ppl: float, wall: float = 600.0) -> dict:
     return {"report": {"eval": [{"dataset": "wikitext2", "ppl": ppl}], "calibration_time_s": wall / 2,
-                       "peak_rss_gib": 2.5}, "wall_s": wall}
+                       "peak_rss_gib": 2.5, **CBQ_WINDOWS}, "wall_s": wall}
+
+
+def test_only_a_lora_rounding_run_on_overlapping_windows_is_called_cbq(quality) -> None:
+    assert quality.is_cbq(CBQ_WINDOWS)
+    counts = CBQ_WINDOWS["windows"][0]["trainable_parameters"]
+    offsets = {**CBQ_WINDOWS, "windows": [{"trainable_parameters": {**counts, "rounding": 0, "rounding_offset": 99}}]}
+    assert not quality.is_cbq(offsets)
+    assert not quality.is_cbq({**CBQ_WINDOWS, "window": {"size": 2, "overlap": 0}})
+    assert not quality.is_cbq({"window": {"size": 2, "overlap": 1}, "windows": [{"index": 0}]})  # no counts: unknown
+    fp = {"results": [{"ppl": 20.0}]}
+    old = quality._row("W3A16G64", fp, _run(72.0), {"report": {**_run(27.84)["report"], **offsets}, "wall_s": 1.0})
+    assert "| not CBQ: 27.84 (earlier recipe) |" in quality._table([old])
 
 
 def test_row_gap_closed_and_cfp_ablation(quality) -> None:
@@ -80,7 +98,8 @@ def test_combined_table_takes_the_latest_record_of_every_scheme(quality, tmp_pat
             "W4A4": quality._row("W4A4", fp, _run(900.0), _run(300.0), _run(450.0))}
     for scheme, row in rows.items():
         record = {"row": row, "invocation": f"python benchmarks/quality.py --schemes {scheme}", "git_commit": "abc",
-                  "device": "cpu", "date": "2026-11-22", "versions": {"torch": "2", "transformers": "5", "lightning": "2"}}
+                  "device": "cpu", "date": "2026-11-22", "versions": {"torch": "2", "transformers": "5", "lightning": "2"},
+                  "cbq_report": CBQ_WINDOWS}
         (tmp_path / f"quality_{scheme.lower()}.json").write_text(json.dumps(record))
     table = quality._combined_table(tmp_path, "")
     lines = table.splitlines()
@@ -149,7 +168,7 @@ def _record(scheme: str, fp: float, rtn: float, cbq: float, peers: dict | None =
     return {"row": row, "invocation": f"python benchmarks/quality.py --schemes {scheme}", "git_commit": "abc",
             "device": "cpu", "date": "2026-11-23", "recipe": f"configs/smollm2_{scheme.lower()}.yaml", "overrides": [],
             "versions": {"torch": "2", "transformers": "5", "lightning": "2"},
-            "cbq_report": {"block_errors": errors, "model": {"name_or_path": "tiny-llama"}},
+            "cbq_report": {"block_errors": errors, "model": {"name_or_path": "tiny-llama"}, **CBQ_WINDOWS},
             **({"rtn_block_errors": [{"block": b, "quantized": 0.03 * (b + 1), "rtn": None} for b in range(blocks)]}
                if rtn_errors else {})}
 
