@@ -14,13 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from cbq_lightning.cli import main  # noqa: E402
-from tests.conftest import TINY_RECIPE, load_recipe  # noqa: E402
+from cbq_lightning.cli import main
+from tests.conftest import TINY_RECIPE, load_recipe
 
 #: the smallest run that still trains, quantizes, saves and evaluates (the fuzzed flag comes after these)
 MINIMAL = ["--data.num_samples", "4", "--data.seqlen", "32", "--train.epochs", "1", "--train.batch_size", "2",
