@@ -69,7 +69,7 @@ def check_json(path: Path, fix: str) -> Any:
     except UnicodeDecodeError:
         raise _fail(path, "not a text file (corrupt or foreign)", fix) from None
     except json.JSONDecodeError as error:
-        raise _fail(path, f"not valid JSON ({error.msg} at line {error.lineno}; truncated?)", fix) from None
+        raise _fail(path, f"not valid JSON ({error.msg}, line {error.lineno}; truncated?)", fix) from None
 
 
 def check_gguf(path: Path, fix: str) -> str | None:

@@ -20,7 +20,7 @@ from cbq_lightning.export.fake_quant import (
     attach_activation_quantizers,
     attach_corrections,
 )
-from cbq_lightning.files import check_json, check_safetensors
+from cbq_lightning.files import check_checkpoint_dir, check_json, check_safetensors
 from cbq_lightning.io import atomic_write_json
 from cbq_lightning.models.loading import ModelConfig, load_model, load_tokenizer
 
@@ -141,6 +141,8 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     names = config.task_names()
     tasks = prepare_tasks(names, config.task_dir) if names else None
     path, quantization = resolve_model_path(config.model)
+    if quantization is not None:  # a cbq quantize output: broken files are fixed by rerunning it, not by a download
+        check_checkpoint_dir(Path(path), _RERUN)
     model_config = ModelConfig(name_or_path=path, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
     tokenizer = load_tokenizer(model_config)
     sets = [
