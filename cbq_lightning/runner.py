@@ -239,8 +239,10 @@ def _stopped(config: QuantizeConfig, finished: list[dict[str, Any]], when: str, 
              total: int) -> RunStopped:
     """The message of a SIGTERM stop: where (windows counted from 1, as the progress bar), what is saved, how
     to go on."""
-    saved = (f"windows 1-{finished[-1]['index'] + 1} are saved in {Path(config.output_dir) / 'checkpoints'}"
-             if finished else "no window had finished")
+    last = finished[-1]["index"] + 1 if finished else 0
+    where_saved = Path(config.output_dir) / "checkpoints"
+    saved = {0: "no window had finished", 1: f"window 1 is saved in {where_saved}"}.get(
+        last, f"windows 1-{last} are saved in {where_saved}")
     where = f"{when} window {window.index + 1}/{total} (blocks {window.blocks[0]}-{window.blocks[-1]})"
     return RunStopped(f"SIGTERM: stopped {where}; {saved}. Rerun the same command to resume.")
 
