@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cbq_lightning.errors import ModelSourceError
+from cbq_lightning.errors import FileFormatError, ModelSourceError
 from cbq_lightning.models.loading import ModelConfig, _as_plain_model, _check_gguf_support, resolve_source
 from cbq_lightning.models.tiny import TinyModelConfig, build_tiny_llama
 
@@ -46,9 +46,11 @@ def test_embedded_package_without_the_gguf(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_local_gguf_file_resolves_to_folder_and_name(tmp_path: Path) -> None:
-    path = tmp_path / "model.gguf"
-    path.write_bytes(b"")
+    path = write_gguf(tmp_path / "model.gguf", "llama")
     assert resolve_source(ModelConfig(name_or_path=str(path))) == (str(tmp_path), "model.gguf")
+    path.write_bytes(b"")  # an empty (or cut) download is refused here, naming the file
+    with pytest.raises(FileFormatError, match="model.gguf: not a GGUF file"):
+        resolve_source(ModelConfig(name_or_path=str(path)))
 
 
 def test_local_non_gguf_file_is_rejected(tmp_path: Path) -> None:
