@@ -46,8 +46,10 @@ KEYS = [(key, value) for key, value in _leaves(dataclasses.asdict(load_recipe(TI
         if key not in NOT_FUZZED]
 
 
-#: counts whose large *valid* values mean hours of correct work (2**40 epochs is not an error): fuzzed below 9
-LOOP_COUNTS = ("epochs", "retries", "num_samples", "max_windows", "steps", "batch_size", "size", "overlap")
+#: counts whose large *valid* values mean hours of correct work (2**40 epochs or layers is not an error, just
+#: endless): fuzzed below 9
+LOOP_COUNTS = ("epochs", "retries", "num_samples", "max_windows", "steps", "batch_size", "size", "overlap",
+               "num_layers", "samples", "tokens")
 
 
 def _bad_values(key: str, default: Any) -> st.SearchStrategy[str]:
