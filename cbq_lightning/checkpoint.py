@@ -64,6 +64,12 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     ]
 
 
+def start_over(directory: Path) -> str:
+    """The fix for a broken checkpoint file (a finished window's files are written atomically, so only a
+    foreign hand or a failing disk makes one)."""
+    return f"remove {directory} or pass --resume false to start over"
+
+
 @dataclass
 class ResumePoint:
     """What a checkpoint holds (see the module docstring)."""
@@ -75,7 +81,7 @@ class ResumePoint:
     def block_state(self, directory: Path, index: int) -> dict[str, torch.Tensor]:
         """State dict of a finalised block."""
         path = directory / f"block_{index:04d}.safetensors"
-        check_safetensors(path, f"remove {directory} or pass --resume false to start over")
+        check_safetensors(path, start_over(directory))
         return load_file(str(path))
 
     def overlap_state(self, index: int) -> dict[str, torch.Tensor]:
@@ -184,7 +190,7 @@ class WindowCheckpointer:
         if window is None:
             return None
         path = self.state_path(window)
-        check_safetensors(path, self._start_over)
+        check_safetensors(path, start_over(self.directory))
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         if metadata.get("format") != FORMAT:
@@ -206,19 +212,13 @@ class WindowCheckpointer:
     def _rank_caches(self, tensors: dict[str, torch.Tensor], last_window: int, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Rank 0's state with this rank's caches and random state in place of rank 0's."""
         path = self.caches_path(last_window)
-        check_safetensors(path, self._start_over)
+        check_safetensors(path, start_over(self.directory))
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         own = load_file(str(path))
         meta["rng"] = json.loads(metadata["rng"])
         kept = {key: value for key, value in tensors.items() if key not in ("x_fp", "x_q", "x_rtn")}
         return {**kept, **own}
-
-    @property
-    def _start_over(self) -> str:
-        """The fix for a broken checkpoint file (a finished window's files are written atomically, so only
-        a foreign hand or a failing disk makes one)."""
-        return f"remove {self.directory} or pass --resume false to start over"
 
     def clear(self) -> None:
         """Remove every checkpoint (a fresh start, or a finished run); rank 0's job."""

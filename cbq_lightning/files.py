@@ -24,6 +24,11 @@ _MAX_SAFETENSORS_HEADER = 100_000_000
 GGUF_MAGIC = b"GGUF"
 
 
+def rerun_quantize(run_dir: Path) -> str:
+    """The fix for a broken file of a ``cbq quantize`` output: rerunning it (it resumes), not a download."""
+    return f"rerun the cbq quantize that wrote {run_dir} (it resumes from its last finished window)"
+
+
 def _fail(path: Path, problem: str, fix: str) -> FileFormatError:
     return FileFormatError(f"{path}: {problem}; {fix}")
 

@@ -165,9 +165,11 @@ def _fit_windows(
     epochs = config.train.epochs_for(scheme.w_bits)
     trainer_kwargs = dataclasses.asdict(config.trainer)
     guard = config.guard
+    # the whole run's window count: after a resume the schedule holds only the windows still to do
+    total_windows = len(schedule) + len(done or [])
     for window in schedule:
         if stop is not None and stop.requested:
-            raise _stopped(config, callback.window_summaries, "before", window, len(schedule) + len(done or []))
+            raise _stopped(config, callback.window_summaries, "before", window, total_windows)
         lr_scale = 1.0
         for attempt in range(1, guard.retries + 2):
             module = WindowModule(
@@ -183,8 +185,7 @@ def _fit_windows(
                 output_head=output_head if last_block in window.blocks else None,
                 continuous=config.quant.continuous_settings(),
             )
-            # the whole run's window count: after a resume the schedule holds only the windows still to do
-            progress = [WindowProgressBar(len(schedule) + len(done or []))] if config.trainer.enable_progress_bar else []
+            progress = [WindowProgressBar(total_windows)] if config.trainer.enable_progress_bar else []
             trainer = L.Trainer(
                 max_epochs=epochs,
                 logger=logger,
@@ -205,8 +206,7 @@ def _fit_windows(
             try:
                 trainer.fit(module, train_dataloaders=loader)
             except SIGTERMException:  # Lightning ended the fit at a step boundary: this window is not saved
-                raise _stopped(config, callback.window_summaries, "during", window,
-                               len(schedule) + len(done or [])) from None
+                raise _stopped(config, callback.window_summaries, "during", window, total_windows) from None
             except DivergenceError as error:
                 step_offset += trainer.global_step
                 module.restore_start_state()

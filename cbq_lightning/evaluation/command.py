@@ -20,7 +20,7 @@ from cbq_lightning.export.fake_quant import (
     attach_activation_quantizers,
     attach_corrections,
 )
-from cbq_lightning.files import check_checkpoint_dir, check_json, check_safetensors
+from cbq_lightning.files import check_checkpoint_dir, check_json, check_safetensors, rerun_quantize
 from cbq_lightning.io import atomic_write_json
 from cbq_lightning.models.loading import ModelConfig, load_model, load_tokenizer
 
@@ -104,10 +104,6 @@ def _is_auto_batch_size(value: str) -> bool:
     return head == "auto" and (not times or (times.isdigit() and int(times) >= 1))
 
 
-#: the fix for a broken file of a cbq quantize output
-_RERUN = "rerun the cbq quantize that wrote it (it resumes from its last finished window)"
-
-
 def resolve_model_path(name_or_path: str) -> tuple[str, dict[str, Any] | None]:
     """A ``cbq quantize`` output directory stands for its ``model/`` checkpoint; also its quantization info."""
     path = Path(name_or_path).expanduser()
@@ -115,7 +111,7 @@ def resolve_model_path(name_or_path: str) -> tuple[str, dict[str, Any] | None]:
         path = path / MODEL_DIR
     sidecar = path / SIDECAR
     if sidecar.is_file():
-        return str(path), check_json(sidecar, _RERUN)
+        return str(path), check_json(sidecar, rerun_quantize(path.parent))
     return name_or_path, None
 
 
@@ -142,7 +138,7 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     tasks = prepare_tasks(names, config.task_dir) if names else None
     path, quantization = resolve_model_path(config.model)
     if quantization is not None:  # a cbq quantize output: broken files are fixed by rerunning it, not by a download
-        check_checkpoint_dir(Path(path), _RERUN)
+        check_checkpoint_dir(Path(path), rerun_quantize(Path(path).parent))
     model_config = ModelConfig(name_or_path=path, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
     tokenizer = load_tokenizer(model_config)
     sets = [
@@ -150,7 +146,7 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         for source in config.sources()
     ]
     if quantization is not None and (quantization.get("scheme", {}).get("activations") or quantization.get("correction")):
-        check_safetensors(Path(path) / quantization["quant_state"], _RERUN)
+        check_safetensors(Path(path) / quantization["quant_state"], rerun_quantize(Path(path).parent))
     model = load_model(model_config, vocab_size=len(tokenizer))
     if quantization is not None and quantization.get("scheme", {}).get("activations"):
         attach_activation_quantizers(model, Path(path) / quantization["quant_state"])

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.export.fake_quant import MODEL_DIR, SIDECAR
 from cbq_lightning.export.quant_state import QUANT_STATE_FILE, load_quant_state, load_quant_state_scheme
-from cbq_lightning.files import check_checkpoint_dir, check_json, check_safetensors
+from cbq_lightning.files import check_checkpoint_dir, check_json, check_safetensors, rerun_quantize
 from cbq_lightning.quant.act_quantizer import ActQuantSettings
 from cbq_lightning.quant.scheme import QuantScheme
 
@@ -161,7 +161,7 @@ def open_run(run_dir: str | Path) -> QuantizedRun:
         raise ConfigError(f"{model_dir} holds no safetensors weights: rerun cbq quantize to write them.")
     if not (model_dir / SIDECAR).is_file():
         raise ConfigError(f"{model_dir} has no {SIDECAR}: it is not a cbq-lightning fake-quant checkpoint.")
-    rerun = f"rerun the cbq quantize that wrote {run_dir} (it resumes from its last finished window)"
+    rerun = rerun_quantize(run_dir)
     check_safetensors(state_path, rerun)
     check_checkpoint_dir(model_dir, rerun)
     check_json(model_dir / SIDECAR, rerun)
