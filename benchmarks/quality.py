@@ -24,7 +24,7 @@ its reason in the table. They need ``pip install -e ".[peers]"``.
 
 Ablations (``--ablation NAME KEY=VALUE ...``, repeatable): extra CBQ runs of the scheme's recipe with those
 overrides on top (same samples and windows), each a row of the ablation table under the main one, e.g. the
-options of METHOD.md §6. ``--ablations-only`` adds them to the scheme's existing record instead of rerunning FP,
+extensions of docs/method.md. ``--ablations-only`` adds them to the scheme's existing record instead of rerunning FP,
 RTN and CBQ:
 
     python benchmarks/quality.py --schemes W4A4 --ablations-only --ablation lowrank10 correction.rank_fraction=0.1
@@ -54,7 +54,7 @@ CFP_OFF = ["--cfp.weights", "false", "--cfp.activations", "false"]
 #: the RTN baseline is plain round-to-nearest even when the recipe starts CBQ from GPTQ
 #: (``method: rtn`` with ``quant.gptq_init`` would be GPTQ)
 PLAIN_RTN = ["--quant.gptq_init", "false"]
-#: ``CBQ (paper settings)``: METHOD.md §1-4 as stated, on top of a scheme's recipe, which keeps only its
+#: ``CBQ (paper settings)``: the paper's method (docs/method.md §1-4) as stated, on top of a scheme's recipe, which keeps only its
 #: budget (samples, epochs, batch size) and its scheme: RTN start on the unclipped grid, LoRA-Rounding
 #: ``V0 + A1 A2`` (rank 4) trained through soft decisions and hardened at the end, windows K=2 / O=1, MSE +
 #: hidden-state KL on both branches, learnable weight (and activation) clipping, CFP, AdamW at the paper's
@@ -618,7 +618,7 @@ def _combined_table(folder: Path, suffix: str) -> str:
             lines.append(f"  - peers added by `{run['invocation']}` (git {run['git_commit']}, {run['date']})")
         lines.extend(_peer_notes(record["row"]))
     lines.append("")
-    lines.append("CBQ (paper settings): METHOD.md as stated on the recipe's budget (RTN start, LoRA-Rounding trained "
+    lines.append("CBQ (paper settings): the paper's method as stated in docs/method.md on the recipe's budget (RTN start, LoRA-Rounding trained "
                  "soft, K=2/O=1, MSE + KL on both branches, learnable clipping, CFP with weight truncation judged "
                  "by output error, lr 1e-3 / 5e-3); `benchmarks/quality.py` PAPER_SETTINGS.")
     if any(r["row"].get("peers") for r in records):

@@ -1,4 +1,4 @@
-"""Coarse-to-fine preprocessing (CFP, METHOD.md §4): outlier detection, weight truncation, channel scaling.
+"""Coarse-to-fine preprocessing (CFP, docs/method.md §4): outlier detection, weight truncation, channel scaling.
 
 Outlier detection on a set of values (one set per row of a batch, vectorised):
 
@@ -53,7 +53,7 @@ class CFPConfig:
         truncation: ``judged`` (default) keeps a row's truncation only where it lowers the layer's output
             error after round-to-nearest quantization on the scheme's grid, ``E||(W - Q(W')) x||^2`` with
             ``W'`` the truncated row, measured on the calibration inputs; ``always`` truncates every
-            detected outlier (METHOD.md §4 read literally). Why: the detection looks at ``|W|`` alone, and
+            detected outlier (docs/method.md §4 read literally). Why: the detection looks at ``|W|`` alone, and
             LLaMA-family models have a few large weights that their massive activations depend on ("super
             weights"); truncating those wrecks the model (SmolLM2 W3A16G64: 246.97 perplexity against
             RTN's 71.97), while truncating a large weight on a quiet input channel buys a finer grid for
@@ -64,7 +64,7 @@ class CFPConfig:
         lambda1: coarse IQR multiplier.
         lambda2: weight of the retained-set variance in the fine split score.
         mlp: also scale outlier input channels of the down projection, folded into the up projection's
-            output rows (exact; an extension of METHOD.md §4, off by default). Applied under the same
+            output rows (exact; an extension of the paper's CFP, docs/method.md §4, off by default). Applied under the same
             conditions as ``activations``.
         alpha: migration strength of the channel scales, ``s_c = (max_c / max_retained) ** alpha``.
         max_samples: calibration sequences used for the activation statistics.

@@ -1,4 +1,4 @@
-"""State that walks down the model with the sliding windows (METHOD.md §3).
+"""State that walks down the model with the sliding windows (docs/method.md §3).
 
 It owns the two input caches (``X_fp``: hidden states of the full-precision model, ``X_q``: hidden
 states produced by the already-quantized blocks), the frozen full-precision *teacher* copy of every block

@@ -1,4 +1,4 @@
-"""Homologous reconstruction loss of a window (METHOD.md §3).
+"""Homologous reconstruction loss of a window (docs/method.md §3).
 
 ``L = E(Y_fp, T_q(X_q)) + E(Y_h, T_q(X_q))`` with ``E(a, b) = MSE(a, b) + w_kl * KL(softmax(a) || softmax(b))``.
 The *global* branch pulls the quantized window towards the full-precision model's own hidden states, the
@@ -31,7 +31,7 @@ class LossConfig:
             ``KL(p_fp || p_q)`` of the next-token distributions, the final norm and LM head applied to the
             full-precision model's last hidden states and to the window's output. The hidden-state MSE and
             KL weigh every hidden dimension alike; the head weighs them by what they do to the prediction
-            perplexity measures. 0 (default) leaves the loss as METHOD.md §3 defines it.
+            perplexity measures. 0 (default) leaves the loss as docs/method.md §3 defines it.
         output_kl_tokens: positions per sequence (drawn at random each step) the head is applied to. The
             head of a small model is several times the size of a block (SmolLM2: 49152 x 576), so
             evaluating it on every position would dominate the last window's step time.

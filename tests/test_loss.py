@@ -1,4 +1,4 @@
-"""Homologous reconstruction loss (METHOD.md §3) against hand-computed values.
+"""Homologous reconstruction loss (docs/method.md §3) against hand-computed values.
 
 Hidden size 2, two tokens. Quantized output ``b`` and the two targets:
 

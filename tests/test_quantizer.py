@@ -1,4 +1,4 @@
-"""WeightQuantizer maths (METHOD.md §1) against hand-computed values.
+"""WeightQuantizer maths (docs/method.md §1) against hand-computed values.
 
 Every expected number below was worked out by hand from the formulas
 ``s = (max' - min') / (2^b - 1)``, ``z = round(-min' / s)``, ``q = clamp(round(W / s) + z, 0, 2^b - 1)``,

@@ -1,4 +1,4 @@
-"""LoRA-Rounding (METHOD.md §2), its regulariser schedule, and hardening/finalisation of QuantLinear."""
+"""LoRA-Rounding (docs/method.md §2), its regulariser schedule, and hardening/finalisation of QuantLinear."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Scheme strings, QuantScheme validation and QuantConfig overrides (METHOD.md §1, §5)."""
+"""Scheme strings, QuantScheme validation and QuantConfig overrides (docs/method.md §1, §5)."""
 
 from __future__ import annotations
 

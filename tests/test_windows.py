@@ -1,4 +1,4 @@
-"""Sliding-window schedule (METHOD.md §3)."""
+"""Sliding-window schedule (docs/method.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Activation quantizer on the input of every quantized linear (METHOD.md §1, activations).
+"""Activation quantizer on the input of every quantized linear (docs/method.md §1, activations).
 
 Three modes:
 

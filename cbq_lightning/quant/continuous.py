@@ -1,4 +1,4 @@
-"""Continuous approximations of rounding and clamping during a window's fit (METHOD.md §6, He Li et al. 2024).
+"""Continuous approximations of rounding and clamping during a window's fit (docs/method.md §2 extensions, He Li et al. 2024).
 
 The straight-through estimator treats ``round`` as the identity backwards and ``clamp`` as a hard gate: a
 value beyond a clipping bound passes no gradient at all, and every value gets the same gradient wherever it

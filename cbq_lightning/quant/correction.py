@@ -1,4 +1,4 @@
-"""Low-rank correction of a quantized linear (METHOD.md §6, Scetbon & Hensman 2024).
+"""Low-rank correction of a quantized linear (docs/method.md §3 extensions, Scetbon & Hensman 2024).
 
 ``y = Q(W) Q(x) + U V^T x``: a full-precision rank-``r`` term acting on the *unquantized* input, trained in
 the window with the clipping thresholds and rounding. With activation quantization it can undo part of what

@@ -1,4 +1,4 @@
-"""GPTQ as the starting point of the learned rounding (an extension beyond METHOD.md).
+"""GPTQ as the starting point of the learned rounding (an extension: docs/method.md §2).
 
 Why: round-to-nearest rounds every weight on its own, so the errors of a row add up in the layer's output
 however they fall. GPTQ (Frantar et al., 2023) rounds the columns one at a time and, after each, moves the

@@ -1,4 +1,4 @@
-"""Learned rounding decisions: LoRA-Rounding (METHOD.md §2) and a signed-offset form.
+"""Learned rounding decisions: LoRA-Rounding (docs/method.md §2) and a signed-offset form.
 
 LoRA-Rounding (``form: residual`` / ``lowrank``) learns soft decisions through AdaRound's rectified sigmoid
 and needs a regulariser schedule long enough to push them to 0 or 1. The ``offset`` form (an extension, the

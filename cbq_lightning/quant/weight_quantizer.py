@@ -1,4 +1,4 @@
-"""Uniform weight quantizer with learnable clipping thresholds (METHOD.md §1).
+"""Uniform weight quantizer with learnable clipping thresholds (docs/method.md §1).
 
 For each output channel (or each group of ``group_size`` input features) the quantization range is
 ``[sigmoid(l) * min(W), sigmoid(u) * max(W)]``; the logits ``u`` and ``l`` are the trainable clipping
@@ -40,7 +40,7 @@ def clip_logit(ratio: float) -> float:
 class ClipSearch:
     """Grid search of the initial clipping ratios (the GPTQ / OmniQuant-LWC style MSE initialisation).
 
-    Starting the learnable thresholds at ~1.0 (METHOD.md's default) leaves them on the flat tail of
+    Starting the learnable thresholds at ~1.0 (the paper's default) leaves them on the flat tail of
     the sigmoid, where a short CPU-budget fit cannot move them far; searching each group's ratio
     that minimises ``sum |W - Q(W)|^norm`` first puts them near a good optimum for almost no cost.
 
