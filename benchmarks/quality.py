@@ -13,7 +13,7 @@ Peers (``--peers gptq,gptq-tuned,autoround,autoround-light``): GPTQ at GPTQModel
 options (act-order, MSE grid), AutoRound at its default 200 iterations and its light 50, quantize the same
 model on the same calibration rows
 (the recipe's ``data`` settings and seed) and are scored by our evaluator on the same windows, each in its
-own process (``python -m cbq_lightning.peers``, see ``cbq_lightning/peers``); a peer that cannot run gets
+own process (``python -m benchmarks.peers``, see ``benchmarks/peers``); a peer that cannot run gets
 its reason in the table. They need ``pip install -e ".[peers]"``.
 
     python benchmarks/quality.py                      # every scheme below (cpu-quick protocol)
@@ -177,10 +177,10 @@ def _quantize(recipe: Path, method: str, workdir: Path, flags: list[str], cfp: b
 def _peer(recipe: Path, peer: str, workdir: Path, flags: list[str]) -> dict:
     """One peer in its own process (its own wall time and peak RSS; a crash is a row, not the end).
 
-    Returns the peer's record (``cbq_lightning.peers.job.run_peer``) plus ``command``."""
+    Returns the peer's record (``benchmarks.peers.job.run_peer``) plus ``command``."""
     output = workdir / f"peer_{peer}.json"
     command = [
-        sys.executable, "-m", "cbq_lightning.peers", "--peer", peer, "--config", str(recipe.relative_to(ROOT)),
+        sys.executable, "-m", "benchmarks.peers", "--peer", peer, "--config", str(recipe.relative_to(ROOT)),
         "--output", str(output), *flags,
     ]
     print("$", shlex.join(command), flush=True)
@@ -326,7 +326,7 @@ def is_cbq(report: dict) -> bool:
 
 
 def _table(rows: list[dict]) -> str:
-    from cbq_lightning.peers.job import PEERS
+    from benchmarks.peers.job import PEERS
 
     peers = [name for name in PEERS if any(name in (row.get("peers") or {}) for row in rows)]
     peer_heads = "".join(f" {PEERS[name].label} |" for name in peers)
@@ -351,7 +351,7 @@ def _table(rows: list[dict]) -> str:
 
 def _peer_notes(row: dict) -> list[str]:
     """One line per peer that ran: package, version, settings, wall time (the table's fine print)."""
-    from cbq_lightning.peers.job import PEERS
+    from benchmarks.peers.job import PEERS
 
     notes = []
     for name, summary in (row.get("peers") or {}).items():
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         _draw(args.output, suffix)
         return 0
 
-    from cbq_lightning.peers.job import parse_peers
+    from benchmarks.peers.job import parse_peers
 
     peers = parse_peers(args.peers)
     if args.peers_only and not peers:

@@ -10,12 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cbq_lightning.data.calibration import CalibrationConfig, calibration_ids
-from cbq_lightning.evaluation.perplexity import perplexity, prepare_eval_set
-from cbq_lightning.models.adapter import DecoderAdapter
-from cbq_lightning.models.tiny import TinyModelConfig, build_tiny_llama, byte_tokenizer
-from cbq_lightning.peers import autoround, gptq, job
-from cbq_lightning.peers.settings import (
+from benchmarks.peers import autoround, gptq, job
+from benchmarks.peers.settings import (
     PER_CHANNEL,
     PeerSettings,
     PeerUnavailable,
@@ -23,6 +19,10 @@ from cbq_lightning.peers.settings import (
     max_levels_per_group,
     peer_settings,
 )
+from cbq_lightning.data.calibration import CalibrationConfig, calibration_ids
+from cbq_lightning.evaluation.perplexity import perplexity, prepare_eval_set
+from cbq_lightning.models.adapter import DecoderAdapter
+from cbq_lightning.models.tiny import TinyModelConfig, build_tiny_llama, byte_tokenizer
 from cbq_lightning.quant.weight_quantizer import WeightQuantizer
 
 REPO = Path(__file__).resolve().parents[1]

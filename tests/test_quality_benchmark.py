@@ -116,7 +116,7 @@ def _peer_record(name: str, ppl: float | None, status: str = "ok", reason: str |
     return {"peer": name, "package": {"gptq": "gptqmodel", "autoround": "auto-round"}[name], "version": "1.0",
             "status": status, "reason": reason, "settings": {"bits": 3, "group_size": 64, "sym": False},
             "results": [{"dataset": "wikitext2", "ppl": ppl}] if ppl is not None else [], "quantize_s": 90.0,
-            "process_wall_s": 150.0, "peak_rss_gib": 1.5, "command": f"python -m cbq_lightning.peers --peer {name}"}
+            "process_wall_s": 150.0, "peak_rss_gib": 1.5, "command": f"python -m benchmarks.peers --peer {name}"}
 
 
 def test_peer_columns_show_perplexity_or_the_reason(quality) -> None:

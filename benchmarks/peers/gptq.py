@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cbq_lightning.peers.settings import (
+from benchmarks.peers.settings import (
     PER_CHANNEL,
     PeerOutcome,
     PeerSettings,

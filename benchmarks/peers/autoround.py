@@ -21,14 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from cbq_lightning.models.adapter import DecoderAdapter
-from cbq_lightning.peers.settings import (
+from benchmarks.peers.settings import (
     PeerOutcome,
     PeerSettings,
     contiguous_groups,
     installed_version,
     preserved_global_state,
 )
+from cbq_lightning.models.adapter import DecoderAdapter
 
 DISTRIBUTION = "auto-round"
 #: AutoRound's own default iterations per block (its recipe "auto-round")

@@ -10,8 +10,8 @@ its ``eval`` section, scored by :func:`~cbq_lightning.evaluation.perplexity.eval
 A peer that cannot run gives a record with ``status`` ``unavailable`` (package missing, scheme it cannot
 express) or ``failed`` (it raised) and the ``reason``, never nothing: the benchmark table prints it.
 
-    python -m cbq_lightning.peers --peer gptq --config configs/smollm2_w3a16g64.yaml --output gptq.json
-    python -m cbq_lightning.peers --peer autoround-light --config configs/tiny.yaml --output ar.json \\
+    python -m benchmarks.peers --peer gptq --config configs/smollm2_w3a16g64.yaml --output gptq.json
+    python -m benchmarks.peers --peer autoround-light --config configs/tiny.yaml --output ar.json \\
         --data.num_samples 8          # any further flag is a recipe override, as for `cbq quantize`
 """
 
@@ -31,15 +31,15 @@ from typing import Any
 
 import torch
 
+from benchmarks.peers import autoround, gptq
+from benchmarks.peers.settings import PeerSettings, PeerUnavailable, installed_version, peer_settings
 from cbq_lightning.config import QuantizeConfig
 from cbq_lightning.data.calibration import calibration_ids
 from cbq_lightning.evaluation.perplexity import evaluate_sets, prepare_eval_set
 from cbq_lightning.io import atomic_write_json
 from cbq_lightning.models.loading import load_model, load_tokenizer
-from cbq_lightning.peers import autoround, gptq
-from cbq_lightning.peers.settings import PeerSettings, PeerUnavailable, installed_version, peer_settings
 
-log = logging.getLogger("cbq_lightning.peers")
+log = logging.getLogger("benchmarks.peers")
 
 
 
@@ -177,7 +177,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> QuantizeConf
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cbq_lightning.peers", allow_abbrev=False,
+        prog="python -m benchmarks.peers", allow_abbrev=False,
         description="Quantize a recipe's model with a peer method (GPTQ, AutoRound) on the recipe's "
         "calibration rows and evaluate it with cbq-lightning's perplexity; further flags override the recipe.",
     )
