@@ -1,8 +1,8 @@
-"""Every ``cbq`` command in the README's code blocks, run as written.
+"""Every ``cbq`` command in the code blocks of the README and the user guides in ``docs/``, run as written.
 
-Why: a user copies these lines first; a README edit or a code change that breaks one must fail CI, not a
-user. Each command is taken from the README itself (code fences, ``\\`` continuations joined, ``&&`` chains
-split, trailing ``# comments`` dropped) and run in README order in one scratch folder, so the outputs of one
+Why: a user copies these lines first; a documentation edit or a code change that breaks one must fail CI, not
+a user. Each command is taken from the documents themselves (code fences, ``\\`` continuations joined, ``&&`` chains
+split, trailing ``# comments`` dropped) and run in order (the README, then ``docs/*.md`` by name) in one scratch folder, so the outputs of one
 (``runs/smollm2-w3a16g64``) are the inputs of the next (``cbq export --run runs/smollm2-w3a16g64``).
 
 Only the model is substituted: recipes that name SmolLM2 or LLaMA run on the tiny random model
@@ -28,6 +28,8 @@ import pytest
 from tests.conftest import REPO
 
 README = REPO / "README.md"
+#: the README first (its commands make the runs the guides' commands read), then the guides by name
+DOCUMENTS = [README, *sorted((REPO / "docs").glob("*.md"))]
 SHARED_DATA = REPO.parent / "shared" / "data"
 #: a substring of a README command -> why CI cannot run it (no GPU, no hub, one machine)
 NOT_RUN: dict[str, str] = {
@@ -123,12 +125,19 @@ def _scratch(tmp_path: Path) -> Path:
     return workdir
 
 
+def documented_commands() -> list[str]:
+    """The ``cbq`` commands of every document in :data:`DOCUMENTS`, in order."""
+    return [command for document in DOCUMENTS for command in readme_commands(document.read_text())]
+
+
 def test_the_readme_has_the_commands_this_test_expects() -> None:
-    commands = readme_commands(README.read_text())
+    assert any(c.startswith("cbq quantize --config configs/smollm2_w3a16g64.yaml")
+               for c in readme_commands(README.read_text())), "the README's demo command is missing"
+    commands = documented_commands()
     assert any(c.startswith("cbq quantize --config configs/smollm2_w3a16g64.yaml") for c in commands)
     assert any(c.startswith("cbq export") for c in commands) and any(c.startswith("cbq evaluate") for c in commands)
     for needle in NOT_RUN:  # a stale entry would hide nothing but mislead the reader
-        assert any(needle in c for c in commands), f"NOT_RUN entry {needle!r} matches no README command"
+        assert any(needle in c for c in commands), f"NOT_RUN entry {needle!r} matches no documented command"
 
 
 def test_readme_command_parsing() -> None:
@@ -148,7 +157,7 @@ def test_every_readme_command_runs_as_written(tmp_path: Path) -> None:
     workdir = _scratch(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO), "TORCH_COMPILE_DISABLE": "1"}
     failures, ran = [], 0
-    for command in readme_commands(README.read_text()):
+    for command in documented_commands():
         if _not_run_reason(command) is not None:
             continue
         argv, assignments = substituted(command, workdir)
@@ -157,6 +166,6 @@ def test_every_readme_command_runs_as_written(tmp_path: Path) -> None:
         ran += 1
         if done.returncode != 0 or "Traceback" in done.stderr:
             failures.append(f"{command}\n  exit {done.returncode}: {done.stderr.strip()[-1500:]}")
-    assert ran >= 8, f"only {ran} README commands ran: did the README's code blocks change shape?"
+    assert ran >= 8, f"only {ran} documented commands ran: did the code blocks change shape?"
     if failures:
-        pytest.fail("README commands that fail as written:\n" + "\n".join(failures))
+        pytest.fail("documented commands that fail as written:\n" + "\n".join(failures))
