@@ -15,6 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "configs" / "tiny.yaml"
 
 
+def fast_flags(epochs: int = 2) -> tuple[str, ...]:
+    """Overrides that make a tiny-recipe run quick for engine tests: ``epochs`` per window, no progress bar,
+    no evaluation (the tests that need one add it back)."""
+    return ("--train.epochs", str(epochs), "--trainer.enable_progress_bar", "false", "--eval.datasets", "[]")
+
+
 def load_recipe(path: Path, *overrides: str) -> QuantizeConfig:
     """A recipe parsed and instantiated exactly as ``cbq quantize --config PATH ...`` does."""
     parser = quantize_parser()

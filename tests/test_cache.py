@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from cbq_lightning.cache import CacheConfig, TensorStore
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.runner import run_quantize
-from tests.conftest import TINY_RECIPE, load_recipe
+from tests.conftest import TINY_RECIPE, fast_flags, load_recipe
 
-FAST = ("--train.epochs", "2", "--trainer.enable_progress_bar", "false", "--eval.datasets", "[]")
+FAST = fast_flags()
 
 
 def test_disk_store_maps_files_and_releases_them(tmp_path: Path) -> None:

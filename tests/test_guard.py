@@ -14,9 +14,9 @@ from cbq_lightning.errors import ConfigError, TrainingError
 from cbq_lightning.export.quant_state import load_quant_state
 from cbq_lightning.guard import DivergenceError, GuardConfig, check_loss
 from cbq_lightning.runner import run_quantize
-from tests.conftest import TINY_RECIPE, load_recipe
+from tests.conftest import TINY_RECIPE, fast_flags, load_recipe
 
-FAST = ("--train.epochs", "2", "--trainer.enable_progress_bar", "false", "--eval.datasets", "[]")
+FAST = fast_flags()
 
 
 class PoisonWindow(L.Callback):

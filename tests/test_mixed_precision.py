@@ -30,9 +30,9 @@ from cbq_lightning.quant.mixed_precision import (
 )
 from cbq_lightning.quant.scheme import parse_scheme
 from cbq_lightning.runner import run_quantize
-from tests.conftest import TINY_RECIPE, load_recipe
+from tests.conftest import TINY_RECIPE, fast_flags, load_recipe
 
-FAST = ("--train.epochs", "1", "--trainer.enable_progress_bar", "false", "--eval.datasets", "[]")
+FAST = fast_flags(epochs=1)
 TINY_GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 

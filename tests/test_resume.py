@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from callbacks.progress import WindowProgressBar
 from cbq_lightning.errors import ConfigError, FileFormatError
 from cbq_lightning.runner import run_quantize
-from tests.conftest import TINY_RECIPE, load_recipe
+from tests.conftest import TINY_RECIPE, fast_flags, load_recipe
 
-FAST = ("--train.epochs", "2", "--trainer.enable_progress_bar", "false", "--eval.datasets", "[]")
+FAST = fast_flags()
 
 
 class Killed(RuntimeError):
