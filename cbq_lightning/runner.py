@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from callbacks.cross_block import CrossBlockCallback, WindowTargets, log_preprocess, log_window
 from callbacks.progress import WindowProgressBar
+from cbq_lightning.block_quantizer import BlockQuantizer
 from cbq_lightning.cache import TensorStore
 from cbq_lightning.cfp import CoarseToFinePreprocessor
 from cbq_lightning.checkpoint import ResumePoint, WindowCheckpointer, restore_rng
@@ -50,9 +51,7 @@ from cbq_lightning.quant.convert import (
     check_rounding_rank,
     finalize_block,
     quant_linears,
-    quantize_block,
     reset_block_to_round_to_nearest,
-    rtn_block,
 )
 from cbq_lightning.quant.correction import CorrectionConfig
 from cbq_lightning.quant.input_moments import InputMoments
@@ -65,7 +64,7 @@ from cbq_lightning.quant.mixed_precision import (
 )
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
-from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
+from cbq_lightning.quant.weight_quantizer import ClipSearch
 from cbq_lightning.stop import GracefulStop
 from cbq_lightning.window import WindowModule
 from cbq_lightning.windows import Window, WindowConfig, window_schedule
@@ -136,6 +135,45 @@ def _strategy(name: str) -> str | DDPStrategy:
     return DDPStrategy(broadcast_buffers=False) if name == "ddp" else name
 
 
+def _window_module(
+    config: QuantizeConfig, state: CrossBlockState, window: Window, step_offset: int, lr_scale: float,
+    output_head: nn.Module | None,
+) -> WindowModule:
+    """The LightningModule of one window's fit (a retry builds a new one at a lower ``lr_scale``)."""
+    return WindowModule(
+        blocks=[state.blocks[i] for i in window.blocks],
+        window=window,
+        block_kwargs=state.block_kwargs,
+        loss=config.loss,
+        rounding=config.rounding,
+        optim=config.train,
+        step_offset=step_offset,
+        lr_scale=lr_scale,
+        explode_factor=config.guard.explode_factor,
+        output_head=output_head,
+        continuous=config.quant.continuous_settings(),
+    )
+
+
+def _window_trainer(
+    config: QuantizeConfig, epochs: int, logger: TensorBoardLogger, callbacks: list[L.Callback], total_windows: int
+) -> L.Trainer:
+    """The ``Trainer`` of one window's fit: the recipe's trainer settings, the run's shared logger, no
+    checkpointing of its own (the run saves finished windows), and the window progress bar."""
+    progress = [WindowProgressBar(total_windows)] if config.trainer.enable_progress_bar else []
+    return L.Trainer(
+        max_epochs=epochs,
+        logger=logger,
+        callbacks=[*callbacks, *progress],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=config.output_dir,
+        use_distributed_sampler=False,  # each rank already holds only its shard
+        **{**dataclasses.asdict(config.trainer), "strategy": _strategy(config.trainer.strategy)},
+    )
+
+
 def _fit_windows(
     config: QuantizeConfig,
     scheme: QuantScheme,
@@ -163,7 +201,6 @@ def _fit_windows(
     callback.window_summaries.extend(done or [])
     dataset = WindowTargets(state)
     epochs = config.train.epochs_for(scheme.w_bits)
-    trainer_kwargs = dataclasses.asdict(config.trainer)
     guard = config.guard
     # the whole run's window count: after a resume the schedule holds only the windows still to do
     total_windows = len(schedule) + len(done or [])
@@ -172,31 +209,9 @@ def _fit_windows(
             raise _stopped(config, callback.window_summaries, "before", window, total_windows)
         lr_scale = 1.0
         for attempt in range(1, guard.retries + 2):
-            module = WindowModule(
-                blocks=[state.blocks[i] for i in window.blocks],
-                window=window,
-                block_kwargs=state.block_kwargs,
-                loss=config.loss,
-                rounding=config.rounding,
-                optim=config.train,
-                step_offset=step_offset,
-                lr_scale=lr_scale,
-                explode_factor=guard.explode_factor,
-                output_head=output_head if last_block in window.blocks else None,
-                continuous=config.quant.continuous_settings(),
-            )
-            progress = [WindowProgressBar(total_windows)] if config.trainer.enable_progress_bar else []
-            trainer = L.Trainer(
-                max_epochs=epochs,
-                logger=logger,
-                callbacks=[callback, *extra_callbacks, *progress],
-                enable_checkpointing=False,
-                enable_model_summary=False,
-                num_sanity_val_steps=0,
-                default_root_dir=config.output_dir,
-                use_distributed_sampler=False,  # each rank already holds only its shard
-                **{**trainer_kwargs, "strategy": _strategy(config.trainer.strategy)},
-            )
+            module = _window_module(config, state, window, step_offset, lr_scale,
+                                    output_head if last_block in window.blocks else None)
+            trainer = _window_trainer(config, epochs, logger, [callback, *extra_callbacks], total_windows)
             loader = DataLoader(
                 dataset,
                 batch_size=config.train.batch_size,
@@ -436,7 +451,61 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
 
 
 def _run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback], stop: GracefulStop) -> QuantizeResult:
+    """The job's stages: read and check every input, then (and only then) replace earlier outputs, measure the
+    full-precision reference, build the walking state, calibrate window by window, write the outputs."""
     started = time.perf_counter()
+    job = _read_inputs(config)
+    # every input has been read and checked: only now may earlier outputs of this folder be replaced
+    if job.resume is None:
+        job.checkpointer.clear()
+    if job.place.is_main:
+        atomic_write_text(job.output_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    device = _device(config)
+    fp_results = _fp_reference(job, device)
+    inputs, block_kwargs = job.adapter.capture_block_inputs(job.ids)
+    built = _build_state(job, inputs, block_kwargs, device)
+    logger = TensorBoardLogger(save_dir=str(job.output_dir), name="tensorboard", version="", default_hp_metric=False)
+    if built.quantizer.layer_bits and job.place.is_main:
+        _log_layer_bits(logger, built.quantizer.layer_bits)
+    windows = _calibrate(job, built, fp_results, logger, device, callbacks, stop)
+    built.store.cleanup()  # the disk caches (if any) are not needed past calibration
+    calibrated_s = time.perf_counter() - started
+    # every rank says which samples it calibrated on (a collective: all ranks take part)
+    shards = all_gather_objects({"rank": job.place.rank, "samples": job.place.shard_indices(int(job.all_ids.shape[0])),
+                                 "cached_rows": int(built.state.x_q.shape[0])})
+    if not job.place.is_main:  # rank 0 holds the same model and writes every output
+        return QuantizeResult(report={"rank": job.place.rank, "windows": windows}, model=job.model,
+                              tokenizer=job.tokenizer, main=False)
+    return _write_outputs(job, built, windows, fp_results, logger, device, shards, started, calibrated_s)
+
+
+@dataclass
+class _Job:
+    """What a run has read and checked before it replaces anything in its output folder."""
+
+    config: QuantizeConfig
+    scheme: QuantScheme
+    place: Placement
+    output_dir: Path
+    checkpointer: WindowCheckpointer
+    resume: ResumePoint | None
+    tokenizer: Any
+    model: nn.Module
+    adapter: DecoderAdapter
+    rounding: RoundingConfig
+    correction: CorrectionConfig | None
+    all_ids: torch.Tensor
+    ids: torch.Tensor
+    eval_sets: list[EvalSet]
+
+    @property
+    def cbq(self) -> bool:
+        return self.config.method == "cbq"
+
+
+def _read_inputs(config: QuantizeConfig) -> _Job:
+    """Validate the configuration, load the model and read the calibration and evaluation data; every check a
+    configuration can fail against the model runs here, before any data is read or any evaluation runs."""
     scheme = validate(config)
     # DDP shards the CBQ windows' training; RTN trains nothing and runs in one process
     place = placement(config.trainer.strategy, config.trainer.devices, config.trainer.num_nodes)
@@ -461,27 +530,43 @@ def _run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback], stop:
     check_rounding_rank(adapter.blocks, rounding)
     check_correction_rank(adapter.blocks, correction)
     all_ids = calibration_ids(config.data, tokenizer, config.seed, config.data_dir)
-    ids = place.shard(all_ids)  # DDP: this rank's samples (all of them in a single process)
     evaluation = config.eval
     eval_sets = [
         prepare_eval_set(source, tokenizer, evaluation.seqlen, evaluation.split, evaluation.max_windows, config.data_dir)
         for source in evaluation.datasets
     ]
-    # every input has been read and checked: only now may earlier outputs of this folder be replaced
-    if resume is None:
-        checkpointer.clear()
-    if place.is_main:
-        atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    device = _device(config)
-    fp_results = None
-    if resume is not None and resume.meta.get("fp_results") is not None:
-        fp_results = resume.meta["fp_results"]  # measured before the interruption
-    elif eval_sets and evaluation.fp_reference and place.is_main:
-        fp_results = _evaluate(config, model, eval_sets, device, "fp")
-    inputs, block_kwargs = adapter.capture_block_inputs(ids)
+    return _Job(
+        config=config, scheme=scheme, place=place, output_dir=output_dir, checkpointer=checkpointer, resume=resume,
+        tokenizer=tokenizer, model=model, adapter=adapter, rounding=rounding, correction=correction,
+        all_ids=all_ids, ids=place.shard(all_ids),  # DDP: this rank's samples (all of them in a single process)
+        eval_sets=eval_sets,
+    )
 
+
+def _fp_reference(job: _Job, device: torch.device) -> list[dict[str, Any]] | None:
+    """The full-precision perplexities (rank 0 only), or those a resumed run measured before its interruption."""
+    if job.resume is not None and job.resume.meta.get("fp_results") is not None:
+        return job.resume.meta["fp_results"]
+    if job.eval_sets and job.config.eval.fp_reference and job.place.is_main:
+        return _evaluate(job.config, job.model, job.eval_sets, device, "fp")
+    return None
+
+
+@dataclass
+class _Built:
+    """The state that walks down the model with the windows, and the pieces that act on it."""
+
+    state: CrossBlockState
+    quantizer: BlockQuantizer
+    cfp: CoarseToFinePreprocessor
+    store: TensorStore
+    mixed_summary: dict[str, Any] | None
+
+
+def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: dict[str, Any], device: torch.device) -> _Built:
+    """The block quantizer, CFP, the input statistics and the cross-block state over the captured inputs."""
+    config, cbq, scheme = job.config, job.cbq, job.scheme
     learnable_clip = config.quant.learnable_clip and cbq
-    clip_init = config.quant.clip_init if learnable_clip else 1.0
     clip_search = config.quant.clip_search_settings() if cbq else None
     gptq = config.quant.gptq_settings()
     aware = clip_search is not None and config.quant.clip_search_activation_aware
@@ -489,130 +574,104 @@ def _run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback], stop:
     moments = InputMoments(full=gptq is not None, sequential=sequential) if aware or gptq is not None else None
     act = config.quant.act_settings(trained=cbq)
     # before CFP and any quantization: the sensitivity pass runs the full-precision model
-    layer_bits, mixed_summary = _layer_bits(config, adapter, inputs, block_kwargs, scheme, clip_search, device)
-
-    def bits_of(index: int) -> dict[str, int]:
-        prefix = f"blocks.{index}."
-        return {name[len(prefix):]: bits for name, bits in layer_bits.items() if name.startswith(prefix)}
-
-    def rtn(index: int, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` rounded to nearest on its layer's min/max grid (CFP judges truncation with it)."""
-        bits = bits_of(index).get(name, scheme.w_bits)
-        quantizer = WeightQuantizer(weight, bits, scheme.group_size, scheme.sym, learnable_clip=False, clip_init=1.0)
-        return quantizer.fake_quantize(weight)
-
+    layer_bits, mixed_summary = _layer_bits(config, job.adapter, inputs, block_kwargs, scheme, clip_search, device)
+    quantizer = BlockQuantizer(
+        scheme=scheme, rounding=job.rounding, learnable_clip=learnable_clip,
+        clip_init=config.quant.clip_init if learnable_clip else 1.0, generator=torch.Generator().manual_seed(config.seed),
+        clip_search=clip_search, activation_aware=aware, moments=moments, gptq=gptq, act=act,
+        untrained_act=config.quant.act_settings(trained=False), correction=job.correction, layer_bits=layer_bits,
+    )
     cfp = CoarseToFinePreprocessor(
         config.cfp, scale_activations=config.cfp.activations and act is not None,
-        batch_size=config.train.forward_batch_size, rtn=rtn,
+        batch_size=config.train.forward_batch_size, rtn=quantizer.round_to_nearest,
     )
     # CFP first: the clip search's moments must describe the inputs the quantized linears will see
     preprocessors = [p for p in (cfp if cfp.active else None, moments) if p is not None]
-    generator = torch.Generator().manual_seed(config.seed)
-    cache_dir = Path(config.cache.directory) if config.cache.directory else output_dir / "cache"
-    cache_dir = cache_dir / f"rank_{place.rank}" if place.world > 1 else cache_dir
+    cache_dir = Path(config.cache.directory) if config.cache.directory else job.output_dir / "cache"
+    cache_dir = cache_dir / f"rank_{job.place.rank}" if job.place.world > 1 else cache_dir
     store = TensorStore(cache_dir if config.cache.location == "disk" else None)
-
-    def quantize(index: int, block: nn.Module) -> None:
-        if gptq is None:
-            block_moments = moments.pop(index) if moments is not None else None
-            quantize_block(
-                block, scheme, rounding, learnable_clip, clip_init, generator, clip_search, block_moments, act,
-                correction=correction, layer_bits=bits_of(index),
-            )
-            return
-        assert moments is not None
-        # GPTQ: stage by stage in forward order (q/k/v, o, gate/up, down), so that with
-        # quant.gptq_true_sequential each stage's Hessian is measured behind the stages already quantized
-        for names, hessians in moments.stages(index, block):
-            diagonals = {name: torch.diagonal(m) for name, m in hessians.items()}  # the clip search's E[x_j^2]
-            quantize_block(
-                block, scheme, rounding, learnable_clip, clip_init, generator, clip_search,
-                diagonals if aware else None, act, gptq, hessians, names=names, correction=correction,
-                layer_bits=bits_of(index),
-            )
-
-    # the layout only: resume loads the values, so the correction's SVD start would be computed for nothing
-    layout_correction = None if correction is None else dataclasses.replace(correction, init="zero")
-
-    def structure(index: int, block: nn.Module) -> None:
-        """The quantized layout of a block without touching the run's random state (resume loads the values)."""
-        quantize_block(
-            block, scheme, rounding, learnable_clip, clip_init, torch.Generator(), None, None, act,
-            correction=layout_correction, layer_bits=bits_of(index),
-        )
-
-    untrained_act = config.quant.act_settings(trained=False)
     state = CrossBlockState(
-        blocks=adapter.blocks,
+        blocks=job.adapter.blocks,
         inputs=inputs,
         block_kwargs=block_kwargs,
-        quantize=quantize,
-        rtn_reference=(
-            (lambda index, block: rtn_block(block, scheme, untrained_act, bits_of(index)))
-            if cbq and config.monitor.rtn_reference
-            else None
-        ),
+        quantize=quantizer.quantize,
+        rtn_reference=quantizer.rtn_reference if cbq and config.monitor.rtn_reference else None,
         batch_size=config.train.forward_batch_size,
         preprocessors=preprocessors,
         store=store,
         target_dtype=config.cache.targets_dtype(),
     )
-    logger = TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="", default_hp_metric=False)
-    if layer_bits and place.is_main:
-        _log_layer_bits(logger, layer_bits)
-    if cbq:
-        schedule = window_schedule(adapter.num_blocks, config.window)
-        done, step_offset = [], 0
-        if resume is not None:
-            done, step_offset = _resume(resume, checkpointer, state, schedule, generator, cfp, structure)
-            schedule = [w for w in schedule if w.index > resume.last_window]
-            log.info("resuming after window %d of %d from %s", resume.last_window + 1, len(schedule) + len(done),
-                     checkpointer.directory)
+    return _Built(state=state, quantizer=quantizer, cfp=cfp, store=store, mixed_summary=mixed_summary)
 
-        def save_checkpoint(window: Window, summaries: list[dict[str, Any]], offset: int) -> None:
-            for index in window.finalized:
-                checkpointer.save_block(index, state.blocks[index])
-            caches = {"x_fp": state.x_fp, "x_q": state.x_q, **({"x_rtn": state.x_rtn} if state.x_rtn is not None else {})}
-            meta = {
-                "windows": summaries,
-                "step_offset": offset,
-                "block_errors": [dataclasses.asdict(e) for e in state.block_errors],
-                "preprocess_stats": {str(k): v for k, v in state.preprocess_stats.items()},
-                "outlier_channels": {str(k): v for k, v in cfp.outlier_channels.items()},
-                "fp_results": fp_results,
-            }
-            overlap = {i: state.blocks[i] for i in window.blocks if i not in window.finalized}
-            checkpointer.save_state(window.index, caches, overlap, generator, meta)
 
-        head = adapter.output_head() if config.loss.output_kl_weight > 0 else None
-        windows = _fit_windows(
-            config, scheme, state, schedule, logger, device, callbacks, done, step_offset, save_checkpoint, head, stop
-        )
-    else:
-        schedule = window_schedule(adapter.num_blocks, WindowConfig(size=1, overlap=0))
-        windows = _round_to_nearest(state, schedule, device, logger)
-    store.cleanup()  # the disk caches (if any) are not needed past calibration
-    calibrated_s = time.perf_counter() - started
-    # every rank says which samples it calibrated on (a collective: all ranks take part)
-    shards = all_gather_objects({"rank": place.rank, "samples": place.shard_indices(int(all_ids.shape[0])),
-                                 "cached_rows": int(state.x_q.shape[0])})
-    if not place.is_main:  # rank 0 holds the same model and writes every output
-        return QuantizeResult(report={"rank": place.rank, "windows": windows}, model=model, tokenizer=tokenizer,
-                              main=False)
+@dataclass
+class _WindowSaver:
+    """Saves what a resumed run needs after each finished window: the finalised blocks, both input caches, the
+    overlap blocks' calibrating state, the random state and the report so far."""
 
+    checkpointer: WindowCheckpointer
+    built: _Built
+    fp_results: list[dict[str, Any]] | None
+
+    def __call__(self, window: Window, summaries: list[dict[str, Any]], offset: int) -> None:
+        state, cfp = self.built.state, self.built.cfp
+        for index in window.finalized:
+            self.checkpointer.save_block(index, state.blocks[index])
+        caches = {"x_fp": state.x_fp, "x_q": state.x_q, **({"x_rtn": state.x_rtn} if state.x_rtn is not None else {})}
+        meta = {
+            "windows": summaries,
+            "step_offset": offset,
+            "block_errors": [dataclasses.asdict(e) for e in state.block_errors],
+            "preprocess_stats": {str(k): v for k, v in state.preprocess_stats.items()},
+            "outlier_channels": {str(k): v for k, v in cfp.outlier_channels.items()},
+            "fp_results": self.fp_results,
+        }
+        overlap = {i: state.blocks[i] for i in window.blocks if i not in window.finalized}
+        self.checkpointer.save_state(window.index, caches, overlap, self.built.quantizer.generator, meta)
+
+
+def _calibrate(
+    job: _Job, built: _Built, fp_results: list[dict[str, Any]] | None, logger: TensorBoardLogger,
+    device: torch.device, callbacks: Sequence[L.Callback], stop: GracefulStop,
+) -> list[dict[str, Any]]:
+    """CBQ's windows (resuming after the last saved one), or the RTN baseline's walk; the windows' summaries."""
+    config, state = job.config, built.state
+    if not job.cbq:
+        return _round_to_nearest(state, window_schedule(job.adapter.num_blocks, WindowConfig(size=1, overlap=0)),
+                                 device, logger)
+    schedule = window_schedule(job.adapter.num_blocks, config.window)
+    done, step_offset = [], 0
+    if job.resume is not None:
+        done, step_offset = _resume(job.resume, job.checkpointer, state, schedule, built.quantizer.generator,
+                                    built.cfp, built.quantizer.structure)
+        schedule = [w for w in schedule if w.index > job.resume.last_window]
+        log.info("resuming after window %d of %d from %s", job.resume.last_window + 1, len(schedule) + len(done),
+                 job.checkpointer.directory)
+    head = job.adapter.output_head() if config.loss.output_kl_weight > 0 else None
+    saver = _WindowSaver(job.checkpointer, built, fp_results)
+    return _fit_windows(config, job.scheme, state, schedule, logger, device, callbacks, done, step_offset, saver,
+                        head, stop)
+
+
+def _write_outputs(
+    job: _Job, built: _Built, windows: list[dict[str, Any]], fp_results: list[dict[str, Any]] | None,
+    logger: TensorBoardLogger, device: torch.device, shards: list[Any], started: float, calibrated_s: float,
+) -> QuantizeResult:
+    """The integer quant state, the fake-quant checkpoint, the evaluation, the report and (if asked) the export."""
+    config, model, quantizer = job.config, job.model, built.quantizer
     scheme_info = {
-        **dataclasses.asdict(scheme),
-        "name": scheme.name,
-        "activations": None if act is None else dataclasses.asdict(act),
+        **dataclasses.asdict(job.scheme),
+        "name": job.scheme.name,
+        "activations": None if quantizer.act is None else dataclasses.asdict(quantizer.act),
     }
-    correction_info = _correction_summary(model, correction)
+    correction_info = _correction_summary(model, job.correction)
     quantization = {
         "method": config.method, "scheme": scheme_info, "quant_state": f"../{QUANT_STATE_FILE}",
         **({"correction": correction_info} if correction_info else {}),
     }
-    save_quant_state(model, output_dir / QUANT_STATE_FILE, scheme_info)
-    save_fake_quant_checkpoint(model, tokenizer, output_dir / MODEL_DIR, quantization)
-    eval_entries = _eval_entries(_evaluate(config, model, eval_sets, device, config.method), fp_results)
+    save_quant_state(model, job.output_dir / QUANT_STATE_FILE, scheme_info)
+    save_fake_quant_checkpoint(model, job.tokenizer, job.output_dir / MODEL_DIR, quantization)
+    eval_entries = _eval_entries(_evaluate(config, model, job.eval_sets, device, config.method), fp_results)
     for entry in eval_entries:
         name = Path(entry["dataset"]).stem  # a dataset name, or a file's name without its folders
         metrics = {f"eval/ppl/{name}": entry["ppl"]}
@@ -620,24 +679,41 @@ def _run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback], stop:
             metrics[f"eval/ppl_fp/{name}"] = entry["ppl_fp"]
         logger.log_metrics(metrics, step=0)
     logger.finalize("success")
+    report = _report(job, built, windows, scheme_info, correction_info, eval_entries, shards, device, calibrated_s)
+    report["wall_time_s"] = time.perf_counter() - started
+    atomic_write_json(job.output_dir / "report.json", report)
+    job.checkpointer.clear()  # the outputs are complete: the per-window state is no longer needed
+    if config.export.format is not None:
+        # from the files just written, exactly as `cbq export --run output_dir` would
+        report["export"] = export_run(job.output_dir, config.export)
+        atomic_write_json(job.output_dir / "report.json", report)
+    return QuantizeResult(report=report, model=model, tokenizer=job.tokenizer)
 
+
+def _report(
+    job: _Job, built: _Built, windows: list[dict[str, Any]], scheme_info: dict[str, Any],
+    correction_info: dict[str, Any] | None, eval_entries: list[dict[str, Any]], shards: list[Any],
+    device: torch.device, calibrated_s: float,
+) -> dict[str, Any]:
+    """``report.json``: what ran, on what, what each window did, the errors and the perplexities."""
+    config, state, cfp, resume = job.config, built.state, built.cfp, job.resume
     final = state.block_errors[-1]
-    report = {
+    return {
         "method": config.method,
         "scheme": scheme_info,
-        "window": {"size": config.window.size, "overlap": config.window.overlap} if cbq else {"size": 1, "overlap": 0},
+        "window": {"size": config.window.size, "overlap": config.window.overlap} if job.cbq else {"size": 1, "overlap": 0},
         "model": {
             "name_or_path": config.model.name_or_path,
-            "model_type": adapter.model_type,
-            "num_blocks": adapter.num_blocks,
+            "model_type": job.adapter.model_type,
+            "num_blocks": job.adapter.num_blocks,
         },
         "calibration": {
             "source": config.data.source,
-            "num_samples": int(all_ids.shape[0]),
-            "seqlen": int(all_ids.shape[1]),
-            "tokens": int(all_ids.numel()),
+            "num_samples": int(job.all_ids.shape[0]),
+            "seqlen": int(job.all_ids.shape[1]),
+            "tokens": int(job.all_ids.numel()),
         },
-        "distributed": {"world_size": place.world, "shards": shards},
+        "distributed": {"world_size": job.place.world, "shards": shards},
         "windows": windows,
         "block_errors": [dataclasses.asdict(e) for e in state.block_errors],
         "cfp": {
@@ -649,7 +725,7 @@ def _run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback], stop:
         # the low-rank correction's cost, which the integer weights do not show (None without one)
         "correction": correction_info,
         # per-layer bits (mixed.budget / quant.layer_bits), their average and the sensitivities (None: uniform)
-        "mixed_precision": mixed_summary,
+        "mixed_precision": built.mixed_summary,
         "final_error": {config.method: final.quantized, **({"rtn": final.rtn} if final.rtn is not None else {})},
         "eval": eval_entries,
         "resumed_after_window": None if resume is None else resume.last_window,
@@ -660,16 +736,9 @@ def _run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback], stop:
             "rtn_fallback_windows": [w["index"] for w in windows if w.get("fallback") == "rtn"],
         },
         "calibration_time_s": calibrated_s,
-        "wall_time_s": time.perf_counter() - started,
+        "wall_time_s": None,  # set by the caller just before writing
         "peak_rss_gib": _peak_rss_gib(),
         "versions": versions(),
         "device": _device_name(device),
         "seed": config.seed,
     }
-    atomic_write_json(output_dir / "report.json", report)
-    checkpointer.clear()  # the outputs are complete: the per-window state is no longer needed
-    if config.export.format is not None:
-        # from the files just written, exactly as `cbq export --run output_dir` would
-        report["export"] = export_run(output_dir, config.export)
-        atomic_write_json(output_dir / "report.json", report)
-    return QuantizeResult(report=report, model=model, tokenizer=tokenizer)

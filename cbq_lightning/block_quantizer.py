@@ -1,0 +1,105 @@
+"""How a run turns a full-precision block into a calibrating quantized one.
+
+Why an object: the cross-block state, CFP and resume each need "quantize block i the way this run does" (with
+the run's scheme, per-layer bits, GPTQ start, clip search and random state), and before this class that
+knowledge lived in four closures inside the job function. One object owns it, so the three callers cannot
+disagree about how a block is quantized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cbq_lightning.quant.act_quantizer import ActQuantSettings
+from cbq_lightning.quant.convert import quantize_block, rtn_block
+from cbq_lightning.quant.correction import CorrectionConfig
+from cbq_lightning.quant.gptq import GPTQInit
+from cbq_lightning.quant.input_moments import InputMoments
+from cbq_lightning.quant.rounding import RoundingConfig
+from cbq_lightning.quant.scheme import QuantScheme
+from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
+
+
+@dataclass
+class BlockQuantizer:
+    """The run's quantization of one block, resolved once from the configuration.
+
+    Attributes:
+        scheme: bits, group size, symmetry, activation bits.
+        rounding: LoRA-Rounding settings (``enabled=False`` for the RTN method).
+        learnable_clip: whether the clipping logits train.
+        clip_init: the initial clipping ratio (1.0 when clipping is not learned).
+        generator: the run's random source for the rounding factors (advanced by every quantized block).
+        clip_search: grid search of the initial clip ratios, or None.
+        activation_aware: weight the clip search by the layers' input second moments.
+        moments: the input statistics collected before each block is quantized (clip search, GPTQ), or None.
+        gptq: the GPTQ start, or None.
+        act: activation quantization of the trained run, or None.
+        untrained_act: the same without learned parameters (the RTN reference).
+        correction: the low-rank correction, or None.
+        layer_bits: per-layer weight bits, ``blocks.<i>.<name>`` -> bits (empty: the scheme's bits).
+    """
+
+    scheme: QuantScheme
+    rounding: RoundingConfig
+    learnable_clip: bool
+    clip_init: float
+    generator: torch.Generator
+    clip_search: ClipSearch | None
+    activation_aware: bool
+    moments: InputMoments | None
+    gptq: GPTQInit | None
+    act: ActQuantSettings | None
+    untrained_act: ActQuantSettings | None
+    correction: CorrectionConfig | None
+    layer_bits: dict[str, int]
+
+    def bits_of(self, index: int) -> dict[str, int]:
+        """Per-layer bits of block ``index``, keyed by the layer's name inside the block."""
+        prefix = f"blocks.{index}."
+        return {name[len(prefix):]: bits for name, bits in self.layer_bits.items() if name.startswith(prefix)}
+
+    def round_to_nearest(self, index: int, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` rounded to nearest on its layer's min/max grid (CFP judges truncation with it)."""
+        bits = self.bits_of(index).get(name, self.scheme.w_bits)
+        scheme = self.scheme
+        quantizer = WeightQuantizer(weight, bits, scheme.group_size, scheme.sym, learnable_clip=False, clip_init=1.0)
+        return quantizer.fake_quantize(weight)
+
+    def quantize(self, index: int, block: nn.Module) -> None:
+        """Make block ``index`` a calibrating quantized block (in place), from the statistics collected for it."""
+        if self.gptq is None:
+            block_moments = self.moments.pop(index) if self.moments is not None else None
+            quantize_block(
+                block, self.scheme, self.rounding, self.learnable_clip, self.clip_init, self.generator,
+                self.clip_search, block_moments, self.act, correction=self.correction,
+                layer_bits=self.bits_of(index),
+            )
+            return
+        assert self.moments is not None
+        # GPTQ: stage by stage in forward order (q/k/v, o, gate/up, down), so that with
+        # quant.gptq_true_sequential each stage's Hessian is measured behind the stages already quantized
+        for names, hessians in self.moments.stages(index, block):
+            diagonals = {name: torch.diagonal(m) for name, m in hessians.items()}  # the clip search's E[x_j^2]
+            quantize_block(
+                block, self.scheme, self.rounding, self.learnable_clip, self.clip_init, self.generator,
+                self.clip_search, diagonals if self.activation_aware else None, self.act, self.gptq, hessians,
+                names=names, correction=self.correction, layer_bits=self.bits_of(index),
+            )
+
+    def structure(self, index: int, block: nn.Module) -> None:
+        """The quantized layout of a block without touching the run's random state (resume loads the values;
+        so the correction's SVD start is not computed either)."""
+        correction = None if self.correction is None else dataclasses.replace(self.correction, init="zero")
+        quantize_block(
+            block, self.scheme, self.rounding, self.learnable_clip, self.clip_init, torch.Generator(), None, None,
+            self.act, correction=correction, layer_bits=self.bits_of(index),
+        )
+
+    def rtn_reference(self, index: int, block: nn.Module) -> nn.Module:
+        """A round-to-nearest copy of full-precision block ``index`` (the per-block RTN error in the report)."""
+        return rtn_block(block, self.scheme, self.untrained_act, self.bits_of(index))
