@@ -7,7 +7,8 @@ split, trailing ``# comments`` dropped) and run in order (the README, then ``doc
 
 Only the model is substituted: recipes that name SmolLM2 or LLaMA run on the tiny random model
 (``--model.name_or_path tiny-llama`` appended; ``cbq evaluate --model smollm2-135m`` becomes ``tiny-llama``),
-because CI does not install the 98 MB GGUF and has no hub. Output paths are the README's, relative to the
+because CI does not install the 98 MB GGUF and has no hub; a recipe whose LoRA-Rounding rank the tiny model's
+32-wide k/v projections cannot hold (the SmolLM2 recipes' 64) runs at rank 4 there. Output paths are the README's, relative to the
 scratch folder. Where ``../shared/data`` (the offline WikiText-2 mirror) is absent, a mirror of the same layout
 is written from the package's shipped excerpt. The commands this machine cannot run are listed in
 :data:`NOT_RUN` with the reason; an entry that no longer matches a README command fails the test too.
@@ -24,6 +25,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import REPO
 
@@ -43,6 +45,9 @@ NOT_RUN: dict[str, str] = {
 }
 #: the model the substituted commands run on, and the README model names it stands in for
 TINY = "tiny-llama"
+#: the tiny model's smallest linear dimension (k/v projections: 2 heads of 16), and the LoRA-Rounding rank a
+#: recipe runs at on it when its own rank (SmolLM2 recipes: 64) would not be low-rank there
+TINY_SMALLEST_DIM, TINY_RANK = 32, 4
 README_MODELS = ("smollm2-135m",)
 #: seconds per command (the slowest, a SmolLM2 recipe on the tiny model, takes ~40 s on 2 cores)
 TIMEOUT_S = 600
@@ -83,6 +88,12 @@ def _uses_embedded_or_hub_model(config: Path) -> bool:
     return match is not None and match.group(1) != TINY
 
 
+def _recipe_rank(config: Path) -> int:
+    """The LoRA-Rounding rank a recipe sets (the package default, 4, when it sets none)."""
+    rounding = (yaml.safe_load(config.read_text()) or {}).get("rounding") or {}
+    return int(rounding.get("rank", 4))
+
+
 def substituted(command: str, workdir: Path) -> tuple[list[str], dict[str, str]]:
     """``command`` as argv for this interpreter and its environment assignments, the model swapped for the
     tiny one."""
@@ -97,6 +108,8 @@ def substituted(command: str, workdir: Path) -> tuple[list[str], dict[str, str]]
         config = workdir / argv[argv.index("--config") + 1]
         if _uses_embedded_or_hub_model(config) and "--model.name_or_path" not in argv:
             argv += ["--model.name_or_path", TINY]
+            if _recipe_rank(config) >= TINY_SMALLEST_DIM and "--rounding.rank" not in argv:
+                argv += ["--rounding.rank", str(TINY_RANK)]
     if argv[0] == "evaluate" and "--model" in argv:
         at = argv.index("--model") + 1
         if argv[at] in README_MODELS:
