@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.files import check_safetensors
-from cbq_lightning.io import atomic_write_file
+from cbq_lightning.io import atomic_write_safetensors
 
 FORMAT = "cbq-window-checkpoint"
 VERSION = "1"
@@ -156,7 +156,7 @@ class WindowCheckpointer:
             return
         path = self.directory / f"block_{index:04d}.safetensors"
         tensors = _plain(block.state_dict())
-        atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+        atomic_write_safetensors(path, tensors, {"format": FORMAT})
 
     def save_state(
         self,
@@ -173,7 +173,7 @@ class WindowCheckpointer:
             metadata = {"format": FORMAT, "version": VERSION, "last_window": str(last_window),
                         "rng": json.dumps(_rng_meta())}
             path = self.caches_path(last_window)
-            atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+            atomic_write_safetensors(path, tensors, metadata)
             self._prune(f"caches_rank_{self.rank}_w*.safetensors")
             return
         for index, block in overlap_blocks.items():
@@ -181,7 +181,7 @@ class WindowCheckpointer:
         tensors.update(_rng_tensors(generator))
         document = {**meta, "last_window": last_window, "config": self.config, "rng": _rng_meta()}
         metadata = {"format": FORMAT, "version": VERSION, "meta": json.dumps(document)}
-        atomic_write_file(self.state_path(last_window), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        atomic_write_safetensors(self.state_path(last_window), tensors, metadata)
         self._prune("state_w*.safetensors")
 
     def load(self) -> ResumePoint | None:

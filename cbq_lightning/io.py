@@ -11,11 +11,15 @@ import errno
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors.torch import save as safetensors_save
 
 from cbq_lightning.errors import OutputError
 
@@ -61,6 +65,29 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes, with the metadata in sorted key order.
+
+    Why: safetensors serialises the ``__metadata__`` map in a hash order that changes from process to
+    process, so two runs that computed the same tensors would write different files. Sorted keys make the same
+    state the same bytes, and a checksum can then compare two runs. Any safetensors reader reads the result.
+    """
+    raw = safetensors_save(tensors, metadata=metadata)
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format's alignment: tensor data starts on an 8-byte boundary
+    return struct.pack("<Q", len(text)) + text + raw[8 + length :]
+
+
+def atomic_write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically, byte for byte the same for the same tensors and metadata."""
+    data = safetensors_bytes(tensors, metadata)
+    atomic_write_file(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_file(path: Path, write: Callable[[Path], None]) -> None:

@@ -25,11 +25,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from cbq_lightning.errors import TrainingError
-from cbq_lightning.io import atomic_write_file
+from cbq_lightning.io import atomic_write_safetensors
 from cbq_lightning.quant.convert import quant_linears
 
 FORMAT = "cbq-quant-state"
@@ -68,7 +68,7 @@ def save_quant_state(model: nn.Module, path: Path, scheme: dict) -> None:
     """Write the quantization state atomically."""
     tensors = collect_quant_state(model)
     metadata = {"format": FORMAT, "version": VERSION, "scheme": json.dumps(scheme)}
-    atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write_safetensors(path, tensors, metadata)
 
 
 def load_quant_state(path: Path) -> dict[str, dict[str, torch.Tensor]]:
