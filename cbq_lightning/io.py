@@ -84,10 +84,14 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return struct.pack("<Q", len(text)) + text + raw[8 + length :]
 
 
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write :func:`safetensors_bytes` to ``path`` (not atomic by itself: see :func:`atomic_write_safetensors`)."""
+    path.write_bytes(safetensors_bytes(tensors, metadata))
+
+
 def atomic_write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file atomically, byte for byte the same for the same tensors and metadata."""
-    data = safetensors_bytes(tensors, metadata)
-    atomic_write_file(path, lambda tmp: tmp.write_bytes(data))
+    atomic_write_file(path, lambda tmp: write_safetensors(tmp, tensors, metadata))
 
 
 def atomic_write_file(path: Path, write: Callable[[Path], None]) -> None:

@@ -103,24 +103,24 @@ def test_a_write_that_dies_half_way_leaves_the_previous_file_and_resumes(
 ) -> None:
     """The second window's checkpoint write dies after half its bytes (a kill or a crash inside the writer):
     the half file never takes the checkpoint's name, and the rerun resumes from the first window."""
-    from cbq_lightning import checkpoint
+    from cbq_lightning import io
 
-    real_save = checkpoint.save_file
+    real_write = io.write_safetensors
     calls = {"state": 0}
 
     class DiedWriting(BaseException):
         pass
 
-    def dying_save(tensors, filename, metadata=None):
+    def dying_write(path, tensors, metadata):
         if metadata and "meta" in metadata:
             calls["state"] += 1
             if calls["state"] == 2:
-                real_save(tensors, filename, metadata=metadata)
-                Path(filename).write_bytes(Path(filename).read_bytes()[: Path(filename).stat().st_size // 2])
+                real_write(path, tensors, metadata)
+                Path(path).write_bytes(Path(path).read_bytes()[: Path(path).stat().st_size // 2])
                 raise DiedWriting
-        return real_save(tensors, filename, metadata=metadata)
+        return real_write(path, tensors, metadata)
 
-    monkeypatch.setattr(checkpoint, "save_file", dying_save)
+    monkeypatch.setattr(io, "write_safetensors", dying_write)
     argv = ["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path), *FLAGS]
     with pytest.raises(DiedWriting):
         main(argv)
@@ -128,7 +128,7 @@ def test_a_write_that_dies_half_way_leaves_the_previous_file_and_resumes(
     assert "state_w0000.safetensors" in names and "state_w0001.safetensors" not in names
     # what a SIGKILL at that moment leaves behind: the writer's temporary file
     (tmp_path / "checkpoints" / ".state_w0001.safetensors.k1ll3d.safetensors").write_bytes(b"\0" * 100)
-    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    monkeypatch.setattr(io, "write_safetensors", real_write)
     assert main(argv) == 0
     _assert_same_state(uninterrupted, tmp_path)
 
@@ -136,20 +136,22 @@ def test_a_write_that_dies_half_way_leaves_the_previous_file_and_resumes(
 def test_a_full_disk_is_one_line_and_the_earlier_outputs_stay(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from cbq_lightning.export import quant_state
+    from cbq_lightning import io
 
     argv = ["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path), *FLAGS]
     assert main(argv) == 0  # a finished run in the folder
     capsys.readouterr()
     before = _digest(tmp_path)
-    real_save = quant_state.save_file
+    real_write = io.write_safetensors
 
-    def no_space(tensors, filename, metadata=None):
-        with open(filename, "wb") as handle:
+    def no_space(path, tensors, metadata):
+        if not Path(path).name.startswith(".quant_state"):  # the disk fills up while the quant state is written
+            return real_write(path, tensors, metadata)
+        with open(path, "wb") as handle:
             handle.write(b"\0" * 1000)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(quant_state, "save_file", no_space)
+    monkeypatch.setattr(io, "write_safetensors", no_space)
     assert main([*argv, "--resume", "false", "--train.epochs", "3"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -161,6 +163,6 @@ def test_a_full_disk_is_one_line_and_the_earlier_outputs_stay(
     assert after["model/model.safetensors"] == before["model/model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".quant_state")], "no temporary file left"
     # space again: the same command resumes from the windows the failed run checkpointed
-    monkeypatch.setattr(quant_state, "save_file", real_save)
+    monkeypatch.setattr(io, "write_safetensors", real_write)
     assert main([*argv, "--train.epochs", "3"]) == 0
     assert capsys.readouterr().err.count("cbq: error") == 0
