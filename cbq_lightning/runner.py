@@ -679,8 +679,8 @@ def _write_outputs(
             metrics[f"eval/ppl_fp/{name}"] = entry["ppl_fp"]
         logger.log_metrics(metrics, step=0)
     logger.finalize("success")
-    report = _report(job, built, windows, scheme_info, correction_info, eval_entries, shards, device, calibrated_s)
-    report["wall_time_s"] = time.perf_counter() - started
+    report = _report(job, built, windows, scheme_info, correction_info, eval_entries, shards, device, started,
+                     calibrated_s)
     atomic_write_json(job.output_dir / "report.json", report)
     job.checkpointer.clear()  # the outputs are complete: the per-window state is no longer needed
     if config.export.format is not None:
@@ -693,7 +693,7 @@ def _write_outputs(
 def _report(
     job: _Job, built: _Built, windows: list[dict[str, Any]], scheme_info: dict[str, Any],
     correction_info: dict[str, Any] | None, eval_entries: list[dict[str, Any]], shards: list[Any],
-    device: torch.device, calibrated_s: float,
+    device: torch.device, started: float, calibrated_s: float,
 ) -> dict[str, Any]:
     """``report.json``: what ran, on what, what each window did, the errors and the perplexities."""
     config, state, cfp, resume = job.config, built.state, built.cfp, job.resume
@@ -736,7 +736,7 @@ def _report(
             "rtn_fallback_windows": [w["index"] for w in windows if w.get("fallback") == "rtn"],
         },
         "calibration_time_s": calibrated_s,
-        "wall_time_s": None,  # set by the caller just before writing
+        "wall_time_s": time.perf_counter() - started,
         "peak_rss_gib": _peak_rss_gib(),
         "versions": versions(),
         "device": _device_name(device),

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cbq_lightning.quant.rounding import RoundingConfig
 from tests.conftest import REPO
 
 README = REPO / "README.md"
@@ -82,16 +83,19 @@ def _not_run_reason(command: str) -> str | None:
     return next((reason for needle, reason in NOT_RUN.items() if needle in command), None)
 
 
-def _uses_embedded_or_hub_model(config: Path) -> bool:
-    text = config.read_text()
-    match = re.search(r"^\s*name_or_path:\s*(\S+)", text, re.M)
-    return match is not None and match.group(1) != TINY
+def _recipe(config: Path) -> dict:
+    """A recipe as the YAML it is."""
+    return yaml.safe_load(config.read_text()) or {}
 
 
-def _recipe_rank(config: Path) -> int:
-    """The LoRA-Rounding rank a recipe sets (the package default, 4, when it sets none)."""
-    rounding = (yaml.safe_load(config.read_text()) or {}).get("rounding") or {}
-    return int(rounding.get("rank", 4))
+def _uses_embedded_or_hub_model(recipe: dict) -> bool:
+    name = (recipe.get("model") or {}).get("name_or_path")
+    return name is not None and name != TINY
+
+
+def _recipe_rank(recipe: dict) -> int:
+    """The LoRA-Rounding rank a recipe sets (the package default when it sets none)."""
+    return int((recipe.get("rounding") or {}).get("rank", RoundingConfig().rank))
 
 
 def substituted(command: str, workdir: Path) -> tuple[list[str], dict[str, str]]:
@@ -105,10 +109,10 @@ def substituted(command: str, workdir: Path) -> tuple[list[str], dict[str, str]]
     assert words[0] == "cbq", command
     argv = words[1:]
     if argv[0] == "quantize" and "--config" in argv:
-        config = workdir / argv[argv.index("--config") + 1]
-        if _uses_embedded_or_hub_model(config) and "--model.name_or_path" not in argv:
+        recipe = _recipe(workdir / argv[argv.index("--config") + 1])
+        if _uses_embedded_or_hub_model(recipe) and "--model.name_or_path" not in argv:
             argv += ["--model.name_or_path", TINY]
-            if _recipe_rank(config) >= TINY_SMALLEST_DIM and "--rounding.rank" not in argv:
+            if _recipe_rank(recipe) >= TINY_SMALLEST_DIM and "--rounding.rank" not in argv:
                 argv += ["--rounding.rank", str(TINY_RANK)]
     if argv[0] == "evaluate" and "--model" in argv:
         at = argv.index("--model") + 1

@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.export import compressed_tensors, gptq
 from cbq_lightning.export.fake_quant import SIDECAR
 from cbq_lightning.export.quantized_run import ExportScheme, QuantizedLayer, QuantizedRun, open_run
-from cbq_lightning.io import atomic_directory
+from cbq_lightning.io import atomic_directory, write_safetensors
 
 log = logging.getLogger("cbq_lightning")
 
@@ -138,7 +137,7 @@ def export_run(run_dir: str | Path, config: ExportConfig) -> dict[str, Any]:
 
     tensors, sizes = _packed_tensors(run, pack, dtype, extra)
     with atomic_directory(output) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_safetensors(tmp / WEIGHTS, tensors, {"format": "pt"})
         _write_config(tmp, model_config, quantization, dtype)
         _copy_support_files(run.model_dir, tmp)
         summary = _summary(run, config, tmp, sizes, dtype, warnings)
