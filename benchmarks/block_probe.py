@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
 
 import cbq_lightning.runner as runner  # noqa: E402
 from cbq_lightning import cli  # noqa: E402
+from cbq_lightning.distributed import Placement, compute_device  # noqa: E402
 from cbq_lightning.evaluation.perplexity import prepare_eval_set  # noqa: E402
 from cbq_lightning.models.loading import load_tokenizer  # noqa: E402
 
@@ -51,7 +52,7 @@ def _held_out_perplexity(model: nn.Module, rest: list[nn.Module], overrides: lis
         evaluation.datasets[0], tokenizer, evaluation.seqlen, evaluation.split, windows, config.data_dir
     )
     # the run's own evaluation path: the recipe's device and batch size
-    return float(runner._evaluate(config, model, [eval_set], runner._device(config), "probe")[0]["ppl"])
+    return float(runner._evaluate(config, model, [eval_set], compute_device(config.trainer.accelerator, Placement()), "probe")[0]["ppl"])
 
 
 def main(argv: list[str]) -> int:

@@ -154,7 +154,7 @@ def _fp_reference(recipe: Path, workdir: Path, flags: list[str]) -> dict:
         "--data", json.dumps(evaluation["datasets"]),
         "--seqlen", str(settings.get("--eval.seqlen", evaluation.get("seqlen", 2048))),
         "--max_windows", str(settings.get("--eval.max_windows", evaluation.get("max_windows"))),
-        "--data_dir", settings.get("--data_dir", config.get("data_dir", "../shared/data")),
+        *(["--data_dir", data_dir] if (data_dir := settings.get("--data_dir", config.get("data_dir"))) else []),
         "--output", str(output),
     ]
     wall = _run(command)

@@ -2,5 +2,6 @@
 
 from callbacks.cross_block import CrossBlockCallback
 from callbacks.progress import WindowProgressBar
+from callbacks.window_checkpoint import WindowCheckpoint
 
-__all__ = ["CrossBlockCallback", "WindowProgressBar"]
+__all__ = ["CrossBlockCallback", "WindowCheckpoint", "WindowProgressBar"]

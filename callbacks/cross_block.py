@@ -20,6 +20,7 @@ from cbq_lightning.crossblock import BlockError, CrossBlockState
 from cbq_lightning.quant.convert import quant_linears
 from cbq_lightning.quant.qlinear import QuantLinear
 from cbq_lightning.quant.rounding import RoundingOffset
+from cbq_lightning.windows import Window
 
 
 class WindowTargets(Dataset):
@@ -42,25 +43,62 @@ class WindowTargets(Dataset):
 
 
 class CrossBlockCallback(L.Callback):
-    """Prepares each window before its fit and finalises/advances after it.
+    """Prepares each window before its fit and finalises/advances after it; the one writer of the run's window
+    records (``window_summaries``, the report's ``windows``), trained or not.
 
     Args:
         state: the caches and teachers shared by all windows of a run.
+        device: where the window's blocks compute while it enters and leaves (the run's one device,
+            :func:`cbq_lightning.distributed.compute_device`).
         hardened_loss: measure the reconstruction loss with hardened rounding before and after each fit
             (two extra passes over the calibration set per window; off saves that time on slow machines).
     """
 
-    def __init__(self, state: CrossBlockState, hardened_loss: bool = True) -> None:
+    def __init__(self, state: CrossBlockState, device: torch.device | str, hardened_loss: bool = True) -> None:
         self.state = state
+        self.device = torch.device(device)
         self.hardened_loss = hardened_loss
         self.window_summaries: list[dict[str, Any]] = []
         self._started = 0.0
         self._loss_first: float | None = None
         self._loss_last: float | None = None
+        self._attempt = 1
+        self._lr_scale = 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The finished windows' records: a resumed run's report lists every window, not only its own."""
+        return {"windows": [dict(summary) for summary in self.window_summaries]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.window_summaries = [dict(summary) for summary in state_dict["windows"]]
+
+    def begin_attempt(self, attempt: int, lr_scale: float) -> None:
+        """The divergence guard's try about to fit (1 = the first) and its learning-rate scale, for the record."""
+        self._attempt, self._lr_scale = attempt, lr_scale
+
+    def finish_untrained(
+        self, window: Window, logger: Any, method: str, started: float, **extra: Any
+    ) -> dict[str, Any]:
+        """Finalise ``window`` without training and record it: the RTN baseline's walk (``method='rtn'``), or a
+        CBQ window the guard put back at round-to-nearest after it kept diverging (``extra`` says why)."""
+        errors = self.state.leave(window, self.device)
+        summary = {
+            "index": window.index,
+            "blocks": list(window.blocks),
+            "finalized": list(window.finalized),
+            "steps": 0,
+            "loss_first": None,
+            "loss_last": None,
+            **extra,
+            "wall_s": time.perf_counter() - started,
+        }
+        self.window_summaries.append(summary)
+        log_window(logger, summary, errors, method=method)
+        return summary
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._started = time.perf_counter()
-        entering = self.state.enter(pl_module.window, trainer.strategy.root_device)
+        entering = self.state.enter(pl_module.window, self.device)
         if trainer.is_global_zero:
             log_preprocess(trainer.logger, self.state.preprocess_stats, entering)
 
@@ -81,7 +119,7 @@ class CrossBlockCallback(L.Callback):
         clip = [layer.mean_clip_ratio() for layer in layers if layer.quantizer is not None]
         act = [layer.act_quantizer.summary() for layer in layers if layer.act_quantizer is not None]
         trainable = trainable_parameter_counts(layers)  # before leave(): finalising drops the parameters
-        errors = self.state.leave(window, trainer.strategy.root_device)
+        errors = self.state.leave(window, self.device)
         finalized = {id(m) for b in window.finalized for _, m in quant_linears(self.state.blocks[b])}
         flips = [layer.flip_fraction for layer in layers if id(layer) in finalized and layer.flip_fraction is not None]
         summary = {
@@ -106,6 +144,10 @@ class CrossBlockCallback(L.Callback):
             # mean activation clipping ratio (dynamic modes) or step (static); None when weight-only
             "act_clip": sum(act) / len(act) if act else None,
             "wall_s": time.perf_counter() - self._started,
+            # the divergence guard's try that succeeded and its learning-rate scale
+            "attempts": self._attempt,
+            "lr_scale": self._lr_scale,
+            "fallback": None,
         }
         self.window_summaries.append(summary)
         if trainer.is_global_zero:

@@ -27,7 +27,7 @@ LLaMA-family models carry their largest activations.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -259,6 +259,15 @@ class CoarseToFinePreprocessor:
     @property
     def active(self) -> bool:
         return self.config.weights or self.scale_activations
+
+    def state_dict(self) -> dict[str, Any]:
+        """The outlier channels found so far: a resumed run reports every block's, not only those it preprocessed
+        after the resume (the folded scales themselves live in the blocks' saved weights)."""
+        return {"outlier_channels": {str(index): found for index, found in self.outlier_channels.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """The inverse of :meth:`state_dict` (keys beyond its own are ignored)."""
+        self.outlier_channels.update({int(index): found for index, found in state["outlier_channels"].items()})
 
     @property
     def max_samples(self) -> int:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from cbq_lightning.cache import CacheConfig
 from cbq_lightning.cfp import CFPConfig
 from cbq_lightning.data.calibration import CalibrationConfig
-from cbq_lightning.data.text import DEFAULT_DATA_DIR, NAMED_DATASETS, check_source
+from cbq_lightning.data.text import NAMED_DATASETS, check_source
 from cbq_lightning.distributed import check_divisible, placement
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.evaluation.perplexity import EvalConfig
@@ -50,8 +52,9 @@ class QuantizeConfig:
         output_dir: where config.yaml, report.json, model/, quant_state.safetensors and tensorboard/ go.
         method: ``cbq`` (cross-block training) or ``rtn`` (round-to-nearest baseline, same pipeline).
         seed: seeds calibration sampling, rounding initialisation and data order.
-        data_dir: local mirror of the named datasets (``wikitext2`` ...), laid out like
-            ``../shared/data``; a split found there is read from it, anything else from the hub.
+        data_dir: local mirror of the named datasets (``wikitext2`` ...), laid out as
+            ``wikitext/wikitext-2-raw-v1/<split>.jsonl``; a split found there is read from it, anything else
+            from the hub. Null: ``$CBQ_DATA_DIR`` when set, else the hub.
         resume: continue from ``output_dir/checkpoints/`` when an interrupted CBQ run left one there
             (refused, naming the keys, if the configuration changed); false starts over.
     """
@@ -59,7 +62,7 @@ class QuantizeConfig:
     output_dir: str = "runs/cbq"
     method: Literal["cbq", "rtn"] = "cbq"
     seed: int = 0
-    data_dir: str | None = DEFAULT_DATA_DIR
+    data_dir: str | None = None
     resume: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     data: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -84,6 +87,11 @@ def validate(config: QuantizeConfig) -> QuantScheme:
     if config.method not in ("cbq", "rtn"):
         raise ConfigError(f"method={config.method!r} is unknown: use 'cbq' or 'rtn'.")
     scheme = config.quant.resolve()
+    if config.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={config.trainer.accelerator!r} but no CUDA device is visible: use "
+            "trainer.accelerator=cpu, or auto (a GPU when there is one)."
+        )
     resolve_source(config.model)
     config.model.torch_dtype()
     check_source(config.data.source)

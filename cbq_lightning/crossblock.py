@@ -13,8 +13,8 @@ targets always come from the *original* full-precision blocks, and at most K cop
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -104,7 +104,7 @@ class CrossBlockState:
             if index in self._entered:
                 continue  # overlap block: keeps its learned parameters as the warm start
             block = self.blocks[index]
-            self.teachers[index] = copy.deepcopy(block).requires_grad_(False).eval().to("cpu")
+            self._snapshot_teacher(index)
             if self.preprocessors:
                 inputs = self._quantized_path_inputs(window, index, device)
                 stats: dict[str, float] = {}
@@ -150,22 +150,49 @@ class CrossBlockState:
         out = self.store.allocate(name, tuple(hidden.shape), dtype or hidden.dtype)
         return run_blocks_batched(blocks, hidden, self.block_kwargs, device, self.batch_size, out=out)
 
-    def restore(
-        self,
-        x_fp: torch.Tensor,
-        x_q: torch.Tensor,
-        x_rtn: torch.Tensor | None,
-        entered: set[int],
-        block_errors: list[BlockError],
-        preprocess_stats: dict[int, dict[str, float]],
-    ) -> None:
-        """Resume between two windows: caches, entered blocks and history of an interrupted run."""
-        self.x_fp, self.x_q = x_fp, x_q
+    # --- resume ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs of this state between two windows: both caches (RTN's too when it is
+        monitored), the per-block errors and the preprocessing statistics so far.
+
+        Teachers and targets are not in it: between two windows no targets are cached, and an overlap block's
+        teacher is its full-precision weights, which :meth:`reenter` copies again before the block is rebuilt.
+        """
+        caches = {"x_fp": self.x_fp, "x_q": self.x_q, **({"x_rtn": self.x_rtn} if self.x_rtn is not None else {})}
+        return {
+            **caches,
+            "block_errors": [asdict(error) for error in self.block_errors],
+            "preprocess_stats": {str(index): stats for index, stats in self.preprocess_stats.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """The inverse of :meth:`state_dict` (keys beyond its own are ignored, so a whole checkpoint can be
+        passed); the entered blocks come back one by one through :meth:`reenter`."""
+        self.x_fp, self.x_q = state["x_fp"], state["x_q"]
         if self.rtn_reference is not None:
-            self.x_rtn = x_rtn
-        self._entered = set(entered)
-        self.block_errors = list(block_errors)
-        self.preprocess_stats = dict(preprocess_stats)
+            self.x_rtn = state.get("x_rtn")
+        self.block_errors = [BlockError(**error) for error in state["block_errors"]]
+        self.preprocess_stats = {int(index): stats for index, stats in state["preprocess_stats"].items()}
+
+    def reenter(
+        self, index: int, layout: Callable[[int, nn.Module], None], saved: Mapping[str, torch.Tensor], finalized: bool
+    ) -> None:
+        """Put block ``index`` back as an interrupted run left it: ``layout(index, block)`` gives it the quantized
+        structure (CFP's edits are in ``saved``), then ``saved`` fills it. A block still in a window (an overlap
+        block, not ``finalized``) first gets its teacher back: its weights are still the full-precision ones."""
+        block = self.blocks[index]
+        if finalized:
+            layout(index, block)
+            finalize_block(block)
+        else:
+            self._snapshot_teacher(index)
+            layout(index, block)
+        block.load_state_dict(saved, strict=True)
+        self._entered.add(index)
+
+    def _snapshot_teacher(self, index: int) -> None:
+        """A frozen full-precision copy of block ``index`` on the CPU, before anything changes the block."""
+        self.teachers[index] = copy.deepcopy(self.blocks[index]).requires_grad_(False).eval().to("cpu")
 
     # --- after a fit ---------------------------------------------------------------------------------
     @torch.no_grad()

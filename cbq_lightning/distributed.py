@@ -28,6 +28,8 @@ class Placement:
 
     rank: int = 0
     world: int = 1
+    #: the process's index on its machine: its GPU under DDP
+    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -65,10 +67,20 @@ def placement(strategy: str, devices: int | str | list[int], num_nodes: int) -> 
         return Placement()
     per_node = _devices_per_node(devices)
     world = per_node * num_nodes
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return Placement(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]))
-    rank = int(os.environ.get("NODE_RANK", 0)) * per_node + int(os.environ.get("LOCAL_RANK", 0))
-    return Placement(rank=rank, world=world)
+        return Placement(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]), local_rank=local_rank)
+    rank = int(os.environ.get("NODE_RANK", 0)) * per_node + local_rank
+    return Placement(rank=rank, world=world, local_rank=local_rank)
+
+
+def compute_device(accelerator: str, place: Placement) -> torch.device:
+    """The one device this process computes on, outside the fits and inside them: the process's GPU
+    (``cuda:LOCAL_RANK``, the device Lightning's strategy gives the same process) when the accelerator allows
+    CUDA and there is one, the CPU otherwise. ``validate`` has already refused a GPU accelerator without CUDA."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", place.local_rank)
+    return torch.device("cpu")
 
 
 def check_divisible(num_samples: int, world: int) -> None:

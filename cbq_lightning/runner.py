@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import platform
@@ -10,7 +9,7 @@ import resource
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,16 +24,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from callbacks.cross_block import CrossBlockCallback, WindowTargets, log_preprocess, log_window
+from callbacks.cross_block import CrossBlockCallback, WindowTargets, log_preprocess
 from callbacks.progress import WindowProgressBar
+from callbacks.window_checkpoint import WindowCheckpoint
 from cbq_lightning.block_quantizer import BlockQuantizer
 from cbq_lightning.cache import TensorStore
 from cbq_lightning.cfp import CoarseToFinePreprocessor
 from cbq_lightning.checkpoint import ResumePoint, WindowCheckpointer, restore_rng
 from cbq_lightning.config import QuantizeConfig, validate
-from cbq_lightning.crossblock import BlockError, CrossBlockState
+from cbq_lightning.crossblock import CrossBlockState
 from cbq_lightning.data.calibration import calibration_ids
-from cbq_lightning.distributed import Placement, all_gather_objects, placement
+from cbq_lightning.distributed import Placement, all_gather_objects, compute_device, placement
 from cbq_lightning.errors import RunStopped, TrainingError
 from cbq_lightning.evaluation.perplexity import EvalSet, evaluate_sets, prepare_eval_set
 from cbq_lightning.export.fake_quant import MODEL_DIR, save_fake_quant_checkpoint
@@ -49,7 +49,6 @@ from cbq_lightning.quant.convert import (
     check_correction_rank,
     check_group_size,
     check_rounding_rank,
-    finalize_block,
     quant_linears,
     reset_block_to_round_to_nearest,
 )
@@ -81,13 +80,6 @@ class QuantizeResult:
     tokenizer: Any
     #: False on the other DDP ranks: their report holds only their windows, rank 0 writes the outputs
     main: bool = True
-
-
-def _device(config: QuantizeConfig) -> torch.device:
-    accelerator = config.trainer.accelerator
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def _peak_rss_gib() -> float:
@@ -174,54 +166,57 @@ def _window_trainer(
     )
 
 
-def _fit_windows(
-    config: QuantizeConfig,
-    scheme: QuantScheme,
-    state: CrossBlockState,
-    schedule: list[Window],
-    logger: TensorBoardLogger,
-    device: torch.device,
-    extra_callbacks: Sequence[L.Callback] = (),
-    done: list[dict[str, Any]] | None = None,
-    step_offset: int = 0,
-    on_window_end: Callable[[Window, list[dict[str, Any]], int], None] | None = None,
-    output_head: nn.Module | None = None,
-    stop: GracefulStop | None = None,
-) -> list[dict[str, Any]]:
-    """CBQ: one LightningModule and one ``trainer.fit`` per window, all logging into one run.
+@dataclass
+class _WindowLoop:
+    """CBQ's walk: one LightningModule and one ``trainer.fit`` per window, all logging into one run.
 
-    A diverging fit is retried from the window's starting state with lower learning rates, then falls
-    back to round-to-nearest (:mod:`cbq_lightning.guard`). ``done`` holds the summaries of windows
-    finished before a resume; ``on_window_end(window, summaries, step_offset)`` runs after each window
-    (the checkpoint). ``output_head`` (final norm + LM head) goes to the window holding the last block,
-    for ``loss.output_kl_weight``.
+    A diverging fit is retried from the window's starting state with lower learning rates, then falls back to
+    round-to-nearest (:mod:`cbq_lightning.guard`). ``records`` writes every window's record (trained or
+    fallen back); ``checkpoint`` saves the run after each window. ``output_head`` (final norm + LM head) goes to
+    the window holding the last block, for ``loss.output_kl_weight``.
     """
-    last_block = len(state.blocks) - 1
-    callback = CrossBlockCallback(state, hardened_loss=config.monitor.hardened_loss)
-    callback.window_summaries.extend(done or [])
-    dataset = WindowTargets(state)
-    epochs = config.train.epochs_for(scheme.w_bits)
-    guard = config.guard
-    # the whole run's window count: after a resume the schedule holds only the windows still to do
-    total_windows = len(schedule) + len(done or [])
-    for window in schedule:
-        if stop is not None and stop.requested:
-            raise _stopped(config, callback.window_summaries, "before", window, total_windows)
-        lr_scale = 1.0
+
+    config: QuantizeConfig
+    scheme: QuantScheme
+    state: CrossBlockState
+    logger: TensorBoardLogger
+    records: CrossBlockCallback
+    checkpoint: WindowCheckpoint
+    extra_callbacks: Sequence[L.Callback]
+    output_head: nn.Module | None
+    stop: GracefulStop
+    #: the whole run's window count: after a resume the schedule holds only the windows still to do
+    total_windows: int
+
+    def run(self, schedule: list[Window], step_offset: int) -> list[dict[str, Any]]:
+        """Fit every window of ``schedule`` in turn; the records of the whole run (resumed windows included)."""
+        for window in schedule:
+            if self.stop.requested:
+                raise self._stopped("before", window)
+            step_offset = self._fit(window, step_offset)
+        return self.records.window_summaries
+
+    def _fit(self, window: Window, step_offset: int) -> int:
+        """One window, with the guard's retries; returns the TensorBoard step the next window starts from."""
+        guard, lr_scale = self.config.guard, 1.0
+        last_block = len(self.state.blocks) - 1
+        head = self.output_head if last_block in window.blocks else None
         for attempt in range(1, guard.retries + 2):
-            module = _window_module(config, state, window, step_offset, lr_scale,
-                                    output_head if last_block in window.blocks else None)
-            trainer = _window_trainer(config, epochs, logger, [callback, *extra_callbacks], total_windows)
+            module = _window_module(self.config, self.state, window, step_offset, lr_scale, head)
+            callbacks = [self.records, *self.extra_callbacks, self.checkpoint]
+            trainer = _window_trainer(self.config, self.config.train.epochs_for(self.scheme.w_bits), self.logger,
+                                      callbacks, self.total_windows)
             loader = DataLoader(
-                dataset,
-                batch_size=config.train.batch_size,
-                shuffle=config.train.shuffle,
-                generator=torch.Generator().manual_seed(config.seed + window.index),
+                WindowTargets(self.state),
+                batch_size=self.config.train.batch_size,
+                shuffle=self.config.train.shuffle,
+                generator=torch.Generator().manual_seed(self.config.seed + window.index),
             )
+            self.records.begin_attempt(attempt, lr_scale)
             try:
                 trainer.fit(module, train_dataloaders=loader)
             except SIGTERMException:  # Lightning ended the fit at a step boundary: this window is not saved
-                raise _stopped(config, callback.window_summaries, "during", window, total_windows) from None
+                raise self._stopped("during", window) from None
             except DivergenceError as error:
                 step_offset += trainer.global_step
                 module.restore_start_state()
@@ -229,81 +224,53 @@ def _fit_windows(
                     lr_scale *= guard.lr_factor
                     log.warning("%s; retrying from the window's start with learning rates x%g", error, lr_scale)
                     continue
-                if guard.fallback == "error":
-                    raise TrainingError(
-                        f"{error}; still diverging after {guard.retries} retries. Lower train.lr_rounding / "
-                        "train.lr_clip, use precision 32-true, or set guard.fallback=rtn."
-                    ) from error
-                log.warning("%s; after %d retries %s falls back to round-to-nearest", error, guard.retries, window)
-                callback.window_summaries.append(_fall_back_to_rtn(state, window, device, logger, attempt, error))
-                break
-            step_offset += trainer.global_step
-            summary = callback.window_summaries[-1]
-            summary.update(attempts=attempt, lr_scale=lr_scale, fallback=None)
+                self._fall_back(window, attempt, error, step_offset)
+                return step_offset
+            summary = self.records.window_summaries[-1]
             losses = (summary["loss_first"], summary["loss_last"])
             if None in losses:  # hardened losses not measured: report the training loss
                 losses = (summary["train_loss_first"], summary["train_loss_last"])
             log.info("%s: %d steps, loss %.4g -> %.4g, %.1fs", window, summary["steps"], *losses, summary["wall_s"])
-            break
-        if on_window_end is not None:
-            on_window_end(window, callback.window_summaries, step_offset)
-    return callback.window_summaries
+            return step_offset + trainer.global_step
+        raise AssertionError("unreachable: the last attempt returns or falls back")
+
+    def _fall_back(self, window: Window, attempts: int, error: DivergenceError, step_offset: int) -> None:
+        """A window that kept diverging: an error (``guard.fallback=error``), or finalised at round-to-nearest,
+        its overlap blocks' warm start included, recorded and saved like a trained one."""
+        if self.config.guard.fallback == "error":
+            raise TrainingError(
+                f"{error}; still diverging after {self.config.guard.retries} retries. Lower train.lr_rounding / "
+                "train.lr_clip, use precision 32-true, or set guard.fallback=rtn."
+            ) from error
+        log.warning("%s; after %d retries %s falls back to round-to-nearest", error, self.config.guard.retries, window)
+        started = time.perf_counter()
+        for index in window.blocks:
+            reset_block_to_round_to_nearest(self.state.blocks[index])
+        self.records.finish_untrained(window, self.logger, "cbq", started, attempts=attempts, fallback="rtn",
+                                      divergence=str(error))
+        self.checkpoint.save(window, step_offset)
+
+    def _stopped(self, when: str, window: Window) -> RunStopped:
+        """The message of a SIGTERM stop: where (windows counted from 1, as the progress bar), what is saved,
+        how to go on."""
+        finished = self.records.window_summaries
+        last = finished[-1]["index"] + 1 if finished else 0
+        where_saved = Path(self.config.output_dir) / "checkpoints"
+        saved = {0: "no window had finished", 1: f"window 1 is saved in {where_saved}"}.get(
+            last, f"windows 1-{last} are saved in {where_saved}")
+        where = f"{when} window {window.index + 1}/{self.total_windows} (blocks {window.blocks[0]}-{window.blocks[-1]})"
+        return RunStopped(f"SIGTERM: stopped {where}; {saved}. Rerun the same command to resume.")
 
 
-def _stopped(config: QuantizeConfig, finished: list[dict[str, Any]], when: str, window: Window,
-             total: int) -> RunStopped:
-    """The message of a SIGTERM stop: where (windows counted from 1, as the progress bar), what is saved, how
-    to go on."""
-    last = finished[-1]["index"] + 1 if finished else 0
-    where_saved = Path(config.output_dir) / "checkpoints"
-    saved = {0: "no window had finished", 1: f"window 1 is saved in {where_saved}"}.get(
-        last, f"windows 1-{last} are saved in {where_saved}")
-    where = f"{when} window {window.index + 1}/{total} (blocks {window.blocks[0]}-{window.blocks[-1]})"
-    return RunStopped(f"SIGTERM: stopped {where}; {saved}. Rerun the same command to resume.")
-
-
-def _fall_back_to_rtn(
-    state: CrossBlockState, window: Window, device: torch.device, logger: TensorBoardLogger, attempts: int,
-    error: DivergenceError,
-) -> dict[str, Any]:
-    """Finalise a window that kept diverging at round-to-nearest (its overlap blocks' warm start included)."""
-    started = time.perf_counter()
-    for index in window.blocks:
-        reset_block_to_round_to_nearest(state.blocks[index])
-    errors = state.leave(window, device)
-    summary = _untrained_summary(window, started, attempts=attempts, fallback="rtn", divergence=str(error))
-    log_window(logger, summary, errors, method="cbq")
-    return summary
-
-
-def _untrained_summary(window: Window, started: float, **extra: Any) -> dict[str, Any]:
-    """The report entry of a window finalised without training (RTN baseline, guard fallback)."""
-    return {
-        "index": window.index,
-        "blocks": list(window.blocks),
-        "finalized": list(window.finalized),
-        "steps": 0,
-        "loss_first": None,
-        "loss_last": None,
-        **extra,
-        "wall_s": time.perf_counter() - started,
-    }
-
-
-def _round_to_nearest(
-    state: CrossBlockState, schedule: list[Window], device: torch.device, logger: TensorBoardLogger
-) -> list[dict[str, Any]]:
+def _round_to_nearest(state: CrossBlockState, schedule: list[Window], records: CrossBlockCallback,
+                      logger: TensorBoardLogger) -> list[dict[str, Any]]:
     """The RTN baseline: the same walk down the model, finalising each block without training."""
-    summaries = []
     for window in tqdm(schedule, desc="RTN blocks", unit="block"):
         started = time.perf_counter()
-        entering = state.enter(window, device, cache_targets=False)
+        entering = state.enter(window, records.device, cache_targets=False)
         log_preprocess(logger, state.preprocess_stats, entering)
-        errors = state.leave(window, device)
-        summary = _untrained_summary(window, started)
-        summaries.append(summary)
-        log_window(logger, summary, errors, method="rtn")
-    return summaries
+        records.finish_untrained(window, logger, "rtn", started)
+    return records.window_summaries
 
 
 def _evaluate(
@@ -328,45 +295,24 @@ def _eval_entries(quantized: list[dict[str, Any]], fp: list[dict[str, Any]] | No
     return entries
 
 
-def _resume(
-    point: ResumePoint,
-    checkpointer: WindowCheckpointer,
-    state: CrossBlockState,
-    schedule: list[Window],
-    generator: torch.Generator,
-    cfp: CoarseToFinePreprocessor,
-    structure: Callable[[int, nn.Module], None],
-) -> tuple[list[dict[str, Any]], int]:
-    """Rebuild the state an interrupted run had after window ``point.last_window``.
+def _resume(point: ResumePoint, checkpointer: WindowCheckpointer, built: _Built, records: CrossBlockCallback,
+            schedule: list[Window]) -> int:
+    """Give the state, CFP, the records and the random generator back what an interrupted run had after window
+    ``point.last_window``; returns the TensorBoard step to continue from.
 
-    Finalised blocks get their quantized layout and then their saved state; overlap blocks keep a copy of
-    their (still full-precision) weights as the teacher before they get their saved calibrating state.
-    Returns the finished windows' summaries and the TensorBoard step to continue from.
+    Every block that had entered a window is rebuilt from its saved state: finalised blocks from their own
+    files, overlap blocks (still calibrating) from the moving state, each after getting its teacher back.
     """
     finished = [w for w in schedule if w.index <= point.last_window]
-    entered = sorted({b for w in finished for b in w.blocks})
     finalized = {b for w in finished for b in w.finalized}
-    for index in entered:
-        block = state.blocks[index]
-        if index in finalized:
-            structure(index, block)
-            finalize_block(block)
-            block.load_state_dict(point.block_state(checkpointer.directory, index), strict=True)
-        else:
-            state.teachers[index] = copy.deepcopy(block).requires_grad_(False).eval().to("cpu")
-            structure(index, block)
-            block.load_state_dict(point.overlap_state(index), strict=True)
-    state.restore(
-        x_fp=point.tensors["x_fp"],
-        x_q=point.tensors["x_q"],
-        x_rtn=point.tensors.get("x_rtn"),
-        entered=set(entered),
-        block_errors=[BlockError(**e) for e in point.meta["block_errors"]],
-        preprocess_stats={int(k): v for k, v in point.meta["preprocess_stats"].items()},
-    )
-    cfp.outlier_channels.update({int(k): v for k, v in point.meta["outlier_channels"].items()})
-    restore_rng(point, generator)
-    return point.meta["windows"], int(point.meta["step_offset"])
+    for index in sorted({b for w in finished for b in w.blocks}):
+        saved = point.block_state(checkpointer.directory, index) if index in finalized else point.overlap_state(index)
+        built.state.reenter(index, built.quantizer.structure, saved, finalized=index in finalized)
+    built.state.load_state_dict({**point.meta, **point.tensors})
+    built.cfp.load_state_dict(point.meta)
+    records.load_state_dict(point.meta)
+    restore_rng(point, built.quantizer.generator)
+    return int(point.meta["step_offset"])
 
 
 def _correction_summary(model: nn.Module, correction: CorrectionConfig | None) -> dict[str, Any] | None:
@@ -460,7 +406,7 @@ def _run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback], stop:
         job.checkpointer.clear()
     if job.place.is_main:
         atomic_write_text(job.output_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    device = _device(config)
+    device = compute_device(config.trainer.accelerator, job.place)
     fp_results = _fp_reference(job, device)
     inputs, block_kwargs = job.adapter.capture_block_inputs(job.ids)
     built = _build_state(job, inputs, block_kwargs, device)
@@ -604,53 +550,30 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: dict[str, Any], 
     return _Built(state=state, quantizer=quantizer, cfp=cfp, store=store, mixed_summary=mixed_summary)
 
 
-@dataclass
-class _WindowSaver:
-    """Saves what a resumed run needs after each finished window: the finalised blocks, both input caches, the
-    overlap blocks' calibrating state, the random state and the report so far."""
-
-    checkpointer: WindowCheckpointer
-    built: _Built
-    fp_results: list[dict[str, Any]] | None
-
-    def __call__(self, window: Window, summaries: list[dict[str, Any]], offset: int) -> None:
-        state, cfp = self.built.state, self.built.cfp
-        for index in window.finalized:
-            self.checkpointer.save_block(index, state.blocks[index])
-        caches = {"x_fp": state.x_fp, "x_q": state.x_q, **({"x_rtn": state.x_rtn} if state.x_rtn is not None else {})}
-        meta = {
-            "windows": summaries,
-            "step_offset": offset,
-            "block_errors": [dataclasses.asdict(e) for e in state.block_errors],
-            "preprocess_stats": {str(k): v for k, v in state.preprocess_stats.items()},
-            "outlier_channels": {str(k): v for k, v in cfp.outlier_channels.items()},
-            "fp_results": self.fp_results,
-        }
-        overlap = {i: state.blocks[i] for i in window.blocks if i not in window.finalized}
-        self.checkpointer.save_state(window.index, caches, overlap, self.built.quantizer.generator, meta)
-
-
 def _calibrate(
     job: _Job, built: _Built, fp_results: list[dict[str, Any]] | None, logger: TensorBoardLogger,
     device: torch.device, callbacks: Sequence[L.Callback], stop: GracefulStop,
 ) -> list[dict[str, Any]]:
-    """CBQ's windows (resuming after the last saved one), or the RTN baseline's walk; the windows' summaries."""
+    """CBQ's windows (resuming after the last saved one), or the RTN baseline's walk; the windows' records."""
     config, state = job.config, built.state
+    records = CrossBlockCallback(state, device, hardened_loss=config.monitor.hardened_loss)
     if not job.cbq:
         return _round_to_nearest(state, window_schedule(job.adapter.num_blocks, WindowConfig(size=1, overlap=0)),
-                                 device, logger)
+                                 records, logger)
     schedule = window_schedule(job.adapter.num_blocks, config.window)
-    done, step_offset = [], 0
+    total_windows, step_offset = len(schedule), 0
     if job.resume is not None:
-        done, step_offset = _resume(job.resume, job.checkpointer, state, schedule, built.quantizer.generator,
-                                    built.cfp, built.quantizer.structure)
+        step_offset = _resume(job.resume, job.checkpointer, built, records, schedule)
         schedule = [w for w in schedule if w.index > job.resume.last_window]
-        log.info("resuming after window %d of %d from %s", job.resume.last_window + 1, len(schedule) + len(done),
+        log.info("resuming after window %d of %d from %s", job.resume.last_window + 1, total_windows,
                  job.checkpointer.directory)
-    head = job.adapter.output_head() if config.loss.output_kl_weight > 0 else None
-    saver = _WindowSaver(job.checkpointer, built, fp_results)
-    return _fit_windows(config, job.scheme, state, schedule, logger, device, callbacks, done, step_offset, saver,
-                        head, stop)
+    checkpoint = WindowCheckpoint(job.checkpointer, state, records, built.cfp, built.quantizer.generator, fp_results)
+    loop = _WindowLoop(
+        config=config, scheme=job.scheme, state=state, logger=logger, records=records, checkpoint=checkpoint,
+        extra_callbacks=callbacks, stop=stop, total_windows=total_windows,
+        output_head=job.adapter.output_head() if config.loss.output_kl_weight > 0 else None,
+    )
+    return loop.run(schedule, step_offset)
 
 
 def _write_outputs(

@@ -146,6 +146,8 @@ def test_rtn_method_through_console_entry(tmp_path: Path) -> None:
         (["--data.source", "/no/such/corpus.jsonl"], "nor an existing file"),
         (["--quant.clip_init", "1.0"], "clip_init=1.0 must lie strictly between 0 and 1"),
         (["--rounding.rank", "64"], "rounding.rank=64 is not low-rank for this model"),
+        pytest.param(["--trainer.accelerator", "gpu"], "no CUDA device is visible",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")),
     ],
 )
 def test_bad_input_is_a_clear_early_error(overrides: list[str], message: str, tmp_path: Path,

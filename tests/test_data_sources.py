@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cbq_lightning.data.calibration import CalibrationConfig, calibration_ids
-from cbq_lightning.data.text import check_source, eval_split, load_text, tokenize_text
+from cbq_lightning.data.text import DATA_DIR_ENV, check_source, eval_split, load_text, tokenize_text
 from cbq_lightning.errors import DataError
 from cbq_lightning.models.tiny import byte_tokenizer
 
@@ -77,14 +77,30 @@ def _hub_fails(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
 
 
 def test_no_data_dir_goes_to_the_hub_and_explains_the_offline_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)  # the test suite points it at the checkout's mirror
     calls = _hub_fails(monkeypatch)
     with pytest.raises(DataError) as info:
         load_text("wikitext2", "test", data_dir=None)
     message = str(info.value)
-    assert "wikitext/wikitext-2-raw-v1/test.jsonl" in message
+    assert "wikitext/wikitext-2-raw-v1/test.jsonl under data_dir (or $CBQ_DATA_DIR)" in message
     assert "give a local .jsonl/.txt file" in message
     assert "offline for the test" in message
     assert calls == [(("wikitext", "wikitext-2-raw-v1"), {"split": "test"})]
+
+
+def test_the_environment_names_the_mirror_when_a_run_gives_none(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """No data_dir: the folder in $CBQ_DATA_DIR is the mirror (the package has no default folder); a data_dir
+    given wins over it."""
+    calls = _hub_fails(monkeypatch)
+    for folder, text in ((tmp_path / "env", "from the environment"), (tmp_path / "given", "given")):
+        path = folder / "wikitext" / "wikitext-2-raw-v1" / "test.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"text": text}) + "\n")
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "env"))
+    assert load_text("wikitext2", "test", data_dir=None) == "from the environment"
+    assert load_text("wikitext2", "test", data_dir=str(tmp_path / "given")) == "given"
+    assert calls == []
 
 
 def test_missing_mirror_names_where_it_looked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -118,6 +134,7 @@ def test_hub_rows_are_joined_like_the_mirror(monkeypatch: pytest.MonkeyPatch) ->
         return FakeHubSplit({"text": WIKI_ROWS, "other": ["wrong column"]})
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)  # no mirror at all: the hub
     assert load_text("wikitext2", "test", data_dir=None) == "\n\n".join(WIKI_ROWS)
     assert calls == [(("wikitext", "wikitext-2-raw-v1"), {"split": "test"})]
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from cbq_lightning.config import validate
+from cbq_lightning.distributed import compute_device, placement
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.export.quant_state import load_quant_state
 from tests.conftest import REPO, TINY_RECIPE, load_recipe
@@ -85,6 +86,23 @@ def test_samples_must_split_evenly() -> None:
     config = load_recipe(TINY_RECIPE, "--trainer.devices", "3", "--trainer.strategy", "ddp")
     with pytest.raises(ConfigError, match="num_samples=16 does not split evenly over 3"):
         validate(config)
+
+
+def test_each_process_computes_on_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one device picker: the launcher's LOCAL_RANK is the process's GPU (the device Lightning's DDP strategy
+    gives it), so the work outside the fits (FP reference, CFP, caches) runs where the fits run, not all on
+    cuda:0; without CUDA, or with accelerator cpu, every process computes on the CPU."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    place = placement("ddp", 2, 2)
+    assert (place.rank, place.world, place.local_rank) == (3, 4, 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert compute_device("gpu", place) == torch.device("cuda", 1)
+    assert compute_device("auto", place) == torch.device("cuda", 1)
+    assert compute_device("cpu", place) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert compute_device("auto", place) == torch.device("cpu")
 
 
 def test_ddp_run_killed_mid_way_resumes_bit_for_bit(tmp_path: Path, runs) -> None:

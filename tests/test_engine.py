@@ -68,6 +68,44 @@ def test_teachers_are_the_original_blocks(tiny_model: nn.Module) -> None:
     assert set(state.teachers) == {1}  # the finalised block's teacher was released
 
 
+def test_state_dict_and_reenter_continue_the_walk_where_it_stopped(tiny_model: nn.Module) -> None:
+    """What resume relies on: a fresh state given the saved caches and history (``load_state_dict``) and the
+    entered blocks back (``reenter``: the finalised block 0 and the overlap block 1, whose teacher must again be
+    the full-precision block) continues with window 1 exactly as the uninterrupted state does."""
+    original = copy.deepcopy(tiny_model)
+    first, windows = copy.deepcopy(tiny_model), window_schedule(4, WindowConfig(2, 1))
+    adapter = DecoderAdapter(first)
+    hidden, kwargs = adapter.capture_block_inputs(_ids())
+    state = CrossBlockState(adapter.blocks, hidden, kwargs, _quantizer, batch_size=4)
+    state.enter(windows[0], "cpu")
+    with torch.no_grad():  # stands in for training: the saved state must carry it
+        next(layer for _, layer in quant_linears(adapter.blocks[1])).rounding.a2.add_(0.5)
+    state.preprocess_stats = {0: {"cfp/x": 1.0}, 1: {"cfp/x": 2.0}}
+    state.leave(windows[0], "cpu")
+    saved = {key: value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+             for key, value in state.state_dict().items()}
+    assert set(saved) == {"x_fp", "x_q", "block_errors", "preprocess_stats"}  # no RTN cache when not monitored
+
+    resumed_model = copy.deepcopy(original)
+    resumed_adapter = DecoderAdapter(resumed_model)
+    resumed = CrossBlockState(resumed_adapter.blocks, hidden, kwargs, _quantizer, batch_size=4)
+    resumed.reenter(0, _quantizer, adapter.blocks[0].state_dict(), finalized=True)
+    resumed.reenter(1, _quantizer, adapter.blocks[1].state_dict(), finalized=False)
+    resumed.load_state_dict({**saved, "step_offset": 7})  # keys beyond its own are ignored
+    assert resumed.preprocess_stats == {0: {"cfp/x": 1.0}, 1: {"cfp/x": 2.0}}
+    for name, value in resumed.teachers[1].state_dict().items():
+        torch.testing.assert_close(value, original.model.layers[1].state_dict()[name], rtol=0, atol=0)
+
+    for walk in (state, resumed):
+        walk.enter(windows[1], "cpu")
+    torch.testing.assert_close(resumed.y_fp, state.y_fp, rtol=0, atol=0)
+    torch.testing.assert_close(resumed.y_h, state.y_h, rtol=0, atol=0)
+    for walk in (state, resumed):
+        walk.leave(windows[1], "cpu")
+    torch.testing.assert_close(resumed.x_q, state.x_q, rtol=0, atol=0)
+    assert resumed.block_errors == state.block_errors and len(state.block_errors) == 2
+
+
 def _window_module(model: nn.Module, quantize, blocks=(0, 1)):
     adapter = DecoderAdapter(model)
     hidden, kwargs = adapter.capture_block_inputs(_ids())
@@ -104,7 +142,7 @@ def test_callback_drives_a_window_fit(tiny_model: nn.Module) -> None:
     """One trainer.fit of a WindowModule with the callback: quantize at setup, finalise after the fit."""
     model = copy.deepcopy(tiny_model)
     state, window, module = _window_module(model, _quantizer)
-    callback = CrossBlockCallback(state)
+    callback = CrossBlockCallback(state, "cpu")
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, callbacks=[callback],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, DataLoader(WindowTargets(state), batch_size=3))

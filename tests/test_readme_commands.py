@@ -28,12 +28,11 @@ import pytest
 import yaml
 
 from cbq_lightning.quant.rounding import RoundingConfig
-from tests.conftest import REPO
+from tests.conftest import REPO, SHARED_DATA
 
 README = REPO / "README.md"
 #: the README first (its commands make the runs the guides' commands read), then the guides by name
 DOCUMENTS = [README, *sorted((REPO / "docs").glob("*.md"))]
-SHARED_DATA = REPO.parent / "shared" / "data"
 #: a substring of a README command -> why CI cannot run it (no GPU, no hub, one machine)
 NOT_RUN: dict[str, str] = {
     "meta-llama/Llama-2-7b-hf": "downloads LLaMA-2-7B from the hub (gated) and is meant for a GPU",
@@ -172,7 +171,9 @@ def test_readme_command_parsing() -> None:
 
 def test_every_readme_command_runs_as_written(tmp_path: Path) -> None:
     workdir = _scratch(tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TORCH_COMPILE_DISABLE": "1"}
+    # the offline mirror as a user points at one (README: data_dir or CBQ_DATA_DIR): the scratch folder's
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TORCH_COMPILE_DISABLE": "1",
+           "CBQ_DATA_DIR": str(workdir.parent / "shared" / "data")}
     failures, ran = [], 0
     for command in documented_commands():
         if _not_run_reason(command) is not None:

@@ -11,9 +11,9 @@ from importlib import metadata
 import pytest
 
 from cbq_lightning.evaluation.command import EvaluateConfig, run_evaluate
-from tests.conftest import REPO
+from tests.conftest import SHARED_DATA
 
-DATA_DIR = REPO.parent / "shared" / "data"
+DATA_DIR = SHARED_DATA
 TEST_SPLIT = DATA_DIR / "wikitext" / "wikitext-2-raw-v1" / "test.jsonl"
 
 

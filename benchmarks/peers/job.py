@@ -29,12 +29,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import torch
-
 from benchmarks.peers import autoround, gptq
 from benchmarks.peers.settings import PeerSettings, PeerUnavailable, installed_version, peer_settings
 from cbq_lightning.config import QuantizeConfig
 from cbq_lightning.data.calibration import calibration_ids
+from cbq_lightning.distributed import Placement, compute_device
 from cbq_lightning.evaluation.perplexity import evaluate_sets, prepare_eval_set
 from cbq_lightning.io import atomic_write_json
 from cbq_lightning.models.loading import load_model, load_tokenizer
@@ -90,13 +89,6 @@ def parse_peers(text: str | Sequence[str] | None) -> list[str]:
     return names
 
 
-def _device(config: QuantizeConfig) -> torch.device:
-    """Where ``cbq quantize`` would run this recipe (CUDA only when the recipe asks for it)."""
-    if config.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def _peak_rss_gib() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024**3 if sys.platform == "darwin" else 1024**2)
@@ -125,7 +117,7 @@ def run_peer(name: str, config: QuantizeConfig, iters: int | None = None) -> dic
     """
     started = time.perf_counter()
     peer = PEERS[name]
-    device = _device(config)
+    device = compute_device(config.trainer.accelerator, Placement())  # where `cbq quantize` would run it
     record: dict[str, Any] = {
         "peer": name, "label": peer.label, "package": peer.distribution,
         "version": installed_version(peer.distribution), "status": "ok", "reason": None, "settings": None,

@@ -3,8 +3,9 @@
 A source is one of:
 
 * a dataset name (``wikitext2``, ``wikitext2-tokenized``, ``c4``, ``ptb``): read from a local mirror
-  (``data_dir``, laid out as ``../shared/data``: ``wikitext/wikitext-2-raw-v1/test.jsonl``) when it holds
-  the split, else from the Hugging Face hub with the dataset's standard config;
+  (``data_dir``, or the folder in the ``CBQ_DATA_DIR`` environment variable when none is given; laid out as
+  ``wikitext/wikitext-2-raw-v1/test.jsonl``) when it holds the split, else from the Hugging Face hub with the
+  dataset's standard config;
 * a local ``.jsonl`` file (one ``{"text": ...}`` row per line, the hub's row layout) or ``.txt`` file;
 * ``shipped``: the small WikiText-2 validation excerpt inside the package (tests, smoke runs).
 
@@ -15,6 +16,7 @@ convention), so a local mirror and the hub give the very same tokens.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -24,8 +26,9 @@ from cbq_lightning.errors import DataError
 SHIPPED_SOURCE = "shipped"
 _SHIPPED_FILE = "wikitext2_validation_excerpt.txt"
 ROW_SEPARATOR = "\n\n"
-#: where the project's offline data lives when run from a checkout beside ``shared/``
-DEFAULT_DATA_DIR = "../shared/data"
+#: the local mirror used when a run gives no ``data_dir`` (no default folder: a path that exists on one
+#: machine's layout would be a trap on every other; the test suite sets it to the checkout's data)
+DATA_DIR_ENV = "CBQ_DATA_DIR"
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ def _hub_rows(name: str, dataset: NamedDataset, split: str, mirror: Path | None)
     except Exception as error:  # datasets raises many types: connection, missing split, scripts
         raise DataError(
             f"cannot load dataset {name!r} split {split!r} from the hub{where}: {error}. Offline? Put the rows "
-            f"in {dataset.mirror}/{split}.jsonl under data_dir, or give a local .jsonl/.txt file."
+            f"in {dataset.mirror}/{split}.jsonl under data_dir (or ${DATA_DIR_ENV}), or give a local .jsonl/.txt file."
         ) from error
     return _kept_rows(dataset, split, list(loaded[dataset.text_field]))
 
@@ -122,8 +125,10 @@ def _kept_rows(dataset: NamedDataset, split: str, rows: list[str]) -> list[str]:
 
 
 def load_named_rows(name: str, split: str, data_dir: str | None) -> list[str]:
-    """Rows of a named dataset split: the local mirror under ``data_dir`` if it has them, else the hub."""
+    """Rows of a named dataset split: the local mirror under ``data_dir`` (else ``$CBQ_DATA_DIR``) if it has
+    them, else the hub."""
     dataset = NAMED_DATASETS[name]
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
     mirror = Path(data_dir).expanduser() / dataset.mirror / f"{split}.jsonl" if data_dir else None
     if mirror is not None and mirror.is_file():
         return _kept_rows(dataset, split, read_jsonl_rows(mirror, dataset.text_field))

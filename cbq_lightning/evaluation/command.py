@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from cbq_lightning.data.text import DEFAULT_DATA_DIR
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.evaluation.perplexity import evaluate_sets, prepare_eval_set
 from cbq_lightning.evaluation.zero_shot import parse_tasks, prepare_tasks, run_tasks
@@ -38,7 +37,7 @@ class EvaluateConfig:
         seqlen: tokens per window.
         max_windows: evaluate the first N windows only; null = all.
         batch_size: windows per forward pass.
-        data_dir: local mirror of the named datasets, tried before the hub.
+        data_dir: local mirror of the named datasets, tried before the hub (null: ``$CBQ_DATA_DIR`` when set).
         dtype: weights dtype (``float32`` reproduces the published CPU figures).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         trust_remote_code: allow custom model code from the hub.
@@ -59,7 +58,7 @@ class EvaluateConfig:
     seqlen: int = 2048
     max_windows: int | None = None
     batch_size: int = 1
-    data_dir: str | None = DEFAULT_DATA_DIR
+    data_dir: str | None = None
     dtype: str = "float32"
     device: str = "auto"
     trust_remote_code: bool = False

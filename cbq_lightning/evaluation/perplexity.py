@@ -21,7 +21,7 @@ from torch import nn
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
-from cbq_lightning.data.text import DEFAULT_DATA_DIR, check_source, eval_split, load_text, tokenize_text
+from cbq_lightning.data.text import check_source, eval_split, load_text, tokenize_text
 from cbq_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def cut_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = Non
 
 def prepare_eval_set(
     source: str, tokenizer, seqlen: int, split: str | None = None, max_windows: int | None = None,
-    data_dir: str | None = DEFAULT_DATA_DIR,
+    data_dir: str | None = None,
 ) -> EvalSet:
     """Load, join, tokenize once and cut one dataset split."""
     resolved_split = eval_split(source, split)

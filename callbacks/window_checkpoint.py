@@ -1,0 +1,72 @@
+"""``WindowCheckpoint``: after each finished window, saves what a resumed run needs to go on from the next one.
+
+A window is the unit of work a run never loses: once its fit ends (and :class:`CrossBlockCallback` has
+finalised its leaving blocks and recorded it), this callback writes the finalised blocks, both input caches,
+the overlap blocks' calibrating state, the random state and the records so far
+(:class:`cbq_lightning.checkpoint.WindowCheckpointer` writes them atomically). A window the divergence guard
+finalises at round-to-nearest has no successful fit, so the runner calls :meth:`WindowCheckpoint.save` for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from callbacks.cross_block import CrossBlockCallback
+from cbq_lightning.cfp import CoarseToFinePreprocessor
+from cbq_lightning.checkpoint import WindowCheckpointer
+from cbq_lightning.crossblock import CrossBlockState
+from cbq_lightning.windows import Window
+
+
+class WindowCheckpoint(L.Callback):
+    """Saves the run's state after each window; give it after ``records`` in the Trainer's callbacks.
+
+    Args:
+        checkpointer: where and how the files are written (one checkpoint per rank under DDP).
+        state: the cross-block state (blocks, caches and history).
+        records: the callback that owns the window records; its ``on_fit_end`` must already have run.
+        cfp: the preprocessor, whose outlier channels the report lists for every block.
+        generator: the random generator of the LoRA-Rounding initialisation, restored on resume.
+        fp_results: the full-precision perplexities, kept so that a resumed run does not measure them again.
+    """
+
+    def __init__(
+        self,
+        checkpointer: WindowCheckpointer,
+        state: CrossBlockState,
+        records: CrossBlockCallback,
+        cfp: CoarseToFinePreprocessor,
+        generator: torch.Generator,
+        fp_results: list[dict[str, Any]] | None,
+    ) -> None:
+        self.checkpointer = checkpointer
+        self.state = state
+        self.records = records
+        self.cfp = cfp
+        self.generator = generator
+        self.fp_results = fp_results
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the TensorBoard step the next window starts from: this window's offset plus the steps it took
+        self.save(pl_module.window, pl_module.step_offset + trainer.global_step)
+
+    def save(self, window: Window, step_offset: int) -> None:
+        """Write the state after ``window``: its finalised blocks, then the moving state that replaces the
+        previous window's."""
+        for index in window.finalized:
+            self.checkpointer.save_block(index, self.state.blocks[index])
+        state = self.state.state_dict()
+        caches = {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
+        history = {name: value for name, value in state.items() if not isinstance(value, torch.Tensor)}
+        meta = {
+            **self.records.state_dict(),
+            "step_offset": step_offset,
+            **history,
+            **self.cfp.state_dict(),
+            "fp_results": self.fp_results,
+        }
+        overlap = {index: self.state.blocks[index] for index in window.blocks if index not in window.finalized}
+        self.checkpointer.save_state(window.index, caches, overlap, self.generator, meta)
