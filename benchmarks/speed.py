@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     state = CrossBlockState(adapter.blocks, inputs, kwargs, quantize, batch_size=args.batch, target_dtype=target_dtype)
     window = Window(index=0, blocks=tuple(range(args.window)), finalized=(0,))
     timer = StepTimer(device)
-    callback = CrossBlockCallback(state, device, hardened_loss=False)
+    callback = CrossBlockCallback(state, device)
     module = WindowModule(list(adapter.blocks), window, kwargs, LossConfig(), rounding, OptimConfig(batch_size=args.batch))
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
+from callbacks.hardened_objective import HardenedObjective
 from cbq_lightning.crossblock import BlockError, CrossBlockState
 from cbq_lightning.quant.convert import quant_linears
 from cbq_lightning.quant.qlinear import QuantLinear
@@ -50,18 +51,17 @@ class CrossBlockCallback(L.Callback):
         state: the caches and teachers shared by all windows of a run.
         device: where the window's blocks compute while it enters and leaves (the run's one device,
             :func:`cbq_lightning.distributed.compute_device`).
-        hardened_loss: measure the reconstruction loss with hardened rounding before and after each fit
-            (two extra passes over the calibration set per window; off saves that time on slow machines).
+        objective: the callback that reads each fit's hardened objective (and keeps the best state); its
+            figures go into the records. None: not measured.
     """
 
-    def __init__(self, state: CrossBlockState, device: torch.device | str, hardened_loss: bool = True) -> None:
+    def __init__(self, state: CrossBlockState, device: torch.device | str,
+                 objective: HardenedObjective | None = None) -> None:
         self.state = state
         self.device = torch.device(device)
-        self.hardened_loss = hardened_loss
+        self.objective = objective
         self.window_summaries: list[dict[str, Any]] = []
         self._started = 0.0
-        self._loss_first: float | None = None
-        self._loss_last: float | None = None
         self._attempt = 1
         self._lr_scale = 1.0
 
@@ -102,19 +102,8 @@ class CrossBlockCallback(L.Callback):
         if trainer.is_global_zero:
             log_preprocess(trainer.logger, self.state.preprocess_stats, entering)
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._loss_first = self._loss_last = None
-        # with train.keep_best the window measures its starting state itself
-        if self.hardened_loss and not pl_module.optim_config.keep_best:
-            self._loss_first = pl_module.hardened_loss()
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # measured even with train.keep_best: it checks the state the window kept
-        if self.hardened_loss:
-            self._loss_last = pl_module.hardened_loss()
-
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        window = pl_module.window
+        window, objective = pl_module.window, self.objective
         layers = [layer for _, layer in quant_linears(pl_module.blocks)]
         clip = [layer.mean_clip_ratio() for layer in layers if layer.quantizer is not None]
         act = [layer.act_quantizer.summary() for layer in layers if layer.act_quantizer is not None]
@@ -131,13 +120,13 @@ class CrossBlockCallback(L.Callback):
             # clipping thresholds) and which extensions added parameters
             "trainable_parameters": trainable,
             # hardened-rounding reconstruction loss before and after training (what finalising gives)
-            "loss_first": self._loss_first if self._loss_first is not None else pl_module.start_loss,
-            "loss_last": self._loss_last if self._loss_last is not None else pl_module.best_loss,
+            "loss_first": objective.first if objective else None,
+            "loss_last": objective.last if objective else None,
             "train_loss_first": pl_module.train_loss_first,
             "train_loss_last": pl_module.train_loss_last,
             # with train.keep_best: the epoch whose end state was kept (0: the fit's starting state)
-            "best_epoch": pl_module.best_epoch,
-            "best_loss": pl_module.best_loss,
+            "best_epoch": objective.best_epoch if objective else None,
+            "best_loss": objective.best_loss if objective else None,
             # share of rounding decisions learned away from round-to-nearest; None when rounding is not learned
             "flip_fraction": sum(flips) / len(flips) if flips else None,
             "clip_ratio": sum(clip) / len(clip) if clip else 1.0,

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from callbacks.cross_block import CrossBlockCallback, WindowTargets, log_preprocess
+from callbacks.hardened_objective import HardenedObjective
 from callbacks.progress import WindowProgressBar
 from callbacks.window_checkpoint import WindowCheckpoint
 from cbq_lightning.block_quantizer import BlockQuantizer
@@ -147,19 +148,35 @@ def _window_module(
     )
 
 
+def _measures_hardened_objective(config: QuantizeConfig) -> bool:
+    """Whether a fit runs its validation loop, the hardened objective (``monitor.hardened_loss`` or
+    ``train.keep_best``, which compares it epoch against epoch)."""
+    return config.monitor.hardened_loss or config.train.keep_best
+
+
 def _window_trainer(
     config: QuantizeConfig, epochs: int, logger: TensorBoardLogger, callbacks: list[L.Callback], total_windows: int
 ) -> L.Trainer:
     """The ``Trainer`` of one window's fit: the recipe's trainer settings, the run's shared logger, no
-    checkpointing of its own (the run saves finished windows), and the window progress bar."""
+    checkpointing of its own (:class:`~callbacks.window_checkpoint.WindowCheckpoint` saves finished windows),
+    and the window progress bar.
+
+    The validation loop measures the hardened objective (:mod:`callbacks.hardened_objective`): once over every
+    batch before training (Lightning's sanity check: the starting state), then after the last epoch, or after
+    every epoch with ``train.keep_best``. It runs without inference mode: the window caches tensors in its
+    forward that training reuses."""
     progress = [WindowProgressBar(total_windows)] if config.trainer.enable_progress_bar else []
+    measured = _measures_hardened_objective(config)
     return L.Trainer(
         max_epochs=epochs,
         logger=logger,
         callbacks=[*callbacks, *progress],
         enable_checkpointing=False,
         enable_model_summary=False,
-        num_sanity_val_steps=0,
+        num_sanity_val_steps=-1 if measured else 0,
+        limit_val_batches=1.0 if measured else 0,
+        check_val_every_n_epoch=1 if config.train.keep_best else epochs,
+        inference_mode=False,
         default_root_dir=config.output_dir,
         use_distributed_sampler=False,  # each rank already holds only its shard
         **{**dataclasses.asdict(config.trainer), "strategy": _strategy(config.trainer.strategy)},
@@ -181,6 +198,7 @@ class _WindowLoop:
     state: CrossBlockState
     logger: TensorBoardLogger
     records: CrossBlockCallback
+    objective: HardenedObjective
     checkpoint: WindowCheckpoint
     extra_callbacks: Sequence[L.Callback]
     output_head: nn.Module | None
@@ -203,18 +221,20 @@ class _WindowLoop:
         head = self.output_head if last_block in window.blocks else None
         for attempt in range(1, guard.retries + 2):
             module = _window_module(self.config, self.state, window, step_offset, lr_scale, head)
-            callbacks = [self.records, *self.extra_callbacks, self.checkpoint]
+            # records, then the objective (it restores the kept state before records read it), then the save
+            callbacks = [self.records, self.objective, *self.extra_callbacks, self.checkpoint]
             trainer = _window_trainer(self.config, self.config.train.epochs_for(self.scheme.w_bits), self.logger,
                                       callbacks, self.total_windows)
-            loader = DataLoader(
-                WindowTargets(self.state),
-                batch_size=self.config.train.batch_size,
-                shuffle=self.config.train.shuffle,
-                generator=torch.Generator().manual_seed(self.config.seed + window.index),
-            )
+            targets, batch_size = WindowTargets(self.state), self.config.train.batch_size
+            loader = DataLoader(targets, batch_size=batch_size, shuffle=self.config.train.shuffle,
+                                generator=torch.Generator().manual_seed(self.config.seed + window.index))
+            # the loss normalises per batch, so measurements meant to be compared batch the samples one fixed
+            # way; its own generator: drawing a loader's base seed must not advance the global RNG
+            fixed = DataLoader(targets, batch_size=batch_size, shuffle=False, generator=torch.Generator())
             self.records.begin_attempt(attempt, lr_scale)
             try:
-                trainer.fit(module, train_dataloaders=loader)
+                trainer.fit(module, train_dataloaders=loader,
+                            val_dataloaders=fixed if _measures_hardened_objective(self.config) else None)
             except SIGTERMException:  # Lightning ended the fit at a step boundary: this window is not saved
                 raise self._stopped("during", window) from None
             except DivergenceError as error:
@@ -556,7 +576,8 @@ def _calibrate(
 ) -> list[dict[str, Any]]:
     """CBQ's windows (resuming after the last saved one), or the RTN baseline's walk; the windows' records."""
     config, state = job.config, built.state
-    records = CrossBlockCallback(state, device, hardened_loss=config.monitor.hardened_loss)
+    objective = HardenedObjective(keep_best=config.train.keep_best)
+    records = CrossBlockCallback(state, device, objective)
     if not job.cbq:
         return _round_to_nearest(state, window_schedule(job.adapter.num_blocks, WindowConfig(size=1, overlap=0)),
                                  records, logger)
@@ -569,7 +590,8 @@ def _calibrate(
                  job.checkpointer.directory)
     checkpoint = WindowCheckpoint(job.checkpointer, state, records, built.cfp, built.quantizer.generator, fp_results)
     loop = _WindowLoop(
-        config=config, scheme=job.scheme, state=state, logger=logger, records=records, checkpoint=checkpoint,
+        config=config, scheme=job.scheme, state=state, logger=logger, records=records, objective=objective,
+        checkpoint=checkpoint,
         extra_callbacks=callbacks, stop=stop, total_windows=total_windows,
         output_head=job.adapter.output_head() if config.loss.output_kl_weight > 0 else None,
     )

@@ -9,16 +9,13 @@ learns is what the model keeps.
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from cbq_lightning.distributed import all_reduce_, global_mean
+from cbq_lightning.distributed import global_mean
 from cbq_lightning.errors import TrainingError
 from cbq_lightning.guard import TrainableSnapshot, check_loss
 from cbq_lightning.loss import LossConfig, homologous_loss, output_kl
@@ -28,6 +25,9 @@ from cbq_lightning.quant.convert import hard_rounding, quant_linears
 from cbq_lightning.quant.rounding import RoundingConfig, beta_at
 from cbq_lightning.train_config import OptimConfig
 from cbq_lightning.windows import Window
+
+#: the name :meth:`WindowModule.validation_step` logs the hardened objective under
+HARDENED_LOSS = "hardened_loss"
 
 
 class WindowModule(L.LightningModule):
@@ -88,13 +88,9 @@ class WindowModule(L.LightningModule):
         # a tuple keeps the head out of named_parameters / state_dict / DDP; moved lazily by output_head_on
         self._output_head: tuple[nn.Module, ...] = (output_head,) if output_head is not None else ()
         self._output_head_generator = torch.Generator().manual_seed(7919 + window.index)
-        #: with ``train.keep_best``: the epoch whose end state the window kept (0: the state the fit started
-        #: from) and its hardened objective
-        self.best_epoch: int | None = None
-        self.best_loss: float | None = None
-        #: with ``train.keep_best``: the hardened objective of the state the fit started from
-        self.start_loss: float | None = None
-        self._best_state: TrainableSnapshot | None = None
+        #: output-KL positions of the hardened objective: drawn afresh from one seed by every validation run,
+        #: so that two measurements of one fit compare the same terms
+        self._validation_generator = torch.Generator()
         self.freeze_all_but_quantization_parameters()
 
     # --- parameters ----------------------------------------------------------------------------------
@@ -135,10 +131,6 @@ class WindowModule(L.LightningModule):
     def on_train_start(self) -> None:
         # after the callback quantized the entering blocks: this is where a retried fit must start again
         self._start_state = TrainableSnapshot(self)
-        if self.optim_config.keep_best:
-            self.start_loss = self.hardened_loss()
-            self.best_epoch, self.best_loss = 0, self.start_loss
-            self._best_state = self._start_state
 
     def restore_start_state(self) -> None:
         """Put the trainable tensors back to where this fit started (the divergence guard's retry)."""
@@ -223,18 +215,6 @@ class WindowModule(L.LightningModule):
                 self.train_loss_first = mean
             self.train_loss_last = mean
         self._epoch_loss_sum, self._epoch_steps = 0.0, 0
-        if self.optim_config.keep_best and self.best_loss is not None:
-            self._keep_if_best(self.trainer.current_epoch + 1)
-
-    def _keep_if_best(self, epoch: int) -> None:
-        """Remember the state after ``epoch`` if it beats the best so far; after the last epoch, go back
-        to the best. Restoring here (not in ``on_train_end``) lets the callbacks' end-of-fit measurements
-        see the state the window keeps."""
-        loss = self.hardened_loss()
-        if loss < self.best_loss:
-            self.best_epoch, self.best_loss, self._best_state = epoch, loss, TrainableSnapshot(self)
-        if epoch >= self.trainer.max_epochs and self.best_epoch != epoch:
-            self._best_state.restore(self)
 
     def objective(
         self, output: torch.Tensor, y_fp: torch.Tensor, y_h: torch.Tensor, generator: torch.Generator
@@ -248,37 +228,19 @@ class WindowModule(L.LightningModule):
             parts["loss"] = parts["loss"] + self.loss_config.output_kl_weight * parts["output_kl"]
         return parts
 
-    def fixed_batches(self) -> DataLoader:
-        """The fit's calibration samples in their stored order and the fit's batch size.
+    # --- the hardened objective (Lightning's validation loop; :mod:`callbacks.hardened_objective`) ----------
+    def on_validation_epoch_start(self) -> None:
+        self._validation_generator.manual_seed(104729 + self.window.index)
 
-        The loss normalises per batch, so its mean depends on which samples share a batch: measurements
-        meant to be compared (before/after a fit, epoch against epoch) must batch the samples the same way,
-        which the reshuffling training loader does not.
-        """
-        loader = self.trainer.train_dataloader
-        # its own generator: iterating a loader draws a base seed, which must not advance the global RNG
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, generator=torch.Generator())
-
-    @torch.no_grad()
-    def hardened_loss(self, batches: Iterable[tuple[torch.Tensor, ...]] | None = None) -> float:
-        """Mean objective (without the rounding regulariser) with hardened rounding: what finalising now
-        would give.
-
-        The soft rounding of LoRA-Rounding reproduces the full-precision weight at initialisation, so the
-        *training* loss starts artificially low; this is the loss that measures what training achieved.
-        The output-KL positions are drawn from a fixed seed, so two measurements compare the same terms.
-        ``batches`` defaults to :meth:`fixed_batches`.
-        """
-        batches = self.fixed_batches() if batches is None else batches
-        total, count = 0.0, 0
-        generator = torch.Generator().manual_seed(104729 + self.window.index)
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        """The objective (without the rounding regulariser) with hardened rounding: what finalising now would
+        give. Logged per sample in float64 and reduced over the ranks, so every rank reads the same mean over
+        all calibration samples."""
+        x_q, y_fp, y_h = batch
         with hard_rounding(self.blocks):
-            for x_q, y_fp, y_h in batches:
-                x_q, y_fp, y_h = (t.to(self.device) for t in (x_q, y_fp, y_h))
-                total += float(self.objective(self(x_q), y_fp, y_h, generator)["loss"]) * x_q.shape[0]
-                count += x_q.shape[0]
-        sums = all_reduce_(torch.tensor([total, float(count)], dtype=torch.float64))
-        return float(sums[0]) / max(float(sums[1]), 1.0)
+            loss = self.objective(self(x_q), y_fp, y_h, self._validation_generator)["loss"]
+        self.log(HARDENED_LOSS, loss.double(), batch_size=x_q.shape[0], on_step=False, on_epoch=True,
+                 sync_dist=True, logger=False)
 
     # --- optimisation --------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -293,8 +255,7 @@ class WindowModule(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         if self.optim_config.lr_schedule == "constant":
             return optimizer
+        # cosine decay to 0 over the fit's steps
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step / total, 1.0)))
-        )
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=0.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,15 @@ from tests.conftest import REPO, load_recipe
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
 
 
-def test_there_are_recipes() -> None:
-    assert RECIPES
+def test_every_recipe_is_documented_and_every_documented_recipe_exists() -> None:
+    """A recipe nobody can find, or a README / docs line naming a recipe that is gone, is a defect either way."""
+    text = "\n".join(path.read_text() for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
+    referenced = set(re.findall(r"configs/([\w.-]+\.yaml)", text))  # paths a user would copy
+    mentioned = referenced | set(re.findall(r"`([\w.-]+\.yaml)`", text))  # the recipe table names them bare
+    shipped = {path.name for path in RECIPES}
+    assert shipped, "configs/ holds no recipe"
+    assert referenced - shipped == set(), "documented but missing"
+    assert shipped - mentioned == set(), "shipped but documented nowhere"
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)

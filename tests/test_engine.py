@@ -11,15 +11,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from callbacks.cross_block import CrossBlockCallback, WindowTargets
+from callbacks.hardened_objective import HardenedObjective
 from cbq_lightning.crossblock import CrossBlockState
 from cbq_lightning.errors import TrainingError
 from cbq_lightning.loss import LossConfig
 from cbq_lightning.models.adapter import DecoderAdapter, run_blocks_batched
-from cbq_lightning.quant.convert import quant_linears, quantize_block
+from cbq_lightning.quant.convert import hard_rounding, quant_linears, quantize_block
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.train_config import OptimConfig
-from cbq_lightning.window import WindowModule
+from cbq_lightning.window import HARDENED_LOSS, WindowModule
 from cbq_lightning.windows import WindowConfig, window_schedule
 
 SCHEME = QuantScheme(w_bits=3)
@@ -135,21 +136,52 @@ def test_loss_is_zero_when_the_window_is_its_teacher(tiny_model: nn.Module) -> N
     state, window, module = _window_module(copy.deepcopy(tiny_model), lambda index, block: None)
     state.enter(window, "cpu")
     loader = DataLoader(WindowTargets(state), batch_size=3)
-    assert module.hardened_loss(loader) == 0.0
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        inference_mode=False)
+    trainer.validate(module, loader, verbose=False)
+    assert float(trainer.callback_metrics[HARDENED_LOSS]) == 0.0
+
+
+def test_hardened_objective_weights_each_batch_by_its_samples(tiny_model: nn.Module) -> None:
+    """The validation loop's figure is the batches' hardened objectives weighted by their sample counts (6
+    samples as 4 + 2: not the plain mean of the two batch means), and it hardens the rounding: it differs from
+    the soft forward's once the decisions have moved from their start."""
+    state, window, module = _window_module(copy.deepcopy(tiny_model), _quantizer)
+    state.enter(window, "cpu")
+    with torch.no_grad():
+        for _, layer in quant_linears(module.blocks):
+            layer.rounding.a2.add_(0.3)  # move the soft decisions away from what hardening gives
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        inference_mode=False)
+    trainer.validate(module, DataLoader(WindowTargets(state), batch_size=4), verbose=False)
+    measured = float(trainer.callback_metrics[HARDENED_LOSS])
+    batches = [(state.x_q[a:b], state.y_fp[a:b], state.y_h[a:b]) for a, b in ((0, 4), (4, 6))]
+    with torch.no_grad():
+        with hard_rounding(module.blocks):
+            hard = [float(module.objective(module(x), y, h, torch.Generator())["loss"]) for x, y, h in batches]
+        soft = [float(module.objective(module(x), y, h, torch.Generator())["loss"]) for x, y, h in batches]
+    assert measured == pytest.approx((4 * hard[0] + 2 * hard[1]) / 6, rel=1e-6)
+    assert measured != pytest.approx((hard[0] + hard[1]) / 2, rel=1e-4)
+    assert measured != pytest.approx((4 * soft[0] + 2 * soft[1]) / 6, rel=1e-4)
 
 
 def test_callback_drives_a_window_fit(tiny_model: nn.Module) -> None:
     """One trainer.fit of a WindowModule with the callback: quantize at setup, finalise after the fit."""
     model = copy.deepcopy(tiny_model)
     state, window, module = _window_module(model, _quantizer)
-    callback = CrossBlockCallback(state, "cpu")
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, callbacks=[callback],
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, DataLoader(WindowTargets(state), batch_size=3))
+    objective = HardenedObjective(keep_best=False)
+    callback = CrossBlockCallback(state, "cpu", objective)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, callbacks=[callback, objective],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=-1, check_val_every_n_epoch=2, inference_mode=False)
+    targets = WindowTargets(state)
+    trainer.fit(module, DataLoader(targets, batch_size=3), DataLoader(targets, batch_size=3))
     summary = callback.window_summaries[0]
     assert summary["steps"] == 4 and summary["finalized"] == [0]
     assert all(layer.finalized for _, layer in quant_linears(model.model.layers[0]))
-    assert summary["train_loss_first"] is not None and summary["loss_last"] is not None
+    # the hardened objective before (sanity check) and after (last epoch's validation) the fit
+    assert summary["train_loss_first"] is not None and None not in (summary["loss_first"], summary["loss_last"])
+    assert summary["loss_first"] != summary["loss_last"]
 
 
 def test_preprocessing_hook_sees_each_block_once_before_quantization(tiny_model: nn.Module) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cbq_lightning.runner import run_quantize
-from cbq_lightning.train_config import OptimConfig
 from tests.conftest import TINY_RECIPE, load_recipe
 
 EPOCHS = 3
@@ -24,16 +23,12 @@ def _windows(tmp_path: Path, name: str, *overrides: str) -> list[dict]:
     return json.loads((out / "report.json").read_text())["windows"]
 
 
-def test_keep_best_is_off_by_default() -> None:
-    assert OptimConfig().keep_best is False
-
-
 def test_a_fit_that_hurts_returns_to_its_start(tmp_path: Path) -> None:
     """At learning rate 0.3 training leaves the first window worse than it started (checked without
     keep_best); with it, that window ends exactly at its starting state and no window ends worse than it
     started."""
     hurt = ["--train.lr_rounding", "0.3", "--train.lr_clip", "0.3"]
-    plain = _windows(tmp_path, "plain", *hurt)
+    plain = _windows(tmp_path, "plain", *hurt)  # the recipe as it is: keep-best off unless asked for
     assert plain[0]["loss_last"] > 1.2 * plain[0]["loss_first"]
     assert all(w["best_epoch"] is None and w["best_loss"] is None for w in plain)
     kept = _windows(tmp_path, "kept", *hurt, "--train.keep_best", "true")

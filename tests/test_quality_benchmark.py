@@ -30,6 +30,33 @@ def _run(ppl: float, wall: float = 600.0) -> dict:
                        "peak_rss_gib": 2.5, **CBQ_WINDOWS}, "wall_s": wall}
 
 
+def _tables(text: str) -> list[list[dict[str, str]]]:
+    """Every markdown table in ``text`` as rows of ``{column header: cell}``: the tests read cells by column,
+    not the table's layout (a column added or moved is not a regression); a row whose cell count differs from
+    its header's is one."""
+    tables, header, rows = [], None, []
+    for line in [*text.splitlines(), ""]:
+        if not line.startswith("|"):
+            if header is not None:
+                tables.append(rows)
+            header, rows = None, []
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif set(line) - set("|-: "):  # not the separator row
+            assert len(cells) == len(header), line
+            rows.append(dict(zip(header, cells, strict=True)))
+    return tables
+
+
+def _row(text: str, scheme: str, table: int = 0, **match: str) -> dict[str, str]:
+    """The row of ``scheme`` in the ``table``-th table of ``text`` (and whose other cells equal ``match``)."""
+    found = [r for r in _tables(text)[table] if r["scheme"] == scheme and all(r[k] == v for k, v in match.items())]
+    assert len(found) == 1, (scheme, match, text)
+    return found[0]
+
+
 def test_only_a_lora_rounding_run_on_overlapping_windows_is_called_cbq(quality) -> None:
     assert quality.is_cbq(CBQ_WINDOWS)
     counts = CBQ_WINDOWS["windows"][0]["trainable_parameters"]
@@ -39,7 +66,7 @@ def test_only_a_lora_rounding_run_on_overlapping_windows_is_called_cbq(quality) 
     assert not quality.is_cbq({"window": {"size": 2, "overlap": 1}, "windows": [{"index": 0}]})  # no counts: unknown
     fp = {"results": [{"ppl": 20.0}]}
     old = quality._row("W3A16G64", fp, _run(72.0), {"report": {**_run(27.84)["report"], **offsets}, "wall_s": 1.0})
-    assert "| not CBQ: 27.84 (earlier recipe) |" in quality._table([old])
+    assert _row(quality._table([old]), "W3A16G64")["CBQ (shipped recipe)"] == "not CBQ: 27.84 (earlier recipe)"
 
 
 def test_row_gap_closed_and_cfp_ablation(quality) -> None:
@@ -55,7 +82,8 @@ def test_paper_settings_have_a_column_of_their_own(quality) -> None:
     fp = {"results": [{"ppl": 20.0}]}
     row = quality._row("W3A16G64", fp, _run(72.0), _run(28.0), cbq_paper=_run(60.0, wall=900.0))
     assert row["cbq_paper"] == 60.0 and row["cbq_paper_time_s"] == 900.0 and row["cbq"] == 28.0
-    assert "| 60.00 | - | 28.00 |" in quality._table([row]).splitlines()[2]
+    cells = _row(quality._table([row]), "W3A16G64")
+    assert (cells["CBQ (paper settings)"], cells["CBQ w/o CFP"], cells["CBQ (shipped recipe)"]) == ("60.00", "-", "28.00")
 
 
 def test_paper_flags_are_what_method_md_states(quality) -> None:
@@ -102,10 +130,13 @@ def test_combined_table_takes_the_latest_record_of_every_scheme(quality, tmp_pat
                   "cbq_report": CBQ_WINDOWS}
         (tmp_path / f"quality_{scheme.lower()}.json").write_text(json.dumps(record))
     table = quality._combined_table(tmp_path, "")
-    lines = table.splitlines()
-    assert lines[0].startswith("| scheme | FP | RTN | CBQ (paper settings) | CBQ w/o CFP | CBQ (shipped recipe) |")
-    assert lines[2].startswith("| W4A16 | 20.00 | 37.00 | not measured | - | 28.00 | 53 % |")
-    assert lines[3].startswith("| W4A4 | 20.00 | 900.00 | not measured | 450.00 | 300.00 | 68 % | 0.33 | 15.00 |")
+    assert [r["scheme"] for r in _tables(table)[0]] == ["W4A16", "W4A4"]  # the schemes' order, not the files'
+    w4 = _row(table, "W4A16")
+    assert (w4["FP"], w4["RTN"], w4["CBQ (paper settings)"], w4["CBQ w/o CFP"]) == ("20.00", "37.00", "not measured", "-")
+    assert (w4["CBQ (shipped recipe)"], w4["gap closed"]) == ("28.00", "53 %")
+    w4a4 = _row(table, "W4A4")
+    assert (w4a4["RTN"], w4a4["CBQ w/o CFP"], w4a4["CBQ (shipped recipe)"]) == ("900.00", "450.00", "300.00")
+    assert (w4a4["gap closed"], w4a4["CBQ / RTN"], w4a4["CBQ / FP"]) == ("68 %", "0.33", "15.00")
     assert "--schemes W4A4" in table
 
 
@@ -128,17 +159,19 @@ def test_peer_columns_show_perplexity_or_the_reason(quality) -> None:
     w4a4 = quality._row("W4A4", fp, _run(900.0), _run(300.0), _run(450.0),
                         peers={"gptq": _peer_record("gptq", None, "failed", "RuntimeError: boom")})
     old = quality._row("W4A16", fp, _run(37.0), _run(28.0))  # a record made before peers existed
-    lines = quality._table([row, w4a4, old]).splitlines()
-    assert lines[0].startswith("| scheme | FP | RTN | GPTQ | AutoRound (200 iters) | CBQ (paper settings) | CBQ w/o CFP | CBQ (shipped recipe) |")
-    assert lines[1].count("|") == lines[0].count("|")
-    assert lines[2].startswith("| W3A16G64 | 20.00 | 72.00 | 45.00 | not run: auto-round not installed")
-    assert lines[3].startswith("| W4A4 | 20.00 | 900.00 | failed: RuntimeError: boom | - | not measured | 450.00 | 300.00 |")
-    assert lines[4].startswith("| W4A16 | 20.00 | 37.00 | - | - | not measured | - | 28.00 |")
+    table = quality._table([row, w4a4, old])
+    w3 = _row(table, "W3A16G64")
+    assert w3["GPTQ"] == "45.00" and w3["AutoRound (200 iters)"].startswith("not run: auto-round not installed")
+    assert w3["CBQ (shipped recipe)"] == "36.00"
+    failed = _row(table, "W4A4")
+    assert (failed["GPTQ"], failed["AutoRound (200 iters)"], failed["CBQ w/o CFP"]) == ("failed: RuntimeError: boom", "-", "450.00")
+    before = _row(table, "W4A16")  # a record made before peers existed: "-" under every peer
+    assert (before["GPTQ"], before["AutoRound (200 iters)"], before["CBQ (shipped recipe)"]) == ("-", "-", "28.00")
     notes = quality._peer_notes(row)
     assert len(notes) == 1 and "GPTQ: gptqmodel 1.0 (bits 3, group_size 64, sym False)" in notes[0]
     assert "quantization 1.5 min, whole peer run 2.5 min" in notes[0]
     # no peers anywhere: the table keeps its columns
-    assert quality._table([old]).startswith("| scheme | FP | RTN | CBQ (paper settings) | CBQ w/o CFP | CBQ (shipped recipe) |")
+    assert "GPTQ" not in _row(quality._table([old]), "W4A16") and "CBQ (paper settings)" in _row(quality._table([old]), "W4A16")
 
 
 def test_peer_process_gives_a_record_in_any_environment(quality, tmp_path: Path, monkeypatch) -> None:
@@ -203,7 +236,7 @@ def test_redraw_rewrites_table_and_plot_from_the_records(quality, tmp_path: Path
     else:
         assert (tmp_path / "quality.png").stat().st_size > 10_000
     table = (tmp_path / "quality.md").read_text()
-    assert "| W4A16 | 20.00 | 37.00 |" in table and "| W3A16G64 | 20.00 | 72.00 |" in table
+    assert _row(table, "W4A16")["RTN"] == "37.00" and _row(table, "W3A16G64")["RTN"] == "72.00"
     assert quality.main(["--redraw", "--output", str(tmp_path / "empty")]) == 0
     out = capsys.readouterr().out
     assert "table skipped" in out and "plot skipped" in out
@@ -231,7 +264,8 @@ def test_peers_only_adds_peers_to_the_existing_record(quality, tmp_path: Path, m
     assert updated["row"]["cbq"] == 36.0 and updated["row"]["peers"]["autoround"]["ppl"] == 39.0
     assert set(updated["peers"]) == {"gptq", "autoround"} and "--peers-only" in updated["peer_run"]["invocation"]
     table = (tmp_path / "quality.md").read_text()
-    assert "| W3A16G64 | 20.00 | 72.00 | 41.00 | 39.00 | not measured | - | 36.00 |" in table
+    cells = _row(table, "W3A16G64")
+    assert (cells["GPTQ"], cells["AutoRound (200 iters)"], cells["CBQ (shipped recipe)"]) == ("41.00", "39.00", "36.00")
     with pytest.raises(SystemExit, match="drop --set"):
         quality.main(["--schemes", "W3A16G64", "--peers", "gptq", "--peers-only", "--set", "train.epochs=3",
                       "--output", str(tmp_path)])
@@ -294,9 +328,11 @@ def test_ablations_only_adds_rows_to_the_existing_record(quality, tmp_path: Path
     assert updated["row"]["cbq"] == 2400.0, "the plain CBQ row stays"
     assert updated["row"]["ablations"]["lowrank10"]["over_cbq"] == pytest.approx(0.5)
     table = (tmp_path / "quality.md").read_text()
-    assert ("| W4A4 | lowrank10 | `correction.rank_fraction=0.1` | 1200.00 | 0.500 | 1,000,000 params (12.5 %) | "
-            "25.0 min | 2.50 GiB |") in table
-    assert "| W4A4 | smooth | `quant.clamp=smooth` | 2000.00 | 0.833 | - |" in table
+    lowrank = _row(table, "W4A4", table=1, ablation="lowrank10")
+    assert (lowrank["overrides"], lowrank["PPL"], lowrank["/ CBQ"]) == ("`correction.rank_fraction=0.1`", "1200.00", "0.500")
+    assert (lowrank["adds"], lowrank["time"], lowrank["peak RSS"]) == ("1,000,000 params (12.5 %)", "25.0 min", "2.50 GiB")
+    smooth = _row(table, "W4A4", table=1, ablation="smooth")
+    assert (smooth["PPL"], smooth["/ CBQ"], smooth["adds"]) == ("2000.00", "0.833", "-")
     with pytest.raises(SystemExit, match="needs --ablation"):
         quality.main(["--schemes", "W4A4", "--ablations-only", "--output", str(tmp_path)])
 
@@ -314,7 +350,8 @@ def test_paper_only_adds_the_paper_row_to_the_existing_record(quality, tmp_path:
     updated = json.loads(path.read_text())
     assert updated["row"]["cbq_paper"] == 60.0 and updated["row"]["cbq"] == 28.0
     assert "--paper-only" in updated["paper_run"]["invocation"]
-    assert "| W3A16G64 | 20.00 | 72.00 | 60.00 | - | 28.00 |" in (tmp_path / "quality.md").read_text()
+    cells = _row((tmp_path / "quality.md").read_text(), "W3A16G64")
+    assert (cells["RTN"], cells["CBQ (paper settings)"], cells["CBQ (shipped recipe)"]) == ("72.00", "60.00", "28.00")
     with pytest.raises(SystemExit, match="one after the other"):
         quality.main(["--schemes", "W3A16G64", "--paper-only", "--ablations-only", "--ablation", "a", "x.y=1",
                       "--output", str(tmp_path)])

@@ -53,9 +53,16 @@ def test_is_last_without_overlap():
     assert [w.is_last for w in window_schedule(3, WindowConfig(1, 0))] == [False, False, True]
 
 
-def test_default_config_is_k2_o1():
-    config = WindowConfig()
-    assert (config.size, config.overlap) == (2, 1)
+def test_the_default_windows_slide_over_every_block_twice():
+    """CBQ's windows (docs/method.md §3) without any setting: each block but the first and the last is
+    trained in two consecutive windows, and the second visit starts from what the first learned (the block opens
+    the next window unfinalised)."""
+    windows = window_schedule(6, WindowConfig())
+    visits = [sum(b in w.blocks for w in windows) for b in range(6)]
+    assert visits == [1, 2, 2, 2, 2, 1]
+    for first, second in zip(windows, windows[1:], strict=False):
+        carried = [b for b in first.blocks if b not in first.finalized]
+        assert carried and second.blocks[: len(carried)] == tuple(carried)
 
 
 @pytest.mark.parametrize("num_blocks", range(1, 9))
