@@ -405,9 +405,19 @@ def test_offset_has_no_regulariser_and_trains_with_clipping():
 
 def test_offset_form_skips_the_low_rank_check():
     blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4))])
-    check_rounding_rank(blocks, RoundingConfig(form="offset", rank=8))
+    check_rounding_rank(blocks, RoundingConfig(form="offset"))
     with pytest.raises(ConfigError, match="not low-rank"):
         check_rounding_rank(blocks, RoundingConfig(form="residual", rank=8))
+
+
+def test_offset_form_refuses_the_settings_it_would_ignore():
+    """``rank`` with ``form: offset`` (the earlier SmolLM2 recipes' rank 4 / reg_weight next to offsets) trains
+    nothing different: refused, naming each key and its default, rather than silently ignored."""
+    with pytest.raises(ConfigError, match=r"rounding\.rank=64, rounding\.reg_weight=0\.1 would do nothing: set "
+                                          r"--rounding\.rank 4 --rounding\.reg_weight 0\.01"):
+        RoundingConfig(form="offset", rank=64, reg_weight=0.1)
+    RoundingConfig(form="offset", forward="hardened")  # the offset's forward is straight-through either way
+    RoundingConfig(form="residual", rank=64, reg_weight=0.1)
 
 
 def test_unknown_rounding_form_in_config_raises():

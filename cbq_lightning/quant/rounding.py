@@ -18,7 +18,7 @@ its group's max or min is clamped to the top/bottom code, as any integer-zero-po
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -86,6 +86,23 @@ class RoundingConfig:
             raise ConfigError(f"rounding.reg_weight={self.reg_weight} must be >= 0.")
         if self.forward not in ("soft", "hardened"):
             raise ConfigError(f"rounding.forward={self.forward!r} is unknown: use 'soft' or 'hardened'.")
+        if self.form == "offset":
+            self._refuse_settings_offset_ignores()
+
+    def _refuse_settings_offset_ignores(self) -> None:
+        """``form: offset`` trains one full-rank offset per weight through a straight-through forward: it has no
+        factors and no regulariser, so a changed rank, initialisation or regulariser setting would silently do
+        nothing (``forward`` is not checked: either value describes the offset's straight-through forward)."""
+        ignored = ("rank", "init_std", "reg_weight", "beta_start", "beta_end", "warmup")
+        defaults = {f.name: f.default for f in fields(self)}
+        changed = [(name, getattr(self, name), defaults[name]) for name in ignored if getattr(self, name) != defaults[name]]
+        if changed:
+            shown = ", ".join(f"rounding.{name}={value}" for name, value, _ in changed)
+            fix = " ".join(f"--rounding.{name} {default}" for name, _, default in changed)
+            raise ConfigError(
+                f"rounding.form=offset has no LoRA factors and no regulariser, so {shown} would do nothing: set "
+                f"{fix} (the defaults), or use rounding.form=residual."
+            )
 
 
 class LoRARounding(nn.Module):
