@@ -1,6 +1,6 @@
 """``cbq`` command line, built on Lightning's CLI parser (jsonargparse).
 
-``cbq quantize --config configs/<recipe>.yaml [--quant.w_bits 3] [--method rtn] [--output_dir DIR]``
+``cbq quantize --config configs/<recipe>.yaml [--quant.scheme W3A16] [--method rtn] [--output_dir DIR]``
 ``cbq evaluate --model PATH_OR_NAME [--data wikitext2] [--max_windows 40] [--tasks arc_easy,piqa]``,
 ``cbq export --run DIR --format {compressed-tensors,gptq} [--output OUT] [--dtype float16]``.
 Every field of :class:`~cbq_lightning.config.QuantizeConfig` is a YAML key and a dotted flag;

@@ -35,8 +35,8 @@ def test_scheme_strings_map_to_the_peers_grid() -> None:
     assert peer_settings("w2a16g64").describe() == "W2 g64 asym"
     with pytest.raises(PeerUnavailable, match="weight-only peer: W4A8"):
         peer_settings("W4A8")
-    # the recipe's overrides count (quant.sym, quant.group_size), as in cbq quantize
-    config = job.load_recipe(TINY_RECIPE, ["--quant.sym", "true", "--quant.group_size", "32"])
+    # the recipe's overrides count (quant.sym, the scheme's group size), as in cbq quantize
+    config = job.load_recipe(TINY_RECIPE, ["--quant.sym", "true", "--quant.scheme", "W3A16G32"])
     assert peer_settings(config.quant.resolve()) == PeerSettings(3, 32, True)
 
 

@@ -1,4 +1,4 @@
-"""User-facing quantization settings: a scheme string plus per-field overrides."""
+"""User-facing quantization settings: the scheme string (bits, group size, activation bits) and how to quantize."""
 
 from __future__ import annotations
 
@@ -16,10 +16,8 @@ class QuantConfig:
     """What to quantize and how.
 
     Attributes:
-        scheme: ``W<bits>A<bits>[G<group>]``, e.g. ``W4A16`` (per-channel), ``W3A16G64``.
-        w_bits: override the scheme's weight bits.
-        group_size: override the scheme's group size (``-1`` forces per-channel).
-        a_bits: override the scheme's activation bits (16 = activations in floating point).
+        scheme: ``W<bits>A<bits>[G<group>]``, e.g. ``W4A16`` (per-channel), ``W3A16G64``, ``W4A8``: the one
+            place that says the weight bits, the group size and the activation bits (16 = floating point).
         sym: symmetric weights (needed for GPTQ-v1 export).
         learnable_clip: learn per-channel/group clipping thresholds (CBQ); False keeps min/max.
         clip_init: initial clipping ratio of the learnable thresholds (sigmoid of the logit).
@@ -58,9 +56,6 @@ class QuantConfig:
     """
 
     scheme: str = "W4A16"
-    w_bits: int | None = None
-    group_size: int | None = None
-    a_bits: int | None = None
     sym: bool = False
     learnable_clip: bool = True
     clip_init: float = 0.99
@@ -100,17 +95,9 @@ class QuantConfig:
         return GPTQInit(damp=self.gptq_damp, act_order=self.gptq_act_order)
 
     def resolve(self) -> QuantScheme:
-        """Scheme string with the explicit overrides applied, validated."""
+        """The scheme string with ``sym``, validated."""
         base = parse_scheme(self.scheme)
-        group = base.group_size
-        if self.group_size is not None:
-            group = None if self.group_size in (-1, 0) else self.group_size
-        scheme = QuantScheme(
-            w_bits=base.w_bits if self.w_bits is None else self.w_bits,
-            group_size=group,
-            a_bits=base.a_bits if self.a_bits is None else self.a_bits,
-            sym=self.sym,
-        )
+        scheme = QuantScheme(w_bits=base.w_bits, group_size=base.group_size, a_bits=base.a_bits, sym=self.sym)
         if scheme.quantizes_activations:
             self.act_settings(trained=True)  # raises a ConfigError on a bad mode or clip ratio
         return scheme
@@ -120,8 +107,7 @@ class QuantConfig:
 
         ``trained=False`` (the RTN baseline) gives the untrained quantizer: no clipping, nothing learned.
         """
-        base = parse_scheme(self.scheme)
-        bits = base.a_bits if self.a_bits is None else self.a_bits
+        bits = parse_scheme(self.scheme).a_bits
         if bits >= 16:
             return None
         if not trained:
