@@ -35,6 +35,7 @@ from cbq_lightning.loss import LossConfig
 from cbq_lightning.models.adapter import DecoderAdapter
 from cbq_lightning.quant.config import QuantConfig
 from cbq_lightning.quant.convert import quantize_block
+from cbq_lightning.quant.qlinear import LayerQuantConfig
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.runner import versions
 from cbq_lightning.train_config import OptimConfig
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     rounding = RoundingConfig()
 
     def quantize(index: int, block: torch.nn.Module) -> None:
-        quantize_block(block, scheme, rounding, True, 0.99, generator, None, None, act)
+        quantize_block(block, LayerQuantConfig(scheme, rounding, learnable_clip=True, clip_init=0.99, act=act), generator)
 
     state = CrossBlockState(adapter.blocks, inputs, kwargs, quantize, batch_size=args.batch, target_dtype=target_dtype)
     window = Window(index=0, blocks=tuple(range(args.window)), finalized=(0,))

@@ -16,12 +16,10 @@ from torch import nn
 
 from cbq_lightning.quant.act_quantizer import ActQuantSettings
 from cbq_lightning.quant.convert import quantize_block, rtn_block
-from cbq_lightning.quant.correction import CorrectionConfig
-from cbq_lightning.quant.gptq import GPTQInit
 from cbq_lightning.quant.input_moments import InputMoments
-from cbq_lightning.quant.rounding import RoundingConfig
+from cbq_lightning.quant.qlinear import LayerQuantConfig
 from cbq_lightning.quant.scheme import QuantScheme
-from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
+from cbq_lightning.quant.weight_quantizer import WeightQuantizer
 
 
 @dataclass
@@ -29,34 +27,25 @@ class BlockQuantizer:
     """The run's quantization of one block, resolved once from the configuration.
 
     Attributes:
-        scheme: bits, group size, symmetry, activation bits.
-        rounding: LoRA-Rounding settings (``enabled=False`` for the RTN method).
-        learnable_clip: whether the clipping logits train.
-        clip_init: the initial clipping ratio (1.0 when clipping is not learned).
+        layer: how every linear is quantized (scheme, rounding, clipping, clip search, activations, GPTQ start,
+            correction); a mixed-precision run changes only the bits per layer.
         generator: the run's random source for the rounding factors (advanced by every quantized block).
-        clip_search: grid search of the initial clip ratios, or None.
         activation_aware: weight the clip search by the layers' input second moments.
         moments: the input statistics collected before each block is quantized (clip search, GPTQ), or None.
-        gptq: the GPTQ start, or None.
-        act: activation quantization of the trained run, or None.
-        untrained_act: the same without learned parameters (the RTN reference).
-        correction: the low-rank correction, or None.
+        untrained_act: the activation quantization without learned parameters (the RTN reference).
         layer_bits: per-layer weight bits, ``blocks.<i>.<name>`` -> bits (empty: the scheme's bits).
     """
 
-    scheme: QuantScheme
-    rounding: RoundingConfig
-    learnable_clip: bool
-    clip_init: float
+    layer: LayerQuantConfig
     generator: torch.Generator
-    clip_search: ClipSearch | None
     activation_aware: bool
     moments: InputMoments | None
-    gptq: GPTQInit | None
-    act: ActQuantSettings | None
     untrained_act: ActQuantSettings | None
-    correction: CorrectionConfig | None
     layer_bits: dict[str, int]
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return self.layer.scheme
 
     def bits_of(self, index: int) -> dict[str, int]:
         """Per-layer bits of block ``index``, keyed by the layer's name inside the block."""
@@ -72,34 +61,25 @@ class BlockQuantizer:
 
     def quantize(self, index: int, block: nn.Module) -> None:
         """Make block ``index`` a calibrating quantized block (in place), from the statistics collected for it."""
-        if self.gptq is None:
+        if self.layer.gptq is None:
             block_moments = self.moments.pop(index) if self.moments is not None else None
-            quantize_block(
-                block, self.scheme, self.rounding, self.learnable_clip, self.clip_init, self.generator,
-                self.clip_search, block_moments, self.act, correction=self.correction,
-                layer_bits=self.bits_of(index),
-            )
+            quantize_block(block, self.layer, self.generator, block_moments, layer_bits=self.bits_of(index))
             return
         assert self.moments is not None
         # GPTQ: stage by stage in forward order (q/k/v, o, gate/up, down), so that with
         # quant.gptq_true_sequential each stage's Hessian is measured behind the stages already quantized
         for names, hessians in self.moments.stages(index, block):
             diagonals = {name: torch.diagonal(m) for name, m in hessians.items()}  # the clip search's E[x_j^2]
-            quantize_block(
-                block, self.scheme, self.rounding, self.learnable_clip, self.clip_init, self.generator,
-                self.clip_search, diagonals if self.activation_aware else None, self.act, self.gptq, hessians,
-                names=names, correction=self.correction, layer_bits=self.bits_of(index),
-            )
+            quantize_block(block, self.layer, self.generator, diagonals if self.activation_aware else None, hessians,
+                           names=names, layer_bits=self.bits_of(index))
 
     def structure(self, index: int, block: nn.Module) -> None:
         """The quantized layout of a block without touching the run's random state (resume loads the values;
-        so the correction's SVD start is not computed either)."""
-        correction = None if self.correction is None else dataclasses.replace(self.correction, init="zero")
-        quantize_block(
-            block, self.scheme, self.rounding, self.learnable_clip, self.clip_init, torch.Generator(), None, None,
-            self.act, correction=correction, layer_bits=self.bits_of(index),
-        )
+        so neither the clip search, GPTQ nor the correction's SVD start is computed)."""
+        correction = None if self.layer.correction is None else dataclasses.replace(self.layer.correction, init="zero")
+        layout = dataclasses.replace(self.layer, clip_search=None, gptq=None, correction=correction)
+        quantize_block(block, layout, torch.Generator(), layer_bits=self.bits_of(index))
 
     def rtn_reference(self, index: int, block: nn.Module) -> nn.Module:
         """A round-to-nearest copy of full-precision block ``index`` (the per-block RTN error in the report)."""
-        return rtn_block(block, self.scheme, self.untrained_act, self.bits_of(index))
+        return rtn_block(block, self.layer.scheme, self.untrained_act, self.bits_of(index))

@@ -62,6 +62,7 @@ from cbq_lightning.quant.mixed_precision import (
     fused_groups,
     measure_sensitivity,
 )
+from cbq_lightning.quant.qlinear import LayerQuantConfig
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch
@@ -541,11 +542,14 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: dict[str, Any], 
     act = config.quant.act_settings(trained=cbq)
     # before CFP and any quantization: the sensitivity pass runs the full-precision model
     layer_bits, mixed_summary = _layer_bits(config, job.adapter, inputs, block_kwargs, scheme, clip_search, device)
-    quantizer = BlockQuantizer(
+    layer = LayerQuantConfig(
         scheme=scheme, rounding=job.rounding, learnable_clip=learnable_clip,
-        clip_init=config.quant.clip_init if learnable_clip else 1.0, generator=torch.Generator().manual_seed(config.seed),
-        clip_search=clip_search, activation_aware=aware, moments=moments, gptq=gptq, act=act,
-        untrained_act=config.quant.act_settings(trained=False), correction=job.correction, layer_bits=layer_bits,
+        clip_init=config.quant.clip_init if learnable_clip else 1.0, clip_search=clip_search, act=act, gptq=gptq,
+        correction=job.correction,
+    )
+    quantizer = BlockQuantizer(
+        layer=layer, generator=torch.Generator().manual_seed(config.seed), activation_aware=aware, moments=moments,
+        untrained_act=config.quant.act_settings(trained=False), layer_bits=layer_bits,
     )
     cfp = CoarseToFinePreprocessor(
         config.cfp, scale_activations=config.cfp.activations and act is not None,
@@ -607,7 +611,7 @@ def _write_outputs(
     scheme_info = {
         **dataclasses.asdict(job.scheme),
         "name": job.scheme.name,
-        "activations": None if quantizer.act is None else dataclasses.asdict(quantizer.act),
+        "activations": None if quantizer.layer.act is None else dataclasses.asdict(quantizer.layer.act),
     }
     correction_info = _correction_summary(model, job.correction)
     quantization = {

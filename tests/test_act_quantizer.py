@@ -12,7 +12,7 @@ from torch import nn
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.quant.act_quantizer import ActivationQuantizer, ActQuantSettings
 from cbq_lightning.quant.config import QuantConfig
-from cbq_lightning.quant.qlinear import QuantLinear
+from cbq_lightning.quant.qlinear import LayerQuantConfig, QuantLinear
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import parse_scheme
 
@@ -134,7 +134,7 @@ def test_quant_config_resolves_activation_schemes() -> None:
     assert config.act_settings(trained=True) == ActQuantSettings(bits=8, mode="dynamic_sym", learnable=True, clip_init=0.99)
     assert config.act_settings(trained=False) == ActQuantSettings(bits=8, mode="dynamic_sym", learnable=False, clip_init=1.0)
     assert QuantConfig(scheme="W4A16").act_settings(trained=True) is None
-    assert QuantConfig(scheme="W4A16", a_bits=6).act_settings(trained=True).bits == 6
+    assert QuantConfig(scheme="W4A6").act_settings(trained=True).bits == 6
     with pytest.raises(ConfigError, match="act_mode"):
         QuantConfig(scheme="W4A4", act_mode="bogus").resolve()
 
@@ -143,7 +143,7 @@ def test_quant_linear_quantizes_its_input_and_freezes_at_finalise() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(32, 16)
     act = ActQuantSettings(bits=4, mode="dynamic_sym", learnable=True, clip_init=0.9)
-    layer = QuantLinear(linear, parse_scheme("W4A4"), RoundingConfig(enabled=False), act=act)
+    layer = QuantLinear(linear, LayerQuantConfig(parse_scheme("W4A4"), RoundingConfig(enabled=False), act=act))
     x = torch.randn(3, 5, 32)
     assert layer.act_quantizer is not None
     expected = F.linear(layer.act_quantizer(x), layer.fake_weight(), layer.bias)

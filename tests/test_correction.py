@@ -23,7 +23,7 @@ from cbq_lightning.export.packed import ExportConfig, export_run
 from cbq_lightning.export.quant_state import load_quant_state
 from cbq_lightning.quant.act_quantizer import ActQuantSettings
 from cbq_lightning.quant.correction import CorrectionConfig, LowRankCorrection, svd_factors
-from cbq_lightning.quant.qlinear import QuantLinear
+from cbq_lightning.quant.qlinear import LayerQuantConfig, QuantLinear
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import parse_scheme
 from cbq_lightning.runner import run_quantize
@@ -68,9 +68,9 @@ def test_rank_as_number_or_fraction_and_its_validation() -> None:
 def test_corrected_layer_computes_quantized_product_plus_correction_on_the_unquantized_input() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(16, 8, bias=True)
-    layer = QuantLinear(linear, parse_scheme("W3A4"), RoundingConfig(enabled=False), learnable_clip=False,
-                        clip_init=1.0, act=ActQuantSettings(bits=4, learnable=False, clip_init=1.0),
-                        correction=CorrectionConfig(rank=3))
+    layer = QuantLinear(linear, LayerQuantConfig(parse_scheme("W3A4"), RoundingConfig(enabled=False), learnable_clip=False,
+                                                 clip_init=1.0, act=ActQuantSettings(bits=4, learnable=False, clip_init=1.0),
+                                                 correction=CorrectionConfig(rank=3)))
     x = torch.randn(5, 16) * 3
     with torch.no_grad():
         expected = F.linear(layer.act_quantizer(x), layer.fake_weight(), layer.bias)
@@ -82,9 +82,10 @@ def test_corrected_layer_computes_quantized_product_plus_correction_on_the_unqua
 def test_svd_start_leaves_only_the_weight_errors_rank_r_remainder() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(12, 10, bias=False)
-    plain = QuantLinear(linear, parse_scheme("W2A16"), RoundingConfig(enabled=False), learnable_clip=False, clip_init=1.0)
-    corrected = QuantLinear(linear, parse_scheme("W2A16"), RoundingConfig(enabled=False), learnable_clip=False,
-                            clip_init=1.0, correction=CorrectionConfig(rank=4))
+    plain = QuantLinear(linear, LayerQuantConfig(parse_scheme("W2A16"), RoundingConfig(enabled=False),
+                                                 learnable_clip=False, clip_init=1.0))
+    corrected = QuantLinear(linear, LayerQuantConfig(parse_scheme("W2A16"), RoundingConfig(enabled=False),
+                                                     learnable_clip=False, clip_init=1.0, correction=CorrectionConfig(rank=4)))
     error = linear.weight.detach() - plain.fake_weight().detach()
     singular = torch.linalg.svdvals(error)
     effective = corrected.fake_weight().detach() + corrected.correction.matrix().detach()
@@ -94,9 +95,11 @@ def test_svd_start_leaves_only_the_weight_errors_rank_r_remainder() -> None:
 
 def test_finalise_freezes_but_keeps_the_correction_and_rtn_fallback_silences_it() -> None:
     linear = nn.Linear(12, 10)
-    layer = QuantLinear(linear, parse_scheme("W4A16"), RoundingConfig(form="offset"), correction=CorrectionConfig(rank=2))
+    layer = QuantLinear(linear, LayerQuantConfig(parse_scheme("W4A16"), RoundingConfig(form="offset"),
+                                                 correction=CorrectionConfig(rank=2)))
     assert len(layer.correction_parameters()) == 2 and layer.correction_parameter_count() == 2 * (12 + 10)
-    fallback = QuantLinear(linear, parse_scheme("W4A16"), RoundingConfig(form="offset"), correction=CorrectionConfig(rank=2))
+    fallback = QuantLinear(linear, LayerQuantConfig(parse_scheme("W4A16"), RoundingConfig(form="offset"),
+                                                    correction=CorrectionConfig(rank=2)))
     fallback.reset_to_round_to_nearest()
     x = torch.randn(3, 12)
     with torch.no_grad():

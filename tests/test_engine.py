@@ -17,6 +17,7 @@ from cbq_lightning.errors import TrainingError
 from cbq_lightning.loss import LossConfig
 from cbq_lightning.models.adapter import DecoderAdapter, run_blocks_batched
 from cbq_lightning.quant.convert import hard_rounding, quant_linears, quantize_block
+from cbq_lightning.quant.qlinear import LayerQuantConfig
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.train_config import OptimConfig
@@ -31,7 +32,7 @@ def _ids(n: int = 6, t: int = 32) -> torch.Tensor:
 
 
 def _quantizer(index: int, block: nn.Module) -> None:
-    quantize_block(block, SCHEME, RoundingConfig(rank=2), learnable_clip=True, clip_init=0.99,
+    quantize_block(block, LayerQuantConfig(SCHEME, RoundingConfig(rank=2), learnable_clip=True, clip_init=0.99),
                    generator=torch.Generator().manual_seed(index))
 
 

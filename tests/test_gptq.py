@@ -13,7 +13,7 @@ from torch import nn
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.quant.config import QuantConfig
 from cbq_lightning.quant.gptq import GPTQInit, gptq_quantize
-from cbq_lightning.quant.qlinear import QuantLinear
+from cbq_lightning.quant.qlinear import LayerQuantConfig, QuantLinear
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import WeightQuantizer
@@ -118,8 +118,8 @@ def test_singular_hessian_is_dampened() -> None:
 
 def _layer(form_enabled: bool, hessian: torch.Tensor, linear: nn.Linear) -> QuantLinear:
     rounding = RoundingConfig(enabled=form_enabled, form="offset")
-    return QuantLinear(linear, QuantScheme(w_bits=3), rounding, learnable_clip=True, clip_init=0.9,
-                       gptq=GPTQInit(), hessian=hessian)
+    return QuantLinear(linear, LayerQuantConfig(QuantScheme(w_bits=3), rounding, learnable_clip=True, clip_init=0.9,
+                                                gptq=GPTQInit()), hessian=hessian)
 
 
 @pytest.mark.parametrize("learned_offset", [False, True])
@@ -171,8 +171,8 @@ def test_learned_offset_moves_on_top_of_gptq() -> None:
 
 def _soft_layer(hessian: torch.Tensor, linear: nn.Linear, bits: int = 3) -> QuantLinear:
     rounding = RoundingConfig(form="residual", rank=2)
-    return QuantLinear(linear, QuantScheme(w_bits=bits), rounding, learnable_clip=True, clip_init=0.9,
-                       generator=torch.Generator().manual_seed(0), gptq=GPTQInit(), hessian=hessian)
+    return QuantLinear(linear, LayerQuantConfig(QuantScheme(w_bits=bits), rounding, learnable_clip=True, clip_init=0.9,
+                                                gptq=GPTQInit()), generator=torch.Generator().manual_seed(0), hessian=hessian)
 
 
 def _random_layer_and_hessian(seed: int, out_features: int = 8, in_features: int = 32) -> tuple[nn.Linear, torch.Tensor]:
@@ -213,9 +213,9 @@ def test_lora_rounding_from_gptq_starts_at_the_compensated_weight() -> None:
     with torch.no_grad():
         linear.weight.copy_(torch.tensor([[0.3, 2.2], [0.3, 2.2]]))
     hessian = torch.tensor([[1.0, 0.5], [0.5, 1.0]])
-    layer = QuantLinear(linear, QuantScheme(w_bits=3), RoundingConfig(form="residual", rank=1), learnable_clip=False,
-                        clip_init=1.0, generator=torch.Generator().manual_seed(0),
-                        gptq=GPTQInit(damp=1e-9, act_order=False), hessian=hessian)
+    config = LayerQuantConfig(QuantScheme(w_bits=3), RoundingConfig(form="residual", rank=1), learnable_clip=False,
+                              clip_init=1.0, gptq=GPTQInit(damp=1e-9, act_order=False))
+    layer = QuantLinear(linear, config, generator=torch.Generator().manual_seed(0), hessian=hessian)
     # min/max grid of [0, 2.2] (min capped at 0): s = 2.2 / 7, z = 0
     s = 2.2 / 7
     t0 = 0.3 / s
@@ -230,8 +230,8 @@ def test_lora_rounding_from_gptq_starts_at_the_compensated_weight() -> None:
 def test_pure_low_rank_rounding_cannot_start_from_gptq() -> None:
     linear = nn.Linear(16, 4, bias=False)
     with pytest.raises(ConfigError, match="rounding.form=residual"):
-        QuantLinear(linear, QuantScheme(w_bits=3), RoundingConfig(form="lowrank", rank=2), True, 0.9,
-                    gptq=GPTQInit(), hessian=torch.eye(16))
+        QuantLinear(linear, LayerQuantConfig(QuantScheme(w_bits=3), RoundingConfig(form="lowrank", rank=2), True, 0.9,
+                                             gptq=GPTQInit()), hessian=torch.eye(16))
 
 
 @pytest.mark.parametrize("damp", [0.0, 1.0, -0.1])

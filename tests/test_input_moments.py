@@ -102,13 +102,13 @@ def test_full_moments_are_the_input_covariance_and_share_the_diagonal(tiny_model
 def _quantize_stage(block: torch.nn.Module, names: list[str], hessians: dict[str, torch.Tensor]) -> None:
     from cbq_lightning.quant.convert import quantize_block
     from cbq_lightning.quant.gptq import GPTQInit
+    from cbq_lightning.quant.qlinear import LayerQuantConfig
     from cbq_lightning.quant.rounding import RoundingConfig
     from cbq_lightning.quant.scheme import QuantScheme
 
-    quantize_block(
-        block, QuantScheme(w_bits=2), RoundingConfig(enabled=False), learnable_clip=False, clip_init=1.0,
-        gptq=GPTQInit(), hessians=hessians, names=names,
-    )
+    config = LayerQuantConfig(QuantScheme(w_bits=2), RoundingConfig(enabled=False), learnable_clip=False, clip_init=1.0,
+                              gptq=GPTQInit())
+    quantize_block(block, config, hessians=hessians, names=names)
 
 
 def _input_covariance(block: torch.nn.Module, name: str, inputs: torch.Tensor, kwargs) -> torch.Tensor:

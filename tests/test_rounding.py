@@ -12,7 +12,7 @@ from torch import nn
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.export.quant_state import dequantize
 from cbq_lightning.quant.convert import check_rounding_rank
-from cbq_lightning.quant.qlinear import QuantLinear
+from cbq_lightning.quant.qlinear import LayerQuantConfig, QuantLinear
 from cbq_lightning.quant.rounding import (
     LoRARounding,
     RoundingConfig,
@@ -207,7 +207,7 @@ def grid_aligned_linear(seed: int = 0) -> nn.Linear:
 
 def test_soft_rounding_reproduces_fp_weight_at_init():
     linear = grid_aligned_linear()
-    layer = QuantLinear(linear, QuantScheme(w_bits=4), RoundingConfig(), learnable_clip=False, clip_init=1.0)
+    layer = QuantLinear(linear, LayerQuantConfig(QuantScheme(w_bits=4), RoundingConfig(), learnable_clip=False, clip_init=1.0))
     assert layer.rounding is not None
     torch.testing.assert_close(layer.fake_weight(), linear.weight.detach(), atol=1e-5, rtol=0)
     x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
@@ -218,7 +218,7 @@ def test_soft_rounding_at_init_reproduces_all_but_clamped_extremes():
     """Generic weights: every element whose soft code stays inside [0, 2^b - 1] is reproduced exactly;
     the elements near the group's max/min that the integer zero-point pushes outside are off by <= s/2."""
     linear = make_linear()
-    layer = QuantLinear(linear, QuantScheme(w_bits=4), RoundingConfig(), learnable_clip=False, clip_init=1.0)
+    layer = QuantLinear(linear, LayerQuantConfig(QuantScheme(w_bits=4), RoundingConfig(), learnable_clip=False, clip_init=1.0))
     weight = linear.weight.detach()
     scale, zero = layer.quantizer.scale_zero(weight)
     soft_code = weight / scale.squeeze(-1) + zero.squeeze(-1)  # [8, 16], per-channel
@@ -233,10 +233,8 @@ def trained_like_layer(sym: bool = False) -> QuantLinear:
     """A 3-bit, group-8 calibrating layer whose rounding and clipping have moved away from their init."""
     layer = QuantLinear(
         make_linear(),
-        QuantScheme(w_bits=3, group_size=8, sym=sym),
-        RoundingConfig(rank=2),
-        learnable_clip=True,
-        clip_init=0.9,
+        LayerQuantConfig(QuantScheme(w_bits=3, group_size=8, sym=sym), RoundingConfig(rank=2), learnable_clip=True,
+                         clip_init=0.9),
         generator=torch.Generator().manual_seed(0),
     )
     with torch.no_grad():
@@ -319,8 +317,8 @@ def test_finalize_twice_is_a_no_op():
 def test_untrained_lora_rounding_hardens_to_round_to_nearest(scheme, learnable_clip, clip_init):
     linear = make_linear(8, 16, seed=3)
     generator = torch.Generator().manual_seed(0)
-    learned = QuantLinear(linear, scheme, RoundingConfig(), learnable_clip, clip_init, generator)
-    nearest = QuantLinear(linear, scheme, RoundingConfig(enabled=False), learnable_clip, clip_init)
+    learned = QuantLinear(linear, LayerQuantConfig(scheme, RoundingConfig(), learnable_clip, clip_init), generator)
+    nearest = QuantLinear(linear, LayerQuantConfig(scheme, RoundingConfig(enabled=False), learnable_clip, clip_init))
     assert nearest.rounding is None
     learned.use_hard_rounding = True
     torch.testing.assert_close(learned.fake_weight(), nearest.fake_weight(), atol=0, rtol=0)
@@ -338,7 +336,7 @@ def test_rtn_finalize_codes_hand_values():
     linear = nn.Linear(4, 2, bias=False)
     with torch.no_grad():
         linear.weight.copy_(torch.tensor([[-1.0, -0.5, 0.25, 2.0], [0.0, 0.2, 0.4, 0.6]]))
-    layer = QuantLinear(linear, QuantScheme(w_bits=2), RoundingConfig(enabled=False), False, 1.0)
+    layer = QuantLinear(linear, LayerQuantConfig(QuantScheme(w_bits=2), RoundingConfig(enabled=False), False, 1.0))
     layer.finalize()
     assert layer.qweight.tolist() == [[0, 1, 1, 3], [0, 1, 2, 3]]
     assert layer.zeros.tolist() == [[1], [0]]
@@ -354,14 +352,14 @@ def hand_offset_layer() -> QuantLinear:
     linear = nn.Linear(4, 2, bias=False)
     with torch.no_grad():
         linear.weight.copy_(torch.tensor([[-1.0, -0.5, 0.25, 2.0], [0.0, 0.2, 0.4, 0.6]]))
-    layer = QuantLinear(linear, QuantScheme(w_bits=2), RoundingConfig(form="offset"), False, 1.0)
+    layer = QuantLinear(linear, LayerQuantConfig(QuantScheme(w_bits=2), RoundingConfig(form="offset"), False, 1.0))
     assert isinstance(layer.rounding, RoundingOffset)
     return layer
 
 
 def test_offset_starts_at_round_to_nearest():
     layer = hand_offset_layer()
-    nearest = QuantLinear(nn.Linear(4, 2, bias=False), QuantScheme(w_bits=2), RoundingConfig(enabled=False), False, 1.0)
+    nearest = QuantLinear(nn.Linear(4, 2, bias=False), LayerQuantConfig(QuantScheme(w_bits=2), RoundingConfig(enabled=False), False, 1.0))
     nearest.weight.copy_(layer.weight)
     torch.testing.assert_close(layer.fake_weight(), nearest.fake_weight(), atol=0, rtol=0)
 
@@ -394,7 +392,7 @@ def test_offset_gradient_is_straight_through():
 
 
 def test_offset_has_no_regulariser_and_trains_with_clipping():
-    layer = QuantLinear(make_linear(), QuantScheme(w_bits=3, group_size=8), RoundingConfig(form="offset"), True, 0.9)
+    layer = QuantLinear(make_linear(), LayerQuantConfig(QuantScheme(w_bits=3, group_size=8), RoundingConfig(form="offset"), True, 0.9))
     assert layer.rounding_regularizer(2.0) is None
     assert [p.shape for p in layer.rounding_parameters()] == [torch.Size([8, 16])]
     x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
@@ -444,14 +442,14 @@ def test_hardened_forward_uses_hard_decisions_with_the_soft_gradient() -> None:
 def test_hardened_forward_layer_equals_its_hardened_measurement() -> None:
     """A layer trained through hardened decisions computes, in training, exactly what finalising would give."""
     linear = make_linear()
-    layer = QuantLinear(linear, QuantScheme(w_bits=3), RoundingConfig(forward="hardened"),
+    layer = QuantLinear(linear, LayerQuantConfig(QuantScheme(w_bits=3), RoundingConfig(forward="hardened")),
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         layer.rounding.a1.normal_()
     trained_view = layer.fake_weight()
     layer.use_hard_rounding = True
     torch.testing.assert_close(trained_view, layer.fake_weight(), rtol=0, atol=0)
-    soft = QuantLinear(linear, QuantScheme(w_bits=3), RoundingConfig(forward="soft"),
+    soft = QuantLinear(linear, LayerQuantConfig(QuantScheme(w_bits=3), RoundingConfig(forward="soft")),
                        generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         soft.rounding.a1.copy_(layer.rounding.a1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
@@ -14,11 +13,9 @@ from cbq_lightning.errors import ConfigError
 from cbq_lightning.models.adapter import DecoderAdapter
 from cbq_lightning.quant.act_quantizer import ActQuantSettings
 from cbq_lightning.quant.correction import CorrectionConfig
-from cbq_lightning.quant.gptq import GPTQInit
-from cbq_lightning.quant.qlinear import QuantLinear
+from cbq_lightning.quant.qlinear import LayerQuantConfig, QuantLinear
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme, valid_group_sizes
-from cbq_lightning.quant.weight_quantizer import ClipSearch
 
 
 def all_block_linears(blocks: nn.ModuleList) -> Iterator[tuple[str, nn.Linear]]:
@@ -70,28 +67,20 @@ def check_correction_rank(blocks: nn.ModuleList, correction: CorrectionConfig | 
 
 def quantize_block(
     block: nn.Module,
-    scheme: QuantScheme,
-    rounding: RoundingConfig,
-    learnable_clip: bool,
-    clip_init: float,
+    config: LayerQuantConfig,
     generator: torch.Generator | None = None,
-    clip_search: ClipSearch | None = None,
     input_moments: dict[str, torch.Tensor] | None = None,
-    act: ActQuantSettings | None = None,
-    gptq: GPTQInit | None = None,
     hessians: dict[str, torch.Tensor] | None = None,
     names: Collection[str] | None = None,
-    correction: CorrectionConfig | None = None,
     layer_bits: dict[str, int] | None = None,
 ) -> None:
-    """Replace every linear of ``block`` (or those in ``names``) by a calibrating :class:`QuantLinear` (in place).
+    """Replace every linear of ``block`` (or those in ``names``) by a calibrating :class:`QuantLinear` (in place),
+    each quantized as ``config`` says.
 
     ``input_moments`` maps a linear's name in the block to ``E[x_j^2]`` of its inputs (activation-aware clip
-    search); ``act`` adds an activation quantizer on every linear's input; ``gptq`` starts the rounding from
-    GPTQ's codes, computed from ``hessians`` (name -> ``E[x x^T]``). ``names`` lets GPTQ quantize a block
+    search); ``hessians`` (name -> ``E[x x^T]``) feed ``config.gptq``. ``names`` lets GPTQ quantize a block
     stage by stage; the layers are built in the block's order either way, so the random draws are the same.
-    ``correction`` gives every layer a trainable low-rank correction; ``layer_bits`` (name in the block ->
-    bits) overrides the scheme's weight bits per layer (mixed precision).
+    ``layer_bits`` (name in the block -> bits) overrides the scheme's weight bits per layer (mixed precision).
     """
 
     def factory(name: str, linear: nn.Linear) -> nn.Module:
@@ -99,12 +88,8 @@ def quantize_block(
             return linear
         moments = input_moments.get(name) if input_moments else None
         hessian = hessians.get(name) if hessians else None
-        layer_scheme = dataclasses.replace(scheme, w_bits=layer_bits[name]) if layer_bits and name in layer_bits else scheme
-        layer = QuantLinear(
-            linear, layer_scheme, rounding, learnable_clip, clip_init, generator, clip_search, moments, act, gptq, hessian,
-            correction,
-        )
-        return layer.to(linear.weight.device)
+        layer_config = config.with_bits(layer_bits[name]) if layer_bits and name in layer_bits else config
+        return QuantLinear(linear, layer_config, generator, moments, hessian).to(linear.weight.device)
 
     DecoderAdapter.replace_linears(block, factory)
 
@@ -150,9 +135,7 @@ def rtn_block(
     block's per-layer bits of a mixed-precision run (so the reference has the same bits as the run).
     """
     baseline = copy.deepcopy(block)
-    quantize_block(
-        baseline, scheme, RoundingConfig(enabled=False), learnable_clip=False, clip_init=1.0, act=act,
-        layer_bits=layer_bits,
-    )
+    config = LayerQuantConfig(scheme, RoundingConfig(enabled=False), learnable_clip=False, clip_init=1.0, act=act)
+    quantize_block(baseline, config, layer_bits=layer_bits)
     finalize_block(baseline)
     return baseline

@@ -16,6 +16,7 @@ trains with the window and is frozen, not folded, at finalisation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -31,45 +32,63 @@ from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
 
 
+@dataclass(frozen=True)
+class LayerQuantConfig:
+    """How a linear layer is quantized, resolved once from the run's configuration and passed whole (as
+    torchao's ``quantize_(model, config)`` passes one config), instead of a dozen loose arguments per call.
+
+    Attributes:
+        scheme: bits / group size / symmetry (a mixed-precision run gives each layer its bits: :meth:`with_bits`).
+        rounding: LoRA-Rounding settings; ``rounding.enabled=False`` rounds to nearest.
+        learnable_clip: train the clipping thresholds.
+        clip_init: initial clipping ratio.
+        clip_search: search each group's initial clipping ratio (learnable clipping only).
+        act: activation quantization of the layer's input; None keeps activations in floating point.
+        gptq: start the rounding from GPTQ's codes on the (searched) grid, computed from the layer's input
+            Hessian. Kept as a frozen whole-number shift ``rounding_base`` added to ``W/s`` before rounding. With
+            LoRA-Rounding (``rounding.form: residual``) GPTQ's error-compensated values also set ``V0``: the soft
+            weight starts at GPTQ's compensated weight and hardening the untrained layer gives exactly GPTQ's
+            codes (see :meth:`QuantLinear._gptq_soft_start`); with ``offset`` the learned offset sits on top.
+        correction: a trainable low-rank correction on the unquantized input (None or disabled: none), started
+            from the layer's starting weight error (see :mod:`cbq_lightning.quant.correction`).
+    """
+
+    scheme: QuantScheme
+    rounding: RoundingConfig = field(default_factory=RoundingConfig)
+    learnable_clip: bool = True
+    clip_init: float = 0.99
+    clip_search: ClipSearch | None = None
+    act: ActQuantSettings | None = None
+    gptq: GPTQInit | None = None
+    correction: CorrectionConfig | None = None
+
+    def with_bits(self, bits: int) -> LayerQuantConfig:
+        """The same quantization at ``bits`` weight bits (a layer of a mixed-precision run)."""
+        return replace(self, scheme=replace(self.scheme, w_bits=bits))
+
+
 class QuantLinear(nn.Module):
     """Drop-in replacement of ``nn.Linear`` with fake-quantized weights.
 
     Args:
         linear: the layer to replace (its weight is copied, not shared).
-        scheme: bits / group size / symmetry.
-        rounding: LoRA-Rounding settings; ``rounding.enabled=False`` rounds to nearest.
-        learnable_clip: train the clipping thresholds.
-        clip_init: initial clipping ratio.
+        config: how it is quantized (:class:`LayerQuantConfig`).
         generator: random source of the rounding factors.
-        clip_search: search each group's initial clipping ratio (learnable clipping only).
         input_moments: ``E[x_j^2]`` of this layer's inputs, ``[in]``: makes the clip search activation-aware.
-        act: activation quantization of the layer's input; None keeps activations in floating point.
-        gptq: start the rounding from GPTQ's codes on the (searched) grid, computed from ``hessian``. Kept
-            as a frozen whole-number shift ``rounding_base`` added to ``W/s`` before rounding. With LoRA-Rounding
-            (``rounding.form: residual``) GPTQ's error-compensated values also set ``V0``: the soft weight
-            starts at GPTQ's compensated weight and hardening the untrained layer gives exactly GPTQ's codes
-            (see :meth:`_gptq_soft_start`); with ``offset`` the learned offset sits on top of the shift.
         hessian: ``E[x x^T]`` of this layer's inputs, ``[in, in]`` (GPTQ only).
-        correction: add a trainable low-rank correction on the unquantized input (None or disabled: none),
-            started from the layer's starting weight error (see :mod:`cbq_lightning.quant.correction`).
     """
 
     def __init__(
         self,
         linear: nn.Linear,
-        scheme: QuantScheme,
-        rounding: RoundingConfig,
-        learnable_clip: bool = True,
-        clip_init: float = 0.99,
+        config: LayerQuantConfig,
         generator: torch.Generator | None = None,
-        clip_search: ClipSearch | None = None,
         input_moments: torch.Tensor | None = None,
-        act: ActQuantSettings | None = None,
-        gptq: GPTQInit | None = None,
         hessian: torch.Tensor | None = None,
-        correction: CorrectionConfig | None = None,
     ) -> None:
         super().__init__()
+        scheme, rounding, gptq, act, correction = config.scheme, config.rounding, config.gptq, config.act, config.correction
+        learnable_clip, clip_init, clip_search = config.learnable_clip, config.clip_init, config.clip_search
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.bits = scheme.w_bits
