@@ -47,6 +47,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# run as a script, Python puts benchmarks/ on the path, not the repository root that `benchmarks.peers` lives under
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_SCHEMES = ("W4A16", "W3A16G64", "W2A16G64", "W4A8", "W4A4")
 #: flags that switch coarse-to-fine preprocessing off (the RTN baseline and the CFP ablation)

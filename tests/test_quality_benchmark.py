@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -224,6 +227,16 @@ def test_plot_from_synthetic_records(quality, tmp_path: Path) -> None:
     assert path.stat().st_size > 10_000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no weight-only scheme"):
         plot.plot_quality([records[3]], tmp_path / "none.png")
+
+
+def test_the_script_runs_as_documented_from_anywhere(tmp_path: Path) -> None:
+    """``python benchmarks/quality.py ...`` as the docs write it: a fresh process, no PYTHONPATH, another working
+    folder (it imports benchmarks.peers, which lives under the repository root, not beside the script)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--redraw", "--output",
+                           str(tmp_path / "empty")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "table skipped" in done.stdout
 
 
 def test_redraw_rewrites_table_and_plot_from_the_records(quality, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
