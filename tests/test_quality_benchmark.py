@@ -233,10 +233,13 @@ def test_the_script_runs_as_documented_from_anywhere(tmp_path: Path) -> None:
     """``python benchmarks/quality.py ...`` as the docs write it: a fresh process, no PYTHONPATH, another working
     folder (it imports benchmarks.peers, which lives under the repository root, not beside the script)."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    records = tmp_path / "records"
+    records.mkdir()
+    (records / "quality_w3a16g64.json").write_text(json.dumps(_record("W3A16G64", 20.0, 72.0, 36.0)))
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--redraw", "--output",
-                           str(tmp_path / "empty")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                           str(records)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "table skipped" in done.stdout
+    assert _row((records / "quality.md").read_text(), "W3A16G64")["RTN"] == "72.00"  # the table imports the peers
 
 
 def test_redraw_rewrites_table_and_plot_from_the_records(quality, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
