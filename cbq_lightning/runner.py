@@ -231,11 +231,11 @@ class _WindowLoop:
                                 generator=torch.Generator().manual_seed(self.config.seed + window.index))
             # the loss normalises per batch, so measurements meant to be compared batch the samples one fixed
             # way; its own generator: drawing a loader's base seed must not advance the global RNG
-            fixed = DataLoader(targets, batch_size=batch_size, shuffle=False, generator=torch.Generator())
+            fixed = (DataLoader(targets, batch_size=batch_size, shuffle=False, generator=torch.Generator())
+                     if _measures_hardened_objective(self.config) else None)
             self.records.begin_attempt(attempt, lr_scale)
             try:
-                trainer.fit(module, train_dataloaders=loader,
-                            val_dataloaders=fixed if _measures_hardened_objective(self.config) else None)
+                trainer.fit(module, train_dataloaders=loader, val_dataloaders=fixed)
             except SIGTERMException:  # Lightning ended the fit at a step boundary: this window is not saved
                 raise self._stopped("during", window) from None
             except DivergenceError as error:
