@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from callbacks.hardened_objective import HardenedObjective
 from cbq_lightning.crossblock import BlockError, CrossBlockState
-from cbq_lightning.quant.convert import quant_linears
+from cbq_lightning.quant.convert import finalized_linears, quant_linears
 from cbq_lightning.quant.qlinear import QuantLinear
 from cbq_lightning.quant.rounding import RoundingOffset
 from cbq_lightning.windows import Window
@@ -109,8 +109,8 @@ class CrossBlockCallback(L.Callback):
         act = [layer.act_quantizer.summary() for layer in layers if layer.act_quantizer is not None]
         trainable = trainable_parameter_counts(layers)  # before leave(): finalising drops the parameters
         errors = self.state.leave(window, self.device)
-        finalized = {id(m) for b in window.finalized for _, m in quant_linears(self.state.blocks[b])}
-        flips = [layer.flip_fraction for layer in layers if id(layer) in finalized and layer.flip_fraction is not None]
+        finalized = [m for b in window.finalized for _, m in finalized_linears(self.state.blocks[b])]
+        flips = [layer.flip_fraction for layer in finalized if layer.flip_fraction is not None]
         summary = {
             "index": window.index,
             "blocks": list(window.blocks),

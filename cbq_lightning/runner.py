@@ -50,7 +50,7 @@ from cbq_lightning.quant.convert import (
     check_correction_rank,
     check_group_size,
     check_rounding_rank,
-    quant_linears,
+    finalized_linears,
     reset_block_to_round_to_nearest,
 )
 from cbq_lightning.quant.correction import CorrectionConfig
@@ -341,7 +341,7 @@ def _correction_summary(model: nn.Module, correction: CorrectionConfig | None) -
     linears' own weight count (the corrections are not folded into the integer weights)."""
     if correction is None:
         return None
-    layers = [layer for _, layer in quant_linears(model)]
+    layers = [layer for _, layer in finalized_linears(model)]
     added = sum(layer.correction_parameter_count() for layer in layers)
     weights = sum(layer.in_features * layer.out_features for layer in layers)
     ranks = sorted({layer.correction.rank for layer in layers if layer.correction is not None})

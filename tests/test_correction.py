@@ -97,15 +97,15 @@ def test_finalise_freezes_but_keeps_the_correction_and_rtn_fallback_silences_it(
     linear = nn.Linear(12, 10)
     layer = QuantLinear(linear, LayerQuantConfig(parse_scheme("W4A16"), RoundingConfig(form="offset"),
                                                  correction=CorrectionConfig(rank=2)))
-    assert len(layer.correction_parameters()) == 2 and layer.correction_parameter_count() == 2 * (12 + 10)
+    assert [p.numel() for p in layer.correction_parameters()] == [10 * 2, 12 * 2]
     fallback = QuantLinear(linear, LayerQuantConfig(parse_scheme("W4A16"), RoundingConfig(form="offset"),
                                                     correction=CorrectionConfig(rank=2)))
     fallback.reset_to_round_to_nearest()
     x = torch.randn(3, 12)
     with torch.no_grad():
         assert torch.equal(fallback.correction(x), torch.zeros(3, 10))
-    layer.finalize()
-    assert layer.correction is not None and layer.correction_parameters() == []
+    layer = layer.finalize()
+    assert layer.correction is not None and not any(p.requires_grad for p in layer.parameters())
     assert not any(p.requires_grad for p in layer.correction.parameters())
 
 

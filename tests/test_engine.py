@@ -16,7 +16,7 @@ from cbq_lightning.crossblock import CrossBlockState
 from cbq_lightning.errors import TrainingError
 from cbq_lightning.loss import LossConfig
 from cbq_lightning.models.adapter import DecoderAdapter, run_blocks_batched
-from cbq_lightning.quant.convert import hard_rounding, quant_linears, quantize_block
+from cbq_lightning.quant.convert import finalized_linears, hard_rounding, quant_linears, quantize_block
 from cbq_lightning.quant.qlinear import LayerQuantConfig
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
@@ -63,8 +63,9 @@ def test_teachers_are_the_original_blocks(tiny_model: nn.Module) -> None:
     assert all(len(list(quant_linears(adapter.blocks[i]))) == 7 for i in (0, 1))
     assert not list(quant_linears(adapter.blocks[2]))  # blocks outside the window stay untouched
     state.leave(window, "cpu")
-    assert all(layer.finalized for _, layer in quant_linears(adapter.blocks[0]))
-    assert not any(layer.finalized for _, layer in quant_linears(adapter.blocks[1]))  # overlap: warm start
+    assert len(list(finalized_linears(adapter.blocks[0]))) == 7 and not list(quant_linears(adapter.blocks[0]))
+    assert len(list(quant_linears(adapter.blocks[1]))) == 7  # overlap: still calibrating, the next warm start
+    assert not list(finalized_linears(adapter.blocks[1]))
     torch.testing.assert_close(state.x_fp, run_blocks_batched(originals[:1], hidden, kwargs, "cpu", 4))
     assert not torch.equal(state.x_q, state.x_fp)  # the quantized path has diverged
     assert set(state.teachers) == {1}  # the finalised block's teacher was released
@@ -179,7 +180,7 @@ def test_callback_drives_a_window_fit(tiny_model: nn.Module) -> None:
     trainer.fit(module, DataLoader(targets, batch_size=3), DataLoader(targets, batch_size=3))
     summary = callback.window_summaries[0]
     assert summary["steps"] == 4 and summary["finalized"] == [0]
-    assert all(layer.finalized for _, layer in quant_linears(model.model.layers[0]))
+    assert len(list(finalized_linears(model.model.layers[0]))) == 7 and not list(quant_linears(model.model.layers[0]))
     # the hardened objective before (sanity check) and after (last epoch's validation) the fit
     assert summary["train_loss_first"] is not None and None not in (summary["loss_first"], summary["loss_last"])
     assert summary["loss_first"] != summary["loss_last"]

@@ -139,10 +139,9 @@ def test_layer_starts_from_and_finalises_to_gptq_codes(learned_offset: bool) -> 
     nearest = quantizer.codes(layer.weight, scale, zero, None).reshape(layer.weight.shape)
     assert not torch.equal(expected.float(), nearest), "the test needs GPTQ to differ from RTN"
     assert layer.rounding_base is not None and "rounding_base" not in dict(layer.named_parameters())
-    layer.finalize()
-    assert torch.equal(layer.qweight.float(), expected.float())
-    assert layer.flip_fraction == pytest.approx(float((expected.float() != nearest).float().mean()))
-    assert layer.rounding_base is None
+    final = layer.finalize()
+    assert torch.equal(final.qweight.float(), expected.float())
+    assert final.flip_fraction == pytest.approx(float((expected.float() != nearest).float().mean()))
 
 
 def test_learned_offset_moves_on_top_of_gptq() -> None:
@@ -198,9 +197,9 @@ def test_lora_rounding_from_gptq_hardens_to_gptq_codes(seed: int) -> None:
     hard = quantizer.codes(layer.weight, scale, zero, layer.rounding.hard(), layer.signed_offset())
     assert torch.equal(hard.reshape(expected.shape), expected.float())
     assert {name for name, _ in layer.named_parameters() if "rounding" in name} == {"rounding.a1", "rounding.a2"}
-    layer.finalize()
-    assert torch.equal(layer.qweight.float(), expected.float())
-    assert layer.flip_fraction == pytest.approx(float((expected.float() != nearest).float().mean()))
+    final = layer.finalize()
+    assert torch.equal(final.qweight.float(), expected.float())
+    assert final.flip_fraction == pytest.approx(float((expected.float() != nearest).float().mean()))
 
 
 def test_lora_rounding_from_gptq_starts_at_the_compensated_weight() -> None:

@@ -11,8 +11,8 @@ from torch import nn
 
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.export.quant_state import dequantize
-from cbq_lightning.quant.convert import check_rounding_rank
-from cbq_lightning.quant.qlinear import LayerQuantConfig, QuantLinear
+from cbq_lightning.quant.convert import check_rounding_rank, finalize_block, finalized_linears, quant_linears
+from cbq_lightning.quant.qlinear import FinalizedQuantLinear, LayerQuantConfig, QuantLinear
 from cbq_lightning.quant.rounding import (
     LoRARounding,
     RoundingConfig,
@@ -249,9 +249,9 @@ def test_finalize_stores_integer_state(sym):
     layer.use_hard_rounding = True
     hard_weight = layer.fake_weight().detach().clone()
     layer.use_hard_rounding = False
-    layer.finalize()
+    layer = layer.finalize()
 
-    assert layer.finalized
+    assert isinstance(layer, FinalizedQuantLinear)
     assert layer.qweight.dtype == torch.uint8 and layer.qweight.shape == (8, 16)
     assert int(layer.qweight.min()) >= 0 and int(layer.qweight.max()) <= 7
     assert layer.zeros.dtype == torch.uint8 and layer.zeros.shape == (8, 2)
@@ -288,22 +288,21 @@ def test_finalize_removes_all_trainable_parameters():
     layer = trained_like_layer()
     names = sorted(name for name, _ in layer.named_parameters())
     assert names == ["quantizer.lower_logit", "quantizer.upper_logit", "rounding.a1", "rounding.a2"]
-    layer.finalize()
-    assert list(layer.parameters()) == []
-    assert not any(p.requires_grad for p in layer.parameters())
-    assert layer.quantizer is None and layer.rounding is None
-    assert layer.rounding_parameters() == [] and layer.clip_parameters() == []
-    assert layer.rounding_regularizer(2.0) is None
-    buffers = dict(layer.named_buffers())
-    assert {"weight", "bias", "qweight", "scales", "zeros"} <= set(buffers)
+    final = layer.finalize()
+    assert list(final.parameters()) == []
+    assert set(final.state_dict()) == {"weight", "bias", "qweight", "scales", "zeros"}
 
 
-def test_finalize_twice_is_a_no_op():
-    layer = trained_like_layer()
-    layer.finalize()
-    qweight, weight = layer.qweight.clone(), layer.weight.clone()
-    layer.finalize()
-    assert torch.equal(layer.qweight, qweight) and torch.equal(layer.weight, weight)
+def test_finalize_block_swaps_in_finalised_layers_once():
+    """finalize_block replaces each calibrating layer by its finalised one; a second call finds none left and
+    changes nothing (a resumed run may finalise a block that is already final)."""
+    block = nn.Sequential(trained_like_layer(), nn.ReLU(), trained_like_layer(sym=True))
+    finalize_block(block)
+    assert isinstance(block[0], FinalizedQuantLinear) and isinstance(block[2], FinalizedQuantLinear)
+    assert not list(quant_linears(block)) and len(list(finalized_linears(block))) == 2
+    state = {k: v.clone() for k, v in block.state_dict().items()}
+    finalize_block(block)
+    assert all(torch.equal(v, block.state_dict()[k]) for k, v in state.items())
 
 
 @pytest.mark.parametrize(
@@ -322,8 +321,7 @@ def test_untrained_lora_rounding_hardens_to_round_to_nearest(scheme, learnable_c
     assert nearest.rounding is None
     learned.use_hard_rounding = True
     torch.testing.assert_close(learned.fake_weight(), nearest.fake_weight(), atol=0, rtol=0)
-    learned.finalize()
-    nearest.finalize()
+    learned, nearest = learned.finalize(), nearest.finalize()
     assert learned.flip_fraction == 0.0
     assert torch.equal(learned.qweight, nearest.qweight)
     assert torch.equal(learned.zeros, nearest.zeros)
@@ -337,7 +335,7 @@ def test_rtn_finalize_codes_hand_values():
     with torch.no_grad():
         linear.weight.copy_(torch.tensor([[-1.0, -0.5, 0.25, 2.0], [0.0, 0.2, 0.4, 0.6]]))
     layer = QuantLinear(linear, LayerQuantConfig(QuantScheme(w_bits=2), RoundingConfig(enabled=False), False, 1.0))
-    layer.finalize()
+    layer = layer.finalize()
     assert layer.qweight.tolist() == [[0, 1, 1, 3], [0, 1, 2, 3]]
     assert layer.zeros.tolist() == [[1], [0]]
     torch.testing.assert_close(layer.scales, torch.tensor([[1.0], [0.2]]))
@@ -373,10 +371,10 @@ def test_offset_codes_hand_values():
     with torch.no_grad():
         layer.rounding.v.copy_(torch.tensor([[0.3, -0.2, 0.3, 0.9], [-0.6, 0.49, -0.49, 0.0]]))
     torch.testing.assert_close(layer.fake_weight(), torch.tensor([[-1.0, -1.0, 1.0, 2.0], [0.0, 0.2, 0.4, 0.6]]))
-    layer.finalize()
+    layer = layer.finalize()
     assert layer.qweight.tolist() == [[0, 0, 2, 3], [0, 1, 2, 3]]
     assert layer.flip_fraction == pytest.approx(2 / 8)  # row 0, positions 1 and 2 left round-to-nearest
-    assert list(layer.parameters()) == [] and layer.rounding is None
+    assert list(layer.parameters()) == []
 
 
 def test_offset_gradient_is_straight_through():

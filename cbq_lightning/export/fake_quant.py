@@ -19,22 +19,22 @@ from torch import nn
 from cbq_lightning.export.quant_state import load_quant_state, load_quant_state_scheme
 from cbq_lightning.io import atomic_directory
 from cbq_lightning.quant.act_quantizer import ActivationQuantizer
-from cbq_lightning.quant.convert import quant_linears
+from cbq_lightning.quant.convert import finalized_linears
 from cbq_lightning.quant.correction import LowRankCorrection
 
 SIDECAR = "cbq_quantization.json"
 #: the checkpoint's folder in a ``cbq quantize`` output directory
 MODEL_DIR = "model"
-#: buffers of a finalised QuantLinear that are not part of a plain nn.Linear
+#: buffers of a FinalizedQuantLinear that are not part of a plain nn.Linear
 _INTEGER_STATE = ("qweight", "scales", "zeros")
 
 
 def fake_quant_state_dict(model: nn.Module) -> dict:
     """``model.state_dict()`` without the integer buffers, activation quantizers and corrections: plain
     ``nn.Linear``s (the extras live in ``quant_state.safetensors``)."""
-    integer_keys = {f"{name}.{field}" for name, _ in quant_linears(model) for field in _INTEGER_STATE}
+    integer_keys = {f"{name}.{field}" for name, _ in finalized_linears(model) for field in _INTEGER_STATE}
     prefixes = tuple(
-        f"{name}.{extra}." for name, layer in quant_linears(model)
+        f"{name}.{extra}." for name, layer in finalized_linears(model)
         for extra in ("act_quantizer", "correction") if getattr(layer, extra) is not None
     )
     return {k: v for k, v in model.state_dict().items() if k not in integer_keys and not k.startswith(prefixes)}

@@ -30,7 +30,7 @@ from torch import nn
 
 from cbq_lightning.errors import TrainingError
 from cbq_lightning.io import atomic_write_safetensors
-from cbq_lightning.quant.convert import quant_linears
+from cbq_lightning.quant.convert import finalized_linears, quant_linears
 
 FORMAT = "cbq-quant-state"
 #: its name in a ``cbq quantize`` output directory
@@ -40,10 +40,11 @@ VERSION = "1"
 
 def collect_quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Tensors of every finalised quantized linear of ``model``."""
+    calibrating = [name for name, _ in quant_linears(model)]
+    if calibrating:
+        raise RuntimeError(f"layer {calibrating[0]} is not finalised; finalise every window before saving")
     tensors: dict[str, torch.Tensor] = {}
-    for name, layer in quant_linears(model):
-        if not layer.finalized:
-            raise RuntimeError(f"layer {name} is not finalised; finalise every window before saving")
+    for name, layer in finalized_linears(model):
         if not (torch.isfinite(layer.scales).all() and torch.isfinite(layer.weight).all()):
             raise TrainingError(
                 f"layer {name} has non-finite scales or weights: refusing to write them. The divergence guard "

@@ -1,4 +1,5 @@
-"""Turn the linears of a block into :class:`QuantLinear` layers, and walk them afterwards."""
+"""Turn the linears of a block into calibrating :class:`QuantLinear` layers, finalise them into
+:class:`FinalizedQuantLinear` layers, and walk either kind."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from cbq_lightning.errors import ConfigError
 from cbq_lightning.models.adapter import DecoderAdapter
 from cbq_lightning.quant.act_quantizer import ActQuantSettings
 from cbq_lightning.quant.correction import CorrectionConfig
-from cbq_lightning.quant.qlinear import LayerQuantConfig, QuantLinear
+from cbq_lightning.quant.qlinear import FinalizedQuantLinear, LayerQuantConfig, QuantLinear
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme, valid_group_sizes
 
@@ -95,9 +96,16 @@ def quantize_block(
 
 
 def quant_linears(module: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
-    """Every :class:`QuantLinear` under ``module`` with its dotted name."""
+    """Every calibrating :class:`QuantLinear` under ``module`` with its dotted name."""
     for name, child in module.named_modules():
         if isinstance(child, QuantLinear):
+            yield name, child
+
+
+def finalized_linears(module: nn.Module) -> Iterator[tuple[str, FinalizedQuantLinear]]:
+    """Every :class:`FinalizedQuantLinear` under ``module`` with its dotted name."""
+    for name, child in module.named_modules():
+        if isinstance(child, FinalizedQuantLinear):
             yield name, child
 
 
@@ -115,9 +123,11 @@ def hard_rounding(module: nn.Module) -> Iterator[None]:
 
 
 def finalize_block(block: nn.Module) -> None:
-    """Harden rounding and freeze clipping of every quantized linear in ``block``."""
-    for _, layer in quant_linears(block):
-        layer.finalize()
+    """Put a :class:`FinalizedQuantLinear` (hardened rounding, frozen clipping, integer codes) in the place of
+    every calibrating :class:`QuantLinear` of ``block``; a block with none left is unchanged."""
+    for name, layer in list(quant_linears(block)):
+        parent, _, child = name.rpartition(".")
+        setattr(block.get_submodule(parent) if parent else block, child, layer.finalize())
 
 
 def reset_block_to_round_to_nearest(block: nn.Module) -> None:

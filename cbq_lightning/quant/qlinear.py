@@ -1,12 +1,15 @@
-"""The quantized linear layer used inside blocks during and after calibration.
+"""The quantized linear layers used inside blocks: one class per life of a layer.
 
-Two lives:
-* **calibrating** - holds the full-precision weight (a frozen buffer), a :class:`WeightQuantizer` with
-  learnable clipping logits and, when rounding is learned, a :class:`LoRARounding` (soft decisions) or a
-  :class:`RoundingOffset` (hard decisions, straight-through). Its forward uses the fake-quantized weight,
-  so gradients reach exactly those parameters.
-* **finalised** - holds integer codes, scales and zero-points; ``weight`` becomes the dequantized weight
-  ``scale * (q - zero)`` and nothing is trainable. This is what is exported.
+* :class:`QuantLinear` - **calibrating**: holds the full-precision weight (a frozen buffer), a
+  :class:`WeightQuantizer` with learnable clipping logits and, when rounding is learned, a :class:`LoRARounding`
+  (soft decisions) or a :class:`RoundingOffset` (hard decisions, straight-through). Its forward uses the
+  fake-quantized weight, so gradients reach exactly those parameters.
+* :class:`FinalizedQuantLinear` - **finalised**: integer codes, scales and zero-points; ``weight`` is the
+  dequantized weight ``scale * (q - zero)`` and nothing is trainable. This is what is saved and exported.
+  :meth:`QuantLinear.finalize` builds it; :func:`cbq_lightning.quant.convert.finalize_block` swaps it in.
+
+Two classes instead of one with a ``finalized`` flag, so that no method has to ask which life it is in and a
+finalised layer cannot carry a stale quantizer or rounding state.
 
 With an activation scheme (``W4A8`` ...) an :class:`ActivationQuantizer` fake-quantizes the layer's input
 in both lives; its clipping logit(s) / step train with the window and are frozen at finalisation. A
@@ -68,7 +71,7 @@ class LayerQuantConfig:
 
 
 class QuantLinear(nn.Module):
-    """Drop-in replacement of ``nn.Linear`` with fake-quantized weights.
+    """Drop-in replacement of ``nn.Linear`` with fake-quantized weights, while its window calibrates.
 
     Args:
         linear: the layer to replace (its weight is copied, not shared).
@@ -125,15 +128,11 @@ class QuantLinear(nn.Module):
             frac = self.quantizer.fractional_part(weight) if frac is None else frac
             self.rounding = LoRARounding(frac, rounding.rank, rounding.form, rounding.init_std, generator)
         self.act_quantizer: ActivationQuantizer | None = None if act is None else ActivationQuantizer(act)
-        self.finalized = False
         #: forward with hardened (0/1) rounding decisions instead of soft ones, to measure what
         #: finalisation would give without finalising
         self.use_hard_rounding = False
         #: train through hardened decisions with a straight-through gradient (``rounding.forward: hardened``)
         self.hardened_forward = rounding.forward == "hardened"
-        #: share of hardened rounding decisions that differ from round-to-nearest (set at finalise when
-        #: rounding is learned or starts from GPTQ; None when the layer rounds to nearest)
-        self.flip_fraction: float | None = None
         self.correction: LowRankCorrection | None = None
         if correction is not None and correction.enabled:
             rank = correction.rank_for(self.out_features, self.in_features)
@@ -215,9 +214,8 @@ class QuantLinear(nn.Module):
         return self.rounding_base if learned is None else self.rounding_base + learned
 
     def fake_weight(self) -> torch.Tensor:
-        """The weight used in forward: soft fake-quant while calibrating, dequantized once finalised."""
-        if self.finalized:
-            return self.weight
+        """The fake-quantized weight of the forward: soft, hardened with a straight-through gradient, or hard
+        (:attr:`use_hard_rounding`) decisions, as the rounding settings say."""
         assert self.quantizer is not None
         decisions = None
         if isinstance(self.rounding, LoRARounding):
@@ -250,20 +248,16 @@ class QuantLinear(nn.Module):
         return [p for p in (self.quantizer.upper_logit, self.quantizer.lower_logit) if p is not None]
 
     def act_parameters(self) -> list[nn.Parameter]:
-        """Trainable parameters of the activation quantizer (empty once finalised or weight-only)."""
-        if self.act_quantizer is None or self.finalized:
+        """Trainable parameters of the activation quantizer (empty when weight-only)."""
+        if self.act_quantizer is None:
             return []
         return self.act_quantizer.trainable_parameters()
 
     def correction_parameters(self) -> list[nn.Parameter]:
-        """``U`` and ``V`` of the low-rank correction (empty once finalised or without one)."""
-        if self.correction is None or self.finalized:
+        """``U`` and ``V`` of the low-rank correction (empty without one)."""
+        if self.correction is None:
             return []
         return list(self.correction.parameters())
-
-    def correction_parameter_count(self) -> int:
-        """Full-precision parameters the correction adds to the layer (0 without one)."""
-        return 0 if self.correction is None else sum(p.numel() for p in self.correction.parameters())
 
     def rounding_regularizer(self, beta: float) -> torch.Tensor | None:
         if not isinstance(self.rounding, LoRARounding):  # offsets are hard decisions already
@@ -283,8 +277,6 @@ class QuantLinear(nn.Module):
 
         The divergence guard's fallback for a window that kept diverging; ``finalize`` then stores RTN codes.
         """
-        if self.finalized:
-            return
         self.quantizer = WeightQuantizer(self.weight, self.bits, self.group_size, self.sym, learnable_clip=False, clip_init=1.0)
         self.rounding = None
         self.rounding_base = None
@@ -296,31 +288,96 @@ class QuantLinear(nn.Module):
 
     # --- finalisation --------------------------------------------------------------------------------
     @torch.no_grad()
-    def finalize(self) -> None:
-        """Harden rounding, freeze clipping, store integer codes; drops every trainable parameter."""
-        if self.finalized:
-            return
+    def finalize(self) -> FinalizedQuantLinear:
+        """The finalised layer: hardened rounding and frozen clipping stored as integer codes, nothing trainable.
+
+        This layer is left as it is; :func:`cbq_lightning.quant.convert.finalize_block` puts the returned one in
+        its place. The activation quantizer and correction move to the new layer, frozen.
+        """
         assert self.quantizer is not None
         quantizer = self.quantizer
         scale, zero = quantizer.scale_zero(self.weight)
         offset = self.signed_offset()
         hard = self.rounding.hard() if isinstance(self.rounding, LoRARounding) else None
         codes = quantizer.codes(self.weight, scale, zero, hard, offset)
+        flip_fraction = None
         if offset is not None or hard is not None:
             nearest = quantizer.codes(self.weight, scale, zero, None)
-            self.flip_fraction = float((codes != nearest).float().mean())
-        self.register_buffer("qweight", codes.reshape(self.out_features, self.in_features).to(torch.uint8))
-        self.register_buffer("scales", scale.squeeze(-1).to(torch.float32))
-        self.register_buffer("zeros", zero.squeeze(-1).to(torch.uint8))
-        self.weight = self.dequantized_weight().to(self.weight.dtype)
-        self.quantizer = None
-        self.rounding = None
-        self.rounding_base = None
+            flip_fraction = float((codes != nearest).float().mean())
         if self.act_quantizer is not None:
             self.act_quantizer.requires_grad_(False)
         if self.correction is not None:
             self.correction.requires_grad_(False)
-        self.finalized = True
+        return FinalizedQuantLinear(
+            codes.reshape(self.out_features, self.in_features).to(torch.uint8),
+            scale.squeeze(-1).to(torch.float32),
+            zero.squeeze(-1).to(torch.uint8),
+            bits=self.bits,
+            group_size=self.group_size,
+            sym=self.sym,
+            bias=self.bias,
+            dtype=self.weight.dtype,
+            act_quantizer=self.act_quantizer,
+            correction=self.correction,
+            flip_fraction=flip_fraction,
+        )
+
+    def extra_repr(self) -> str:
+        group = self.group_size or "channel"
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={group}, calibrating"
+
+
+class FinalizedQuantLinear(nn.Module):
+    """A quantized linear after calibration: integer codes, scales and zero-points, and the dequantized weight
+    its forward uses. Nothing in it trains.
+
+    Its state dict holds ``weight`` (dequantized, the model's dtype), ``bias`` (if any), ``qweight`` (uint8
+    codes ``[out, in]``), ``scales`` (float32 ``[out, in / group]``), ``zeros`` (uint8), and the frozen
+    ``act_quantizer.*`` / ``correction.*`` when the run has them: what the window checkpoints store and
+    ``quant_state.safetensors`` is collected from.
+
+    Args:
+        codes: integer codes, ``[out, in]`` uint8.
+        scales: ``[out, in / group]`` float32.
+        zeros: zero-points, ``[out, in / group]`` uint8.
+        bits, group_size, sym: the grid (``group_size`` None: per channel).
+        bias: the layer's bias or None.
+        dtype: dtype of the dequantized weight (the model's).
+        act_quantizer: frozen activation quantizer of the layer's input, or None.
+        correction: frozen low-rank correction on the unquantized input, or None.
+        flip_fraction: share of decisions that differ from round-to-nearest (None when rounding was not
+            learned and did not start from GPTQ): a monitoring signal, not saved.
+    """
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        *,
+        bits: int,
+        group_size: int | None,
+        sym: bool,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        act_quantizer: ActivationQuantizer | None = None,
+        correction: LowRankCorrection | None = None,
+        flip_fraction: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        self.flip_fraction = flip_fraction
+        self.register_buffer("weight", torch.empty(0, device=codes.device))  # set below, first in the state dict
+        self.register_buffer("bias", bias)
+        self.register_buffer("qweight", codes)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.weight = self.dequantized_weight().to(dtype)
+        self.act_quantizer = act_quantizer
+        self.correction = correction
 
     def dequantized_weight(self) -> torch.Tensor:
         """``scale * (q - zero)`` from the stored integer state, ``[out, in]`` fp32."""
@@ -329,7 +386,20 @@ class QuantLinear(nn.Module):
         w = self.scales.unsqueeze(-1) * (q - self.zeros.float().unsqueeze(-1))
         return w.reshape(self.out_features, self.in_features)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unquantized = x
+        if self.act_quantizer is not None:
+            x = self.act_quantizer(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        out = F.linear(x, self.weight.to(x.dtype), bias)
+        if self.correction is not None:
+            out = out + self.correction(unquantized)
+        return out
+
+    def correction_parameter_count(self) -> int:
+        """Full-precision parameters the correction adds to the layer (0 without one)."""
+        return 0 if self.correction is None else sum(p.numel() for p in self.correction.parameters())
+
     def extra_repr(self) -> str:
         group = self.group_size or "channel"
-        state = "finalised" if self.finalized else "calibrating"
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={group}, {state}"
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={group}, finalised"
