@@ -12,7 +12,7 @@ full-precision blocks, and the perplexity of that model on the first K windows o
 set (K=10: about one minute on two cores).
 
     python benchmarks/block_probe.py 8 [--ppl-windows 10] --config configs/smollm2_w4a16.yaml \
-        --output_dir /tmp/probe/A [any cbq quantize override, e.g. --quant.gptq_true_sequential true]
+        --output_dir /tmp/probe/A [any cbq quantize override, e.g. --quant.gptq.true_sequential true]
 
 Everything else after N goes to ``cbq quantize`` unchanged; its own evaluation is switched off and the run
 starts over.
@@ -41,7 +41,7 @@ def _held_out_perplexity(model: nn.Module, rest: list[nn.Module], overrides: lis
     """Perplexity of the quantized first blocks followed by the full-precision ``rest``, on the first
     ``windows`` windows of the recipe's first evaluation set."""
     parser = cli.quantize_parser()
-    config = cli.quantize_config(parser.instantiate(parser.parse_args(overrides)))
+    config = cli.quantize_config(cli.instantiate(parser, parser.parse_args(overrides)))
     if not config.eval.datasets:
         raise SystemExit("--ppl-windows needs an evaluation set in the recipe (eval.datasets)")
     model.model.layers = nn.ModuleList([*model.model.layers, *rest])

@@ -34,6 +34,7 @@ RTN and CBQ:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -55,8 +56,8 @@ DEFAULT_SCHEMES = ("W4A16", "W3A16G64", "W2A16G64", "W4A8", "W4A4")
 #: flags that switch coarse-to-fine preprocessing off (the RTN baseline and the CFP ablation)
 CFP_OFF = ["--cfp.weights", "false", "--cfp.activations", "false"]
 #: the RTN baseline is plain round-to-nearest even when the recipe starts CBQ from GPTQ
-#: (``method: rtn`` with ``quant.gptq_init`` would be GPTQ)
-PLAIN_RTN = ["--quant.gptq_init", "false"]
+#: (``method: rtn`` with a ``quant.gptq`` section would be GPTQ)
+PLAIN_RTN = ["--quant.gptq", "null"]
 #: ``CBQ (paper settings)``: the paper's method (docs/method.md §1-4) as stated, on top of a scheme's recipe, which keeps only its
 #: budget (samples, epochs, batch size) and its scheme: RTN start on the unclipped grid, LoRA-Rounding
 #: ``V0 + A1 A2`` (rank 4) trained through soft decisions and hardened at the end, windows K=2 / O=1, MSE +
@@ -65,7 +66,7 @@ PLAIN_RTN = ["--quant.gptq_init", "false"]
 #: (``cfp.truncation: judged``, kept only where it lowers the layer's quantized output error); read
 #: literally (``always``) it cuts the weights SmolLM2's massive activations depend on.
 PAPER_SETTINGS = {
-    "quant.gptq_init": "false", "quant.clip_search": "false", "quant.clip_init": "0.99", "quant.learnable_clip": "true",
+    "quant.gptq": "null", "quant.clip_search": "null", "quant.clip_init": "0.99", "quant.learnable_clip": "true",
     "quant.act_learnable": "true",
     "rounding.enabled": "true", "rounding.form": "residual", "rounding.rank": "4", "rounding.forward": "soft",
     "rounding.reg_weight": "0.01",
@@ -103,18 +104,35 @@ def recipe_deviations(recipe: Path) -> dict[str, tuple[str, str]]:
     Read from the recipe itself, so the list shown next to a ``CBQ (shipped recipe)`` figure cannot drift
     from what ran. A key the recipe leaves out takes the code's default (read from the config classes).
     """
-    from cbq_lightning.cli import quantize_config, quantize_parser
+    from cbq_lightning.cli import instantiate, quantize_config, quantize_parser
 
     parser = quantize_parser()
-    config = quantize_config(parser.instantiate(parser.parse_args(["--config", str(recipe)])))
+    config = quantize_config(instantiate(parser, parser.parse_args(["--config", str(recipe)])))
     deviations = {}
     for key, paper in PAPER_SETTINGS.items():
         section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        shown = _shown(getattr(getattr(config, section), name))
         if _normalise(shown) != _normalise(paper):
             deviations[key] = (paper, shown)
     return deviations
+
+
+def _shown(value: object) -> str:
+    """A setting as YAML would write it: ``true``, ``null``, or an extension section as ``{key: value}`` listing
+    the keys that differ from the section's defaults (``{}``: on at its defaults)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if dataclasses.is_dataclass(value):
+        try:
+            default = type(value)()
+        except Exception:  # a section without defaults for every key (e.g. mixed.budget): show all of it
+            default = None
+        changed = [f"{f.name}: {_shown(getattr(value, f.name))}" for f in dataclasses.fields(value)
+                   if default is None or getattr(value, f.name) != getattr(default, f.name)]
+        return "{" + ", ".join(changed) + "}"
+    return str(value)
 
 
 def _normalise(value: str) -> str:

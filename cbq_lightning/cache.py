@@ -36,7 +36,7 @@ class CacheConfig:
     directory: str | None = None
     target_dtype: Literal["float32", "bfloat16"] = "float32"
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.location not in ("cpu", "disk"):
             raise ConfigError(f"cache.location={self.location!r} is unknown: use 'cpu' or 'disk'.")
         if self.target_dtype not in _DTYPES:

@@ -79,7 +79,7 @@ class CFPConfig:
     alpha: float = 0.7
     max_samples: int = 16
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.lambda1 < 0 or self.lambda2 < 0:
             raise ConfigError(f"cfp.lambda1={self.lambda1}, cfp.lambda2={self.lambda2}: both must be >= 0.")
         if not 0.0 < self.alpha <= 1.0:

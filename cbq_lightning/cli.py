@@ -46,6 +46,27 @@ def quantize_config(instantiated: Namespace) -> QuantizeConfig:
     return QuantizeConfig(**_fields(instantiated))
 
 
+def instantiate(parser: LightningArgumentParser, namespace: Namespace) -> Namespace:
+    """``parser.instantiate(namespace)``, with a section's own :class:`CBQError` raised as itself.
+
+    The sections check their values when they are built (``__post_init__``). For an optional section
+    (``quant.gptq: GPTQInit | None`` ...) jsonargparse tries each member of the union and reports a
+    multi-line "does not validate against any of the Union subtypes"; the section's one-line error is in
+    that exception's chain, and is what the user should read.
+    """
+    try:
+        return parser.instantiate(namespace)
+    except CBQError:
+        raise
+    except (TypeError, ValueError) as error:
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, CBQError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def evaluate_parser() -> LightningArgumentParser:
     """Parser of ``cbq evaluate``: the fields of :class:`EvaluateConfig`."""
     parser = LightningArgumentParser(
@@ -125,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "quantize":
             from cbq_lightning.runner import run_quantize
 
-            config = quantize_config(parser.instantiate(args).quantize)
+            config = quantize_config(instantiate(parser, args).quantize)
             result = run_quantize(config)
             if not result.main:  # another DDP rank: rank 0 reports and writes the outputs
                 return 0

@@ -10,7 +10,6 @@ import torch
 from cbq_lightning.cache import CacheConfig
 from cbq_lightning.cfp import CFPConfig
 from cbq_lightning.data.calibration import CalibrationConfig
-from cbq_lightning.data.text import NAMED_DATASETS, check_source
 from cbq_lightning.distributed import check_divisible, placement
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.evaluation.perplexity import EvalConfig
@@ -57,6 +56,14 @@ class QuantizeConfig:
             from the hub. Null: ``$CBQ_DATA_DIR`` when set, else the hub.
         resume: continue from ``output_dir/checkpoints/`` when an interrupted CBQ run left one there
             (refused, naming the keys, if the configuration changed); false starts over.
+        correction: an extension: a trainable low-rank correction on every quantized linear
+            (:class:`CorrectionConfig`); null: none.
+        mixed: an extension: per-layer bit-widths chosen by sensitivity under an average-bits budget
+            (:class:`MixedPrecisionConfig`); null: every layer at the scheme's bits.
+
+    Extensions are optional sections: null (the default) is off, a section (``{}`` or any of its keys, e.g.
+    ``--quant.gptq.damp 0.02``) is on. Each section checks its own values when it is built; :func:`validate`
+    checks what involves several sections.
     """
 
     output_dir: str = "runs/cbq"
@@ -68,8 +75,8 @@ class QuantizeConfig:
     data: CalibrationConfig = field(default_factory=CalibrationConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     rounding: RoundingConfig = field(default_factory=RoundingConfig)
-    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
-    mixed: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
+    correction: CorrectionConfig | None = None
+    mixed: MixedPrecisionConfig | None = None
     cfp: CFPConfig = field(default_factory=CFPConfig)
     window: WindowConfig = field(default_factory=WindowConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -80,6 +87,10 @@ class QuantizeConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed={self.seed} must lie in [0, 2**32) (the range numpy and torch accept).")
 
 
 def validate(config: QuantizeConfig) -> QuantScheme:
@@ -94,39 +105,38 @@ def validate(config: QuantizeConfig) -> QuantScheme:
         )
     resolve_source(config.model)
     config.model.torch_dtype()
-    check_source(config.data.source)
-    if config.data.source in NAMED_DATASETS and config.data.split == "test":
-        raise ConfigError(
-            "data.split=test would calibrate on the evaluation text: calibrate on 'validation' or 'train'."
-        )
-    config.eval.check()
     if config.method == "cbq":
         world = placement(config.trainer.strategy, config.trainer.devices, config.trainer.num_nodes).world
         check_divisible(config.data.num_samples, world)
-    config.cfp.check()
-    config.guard.check()
-    config.cache.check()
-    config.quant.clip_search_settings()  # raises a ConfigError on impossible search settings
-    continuous = config.quant.continuous_settings()  # raises a ConfigError on an unknown mode or temperature
+    continuous = config.quant.continuous
+    if continuous is not None and not continuous.active:
+        raise ConfigError(
+            "quant.continuous with estimator=ste and clamp=hard changes nothing: set quant.continuous.estimator "
+            "sigmoid and/or quant.continuous.clamp smooth, or quant.continuous null."
+        )
+    if config.quant.clip_search is not None and not config.quant.learnable_clip and config.method == "cbq":
+        raise ConfigError(
+            "quant.clip_search sets the starting ratio of learnable clipping thresholds, but "
+            "quant.learnable_clip is false: it would do nothing. Set quant.clip_search null, or learnable_clip true."
+        )
     if continuous is not None and continuous.estimator == "sigmoid" and config.method == "cbq":
         soft_rounding = config.rounding.enabled and config.rounding.form != "offset"
         if soft_rounding and not scheme.quantizes_activations:
             raise ConfigError(
-                "quant.estimator=sigmoid smooths the rounding that is not learned, but this run's weights are "
+                "quant.continuous.estimator=sigmoid smooths the rounding that is not learned, but this run's weights are "
                 f"rounded by soft LoRA-Rounding (rounding.form={config.rounding.form!r}) and it quantizes no "
                 "activations: it would change nothing. Use rounding.form=offset or rounding.enabled=false, "
-                "an activation scheme, or quant.estimator=ste."
+                "an activation scheme, or quant.continuous.estimator=ste."
             )
-    if config.quant.gptq_settings() is not None and config.method == "cbq" and config.rounding.enabled:
+    if config.quant.gptq is not None and config.method == "cbq" and config.rounding.enabled:
         if config.rounding.form == "lowrank":
             raise ConfigError(
-                "quant.gptq_init with rounding.form='lowrank': the pure low-rank form has no frozen V0 to hold "
+                "quant.gptq with rounding.form='lowrank': the pure low-rank form has no frozen V0 to hold "
                 "GPTQ's decisions; use rounding.form=residual (LoRA-Rounding on top of GPTQ), offset, or "
                 "rounding.enabled=false."
             )
-    config.mixed.check()
-    mixed = config.mixed.budget is not None or bool(config.quant.layer_bits)
-    if config.mixed.budget is not None and config.quant.layer_bits:
+    mixed = config.mixed is not None or bool(config.quant.layer_bits)
+    if config.mixed is not None and config.quant.layer_bits:
         raise ConfigError(
             "mixed.budget computes quant.layer_bits from a sensitivity pass; both are set. Keep one: the budget, "
             "or your own per-layer bits."
@@ -137,7 +147,7 @@ def validate(config: QuantizeConfig) -> QuantScheme:
             "bit-widths (mixed.budget / quant.layer_bits). Keep export.format null: the fake-quant checkpoint and "
             "quant_state.safetensors (per-layer bits) hold the result."
         )
-    if config.correction.enabled and config.method == "cbq" and config.export.format is not None:
+    if config.correction is not None and config.method == "cbq" and config.export.format is not None:
         raise ConfigError(
             f"export.format={config.export.format!r} cannot hold the low-rank correction (correction.rank / "
             "rank_fraction): its stock kernels compute Q(W) Q(x) only. Keep export.format null (the fake-quant "

@@ -38,7 +38,7 @@ class GuardConfig:
     explode_factor: float = 1000.0
     fallback: Literal["rtn", "error"] = "rtn"
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.retries < 0:
             raise ConfigError(f"guard.retries={self.retries} must be >= 0.")
         if not 0.0 < self.lr_factor <= 1.0:

@@ -145,7 +145,7 @@ def _window_module(
         lr_scale=lr_scale,
         explode_factor=config.guard.explode_factor,
         output_head=output_head,
-        continuous=config.quant.continuous_settings(),
+        continuous=config.quant.continuous,
     )
 
 
@@ -370,11 +370,11 @@ def _layer_bits(
     with ``quant.layer_bits``: those overrides, checked against the model's layers and fused groups.
     """
     mixed = config.mixed
-    if mixed.budget is None and not config.quant.layer_bits:
+    if mixed is None and not config.quant.layer_bits:
         return {}, None
     weights = {name: linear.weight.numel() for name, linear in all_block_linears(adapter.blocks)}
     sensitivity = None
-    if mixed.budget is not None:
+    if mixed is not None:
         groups = measure_sensitivity(
             adapter.blocks, inputs[: mixed.samples], block_kwargs, scheme, mixed.candidates, clip_search, device,
             config.train.forward_batch_size, progress=config.trainer.enable_progress_bar,
@@ -390,7 +390,7 @@ def _layer_bits(
     achieved = average_bits(weights, full_bits)
     counts = {str(b): sum(1 for v in full_bits.values() if v == b) for b in sorted(set(full_bits.values()))}
     summary = {
-        "budget": mixed.budget,
+        "budget": None if mixed is None else mixed.budget,
         "average_bits": achieved,
         "layers_per_bits": counts,
         "layer_bits": full_bits,
@@ -491,7 +491,7 @@ def _read_inputs(config: QuantizeConfig) -> _Job:
     adapter = DecoderAdapter(model)
     cbq = config.method == "cbq"
     rounding = config.rounding if cbq else RoundingConfig(enabled=False)
-    correction = config.correction if cbq and config.correction.enabled else None
+    correction = config.correction if cbq else None
     # the configuration against the model's shapes, before any data is read or any evaluation runs
     check_group_size(adapter.blocks, scheme)
     check_rounding_rank(adapter.blocks, rounding)
@@ -535,9 +535,9 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: dict[str, Any], 
     config, cbq, scheme = job.config, job.cbq, job.scheme
     learnable_clip = config.quant.learnable_clip and cbq
     clip_search = config.quant.clip_search_settings() if cbq else None
-    gptq = config.quant.gptq_settings()
-    aware = clip_search is not None and config.quant.clip_search_activation_aware
-    sequential = gptq is not None and config.quant.gptq_true_sequential
+    gptq = config.quant.gptq
+    aware = clip_search is not None and clip_search.activation_aware
+    sequential = gptq is not None and gptq.true_sequential
     moments = InputMoments(full=gptq is not None, sequential=sequential) if aware or gptq is not None else None
     act = config.quant.act_settings(trained=cbq)
     # before CFP and any quantization: the sensitivity pass runs the full-precision model

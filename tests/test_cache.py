@@ -73,6 +73,6 @@ def test_bfloat16_targets(tmp_path: Path) -> None:
 
 def test_cache_config_validation() -> None:
     with pytest.raises(ConfigError, match="cache.location"):
-        CacheConfig(location="gpu").check()
+        CacheConfig(location="gpu")
     with pytest.raises(ConfigError, match="cache.target_dtype"):
-        CacheConfig(target_dtype="float16").check()
+        CacheConfig(target_dtype="float16")

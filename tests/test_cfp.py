@@ -244,4 +244,4 @@ def test_inactive_preprocessor() -> None:
 )
 def test_config_validation(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        CFPConfig(**kwargs).check()
+        CFPConfig(**kwargs)

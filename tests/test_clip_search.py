@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from cbq_lightning.config import validate
 from cbq_lightning.errors import ConfigError
-from cbq_lightning.quant.config import QuantConfig
 from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
+from tests.conftest import TINY_RECIPE, load_recipe
 
 NORM = 2.4
 
@@ -43,20 +45,24 @@ def test_invalid_clip_search_settings(kwargs: dict) -> None:
 
 
 def test_valid_clip_search_settings() -> None:
-    assert ClipSearch() == ClipSearch(0.5, 25, 2.4)
+    assert ClipSearch() == ClipSearch(0.5, 25, 2.4, activation_aware=True)
     ClipSearch(min_ratio=0.01, steps=2, norm=0.5)
 
 
-def test_quant_config_clip_search_settings() -> None:
-    assert QuantConfig(clip_search=False).clip_search_settings() is None
-    assert QuantConfig(clip_search=True, learnable_clip=False).clip_search_settings() is None
-    settings = QuantConfig(clip_search=True, clip_search_min=0.3, clip_search_steps=7,
-                           clip_search_norm=2.0).clip_search_settings()
-    assert settings == ClipSearch(min_ratio=0.3, steps=7, norm=2.0)
-    with pytest.raises(ConfigError):
-        QuantConfig(clip_search=True, clip_search_min=1.2).clip_search_settings()
-    # not run at all when off, so invalid numbers are not an error then
-    assert QuantConfig(clip_search=False, clip_search_steps=0).clip_search_settings() is None
+def test_clip_search_is_an_optional_section(tmp_path: Path) -> None:
+    """``quant.clip_search``: null is off, a section (or one of its keys) is on with the rest at their defaults;
+    a bad value is refused when the section is built, and a search for thresholds that are not learned is
+    refused as a setting that would do nothing."""
+    assert load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path)).quant.clip_search is None
+    config = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--quant.clip_search.steps", "7")
+    assert config.quant.clip_search_settings() == ClipSearch(min_ratio=0.5, steps=7, norm=2.4)
+    with pytest.raises(ConfigError, match="quant.clip_search"):
+        load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--quant.clip_search.min_ratio", "1.2")
+    unlearned = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--quant.clip_search", "{}",
+                            "--quant.learnable_clip", "false")
+    assert unlearned.quant.clip_search_settings() is None
+    with pytest.raises(ConfigError, match="would do nothing"):
+        validate(unlearned)
 
 
 def test_search_needs_learnable_thresholds() -> None:

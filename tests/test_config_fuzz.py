@@ -42,8 +42,15 @@ def _leaves(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return found
 
 
+#: the optional extension sections switched on, so that the keys inside them are fuzzed too (a flag such as
+#: ``--quant.gptq.damp X`` switches its section on with that value)
+SECTIONS_ON = ["--quant.gptq", "{}", "--quant.clip_search", "{}", "--quant.continuous.clamp", "smooth",
+               "--correction.rank", "2", "--mixed.budget", "3"]
+SECTIONS = ("quant.gptq.", "quant.clip_search.", "quant.continuous.", "correction.", "mixed.")
 KEYS = [(key, value) for key, value in _leaves(dataclasses.asdict(load_recipe(TINY_RECIPE)))
         if key not in NOT_FUZZED]
+KEYS += [(key, value) for key, value in _leaves(dataclasses.asdict(load_recipe(TINY_RECIPE, *SECTIONS_ON)))
+         if key.startswith(SECTIONS)]
 
 
 #: counts whose large *valid* values mean hours of correct work (2**40 epochs or layers is not an error, just
@@ -103,5 +110,9 @@ def test_a_bad_value_is_a_clean_error_or_a_correct_run(case: tuple[str, str], tm
 
 def test_every_key_is_fuzzed_or_said_why_not() -> None:
     keys = {key for key, _ in _leaves(dataclasses.asdict(load_recipe(TINY_RECIPE)))}
+    inside = {key for key, _ in _leaves(dataclasses.asdict(load_recipe(TINY_RECIPE, *SECTIONS_ON)))
+              if key.startswith(SECTIONS)}
     assert NOT_FUZZED <= keys, NOT_FUZZED - keys
-    assert len(KEYS) == len(keys) - len(NOT_FUZZED) and len(KEYS) > 80
+    sections = {key for key in keys if f"{key}." in {s for s in SECTIONS}}
+    assert sections == {s[:-1] for s in SECTIONS}, "an optional section is not null in the tiny recipe"
+    assert {key for key, _ in KEYS} == (keys - NOT_FUZZED) | inside and len(KEYS) > 80

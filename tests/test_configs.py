@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 
-from cbq_lightning.config import validate
+from cbq_lightning.config import QuantizeConfig, validate
 from cbq_lightning.errors import ModelSourceError
 from cbq_lightning.models.loading import EMBEDDED_MODEL_NAME, resolve_source
 from tests.conftest import REPO, load_recipe
@@ -50,3 +52,40 @@ def test_embedded_recipes_follow_the_cpu_quick_protocol(recipe: Path) -> None:
     assert config.eval.datasets == ["wikitext2"]
     assert (config.eval.seqlen, config.eval.max_windows, config.eval.fp_reference) == (2048, 40, True)
     assert config.trainer.accelerator == "cpu"
+
+
+def _config_keys(cls: type, prefix: str = "") -> set[str]:
+    """Every dotted key of a configuration dataclass: its fields, and the keys inside its sections (a section
+    that is optional, ``X | None``, is a key of its own as well: null switches it off)."""
+    keys: set[str] = set()
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        key = f"{prefix}{field.name}"
+        members = [t for t in typing.get_args(hints[field.name]) if t is not type(None)] or [hints[field.name]]
+        section = next((t for t in members if dataclasses.is_dataclass(t)), None)
+        if section is None or type(None) in typing.get_args(hints[field.name]):
+            keys.add(key)
+        if section is not None:
+            keys |= _config_keys(section, f"{key}.")
+    return keys
+
+
+def _documented_keys(text: str) -> tuple[set[str], set[str]]:
+    """The keys named in the first column of the configuration reference table, and the ``section.*`` rows."""
+    table = text.split("## Configuration reference", 1)[1].split("\n\n", 2)[1]
+    keys: set[str] = set()
+    for row in table.splitlines()[2:]:
+        for name in re.findall(r"`([^`]+)`", row.split("|")[1]):
+            head, _, tail = name.rpartition(".")
+            keys |= {f"{head}.{part}" if head else part for part in tail.split("/")}
+    wildcards = {key[:-1] for key in keys if key.endswith(".*")}
+    return {key for key in keys if not key.endswith(".*")}, wildcards
+
+
+def test_configuration_reference_is_checked_against_the_dataclasses() -> None:
+    """docs/configuration.md names every key ``cbq quantize`` reads, and no key it does not read."""
+    keys = _config_keys(QuantizeConfig)
+    documented, wildcards = _documented_keys((REPO / "docs" / "configuration.md").read_text())
+    undocumented = {key for key in keys - documented if not key.startswith(tuple(wildcards))}
+    assert undocumented == set(), "keys missing from docs/configuration.md"
+    assert documented - keys == set(), "documented keys that do not exist"

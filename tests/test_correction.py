@@ -54,7 +54,8 @@ def test_rank_as_number_or_fraction_and_its_validation() -> None:
     assert CorrectionConfig(rank=3).rank_for(576, 1536) == 3
     assert CorrectionConfig(rank_fraction=0.1).rank_for(576, 1536) == 58  # round(57.6)
     assert CorrectionConfig(rank_fraction=0.001).rank_for(64, 32) == 1
-    assert not CorrectionConfig().enabled
+    with pytest.raises(ConfigError, match="would add nothing"):
+        CorrectionConfig()
     with pytest.raises(ConfigError, match="not low-rank"):
         CorrectionConfig(rank=32).rank_for(64, 32)
     with pytest.raises(ConfigError, match="both set"):

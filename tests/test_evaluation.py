@@ -186,11 +186,11 @@ def test_prepare_eval_set_too_short(tmp_path: Path) -> None:
 )
 def test_eval_config_check_rejects(kwargs: dict, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
-        EvalConfig(**kwargs).check()
+        EvalConfig(**kwargs)
 
 
 def test_eval_config_check_accepts_valid_settings(tmp_path: Path) -> None:
     path = tmp_path / "c.jsonl"
     path.write_text('{"text": "x"}\n')
-    EvalConfig(datasets=["wikitext2", "c4", "shipped", str(path)], seqlen=2, max_windows=1, batch_size=1).check()
-    EvalConfig().check()
+    EvalConfig(datasets=["wikitext2", "c4", "shipped", str(path)], seqlen=2, max_windows=1, batch_size=1)
+    EvalConfig()

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from cbq_lightning.errors import ConfigError
-from cbq_lightning.quant.config import QuantConfig
 from cbq_lightning.quant.gptq import GPTQInit, gptq_quantize
 from cbq_lightning.quant.qlinear import LayerQuantConfig, QuantLinear
 from cbq_lightning.quant.rounding import RoundingConfig
@@ -235,29 +234,27 @@ def test_pure_low_rank_rounding_cannot_start_from_gptq() -> None:
 
 @pytest.mark.parametrize("damp", [0.0, 1.0, -0.1])
 def test_bad_dampening_is_refused(damp: float) -> None:
-    with pytest.raises(ConfigError, match="gptq_damp"):
-        QuantConfig(gptq_init=True, gptq_damp=damp).gptq_settings()
-    assert QuantConfig(gptq_init=False, gptq_damp=damp).gptq_settings() is None
+    with pytest.raises(ConfigError, match="quant.gptq.damp"):
+        GPTQInit(damp=damp)
 
 
 def test_cli_refuses_gptq_with_pure_low_rank_rounding(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from cbq_lightning.cli import main
 
     code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path),
-                 "--quant.gptq_init", "true", "--rounding.enabled", "true", "--rounding.form", "lowrank"])
+                 "--quant.gptq", "{}", "--rounding.enabled", "true", "--rounding.form", "lowrank"])
     assert code == 2
     assert "use rounding.form=residual" in capsys.readouterr().err
 
 
 def test_gptq_method_rtn_beats_plain_rtn(tmp_path: Path) -> None:
-    """``method: rtn`` with ``quant.gptq_init`` is plain GPTQ: on the tiny model its final output error is
+    """``method: rtn`` with ``quant.gptq`` is plain GPTQ: on the tiny model its final output error is
     below round-to-nearest's (both on min/max grids, no training), with and without true-sequential
     Hessians, which change the result (o_proj, the MLP and down_proj see the quantized stages before them)."""
     from cbq_lightning.cli import main
 
     errors = {}
-    gptq = ["--quant.gptq_init", "true"]
-    for name, extra in (("rtn", []), ("gptq", gptq), ("sequential", [*gptq, "--quant.gptq_true_sequential", "true"])):
+    for name, extra in (("rtn", []), ("gptq", ["--quant.gptq", "{}"]), ("sequential", ["--quant.gptq.true_sequential", "true"])):
         out = tmp_path / name
         code = main(["quantize", "--config", str(TINY_RECIPE), "--method", "rtn", "--output_dir", str(out),
                      "--eval.datasets", "[]", "--trainer.enable_progress_bar", "false", *extra])

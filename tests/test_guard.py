@@ -50,7 +50,7 @@ def test_check_loss() -> None:
 )
 def test_guard_config_validation(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        GuardConfig(**kwargs).check()
+        GuardConfig(**kwargs)
 
 
 def _all_finite(run: Path) -> bool:

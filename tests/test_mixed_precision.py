@@ -103,7 +103,7 @@ def test_layer_bits_are_checked_against_layers_and_fused_groups() -> None:
 )
 def test_mixed_settings_are_validated(settings: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        MixedPrecisionConfig(**settings).check()
+        MixedPrecisionConfig(**settings)
 
 
 def test_budget_and_overrides_exclude_each_other_and_packed_export(tmp_path: Path) -> None:

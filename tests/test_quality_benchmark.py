@@ -93,7 +93,7 @@ def test_paper_flags_are_what_method_md_states(quality) -> None:
     """The paper row's overrides: RTN start, LoRA-Rounding (residual, rank 4, soft forward), K=2/O=1, both
     branches with the hidden-state KL, no output KL, no keep-best, the paper's learning rates."""
     settings = quality.PAPER_SETTINGS
-    assert settings["quant.gptq_init"] == "false" and settings["rounding.form"] == "residual"
+    assert settings["quant.gptq"] == "null" and settings["rounding.form"] == "residual"
     assert settings["rounding.forward"] == "soft" and (settings["window.size"], settings["window.overlap"]) == ("2", "1")
     assert settings["loss.kl_weight"] == "1.0" and settings["loss.output_kl_weight"] == "0"
     assert (settings["train.lr_rounding"], settings["train.lr_clip"]) == ("0.001", "0.005")
@@ -335,10 +335,10 @@ def test_ablations_only_adds_rows_to_the_existing_record(quality, tmp_path: Path
     monkeypatch.setattr(quality, "_draw", lambda folder, suffix: None)
     assert quality.main(["--schemes", "W4A4", "--ablations-only", "--output", str(tmp_path),
                          "--ablation", "lowrank10", "correction.rank_fraction=0.1",
-                         "--ablation", "smooth", "quant.clamp=smooth"]) == 0
+                         "--ablation", "smooth", "quant.continuous.clamp=smooth"]) == 0
     assert calls == [
         ("smollm2_w4a4.yaml", "cbq", ["--train.epochs", "2", "--correction.rank_fraction", "0.1"], "ablation_lowrank10"),
-        ("smollm2_w4a4.yaml", "cbq", ["--train.epochs", "2", "--quant.clamp", "smooth"], "ablation_smooth"),
+        ("smollm2_w4a4.yaml", "cbq", ["--train.epochs", "2", "--quant.continuous.clamp", "smooth"], "ablation_smooth"),
     ]
     updated = json.loads(path.read_text())
     assert updated["row"]["cbq"] == 2400.0, "the plain CBQ row stays"

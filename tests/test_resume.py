@@ -124,7 +124,7 @@ def test_lora_rounding_from_gptq_resumes_bit_for_bit(tmp_path: Path) -> None:
     """The shipped recipes' combination: LoRA-Rounding started from GPTQ with overlapping windows. The overlap
     block's calibrating state (its GPTQ shift and V0, computed from data when it entered) is restored on
     resume, so the run ends where an uninterrupted one does."""
-    flags = (*FAST, "--quant.gptq_init", "true", "--quant.clip_search", "true", "--cfp.weights", "true")
+    flags = (*FAST, "--quant.gptq", "{}", "--quant.clip_search", "{}", "--cfp.weights", "true")
     reference = tmp_path / "uninterrupted"
     run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(reference), *flags))
     killed = tmp_path / "killed"

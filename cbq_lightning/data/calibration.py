@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cbq_lightning.data.text import SHIPPED_SOURCE, load_text, tokenize_text
-from cbq_lightning.errors import DataError
+from cbq_lightning.data.text import NAMED_DATASETS, SHIPPED_SOURCE, check_source, load_text, tokenize_text
+from cbq_lightning.errors import ConfigError, DataError
 
 
 @dataclass
@@ -33,6 +33,11 @@ class CalibrationConfig:
         if self.num_samples < 1 or self.seqlen < 2:
             raise DataError(
                 f"data.num_samples={self.num_samples} and data.seqlen={self.seqlen} must be >= 1 and >= 2."
+            )
+        check_source(self.source)
+        if self.source in NAMED_DATASETS and self.split == "test":
+            raise ConfigError(
+                "data.split=test would calibrate on the evaluation text: calibrate on 'validation' or 'train'."
             )
 
 

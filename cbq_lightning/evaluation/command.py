@@ -75,8 +75,8 @@ class EvaluateConfig:
     def task_names(self) -> list[str]:
         return parse_tasks(self.tasks)
 
-    def check(self) -> None:
-        """Reject impossible settings before anything is loaded."""
+    def __post_init__(self) -> None:
+        """Reject impossible settings before anything is loaded (raised when the configuration is built)."""
         tasks = self.task_names()
         if not self.sources() and not tasks:
             raise ConfigError("nothing to evaluate: --data is empty and no --tasks given; set at least one of them.")
@@ -131,7 +131,6 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     per task and group (see :func:`~cbq_lightning.evaluation.zero_shot.run_tasks`), empty without ``tasks``.
     """
     started = time.perf_counter()
-    config.check()
     device = _device(config.device)
     names = config.task_names()
     tasks = prepare_tasks(names, config.task_dir) if names else None

@@ -49,8 +49,8 @@ class EvalConfig:
     fp_reference: bool = True
     batch_size: int = 1
 
-    def check(self) -> None:
-        """Reject impossible settings before any model is loaded."""
+    def __post_init__(self) -> None:
+        """Reject impossible settings before any model is loaded (raised when the configuration is built)."""
         if self.seqlen < 2:
             raise ConfigError(f"eval.seqlen={self.seqlen} must be >= 2 (one token predicts the next).")
         if self.max_windows is not None and self.max_windows < 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cbq_lightning.quant.act_quantizer import ActMode, ActQuantSettings
-from cbq_lightning.quant.continuous import ClampMode, ContinuousApprox, Estimator
+from cbq_lightning.quant.continuous import ContinuousApprox
 from cbq_lightning.quant.gptq import GPTQInit
 from cbq_lightning.quant.scheme import QuantScheme, parse_scheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch
@@ -21,35 +21,25 @@ class QuantConfig:
         sym: symmetric weights (needed for GPTQ-v1 export).
         learnable_clip: learn per-channel/group clipping thresholds (CBQ); False keeps min/max.
         clip_init: initial clipping ratio of the learnable thresholds (sigmoid of the logit).
-        clip_search: start each group's learnable thresholds at the ratio in
-            [clip_search_min, clip_init] that minimises its weight quantization error (grid of
-            clip_search_steps ratios, error norm clip_search_norm); off = every group at clip_init.
-        clip_search_activation_aware: weight each weight's error by ``E[x^2]`` of the input feature it
-            multiplies (measured on the calibration data), i.e. search for the least *output* error.
-        gptq_init: start each layer's rounding from GPTQ's codes on its (searched) grid, computed from the
-            layer's input Hessian on the window's quantized-path inputs (an extension; see
-            :mod:`cbq_lightning.quant.gptq`). The window's fit then refines clipping (and, with
-            ``rounding.form: offset``, the rounding) from there. Works with ``method: rtn`` too, which then
-            is plain GPTQ.
-        gptq_damp: GPTQ's Hessian dampening, a fraction of the diagonal's mean.
-        gptq_act_order: GPTQ rounds the columns in order of decreasing Hessian diagonal.
-        gptq_true_sequential: measure each linear's Hessian behind the block's already-quantized linears
-            (o_proj after q/k/v, the MLP after the attention, down_proj after gate/up), as GPTQ's
-            ``true_sequential``; off: every Hessian from the full-precision block on the same inputs.
+        clip_search: an extension: search each group's starting clipping ratio in [min_ratio, clip_init]
+            for the least weight (or, activation-aware, output) error (:class:`ClipSearch`); null: every group
+            starts at clip_init. Give ``{}`` for the defaults or any of its keys, e.g.
+            ``--quant.clip_search.norm 2.0``.
+        gptq: an extension: start each layer's rounding from GPTQ's codes on its (searched) grid, computed
+            from the layer's input Hessian on the window's quantized-path inputs (:class:`GPTQInit`; see
+            :mod:`cbq_lightning.quant.gptq`); null: round-to-nearest start. Works with ``method: rtn`` too,
+            which then is plain GPTQ.
         act_mode: activation quantizer when a_bits < 16: ``dynamic_sym`` (per token, symmetric: what
             vLLM serves), ``dynamic_asym`` (per token, asymmetric) or ``static_lsq`` (one learned step
             per layer).
         act_learnable: train the activation clipping logit(s) / static step with the window (CBQ only;
             RTN keeps them at their start).
         act_clip_init: starting clipping ratio of the dynamic activation quantizers (RTN uses 1.0).
-        estimator: how the window's fit differentiates rounding that is not learned (activation quantizers;
-            weights unless soft LoRA-Rounding decides them): ``ste`` (straight-through) or ``sigmoid``
-            (the temperature-``T`` sigmoid rounding in the training forward; see
-            :mod:`cbq_lightning.quant.continuous`). Training only: measurements and the result are exact.
-        clamp: ``hard`` or ``smooth`` (softplus clamp with temperature ``T`` in the training forward, so
-            the clipping bounds get gradient from values near and beyond them).
-        temperature_start: ``T`` at each window's first step (annealed geometrically).
-        temperature_end: ``T`` at its last step.
+        continuous: an extension: continuous approximations in the training forward (:class:`ContinuousApprox`:
+            the temperature-``T`` sigmoid rounding for rounding that is not learned - activation quantizers,
+            weights unless soft LoRA-Rounding decides them - and/or a softplus clamp, so the clipping bounds
+            get gradient from values near and beyond them; see :mod:`cbq_lightning.quant.continuous`); null:
+            straight-through rounding and hard clamps. Training only: measurements and the result are exact.
         layer_bits: per-layer weight bits overriding the scheme's, by layer name ``blocks.<index>.<name in the
             block>`` (e.g. ``blocks.3.mlp.down_proj: 4``); layers that read one input (q/k/v, gate/up) must
             share one value. ``mixed.budget`` writes these itself from a sensitivity pass.
@@ -59,40 +49,17 @@ class QuantConfig:
     sym: bool = False
     learnable_clip: bool = True
     clip_init: float = 0.99
-    clip_search: bool = False
-    clip_search_min: float = 0.5
-    clip_search_steps: int = 25
-    clip_search_norm: float = 2.4
-    clip_search_activation_aware: bool = True
-    gptq_init: bool = False
-    gptq_damp: float = 0.01
-    gptq_act_order: bool = True
-    gptq_true_sequential: bool = False
+    clip_search: ClipSearch | None = None
+    gptq: GPTQInit | None = None
     act_mode: ActMode = "dynamic_sym"
     act_learnable: bool = True
     act_clip_init: float = 0.99
-    estimator: Estimator = "ste"
-    clamp: ClampMode = "hard"
-    temperature_start: float = 4.0
-    temperature_end: float = 64.0
+    continuous: ContinuousApprox | None = None
     layer_bits: dict[str, int] = field(default_factory=dict)
 
-    def continuous_settings(self) -> ContinuousApprox | None:
-        """The continuous approximations of the fit, or None when both are off; raises a ConfigError on bad values."""
-        settings = ContinuousApprox(self.estimator, self.clamp, self.temperature_start, self.temperature_end)
-        return settings if settings.active else None
-
     def clip_search_settings(self) -> ClipSearch | None:
-        """The clip search to run, or None (also None when clipping is not learnable: nothing to set)."""
-        if not (self.clip_search and self.learnable_clip):
-            return None
-        return ClipSearch(self.clip_search_min, self.clip_search_steps, self.clip_search_norm)
-
-    def gptq_settings(self) -> GPTQInit | None:
-        """The GPTQ initialisation to run, or None; raises a ConfigError on a bad dampening."""
-        if not self.gptq_init:
-            return None
-        return GPTQInit(damp=self.gptq_damp, act_order=self.gptq_act_order)
+        """The clip search to run: None without one, and when clipping is not learnable (no thresholds to set)."""
+        return self.clip_search if self.learnable_clip else None
 
     def resolve(self) -> QuantScheme:
         """The scheme string with ``sym``, validated."""

@@ -55,7 +55,8 @@ def smooth_clamp(
 
 @dataclass(frozen=True)
 class ContinuousApprox:
-    """Which continuous approximations a fit uses, and their temperature schedule.
+    """Which continuous approximations a fit uses, and their temperature schedule: the ``quant.continuous``
+    section (null: straight-through rounding and hard clamps; a section that changes neither is refused).
 
     Attributes:
         estimator: ``ste`` (straight-through, exact forward) or ``sigmoid`` (``round_T`` in the forward).
@@ -71,12 +72,14 @@ class ContinuousApprox:
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
-            raise ConfigError(f"quant.estimator={self.estimator!r} is unknown: use one of {', '.join(ESTIMATORS)}.")
+            raise ConfigError(
+                f"quant.continuous.estimator={self.estimator!r} is unknown: use one of {', '.join(ESTIMATORS)}."
+            )
         if self.clamp not in CLAMP_MODES:
-            raise ConfigError(f"quant.clamp={self.clamp!r} is unknown: use one of {', '.join(CLAMP_MODES)}.")
+            raise ConfigError(f"quant.continuous.clamp={self.clamp!r} is unknown: use one of {', '.join(CLAMP_MODES)}.")
         if not 0.0 < self.temperature_start <= self.temperature_end:
             raise ConfigError(
-                f"quant.temperature_start={self.temperature_start}, quant.temperature_end={self.temperature_end}: "
+                f"quant.continuous.temperature_start={self.temperature_start}, temperature_end={self.temperature_end}: "
                 "need 0 < start <= end (the temperature rises so that the fit ends near the exact functions)."
             )
 

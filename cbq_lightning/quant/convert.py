@@ -57,7 +57,7 @@ def check_rounding_rank(blocks: nn.ModuleList, rounding: RoundingConfig) -> None
 
 def check_correction_rank(blocks: nn.ModuleList, correction: CorrectionConfig | None) -> None:
     """Fail early, naming the layer, when the low-rank correction's rank is not below a linear's smaller dimension."""
-    if correction is None or not correction.enabled:
+    if correction is None:
         return
     for name, linear in all_block_linears(blocks):
         try:

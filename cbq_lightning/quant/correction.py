@@ -29,12 +29,13 @@ from cbq_lightning.errors import ConfigError
 
 @dataclass
 class CorrectionConfig:
-    """Whether every quantized linear gets a low-rank correction, and its rank.
+    """The ``correction`` section: every quantized linear gets a low-rank correction of this rank (an extension;
+    null: none).
 
     Attributes:
-        rank: an absolute rank (0 = off unless ``rank_fraction`` is set).
-        rank_fraction: a rank as a fraction of ``min(in, out)`` of each layer (0 = off unless ``rank`` is
-            set); e.g. 0.1 gives rank 58 for a 576 x 1536 layer. Set at most one of the two.
+        rank: an absolute rank.
+        rank_fraction: a rank as a fraction of ``min(in, out)`` of each layer; e.g. 0.1 gives rank 58 for a
+            576 x 1536 layer. Set exactly one of the two.
         init: ``svd`` (top singular directions of the starting weight error) or ``zero`` (LoRA's start).
     """
 
@@ -44,20 +45,21 @@ class CorrectionConfig:
 
     def __post_init__(self) -> None:
         if self.rank < 0:
-            raise ConfigError(f"correction.rank={self.rank} must be >= 0 (0 switches it off).")
+            raise ConfigError(f"correction.rank={self.rank} must be >= 0.")
         if not 0.0 <= self.rank_fraction < 1.0:
-            raise ConfigError(f"correction.rank_fraction={self.rank_fraction} must lie in [0, 1) (0 switches it off).")
+            raise ConfigError(f"correction.rank_fraction={self.rank_fraction} must lie in [0, 1).")
         if self.rank and self.rank_fraction:
             raise ConfigError(
                 f"correction.rank={self.rank} and correction.rank_fraction={self.rank_fraction} are both set: "
                 "give the rank either as a number or as a fraction of min(in, out)."
             )
+        if not (self.rank or self.rank_fraction):
+            raise ConfigError(
+                "correction: neither rank nor rank_fraction is set, so it would add nothing: give one (e.g. "
+                "--correction.rank 8), or set correction null for no correction."
+            )
         if self.init not in ("svd", "zero"):
             raise ConfigError(f"correction.init={self.init!r} is unknown: use 'svd' or 'zero'.")
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.rank or self.rank_fraction)
 
     def rank_for(self, out_features: int, in_features: int) -> int:
         """The rank of a layer's correction: at least 1, below ``min(in, out)`` (or it would not be low-rank)."""

@@ -23,25 +23,29 @@ from cbq_lightning.errors import ConfigError
 
 @dataclass(frozen=True)
 class GPTQInit:
-    """Settings of the GPTQ initialisation.
+    """The ``quant.gptq`` section: start the learned rounding from GPTQ's codes (null: round-to-nearest start).
 
     Attributes:
         damp: dampening added to the Hessian's diagonal, as a fraction of its mean (GPTQ's ``percdamp``).
         act_order: round the columns in order of decreasing Hessian diagonal (GPTQ's ``desc_act``): the
             columns that matter most are rounded first, while the most columns remain to absorb the error.
             The scales stay tied to the original column groups, so the export is unchanged.
+        true_sequential: measure each linear's Hessian behind the block's already-quantized linears
+            (o_proj after q/k/v, the MLP after the attention, down_proj after gate/up), as GPTQ's
+            ``true_sequential``; off: every Hessian from the full-precision block on the same inputs.
         block_size: columns updated together (the lazy-batch trick; it does not change the result).
     """
 
     damp: float = 0.01
     act_order: bool = True
+    true_sequential: bool = False
     block_size: int = 128
 
     def __post_init__(self) -> None:
         if not 0.0 < self.damp < 1.0:
-            raise ConfigError(f"quant.gptq_damp={self.damp} must lie in (0, 1); 0.01 is GPTQ's default.")
+            raise ConfigError(f"quant.gptq.damp={self.damp} must lie in (0, 1); 0.01 is GPTQ's default.")
         if self.block_size < 1:
-            raise ConfigError(f"GPTQ block_size={self.block_size} must be >= 1.")
+            raise ConfigError(f"quant.gptq.block_size={self.block_size} must be >= 1.")
 
 
 def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -62,7 +66,7 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
                 return upper
     raise ConfigError(
         "GPTQ: the layer's input Hessian is not positive definite even with 1000x the dampening: calibrate "
-        "on more tokens (data.num_samples / data.seqlen) or raise quant.gptq_damp."
+        "on more tokens (data.num_samples / data.seqlen) or raise quant.gptq.damp."
     )
 
 

@@ -41,23 +41,21 @@ MAX_UNITS = 20_000
 
 @dataclass
 class MixedPrecisionConfig:
-    """The ``mixed:`` section: mixed precision by sensitivity under an average-bits budget.
+    """The ``mixed:`` section: mixed precision by sensitivity under an average-bits budget (an extension; null:
+    every layer at the scheme's bits, unless ``quant.layer_bits`` says otherwise).
 
     Attributes:
-        budget: average weight bits over all quantized linears (e.g. 2.5); null = off (every layer at the
-            scheme's bits, unless ``quant.layer_bits`` says otherwise). Group scales are not counted: they
-            cost the same at every bit-width of a given group size.
+        budget: average weight bits over all quantized linears (e.g. 2.5). Group scales are not counted:
+            they cost the same at every bit-width of a given group size.
         candidates: bit-widths a layer may get.
         samples: calibration sequences the sensitivity pass runs on (its Hessians average their tokens).
     """
 
-    budget: float | None = None
+    budget: float
     candidates: list[int] = field(default_factory=lambda: [2, 3, 4])
     samples: int = 8
 
-    def check(self) -> None:
-        if self.budget is None:
-            return
+    def __post_init__(self) -> None:
         if not self.candidates or any(not 2 <= b <= 8 for b in self.candidates):
             raise ConfigError(f"mixed.candidates={self.candidates}: give bit-widths in 2..8.")
         if len(set(self.candidates)) != len(self.candidates):

@@ -111,7 +111,7 @@ class QuantLinear(nn.Module):
         if gptq is not None:
             if soft_rounding and rounding.form != "residual":
                 raise ConfigError(
-                    f"quant.gptq_init with rounding.form={rounding.form!r}: the pure low-rank form has no frozen "
+                    f"quant.gptq with rounding.form={rounding.form!r}: the pure low-rank form has no frozen "
                     "V0 to hold GPTQ's decisions; use rounding.form=residual (LoRA-Rounding on top of GPTQ), "
                     "offset, or rounding.enabled=false."
                 )
@@ -134,7 +134,7 @@ class QuantLinear(nn.Module):
         #: train through hardened decisions with a straight-through gradient (``rounding.forward: hardened``)
         self.hardened_forward = rounding.forward == "hardened"
         self.correction: LowRankCorrection | None = None
-        if correction is not None and correction.enabled:
+        if correction is not None:
             rank = correction.rank_for(self.out_features, self.in_features)
             error = self.starting_weight_error() if correction.init == "svd" else None
             self.correction = LowRankCorrection(self.out_features, self.in_features, rank, error).to(weight.device)

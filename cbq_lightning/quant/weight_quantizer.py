@@ -44,20 +44,25 @@ class ClipSearch:
     the sigmoid, where a short CPU-budget fit cannot move them far; searching each group's ratio
     that minimises ``sum |W - Q(W)|^norm`` first puts them near a good optimum for almost no cost.
 
+    The ``quant.clip_search`` section (null: every group starts at ``quant.clip_init``).
+
     Attributes:
         min_ratio: smallest ratio tried (the largest is the configured ``clip_init``).
         steps: ratios tried, evenly spaced.
         norm: exponent of the error (2.4 is GPTQ's choice: between MSE and max error).
+        activation_aware: weight each weight's error by ``E[x^2]`` of the input feature it multiplies
+            (measured on the calibration data), i.e. search for the least *output* error.
     """
 
     min_ratio: float = 0.5
     steps: int = 25
     norm: float = 2.4
+    activation_aware: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_ratio < 1.0 or self.steps < 2 or self.norm <= 0:
             raise ConfigError(
-                f"clip search min_ratio={self.min_ratio}, steps={self.steps}, norm={self.norm}: need "
+                f"quant.clip_search: min_ratio={self.min_ratio}, steps={self.steps}, norm={self.norm}: need "
                 "0 < min_ratio < 1, steps >= 2 and norm > 0."
             )
 
