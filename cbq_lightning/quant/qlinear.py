@@ -35,6 +35,24 @@ from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
 
 
+def quantized_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_quantizer: ActivationQuantizer | None,
+    correction: LowRankCorrection | None,
+) -> torch.Tensor:
+    """The forward of both lives of a quantized linear: ``weight`` (fake-quantized or dequantized) on the
+    activation-quantized input, plus the correction on the unquantized input."""
+    unquantized = x
+    if act_quantizer is not None:
+        x = act_quantizer(x)
+    out = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    if correction is not None:
+        out = out + correction(unquantized)
+    return out
+
+
 @dataclass(frozen=True)
 class LayerQuantConfig:
     """How a linear layer is quantized, resolved once from the run's configuration and passed whole (as
@@ -52,7 +70,7 @@ class LayerQuantConfig:
             LoRA-Rounding (``rounding.form: residual``) GPTQ's error-compensated values also set ``V0``: the soft
             weight starts at GPTQ's compensated weight and hardening the untrained layer gives exactly GPTQ's
             codes (see :meth:`QuantLinear._gptq_soft_start`); with ``offset`` the learned offset sits on top.
-        correction: a trainable low-rank correction on the unquantized input (None or disabled: none), started
+        correction: a trainable low-rank correction on the unquantized input (None: none), started
             from the layer's starting weight error (see :mod:`cbq_lightning.quant.correction`).
     """
 
@@ -228,15 +246,7 @@ class QuantLinear(nn.Module):
         return self.quantizer.fake_quantize(self.weight, decisions, offset=self.signed_offset())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        unquantized = x
-        if self.act_quantizer is not None:
-            x = self.act_quantizer(x)
-        weight = self.fake_weight().to(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        out = F.linear(x, weight, bias)
-        if self.correction is not None:
-            out = out + self.correction(unquantized)
-        return out
+        return quantized_linear(x, self.fake_weight(), self.bias, self.act_quantizer, self.correction)
 
     def rounding_parameters(self) -> list[nn.Parameter]:
         # LoRA-Rounding's A1, A2 or the offset's V (LoRA-Rounding's V0 is a frozen buffer, not a parameter)
@@ -387,14 +397,7 @@ class FinalizedQuantLinear(nn.Module):
         return w.reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        unquantized = x
-        if self.act_quantizer is not None:
-            x = self.act_quantizer(x)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        out = F.linear(x, self.weight.to(x.dtype), bias)
-        if self.correction is not None:
-            out = out + self.correction(unquantized)
-        return out
+        return quantized_linear(x, self.weight, self.bias, self.act_quantizer, self.correction)
 
     def correction_parameter_count(self) -> int:
         """Full-precision parameters the correction adds to the layer (0 without one)."""
