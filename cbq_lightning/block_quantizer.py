@@ -30,7 +30,6 @@ class BlockQuantizer:
         layer: how every linear is quantized (scheme, rounding, clipping, clip search, activations, GPTQ start,
             correction); a mixed-precision run changes only the bits per layer.
         generator: the run's random source for the rounding factors (advanced by every quantized block).
-        activation_aware: weight the clip search by the layers' input second moments.
         moments: the input statistics collected before each block is quantized (clip search, GPTQ), or None.
         untrained_act: the activation quantization without learned parameters (the RTN reference).
         layer_bits: per-layer weight bits, ``blocks.<i>.<name>`` -> bits (empty: the scheme's bits).
@@ -38,7 +37,6 @@ class BlockQuantizer:
 
     layer: LayerQuantConfig
     generator: torch.Generator
-    activation_aware: bool
     moments: InputMoments | None
     untrained_act: ActQuantSettings | None
     layer_bits: dict[str, int]
@@ -46,6 +44,12 @@ class BlockQuantizer:
     @property
     def scheme(self) -> QuantScheme:
         return self.layer.scheme
+
+    @property
+    def activation_aware(self) -> bool:
+        """The clip search weighs each weight's error by its input feature's ``E[x^2]``
+        (``quant.clip_search.activation_aware``)."""
+        return self.layer.clip_search is not None and self.layer.clip_search.activation_aware
 
     def bits_of(self, index: int) -> dict[str, int]:
         """Per-layer bits of block ``index``, keyed by the layer's name inside the block."""

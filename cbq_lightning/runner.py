@@ -536,8 +536,8 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: dict[str, Any], 
     learnable_clip = config.quant.learnable_clip and cbq
     clip_search = config.quant.clip_search_settings() if cbq else None
     gptq = config.quant.gptq
-    aware = clip_search is not None and clip_search.activation_aware
     sequential = gptq is not None and gptq.true_sequential
+    aware = clip_search is not None and clip_search.activation_aware
     moments = InputMoments(full=gptq is not None, sequential=sequential) if aware or gptq is not None else None
     act = config.quant.act_settings(trained=cbq)
     # before CFP and any quantization: the sensitivity pass runs the full-precision model
@@ -548,7 +548,7 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: dict[str, Any], 
         correction=job.correction,
     )
     quantizer = BlockQuantizer(
-        layer=layer, generator=torch.Generator().manual_seed(config.seed), activation_aware=aware, moments=moments,
+        layer=layer, generator=torch.Generator().manual_seed(config.seed), moments=moments,
         untrained_act=config.quant.act_settings(trained=False), layer_bits=layer_bits,
     )
     cfp = CoarseToFinePreprocessor(
