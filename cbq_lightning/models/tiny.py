@@ -47,8 +47,8 @@ class TinyModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model.tiny.num_heads={self.num_heads} must be a multiple of num_kv_heads="
                               f"{self.num_kv_heads} (grouped-query attention).")
-        if not (math.isfinite(self.init_std) and self.init_std > 0):
-            raise ConfigError(f"model.tiny.init_std={self.init_std} must be a finite number > 0.")
+        if not (math.isfinite(self.init_std) and 0 < self.init_std <= 1):  # transformers refuses above 1
+            raise ConfigError(f"model.tiny.init_std={self.init_std} must lie in (0, 1]; 0.02 is the default.")
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbq_lightning.errors import ConfigError
+from cbq_lightning.section_types import check_field_types
 
 Estimator = Literal["ste", "sigmoid"]
 ClampMode = Literal["hard", "smooth"]
@@ -71,6 +72,7 @@ class ContinuousApprox:
     temperature_end: float = 64.0
 
     def __post_init__(self) -> None:
+        check_field_types(self, "quant.continuous")
         if self.estimator not in ESTIMATORS:
             raise ConfigError(
                 f"quant.continuous.estimator={self.estimator!r} is unknown: use one of {', '.join(ESTIMATORS)}."

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from cbq_lightning.errors import ConfigError
+from cbq_lightning.section_types import check_field_types
 
 
 @dataclass
@@ -44,6 +45,7 @@ class CorrectionConfig:
     init: Literal["svd", "zero"] = "svd"
 
     def __post_init__(self) -> None:
+        check_field_types(self, "correction")
         if self.rank < 0:
             raise ConfigError(f"correction.rank={self.rank} must be >= 0.")
         if not 0.0 <= self.rank_fraction < 1.0:

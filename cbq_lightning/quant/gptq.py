@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from cbq_lightning.errors import ConfigError
+from cbq_lightning.section_types import check_field_types
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class GPTQInit:
     block_size: int = 128
 
     def __post_init__(self) -> None:
+        check_field_types(self, "quant.gptq")
         if not 0.0 < self.damp < 1.0:
             raise ConfigError(f"quant.gptq.damp={self.damp} must lie in (0, 1); 0.01 is GPTQ's default.")
         if self.block_size < 1:

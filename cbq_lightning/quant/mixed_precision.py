@@ -34,6 +34,7 @@ from cbq_lightning.models.adapter import DecoderAdapter, run_blocks_batched
 from cbq_lightning.quant.input_moments import InputMoments
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
+from cbq_lightning.section_types import check_field_types
 
 #: the knapsack's capacity is kept below this many units (coarser units round every cost up)
 MAX_UNITS = 20_000
@@ -56,6 +57,7 @@ class MixedPrecisionConfig:
     samples: int = 8
 
     def __post_init__(self) -> None:
+        check_field_types(self, "mixed")
         if not self.candidates or any(not 2 <= b <= 8 for b in self.candidates):
             raise ConfigError(f"mixed.candidates={self.candidates}: give bit-widths in 2..8.")
         if len(set(self.candidates)) != len(self.candidates):

@@ -21,6 +21,7 @@ from torch import nn
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.quant.continuous import SmoothableQuantizer
 from cbq_lightning.quant.ste import floor_ste, round_half_up_ste
+from cbq_lightning.section_types import check_field_types
 
 #: smallest scale, so that a constant (e.g. all-zero) group does not divide by zero
 SCALE_EPS = 1e-8
@@ -60,6 +61,7 @@ class ClipSearch:
     activation_aware: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self, "quant.clip_search")
         if not 0.0 < self.min_ratio < 1.0 or self.steps < 2 or self.norm <= 0:
             raise ConfigError(
                 f"quant.clip_search: min_ratio={self.min_ratio}, steps={self.steps}, norm={self.norm}: need "
