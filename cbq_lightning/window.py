@@ -14,15 +14,16 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 
-from cbq_lightning.distributed import global_mean
+from cbq_lightning.distributed import all_reduce_, global_mean
 from cbq_lightning.errors import TrainingError
 from cbq_lightning.guard import TrainableSnapshot, check_loss
 from cbq_lightning.loss import LossConfig, homologous_loss, output_kl
 from cbq_lightning.models.adapter import kwargs_to, run_block
 from cbq_lightning.quant.continuous import ContinuousApprox, set_temperatures
 from cbq_lightning.quant.convert import hard_rounding, quant_linears
-from cbq_lightning.quant.rounding import RoundingConfig, beta_at
+from cbq_lightning.quant.rounding import LoRARounding, RoundingConfig, beta_at, logit_probes
 from cbq_lightning.train_config import OptimConfig
 from cbq_lightning.windows import Window
 
@@ -130,7 +131,34 @@ class WindowModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # after the callback quantized the entering blocks: this is where a retried fit must start again
+        if self.rounding_config.init == "gradient":
+            self.align_rounding_factors()
         self._start_state = TrainableSnapshot(self)
+
+    def align_rounding_factors(self) -> None:
+        """``rounding.init: gradient``: point ``A2`` of every LoRA-Rounding whose ``A1`` is still zero (the blocks
+        entering their first window) along the top singular vectors of the objective's gradient with respect
+        to its logits, summed over the first ``rounding.init_batches`` batches of the calibration samples in
+        order (every rank's shard, summed over the ranks, so all ranks choose the same ``A2``). The starting
+        decisions do not change: ``A1 A2`` stays zero."""
+        fresh = [layer.rounding for _, layer in quant_linears(self.blocks)
+                 if isinstance(layer.rounding, LoRARounding) and layer.rounding.product_is_zero()]
+        if not fresh:
+            return
+        samples = self.trainer.train_dataloader.dataset
+        batch_size = self.optim_config.batch_size
+        count = min(len(samples), self.rounding_config.init_batches * batch_size)
+        generator = torch.Generator().manual_seed(15485863 + self.window.index)  # output-KL positions
+        gradients = [torch.zeros_like(rounding.v0) for rounding in fresh]
+        for start in range(0, count, batch_size):
+            batch = default_collate([samples[i] for i in range(start, min(start + batch_size, count))])
+            x_q, y_fp, y_h = (part.to(self.device) for part in batch)
+            with logit_probes(fresh) as probes:
+                loss = self.objective(self(x_q), y_fp, y_h, generator)["loss"]
+                for total, gradient in zip(gradients, torch.autograd.grad(loss, probes), strict=True):
+                    total += gradient
+        for rounding, gradient in zip(fresh, gradients, strict=True):
+            rounding.align_to_gradient(all_reduce_(gradient))
 
     def restore_start_state(self) -> None:
         """Put the trainable tensors back to where this fit started (the divergence guard's retry)."""

@@ -19,6 +19,7 @@ from cbq_lightning.quant.rounding import (
     RoundingOffset,
     beta_at,
     inverse_rectified_sigmoid,
+    logit_probes,
     rectified_sigmoid,
 )
 from cbq_lightning.quant.scheme import QuantScheme
@@ -454,3 +455,60 @@ def test_hardened_forward_layer_equals_its_hardened_measurement() -> None:
     assert not torch.equal(soft.fake_weight(), trained_view), "the soft forward differs from the hardened one"
     with pytest.raises(ConfigError, match="rounding.forward"):
         RoundingConfig(forward="sometimes")
+
+
+# --- rounding.init: gradient (A2 aligned with dL/dV while A1 is zero) ------------------------------------
+
+
+def test_logit_probe_gradient_is_dl_dv_by_hand() -> None:
+    """``logit_probes``: the gradient of a loss with respect to the probe is ``dL/dV``. With the loss
+    ``sum(C * h(V))`` it is ``C * h'(V)``, ``h'(V) = 1.2 sigmoid(V) (1 - sigmoid(V))`` inside the clamp;
+    here V = V0 = 0.3 everywhere (A1 = 0), so h'(V) = 0.29335."""
+    rounding = LoRARounding(torch.full((2, 3), 0.5), rank=1, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        rounding.v0.fill_(0.3)
+    weights = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
+    with logit_probes([rounding]) as (probe,):
+        (gradient,) = torch.autograd.grad((weights * rounding.soft()).sum(), [probe])
+    assert rounding.probe is None, "the probe is removed when the block ends"
+    torch.testing.assert_close(gradient, weights * 0.293350, rtol=1e-5, atol=1e-7)
+
+
+def test_align_to_gradient_takes_the_top_singular_directions_and_keeps_the_decisions() -> None:
+    """A rank-1 gradient ``u v^T``: A2's first row becomes ``+-v`` scaled to the random start's entry size
+    (norm ``init_std * sqrt(in)``), its rows stay orthogonal, and no logit moves (A1 is zero)."""
+    frac = torch.rand(6, 8, generator=torch.Generator().manual_seed(1))
+    rounding = LoRARounding(frac, rank=2, init_std=0.1, generator=torch.Generator().manual_seed(0))
+    before = rounding.soft().detach().clone()
+    u = torch.tensor([1.0, 0.0, 2.0, 0.0, -1.0, 0.5])
+    v = torch.tensor([3.0, 0.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0])  # |v| = 5
+    rounding.align_to_gradient(torch.outer(u, v))
+    a2 = rounding.a2.detach()
+    scale = 0.1 * math.sqrt(8)
+    torch.testing.assert_close(a2[0].abs(), (v / 5.0).abs() * scale, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a2 @ a2.T, torch.eye(2) * scale**2, rtol=1e-5, atol=1e-6)
+    assert torch.equal(rounding.soft().detach(), before)
+
+
+def test_align_to_gradient_refuses_trained_factors() -> None:
+    """With A1 != 0 a new A2 would change the logits (the overlap block carried into its second window)."""
+    rounding = LoRARounding(torch.full((4, 6), 0.3), rank=2, generator=torch.Generator().manual_seed(0))
+    assert rounding.product_is_zero()
+    with torch.no_grad():
+        rounding.a1[0, 0] = 0.5
+    assert not rounding.product_is_zero()
+    with pytest.raises(RuntimeError, match="A1 = 0"):
+        rounding.align_to_gradient(torch.ones(4, 6))
+    lowrank = LoRARounding(torch.full((4, 6), 0.3), rank=2, form="lowrank", generator=torch.Generator().manual_seed(0))
+    assert not lowrank.product_is_zero(), "the pure low-rank form starts both factors random"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"init": "svd"}, "rounding.init='svd' is unknown"),
+    ({"init_batches": 0}, "rounding.init_batches=0 must be >= 1"),
+    ({"init": "gradient", "form": "lowrank"}, "rounding.init=gradient needs rounding.form=residual"),
+    ({"init": "gradient", "form": "offset"}, r"rounding\.init=gradient would do nothing"),
+])
+def test_gradient_init_settings_are_checked(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RoundingConfig(**kwargs)

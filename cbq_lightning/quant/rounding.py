@@ -18,6 +18,8 @@ its group's max or min is clamped to the top/bottom code, as any integer-zero-po
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -63,6 +65,16 @@ class RoundingConfig:
             dozen steps per window (the CPU budget) leaves a gap larger than what it gained. A hardened
             forward trains the model that will be kept, with the same parameters (``A1``, ``A2`` inside the
             rectified sigmoid) and the same regulariser.
+        init: how ``A2`` starts in the ``residual`` form (``A1`` starts at zero, so either choice leaves the
+            layer's starting decisions unchanged): ``random`` (Gaussian, ``init_std``) or ``gradient``: the
+            top-``rank`` right singular vectors of the objective's gradient with respect to the logits ``V``,
+            measured on the window's first ``init_batches`` batches, at the same entry scale ``init_std``. Why:
+            while ``A1`` is zero, a step moves ``V`` only inside the row space of ``A2``; a random ``A2`` of rank
+            64 captures about 64/in of a gradient row (4-11 % for SmolLM2's layers), an aligned one the
+            directions along which the objective changes fastest, as a full-rank offset would (an extension,
+            in the spirit of LoRA-GA; docs/method.md §2).
+        init_batches: batches of the window's calibration samples (in order) whose summed gradient aligns
+            ``A2`` (``init: gradient`` only); costs about that many training steps per window.
     """
 
     enabled: bool = True
@@ -74,6 +86,8 @@ class RoundingConfig:
     beta_end: float = 2.0
     warmup: float = 0.2
     forward: Literal["soft", "hardened"] = "soft"
+    init: Literal["random", "gradient"] = "random"
+    init_batches: int = 4
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -86,6 +100,15 @@ class RoundingConfig:
             raise ConfigError(f"rounding.reg_weight={self.reg_weight} must be >= 0.")
         if self.forward not in ("soft", "hardened"):
             raise ConfigError(f"rounding.forward={self.forward!r} is unknown: use 'soft' or 'hardened'.")
+        if self.init not in ("random", "gradient"):
+            raise ConfigError(f"rounding.init={self.init!r} is unknown: use 'random' or 'gradient'.")
+        if self.init_batches < 1:
+            raise ConfigError(f"rounding.init_batches={self.init_batches} must be >= 1.")
+        if self.init == "gradient" and self.form == "lowrank":
+            raise ConfigError(
+                "rounding.init=gradient needs rounding.form=residual: it re-chooses A2 while A1 is zero, and the "
+                "pure low-rank form starts both factors random (changing A2 would change the starting decisions)."
+            )
         if self.form == "offset":
             self._refuse_settings_offset_ignores()
 
@@ -93,7 +116,7 @@ class RoundingConfig:
         """``form: offset`` trains one full-rank offset per weight through a straight-through forward: it has no
         factors and no regulariser, so a changed rank, initialisation or regulariser setting would silently do
         nothing (``forward`` is not checked: either value describes the offset's straight-through forward)."""
-        ignored = ("rank", "init_std", "reg_weight", "beta_start", "beta_end", "warmup")
+        ignored = ("rank", "init_std", "reg_weight", "beta_start", "beta_end", "warmup", "init", "init_batches")
         defaults = {f.name: f.default for f in fields(self)}
         changed = [(name, getattr(self, name), defaults[name]) for name in ignored if getattr(self, name) != defaults[name]]
         if changed:
@@ -132,6 +155,9 @@ class LoRARounding(nn.Module):
                 f"use a rank below {min(out_features, in_features)}."
             )
         self.form = form
+        self.init_std = init_std
+        #: a zero ``[out, in]`` tensor added to the logits while :func:`logit_gradients` measures ``dL/dV``
+        self.probe: torch.Tensor | None = None
         a2 = torch.randn(rank, in_features, generator=generator) * init_std
         if form == "residual":
             self.register_buffer("v0", inverse_rectified_sigmoid(frac.float()))
@@ -146,7 +172,24 @@ class LoRARounding(nn.Module):
 
     def logits(self) -> torch.Tensor:
         v = self.a1 @ self.a2
-        return v if self.v0 is None else self.v0 + v
+        v = v if self.v0 is None else self.v0 + v
+        return v if self.probe is None else v + self.probe
+
+    def product_is_zero(self) -> bool:
+        """Whether ``A1 A2`` is exactly zero (``A1`` untrained), so that ``A2`` may be re-chosen without changing
+        any logit: true for a block entering its first window, false for the overlap block carried over."""
+        return self.v0 is not None and not bool(self.a1.any())
+
+    def align_to_gradient(self, gradient: torch.Tensor) -> None:
+        """Set ``A2`` to the top-``rank`` right singular vectors of ``gradient`` (``dL/dV``, ``[out, in]``), each
+        entry at the random start's scale (rows of norm ``init_std * sqrt(in)``): the first steps of ``A1``
+        then move ``V`` along the directions the objective is most sensitive to. Only while ``A1`` is zero."""
+        if not self.product_is_zero():
+            raise RuntimeError("align_to_gradient needs A1 = 0: otherwise re-choosing A2 changes the logits")
+        rank, in_features = self.a2.shape
+        _, _, vh = torch.linalg.svd(gradient.double(), full_matrices=False)
+        with torch.no_grad():
+            self.a2.copy_(vh[:rank].to(self.a2.dtype) * (self.init_std * math.sqrt(in_features)))
 
     def soft(self) -> torch.Tensor:
         """Soft rounding decisions in [0, 1], ``[out, in]``."""
@@ -167,6 +210,21 @@ class LoRARounding(nn.Module):
         """``mean(1 - |2h - 1|^beta)``: zero once every decision is exactly 0 or 1."""
         h = self.soft()
         return (1.0 - (2.0 * h - 1.0).abs().pow(beta)).mean()
+
+
+@contextmanager
+def logit_probes(roundings: Sequence[LoRARounding]) -> Iterator[list[torch.Tensor]]:
+    """Zero tensors added to each rounding's logits for the duration of the block: ``autograd.grad`` of a loss
+    with respect to them is ``dL/dV``, which the factors alone cannot give (with ``A1 = 0`` the gradient of
+    ``A1`` is ``dL/dV A2^T``, a projection)."""
+    probes = [torch.zeros_like(rounding.v0, requires_grad=True) for rounding in roundings]
+    for rounding, probe in zip(roundings, probes, strict=True):
+        rounding.probe = probe
+    try:
+        yield probes
+    finally:
+        for rounding in roundings:
+            rounding.probe = None
 
 
 class RoundingOffset(nn.Module):
