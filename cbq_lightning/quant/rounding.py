@@ -156,7 +156,7 @@ class LoRARounding(nn.Module):
             )
         self.form = form
         self.init_std = init_std
-        #: a zero ``[out, in]`` tensor added to the logits while :func:`logit_gradients` measures ``dL/dV``
+        #: a zero ``[out, in]`` tensor added to the logits while :func:`logit_probes` measures ``dL/dV``
         self.probe: torch.Tensor | None = None
         a2 = torch.randn(rank, in_features, generator=generator) * init_std
         if form == "residual":
