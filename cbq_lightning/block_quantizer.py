@@ -45,12 +45,6 @@ class BlockQuantizer:
     def scheme(self) -> QuantScheme:
         return self.layer.scheme
 
-    @property
-    def activation_aware(self) -> bool:
-        """The clip search weighs each weight's error by its input feature's ``E[x^2]``
-        (``quant.clip_search.activation_aware``)."""
-        return self.layer.clip_search is not None and self.layer.clip_search.activation_aware
-
     def bits_of(self, index: int) -> dict[str, int]:
         """Per-layer bits of block ``index``, keyed by the layer's name inside the block."""
         prefix = f"blocks.{index}."
@@ -74,7 +68,7 @@ class BlockQuantizer:
         # quant.gptq.true_sequential each stage's Hessian is measured behind the stages already quantized
         for names, hessians in self.moments.stages(index, block):
             diagonals = {name: torch.diagonal(m) for name, m in hessians.items()}  # the clip search's E[x_j^2]
-            quantize_block(block, self.layer, self.generator, diagonals if self.activation_aware else None, hessians,
+            quantize_block(block, self.layer, self.generator, diagonals if self.layer.activation_aware else None, hessians,
                            names=names, layer_bits=self.bits_of(index))
 
     def structure(self, index: int, block: nn.Module) -> None:

@@ -536,9 +536,6 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: dict[str, Any], 
     learnable_clip = config.quant.learnable_clip and cbq
     clip_search = config.quant.clip_search_settings() if cbq else None
     gptq = config.quant.gptq
-    sequential = gptq is not None and gptq.true_sequential
-    aware = clip_search is not None and clip_search.activation_aware
-    moments = InputMoments(full=gptq is not None, sequential=sequential) if aware or gptq is not None else None
     act = config.quant.act_settings(trained=cbq)
     # before CFP and any quantization: the sensitivity pass runs the full-precision model
     layer_bits, mixed_summary = _layer_bits(config, job.adapter, inputs, block_kwargs, scheme, clip_search, device)
@@ -547,6 +544,9 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: dict[str, Any], 
         clip_init=config.quant.clip_init if learnable_clip else 1.0, clip_search=clip_search, act=act, gptq=gptq,
         correction=job.correction,
     )
+    sequential = gptq is not None and gptq.true_sequential
+    needs_moments = layer.activation_aware or gptq is not None
+    moments = InputMoments(full=gptq is not None, sequential=sequential) if needs_moments else None
     quantizer = BlockQuantizer(
         layer=layer, generator=torch.Generator().manual_seed(config.seed), moments=moments,
         untrained_act=config.quant.act_settings(trained=False), layer_bits=layer_bits,

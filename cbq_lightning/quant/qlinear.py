@@ -83,6 +83,12 @@ class LayerQuantConfig:
     gptq: GPTQInit | None = None
     correction: CorrectionConfig | None = None
 
+    @property
+    def activation_aware(self) -> bool:
+        """The clip search weighs each weight's error by its input feature's ``E[x^2]``
+        (``quant.clip_search.activation_aware``), so the run collects the layers' input second moments."""
+        return self.clip_search is not None and self.clip_search.activation_aware
+
     def with_bits(self, bits: int) -> LayerQuantConfig:
         """The same quantization at ``bits`` weight bits (a layer of a mixed-precision run)."""
         return replace(self, scheme=replace(self.scheme, w_bits=bits))
