@@ -131,9 +131,19 @@ class WindowModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # after the callback quantized the entering blocks: this is where a retried fit must start again
+        if self.rounding_config.revisit == "merge":
+            self.merge_carried_rounding_factors()
         if self.rounding_config.init == "gradient":
             self.align_rounding_factors()
         self._start_state = TrainableSnapshot(self)
+
+    def merge_carried_rounding_factors(self) -> None:
+        """``rounding.revisit: merge``: fold the trained ``A1 A2`` of the block carried over from the previous
+        window into its ``V0`` (the same decisions), so that :meth:`align_rounding_factors` gives it a fresh
+        ``A2`` aligned to this window's objective."""
+        for _, layer in quant_linears(self.blocks):
+            if isinstance(layer.rounding, LoRARounding) and not layer.rounding.product_is_zero():
+                layer.rounding.merge_product()
 
     def align_rounding_factors(self) -> None:
         """``rounding.init: gradient``: point ``A2`` of every LoRA-Rounding whose ``A1`` is still zero (the blocks

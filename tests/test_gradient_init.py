@@ -13,26 +13,38 @@ from cbq_lightning.quant.rounding import LoRARounding
 from cbq_lightning.runner import run_quantize
 from tests.conftest import TINY_RECIPE, fast_flags, load_recipe
 
+Key = tuple[int, str]
+
 
 class RecordFactors(L.Callback):
-    """Per window: each LoRA-Rounding's ``A2`` when the first step starts (after the module's ``on_train_start``
-    aligned it) and when the fit ends, keyed by ``(block, layer name)``."""
+    """Per window: each LoRA-Rounding's ``A2`` (and, with ``decisions``, its hardened decisions) when the first
+    step starts (after the module's ``on_train_start`` aligned it) and when the fit ends, keyed by
+    ``(block, layer name)``."""
 
-    def __init__(self) -> None:
-        self.first_step: dict[int, dict[tuple[int, str], torch.Tensor]] = {}
-        self.end: dict[int, dict[tuple[int, str], torch.Tensor]] = {}
+    def __init__(self, decisions: bool = False) -> None:
+        self.decisions = decisions
+        self.first_step: dict[int, dict[Key, torch.Tensor]] = {}
+        self.end: dict[int, dict[Key, torch.Tensor]] = {}
+        self.first_decisions: dict[int, dict[Key, torch.Tensor]] = {}
+        self.end_decisions: dict[int, dict[Key, torch.Tensor]] = {}
 
-    def _factors(self, module) -> dict[tuple[int, str], torch.Tensor]:
-        return {(block, name): layer.rounding.a2.detach().clone()
+    def _roundings(self, module) -> dict[Key, LoRARounding]:
+        return {(block, name): layer.rounding
                 for block, block_module in zip(module.window.blocks, module.blocks, strict=True)
                 for name, layer in quant_linears(block_module) if isinstance(layer.rounding, LoRARounding)}
 
+    def _record(self, module, factors: dict, decisions: dict) -> None:
+        roundings = self._roundings(module)
+        factors[module.window.index] = {key: r.a2.detach().clone() for key, r in roundings.items()}
+        if self.decisions:
+            decisions[module.window.index] = {key: r.hard() for key, r in roundings.items()}
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if pl_module.global_step == 0:
-            self.first_step[pl_module.window.index] = self._factors(pl_module)
+            self._record(pl_module, self.first_step, self.first_decisions)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.end[pl_module.window.index] = self._factors(pl_module)
+        self._record(pl_module, self.end, self.end_decisions)
 
 
 def _orthogonal_at_start_scale(a2: torch.Tensor, init_std: float) -> bool:
@@ -56,6 +68,26 @@ def test_entering_blocks_are_aligned_and_the_overlap_block_keeps_its_trained_fac
                 assert _orthogonal_at_start_scale(a2, init_std), (index, block, name)
             else:
                 assert torch.equal(a2, recorder.end[index - 1][(block, name)]), (index, block, name)
+        assert window["train_loss_last"] < window["train_loss_first"], index
+
+
+def test_merge_on_revisit_realigns_the_overlap_block_with_the_same_decisions(tmp_path: Path) -> None:
+    """``rounding.revisit: merge``: every block of every window starts with an aligned ``A2`` (orthogonal rows at
+    the start scale), the carried block included, and the carried block's hardened decisions at its second
+    window's first step are those its first window ended with (the merge moves no logit)."""
+    recorder = RecordFactors(decisions=True)
+    flags = (*fast_flags(), "--rounding.init", "gradient", "--rounding.init_batches", "2", "--rounding.rank", "4",
+             "--rounding.revisit", "merge")
+    report = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *flags), [recorder]).report
+    for window in report["windows"]:
+        index, blocks = window["index"], window["blocks"]
+        for key, a2 in recorder.first_step[index].items():
+            assert _orthogonal_at_start_scale(a2, 0.1), (index, key)
+        if index > 0:
+            carried = [key for key in recorder.first_step[index] if key[0] == blocks[0]]
+            assert carried
+            for key in carried:
+                assert torch.equal(recorder.first_decisions[index][key], recorder.end_decisions[index - 1][key]), key
         assert window["train_loss_last"] < window["train_loss_first"], index
 
 
