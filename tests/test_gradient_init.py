@@ -91,6 +91,69 @@ def test_merge_on_revisit_realigns_the_overlap_block_with_the_same_decisions(tmp
         assert window["train_loss_last"] < window["train_loss_first"], index
 
 
+class RecordMerges(L.Callback):
+    """Per step of window 0: each LoRA-Rounding's hardened decisions before the module's ``on_train_batch_start``
+    (a callback's hook runs first) and, after the forward, whether ``A1`` is zero and ``A2`` orthogonal."""
+
+    def __init__(self) -> None:
+        self.before: dict[int, list[torch.Tensor]] = {}
+        self.after: dict[int, list[torch.Tensor]] = {}
+        self.a1_zero: dict[int, bool] = {}
+        self.a2_aligned: dict[int, bool] = {}
+
+    @staticmethod
+    def _roundings(module) -> list[LoRARounding]:
+        return [layer.rounding for _, layer in quant_linears(module.blocks) if isinstance(layer.rounding, LoRARounding)]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if pl_module.window.index == 0:
+            self.before[pl_module.global_step] = [r.hard() for r in self._roundings(pl_module)]
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if pl_module.window.index == 0:
+            roundings, step = self._roundings(pl_module), pl_module.global_step
+            self.after[step] = [r.hard() for r in roundings]
+            self.a1_zero[step] = all(not r.a1.any() for r in roundings)
+            self.a2_aligned[step] = all(_orthogonal_at_start_scale(r.a2.detach(), 0.1) for r in roundings)
+
+
+def test_merge_every_restarts_aligned_factors_without_moving_a_decision(tmp_path: Path) -> None:
+    """``rounding.merge_every: 2``: at steps 2, 4, ... every factor product is merged into ``V0`` (``A1`` zero
+    again, ``A2`` re-aligned: orthogonal at the start scale) and no hardened decision moves with it; between
+    merges ``A1`` trains; the fit's loss still falls."""
+    recorder = RecordMerges()
+    flags = (*fast_flags(), "--rounding.init", "gradient", "--rounding.init_batches", "1", "--rounding.rank", "4",
+             "--rounding.merge_every", "2")
+    report = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *flags), [recorder]).report
+    steps = sorted(recorder.after)
+    assert len(steps) >= 5
+    for step in steps:
+        merged = step % 2 == 0
+        assert recorder.a1_zero[step] == merged, step
+        if merged:
+            assert recorder.a2_aligned[step], step
+            assert all(torch.equal(b, a) for b, a in zip(recorder.before[step], recorder.after[step], strict=True)), step
+    assert all(w["train_loss_last"] < w["train_loss_first"] for w in report["windows"])
+
+
+def test_snapshot_restores_merged_offsets(tmp_path: Path) -> None:
+    """Keep-best and the divergence retry restore a :class:`TrainableSnapshot`; with merges during the fit ``V0``
+    changes, so the snapshot holds it too (else a restored ``A1`` would sit on a different ``V0``)."""
+    from cbq_lightning.guard import TrainableSnapshot
+
+    window, layer = torch.nn.Module(), torch.nn.Module()  # buffer name "q_proj.rounding.v0", as in a block
+    window.q_proj = layer
+    layer.rounding = LoRARounding(torch.full((4, 6), 0.3), rank=2, generator=torch.Generator().manual_seed(0))
+    snapshot = TrainableSnapshot(window)
+    before = layer.rounding.logits().detach().clone()
+    with torch.no_grad():
+        layer.rounding.a1.fill_(0.5)
+    layer.rounding.merge_product()
+    assert not torch.equal(layer.rounding.logits().detach(), before)
+    snapshot.restore(window)
+    assert torch.equal(layer.rounding.logits().detach(), before)
+
+
 def test_random_factors_are_left_alone_by_default(tmp_path: Path) -> None:
     """The default (``rounding.init: random``) does not touch the Gaussian start: its rows are not orthogonal."""
     recorder = RecordFactors()

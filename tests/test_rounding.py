@@ -531,6 +531,8 @@ def test_merge_product_keeps_every_logit_and_frees_a2() -> None:
     ({"revisit": "reset"}, "rounding.revisit='reset' is unknown"),
     ({"revisit": "merge"}, "rounding.revisit=merge needs rounding.init=gradient"),
     ({"form": "offset", "revisit": "merge"}, "rounding.revisit=merge needs rounding.init=gradient"),
+    ({"merge_every": -1}, "rounding.merge_every=-1 must be >= 0"),
+    ({"merge_every": 8}, "rounding.merge_every needs rounding.init=gradient"),
 ])
 def test_gradient_init_settings_are_checked(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -81,6 +81,12 @@ class RoundingConfig:
             otherwise keeps searching the rank-r subspace its first window chose for a different objective;
             merged, its second visit adds another r directions chosen for this one, as ReLoRA grows a LoRA's
             rank by merging (an extension; the trainable parameters are still only the factors).
+        merge_every: during a fit, every this many optimiser steps, merge every block's ``A1 A2`` into ``V0`` and
+            align fresh ``A2`` factors to the gradient at that point (their optimiser state starts again);
+            0: never (``init: gradient`` only). Why: a hardened decision flips only when its logit crosses the
+            boundary, and rank-r factors reach r directions per layer; merging in cycles lets one fit move
+            decisions along several such subspaces (ReLoRA) while every step still trains rank-r factors.
+            Costs ``init_batches`` forward/backward passes per merge.
     """
 
     enabled: bool = True
@@ -95,6 +101,7 @@ class RoundingConfig:
     init: Literal["random", "gradient"] = "random"
     init_batches: int = 4
     revisit: Literal["keep", "merge"] = "keep"
+    merge_every: int = 0
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -113,6 +120,13 @@ class RoundingConfig:
             raise ConfigError(f"rounding.init_batches={self.init_batches} must be >= 1.")
         if self.revisit not in ("keep", "merge"):
             raise ConfigError(f"rounding.revisit={self.revisit!r} is unknown: use 'keep' or 'merge'.")
+        if self.merge_every < 0:
+            raise ConfigError(f"rounding.merge_every={self.merge_every} must be >= 0 (0: never).")
+        if self.merge_every and self.init != "gradient":
+            raise ConfigError(
+                "rounding.merge_every needs rounding.init=gradient: a merged factor restarts with A1 = 0, and only a "
+                "gradient-aligned A2 gives it new directions."
+            )
         if self.revisit == "merge" and self.init != "gradient":
             raise ConfigError(
                 "rounding.revisit=merge needs rounding.init=gradient: a merged block restarts with A1 = 0, and only a "
@@ -131,7 +145,7 @@ class RoundingConfig:
         factors and no regulariser, so a changed rank, initialisation or regulariser setting would silently do
         nothing (``forward`` is not checked: either value describes the offset's straight-through forward)."""
         ignored = ("rank", "init_std", "reg_weight", "beta_start", "beta_end", "warmup", "init", "init_batches",
-                   "revisit")
+                   "revisit", "merge_every")
         defaults = {f.name: f.default for f in fields(self)}
         changed = [(name, getattr(self, name), defaults[name]) for name in ignored if getattr(self, name) != defaults[name]]
         if changed:
