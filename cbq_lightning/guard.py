@@ -68,13 +68,8 @@ def check_loss(loss: float, first_loss: float | None, explode_factor: float, whe
         )
 
 
-#: buffers a snapshot holds beside the trainable tensors: the activation quantizers' lazy-init flags, and the
-#: LoRA-Rounding offsets ``V0``, which ``rounding.merge_every`` changes during a fit
-SNAPSHOT_BUFFERS = (".initialized", ".rounding.v0")
-
-
 class TrainableSnapshot:
-    """Copies of a module's trainable tensors (and the buffers of :data:`SNAPSHOT_BUFFERS`), to restore.
+    """Copies of a module's trainable tensors (and its activation quantizers' lazy-init state), to restore.
 
     Taken when a fit starts, after the entering blocks were quantized, so restoring it returns the window
     exactly to where that fit began.
@@ -83,7 +78,7 @@ class TrainableSnapshot:
     def __init__(self, module: nn.Module) -> None:
         self._parameters = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
         self._buffers = {
-            name: b.detach().clone() for name, b in module.named_buffers() if name.endswith(SNAPSHOT_BUFFERS)
+            name: b.detach().clone() for name, b in module.named_buffers() if name.endswith(".initialized")
         }
 
     @torch.no_grad()

@@ -131,30 +131,9 @@ class WindowModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # after the callback quantized the entering blocks: this is where a retried fit must start again
-        if self.rounding_config.revisit == "merge":
-            self.merge_rounding_factors()
         if self.rounding_config.init == "gradient":
             self.align_rounding_factors()
         self._start_state = TrainableSnapshot(self)
-
-    def merge_rounding_factors(self) -> None:
-        """Fold every trained ``A1 A2`` into its ``V0`` (the same decisions), so that
-        :meth:`align_rounding_factors` gives each a fresh ``A2``: at a window's start that is the block carried
-        over from the previous window (``rounding.revisit: merge``), during a fit every block
-        (``rounding.merge_every``)."""
-        for _, layer in quant_linears(self.blocks):
-            if isinstance(layer.rounding, LoRARounding) and not layer.rounding.product_is_zero():
-                layer.rounding.merge_product()
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        every = self.rounding_config.merge_every
-        if every and self.global_step and self.global_step % every == 0:
-            self.merge_rounding_factors()
-            self.align_rounding_factors()
-            # the re-chosen factors start their Adam moments again, as a fresh fit's would
-            optimizer = self.optimizers().optimizer
-            for parameter in self.rounding_parameters():
-                optimizer.state.pop(parameter, None)
 
     def align_rounding_factors(self) -> None:
         """``rounding.init: gradient``: point ``A2`` of every LoRA-Rounding whose ``A1`` is still zero (the blocks

@@ -503,36 +503,11 @@ def test_align_to_gradient_refuses_trained_factors() -> None:
     assert not lowrank.product_is_zero(), "the pure low-rank form starts both factors random"
 
 
-def test_merge_product_keeps_every_logit_and_frees_a2() -> None:
-    """``rounding.revisit: merge``: ``V0`` takes ``A1 A2`` (by hand on a 2x2 layer of rank 1), ``A1`` becomes
-    zero, the logits are bit for bit those before, and ``A2`` may then be re-aligned."""
-    rounding = LoRARounding(torch.full((2, 2), 0.5), rank=1, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        rounding.v0.copy_(torch.tensor([[0.25, -1.0], [2.0, 0.0]]))
-        rounding.a1.copy_(torch.tensor([[1.0], [-2.0]]))
-        rounding.a2.copy_(torch.tensor([[0.5, 0.25]]))
-    before = rounding.logits().detach().clone()
-    rounding.merge_product()
-    torch.testing.assert_close(rounding.v0, torch.tensor([[0.75, -0.75], [1.0, -0.5]]), rtol=0, atol=0)
-    assert rounding.product_is_zero()
-    assert torch.equal(rounding.logits().detach(), before)
-    rounding.align_to_gradient(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
-    assert torch.equal(rounding.logits().detach(), before), "a re-chosen A2 moves nothing while A1 is zero"
-    lowrank = LoRARounding(torch.full((4, 6), 0.3), rank=2, form="lowrank", generator=torch.Generator().manual_seed(0))
-    with pytest.raises(RuntimeError, match="no V0"):
-        lowrank.merge_product()
-
-
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"init": "svd"}, "rounding.init='svd' is unknown"),
     ({"init_batches": 0}, "rounding.init_batches=0 must be >= 1"),
     ({"init": "gradient", "form": "lowrank"}, "rounding.init=gradient needs rounding.form=residual"),
     ({"init": "gradient", "form": "offset"}, r"rounding\.init=gradient would do nothing"),
-    ({"revisit": "reset"}, "rounding.revisit='reset' is unknown"),
-    ({"revisit": "merge"}, "rounding.revisit=merge needs rounding.init=gradient"),
-    ({"form": "offset", "revisit": "merge"}, "rounding.revisit=merge needs rounding.init=gradient"),
-    ({"merge_every": -1}, "rounding.merge_every=-1 must be >= 0"),
-    ({"merge_every": 8}, "rounding.merge_every needs rounding.init=gradient"),
 ])
 def test_gradient_init_settings_are_checked(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

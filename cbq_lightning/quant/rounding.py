@@ -75,18 +75,6 @@ class RoundingConfig:
             in the spirit of LoRA-GA; docs/method.md §2).
         init_batches: batches of the window's calibration samples (in order) whose summed gradient aligns
             ``A2`` (``init: gradient`` only); costs about that many training steps per window.
-        revisit: what the block carried into its second window starts from (``init: gradient`` only): ``keep``
-            its trained factors, or ``merge`` them into ``V0`` (``V0 += A1 A2``, ``A1 = 0``: the same logits, so
-            the same decisions) and align a fresh ``A2`` to the new window's gradient. Why: the carried block
-            otherwise keeps searching the rank-r subspace its first window chose for a different objective;
-            merged, its second visit adds another r directions chosen for this one, as ReLoRA grows a LoRA's
-            rank by merging (an extension; the trainable parameters are still only the factors).
-        merge_every: during a fit, every this many optimiser steps, merge every block's ``A1 A2`` into ``V0`` and
-            align fresh ``A2`` factors to the gradient at that point (their optimiser state starts again);
-            0: never (``init: gradient`` only). Why: a hardened decision flips only when its logit crosses the
-            boundary, and rank-r factors reach r directions per layer; merging in cycles lets one fit move
-            decisions along several such subspaces (ReLoRA) while every step still trains rank-r factors.
-            Costs ``init_batches`` forward/backward passes per merge.
     """
 
     enabled: bool = True
@@ -100,8 +88,6 @@ class RoundingConfig:
     forward: Literal["soft", "hardened"] = "soft"
     init: Literal["random", "gradient"] = "random"
     init_batches: int = 4
-    revisit: Literal["keep", "merge"] = "keep"
-    merge_every: int = 0
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -118,20 +104,6 @@ class RoundingConfig:
             raise ConfigError(f"rounding.init={self.init!r} is unknown: use 'random' or 'gradient'.")
         if self.init_batches < 1:
             raise ConfigError(f"rounding.init_batches={self.init_batches} must be >= 1.")
-        if self.revisit not in ("keep", "merge"):
-            raise ConfigError(f"rounding.revisit={self.revisit!r} is unknown: use 'keep' or 'merge'.")
-        if self.merge_every < 0:
-            raise ConfigError(f"rounding.merge_every={self.merge_every} must be >= 0 (0: never).")
-        if self.merge_every and self.init != "gradient":
-            raise ConfigError(
-                "rounding.merge_every needs rounding.init=gradient: a merged factor restarts with A1 = 0, and only a "
-                "gradient-aligned A2 gives it new directions."
-            )
-        if self.revisit == "merge" and self.init != "gradient":
-            raise ConfigError(
-                "rounding.revisit=merge needs rounding.init=gradient: a merged block restarts with A1 = 0, and only a "
-                "gradient-aligned A2 gives it new directions (a kept random A2 would search the same subspace again)."
-            )
         if self.init == "gradient" and self.form == "lowrank":
             raise ConfigError(
                 "rounding.init=gradient needs rounding.form=residual: it re-chooses A2 while A1 is zero, and the "
@@ -144,8 +116,7 @@ class RoundingConfig:
         """``form: offset`` trains one full-rank offset per weight through a straight-through forward: it has no
         factors and no regulariser, so a changed rank, initialisation or regulariser setting would silently do
         nothing (``forward`` is not checked: either value describes the offset's straight-through forward)."""
-        ignored = ("rank", "init_std", "reg_weight", "beta_start", "beta_end", "warmup", "init", "init_batches",
-                   "revisit", "merge_every")
+        ignored = ("rank", "init_std", "reg_weight", "beta_start", "beta_end", "warmup", "init", "init_batches")
         defaults = {f.name: f.default for f in fields(self)}
         changed = [(name, getattr(self, name), defaults[name]) for name in ignored if getattr(self, name) != defaults[name]]
         if changed:
@@ -208,16 +179,6 @@ class LoRARounding(nn.Module):
         """Whether ``A1 A2`` is exactly zero (``A1`` untrained), so that ``A2`` may be re-chosen without changing
         any logit: true for a block entering its first window, false for the overlap block carried over."""
         return self.v0 is not None and not bool(self.a1.any())
-
-    def merge_product(self) -> None:
-        """Fold ``A1 A2`` into ``V0`` and zero ``A1`` (``rounding.revisit: merge``): the logits keep their values
-        bit for bit (the forward computes ``V0 + A1 A2`` in the same precision, and adding a zero product is
-        exact), so the decisions and the regulariser do not change, and ``A2`` may then be re-chosen."""
-        if self.v0 is None:
-            raise RuntimeError("merge_product needs the residual form: the low-rank form has no V0 to merge into")
-        with torch.no_grad():
-            self.v0.copy_(self.v0 + self.a1 @ self.a2)
-            self.a1.zero_()
 
     def align_to_gradient(self, gradient: torch.Tensor) -> None:
         """Set ``A2`` to the top-``rank`` right singular vectors of ``gradient`` (``dL/dV``, ``[out, in]``), each
