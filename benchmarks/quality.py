@@ -296,27 +296,32 @@ def _row(
     scheme: str, fp: dict, rtn: dict, cbq: dict, cbq_no_cfp: dict | None = None, peers: dict | None = None,
     cbq_paper: dict | None = None,
 ) -> dict:
-    ppl_fp = fp["results"][0]["ppl"]
-    ppl_rtn = rtn["report"]["eval"][0]["ppl"]
+    return {
+        "scheme": scheme,
+        "fp": fp["results"][0]["ppl"],
+        "rtn": rtn["report"]["eval"][0]["ppl"],
+        **_cbq_summary(cbq, fp["results"][0]["ppl"], rtn["report"]["eval"][0]["ppl"], cbq_no_cfp),
+        **(_paper_summary(cbq_paper) if cbq_paper is not None else {}),
+        "rtn_time_s": rtn["wall_s"],
+        **({"peers": {name: _peer_summary(record) for name, record in peers.items()}} if peers else {}),
+    }
+
+
+def _cbq_summary(cbq: dict, ppl_fp: float, ppl_rtn: float, cbq_no_cfp: dict | None) -> dict:
+    """The ``CBQ (shipped recipe)`` (and ``CBQ w/o CFP``) fields of a row, against the row's FP and RTN."""
     ppl_cbq = cbq["report"]["eval"][0]["ppl"]
     gap = ppl_rtn - ppl_fp
     return {
-        "scheme": scheme,
-        "fp": ppl_fp,
-        "rtn": ppl_rtn,
         "cbq": ppl_cbq,
         "is_cbq": is_cbq(cbq["report"]),
         "cbq_no_cfp": None if cbq_no_cfp is None else cbq_no_cfp["report"]["eval"][0]["ppl"],
-        **(_paper_summary(cbq_paper) if cbq_paper is not None else {}),
         "cbq_over_fp": ppl_cbq / ppl_fp,
         "gap_closed": (ppl_rtn - ppl_cbq) / gap if gap > 0 else None,
         "cbq_over_rtn": ppl_cbq / ppl_rtn,
         "cbq_time_s": cbq["wall_s"],
         "cbq_calibration_s": cbq["report"]["calibration_time_s"],
         "cbq_peak_rss_gib": cbq["report"]["peak_rss_gib"],
-        "rtn_time_s": rtn["wall_s"],
         "eval": cbq["report"]["eval"][0] | {"ppl": None},
-        **({"peers": {name: _peer_summary(record) for name, record in peers.items()}} if peers else {}),
     }
 
 
@@ -410,6 +415,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the CBQ (paper settings) run of each scheme (PAPER_SETTINGS on the recipe)")
     parser.add_argument("--paper-only", action="store_true",
                         help="run only CBQ (paper settings) and add it to each scheme's existing record")
+    parser.add_argument("--cbq-only", action="store_true",
+                        help="run only CBQ (shipped recipe), and CBQ w/o CFP for activation schemes, and replace "
+                        "them in each scheme's existing record (after a recipe change; FP, RTN, the paper settings "
+                        "and the peers are kept)")
     parser.add_argument("--redraw", action="store_true",
                         help="only rewrite quality.md and redraw quality.png from the records in --output "
                         "(after copying in records of separate runs); nothing runs")
@@ -428,14 +437,16 @@ def main(argv: list[str] | None = None) -> int:
     ablations = _parse_ablations(args.ablation)
     if args.ablations_only and not ablations:
         raise SystemExit("--ablations-only needs --ablation NAME KEY=VALUE ...")
-    if sum((args.ablations_only, args.peers_only, args.paper_only)) > 1:
-        raise SystemExit("--ablations-only, --peers-only and --paper-only: run them one after the other")
+    if sum((args.ablations_only, args.peers_only, args.paper_only, args.cbq_only)) > 1:
+        raise SystemExit("--ablations-only, --peers-only, --paper-only and --cbq-only: run them one after the other")
     flags = _overrides(args.set)
     recipes = {scheme: _recipe(scheme) for scheme in args.schemes}
     args.output.mkdir(parents=True, exist_ok=True)
     invocation = shlex.join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
     if args.paper_only:
         _add_paper(recipes, args, invocation, suffix)
+    elif args.cbq_only:
+        _replace_cbq(recipes, args, invocation, suffix)
     elif args.peers_only:
         _add_peers(recipes, peers, args, invocation, suffix)
     elif args.ablations_only:
@@ -602,6 +613,35 @@ def _add_paper(recipes: dict[str, Path], args: argparse.Namespace, invocation: s
             _write_record(path, record)
 
 
+def _replace_cbq(recipes: dict[str, Path], args: argparse.Namespace, invocation: str, suffix: str) -> None:
+    """``--cbq-only``: run CBQ (shipped recipe), and for activation schemes CBQ w/o CFP, with each scheme's
+    recorded recipe and overrides, and replace them in the record. The recipe file is today's: that is the
+    point (a changed recipe, the same samples and evaluation windows as the record's other columns)."""
+    from cbq_lightning.runner import versions as versions_now
+
+    records = _existing_records(recipes, args, suffix, "--cbq-only")
+    with tempfile.TemporaryDirectory(prefix="cbq-quality-cbq-") as tmp:
+        for scheme, (path, record) in records.items():
+            recipe = ROOT / record["recipe"]
+            flags = _overrides(record.get("overrides", []))
+            no_cfp = None
+            if _quantizes_activations(scheme):
+                no_cfp = _quantize(recipe, "cbq", Path(tmp) / scheme, flags, cfp=False, name="cbq_no_cfp")
+            cbq = _quantize(recipe, "cbq", Path(tmp) / scheme, flags)
+            row = record["row"]
+            row.update(_cbq_summary(cbq, row["fp"], row["rtn"], no_cfp))
+            record["cbq_report"] = cbq["report"]
+            record["recipe_deviations"] = {k: list(v) for k, v in recipe_deviations(recipe).items()}
+            record.setdefault("commands", {}).update(
+                {"cbq": cbq["command"], **({"cbq_no_cfp": no_cfp["command"]} if no_cfp else {})})
+            record["cbq_run"] = {
+                "invocation": invocation, "git_commit": _git_commit(), "versions": versions_now(),
+                "device": cbq["report"]["device"],
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+            _write_record(path, record)
+
+
 def _latest_records(folder: Path, suffix: str) -> list[dict]:
     """The latest record of every scheme in ``folder`` (schemes may be run one at a time), in scheme order."""
     records = []
@@ -630,6 +670,10 @@ def _combined_table(folder: Path, suffix: str) -> str:
         if "recipe_deviations" in record:
             changed = ", ".join(f"{k} {paper} -> {mine}" for k, (paper, mine) in record["recipe_deviations"].items())
             lines.append(f"  - shipped recipe, deviations from the paper settings: {changed or 'none'}")
+        if "cbq_run" in record:
+            run = record["cbq_run"]
+            lines.append(f"  - CBQ (shipped recipe) re-run by `{run['invocation']}` (git {run['git_commit']}, "
+                         f"{run['device']}, {run['date']})")
         if "paper_run" in record:
             run = record["paper_run"]
             lines.append(f"  - paper settings added by `{run['invocation']}` (git {run['git_commit']}, {run['device']}, "

@@ -371,3 +371,34 @@ def test_paper_only_adds_the_paper_row_to_the_existing_record(quality, tmp_path:
     with pytest.raises(SystemExit, match="one after the other"):
         quality.main(["--schemes", "W3A16G64", "--paper-only", "--ablations-only", "--ablation", "a", "x.y=1",
                       "--output", str(tmp_path)])
+
+
+def test_cbq_only_replaces_the_shipped_column_and_keeps_the_rest(quality, tmp_path: Path, monkeypatch) -> None:
+    """``--cbq-only`` after a recipe change: CBQ (and CBQ w/o CFP for an activation scheme, with CFP off) runs
+    again with the record's overrides; its cells and the ratios against the record's FP and RTN are replaced
+    (gap closed: (38 - 24) / (38 - 20) = 77.8 %), while the peers and the paper row stay."""
+    ok = {"status": "ok", "ppl": 30.0, "reason": None, "package": "gptqmodel", "version": "7.6.0",
+          "settings": {"bits": 4}, "quantize_s": 60.0, "wall_s": 120.0, "peak_rss_gib": 2.0}
+    record = _record("W4A8", 20.0, 38.0, 26.0, {"gptq": ok})
+    record["overrides"] = ["train.epochs=2"]
+    record["row"]["cbq_paper"] = 32.0
+    path = tmp_path / "quality_w4a8.json"
+    path.write_text(json.dumps(record))
+    calls = []
+    monkeypatch.setattr(quality, "_quantize", _recording_quantize(
+        calls, lambda flags, name: _run(25.0 if name == "cbq_no_cfp" else 24.0, wall=1800.0)))
+    monkeypatch.setattr(quality, "_draw", lambda folder, suffix: None)
+    assert quality.main(["--schemes", "W4A8", "--cbq-only", "--output", str(tmp_path)]) == 0
+    assert calls == [("smollm2_w4a8.yaml", "cbq", ["--train.epochs", "2"], "cbq_no_cfp"),
+                     ("smollm2_w4a8.yaml", "cbq", ["--train.epochs", "2"], "")]
+    updated = json.loads(path.read_text())
+    row = updated["row"]
+    assert (row["cbq"], row["cbq_no_cfp"], row["cbq_paper"], row["fp"], row["rtn"]) == (24.0, 25.0, 32.0, 20.0, 38.0)
+    assert row["gap_closed"] == pytest.approx(14 / 18) and row["cbq_over_rtn"] == pytest.approx(24 / 38)
+    assert row["peers"]["gptq"]["ppl"] == 30.0
+    assert "--cbq-only" in updated["cbq_run"]["invocation"]
+    cells = _row((tmp_path / "quality.md").read_text(), "W4A8")
+    assert (cells["CBQ (shipped recipe)"], cells["CBQ w/o CFP"], cells["gap closed"], cells["CBQ time"]) == (
+        "24.00", "25.00", "78 %", "30.0 min")
+    assert "CBQ (shipped recipe) re-run by `python benchmarks/quality.py --schemes W4A8 --cbq-only" in (
+        tmp_path / "quality.md").read_text()
