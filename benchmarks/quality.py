@@ -296,11 +296,12 @@ def _row(
     scheme: str, fp: dict, rtn: dict, cbq: dict, cbq_no_cfp: dict | None = None, peers: dict | None = None,
     cbq_paper: dict | None = None,
 ) -> dict:
+    ppl_fp, ppl_rtn = fp["results"][0]["ppl"], rtn["report"]["eval"][0]["ppl"]
     return {
         "scheme": scheme,
-        "fp": fp["results"][0]["ppl"],
-        "rtn": rtn["report"]["eval"][0]["ppl"],
-        **_cbq_summary(cbq, fp["results"][0]["ppl"], rtn["report"]["eval"][0]["ppl"], cbq_no_cfp),
+        "fp": ppl_fp,
+        "rtn": ppl_rtn,
+        **_cbq_summary(cbq, ppl_fp, ppl_rtn, cbq_no_cfp),
         **(_paper_summary(cbq_paper) if cbq_paper is not None else {}),
         "rtn_time_s": rtn["wall_s"],
         **({"peers": {name: _peer_summary(record) for name, record in peers.items()}} if peers else {}),
