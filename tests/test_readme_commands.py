@@ -2,8 +2,11 @@
 
 Why: a user copies these lines first; a documentation edit or a code change that breaks one must fail CI, not
 a user. Each command is taken from the documents themselves (code fences, ``\\`` continuations joined, ``&&`` chains
-split, trailing ``# comments`` dropped) and run in order (the README, then ``docs/*.md`` by name) in one scratch folder, so the outputs of one
-(``runs/smollm2-w3a16g64``) are the inputs of the next (``cbq export --run runs/smollm2-w3a16g64``).
+split, trailing ``# comments`` dropped) and run in one scratch folder in document order (the README, then ``docs/*.md`` by name) as far as their
+folders require, so the outputs of one (``runs/smollm2-w3a16g64``) are the inputs of the next (``cbq export
+--run runs/smollm2-w3a16g64``). Two commands run at a time where neither reads or writes a folder the other
+writes (:func:`schedule`): the commands are each a new process whose start-up is mostly single-threaded
+imports, and this test was the longest in CI at one at a time.
 
 Only the model is substituted: recipes that name SmolLM2 or LLaMA run on the tiny random model
 (``--model.name_or_path tiny-llama`` appended; ``cbq evaluate --model smollm2-135m`` becomes ``tiny-llama``),
@@ -22,6 +25,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +55,10 @@ TINY_SMALLEST_DIM, TINY_RANK = 32, 4
 README_MODELS = ("smollm2-135m",)
 #: seconds per command (the slowest, a SmolLM2 recipe on the tiny model, takes ~40 s on 2 cores)
 TIMEOUT_S = 600
+#: commands run at once (CI has 2 cores)
+PARALLEL = 2
+#: flags whose value is a folder or file a command writes, and those whose value one reads
+WRITE_FLAGS, READ_FLAGS = ("--output_dir", "--output"), ("--run", "--model")
 
 
 def readme_commands(text: str) -> list[str]:
@@ -141,6 +149,67 @@ def _scratch(tmp_path: Path) -> Path:
     return workdir
 
 
+def _flag_values(words: list[str], flags: tuple[str, ...]) -> set[str]:
+    return {words[at + 1].rstrip("/") for at, word in enumerate(words[:-1]) if word in flags}
+
+
+def paths_touched(command: str, workdir: Path) -> tuple[set[str], set[str]]:
+    """The folders and files ``command`` writes and reads, relative to ``workdir``. A quantize run without
+    ``--output_dir`` writes its recipe's ``output_dir``."""
+    words = shlex.split(command)
+    writes, reads = _flag_values(words, WRITE_FLAGS), _flag_values(words, READ_FLAGS)
+    if "quantize" in words and "--config" in words and not writes:
+        output_dir = _recipe(workdir / words[words.index("--config") + 1]).get("output_dir")
+        writes |= {str(output_dir).rstrip("/")} if output_dir else set()
+    return writes, reads
+
+
+def schedule(commands: list[str], workdir: Path) -> list[set[int]]:
+    """For each command, the earlier commands it must wait for: those that write a path it reads or writes
+    (so a run's outputs exist before they are exported, and two runs into one folder keep their order)."""
+    touched = [paths_touched(command, workdir) for command in commands]
+    return [{earlier for earlier in range(later) if touched[earlier][0] & (touched[later][0] | touched[later][1])}
+            for later in range(len(commands))]
+
+
+def run_scheduled(jobs: list[tuple[str, list[str], dict[str, str]]], after: list[set[int]], workdir: Path
+                  ) -> list[str]:
+    """Run ``jobs`` (command, argv, environment), up to :data:`PARALLEL` at a time, each once the jobs it comes
+    after have finished, earliest first; the failures as messages. A job after a failed one fails too."""
+    logs = workdir.parent / "command-logs"  # files, not pipes: a full pipe would stall a chatty command
+    logs.mkdir(exist_ok=True)
+    running: dict[int, tuple[subprocess.Popen, float]] = {}
+    finished: dict[int, bool] = {}
+    failures: list[str] = []
+    while len(finished) < len(jobs):
+        for index, (process, started) in list(running.items()):
+            if process.poll() is None and time.monotonic() - started < TIMEOUT_S:
+                continue
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            stderr = (logs / f"{index}.err").read_text(errors="replace")
+            ok = process.returncode == 0 and "Traceback" not in stderr
+            if not ok:
+                failures.append(f"{jobs[index][0]}\n  exit {process.returncode}: {stderr.strip()[-1500:]}")
+            finished[index] = ok
+            del running[index]
+        for index, (command, argv, env) in enumerate(jobs):
+            if index in finished or index in running or len(running) >= PARALLEL:
+                continue
+            if not after[index] <= finished.keys():
+                continue
+            if not all(finished[earlier] for earlier in after[index]):
+                failures.append(f"{command}\n  not run: a command it depends on failed")
+                finished[index] = False
+                continue
+            with open(logs / f"{index}.out", "w") as out, open(logs / f"{index}.err", "w") as err:
+                running[index] = (subprocess.Popen(argv, cwd=workdir, env=env, stdout=out, stderr=err),
+                                  time.monotonic())
+        time.sleep(0.2)
+    return failures
+
+
 def documented_commands() -> list[str]:
     """The ``cbq`` commands of every document in :data:`DOCUMENTS`, in order."""
     return [command for document in DOCUMENTS for command in readme_commands(document.read_text())]
@@ -169,21 +238,42 @@ def test_readme_command_parsing() -> None:
     assert substituted("A_B=1 cbq quantize --help", Path("."))[1] == {"A_B": "1"}
 
 
+def test_schedule_orders_commands_by_the_folders_they_share(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "a.yaml").write_text("output_dir: runs/a\n")
+    commands = [
+        "cbq quantize --config configs/a.yaml",                          # 0 writes runs/a
+        "cbq quantize --config configs/a.yaml --output_dir runs/b/",     # 1 writes runs/b
+        "cbq export --run runs/a --format gptq --output runs/a-gptq",    # 2 reads runs/a
+        "cbq evaluate --model runs/a-gptq --max_windows 4",              # 3 reads runs/a-gptq
+        "cbq evaluate --model smollm2-135m",                             # 4 reads nothing written here
+        "cbq quantize --config configs/a.yaml --method rtn",             # 5 writes runs/a again
+        "cbq quantize --help",                                           # 6
+    ]
+    assert schedule(commands, tmp_path) == [set(), set(), {0}, {2}, set(), {0}, set()]
+
+
+def test_a_failed_command_fails_the_ones_after_it(tmp_path: Path) -> None:
+    fail, succeed = [sys.executable, "-c", "raise SystemExit(3)"], [sys.executable, "-c", "print('ok')"]
+    jobs = [("first", fail, dict(os.environ)), ("second", succeed, dict(os.environ)),
+            ("third", succeed, dict(os.environ))]
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    failures = run_scheduled(jobs, [set(), {0}, set()], workdir)
+    assert failures == ["first\n  exit 3: ", "second\n  not run: a command it depends on failed"]
+
+
 def test_every_readme_command_runs_as_written(tmp_path: Path) -> None:
     workdir = _scratch(tmp_path)
     # the offline mirror as a user points at one (README: data_dir or CBQ_DATA_DIR): the scratch folder's
     env = {**os.environ, "PYTHONPATH": str(REPO), "TORCH_COMPILE_DISABLE": "1",
            "CBQ_DATA_DIR": str(workdir.parent / "shared" / "data")}
-    failures, ran = [], 0
-    for command in documented_commands():
-        if _not_run_reason(command) is not None:
-            continue
+    commands = [command for command in documented_commands() if _not_run_reason(command) is None]
+    assert len(commands) >= 8, f"only {len(commands)} documented commands run: did the code blocks change shape?"
+    jobs = []
+    for command in commands:
         argv, assignments = substituted(command, workdir)
-        done = subprocess.run(argv, cwd=workdir, env={**env, **assignments}, capture_output=True, text=True,
-                              timeout=TIMEOUT_S)
-        ran += 1
-        if done.returncode != 0 or "Traceback" in done.stderr:
-            failures.append(f"{command}\n  exit {done.returncode}: {done.stderr.strip()[-1500:]}")
-    assert ran >= 8, f"only {ran} documented commands ran: did the code blocks change shape?"
+        jobs.append((command, argv, {**env, **assignments}))
+    failures = run_scheduled(jobs, schedule(commands, workdir), workdir)
     if failures:
         pytest.fail("documented commands that fail as written:\n" + "\n".join(failures))
