@@ -4,8 +4,8 @@ Why: a user copies these lines first; a documentation edit or a code change that
 a user. Each command is taken from the documents themselves (code fences, ``\\`` continuations joined, ``&&`` chains
 split, trailing ``# comments`` dropped) and run in one scratch folder in document order (the README, then ``docs/*.md`` by name) as far as their
 folders require, so the outputs of one (``runs/smollm2-w3a16g64``) are the inputs of the next (``cbq export
---run runs/smollm2-w3a16g64``). Two commands run at a time where neither reads or writes a folder the other
-writes (:func:`schedule`): the commands are each a new process whose start-up is mostly single-threaded
+--run runs/smollm2-w3a16g64``). Two commands run at a time, one intra-op thread each, where neither reads or writes a
+folder the other writes (:func:`schedule`): the commands are each a new process whose start-up is mostly single-threaded
 imports, and this test was the longest in CI at one at a time.
 
 Only the model is substituted: recipes that name SmolLM2 or LLaMA run on the tiny random model
@@ -266,7 +266,10 @@ def test_a_failed_command_fails_the_ones_after_it(tmp_path: Path) -> None:
 def test_every_readme_command_runs_as_written(tmp_path: Path) -> None:
     workdir = _scratch(tmp_path)
     # the offline mirror as a user points at one (README: data_dir or CBQ_DATA_DIR): the scratch folder's
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TORCH_COMPILE_DISABLE": "1",
+    # one intra-op thread per command: two commands at a time with two OpenMP threads each on two cores spin
+    # against each other (this test on an idle 2-core AMD EPYC: 319 s so,
+    # 139 s one command at a time, 83 s two at a time with one thread each)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TORCH_COMPILE_DISABLE": "1", "OMP_NUM_THREADS": "1",
            "CBQ_DATA_DIR": str(workdir.parent / "shared" / "data")}
     commands = [command for command in documented_commands() if _not_run_reason(command) is None]
     assert len(commands) >= 8, f"only {len(commands)} documented commands run: did the code blocks change shape?"
