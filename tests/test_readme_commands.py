@@ -265,10 +265,10 @@ def test_a_failed_command_fails_the_ones_after_it(tmp_path: Path) -> None:
 
 def test_every_readme_command_runs_as_written(tmp_path: Path) -> None:
     workdir = _scratch(tmp_path)
-    # the offline mirror as a user points at one (README: data_dir or CBQ_DATA_DIR): the scratch folder's
     # one intra-op thread per command: two commands at a time with two OpenMP threads each on two cores spin
     # against each other (this test on an idle 2-core AMD EPYC: 319 s so,
-    # 139 s one command at a time, 83 s two at a time with one thread each)
+    # 139 s one command at a time, 83 s two at a time with one thread each);
+    # the offline mirror as a user points at one (README: data_dir or CBQ_DATA_DIR): the scratch folder's
     env = {**os.environ, "PYTHONPATH": str(REPO), "TORCH_COMPILE_DISABLE": "1", "OMP_NUM_THREADS": "1",
            "CBQ_DATA_DIR": str(workdir.parent / "shared" / "data")}
     commands = [command for command in documented_commands() if _not_run_reason(command) is None]
