@@ -68,7 +68,7 @@ class BlockQuantizer:
         # quant.gptq.true_sequential each stage's Hessian is measured behind the stages already quantized
         for names, hessians in self.moments.stages(index, block):
             diagonals = {name: torch.diagonal(m) for name, m in hessians.items()}  # the clip search's E[x_j^2]
-            quantize_block(block, self.layer, self.generator, diagonals if self.layer.activation_aware else None, hessians,
+            quantize_block(block, self.layer, self.generator, diagonals if self.layer.needs_input_moments else None, hessians,
                            names=names, layer_bits=self.bits_of(index))
 
     def structure(self, index: int, block: nn.Module) -> None:

@@ -545,7 +545,7 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: dict[str, Any], 
         correction=job.correction,
     )
     sequential = gptq is not None and gptq.true_sequential
-    needs_moments = layer.activation_aware or gptq is not None
+    needs_moments = layer.needs_input_moments or gptq is not None
     moments = InputMoments(full=gptq is not None, sequential=sequential) if needs_moments else None
     quantizer = BlockQuantizer(
         layer=layer, generator=torch.Generator().manual_seed(config.seed), moments=moments,

@@ -120,13 +120,15 @@ def test_eval_settings_may_change_on_resume(tmp_path: Path) -> None:
     assert report["resumed_after_window"] == 0 and report["eval"][0]["windows"] == 2
 
 
-@pytest.mark.parametrize("init", ["random", "gradient"])
-def test_lora_rounding_from_gptq_resumes_bit_for_bit(tmp_path: Path, init: str) -> None:
+@pytest.mark.parametrize(("init", "column_scale"), [("random", "0"), ("gradient", "0"), ("random", "1")])
+def test_lora_rounding_from_gptq_resumes_bit_for_bit(tmp_path: Path, init: str, column_scale: str) -> None:
     """The shipped recipes' combination: LoRA-Rounding started from GPTQ with overlapping windows. The overlap
     block's calibrating state (its GPTQ shift and V0, computed from data when it entered) is restored on
     resume, so the run ends where an uninterrupted one does; with ``rounding.init: gradient`` the resumed
-    window re-aligns only its entering block, from the same samples, and keeps the overlap block's factors."""
-    flags = (*FAST, "--quant.gptq", "{}", "--quant.clip_search", "{}", "--cfp.weights", "true", "--rounding.init", init)
+    window re-aligns only its entering block, from the same samples, and keeps the overlap block's factors; with
+    ``rounding.column_scale`` the overlap block's scale (from its inputs when it entered) is restored too."""
+    flags = (*FAST, "--quant.gptq", "{}", "--quant.clip_search", "{}", "--cfp.weights", "true", "--rounding.init", init,
+             "--rounding.column_scale", column_scale)
     reference = tmp_path / "uninterrupted"
     run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(reference), *flags))
     killed = tmp_path / "killed"

@@ -18,6 +18,7 @@ from cbq_lightning.quant.rounding import (
     RoundingConfig,
     RoundingOffset,
     beta_at,
+    column_scale_from_moments,
     inverse_rectified_sigmoid,
     logit_probes,
     rectified_sigmoid,
@@ -147,7 +148,9 @@ def test_regularizer_gradient_reaches_a1():
 # --- RoundingConfig / beta schedule -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs", [{"rank": 0}, {"warmup": 1.0}, {"warmup": -0.1}, {"reg_weight": -1.0}])
+@pytest.mark.parametrize("kwargs", [{"rank": 0}, {"warmup": 1.0}, {"warmup": -0.1}, {"reg_weight": -1.0},
+                                    {"column_scale": -0.5}, {"column_scale": 1.0, "form": "lowrank"},
+                                    {"column_scale": 1.0, "form": "offset"}])
 def test_rounding_config_validation(kwargs):
     with pytest.raises(ConfigError):
         RoundingConfig(**kwargs)
@@ -512,3 +515,46 @@ def test_align_to_gradient_refuses_trained_factors() -> None:
 def test_gradient_init_settings_are_checked(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         RoundingConfig(**kwargs)
+
+
+# --- column scale of the low-rank term (rounding.column_scale) ----------------------------------------
+
+
+def test_column_scale_hand_values() -> None:
+    """E[x^2] = (1, 4, 16, 100, 0.25): rms (1, 2, 4, 10, 0.5), median 2, ratio (0.5, 1, 2, 5, 0.25). At
+    alpha 1 the scale is min(1, 1/ratio) = (1, 1, 0.5, 0.2, 1); at alpha 0.5, (1, 1, 0.7071, 0.4472, 1)."""
+    moments = torch.tensor([1.0, 4.0, 16.0, 100.0, 0.25])
+    torch.testing.assert_close(column_scale_from_moments(moments, 1.0), torch.tensor([1.0, 1.0, 0.5, 0.2, 1.0]))
+    torch.testing.assert_close(
+        column_scale_from_moments(moments, 0.5), torch.tensor([1.0, 1.0, 0.5**0.5, 0.2**0.5, 1.0]), rtol=1e-6, atol=1e-6
+    )
+    assert torch.equal(column_scale_from_moments(torch.zeros(3), 1.0), torch.ones(3)), "no signal: scale 1"
+
+
+def test_column_scale_multiplies_the_low_rank_term_only() -> None:
+    """logits = V0 + (A1 A2) diag(c): V0 unscaled, each column of the product times its c_j; the gradient
+    reaching A1 is dL/dV diag(c) A2^T."""
+    frac = torch.rand(3, 4, generator=torch.Generator().manual_seed(2))
+    scale = torch.tensor([1.0, 0.5, 0.25, 1.0])
+    rounding = LoRARounding(frac, rank=2, generator=torch.Generator().manual_seed(0), column_scale=scale)
+    with torch.no_grad():
+        rounding.a1.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, -1.0]]))
+    product = rounding.a1.detach() @ rounding.a2.detach()
+    torch.testing.assert_close(rounding.logits(), rounding.v0 + product * scale)
+    upstream = torch.arange(12.0).reshape(3, 4)
+    (rounding.logits() * upstream).sum().backward()
+    torch.testing.assert_close(rounding.a1.grad, (upstream * scale) @ rounding.a2.detach().T)
+
+
+def test_column_scale_is_built_from_the_layers_input_moments() -> None:
+    """QuantLinear with ``rounding.column_scale`` keeps ``c`` from its inputs' E[x^2] as a buffer (saved and
+    restored with the block), and the layer asks the run for input moments even without an activation-aware
+    clip search; the clip search itself stays moment-free then."""
+    config = LayerQuantConfig(scheme=QuantScheme(w_bits=3, group_size=8),
+                              rounding=RoundingConfig(rank=2, column_scale=1.0, forward="hardened"))
+    assert config.needs_input_moments and not config.activation_aware
+    assert not LayerQuantConfig(scheme=QuantScheme(w_bits=3, group_size=8)).needs_input_moments
+    moments = torch.tensor([1.0, 4.0, 16.0, 100.0] * 4)
+    layer = QuantLinear(make_linear(8, 16), config, torch.Generator().manual_seed(0), input_moments=moments)
+    torch.testing.assert_close(layer.rounding.column_scale, column_scale_from_moments(moments, 1.0).reshape(1, -1))
+    assert "rounding.column_scale" in layer.state_dict()

@@ -30,7 +30,12 @@ from cbq_lightning.errors import ConfigError
 from cbq_lightning.quant.act_quantizer import ActivationQuantizer, ActQuantSettings
 from cbq_lightning.quant.correction import CorrectionConfig, LowRankCorrection
 from cbq_lightning.quant.gptq import GPTQInit, GPTQResult, gptq_quantize
-from cbq_lightning.quant.rounding import LoRARounding, RoundingConfig, RoundingOffset
+from cbq_lightning.quant.rounding import (
+    LoRARounding,
+    RoundingConfig,
+    RoundingOffset,
+    column_scale_from_moments,
+)
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
 
@@ -89,6 +94,12 @@ class LayerQuantConfig:
         (``quant.clip_search.activation_aware``), so the run collects the layers' input second moments."""
         return self.clip_search is not None and self.clip_search.activation_aware
 
+    @property
+    def needs_input_moments(self) -> bool:
+        """The layers are built with their inputs' ``E[x_j^2]``: for an activation-aware clip search, or for the
+        LoRA term's column scale (``rounding.column_scale``)."""
+        return self.activation_aware or (self.rounding.enabled and bool(self.rounding.column_scale))
+
     def with_bits(self, bits: int) -> LayerQuantConfig:
         """The same quantization at ``bits`` weight bits (a layer of a mixed-precision run)."""
         return replace(self, scheme=replace(self.scheme, w_bits=bits))
@@ -128,7 +139,7 @@ class QuantLinear(nn.Module):
             weight, scheme.w_bits, scheme.group_size, scheme.sym, learnable_clip, clip_init
         )
         if clip_search is not None:
-            self.quantizer.search_clip(weight, clip_search, input_moments)
+            self.quantizer.search_clip(weight, clip_search, input_moments if config.activation_aware else None)
         self.register_buffer("rounding_base", None)
         soft_rounding = rounding.enabled and rounding.form != "offset"
         frac: torch.Tensor | None = None
@@ -150,7 +161,9 @@ class QuantLinear(nn.Module):
             self.rounding = RoundingOffset(tuple(weight.shape))
         elif soft_rounding:
             frac = self.quantizer.fractional_part(weight) if frac is None else frac
-            self.rounding = LoRARounding(frac, rounding.rank, rounding.form, rounding.init_std, generator)
+            self.rounding = LoRARounding(
+                frac, rounding.rank, rounding.form, rounding.init_std, generator, self._column_scale(rounding, input_moments)
+            )
         self.act_quantizer: ActivationQuantizer | None = None if act is None else ActivationQuantizer(act)
         #: forward with hardened (0/1) rounding decisions instead of soft ones, to measure what
         #: finalisation would give without finalising
@@ -162,6 +175,16 @@ class QuantLinear(nn.Module):
             rank = correction.rank_for(self.out_features, self.in_features)
             error = self.starting_weight_error() if correction.init == "svd" else None
             self.correction = LowRankCorrection(self.out_features, self.in_features, rank, error).to(weight.device)
+
+    def _column_scale(self, rounding: RoundingConfig, input_moments: torch.Tensor | None) -> torch.Tensor | None:
+        """The LoRA term's per-column scale (``rounding.column_scale``), or None when off. Without moments it is
+        a placeholder of ones: only :meth:`BlockQuantizer.structure` builds a layer so, and resume loads the
+        saved scale into it."""
+        if not rounding.column_scale:
+            return None
+        if input_moments is None:
+            return torch.ones(self.in_features)
+        return column_scale_from_moments(input_moments, rounding.column_scale)
 
     @torch.no_grad()
     def starting_weight_error(self) -> torch.Tensor:

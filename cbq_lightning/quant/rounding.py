@@ -75,6 +75,14 @@ class RoundingConfig:
             in the spirit of LoRA-GA; docs/method.md §2).
         init_batches: batches of the window's calibration samples (in order) whose summed gradient aligns
             ``A2`` (``init: gradient`` only); costs about that many training steps per window.
+        column_scale: exponent ``alpha`` of a fixed per-input-column scale on the low-rank term (``residual``
+            form; 0 = off, the paper): ``V = V0 + (A1 A2) diag(c)`` with ``c_j = min(1, (rms_j / median rms)
+            ^ -alpha)``, ``rms_j`` the calibration inputs' RMS of feature ``j``. Why: a weight's gradient grows
+            with its input feature, so near the output, where a few features are huge, ``dL/dA1 = dL/dV A2^T``
+            is set by those few columns and every Adam step moves the logits of all columns along it; with
+            ``c`` the gradient reaching ``A1`` weighs each column about equally and the loud columns, where one
+            flipped decision moves the output most, move their logits more slowly. The trainable parameters
+            are still ``A1`` and ``A2`` (``c`` is a frozen buffer), an extension (docs/method.md §2).
     """
 
     enabled: bool = True
@@ -88,6 +96,7 @@ class RoundingConfig:
     forward: Literal["soft", "hardened"] = "soft"
     init: Literal["random", "gradient"] = "random"
     init_batches: int = 4
+    column_scale: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -104,6 +113,13 @@ class RoundingConfig:
             raise ConfigError(f"rounding.init={self.init!r} is unknown: use 'random' or 'gradient'.")
         if self.init_batches < 1:
             raise ConfigError(f"rounding.init_batches={self.init_batches} must be >= 1.")
+        if self.column_scale < 0:
+            raise ConfigError(f"rounding.column_scale={self.column_scale} must be >= 0 (0 turns it off).")
+        if self.column_scale and self.form != "residual":
+            raise ConfigError(
+                f"rounding.column_scale={self.column_scale} needs rounding.form=residual: it scales the low-rank "
+                "correction on top of V0, which the other forms do not have."
+            )
         if self.init == "gradient" and self.form == "lowrank":
             raise ConfigError(
                 "rounding.init=gradient needs rounding.form=residual: it re-chooses A2 while A1 is zero, and the "
@@ -116,7 +132,8 @@ class RoundingConfig:
         """``form: offset`` trains one full-rank offset per weight through a straight-through forward: it has no
         factors and no regulariser, so a changed rank, initialisation or regulariser setting would silently do
         nothing (``forward`` is not checked: either value describes the offset's straight-through forward)."""
-        ignored = ("rank", "init_std", "reg_weight", "beta_start", "beta_end", "warmup", "init", "init_batches")
+        ignored = ("rank", "init_std", "reg_weight", "beta_start", "beta_end", "warmup", "init", "init_batches",
+                   "column_scale")
         defaults = {f.name: f.default for f in fields(self)}
         changed = [(name, getattr(self, name), defaults[name]) for name in ignored if getattr(self, name) != defaults[name]]
         if changed:
@@ -137,6 +154,8 @@ class LoRARounding(nn.Module):
         form: ``residual`` or ``lowrank`` (see :class:`RoundingConfig`).
         init_std: std of the random factor(s).
         generator: random source for the factors (reproducibility).
+        column_scale: the frozen per-input-column scale ``c`` of ``A1 A2`` (``[in]``, see
+            :func:`column_scale_from_moments`), or None (the paper: no scale).
     """
 
     def __init__(
@@ -146,6 +165,7 @@ class LoRARounding(nn.Module):
         form: str = "residual",
         init_std: float = 0.1,
         generator: torch.Generator | None = None,
+        column_scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         out_features, in_features = frac.shape
@@ -169,9 +189,11 @@ class LoRARounding(nn.Module):
             raise ConfigError(f"rounding.form={form!r} is unknown: use 'residual' or 'lowrank'.")
         self.a1 = nn.Parameter(a1)
         self.a2 = nn.Parameter(a2)
+        self.register_buffer("column_scale", None if column_scale is None else column_scale.float().reshape(1, -1))
 
     def logits(self) -> torch.Tensor:
         v = self.a1 @ self.a2
+        v = v if self.column_scale is None else v * self.column_scale
         v = v if self.v0 is None else self.v0 + v
         return v if self.probe is None else v + self.probe
 
@@ -187,6 +209,8 @@ class LoRARounding(nn.Module):
         if not self.product_is_zero():
             raise RuntimeError("align_to_gradient needs A1 = 0: otherwise re-choosing A2 changes the logits")
         rank, in_features = self.a2.shape
+        if self.column_scale is not None:  # dL/dA1 = dL/dV diag(c) A2^T
+            gradient = gradient * self.column_scale
         _, _, vh = torch.linalg.svd(gradient.double(), full_matrices=False)
         with torch.no_grad():
             self.a2.copy_(vh[:rank].to(self.a2.dtype) * (self.init_std * math.sqrt(in_features)))
@@ -210,6 +234,16 @@ class LoRARounding(nn.Module):
         """``mean(1 - |2h - 1|^beta)``: zero once every decision is exactly 0 or 1."""
         h = self.soft()
         return (1.0 - (2.0 * h - 1.0).abs().pow(beta)).mean()
+
+
+def column_scale_from_moments(input_moments: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``c_j = min(1, (rms_j / median rms) ^ -alpha)`` from ``E[x_j^2]`` (``[in]``): columns whose inputs are
+    louder than the layer's median get a proportionally smaller step, the rest keep the plain LoRA term
+    (``rounding.column_scale``). A column with no signal (rms 0) keeps scale 1."""
+    rms = input_moments.double().clamp_min(0).sqrt()
+    median = rms.median().clamp_min(torch.finfo(torch.float64).tiny)
+    ratio = (rms / median).clamp_min(torch.finfo(torch.float64).tiny)
+    return ratio.pow(-alpha).clamp(max=1.0).float()
 
 
 @contextmanager
