@@ -69,7 +69,7 @@ PAPER_SETTINGS = {
     "quant.gptq": "null", "quant.clip_search": "null", "quant.clip_init": "0.99", "quant.learnable_clip": "true",
     "quant.act_learnable": "true",
     "rounding.enabled": "true", "rounding.form": "residual", "rounding.rank": "4", "rounding.forward": "soft",
-    "rounding.reg_weight": "0.01",
+    "rounding.reg_weight": "0.01", "rounding.column_scale": "0",
     "window.size": "2", "window.overlap": "1",
     "cfp.weights": "true", "cfp.truncation": "judged", "cfp.activations": "true",
     "loss.global_branch": "true", "loss.homologous_branch": "true", "loss.kl_weight": "1.0",

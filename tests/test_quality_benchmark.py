@@ -90,10 +90,12 @@ def test_paper_settings_have_a_column_of_their_own(quality) -> None:
 
 
 def test_paper_flags_are_what_method_md_states(quality) -> None:
-    """The paper row's overrides: RTN start, LoRA-Rounding (residual, rank 4, soft forward), K=2/O=1, both
-    branches with the hidden-state KL, no output KL, no keep-best, the paper's learning rates."""
+    """The paper row's overrides: RTN start, LoRA-Rounding (residual, rank 4, soft forward, no per-column scale:
+    the shipped recipes' extension is switched off), K=2/O=1, both branches with the hidden-state KL, no output
+    KL, no keep-best, the paper's learning rates."""
     settings = quality.PAPER_SETTINGS
     assert settings["quant.gptq"] == "null" and settings["rounding.form"] == "residual"
+    assert settings["rounding.column_scale"] == "0"
     assert settings["rounding.forward"] == "soft" and (settings["window.size"], settings["window.overlap"]) == ("2", "1")
     assert settings["loss.kl_weight"] == "1.0" and settings["loss.output_kl_weight"] == "0"
     assert (settings["train.lr_rounding"], settings["train.lr_clip"]) == ("0.001", "0.005")
