@@ -18,6 +18,24 @@ def _probe():
     return module
 
 
+def _full_precision_perplexities(probe, kept: slice) -> tuple[float, float]:
+    """The tiny recipe's full-precision model on its first 2 evaluation windows: whole, and cut to the blocks
+    ``kept`` (what a probe would score if it lost the blocks it puts around the probed ones)."""
+    from cbq_lightning.evaluation.perplexity import evaluate_sets, prepare_eval_set
+    from cbq_lightning.models.loading import load_tokenizer
+    from tests.conftest import load_recipe
+
+    config = load_recipe(TINY_RECIPE)
+    tokenizer = load_tokenizer(config.model)
+    eval_set = prepare_eval_set(config.eval.datasets[0], tokenizer, config.eval.seqlen, config.eval.split, 2,
+                                config.data_dir)
+    model = probe.runner.load_model(config.model, vocab_size=len(tokenizer), seed=config.seed)
+    full = evaluate_sets(model, [eval_set], "cpu")[0]["ppl"]
+    model.model.layers = model.model.layers[kept]
+    model.config.num_hidden_layers = len(model.model.layers)
+    return full, evaluate_sets(model, [eval_set], "cpu")[0]["ppl"]
+
+
 def test_probe_quantizes_only_the_first_blocks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     probe = _probe()
     loader = probe.runner.load_model
@@ -43,25 +61,13 @@ def test_probe_perplexity_puts_the_quantized_blocks_before_the_full_precision_re
     """``--ppl-windows``: 8-bit round-to-nearest on blocks 0-1 followed by the FP blocks 2-3 scores within
     0.5 % of the whole FP model, while the first two FP blocks alone score clearly differently (so the rest
     really is put back)."""
-    from cbq_lightning.evaluation.perplexity import evaluate_sets, prepare_eval_set
-    from cbq_lightning.models.loading import load_tokenizer
-    from tests.conftest import load_recipe
-
     probe = _probe()
     code = probe.main(["2", "--ppl-windows", "2", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path),
                        "--method", "rtn", "--quant.scheme", "W8A16", "--trainer.enable_progress_bar", "false"])
     assert code == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("held-out perplexity")][0]
     probed = float(line.rsplit(":", 1)[1])
-    config = load_recipe(TINY_RECIPE)
-    tokenizer = load_tokenizer(config.model)
-    eval_set = prepare_eval_set(config.eval.datasets[0], tokenizer, config.eval.seqlen, config.eval.split, 2,
-                                config.data_dir)
-    model = probe.runner.load_model(config.model, vocab_size=len(tokenizer), seed=config.seed)
-    full = evaluate_sets(model, [eval_set], "cpu")[0]["ppl"]
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
-    first_two = evaluate_sets(model, [eval_set], "cpu")[0]["ppl"]
+    full, first_two = _full_precision_perplexities(probe, slice(0, 2))
     assert abs(first_two / full - 1) > 0.01, (first_two, full)
     assert abs(probed / full - 1) < 0.005, (probed, full)
 
@@ -72,10 +78,6 @@ def test_probe_from_a_later_block_runs_the_blocks_before_it_in_full_precision(
     """``--from-block 1``: blocks 1-2 probed, block 0 run in full precision in front of them from the
     embedding's hook, block 3 put back after them. With 8-bit round-to-nearest on the probed blocks the
     model scores within 0.5 % of the whole FP model; without the prefix (blocks 1-3 alone) it would not."""
-    from cbq_lightning.evaluation.perplexity import evaluate_sets, prepare_eval_set
-    from cbq_lightning.models.loading import load_tokenizer
-    from tests.conftest import load_recipe
-
     probe = _probe()
     code = probe.main(["2", "--from-block", "1", "--ppl-windows", "2", "--config", str(TINY_RECIPE),
                        "--output_dir", str(tmp_path), "--method", "rtn", "--quant.scheme", "W8A16",
@@ -87,14 +89,6 @@ def test_probe_from_a_later_block_runs_the_blocks_before_it_in_full_precision(
     assert "final relative error after block 3" in out
     line = [x for x in out.splitlines() if x.startswith("held-out perplexity, blocks 1-2 quantized")][0]
     probed = float(line.rsplit(":", 1)[1])
-    config = load_recipe(TINY_RECIPE)
-    tokenizer = load_tokenizer(config.model)
-    eval_set = prepare_eval_set(config.eval.datasets[0], tokenizer, config.eval.seqlen, config.eval.split, 2,
-                                config.data_dir)
-    model = probe.runner.load_model(config.model, vocab_size=len(tokenizer), seed=config.seed)
-    full = evaluate_sets(model, [eval_set], "cpu")[0]["ppl"]
-    model.model.layers = model.model.layers[1:]
-    model.config.num_hidden_layers = len(model.model.layers)
-    without_prefix = evaluate_sets(model, [eval_set], "cpu")[0]["ppl"]
+    full, without_prefix = _full_precision_perplexities(probe, slice(1, None))
     assert abs(without_prefix / full - 1) > 0.01, (without_prefix, full)
     assert abs(probed / full - 1) < 0.005, (probed, full)
