@@ -24,6 +24,7 @@ from cbq_lightning.quant.rounding import (
     rectified_sigmoid,
 )
 from cbq_lightning.quant.scheme import QuantScheme
+from cbq_lightning.quant.weight_quantizer import ClipSearch
 
 
 def make_linear(out_features: int = 8, in_features: int = 16, seed: int = 0) -> nn.Linear:
@@ -549,7 +550,7 @@ def test_column_scale_multiplies_the_low_rank_term_only() -> None:
 def test_column_scale_is_built_from_the_layers_input_moments() -> None:
     """QuantLinear with ``rounding.column_scale`` keeps ``c`` from its inputs' E[x^2] as a buffer (saved and
     restored with the block), and the layer asks the run for input moments even without an activation-aware
-    clip search; the clip search itself stays moment-free then."""
+    clip search."""
     config = LayerQuantConfig(scheme=QuantScheme(w_bits=3, group_size=8),
                               rounding=RoundingConfig(rank=2, column_scale=1.0, forward="hardened"))
     assert config.needs_input_moments and not config.activation_aware
@@ -558,3 +559,28 @@ def test_column_scale_is_built_from_the_layers_input_moments() -> None:
     layer = QuantLinear(make_linear(8, 16), config, torch.Generator().manual_seed(0), input_moments=moments)
     torch.testing.assert_close(layer.rounding.column_scale, column_scale_from_moments(moments, 1.0).reshape(1, -1))
     assert "rounding.column_scale" in layer.state_dict()
+
+
+def test_column_scale_moments_do_not_reach_a_weight_error_clip_search() -> None:
+    """The moments collected for the column scale are not the clip search's to use when it is not
+    activation-aware: with a massive input feature on an outlier weight (which an activation-aware search keeps
+    unclipped), the non-aware search sets the same clipping with or without the moments."""
+    generator = torch.Generator().manual_seed(0)
+    linear = nn.Linear(64, 4, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.rand(4, 64, generator=generator) * 2 - 1)
+        linear.weight[:, 0] = 8.0
+    moments = torch.ones(64)
+    moments[0] = 1e4
+
+    def clip_logit(activation_aware: bool, column_scale: float, layer_moments: torch.Tensor | None) -> torch.Tensor:
+        config = LayerQuantConfig(
+            scheme=QuantScheme(w_bits=3, group_size=64), rounding=RoundingConfig(rank=1, column_scale=column_scale),
+            clip_search=ClipSearch(min_ratio=0.2, steps=41, norm=2.0, activation_aware=activation_aware),
+        )
+        layer = QuantLinear(linear, config, torch.Generator().manual_seed(0), input_moments=layer_moments)
+        return layer.quantizer.upper_logit.detach().clone()
+
+    weight_error = clip_logit(False, 1.0, moments)
+    assert torch.equal(weight_error, clip_logit(False, 0.0, None))
+    assert not torch.equal(weight_error, clip_logit(True, 1.0, moments)), "the moments would change the search"
