@@ -36,7 +36,7 @@ from torch import nn
 
 from cbq_lightning.distributed import all_reduce_
 from cbq_lightning.errors import ConfigError
-from cbq_lightning.models.adapter import DecoderAdapter, observe_linear_inputs
+from cbq_lightning.models.adapter import LLAMA_PAIRS, DecoderAdapter, ScalingPairs, observe_linear_inputs
 from cbq_lightning.quant.input_moments import InputMoments
 
 #: IQR of a standard normal distribution: IQR / this is a robust estimate of the standard deviation
@@ -200,26 +200,36 @@ def channel_scales(channel_max: torch.Tensor, alpha: float, lambda1: float = 1.5
 
 
 @torch.no_grad()
-def fold_linear_channel_scales(producer: nn.Linear, consumer: nn.Linear, scales: torch.Tensor) -> None:
+def fold_linear_channel_scales(
+    producer: nn.Linear, consumer: nn.Linear, scales: torch.Tensor, producer_half: int | None = None
+) -> None:
     """Divide the producer's output rows (and bias) by ``scales`` and multiply the consumer's input columns.
 
-    Exact whenever the consumer's input channel ``c`` is the producer's output ``c`` times something that
-    does not depend on it (the gated MLP's ``act(gate(x)) * up(x)``).
+    Exact whenever the consumer's input channel ``c`` is the producer's output ``c`` through something that
+    commutes with a positive scale: the gated MLP's ``act(gate(x)) * up(x)``, or OPT's ``relu``. With
+    ``producer_half`` the producer is a fused ``[gate; up]`` projection (Phi-3) and only that half of its rows
+    (0 or 1) feeds the consumer.
     """
-    producer.weight.div_(scales.to(producer.weight).unsqueeze(1))
+    rows = slice(None)
+    if producer_half is not None:
+        half = producer.out_features // 2
+        rows = slice(producer_half * half, (producer_half + 1) * half)
+    producer.weight[rows] /= scales.to(producer.weight).unsqueeze(1)
     if producer.bias is not None:
-        producer.bias.div_(scales.to(producer.bias))
+        producer.bias[rows] /= scales.to(producer.bias)
     consumer.weight.mul_(scales.to(consumer.weight).unsqueeze(0))
 
 
 @torch.no_grad()
-def fold_channel_scales(norm: nn.Module, linears: list[nn.Linear], scales: torch.Tensor) -> None:
-    """Divide the norm's weight (and bias) by ``scales`` and multiply the linears' input columns by them.
+def fold_channel_scales(norm: nn.Module, linears: list[nn.Linear], scales: torch.Tensor, norm_offset: float = 0.0) -> None:
+    """Divide the norm's output channels by ``scales`` and multiply the linears' input columns by them.
 
     ``linear(norm(x))`` is unchanged: the norm's output channel ``c`` shrinks by ``s_c`` and every weight that
-    reads it grows by ``s_c``.
+    reads it grows by ``s_c``. A norm computes ``x_hat * (norm_offset + w) + b`` (Gemma's RMSNorm has offset
+    1), so its weight becomes ``(norm_offset + w) / s - norm_offset`` and its bias ``b / s``.
     """
-    norm.weight.div_(scales.to(norm.weight))
+    scales = scales.to(norm.weight)
+    norm.weight.copy_((norm.weight + norm_offset) / scales - norm_offset)
     if getattr(norm, "bias", None) is not None:
         norm.bias.div_(scales.to(norm.bias))
     for linear in linears:
@@ -237,6 +247,7 @@ class CoarseToFinePreprocessor:
         config: CFP settings.
         scale_activations: apply the activation part (the run quantizes activations and ``cfp.activations``).
         batch_size: sequences per forward when gathering statistics.
+        pairs: the model family's exact scaling pairs; the LLaMA layout by default (the tiny model's).
     """
 
     def __init__(
@@ -245,6 +256,7 @@ class CoarseToFinePreprocessor:
         scale_activations: bool,
         batch_size: int = 8,
         rtn: Callable[[int, str, torch.Tensor], torch.Tensor] | None = None,
+        pairs: ScalingPairs = LLAMA_PAIRS,
     ) -> None:
         if config.weights and config.truncation == "judged" and rtn is None:
             raise ValueError("judged weight truncation needs the run's round-to-nearest quantizer (rtn)")
@@ -253,6 +265,8 @@ class CoarseToFinePreprocessor:
         self.batch_size = batch_size
         #: ``rtn(block index, linear name, weight)``: the weight fake-quantized to nearest on its grid
         self.rtn = rtn
+        #: the model family's exact scaling pairs (``DecoderAdapter.scaling_pairs``)
+        self.pairs = pairs
         #: outlier channels found per block and norm (indices), for inspection and tests
         self.outlier_channels: dict[int, dict[str, list[int]]] = {}
 
@@ -316,8 +330,8 @@ class CoarseToFinePreprocessor:
     def _scale_activations(
         self, index: int, block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]
     ) -> dict[str, float]:
-        pairs = DecoderAdapter.norm_linear_pairs(block)
-        mlp_pairs = DecoderAdapter.linear_linear_pairs(block) if self.config.mlp else []
+        pairs = self.pairs.norm_pairs(block)
+        mlp_pairs = self.pairs.linear_pairs(block) if self.config.mlp else []
         maxima: dict[str, torch.Tensor] = {}
 
         def record(name: str, x: torch.Tensor) -> None:
@@ -327,7 +341,7 @@ class CoarseToFinePreprocessor:
         # the first linear of a pair sees exactly the norm's output; the down projection's input does not
         # change when the norm pairs are folded (those foldings are exact), so one pass observes everything
         observed = [(norm_name, linears[0]) for norm_name, _, linears in pairs]
-        observed += [(name, consumer) for name, _, consumer in mlp_pairs]
+        observed += [(name, consumer) for name, _, consumer, _ in mlp_pairs]
         observe_linear_inputs(block, observed, inputs[: self.max_samples], kwargs, self.batch_size, record)
         stats: dict[str, float] = {}
         found: dict[str, list[int]] = {}
@@ -343,8 +357,8 @@ class CoarseToFinePreprocessor:
             return scales
 
         for norm_name, norm, linears in pairs:
-            fold_channel_scales(norm, linears, scales_for(norm_name).to(norm.weight.device))
-        for name, producer, consumer in mlp_pairs:
-            fold_linear_channel_scales(producer, consumer, scales_for(name).to(consumer.weight.device))
+            fold_channel_scales(norm, linears, scales_for(norm_name).to(norm.weight.device), self.pairs.norm_offset)
+        for name, producer, consumer, half in mlp_pairs:
+            fold_linear_channel_scales(producer, consumer, scales_for(name).to(consumer.weight.device), half)
         self.outlier_channels[index] = found
         return stats

@@ -553,7 +553,7 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: dict[str, Any], 
     )
     cfp = CoarseToFinePreprocessor(
         config.cfp, scale_activations=config.cfp.activations and act is not None,
-        batch_size=config.train.forward_batch_size, rtn=quantizer.round_to_nearest,
+        batch_size=config.train.forward_batch_size, rtn=quantizer.round_to_nearest, pairs=job.adapter.scaling_pairs,
     )
     # CFP first: the clip search's moments must describe the inputs the quantized linears will see
     preprocessors = [p for p in (cfp if cfp.active else None, moments) if p is not None]
@@ -655,6 +655,8 @@ def _report(
             "name_or_path": config.model.name_or_path,
             "model_type": job.adapter.model_type,
             "num_blocks": job.adapter.num_blocks,
+            # where CFP's channel scaling can fold exactly in this family, and what it cannot
+            "scaling_pairs": job.adapter.scaling_pairs.describe(),
         },
         "calibration": {
             "source": config.data.source,

@@ -10,29 +10,24 @@ per architecture - so supporting a new LLaMA-like family is a one-line change to
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from cbq_lightning.errors import ModelSourceError
-
-#: model types whose decoder layers are called as ``layer(hidden, **kwargs)`` with rotary embeddings
-#: passed in, and whose block linears are q/k/v/o + gate/up/down
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-#: (norm, linears it feeds) in a decoder layer of the supported types: where a per-channel scale can be
-#: folded exactly, since their norms compute ``weight * normalized(x)`` (RMSNorm) and the linears read
-#: nothing else
-NORM_LINEAR_PAIRS = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+from cbq_lightning.models.families import (
+    SUPPORTED_MODEL_TYPES,
+    FamilyLayout,
+    LinearPair,
+    LogitTransform,
+    NormPair,
+    family_for,
+    norm_pairs,
 )
 
-#: (producer, consumer) linears of a decoder layer where the consumer reads the producer's output through
-#: an elementwise product only: in the gated MLP ``down(act(gate(x)) * up(x))`` scaling up's output row c
-#: by ``1/s_c`` and down's input column c by ``s_c`` is exact, so CFP can fold channel scales there too
-LINEAR_LINEAR_PAIRS = (("mlp.up_proj", "mlp.down_proj"),)
+__all__ = ["SUPPORTED_MODEL_TYPES", "DecoderAdapter", "ScalingPairs", "check_model_type"]
 
 #: keyword arguments of a block call that must not be replayed (KV caches, output flags)
 _DROPPED_KWARGS = ("past_key_value", "past_key_values", "use_cache", "output_attentions")
@@ -44,8 +39,8 @@ def _pair_modules(block: nn.Module, names: tuple[str, ...], switch: str) -> list
         return [block.get_submodule(name) for name in names]
     except AttributeError as error:
         raise ModelSourceError(
-            f"block has no {' -> '.join(names)} pair ({error}): CFP's channel scaling needs the LLaMA-family "
-            f"layout; set {switch}=false for this model."
+            f"block has no {' -> '.join(names)} pair ({error}): the model does not have its family's declared "
+            f"layout (cbq_lightning/models/families.py); set {switch}=false for this model."
         ) from error
 
 
@@ -54,13 +49,8 @@ class _StopForward(Exception):
 
 
 def check_model_type(model_type: str) -> None:
-    """Refuse architectures the adapter has not been validated on, naming the type and the options."""
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelSourceError(
-            f"model type {model_type!r} is not supported yet: cbq-lightning handles "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (LLaMA-family decoders). "
-            "Use a model of one of these types or open an issue for this architecture."
-        )
+    """Refuse architectures no family layout covers, naming the type, the reason and the supported types."""
+    family_for(model_type)
 
 
 def block_output(output: Any) -> torch.Tensor:
@@ -146,28 +136,91 @@ def observe_linear_inputs(
             handle.remove()
 
 
+@dataclass(frozen=True)
+class ScalingPairs:
+    """The exact per-channel scaling pairs of one model's blocks (CFP's activation part; rotations later).
+
+    Why a separate object: CFP runs on a single block and must not guess the layout from module names; the
+    adapter resolves the family once (and the config switches that remove pairs) and hands this over.
+    """
+
+    norms: tuple[NormPair, ...]
+    linears: tuple[LinearPair, ...]
+    norm_offset: float = 0.0
+    #: what has no exact pair in this layout, and why (report.json states it)
+    not_folded: tuple[str, ...] = ()
+
+    def norm_pairs(self, block: nn.Module) -> list[tuple[str, nn.Module, list[nn.Linear]]]:
+        """``(norm name, norm, [linears reading its output])`` of a block."""
+        pairs = []
+        for pair in self.norms:
+            norm, *linears = _pair_modules(block, (pair.norm, *pair.linears), "cfp.activations")
+            pairs.append((pair.norm, norm, linears))
+        return pairs
+
+    def linear_pairs(self, block: nn.Module) -> list[tuple[str, nn.Linear, nn.Linear, int | None]]:
+        """``(consumer name, producer, consumer, producer half)`` of a block, for scaling inside the MLP."""
+        pairs = []
+        for pair in self.linears:
+            producer, consumer = _pair_modules(block, (pair.producer, pair.consumer), "cfp.mlp")
+            pairs.append((pair.consumer, producer, consumer, pair.producer_half))
+        return pairs
+
+    def describe(self) -> dict[str, Any]:
+        """The pairs as report.json lists them."""
+        return {
+            "norm_pairs": {pair.norm: list(pair.linears) for pair in self.norms},
+            "linear_pairs": {pair.consumer: pair.producer for pair in self.linears},
+            "not_folded": list(self.not_folded),
+        }
+
+
+#: the LLaMA layout's pairs (the tiny model's): for tests and tools that build a block by hand
+LLAMA_PAIRS = ScalingPairs(family_for("llama").norm_pairs, family_for("llama").linear_pairs)
+
+
 class DecoderAdapter:
-    """Access to the transformer blocks of a Hugging Face causal LM."""
+    """Access to the transformer blocks of a Hugging Face causal LM, through its family's layout."""
 
     def __init__(self, model: nn.Module) -> None:
-        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        check_model_type(model_type)
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", type(model).__name__)
+        self.family: FamilyLayout = family_for(model_type)
         self.model = model
         self.model_type = model_type
-        self.blocks: nn.ModuleList = model.model.layers
+        self.blocks: nn.ModuleList = model.get_submodule(self.family.blocks)
+        pairs = norm_pairs(self.family, config)
+        not_folded = self.family.not_folded
+        if len(pairs) < len(self.family.norm_pairs):
+            not_folded += (f"norm -> linear: this {model_type} config normalises after each sub-layer "
+                           f"({self.family.pre_norm} is false)",)
+        self.scaling_pairs = ScalingPairs(pairs, self.family.linear_pairs, self.family.norm_offset, not_folded)
 
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
 
     def output_head(self) -> nn.Module:
-        """The final norm and the LM head, as one frozen module mapping last-block hidden states to logits.
+        """The final norm, anything between it and the LM head, the LM head and the family's logit transform,
+        as one frozen module mapping last-block hidden states to the logits the model returns.
 
         Why: the last window can then be trained on what perplexity measures (the next-token distribution)
         rather than on a proxy of it. The modules are the model's own (the head may be tied to the
         embedding), so nothing is copied.
         """
-        return nn.Sequential(self.model.model.norm, self.model.get_output_embeddings())
+        stages = [self.model.get_submodule(self.family.final_norm)]
+        for path in self.family.after_norm:
+            parent, _, leaf = path.rpartition(".")
+            module = getattr(self.model.get_submodule(parent), leaf, None)
+            if module is not None:
+                stages.append(module)
+        stages.append(self.model.get_output_embeddings())
+        config = self.model.config
+        softcap = getattr(config, self.family.logit_softcap, None) if self.family.logit_softcap else None
+        divisor = getattr(config, self.family.logits_divisor, None) if self.family.logits_divisor else None
+        if softcap is not None or divisor is not None:
+            stages.append(LogitTransform(softcap, divisor))
+        return nn.Sequential(*stages)
 
     @staticmethod
     def block_linears(block: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
@@ -175,24 +228,6 @@ class DecoderAdapter:
         for name, module in block.named_modules():
             if isinstance(module, nn.Linear):
                 yield name, module
-
-    @staticmethod
-    def norm_linear_pairs(block: nn.Module) -> list[tuple[str, nn.Module, list[nn.Linear]]]:
-        """``(norm name, norm, [linears reading its output])`` of a block, for CFP's channel scaling."""
-        pairs = []
-        for norm_name, linear_names in NORM_LINEAR_PAIRS:
-            norm, *linears = _pair_modules(block, (norm_name, *linear_names), "cfp.activations")
-            pairs.append((norm_name, norm, linears))
-        return pairs
-
-    @staticmethod
-    def linear_linear_pairs(block: nn.Module) -> list[tuple[str, nn.Linear, nn.Linear]]:
-        """``(consumer name, producer, consumer)`` of a block, for CFP's channel scaling inside the MLP."""
-        pairs = []
-        for producer_name, consumer_name in LINEAR_LINEAR_PAIRS:
-            producer, consumer = _pair_modules(block, (producer_name, consumer_name), "cfp.mlp")
-            pairs.append((consumer_name, producer, consumer))
-        return pairs
 
     @staticmethod
     def replace_linears(block: nn.Module, factory: Callable[[str, nn.Linear], nn.Module]) -> None:
@@ -206,30 +241,70 @@ class DecoderAdapter:
     def capture_block_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """Inputs of block 0 for every calibration sequence, plus the kwargs blocks are called with.
 
-        This runs where the model is (CPU for big models: only the embedding and the rotary tables are
-        evaluated before the hook stops the forward). Sequences are run one at a time, so the captured kwargs have batch dimension 1 and broadcast over
-        any batch of same-length sequences (no padding: calibration samples all have the same length).
+        This runs where the model is (CPU for big models: after the first sequence only the embedding and the
+        rotary tables are evaluated before the hook stops the forward). Sequences are run one at a time, so
+        the captured kwargs have batch dimension 1 and broadcast over any batch of same-length sequences (no
+        padding: calibration samples all have the same length). The first sequence runs through every block
+        to check that all blocks are called with the same kwargs: models with local and global attention
+        layers (Gemma 2/3, Qwen2 with ``use_sliding_window``) pass each kind its own mask or rotary tables,
+        and replaying block 0's would silently train the others on the wrong attention.
         Returns ``(hidden [N, T, H] on CPU, kwargs on CPU)``.
         """
-        captured: dict[str, Any] = {}
-
-        def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            captured["hidden"] = hidden.detach()
-            if "kwargs" not in captured:
-                captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
-            raise _StopForward
-
         device = self.model.get_input_embeddings().weight.device
-        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-        hiddens = []
+        hiddens, kwargs = [], None
+        for index, row in enumerate(input_ids):
+            hidden, kwargs = self._run_to_blocks(row.unsqueeze(0).to(device), check_all=index == 0)
+            hiddens.append(hidden.to("cpu"))
+        assert kwargs is not None, "no calibration sequence"
+        return torch.cat(hiddens), kwargs_to(kwargs, "cpu")
+
+    def _run_to_blocks(self, ids: torch.Tensor, check_all: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Block 0's input and kwargs for one sequence; with ``check_all``, also every other block's kwargs,
+        which must equal block 0's."""
+        captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
+        last = len(self.blocks) - 1 if check_all else 0
+
+        def hook_for(index: int) -> Callable[..., None]:
+            def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                replayed = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS and k != "hidden_states"}
+                captured.append((hidden.detach(), replayed))
+                if index == last:
+                    raise _StopForward
+
+            return hook
+
+        handles = [block.register_forward_pre_hook(hook_for(i), with_kwargs=True)
+                   for i, block in enumerate(self.blocks) if i <= last]
         try:
-            for row in input_ids:
-                try:
-                    self.model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
-                except _StopForward:
-                    pass
-                hiddens.append(captured["hidden"].to("cpu"))
+            self.model(input_ids=ids, use_cache=False)
+        except _StopForward:
+            pass
         finally:
-            handle.remove()
-        return torch.cat(hiddens), kwargs_to(captured["kwargs"], "cpu")
+            for handle in handles:
+                handle.remove()
+        for index, (_, kwargs) in enumerate(captured[1:], start=1):
+            key = _first_difference(captured[0][1], kwargs)
+            if key is not None:
+                raise ModelSourceError(
+                    f"{self.model_type} calls block {index} with a different {key!r} than block 0 (local and global "
+                    "attention layers, as in Gemma 2/3 or Qwen2 with use_sliding_window): per-block attention inputs "
+                    "are not supported yet; use a model whose blocks all attend alike."
+                )
+        return captured[0]
+
+
+def _first_difference(reference: dict[str, Any], other: dict[str, Any]) -> str | None:
+    """The first kwarg whose value differs between two block calls (tensors compared exactly), or None."""
+
+    def same(a: Any, b: Any) -> bool:
+        if torch.is_tensor(a) or torch.is_tensor(b):
+            return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and bool(torch.equal(a, b))
+        if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+        return a is b or a == b
+
+    for key in sorted(set(reference) | set(other)):
+        if key not in reference or key not in other or not same(reference[key], other[key]):
+            return key
+    return None

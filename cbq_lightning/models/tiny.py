@@ -1,27 +1,41 @@
-"""A tiny randomly initialised LLaMA and a byte-level tokenizer, both built offline.
+"""Tiny randomly initialised decoders of every supported family and a byte-level tokenizer, built offline.
 
 Used by the tests and the ``tiny`` recipe: the whole pipeline (capture, windows, training, export,
-reload with transformers) runs on it in seconds on a CPU, with no download.
+reload with transformers) runs on them in seconds on a CPU, with no download. ``tiny-llama`` is the
+default; ``tiny-<model type>`` (``tiny-gemma2``, ``tiny-opt``...) builds the same shape in another family
+from transformers' own config class, so each family's real modelling code runs.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from cbq_lightning.errors import ConfigError
+from cbq_lightning.models.families import family_for
 
 TINY_MODEL_NAME = "tiny-llama"
+#: ``tiny-<model type>`` names a tiny model of that family
+TINY_PREFIX = "tiny-"
 EOS_TOKEN = "<|endoftext|>"
 
 
 @dataclass
 class TinyModelConfig:
-    """Shape of the tiny model (used only when ``model.name_or_path`` is ``tiny-llama``)."""
+    """Shape of the tiny model (used only when ``model.name_or_path`` is ``tiny-<model type>``)."""
 
     hidden_size: int = 64
     num_layers: int = 4
@@ -60,6 +74,41 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN)
+
+
+def tiny_model_type(name: str) -> str | None:
+    """The model type a ``tiny-<model type>`` name asks for, or None for any other name."""
+    return name[len(TINY_PREFIX):] if name.startswith(TINY_PREFIX) else None
+
+
+def _family_config(model_type: str, config: TinyModelConfig, vocab_size: int) -> PretrainedConfig:
+    """transformers' config of ``model_type`` at the tiny shape; the keys each family spells differently."""
+    eos = vocab_size - 1
+    shape: dict[str, Any] = {
+        "vocab_size": vocab_size, "hidden_size": config.hidden_size, "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads, "max_position_embeddings": 4096,
+        "initializer_range": config.init_std, "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos,
+    }
+    if model_type == "opt":  # OPT: one head count, ffn_dim, its own embedding width; biased LayerNorms
+        shape.update(ffn_dim=config.intermediate_size, word_embed_proj_dim=config.hidden_size, init_std=config.init_std)
+        shape.pop("initializer_range")
+    else:
+        shape.update(intermediate_size=config.intermediate_size, num_key_value_heads=config.num_kv_heads,
+                     head_dim=config.hidden_size // config.num_heads)
+    return AutoConfig.for_model(model_type, **shape)
+
+
+def build_tiny_model(model_type: str, config: TinyModelConfig, vocab_size: int, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised causal LM of ``model_type`` with the given shape, deterministic in ``seed``."""
+    if model_type == "llama":
+        return build_tiny_llama(config, vocab_size, seed)
+    family_for(model_type)  # a clear refusal for a type no layout covers
+    hf_config = _family_config(model_type, config, vocab_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config)
+    return model.eval()
 
 
 def build_tiny_llama(config: TinyModelConfig, vocab_size: int, seed: int = 0) -> LlamaForCausalLM:

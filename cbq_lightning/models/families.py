@@ -1,0 +1,167 @@
+"""Where each supported decoder family keeps its blocks, its final norm, and its exact scaling pairs.
+
+Everything CBQ does to a block is generic (it finds the ``nn.Linear`` modules and replays the block call
+with the kwargs the model itself passed); what is *not* generic is knowing which norm feeds which linears,
+which linear feeds which through an elementwise product only, and how each norm applies its weight. Those
+facts decide whether CFP's channel scaling (and later rotations) can be folded into the weights exactly, so
+they are declared here, one small table entry per family, and checked against the model on use: a pair
+whose modules are missing is an error naming the switch that avoids it, never a silent skip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from cbq_lightning.errors import ModelSourceError
+
+
+@dataclass(frozen=True)
+class NormPair:
+    """A norm whose output only the listed linears read: a per-channel scale folds into the norm exactly."""
+
+    norm: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LinearPair:
+    """A producer linear whose output channels the consumer reads through elementwise operations that commute
+    with a positive per-channel scale (a gate product, or a ReLU: ``relu(z / s) = relu(z) / s`` for ``s > 0``).
+
+    ``producer_half``: the producer is a fused ``[gate; up]`` projection (Phi-3's ``gate_up_proj``) and only
+    its second half of output rows (``up``) is the consumer's input; ``None``: all rows.
+    """
+
+    producer: str
+    consumer: str
+    producer_half: int | None = None
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    """One decoder family's layout as CBQ needs it.
+
+    Attributes:
+        model_types: the ``config.model_type`` values it covers.
+        blocks: dotted path of the ``nn.ModuleList`` of decoder blocks in the causal LM.
+        final_norm: dotted path of the norm after the last block.
+        after_norm: dotted paths of modules between the final norm and the LM head (OPT's ``project_out``).
+        norm_offset: the norm multiplies by ``norm_offset + weight`` (Gemma: 1), so a fold must keep that sum.
+        norm_pairs / linear_pairs: the exact scaling pairs of a block (empty where the family has none).
+        not_folded: what has no exact pair in this layout, and why (stated in ``report.json``).
+        logit_softcap: config attribute of a ``tanh`` soft-cap on the logits (Gemma 2), or None.
+        pre_norm: config attribute that must be true for the norm pairs to exist (OPT-350m normalises after
+            each sub-layer, so its norms feed the residual stream, not the linears).
+        logits_divisor: config attribute the logits are divided by (Granite's ``logits_scaling``), or None.
+    """
+
+    model_types: tuple[str, ...]
+    blocks: str = "model.layers"
+    final_norm: str = "model.norm"
+    after_norm: tuple[str, ...] = ()
+    norm_offset: float = 0.0
+    norm_pairs: tuple[NormPair, ...] = ()
+    linear_pairs: tuple[LinearPair, ...] = ()
+    not_folded: tuple[str, ...] = ()
+    logit_softcap: str | None = None
+    pre_norm: str | None = None
+    logits_divisor: str | None = None
+
+
+_LLAMA_NORMS = (
+    NormPair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    NormPair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+)
+_GATED_MLP = (LinearPair("mlp.up_proj", "mlp.down_proj"),)
+_GEMMA_NORMS = (
+    NormPair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    NormPair("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+)
+
+#: the families CBQ has been checked on, in the order the README lists them
+FAMILIES: tuple[FamilyLayout, ...] = (
+    # LLaMA layout: pre-norm RMSNorm before attention and the gated MLP. Granite adds scalar multipliers
+    # inside the block and on the logits; they act on whole tensors, so the pairs stay exact.
+    FamilyLayout(("llama", "mistral", "qwen2", "qwen3"), norm_pairs=_LLAMA_NORMS, linear_pairs=_GATED_MLP),
+    FamilyLayout(("granite",), norm_pairs=_LLAMA_NORMS, linear_pairs=_GATED_MLP, logits_divisor="logits_scaling"),
+    # Gemma 2 / 3: RMSNorm computes x_hat * (1 + weight); a norm before and after each sub-layer (the "post"
+    # norms act on the sub-layer's output, which feeds the residual stream, not a linear)
+    FamilyLayout(
+        ("gemma2", "gemma3_text"), norm_offset=1.0, norm_pairs=_GEMMA_NORMS, linear_pairs=_GATED_MLP,
+        not_folded=("post_attention_layernorm, post_feedforward_layernorm: they normalise sub-layer outputs",),
+        logit_softcap="final_logit_softcapping",
+    ),
+    # Phi-3: fused qkv_proj and gate_up_proj ([gate; up] rows)
+    FamilyLayout(
+        ("phi3",),
+        norm_pairs=(NormPair("input_layernorm", ("self_attn.qkv_proj",)),
+                    NormPair("post_attention_layernorm", ("mlp.gate_up_proj",))),
+        linear_pairs=(LinearPair("mlp.gate_up_proj", "mlp.down_proj", producer_half=1),),
+    ),
+    # OLMo 2: RMSNorm only after each sub-layer (and QK-norm over the whole projection): no norm feeds a linear
+    FamilyLayout(
+        ("olmo2",), linear_pairs=_GATED_MLP,
+        not_folded=("norm -> linear: OLMo 2 normalises sub-layer outputs only (no pre-norm)",),
+    ),
+    # OPT: LayerNorm with bias (folding divides both), biased fc1 -> ReLU -> fc2
+    FamilyLayout(
+        ("opt",), blocks="model.decoder.layers", final_norm="model.decoder.final_layer_norm",
+        after_norm=("model.decoder.project_out",),
+        norm_pairs=(NormPair("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                    NormPair("final_layer_norm", ("fc1",))),
+        linear_pairs=(LinearPair("fc1", "fc2"),),
+        pre_norm="do_layer_norm_before",
+    ),
+)
+
+#: every model type some family covers
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for family in FAMILIES for t in family.model_types)
+
+#: what is refused, and why, for the types users ask for most (the generic message covers the rest)
+_REFUSED = {
+    "qwen2_moe": "mixture-of-experts blocks (fused 3-D expert weights) are not quantized yet",
+    "qwen3_moe": "mixture-of-experts blocks (fused 3-D expert weights) are not quantized yet",
+    "mixtral": "mixture-of-experts blocks (fused 3-D expert weights) are not quantized yet",
+    "gemma3": "this is Gemma 3's multimodal wrapper; load its text model (model type gemma3_text)",
+}
+
+
+def family_for(model_type: str) -> FamilyLayout:
+    """The layout of ``model_type``, or a one-line error naming what is missing and what is supported."""
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    reason = _REFUSED.get(model_type, "its block layout has not been checked")
+    raise ModelSourceError(
+        f"model type {model_type!r} is not supported yet ({reason}): cbq-lightning handles "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}. Use a model of one of these types or open an issue for it."
+    )
+
+
+def norm_pairs(family: FamilyLayout, config: Any) -> tuple[NormPair, ...]:
+    """The family's norm pairs for this model config (none where the config normalises after sub-layers)."""
+    if family.pre_norm is not None and not getattr(config, family.pre_norm, True):
+        return ()
+    return family.norm_pairs
+
+
+class LogitTransform(nn.Module):
+    """What a family's causal LM does to the LM head's output before it is a distribution: Gemma 2's soft-cap
+    ``cap * tanh(logits / cap)`` and Granite's division by ``logits_scaling``. The output head must apply it,
+    or the last window's next-token KL would match logits the model never produces."""
+
+    def __init__(self, softcap: float | None, divisor: float | None) -> None:
+        super().__init__()
+        self.softcap = softcap
+        self.divisor = divisor
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.divisor is not None:
+            logits = logits / self.divisor
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
