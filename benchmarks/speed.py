@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     window = Window(index=0, blocks=tuple(range(args.window)), finalized=(0,))
     timer = StepTimer(device)
     callback = CrossBlockCallback(state, device)
-    module = WindowModule(list(adapter.blocks), window, kwargs, LossConfig(), rounding, OptimConfig(batch_size=args.batch))
+    module = WindowModule(list(adapter.blocks), window, kwargs.for_blocks(range(len(adapter.blocks))), LossConfig(), rounding, OptimConfig(batch_size=args.batch))
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     # the window's entry as the callback does it - quantize the blocks, cache Y_fp and Y_h (two teacher

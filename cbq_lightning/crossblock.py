@@ -13,7 +13,7 @@ targets always come from the *original* full-precision blocks, and at most K cop
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from torch import nn
 
 from cbq_lightning.cache import TensorStore
 from cbq_lightning.distributed import all_reduce_
-from cbq_lightning.models.adapter import run_blocks_batched
+from cbq_lightning.models.adapter import BlockKwargs, run_blocks_batched
 from cbq_lightning.quant.convert import finalize_block
 from cbq_lightning.windows import Window
 
@@ -59,7 +59,7 @@ class CrossBlockState:
     Args:
         blocks: the model's transformer blocks (quantized in place as they enter windows).
         inputs: ``X`` at block 0, ``[N, T, H]`` on CPU (the start of both caches).
-        block_kwargs: keyword arguments every block is called with (CPU tensors).
+        block_kwargs: keyword arguments each block is called with (CPU tensors).
         quantize: ``quantize(block_index, block)`` replaces the block's linears by quantized ones.
         rtn_reference: ``rtn_reference(index, fp_block)`` returns an RTN copy of block ``index``, to track the
             RTN error per block alongside CBQ's; ``None`` switches that monitoring off.
@@ -71,7 +71,7 @@ class CrossBlockState:
 
     blocks: nn.ModuleList
     inputs: torch.Tensor
-    block_kwargs: dict[str, Any]
+    block_kwargs: BlockKwargs
     quantize: Callable[[int, nn.Module], None]
     rtn_reference: Callable[[int, nn.Module], nn.Module] | None = None
     batch_size: int = 8
@@ -109,7 +109,7 @@ class CrossBlockState:
                 inputs = self._quantized_path_inputs(window, index, device)
                 stats: dict[str, float] = {}
                 for preprocess in self.preprocessors:
-                    stats.update(preprocess(index, block, inputs, self.block_kwargs))
+                    stats.update(preprocess(index, block, inputs, self.block_kwargs[index]))
                 self.preprocess_stats[index] = stats
                 if inputs is not self.x_q:
                     self.store.release(inputs)
@@ -118,8 +118,8 @@ class CrossBlockState:
         if not cache_targets or self._targets_for == window.index:
             return entering
         teachers = [self.teachers[index].to(device) for index in window.blocks]
-        self.y_fp = self._run(teachers, self.x_fp, device, "y_fp", self.target_dtype)
-        self.y_h = self._run(teachers, self.x_q, device, "y_h", self.target_dtype)
+        self.y_fp = self._run(teachers, window.blocks, self.x_fp, device, "y_fp", self.target_dtype)
+        self.y_h = self._run(teachers, window.blocks, self.x_q, device, "y_h", self.target_dtype)
         for teacher in teachers:
             teacher.to("cpu")
         self._targets_for = window.index
@@ -130,10 +130,11 @@ class CrossBlockState:
 
         Only as many sequences as the preprocessors read are pushed through the earlier blocks.
         """
-        earlier = [self.blocks[b].to(device) for b in window.blocks if b < index]
-        if not earlier:
+        indices = [b for b in window.blocks if b < index]
+        if not indices:
             return self.x_q
-        return self._run(earlier, self.x_q[: self._preprocess_rows()], device, "x_pre")
+        earlier = [self.blocks[b].to(device) for b in indices]
+        return self._run(earlier, indices, self.x_q[: self._preprocess_rows()], device, "x_pre")
 
     def _preprocess_rows(self) -> int:
         """The most calibration sequences any preprocessor reads (one without a ``max_samples``: all)."""
@@ -143,12 +144,14 @@ class CrossBlockState:
         return max(limits)
 
     def _run(
-        self, blocks: list[nn.Module], hidden: torch.Tensor, device: torch.device | str, name: str,
-        dtype: torch.dtype | None = None,
+        self, blocks: list[nn.Module], indices: Sequence[int], hidden: torch.Tensor, device: torch.device | str,
+        name: str, dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """``blocks(hidden)`` batch by batch into a new cache allocated by the store."""
+        """``blocks(hidden)`` (the model's blocks ``indices``, or their teachers) batch by batch into a new cache
+        allocated by the store."""
         out = self.store.allocate(name, tuple(hidden.shape), dtype or hidden.dtype)
-        return run_blocks_batched(blocks, hidden, self.block_kwargs, device, self.batch_size, out=out)
+        kwargs = self.block_kwargs.for_blocks(indices)
+        return run_blocks_batched(blocks, hidden, kwargs, device, self.batch_size, out=out)
 
     # --- resume ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -203,12 +206,12 @@ class CrossBlockState:
             block = self.blocks[index].to(device)
             finalize_block(block)
             teacher = self.teachers.pop(index).to(device)
-            self.x_q = self._replace(self.x_q, self._run([block], self.x_q, device, "x_q"))
-            self.x_fp = self._replace(self.x_fp, self._run([teacher], self.x_fp, device, "x_fp"))
+            self.x_q = self._replace(self.x_q, self._run([block], [index], self.x_q, device, "x_q"))
+            self.x_fp = self._replace(self.x_fp, self._run([teacher], [index], self.x_fp, device, "x_fp"))
             error = BlockError(block=index, quantized=relative_error(self.x_q, self.x_fp))
             if self.rtn_reference is not None:
                 baseline = self.rtn_reference(index, teacher)
-                self.x_rtn = self._replace(self.x_rtn, self._run([baseline], self.x_rtn, device, "x_rtn"))
+                self.x_rtn = self._replace(self.x_rtn, self._run([baseline], [index], self.x_rtn, device, "x_rtn"))
                 error.rtn = relative_error(self.x_rtn, self.x_fp)
                 del baseline
             block.to("cpu")

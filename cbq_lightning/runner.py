@@ -43,7 +43,7 @@ from cbq_lightning.export.packed import export_run
 from cbq_lightning.export.quant_state import QUANT_STATE_FILE, save_quant_state
 from cbq_lightning.guard import DivergenceError
 from cbq_lightning.io import atomic_write_json, atomic_write_text
-from cbq_lightning.models.adapter import DecoderAdapter
+from cbq_lightning.models.adapter import BlockKwargs, DecoderAdapter
 from cbq_lightning.models.loading import load_model, load_tokenizer
 from cbq_lightning.quant.convert import (
     all_block_linears,
@@ -137,7 +137,7 @@ def _window_module(
     return WindowModule(
         blocks=[state.blocks[i] for i in window.blocks],
         window=window,
-        block_kwargs=state.block_kwargs,
+        block_kwargs=state.block_kwargs.for_blocks(window.blocks),
         loss=config.loss,
         rounding=config.rounding,
         optim=config.train,
@@ -359,7 +359,7 @@ def _layer_bits(
     config: QuantizeConfig,
     adapter: DecoderAdapter,
     inputs: torch.Tensor,
-    block_kwargs: dict[str, Any],
+    block_kwargs: BlockKwargs,
     scheme: QuantScheme,
     clip_search: ClipSearch | None,
     device: torch.device,
@@ -384,7 +384,7 @@ def _layer_bits(
                        for g in groups]
     else:
         layer_bits = {name: int(bits) for name, bits in config.quant.layer_bits.items()}
-        check_layer_bits(layer_bits, list(weights), fused_groups(adapter.blocks[0], inputs, block_kwargs),
+        check_layer_bits(layer_bits, list(weights), fused_groups(adapter.blocks[0], inputs, block_kwargs[0]),
                          adapter.num_blocks)
     full_bits = {name: layer_bits.get(name, scheme.w_bits) for name in weights}
     achieved = average_bits(weights, full_bits)
@@ -530,7 +530,7 @@ class _Built:
     mixed_summary: dict[str, Any] | None
 
 
-def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: dict[str, Any], device: torch.device) -> _Built:
+def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: BlockKwargs, device: torch.device) -> _Built:
     """The block quantizer, CFP, the input statistics and the cross-block state over the captured inputs."""
     config, cbq, scheme = job.config, job.cbq, job.scheme
     learnable_clip = config.quant.learnable_clip and cbq

@@ -37,7 +37,8 @@ class WindowModule(L.LightningModule):
     Args:
         blocks: the window's blocks (their linears are quantized by the cross-block callback at setup).
         window: which blocks these are.
-        block_kwargs: keyword arguments of every block call (attention mask, rotary embeddings...).
+        block_kwargs: keyword arguments of each of the window's block calls, in order (attention mask, rotary
+            tables...; :meth:`BlockKwargs.for_blocks`).
         loss: loss branches and KL weight.
         rounding: regulariser settings.
         optim: learning rates and schedule.
@@ -56,7 +57,7 @@ class WindowModule(L.LightningModule):
         self,
         blocks: list[nn.Module],
         window: Window,
-        block_kwargs: dict[str, Any],
+        block_kwargs: list[dict[str, Any]],
         loss: LossConfig,
         rounding: RoundingConfig,
         optim: OptimConfig,
@@ -79,7 +80,7 @@ class WindowModule(L.LightningModule):
         self._first_loss: float | None = None
         self._start_state: TrainableSnapshot | None = None
         self._block_kwargs_cpu = block_kwargs
-        self._block_kwargs: dict[str, Any] | None = None
+        self._block_kwargs: list[dict[str, Any]] | None = None
         #: soft (training-mode) reconstruction loss, mean over the first and over the last epoch: a single
         #: step's loss depends on which batch it drew and says little about the trend
         self.train_loss_first: float | None = None
@@ -168,10 +169,10 @@ class WindowModule(L.LightningModule):
     # --- forward / loss ------------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._block_kwargs is None or self._kwargs_device != hidden.device:
-            self._block_kwargs = kwargs_to(self._block_kwargs_cpu, hidden.device)
+            self._block_kwargs = [kwargs_to(kwargs, hidden.device) for kwargs in self._block_kwargs_cpu]
             self._kwargs_device = hidden.device
-        for block in self.blocks:
-            hidden = run_block(block, hidden, self._block_kwargs)
+        for block, kwargs in zip(self.blocks, self._block_kwargs, strict=True):
+            hidden = run_block(block, hidden, kwargs)
         return hidden
 
     @property

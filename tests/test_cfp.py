@@ -135,7 +135,7 @@ def _block_with_planted_outliers() -> tuple[nn.Module, torch.Tensor, dict]:
         block.mlp.up_proj.weight[9] *= 80.0  # channel 9 of the down projection's input
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0))
     hidden, kwargs = DecoderAdapter(model).capture_block_inputs(ids)
-    return block, hidden, kwargs
+    return block, hidden, kwargs[0]
 
 
 def test_activation_scaling_keeps_the_block_output_and_finds_the_planted_channels() -> None:

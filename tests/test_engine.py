@@ -43,7 +43,8 @@ def test_captured_inputs_replay_the_model(tiny_model: nn.Module) -> None:
     ids = _ids()
     hidden, kwargs = adapter.capture_block_inputs(ids)
     assert hidden.shape == (6, 32, 64)
-    replayed = run_blocks_batched(list(adapter.blocks), hidden, kwargs, "cpu", batch_size=4)
+    replayed = run_blocks_batched(list(adapter.blocks), hidden, kwargs.for_blocks(range(len(adapter.blocks))), "cpu",
+                                  batch_size=4)
     with torch.no_grad():
         expected = model(ids, output_hidden_states=True).hidden_states[-1]
         torch.testing.assert_close(model.model.norm(replayed), expected, rtol=1e-5, atol=1e-5)
@@ -57,7 +58,7 @@ def test_teachers_are_the_original_blocks(tiny_model: nn.Module) -> None:
     state = CrossBlockState(adapter.blocks, hidden, kwargs, _quantizer, batch_size=4)
     window = window_schedule(4, WindowConfig(2, 1))[0]
     state.enter(window, "cpu")
-    expected = run_blocks_batched(originals[:2], hidden, kwargs, "cpu", 4)
+    expected = run_blocks_batched(originals[:2], hidden, kwargs.for_blocks([0, 1]), "cpu", 4)
     torch.testing.assert_close(state.y_fp, expected)
     torch.testing.assert_close(state.y_h, expected)  # X_q == X_fp before anything is quantized
     assert all(len(list(quant_linears(adapter.blocks[i]))) == 7 for i in (0, 1))
@@ -66,7 +67,7 @@ def test_teachers_are_the_original_blocks(tiny_model: nn.Module) -> None:
     assert len(list(finalized_linears(adapter.blocks[0]))) == 7 and not list(quant_linears(adapter.blocks[0]))
     assert len(list(quant_linears(adapter.blocks[1]))) == 7  # overlap: still calibrating, the next warm start
     assert not list(finalized_linears(adapter.blocks[1]))
-    torch.testing.assert_close(state.x_fp, run_blocks_batched(originals[:1], hidden, kwargs, "cpu", 4))
+    torch.testing.assert_close(state.x_fp, run_blocks_batched(originals[:1], hidden, kwargs[0], "cpu", 4))
     assert not torch.equal(state.x_q, state.x_fp)  # the quantized path has diverged
     assert set(state.teachers) == {1}  # the finalised block's teacher was released
 
@@ -114,7 +115,7 @@ def _window_module(model: nn.Module, quantize, blocks=(0, 1)):
     hidden, kwargs = adapter.capture_block_inputs(_ids())
     state = CrossBlockState(adapter.blocks, hidden, kwargs, quantize, batch_size=4)
     window = window_schedule(4, WindowConfig(2, 1))[0]
-    module = WindowModule([adapter.blocks[i] for i in blocks], window, kwargs, LossConfig(), RoundingConfig(),
+    module = WindowModule([adapter.blocks[i] for i in blocks], window, kwargs.for_blocks(blocks), LossConfig(), RoundingConfig(),
                           OptimConfig(epochs=1, batch_size=3))
     return state, window, module
 
@@ -201,7 +202,7 @@ def test_preprocessing_hook_sees_each_block_once_before_quantization(tiny_model:
     for window in window_schedule(4, WindowConfig(2, 1)):
         state.enter(window, "cpu")
         if window.index == 0:
-            quantized_block0 = run_blocks_batched([adapter.blocks[0]], hidden, kwargs, "cpu", 4)
+            quantized_block0 = run_blocks_batched([adapter.blocks[0]], hidden, kwargs[0], "cpu", 4)
         state.leave(window, "cpu")
     assert [index for index, _, _ in calls] == [0, 1, 2, 3]
     assert not any(already_quantized for _, already_quantized, _ in calls)

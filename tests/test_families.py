@@ -12,12 +12,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from cbq_lightning.cfp import CFPConfig, CoarseToFinePreprocessor
+from cbq_lightning.crossblock import CrossBlockState
 from cbq_lightning.errors import ModelSourceError
 from cbq_lightning.export.packed import ExportConfig, export_run
-from cbq_lightning.models.adapter import DecoderAdapter, run_block
+from cbq_lightning.models.adapter import DecoderAdapter, run_block, run_blocks_batched
 from cbq_lightning.models.families import SUPPORTED_MODEL_TYPES, family_for
 from cbq_lightning.models.tiny import TinyModelConfig, build_tiny_model, byte_tokenizer
 from cbq_lightning.runner import run_quantize
+from cbq_lightning.windows import WindowConfig, window_schedule
 from tests.conftest import TINY_RECIPE, load_recipe
 
 VOCAB = len(byte_tokenizer())
@@ -50,8 +52,8 @@ def test_blocks_and_output_head_reproduce_the_model(model_type: str) -> None:
     model = _tiny(model_type)
     adapter = DecoderAdapter(model)
     hidden, kwargs = adapter.capture_block_inputs(IDS)
-    for block in adapter.blocks:
-        hidden = run_block(block, hidden, kwargs)
+    for index, block in enumerate(adapter.blocks):
+        hidden = run_block(block, hidden, kwargs[index])
     with torch.no_grad():
         logits = adapter.output_head()(hidden)
         assert _relative(logits, model(IDS).logits) < 1e-6
@@ -71,8 +73,8 @@ def test_cfp_channel_scaling_is_exact_in_full_precision(model_type: str) -> None
                                    pairs=adapter.scaling_pairs)
     hidden, kwargs = adapter.capture_block_inputs(IDS)
     for index, block in enumerate(adapter.blocks):
-        cfp(index, block, hidden, kwargs)
-        hidden = run_block(block, hidden, kwargs)
+        cfp(index, block, hidden, kwargs[index])
+        hidden = run_block(block, hidden, kwargs[index])
     # every pair found the planted channel and folded a scale for it
     expected = len(adapter.scaling_pairs.norms) + len(adapter.scaling_pairs.linears)
     assert expected > 0
@@ -99,17 +101,35 @@ def test_gemma_norm_fold_keeps_the_unit_offset() -> None:
     torch.testing.assert_close(1 + norm.weight, (1 + before) / 2)
 
 
-def test_blocks_called_with_different_attention_inputs_are_refused() -> None:
-    """Gemma 2 alternates sliding-window and global layers; once the sequence is longer than the window their
-    masks differ, and replaying block 0's mask for every block would be silently wrong."""
-    config = AutoConfig.for_model("gemma2", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                  sliding_window=8, pad_token_id=0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with pytest.raises(ModelSourceError, match="block 1 with a different 'attention_mask'"):
-        DecoderAdapter(model).capture_block_inputs(IDS)
-    # a sequence within the window: every layer attends alike, so the run may go on
-    DecoderAdapter(model).capture_block_inputs(IDS[:, :8])
+def _local_global(model_type: str) -> torch.nn.Module:
+    """A tiny model whose layers attend differently at the test's 40 tokens: Gemma 2 with an 8-token sliding
+    window on every other layer (different masks), Gemma 3 with its local rotary base on layers 0-4 and the
+    global one on layer 5 (different rotary tables)."""
+    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, pad_token_id=0)
+    if model_type == "gemma2":
+        config = AutoConfig.for_model("gemma2", num_hidden_layers=4, sliding_window=8, **shape)
+    else:
+        config = AutoConfig.for_model("gemma3_text", num_hidden_layers=6, **shape)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_local_and_global_layers_are_replayed_with_their_own_kwargs(model_type: str) -> None:
+    """Replaying block 0's kwargs for every block would be silently wrong: each block gets its own."""
+    model = _local_global(model_type)
+    adapter = DecoderAdapter(model)
+    hidden, kwargs = adapter.capture_block_inputs(IDS)
+    assert kwargs.kinds == 2
+    indices = range(adapter.num_blocks)
+    with torch.no_grad():
+        reference = model(IDS).logits
+        replayed = adapter.output_head()(run_blocks_batched(list(adapter.blocks), hidden, kwargs.for_blocks(indices),
+                                                           "cpu", 2))
+        block0_only = adapter.output_head()(run_blocks_batched(list(adapter.blocks), hidden, kwargs[0], "cpu", 2))
+    assert _relative(replayed, reference) < 1e-6
+    assert _relative(block0_only, reference) > 1e-3  # the difference the per-block kwargs make
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "qwen2_moe"])
@@ -151,3 +171,17 @@ def test_quantize_reload_and_compressed_tensors_export(model_type: str, tmp_path
         packed = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
         assert any(hasattr(module, "weight_scale") for module in packed.modules())  # packed, not dense, weights
         assert _relative(packed(IDS).logits, expected) < 1e-6
+
+
+def test_cross_block_walk_uses_each_blocks_kwargs() -> None:
+    """The windows' teacher targets and the full-precision cache follow the model through local and global
+    layers: after the last window the cache is the model's last hidden state."""
+    model = _local_global("gemma3_text")
+    adapter = DecoderAdapter(model)
+    hidden, kwargs = adapter.capture_block_inputs(IDS)
+    state = CrossBlockState(adapter.blocks, hidden, kwargs, lambda index, block: None, batch_size=2)
+    for window in window_schedule(adapter.num_blocks, WindowConfig(2, 1)):
+        state.enter(window, "cpu")
+        state.leave(window, "cpu")
+    with torch.no_grad():
+        assert _relative(adapter.output_head()(state.x_fp), model(IDS).logits) < 1e-6

@@ -16,7 +16,7 @@ def _block_inputs(model: torch.nn.Module, samples: int = 3, seqlen: int = 16):
     adapter = DecoderAdapter(model)
     ids = torch.randint(0, 200, (samples, seqlen), generator=torch.Generator().manual_seed(0))
     inputs, kwargs = adapter.capture_block_inputs(ids)
-    return adapter, inputs, kwargs
+    return adapter, inputs, kwargs[0]
 
 
 def test_moments_of_q_proj_are_the_mean_square_of_the_normed_input(tiny_model) -> None:

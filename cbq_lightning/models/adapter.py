@@ -9,7 +9,7 @@ per architecture - so supporting a new LLaMA-like family is a one-line change to
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from cbq_lightning.models.families import (
     norm_pairs,
 )
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "DecoderAdapter", "ScalingPairs", "check_model_type"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "BlockKwargs", "DecoderAdapter", "ScalingPairs", "check_model_type"]
 
 #: keyword arguments of a block call that must not be replayed (KV caches, output flags)
 _DROPPED_KWARGS = ("past_key_value", "past_key_values", "use_cache", "output_attentions")
@@ -80,7 +80,7 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) ->
 def run_blocks_batched(
     blocks: list[nn.Module],
     hidden: torch.Tensor,
-    kwargs: dict[str, Any],
+    kwargs: dict[str, Any] | list[dict[str, Any]],
     device: torch.device | str,
     batch_size: int,
     out_dtype: torch.dtype | None = None,
@@ -88,15 +88,19 @@ def run_blocks_batched(
 ) -> torch.Tensor:
     """Push a CPU cache ``[N, T, H]`` through ``blocks`` on ``device`` in batches; result on CPU.
 
+    ``kwargs``: one dict for every block, or a list with each block's (:meth:`BlockKwargs.for_blocks`).
+
     ``out`` (e.g. a memory-mapped cache, see :mod:`cbq_lightning.cache`) receives the result batch by
     batch instead of a new tensor.
     """
-    kwargs = kwargs_to(kwargs, device)
+    per_block = [kwargs_to(k, device) for k in kwargs] if isinstance(kwargs, list) else [kwargs_to(kwargs, device)] * len(blocks)
+    if len(per_block) != len(blocks):
+        raise ValueError(f"{len(blocks)} blocks but kwargs for {len(per_block)}")
     outputs = []
     for start in range(0, hidden.shape[0], batch_size):
         x = hidden[start : start + batch_size].to(device)
-        for block in blocks:
-            x = run_block(block, x, kwargs)
+        for block, block_kwargs in zip(blocks, per_block, strict=True):
+            x = run_block(block, x, block_kwargs)
         if out is not None:
             out[start : start + x.shape[0]] = x.to("cpu", dtype=out.dtype)
         else:
@@ -134,6 +138,40 @@ def observe_linear_inputs(
     finally:
         for handle in handles:
             handle.remove()
+
+
+class BlockKwargs:
+    """The keyword arguments each block is called with (attention mask, rotary tables, positions), on CPU.
+
+    Why per block: models with local and global attention layers (Gemma 2/3, Qwen2 with sliding windows) give
+    each kind of layer its own mask or rotary tables; replaying block 0's for every block would train the
+    others on the wrong attention. Blocks called alike share one dict, so a uniform model holds one.
+    """
+
+    def __init__(self, per_block: list[dict[str, Any]]) -> None:
+        self._distinct: list[dict[str, Any]] = []
+        self._which: list[int] = []
+        for kwargs in per_block:
+            match = next((i for i, known in enumerate(self._distinct) if _first_difference(known, kwargs) is None), None)
+            if match is None:
+                self._distinct.append(kwargs)
+                match = len(self._distinct) - 1
+            self._which.append(match)
+
+    def __len__(self) -> int:
+        return len(self._which)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._distinct[self._which[index]]
+
+    @property
+    def kinds(self) -> int:
+        """How many distinct ways the blocks are called (1 for a model whose layers all attend alike)."""
+        return len(self._distinct)
+
+    def for_blocks(self, indices: Iterable[int]) -> list[dict[str, Any]]:
+        """The kwargs of the given blocks, in order (for :func:`run_blocks_batched`)."""
+        return [self[index] for index in indices]
 
 
 @dataclass(frozen=True)
@@ -238,31 +276,32 @@ class DecoderAdapter:
             setattr(parent, child, factory(name, linear))
 
     @torch.no_grad()
-    def capture_block_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Inputs of block 0 for every calibration sequence, plus the kwargs blocks are called with.
+    def capture_block_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, BlockKwargs]:
+        """Inputs of block 0 for every calibration sequence, plus the kwargs each block is called with.
 
         This runs where the model is (CPU for big models: after the first sequence only the embedding and the
         rotary tables are evaluated before the hook stops the forward). Sequences are run one at a time, so
         the captured kwargs have batch dimension 1 and broadcast over any batch of same-length sequences (no
-        padding: calibration samples all have the same length). The first sequence runs through every block
-        to check that all blocks are called with the same kwargs: models with local and global attention
-        layers (Gemma 2/3, Qwen2 with ``use_sliding_window``) pass each kind its own mask or rotary tables,
-        and replaying block 0's would silently train the others on the wrong attention.
+        padding: calibration samples all have the same length). The first sequence runs through every block,
+        which is where each block's own kwargs are read (see :class:`BlockKwargs`).
         Returns ``(hidden [N, T, H] on CPU, kwargs on CPU)``.
         """
         device = self.model.get_input_embeddings().weight.device
-        hiddens, kwargs = [], None
+        hiddens: list[torch.Tensor] = []
+        per_block: list[dict[str, Any]] = []
         for index, row in enumerate(input_ids):
-            hidden, kwargs = self._run_to_blocks(row.unsqueeze(0).to(device), check_all=index == 0)
-            hiddens.append(hidden.to("cpu"))
-        assert kwargs is not None, "no calibration sequence"
-        return torch.cat(hiddens), kwargs_to(kwargs, "cpu")
+            captured = self._run_to_blocks(row.unsqueeze(0).to(device), every_block=index == 0)
+            hiddens.append(captured[0][0].to("cpu"))
+            if index == 0:
+                per_block = [kwargs_to(kwargs, "cpu") for _, kwargs in captured]
+        if not per_block:
+            raise ValueError("no calibration sequence to capture block inputs from")
+        return torch.cat(hiddens), BlockKwargs(per_block)
 
-    def _run_to_blocks(self, ids: torch.Tensor, check_all: bool) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Block 0's input and kwargs for one sequence; with ``check_all``, also every other block's kwargs,
-        which must equal block 0's."""
+    def _run_to_blocks(self, ids: torch.Tensor, every_block: bool) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        """``(input, kwargs)`` of block 0 for one sequence, and with ``every_block`` of every block."""
         captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
-        last = len(self.blocks) - 1 if check_all else 0
+        last = len(self.blocks) - 1 if every_block else 0
 
         def hook_for(index: int) -> Callable[..., None]:
             def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -283,15 +322,7 @@ class DecoderAdapter:
         finally:
             for handle in handles:
                 handle.remove()
-        for index, (_, kwargs) in enumerate(captured[1:], start=1):
-            key = _first_difference(captured[0][1], kwargs)
-            if key is not None:
-                raise ModelSourceError(
-                    f"{self.model_type} calls block {index} with a different {key!r} than block 0 (local and global "
-                    "attention layers, as in Gemma 2/3 or Qwen2 with use_sliding_window): per-block attention inputs "
-                    "are not supported yet; use a model whose blocks all attend alike."
-                )
-        return captured[0]
+        return captured
 
 
 def _first_difference(reference: dict[str, Any], other: dict[str, Any]) -> str | None:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from cbq_lightning.errors import ConfigError
-from cbq_lightning.models.adapter import DecoderAdapter, run_blocks_batched
+from cbq_lightning.models.adapter import BlockKwargs, DecoderAdapter, run_blocks_batched
 from cbq_lightning.quant.input_moments import InputMoments
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
@@ -113,7 +113,7 @@ def fused_groups(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any])
 def measure_sensitivity(
     blocks: nn.ModuleList,
     inputs: torch.Tensor,
-    kwargs: dict[str, Any],
+    kwargs: BlockKwargs,
     scheme: QuantScheme,
     candidates: list[int],
     clip_search: ClipSearch | None,
@@ -130,7 +130,7 @@ def measure_sensitivity(
         home = next(block.parameters()).device
         block.to(device)
         moments, stages = InputMoments(max_samples=hidden.shape[0], batch_size=batch_size, full=True).measure(
-            block, hidden, kwargs
+            block, hidden, kwargs[index]
         )
         linears = dict(DecoderAdapter.block_linears(block))
         for stage in stages:
@@ -144,7 +144,7 @@ def measure_sensitivity(
             weights = sum(linears[name].weight.numel() for name in stage)
             groups.append(GroupSensitivity([f"blocks.{index}.{name}" for name in stage], weights, errors))
         if index + 1 < len(blocks):
-            hidden = run_blocks_batched([block], hidden, kwargs, device, batch_size)
+            hidden = run_blocks_batched([block], hidden, kwargs[index], device, batch_size)
         block.to(home)
     return groups
 
