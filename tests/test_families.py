@@ -104,18 +104,21 @@ def test_gemma_norm_fold_keeps_the_unit_offset() -> None:
 def _local_global(model_type: str) -> torch.nn.Module:
     """A tiny model whose layers attend differently at the test's 40 tokens: Gemma 2 with an 8-token sliding
     window on every other layer (different masks), Gemma 3 with its local rotary base on layers 0-4 and the
-    global one on layer 5 (different rotary tables)."""
+    global one on layer 5 (different rotary tables), Qwen2 with an 8-token window from layer 2 on."""
     shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=16, pad_token_id=0)
     if model_type == "gemma2":
         config = AutoConfig.for_model("gemma2", num_hidden_layers=4, sliding_window=8, **shape)
+    elif model_type == "qwen2":
+        config = AutoConfig.for_model("qwen2", num_hidden_layers=4, use_sliding_window=True, sliding_window=8,
+                                      max_window_layers=2, **shape)
     else:
         config = AutoConfig.for_model("gemma3_text", num_hidden_layers=6, **shape)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "qwen2"])
 def test_local_and_global_layers_are_replayed_with_their_own_kwargs(model_type: str) -> None:
     """Replaying block 0's kwargs for every block would be silently wrong: each block gets its own."""
     model = _local_global(model_type)
