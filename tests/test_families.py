@@ -52,6 +52,7 @@ def test_blocks_and_output_head_reproduce_the_model(model_type: str) -> None:
     model = _tiny(model_type)
     adapter = DecoderAdapter(model)
     hidden, kwargs = adapter.capture_block_inputs(IDS)
+    assert len(kwargs) == adapter.num_blocks and kwargs.kinds == 1  # every layer attends alike: one dict kept
     for index, block in enumerate(adapter.blocks):
         hidden = run_block(block, hidden, kwargs[index])
     with torch.no_grad():

@@ -1,10 +1,10 @@
 """Generic adapter for Hugging Face decoder-only models.
 
 CBQ needs four things from a model: the list of transformer blocks, the inputs of the first block, the
-keyword arguments every block is called with (attention mask, rotary embeddings, positions), and a way
+keyword arguments each block is called with (attention mask, rotary embeddings, positions), and a way
 to run one block on its own. All of that is read from the model as it runs - nothing is re-implemented
-per architecture - so supporting a new LLaMA-like family is a one-line change to
-:data:`SUPPORTED_MODEL_TYPES` once it has been checked.
+per architecture. What cannot be read off a running model (which norm feeds which linears, what happens
+between the last block and the logits) is declared per family in :mod:`cbq_lightning.models.families`.
 """
 
 from __future__ import annotations
@@ -173,6 +173,13 @@ class BlockKwargs:
         """The kwargs of the given blocks, in order (for :func:`run_blocks_batched`)."""
         return [self[index] for index in indices]
 
+    def to(self, device: torch.device | str) -> BlockKwargs:
+        """The same kwargs with every tensor on ``device`` (each distinct dict moved once)."""
+        moved = BlockKwargs([])
+        moved._distinct = [kwargs_to(kwargs, device) for kwargs in self._distinct]
+        moved._which = list(self._which)
+        return moved
+
 
 @dataclass(frozen=True)
 class ScalingPairs:
@@ -288,26 +295,29 @@ class DecoderAdapter:
         """
         device = self.model.get_input_embeddings().weight.device
         hiddens: list[torch.Tensor] = []
-        per_block: list[dict[str, Any]] = []
+        block_kwargs: BlockKwargs | None = None
         for index, row in enumerate(input_ids):
-            captured = self._run_to_blocks(row.unsqueeze(0).to(device), every_block=index == 0)
-            hiddens.append(captured[0][0].to("cpu"))
+            hidden, per_block = self._run_to_blocks(row.unsqueeze(0).to(device), every_block=index == 0)
+            hiddens.append(hidden.to("cpu"))
             if index == 0:
-                per_block = [kwargs_to(kwargs, "cpu") for _, kwargs in captured]
-        if not per_block:
+                block_kwargs = BlockKwargs(per_block).to("cpu")  # deduplicated first: one copy per kind
+        if block_kwargs is None:
             raise ValueError("no calibration sequence to capture block inputs from")
-        return torch.cat(hiddens), BlockKwargs(per_block)
+        return torch.cat(hiddens), block_kwargs
 
-    def _run_to_blocks(self, ids: torch.Tensor, every_block: bool) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-        """``(input, kwargs)`` of block 0 for one sequence, and with ``every_block`` of every block."""
-        captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
+    def _run_to_blocks(self, ids: torch.Tensor, every_block: bool) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """Block 0's input for one sequence and the kwargs of block 0 (with ``every_block``: of every block).
+
+        Only block 0's hidden state is kept: the others' would cost a sequence of activations per block."""
+        hidden: list[torch.Tensor] = []
+        per_block: list[dict[str, Any]] = []
         last = len(self.blocks) - 1 if every_block else 0
 
         def hook_for(index: int) -> Callable[..., None]:
             def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                replayed = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS and k != "hidden_states"}
-                captured.append((hidden.detach(), replayed))
+                if index == 0:
+                    hidden.append((args[0] if args else kwargs["hidden_states"]).detach())
+                per_block.append({k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS and k != "hidden_states"})
                 if index == last:
                     raise _StopForward
 
@@ -322,18 +332,20 @@ class DecoderAdapter:
         finally:
             for handle in handles:
                 handle.remove()
-        return captured
+        return hidden[0], per_block
 
 
 def _first_difference(reference: dict[str, Any], other: dict[str, Any]) -> str | None:
     """The first kwarg whose value differs between two block calls (tensors compared exactly), or None."""
 
     def same(a: Any, b: Any) -> bool:
+        if a is b:  # the usual case: the model hands every block the same tensor objects
+            return True
         if torch.is_tensor(a) or torch.is_tensor(b):
             return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and bool(torch.equal(a, b))
         if isinstance(a, tuple | list) and isinstance(b, tuple | list):
             return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-        return a is b or a == b
+        return bool(a == b)
 
     for key in sorted(set(reference) | set(other)):
         if key not in reference or key not in other or not same(reference[key], other[key]):
