@@ -20,7 +20,7 @@ from cbq_lightning.distributed import all_reduce_, global_mean
 from cbq_lightning.errors import TrainingError
 from cbq_lightning.guard import TrainableSnapshot, check_loss
 from cbq_lightning.loss import LossConfig, homologous_loss, output_kl
-from cbq_lightning.models.adapter import kwargs_to, run_block
+from cbq_lightning.models.adapter import kwargs_list_to, run_block
 from cbq_lightning.quant.continuous import ContinuousApprox, set_temperatures
 from cbq_lightning.quant.convert import hard_rounding, quant_linears
 from cbq_lightning.quant.rounding import LoRARounding, RoundingConfig, beta_at, logit_probes
@@ -169,7 +169,7 @@ class WindowModule(L.LightningModule):
     # --- forward / loss ------------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._block_kwargs is None or self._kwargs_device != hidden.device:
-            self._block_kwargs = [kwargs_to(kwargs, hidden.device) for kwargs in self._block_kwargs_cpu]
+            self._block_kwargs = kwargs_list_to(self._block_kwargs_cpu, hidden.device)
             self._kwargs_device = hidden.device
         for block, kwargs in zip(self.blocks, self._block_kwargs, strict=True):
             hidden = run_block(block, hidden, kwargs)

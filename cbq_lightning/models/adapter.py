@@ -71,6 +71,16 @@ def kwargs_to(kwargs: dict[str, Any], device: torch.device | str) -> dict[str, A
     return {key: move(value) for key, value in kwargs.items()}
 
 
+def kwargs_list_to(per_block: list[dict[str, Any]], device: torch.device | str) -> list[dict[str, Any]]:
+    """:func:`kwargs_to` for a list of blocks' kwargs, moving each distinct dict once (blocks called alike share
+    one dict, see :class:`BlockKwargs`, and keep sharing its moved copy)."""
+    moved: dict[int, dict[str, Any]] = {}
+    for kwargs in per_block:
+        if id(kwargs) not in moved:
+            moved[id(kwargs)] = kwargs_to(kwargs, device)
+    return [moved[id(kwargs)] for kwargs in per_block]
+
+
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
     """Run one decoder block standalone on ``hidden`` ``[B, T, H]``."""
     return block_output(block(hidden, **kwargs))
@@ -93,7 +103,7 @@ def run_blocks_batched(
     ``out`` (e.g. a memory-mapped cache, see :mod:`cbq_lightning.cache`) receives the result batch by
     batch instead of a new tensor.
     """
-    per_block = [kwargs_to(k, device) for k in kwargs] if isinstance(kwargs, list) else [kwargs_to(kwargs, device)] * len(blocks)
+    per_block = kwargs_list_to(kwargs if isinstance(kwargs, list) else [kwargs] * len(blocks), device)
     if len(per_block) != len(blocks):
         raise ValueError(f"{len(blocks)} blocks but kwargs for {len(per_block)}")
     outputs = []
@@ -152,7 +162,7 @@ class BlockKwargs:
         self._distinct: list[dict[str, Any]] = []
         self._which: list[int] = []
         for kwargs in per_block:
-            match = next((i for i, known in enumerate(self._distinct) if _first_difference(known, kwargs) is None), None)
+            match = next((i for i, known in enumerate(self._distinct) if _same_kwargs(known, kwargs)), None)
             if match is None:
                 self._distinct.append(kwargs)
                 match = len(self._distinct) - 1
@@ -335,8 +345,8 @@ class DecoderAdapter:
         return hidden[0], per_block
 
 
-def _first_difference(reference: dict[str, Any], other: dict[str, Any]) -> str | None:
-    """The first kwarg whose value differs between two block calls (tensors compared exactly), or None."""
+def _same_kwargs(reference: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether two block calls got the same kwargs (tensors compared exactly)."""
 
     def same(a: Any, b: Any) -> bool:
         if a is b:  # the usual case: the model hands every block the same tensor objects
@@ -347,7 +357,4 @@ def _first_difference(reference: dict[str, Any], other: dict[str, Any]) -> str |
             return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
         return bool(a == b)
 
-    for key in sorted(set(reference) | set(other)):
-        if key not in reference or key not in other or not same(reference[key], other[key]):
-            return key
-    return None
+    return reference.keys() == other.keys() and all(same(reference[key], other[key]) for key in reference)
