@@ -22,6 +22,12 @@ its reason in the table. They need ``pip install -e ".[peers]"``.
     python benchmarks/quality.py --schemes W3A16G64 --peers gptq-tuned,autoround --peers-only   # add peers to a record
     python benchmarks/quality.py --redraw             # rewrite quality.md and quality.png from the records, run nothing
 
+A peer run elsewhere (a lent GPU turns AutoRound's 200 iterations from an hour into three minutes) is added with
+``--peer-records``: the JSON that ``python -m benchmarks.peers ... --output FILE`` wrote, checked to have
+calibrated like the scheme's record (same recipe and overrides; only where it ran may differ):
+
+    python benchmarks/quality.py --peer-records ar200_w4a16.json ar200_w2a16g64.json
+
 Ablations (``--ablation NAME KEY=VALUE ...``, repeatable): extra CBQ runs of the scheme's recipe with those
 overrides on top (same samples and windows), each a row of the ablation table under the main one, e.g. the
 extensions of docs/method.md. ``--ablations-only`` adds them to the scheme's existing record instead of rerunning FP,
@@ -283,6 +289,7 @@ def _peer_summary(record: dict) -> dict:
         "quantize_s": record.get("quantize_s"),
         "wall_s": record.get("process_wall_s", record.get("wall_s")),
         "peak_rss_gib": record.get("peak_rss_gib"),
+        "device": record.get("device"),
     }
 
 
@@ -390,6 +397,7 @@ def _peer_notes(row: dict) -> list[str]:
             f"  - {label}: {summary['package']} {summary['version']} ({settings}); quantization "
             f"{summary['quantize_s'] / 60:.1f} min, whole peer run {summary['wall_s'] / 60:.1f} min"
             + (f", peak RSS {summary['peak_rss_gib']:.2f} GiB" if summary.get("peak_rss_gib") else "")
+            + (f", on {summary['device']}" if summary.get("device") else "")
         )
     return notes
 
@@ -420,12 +428,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only CBQ (shipped recipe), and CBQ w/o CFP for activation schemes, and replace "
                         "them in each scheme's existing record (after a recipe change; FP, RTN, the paper settings "
                         "and the peers are kept)")
+    parser.add_argument("--peer-records", nargs="+", type=Path, default=[], metavar="FILE",
+                        help="add peer records written by `python -m benchmarks.peers --output FILE` elsewhere (e.g. "
+                        "on a GPU machine) to the record of the scheme whose recipe they ran; nothing runs")
     parser.add_argument("--redraw", action="store_true",
                         help="only rewrite quality.md and redraw quality.png from the records in --output "
                         "(after copying in records of separate runs); nothing runs")
     args = parser.parse_args(argv)
     suffix = f"_{args.tag}" if args.tag else ""
-    if args.redraw:
+    if args.peer_records:
+        _import_peers(args.peer_records, args, shlex.join(["python", "benchmarks/quality.py",
+                                                           *(argv if argv is not None else sys.argv[1:])]), suffix)
+    if args.redraw or args.peer_records:
         _write_table(args.output, suffix)
         _draw(args.output, suffix)
         return 0
@@ -559,6 +573,46 @@ def _add_peers(recipes: dict[str, Path], peers: list[str], args: argparse.Namesp
             _write_record(path, record)
 
 
+#: flags that say where a peer ran, not how it calibrated: they may differ from the scheme's record
+PLACEMENT_FLAGS = frozenset({"--trainer.accelerator", "--trainer.devices", "--data_dir"})
+
+
+def _calibration_flags(flags: list[str]) -> list[str]:
+    """``flags`` (``--key value`` pairs) without the placement ones."""
+    pairs = list(zip(flags[::2], flags[1::2], strict=True))
+    return [item for key, value in pairs if key not in PLACEMENT_FLAGS for item in (key, value)]
+
+
+def _import_peers(files: list[Path], args: argparse.Namespace, invocation: str, suffix: str) -> None:
+    """``--peer-records``: add each peer record (``python -m benchmarks.peers`` output, run elsewhere) to the
+    record of the scheme whose recipe it ran, after checking it calibrated like that record."""
+    by_recipe = {str(_recipe(scheme).relative_to(ROOT)): scheme for scheme in DEFAULT_SCHEMES}
+    for file in files:
+        if not file.is_file():
+            raise SystemExit(f"--peer-records: no file {file}")
+        peer = json.loads(file.read_text())
+        scheme = by_recipe.get(peer.get("recipe", ""))
+        if scheme is None or "peer" not in peer:
+            raise SystemExit(f"--peer-records: {file} is not a peer record of a benchmark recipe "
+                             f"(recipe {peer.get('recipe')!r}; write it with python -m benchmarks.peers)")
+        (path, record), = _existing_records({scheme: _recipe(scheme)}, args, suffix, "--peer-records").values()
+        expected = _overrides(record.get("overrides", []))
+        if _calibration_flags(peer.get("overrides", [])) != expected:
+            raise SystemExit(f"--peer-records: {file} ran with {peer.get('overrides')}, the {scheme} record with "
+                             f"{expected}: the peer must calibrate like the record (only placement flags may differ)")
+        peer.setdefault("command", shlex.join(["python", "-m", "benchmarks.peers", "--peer", peer["peer"], "--config",
+                                               peer["recipe"], "--output", file.name, *peer.get("overrides", [])]))
+        record["row"].setdefault("peers", {})[peer["peer"]] = _peer_summary(peer)
+        record.setdefault("peers", {})[peer["peer"]] = peer
+        record.setdefault("commands", {})[f"peer_{peer['peer']}"] = peer["command"]
+        record.setdefault("peer_imports", {})[peer["peer"]] = {
+            "invocation": invocation, "file": file.name, "device": peer.get("device"),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        _write_record(path, record)
+        print(f"{scheme}: {peer.get('label', peer['peer'])} added from {file}", flush=True)
+
+
 def _add_ablations(recipes: dict[str, Path], ablations: dict[str, list[str]], args: argparse.Namespace,
                    invocation: str, suffix: str) -> None:
     """``--ablations-only``: run the ablations with each scheme's recorded recipe and overrides, add them to
@@ -682,6 +736,8 @@ def _combined_table(folder: Path, suffix: str) -> str:
         if "peer_run" in record:
             run = record["peer_run"]
             lines.append(f"  - peers added by `{run['invocation']}` (git {run['git_commit']}, {run['date']})")
+        for name, run in (record.get("peer_imports") or {}).items():
+            lines.append(f"  - {name} run elsewhere ({run['device']}) and added by `{run['invocation']}` ({run['date']})")
         lines.extend(_peer_notes(record["row"]))
     lines.append("")
     lines.append("CBQ (paper settings): the paper's method as stated in docs/method.md on the recipe's budget (RTN start, LoRA-Rounding trained "

@@ -291,6 +291,35 @@ def test_peers_only_adds_peers_to_the_existing_record(quality, tmp_path: Path, m
         quality.main(["--schemes", "W4A16", "--peers", "gptq", "--peers-only", "--output", str(tmp_path)])
 
 
+def test_peer_records_from_another_machine_join_the_scheme_record(quality, tmp_path: Path, monkeypatch) -> None:
+    record = _record("W3A16G64", 20.0, 72.0, 36.0)
+    record["overrides"] = ["train.epochs=2"]
+    path = tmp_path / "quality_w3a16g64.json"
+    path.write_text(json.dumps(record))
+    monkeypatch.setattr(quality, "_draw", lambda folder, suffix: None)
+    peer = {**_peer_record("autoround", 39.5), "recipe": "configs/smollm2_w3a16g64.yaml", "device": "cuda:0",
+            "overrides": ["--trainer.accelerator", "gpu", "--train.epochs", "2", "--data_dir", "/data"]}
+    peer_file = tmp_path / "ar200.json"
+    peer_file.write_text(json.dumps(peer))
+    assert quality.main(["--peer-records", str(peer_file), "--output", str(tmp_path)]) == 0
+    updated = json.loads(path.read_text())
+    assert updated["row"]["peers"]["autoround"]["ppl"] == 39.5 and updated["row"]["cbq"] == 36.0
+    assert updated["peer_imports"]["autoround"]["device"] == "cuda:0"
+    table = (tmp_path / "quality.md").read_text()
+    assert _row(table, "W3A16G64")["AutoRound (200 iters)"] == "39.50" and "on cuda:0" in table
+    # a peer run with calibration flags other than the record's is refused
+    peer["overrides"] = ["--trainer.accelerator", "gpu", "--train.epochs", "3"]
+    peer_file.write_text(json.dumps(peer))
+    with pytest.raises(SystemExit, match="must calibrate like the record"):
+        quality.main(["--peer-records", str(peer_file), "--output", str(tmp_path)])
+    peer["recipe"] = "configs/tiny.yaml"
+    peer_file.write_text(json.dumps(peer))
+    with pytest.raises(SystemExit, match="not a peer record of a benchmark recipe"):
+        quality.main(["--peer-records", str(peer_file), "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no file"):
+        quality.main(["--peer-records", str(tmp_path / "missing.json"), "--output", str(tmp_path)])
+
+
 # --- ablations (extra CBQ runs with overrides) -----------------------------------------------------------------
 
 
