@@ -23,6 +23,7 @@ from torch import nn
 from cbq_lightning.cache import TensorStore
 from cbq_lightning.distributed import all_reduce_
 from cbq_lightning.models.adapter import BlockKwargs, run_blocks_batched
+from cbq_lightning.models.moe import count_routed_tokens
 from cbq_lightning.quant.convert import finalize_block
 from cbq_lightning.windows import Window
 
@@ -88,6 +89,8 @@ class CrossBlockState:
         self.teachers: dict[int, nn.Module] = {}
         self.block_errors: list[BlockError] = []
         self.preprocess_stats: dict[int, dict[str, float]] = {}
+        #: mixture of experts: tokens each finalised block's router sent to each expert on the calibration inputs
+        self.routed_tokens: dict[int, list[int]] = {}
         self._entered: set[int] = set()
         #: index of the window whose targets are cached (a retried fit reuses them)
         self._targets_for: int | None = None
@@ -166,6 +169,7 @@ class CrossBlockState:
             **caches,
             "block_errors": [asdict(error) for error in self.block_errors],
             "preprocess_stats": {str(index): stats for index, stats in self.preprocess_stats.items()},
+            "routed_tokens": {str(index): counts for index, counts in self.routed_tokens.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -176,6 +180,7 @@ class CrossBlockState:
             self.x_rtn = state.get("x_rtn")
         self.block_errors = [BlockError(**error) for error in state["block_errors"]]
         self.preprocess_stats = {int(index): stats for index, stats in state["preprocess_stats"].items()}
+        self.routed_tokens = {int(index): counts for index, counts in state.get("routed_tokens", {}).items()}
 
     def reenter(
         self, index: int, layout: Callable[[int, nn.Module], None], saved: Mapping[str, torch.Tensor], finalized: bool
@@ -206,7 +211,10 @@ class CrossBlockState:
             block = self.blocks[index].to(device)
             finalize_block(block)
             teacher = self.teachers.pop(index).to(device)
-            self.x_q = self._replace(self.x_q, self._run([block], [index], self.x_q, device, "x_q"))
+            with count_routed_tokens(block) as routed:  # what the quantized block's router does (MoE only)
+                self.x_q = self._replace(self.x_q, self._run([block], [index], self.x_q, device, "x_q"))
+            if routed:
+                self.routed_tokens[index] = routed
             self.x_fp = self._replace(self.x_fp, self._run([teacher], [index], self.x_fp, device, "x_fp"))
             error = BlockError(block=index, quantized=relative_error(self.x_q, self.x_fp))
             if self.rtn_reference is not None:

@@ -657,6 +657,8 @@ def _report(
             "num_blocks": job.adapter.num_blocks,
             # where CFP's channel scaling can fold exactly in this family, and what it cannot
             "scaling_pairs": job.adapter.scaling_pairs.describe(),
+            # mixture of experts: tokens routed to each expert in calibration, what stays full precision
+            "moe": job.adapter.describe_experts(state.routed_tokens),
         },
         "calibration": {
             "source": config.data.source,

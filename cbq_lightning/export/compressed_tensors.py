@@ -59,10 +59,14 @@ def check_scheme(scheme: ExportScheme) -> None:
         )
 
 
-def quantization_config(scheme: ExportScheme, ignore: list[str], embedding: bool = False) -> dict:
+def quantization_config(scheme: ExportScheme, ignore: list[str], embedding: bool = False,
+                        experts: bool = False) -> dict:
     """The ``quantization_config`` block of ``config.json`` (keys transformers and vLLM validate).
 
     ``embedding``: the input embedding is quantized too (:func:`embedding_layer`) and joins the group.
+    ``experts``: a mixture of experts, stored per expert (``mlp.experts.<e>.<projection>``, the names vLLM
+    reads); transformers 5 holds experts as fused 3-D weights, which only its dequantize-at-load path builds
+    from per-expert packed tensors.
     """
     weights = {
         "num_bits": scheme.w_bits,
@@ -92,10 +96,10 @@ def quantization_config(scheme: ExportScheme, ignore: list[str], embedding: bool
             "format": FORMAT,
         }
     }
-    # transformers' compressed (default) loading path cannot hold a packed zero-point or build a quantized
-    # embedding, so a plain from_pretrained(OUT) would stop with a size-mismatch report; "dequantize" makes it
+    # transformers' compressed (default) loading path cannot hold a packed zero-point, build a quantized
+    # embedding or fused experts, so a plain from_pretrained(OUT) would stop with a size-mismatch report; "dequantize" makes it
     # take its dequantize-at-load path by itself. vLLM and compressed-tensors ignore the key.
-    loader_hint = {"dequantize": True} if (not scheme.sym or embedding) else {}
+    loader_hint = {"dequantize": True} if (not scheme.sym or embedding or experts) else {}
     return {
         **loader_hint,
         "quant_method": "compressed-tensors",

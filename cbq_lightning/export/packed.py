@@ -28,6 +28,7 @@ from cbq_lightning.export import compressed_tensors, gptq
 from cbq_lightning.export.fake_quant import SIDECAR
 from cbq_lightning.export.quantized_run import ExportScheme, QuantizedLayer, QuantizedRun, open_run
 from cbq_lightning.io import atomic_directory, write_safetensors
+from cbq_lightning.models.families import checkpoint_name, has_experts
 
 log = logging.getLogger("cbq_lightning")
 
@@ -125,17 +126,25 @@ def export_run(run_dir: str | Path, config: ExportConfig) -> dict[str, Any]:
         )
     if config.format == compressed_tensors.NAME:
         quantization = compressed_tensors.quantization_config(
-            run.scheme, ignore=unquantized, embedding=config.quantize_embedding
+            run.scheme, ignore=unquantized, embedding=config.quantize_embedding,
+            experts=has_experts(model_config.get("model_type")),
         )
         warnings += compressed_tensors.activation_warnings(run)
         pack = functools.partial(compressed_tensors.pack_layer, dtype=dtype, sym=run.scheme.sym)
     else:
+        if has_experts(model_config.get("model_type")):
+            raise ConfigError(
+                f"{run_dir} is a mixture of experts ({model_config.get('model_type')}): GPTQ v1 loaders build "
+                "per-expert linears that transformers 5 no longer has (its experts are fused 3-D weights); export "
+                "as compressed-tensors, whose loader converts per-expert weights into the fused layout."
+            )
         gptq.check_layers(run)
         _check_gptq_covers_blocks(run, unquantized)
         quantization = gptq.quantization_config(run.scheme)
         pack = gptq.pack_layer
 
-    tensors, sizes = _packed_tensors(run, pack, dtype, extra)
+    saved_name = functools.partial(checkpoint_name, model_config.get("model_type"))
+    tensors, sizes = _packed_tensors(run, pack, dtype, extra, saved_name)
     with atomic_directory(output) as tmp:
         write_safetensors(tmp / WEIGHTS, tensors, {"format": "pt"})
         _write_config(tmp, model_config, quantization, dtype)
@@ -161,12 +170,15 @@ def _source_dtype(model_config: dict) -> str:
 
 def _module_names(model_dir: Path) -> tuple[list[str], str]:
     """Every ``nn.Linear`` of the model and the input embedding's name, from its config on the meta device
-    (no weights read)."""
+    (no weights read); mixture-of-experts experts under their per-expert checkpoint names."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cbq_lightning.models.adapter import DecoderAdapter
 
     hf_config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
+        DecoderAdapter(model)  # a mixture of experts' fused experts as the per-expert linears the run quantized
     embedding = model.get_input_embeddings()
     names = {id(module): name for name, module in model.named_modules()}
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
@@ -195,14 +207,15 @@ def _check_gptq_covers_blocks(run: QuantizedRun, unquantized: list[str]) -> None
 
 def _packed_tensors(
     run: QuantizedRun, pack: Callable[[QuantizedLayer], dict[str, torch.Tensor]], dtype: torch.dtype,
-    extra: dict[str, QuantizedLayer],
+    extra: dict[str, QuantizedLayer], saved_name: Callable[[str], str],
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """The export's tensors: packed layers (the run's linears, then ``extra``: a quantized embedding) plus
-    the checkpoint's other tensors in ``dtype``; and byte counts."""
+    the checkpoint's other tensors in ``dtype``; and byte counts. ``saved_name`` maps a module name to the
+    checkpoint's name for it (see :func:`~cbq_lightning.models.families.checkpoint_name`)."""
     tensors: dict[str, torch.Tensor] = {}
     sizes = {"fp16_bytes": 0, "linears_fp16_bytes": 0, "linears_packed_bytes": 0, "extra_packed_bytes": 0}
-    replaced = {f"{name}.weight" for name in run.layers}
-    dropped = {f"{name}.weight" for name in extra}
+    replaced = {f"{saved_name(name)}.weight" for name in run.layers}
+    dropped = {f"{saved_name(name)}.weight" for name in extra}
     seen: set[str] = set()
     for key, tensor in run.checkpoint_tensors():
         seen.add(key)
@@ -220,7 +233,7 @@ def _packed_tensors(
     for layers, counter in ((run.layers, "linears_packed_bytes"), (extra, "extra_packed_bytes")):
         for name, layer in layers.items():
             for suffix, tensor in pack(layer).items():
-                tensors[f"{name}.{suffix}"] = tensor
+                tensors[f"{saved_name(name)}.{suffix}"] = tensor
                 sizes[counter] += tensor.numel() * tensor.element_size()
     return tensors, sizes
 

@@ -9,6 +9,8 @@ need a loading override, which :func:`loading_kwargs` supplies (``cbq evaluate``
   activation quantization, so W4A8/W4A4 with asymmetric weights are evaluated weight-only (logged). The
   same holds for a quantized input embedding (``export.quantize_embedding``): the compressed path cannot build
   an embedding without its ``weight``.
+* compressed-tensors of a **mixture of experts**: the experts are stored per expert (the names vLLM reads),
+  and transformers 5 holds them as fused 3-D weights, which only its dequantize-at-load path assembles.
 * GPTQ: gptqmodel's automatic CPU kernel choice for 4 bits computes in reduced precision
   (``aten._weight_int4pack_mm``); the plain torch kernel (``backend="torch"``) dequantizes to the
   float16 the scales are stored in and is the faithful reference.
@@ -33,6 +35,7 @@ from torch import nn
 
 from cbq_lightning.errors import ModelSourceError
 from cbq_lightning.export import compressed_tensors
+from cbq_lightning.models.families import has_experts
 
 log = logging.getLogger("cbq_lightning")
 
@@ -77,13 +80,14 @@ def loading_kwargs(model_dir: Path) -> dict[str, Any]:
     groups = list(config.get("config_groups", {}).values())
     asymmetric = not all((group.get("weights") or {}).get("symmetric", True) for group in groups)
     embedding = any(compressed_tensors.EMBEDDING_TARGET in group.get("targets", []) for group in groups)
-    if not (asymmetric or embedding):
+    experts = has_experts(json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type"))
+    if not (asymmetric or embedding or experts):
         return {}
     if any(group.get("input_activations") for group in groups):
         log.warning(
             "%s has %s: transformers can only load it dequantized, which does not simulate its activation "
             "quantization; the model is evaluated weight-only.", model_dir,
-            "asymmetric weights" if asymmetric else "a quantized embedding",
+            "asymmetric weights" if asymmetric else "a quantized embedding" if embedding else "fused experts",
         )
     from transformers import CompressedTensorsConfig
 

@@ -26,6 +26,11 @@ from cbq_lightning.models.families import (
     family_for,
     norm_pairs,
 )
+from cbq_lightning.models.moe import (
+    keeps_full_precision,
+    route_all_tokens,
+    unfuse_experts,
+)
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "BlockKwargs", "DecoderAdapter", "ScalingPairs", "check_model_type"]
 
@@ -132,7 +137,8 @@ def observe_linear_inputs(
 
     Why one helper: every statistic a preprocessor gathers (second moments for the clip search, channel
     maxima for CFP) is "what does this linear see on the quantized path", and the hooks must be removed
-    even when the forward fails.
+    even when the forward fails. In a mixture-of-experts block every expert sees every token here
+    (:func:`~cbq_lightning.models.moe.route_all_tokens`), so none is calibrated on a handful of tokens.
     """
 
     def hook_for(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
@@ -144,7 +150,8 @@ def observe_linear_inputs(
     handles = [linear.register_forward_pre_hook(hook_for(name)) for name, linear in linears]
     try:
         device = next(block.parameters()).device
-        run_blocks_batched([block], inputs, kwargs, device, batch_size)
+        with route_all_tokens(block):
+            run_blocks_batched([block], inputs, kwargs, device, batch_size)
     finally:
         for handle in handles:
             handle.remove()
@@ -235,7 +242,11 @@ LLAMA_PAIRS = ScalingPairs(family_for("llama").norm_pairs, family_for("llama").l
 
 
 class DecoderAdapter:
-    """Access to the transformer blocks of a Hugging Face causal LM, through its family's layout."""
+    """Access to the transformer blocks of a Hugging Face causal LM, through its family's layout.
+
+    A mixture-of-experts model's fused experts are unfused into per-expert linears here, once, in place
+    (:mod:`cbq_lightning.models.moe`): everything downstream then sees them as the linears they are.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         config = getattr(model, "config", None)
@@ -244,6 +255,9 @@ class DecoderAdapter:
         self.model = model
         self.model_type = model_type
         self.blocks: nn.ModuleList = model.get_submodule(self.family.blocks)
+        experts = self.family.experts
+        #: how many fused expert modules were unfused (0 for a dense model)
+        self.unfused_experts = unfuse_experts(self.blocks, experts) if experts is not None else 0
         pairs = norm_pairs(self.family, config)
         not_folded = self.family.not_folded
         if len(pairs) < len(self.family.norm_pairs):
@@ -254,6 +268,21 @@ class DecoderAdapter:
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+    def describe_experts(self, routed_tokens: dict[int, list[int]]) -> dict[str, Any] | None:
+        """report.json's ``moe`` entry (None for a dense model): the full-precision modules and
+        ``routed_tokens``, the tokens each finalised block's router sent to each of its experts on the
+        calibration inputs (:func:`~cbq_lightning.models.moe.count_routed_tokens`)."""
+        if self.family.experts is None:
+            return None
+        never = {str(block): [e for e, n in enumerate(row) if n == 0] for block, row in sorted(routed_tokens.items())}
+        return {
+            "experts_per_token": getattr(self.model.config, "num_experts_per_tok", None),
+            "full_precision": list(self.family.experts.full_precision),
+            "statistics": "every expert sees every calibration token (GPTQ, clip search, CFP); the loss uses the routing",
+            "routed_tokens": {str(block): row for block, row in sorted(routed_tokens.items())},
+            "experts_never_routed": {block: experts for block, experts in never.items() if experts},
+        }
 
     def output_head(self) -> nn.Module:
         """The final norm, anything between it and the LM head, the LM head and the family's logit transform,
@@ -279,9 +308,10 @@ class DecoderAdapter:
 
     @staticmethod
     def block_linears(block: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
-        """Every ``nn.Linear`` of a block with its dotted name inside the block (q_proj, mlp.up_proj...)."""
+        """Every ``nn.Linear`` CBQ quantizes in a block, with its dotted name inside the block (q_proj,
+        mlp.up_proj, mlp.experts.3.down_proj...): all of them but MoE routers and shared-expert gates."""
         for name, module in block.named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and not keeps_full_precision(module):
                 yield name, module
 
     @staticmethod

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cbq_lightning.errors import ModelSourceError
+from cbq_lightning.models.moe import ExpertLayout
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class FamilyLayout:
         pre_norm: config attribute that must be true for the norm pairs to exist (OPT-350m normalises after
             each sub-layer, so its norms feed the residual stream, not the linears).
         logits_divisor: config attribute the logits are divided by (Granite's ``logits_scaling``), or None.
+        experts: mixture-of-experts families: how the experts are named once unfused
+            (:mod:`cbq_lightning.models.moe`); None for dense families.
     """
 
     model_types: tuple[str, ...]
@@ -70,6 +73,10 @@ class FamilyLayout:
     logit_softcap: str | None = None
     pre_norm: str | None = None
     logits_divisor: str | None = None
+    experts: ExpertLayout | None = None
+    #: ``(module path part, checkpoint name part)``: where transformers saves a module under another name
+    #: than the model's (Mixtral's experts live in ``mlp`` and are saved under ``block_sparse_moe``)
+    saved_as: tuple[tuple[str, str], ...] = ()
 
 
 _LLAMA_NORMS = (
@@ -80,6 +87,12 @@ _GATED_MLP = (LinearPair("mlp.up_proj", "mlp.down_proj"),)
 _GEMMA_NORMS = (
     NormPair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     NormPair("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+)
+#: what CFP cannot fold in a mixture-of-experts block
+_MOE_NOT_FOLDED = (
+    "post_attention_layernorm -> experts: the router reads the same features (its weight would need the inverse "
+    "scale)",
+    "expert up -> down: not folded per expert yet",
 )
 
 #: the families CBQ has been checked on, in the order the README lists them
@@ -116,6 +129,17 @@ FAMILIES: tuple[FamilyLayout, ...] = (
         linear_pairs=(LinearPair("fc1", "fc2"),),
         pre_norm="do_layer_norm_before",
     ),
+    # Mixture of experts: the LLaMA attention, and an MLP of E experts (fused 3-D weights in transformers 5,
+    # unfused for CBQ) chosen per token by a router. The router reads the post-attention norm's output too,
+    # so that norm has no exact pair with the experts alone.
+    FamilyLayout(
+        ("qwen2_moe", "qwen3_moe"), norm_pairs=_LLAMA_NORMS[:1], experts=ExpertLayout(),
+        not_folded=_MOE_NOT_FOLDED,
+    ),
+    FamilyLayout(
+        ("mixtral",), norm_pairs=_LLAMA_NORMS[:1], experts=ExpertLayout(gate="w1", up="w3", down="w2"),
+        not_folded=_MOE_NOT_FOLDED, saved_as=((".mlp.", ".block_sparse_moe."),),
+    ),
 )
 
 #: every model type some family covers
@@ -123,9 +147,6 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for family in FAMILIES for t in
 
 #: what is refused, and why, for the types users ask for most (the generic message covers the rest)
 _REFUSED = {
-    "qwen2_moe": "mixture-of-experts blocks (fused 3-D expert weights) are not quantized yet",
-    "qwen3_moe": "mixture-of-experts blocks (fused 3-D expert weights) are not quantized yet",
-    "mixtral": "mixture-of-experts blocks (fused 3-D expert weights) are not quantized yet",
     "gemma3": "this is Gemma 3's multimodal wrapper; load its text model (model type gemma3_text)",
 }
 
@@ -140,6 +161,23 @@ def family_for(model_type: str) -> FamilyLayout:
         f"model type {model_type!r} is not supported yet ({reason}): cbq-lightning handles "
         f"{', '.join(SUPPORTED_MODEL_TYPES)}. Use a model of one of these types or open an issue for it."
     )
+
+
+def has_experts(model_type: str | None) -> bool:
+    """Whether ``model_type`` is a mixture-of-experts family CBQ supports (its experts are unfused for CBQ and
+    stored per expert in its outputs)."""
+    return any(model_type in family.model_types and family.experts is not None for family in FAMILIES)
+
+
+def checkpoint_name(model_type: str | None, module_name: str) -> str:
+    """The name under which transformers' ``save_pretrained`` stores ``module_name`` of a ``model_type`` model
+    (the same name but for the family's ``saved_as`` renames): a packed export must use the checkpoint's
+    names, which the loader maps back to modules."""
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            for module_part, saved_part in family.saved_as:
+                module_name = module_name.replace(module_part, saved_part)
+    return module_name
 
 
 def norm_pairs(family: FamilyLayout, config: Any) -> tuple[NormPair, ...]:

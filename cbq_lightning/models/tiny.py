@@ -45,11 +45,15 @@ class TinyModelConfig:
     init_std: float = 0.02
     #: share the input embedding with ``lm_head`` (as SmolLM2, Gemma and Qwen2-0.5B do)
     tie_embeddings: bool = False
+    #: mixture-of-experts types only (qwen2_moe, qwen3_moe, mixtral): experts per block, and per token
+    num_experts: int = 4
+    experts_per_token: int = 2
 
     def __post_init__(self) -> None:
         # transformers would refuse (or crash on) these shapes only when the model is built
         sizes = {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "num_heads": self.num_heads,
-                 "num_kv_heads": self.num_kv_heads, "intermediate_size": self.intermediate_size}
+                 "num_kv_heads": self.num_kv_heads, "intermediate_size": self.intermediate_size,
+                 "num_experts": self.num_experts, "experts_per_token": self.experts_per_token}
         for name, value in sizes.items():
             if value < 1:
                 raise ConfigError(f"model.tiny.{name}={value} must be >= 1.")
@@ -61,6 +65,9 @@ class TinyModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model.tiny.num_heads={self.num_heads} must be a multiple of num_kv_heads="
                               f"{self.num_kv_heads} (grouped-query attention).")
+        if self.experts_per_token > self.num_experts:
+            raise ConfigError(f"model.tiny.experts_per_token={self.experts_per_token} exceeds num_experts="
+                              f"{self.num_experts}.")
         if not (math.isfinite(self.init_std) and 0 < self.init_std <= 1):  # transformers refuses above 1
             raise ConfigError(f"model.tiny.init_std={self.init_std} must lie in (0, 1]; 0.02 is the default.")
 
@@ -96,6 +103,14 @@ def _family_config(model_type: str, config: TinyModelConfig, vocab_size: int) ->
     else:
         shape.update(intermediate_size=config.intermediate_size, num_key_value_heads=config.num_kv_heads,
                      head_dim=config.hidden_size // config.num_heads)
+    # mixture of experts: each family's names for the expert count and width (every layer sparse)
+    if model_type == "mixtral":
+        shape.update(num_local_experts=config.num_experts, num_experts_per_tok=config.experts_per_token)
+    elif model_type in ("qwen2_moe", "qwen3_moe"):
+        shape.update(num_experts=config.num_experts, num_experts_per_tok=config.experts_per_token,
+                     moe_intermediate_size=config.intermediate_size, decoder_sparse_step=1, mlp_only_layers=[])
+        if model_type == "qwen2_moe":
+            shape.update(shared_expert_intermediate_size=config.intermediate_size)
     return AutoConfig.for_model(model_type, **shape)
 
 

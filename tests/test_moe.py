@@ -1,0 +1,122 @@
+"""Mixture-of-experts blocks: fused experts unfused into per-expert linears that compute the same function,
+every expert calibrated on every token while the block's output keeps the real routing, routers and shared
+gates left in full precision, and the per-expert token counts in the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cbq_lightning.errors import ConfigError
+from cbq_lightning.export.packed import ExportConfig, export_run
+from cbq_lightning.models.adapter import DecoderAdapter, observe_linear_inputs, run_block
+from cbq_lightning.models.moe import UnfusedExperts, count_routed_tokens
+from cbq_lightning.models.tiny import TinyModelConfig, build_tiny_model, byte_tokenizer
+from cbq_lightning.runner import run_quantize
+from tests.conftest import TINY_RECIPE, load_recipe
+
+VOCAB = len(byte_tokenizer())
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+MOE_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral")
+
+
+def _model(model_type: str, experts: int = 4, per_token: int = 2) -> nn.Module:
+    shape = TinyModelConfig(num_layers=2, num_experts=experts, experts_per_token=per_token)
+    return build_tiny_model(model_type, shape, vocab_size=VOCAB, seed=0).requires_grad_(False)
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_unfused_experts_compute_the_fused_function(model_type: str) -> None:
+    model = _model(model_type)
+    fused = model.model.layers[0].mlp.experts
+    with torch.no_grad():
+        reference = model(IDS).logits
+        gate_up = fused.gate_up_proj.clone()
+    adapter = DecoderAdapter(model)
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, UnfusedExperts) and adapter.unfused_experts == 2
+    gate = getattr(experts[1], adapter.family.experts.gate)
+    assert torch.equal(gate.weight, gate_up[1, : gate.out_features])  # expert 1's gate rows, copied exactly
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, reference)
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_statistics_reach_every_expert_and_keep_the_block_output(model_type: str) -> None:
+    # one expert per token out of 8: with the real routing most experts see a few of the 48 tokens
+    model = _model(model_type, experts=8, per_token=1)
+    adapter = DecoderAdapter(model)
+    hidden, kwargs = adapter.capture_block_inputs(IDS)
+    block = adapter.blocks[0]
+    with torch.no_grad():
+        expected = run_block(block, hidden, kwargs[0])
+    seen: dict[str, int] = {}
+    outputs: list[torch.Tensor] = []
+    handle = block.register_forward_hook(lambda _m, _a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+    linears = list(adapter.block_linears(block))
+    try:
+        observe_linear_inputs(block, linears, hidden, kwargs[0], batch_size=2,
+                              observe=lambda name, x: seen.__setitem__(name, seen.get(name, 0) + x.shape[0]))
+    finally:
+        handle.remove()
+    tokens = IDS.numel()
+    experts = [name for name, _ in linears if ".experts." in name]
+    assert len(experts) == 8 * 3 and all(seen[name] == tokens for name in experts)  # every token, every expert
+    # the routed output, unchanged up to float32 rounding (the experts multiply all tokens, then keep the routed)
+    torch.testing.assert_close(torch.cat(outputs), expected, rtol=1e-5, atol=1e-6)
+    with count_routed_tokens(block) as counts:
+        run_block(block, hidden, kwargs[0])
+    assert sum(counts) == tokens * 1 and len(counts) == 8
+    assert max(counts) > tokens / 8  # the real routing, not all tokens: some expert got more than its share
+
+
+def test_routers_and_shared_gates_stay_full_precision() -> None:
+    model = _model("qwen2_moe")
+    adapter = DecoderAdapter(model)
+    names = [name for name, _ in adapter.block_linears(adapter.blocks[0])]
+    assert "mlp.shared_expert_gate" not in names and "mlp.gate" not in names
+    assert "mlp.shared_expert.down_proj" in names and "mlp.experts.3.down_proj" in names
+
+
+def test_report_counts_the_tokens_routed_to_each_expert(tmp_path: Path) -> None:
+    result = run_quantize(load_recipe(
+        TINY_RECIPE, "--model.name_or_path", "tiny-qwen3_moe", "--model.tiny.num_layers", "2",
+        "--model.tiny.num_experts", "4", "--model.tiny.experts_per_token", "2", "--quant.scheme", "W4A16G32",
+        "--quant.sym", "true",
+        "--train.epochs", "1", "--eval.datasets", "[]", "--data.num_samples", "4", "--data.seqlen", "32",
+        "--monitor.rtn_reference", "false", "--trainer.enable_progress_bar", "false", "--output_dir", str(tmp_path),
+    ))
+    moe = result.report["model"]["moe"]
+    assert moe["experts_per_token"] == 2 and set(moe["routed_tokens"]) == {"0", "1"}
+    assert moe["full_precision"] == ["mlp.gate", "mlp.shared_expert_gate"]
+    for counts in moe["routed_tokens"].values():
+        assert len(counts) == 4 and sum(counts) == 4 * 32 * 2  # every calibration token, twice
+    # the quantized model keeps the router a plain parameter and every expert a finalised quantized linear
+    block = result.model.model.layers[1]
+    assert isinstance(block.mlp.gate.weight, nn.Parameter)
+    assert all(type(expert.down_proj).__name__ != "Linear" for expert in block.mlp.experts)
+    # GPTQ v1 has no fused-expert layout in transformers 5: refused with the reason, before anything is written
+    with pytest.raises(ConfigError, match="mixture of experts .*export as compressed-tensors"):
+        export_run(tmp_path, ExportConfig(format="gptq", output=str(tmp_path / "gptq")))
+    assert not (tmp_path / "gptq").exists()
+
+
+def test_gptq_start_and_activation_quantization_on_experts(tmp_path: Path) -> None:
+    """The shipped recipes' statistics paths on a mixture of experts: GPTQ measured stage by stage (every
+    expert's gate/up in one stage, behind the quantized attention) with the activation-aware clip search, and
+    8-bit activations with CFP's attention pair."""
+    result = run_quantize(load_recipe(
+        TINY_RECIPE, "--model.name_or_path", "tiny-qwen2_moe", "--model.tiny.num_layers", "2",
+        "--quant.scheme", "W4A8", "--quant.act_mode", "dynamic_sym", "--quant.gptq", "{true_sequential: true}",
+        "--quant.clip_search", "{activation_aware: true}", "--cfp.activations", "true",
+        "--train.epochs", "1", "--eval.datasets", "[]", "--data.num_samples", "4", "--data.seqlen", "32",
+        "--monitor.rtn_reference", "false", "--trainer.enable_progress_bar", "false", "--output_dir", str(tmp_path),
+    ))
+    report = result.report
+    assert report["cfp"]["activations"] and report["model"]["moe"]["routed_tokens"]
+    assert all(error["quantized"] < 1.0 for error in report["block_errors"])
+    with torch.no_grad():
+        assert torch.isfinite(result.model(IDS).logits).all()
