@@ -189,6 +189,31 @@ def test_quantize_reload_and_compressed_tensors_export(model_type: str, tmp_path
         assert _relative(packed(IDS).logits, expected) < 1e-6
 
 
+@pytest.mark.parametrize("model_type", [t for t in SUPPORTED_MODEL_TYPES if family_for(t).experts is None])
+def test_gptq_export_reloads_with_the_run_logits(model_type: str, tmp_path: Path) -> None:
+    """GPTQ v1 (symmetric weight-only) for every dense family, reloaded by stock transformers with gptqmodel's
+    plain torch kernel; the format's float16 scales are the only difference from the fake-quant model."""
+    pytest.importorskip("optimum")
+    pytest.importorskip("gptqmodel")
+    from transformers import GPTQConfig
+
+    out = tmp_path / "run"
+    result = run_quantize(load_recipe(
+        TINY_RECIPE, "--method", "rtn", "--model.name_or_path", f"tiny-{model_type}", "--model.tiny.num_layers", "2",
+        "--quant.scheme", "W4A16G32", "--quant.sym", "true", "--eval.datasets", "[]", "--data.num_samples", "4",
+        "--trainer.enable_progress_bar", "false", "--output_dir", str(out),
+    ))
+    with torch.no_grad(), torch._dynamo.config.patch(disable=True):  # gptqmodel would compile its kernel
+        expected = result.model(IDS).logits
+        export_run(out, ExportConfig(format="gptq", output=str(tmp_path / "gptq"), dtype="auto"))
+        packed = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "gptq", dtype=torch.float32, quantization_config=GPTQConfig(bits=4, backend="torch")
+        ).eval()
+        assert any(hasattr(module, "qweight") for module in packed.modules())
+        # a float16 scale is off by up to 2^-11 of itself: a few 1e-4 of the logits after two blocks
+        assert _relative(packed(IDS).logits, expected) < 2e-3
+
+
 def test_cross_block_walk_uses_each_blocks_kwargs() -> None:
     """The windows' teacher targets and the full-precision cache follow the model through local and global
     layers: after the last window the cache is the model's last hidden state."""
