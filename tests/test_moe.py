@@ -13,8 +13,9 @@ from torch import nn
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.export.packed import ExportConfig, export_run
 from cbq_lightning.models.adapter import DecoderAdapter, observe_linear_inputs, run_block
-from cbq_lightning.models.moe import UnfusedExperts, count_routed_tokens
+from cbq_lightning.models.moe import UnfusedExperts, count_routed_tokens, merge_expert_stages
 from cbq_lightning.models.tiny import TinyModelConfig, build_tiny_model, byte_tokenizer
+from cbq_lightning.quant.input_moments import InputMoments
 from cbq_lightning.runner import run_quantize
 from tests.conftest import TINY_RECIPE, load_recipe
 
@@ -120,3 +121,27 @@ def test_gptq_start_and_activation_quantization_on_experts(tmp_path: Path) -> No
     assert all(error["quantized"] < 1.0 for error in report["block_errors"])
     with torch.no_grad():
         assert torch.isfinite(result.model(IDS).logits).all()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe"])
+def test_true_sequential_gptq_measures_each_kind_of_expert_projection_once(model_type: str) -> None:
+    model = _model(model_type)
+    adapter = DecoderAdapter(model)
+    hidden, kwargs = adapter.capture_block_inputs(IDS)
+    _, stages = InputMoments(max_samples=2, batch_size=2, full=True).measure(adapter.blocks[0], hidden, kwargs[0])
+    shared = [["mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"], ["mlp.shared_expert.down_proj"]]
+    assert stages == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        *(shared if model_type == "qwen2_moe" else []),
+        [f"mlp.experts.{e}.{p}" for e in range(4) for p in ("gate_proj", "up_proj")],
+        [f"mlp.experts.{e}.down_proj" for e in range(4)],
+    ]
+
+
+def test_expert_stages_merge_by_kind_in_first_place() -> None:
+    stages = [["a.q"], ["mlp.experts.0.w1", "mlp.experts.0.w3"], ["mlp.experts.0.w2"], ["mlp.experts.1.w1", "mlp.experts.1.w3"],
+              ["mlp.experts.1.w2"], ["mlp.shared_expert.down_proj"]]
+    assert merge_expert_stages(stages) == [
+        ["a.q"], ["mlp.experts.0.w1", "mlp.experts.0.w3", "mlp.experts.1.w1", "mlp.experts.1.w3"],
+        ["mlp.experts.0.w2", "mlp.experts.1.w2"], ["mlp.shared_expert.down_proj"],
+    ]

@@ -26,6 +26,7 @@ stay in full precision: they are tiny, and a rounding error there moves tokens b
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -124,13 +125,10 @@ class UnfusedExperts(nn.ModuleList):
             chosen = nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
             if self.counting:
                 self.routed_tokens += chosen.sum(dim=(1, 2)).to(self.routed_tokens.device)
-        if self.route_all:
-            # all gate/up projections first (one input tensor: one GPTQ stage), then the down projections
-            intermediates = [expert.gate_up(hidden_states) for expert in self]
         for index, expert in enumerate(self):
             slot, token = torch.where(chosen[index])
-            if self.route_all:
-                result = expert.down(intermediates[index])[token]
+            if self.route_all:  # one expert's activations at a time: memory of a dense MLP, not of E of them
+                result = expert(hidden_states)[token]
             elif token.numel() == 0:
                 continue
             else:
@@ -138,6 +136,33 @@ class UnfusedExperts(nn.ModuleList):
             weights = top_k_weights[token, slot, None]
             output.index_add_(0, token, (result * weights).to(output.dtype))
         return output
+
+
+#: an expert's index inside a linear's dotted name (``mlp.experts.17.down_proj``)
+_EXPERT_INDEX = re.compile(r"(?<=experts\.)\d+(?=\.)")
+
+
+def merge_expert_stages(stages: list[list[str]]) -> list[list[str]]:
+    """GPTQ's true-sequential stages of a block with every expert's projections of one kind in one stage.
+
+    Measured in forward order, each expert forms its own stages (its ``gate``/``up`` read the block's hidden
+    state, its ``down`` its own activation), so a block of E experts would be measured 2E times. The experts
+    are parallel: an expert's ``down`` depends only on its own ``gate``/``up``, so once every expert's
+    ``gate``/``up`` is quantized all ``down`` projections can be measured in one pass. Stages whose names
+    differ only in the expert index are merged at the place of the first.
+    """
+    merged: list[list[str]] = []
+    by_kind: dict[tuple[str, ...], list[str]] = {}
+    for stage in stages:
+        kind = tuple(sorted({_EXPERT_INDEX.sub("*", name) for name in stage}))
+        if not any("experts.*." in name for name in kind):
+            merged.append(list(stage))
+            continue
+        if kind not in by_kind:
+            by_kind[kind] = []
+            merged.append(by_kind[kind])
+        by_kind[kind].extend(stage)
+    return merged
 
 
 def _fused_experts(block: nn.Module) -> Iterator[tuple[str, nn.Module]]:

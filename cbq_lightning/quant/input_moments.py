@@ -24,6 +24,7 @@ from torch import nn
 
 from cbq_lightning.distributed import all_reduce_
 from cbq_lightning.models.adapter import DecoderAdapter, observe_linear_inputs
+from cbq_lightning.models.moe import merge_expert_stages
 
 
 class InputMoments:
@@ -101,6 +102,7 @@ class InputMoments:
 
         linears = [(name, linear) for name, linear in DecoderAdapter.block_linears(block) if names is None or name in names]
         observe_linear_inputs(block, linears, inputs, kwargs, self.batch_size, record)
+        stages = merge_expert_stages(stages)  # a mixture of experts: one stage per kind of expert projection
         for name in sorted(sums):  # one statistic for all DDP ranks (sorted: every rank reduces in one order)
             all_reduce_(sums[name])
             counts[name] = int(all_reduce_(torch.tensor([counts[name]], dtype=torch.float64))[0])
