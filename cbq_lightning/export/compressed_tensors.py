@@ -97,8 +97,8 @@ def quantization_config(scheme: ExportScheme, ignore: list[str], embedding: bool
         }
     }
     # transformers' compressed (default) loading path cannot hold a packed zero-point, build a quantized
-    # embedding or fused experts, so a plain from_pretrained(OUT) would stop with a size-mismatch report; "dequantize" makes it
-    # take its dequantize-at-load path by itself. vLLM and compressed-tensors ignore the key.
+    # embedding or fused experts, so a plain from_pretrained(OUT) would stop with a size-mismatch report;
+    # "dequantize" makes it take its dequantize-at-load path by itself. vLLM and compressed-tensors ignore the key.
     loader_hint = {"dequantize": True} if (not scheme.sym or embedding or experts) else {}
     return {
         **loader_hint,

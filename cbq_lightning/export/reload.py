@@ -46,12 +46,10 @@ _REQUIREMENTS = {
 }
 
 
-def quantization_config(model_dir: Path) -> dict | None:
-    """The ``quantization_config`` of a local checkpoint directory, if it has one."""
+def _model_config(model_dir: Path) -> dict:
+    """The ``config.json`` of a local checkpoint directory (empty without one)."""
     path = model_dir / "config.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text(encoding="utf-8")).get("quantization_config")
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _require(method: str) -> None:
@@ -68,7 +66,8 @@ def _require(method: str) -> None:
 
 def loading_kwargs(model_dir: Path) -> dict[str, Any]:
     """Extra ``from_pretrained`` arguments for a packed export in ``model_dir`` (empty for other checkpoints)."""
-    config = quantization_config(model_dir)
+    model_config = _model_config(model_dir)
+    config = model_config.get("quantization_config")
     method = (config or {}).get("quant_method")
     if method not in _REQUIREMENTS:
         return {}
@@ -80,7 +79,7 @@ def loading_kwargs(model_dir: Path) -> dict[str, Any]:
     groups = list(config.get("config_groups", {}).values())
     asymmetric = not all((group.get("weights") or {}).get("symmetric", True) for group in groups)
     embedding = any(compressed_tensors.EMBEDDING_TARGET in group.get("targets", []) for group in groups)
-    experts = has_experts(json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type"))
+    experts = has_experts(model_config.get("model_type"))
     if not (asymmetric or embedding or experts):
         return {}
     if any(group.get("input_activations") for group in groups):
