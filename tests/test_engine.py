@@ -88,7 +88,9 @@ def test_state_dict_and_reenter_continue_the_walk_where_it_stopped(tiny_model: n
     state.leave(windows[0], "cpu")
     saved = {key: value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
              for key, value in state.state_dict().items()}
-    assert set(saved) == {"x_fp", "x_q", "block_errors", "preprocess_stats"}  # no RTN cache when not monitored
+    # no RTN cache when not monitored; no routed-token counts in a dense model
+    assert set(saved) == {"x_fp", "x_q", "block_errors", "preprocess_stats", "routed_tokens"}
+    assert saved["routed_tokens"] == {}
 
     resumed_model = copy.deepcopy(original)
     resumed_adapter = DecoderAdapter(resumed_model)
