@@ -436,9 +436,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(after copying in records of separate runs); nothing runs")
     args = parser.parse_args(argv)
     suffix = f"_{args.tag}" if args.tag else ""
+    invocation = shlex.join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
     if args.peer_records:
-        _import_peers(args.peer_records, args, shlex.join(["python", "benchmarks/quality.py",
-                                                           *(argv if argv is not None else sys.argv[1:])]), suffix)
+        _import_peers(args.peer_records, args, invocation, suffix)
     if args.redraw or args.peer_records:
         _write_table(args.output, suffix)
         _draw(args.output, suffix)
@@ -457,7 +457,6 @@ def main(argv: list[str] | None = None) -> int:
     flags = _overrides(args.set)
     recipes = {scheme: _recipe(scheme) for scheme in args.schemes}
     args.output.mkdir(parents=True, exist_ok=True)
-    invocation = shlex.join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
     if args.paper_only:
         _add_paper(recipes, args, invocation, suffix)
     elif args.cbq_only:
@@ -544,6 +543,14 @@ def _write_record(path: Path, record: dict) -> None:
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}", flush=True)
 
 
+def _attach_peer(record: dict, name: str, peer: dict) -> None:
+    """Put peer ``name``'s record (with its ``command``) into a scheme record: the row's summary, the whole
+    record and the command (a later peer of the same name replaces the earlier one)."""
+    record["row"].setdefault("peers", {})[name] = _peer_summary(peer)
+    record.setdefault("peers", {})[name] = peer
+    record.setdefault("commands", {})[f"peer_{name}"] = peer["command"]
+
+
 def _add_peers(recipes: dict[str, Path], peers: list[str], args: argparse.Namespace, invocation: str,
                suffix: str) -> None:
     """``--peers-only``: run the peers with each scheme's recorded recipe and overrides, add them to its record."""
@@ -561,11 +568,8 @@ def _add_peers(recipes: dict[str, Path], peers: list[str], args: argparse.Namesp
             peer_records = {
                 name: _peer(recipe, name, Path(tmp) / scheme, flags) for name in peers
             }
-            record["row"].setdefault("peers", {}).update(
-                {name: _peer_summary(peer) for name, peer in peer_records.items()})
-            record.setdefault("peers", {}).update(peer_records)
-            record.setdefault("commands", {}).update(
-                {f"peer_{name}": peer["command"] for name, peer in peer_records.items()})
+            for name, peer in peer_records.items():
+                _attach_peer(record, name, peer)
             record["peer_run"] = {
                 "invocation": invocation, "git_commit": _git_commit(), "versions": versions_now(),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -602,9 +606,7 @@ def _import_peers(files: list[Path], args: argparse.Namespace, invocation: str, 
                              f"{expected}: the peer must calibrate like the record (only placement flags may differ)")
         peer.setdefault("command", shlex.join(["python", "-m", "benchmarks.peers", "--peer", peer["peer"], "--config",
                                                peer["recipe"], "--output", file.name, *peer.get("overrides", [])]))
-        record["row"].setdefault("peers", {})[peer["peer"]] = _peer_summary(peer)
-        record.setdefault("peers", {})[peer["peer"]] = peer
-        record.setdefault("commands", {})[f"peer_{peer['peer']}"] = peer["command"]
+        _attach_peer(record, peer["peer"], peer)
         record.setdefault("peer_imports", {})[peer["peer"]] = {
             "invocation": invocation, "file": file.name, "device": peer.get("device"),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
