@@ -151,11 +151,16 @@ _REFUSED = {
 }
 
 
+def _layout_of(model_type: str | None) -> FamilyLayout | None:
+    """The layout covering ``model_type``, or None."""
+    return next((family for family in FAMILIES if model_type in family.model_types), None)
+
+
 def family_for(model_type: str) -> FamilyLayout:
     """The layout of ``model_type``, or a one-line error naming what is missing and what is supported."""
-    for family in FAMILIES:
-        if model_type in family.model_types:
-            return family
+    family = _layout_of(model_type)
+    if family is not None:
+        return family
     reason = _REFUSED.get(model_type, "its block layout has not been checked")
     raise ModelSourceError(
         f"model type {model_type!r} is not supported yet ({reason}): cbq-lightning handles "
@@ -166,17 +171,17 @@ def family_for(model_type: str) -> FamilyLayout:
 def has_experts(model_type: str | None) -> bool:
     """Whether ``model_type`` is a mixture-of-experts family CBQ supports (its experts are unfused for CBQ and
     stored per expert in its outputs)."""
-    return any(model_type in family.model_types and family.experts is not None for family in FAMILIES)
+    family = _layout_of(model_type)
+    return family is not None and family.experts is not None
 
 
 def checkpoint_name(model_type: str | None, module_name: str) -> str:
     """The name under which transformers' ``save_pretrained`` stores ``module_name`` of a ``model_type`` model
     (the same name but for the family's ``saved_as`` renames): a packed export must use the checkpoint's
     names, which the loader maps back to modules."""
-    for family in FAMILIES:
-        if model_type in family.model_types:
-            for module_part, saved_part in family.saved_as:
-                module_name = module_name.replace(module_part, saved_part)
+    family = _layout_of(model_type)
+    for module_part, saved_part in family.saved_as if family is not None else ():
+        module_name = module_name.replace(module_part, saved_part)
     return module_name
 
 

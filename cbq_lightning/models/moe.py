@@ -66,15 +66,9 @@ class ExpertMLP(nn.Module):
             self.add_module(name, nn.Linear(inputs, outputs, bias=False, dtype=dtype, device=device))
         self.act_fn = act_fn
 
-    def gate_up(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up, _ = (getattr(self, name) for name in self.names)
-        return self.act_fn(gate(x)) * up(x)
-
-    def down(self, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self, self.names[2])(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.gate_up(x))
+        gate, up, down = (getattr(self, name) for name in self.names)
+        return down(self.act_fn(gate(x)) * up(x))
 
 
 class UnfusedExperts(nn.ModuleList):
