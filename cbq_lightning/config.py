@@ -24,6 +24,7 @@ from cbq_lightning.quant.mixed_precision import MixedPrecisionConfig
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import clip_logit
+from cbq_lightning.rotation.fold import RotationConfig
 from cbq_lightning.train_config import OptimConfig, TrainerConfig
 from cbq_lightning.windows import WindowConfig
 
@@ -60,6 +61,8 @@ class QuantizeConfig:
             (:class:`CorrectionConfig`); null: none.
         mixed: an extension: per-layer bit-widths chosen by sensitivity under an average-bits budget
             (:class:`MixedPrecisionConfig`); null: every layer at the scheme's bits.
+        rotation: an extension: orthogonal rotations folded into the model before anything else
+            (:class:`~cbq_lightning.rotation.fold.RotationConfig`); null: none.
 
     Extensions are optional sections: null (the default) is off, a section (``{}`` or any of its keys, e.g.
     ``--quant.gptq.damp 0.02``) is on. Each section checks its own values when it is built; :func:`validate`
@@ -77,6 +80,7 @@ class QuantizeConfig:
     rounding: RoundingConfig = field(default_factory=RoundingConfig)
     correction: CorrectionConfig | None = None
     mixed: MixedPrecisionConfig | None = None
+    rotation: RotationConfig | None = None
     cfp: CFPConfig = field(default_factory=CFPConfig)
     window: WindowConfig = field(default_factory=WindowConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -153,6 +157,13 @@ def validate(config: QuantizeConfig) -> QuantScheme:
             "rank_fraction): its stock kernels compute Q(W) Q(x) only. Keep export.format null (the fake-quant "
             "checkpoint and quant_state.safetensors hold the correction; `cbq evaluate` on the run applies it) "
             "or switch the correction off."
+        )
+    if config.rotation is not None and config.rotation.online_down and config.export.format is not None:
+        raise ConfigError(
+            f"export.format={config.export.format!r} with rotation.online_down: stock loaders of packed formats do "
+            "not run the online rotation before down_proj. Set rotation.online_down false for a stock-loadable "
+            "export (the folded rotations are plain weights), or keep export.format null (the fake-quant "
+            "checkpoint records it and `cbq evaluate` on the run applies it)."
         )
     # a packed format that cannot hold the scheme is refused now, not after the calibration
     config.export.check(ExportScheme.from_settings(scheme, config.quant.act_settings(trained=True)))

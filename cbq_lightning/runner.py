@@ -66,6 +66,7 @@ from cbq_lightning.quant.qlinear import LayerQuantConfig
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch
+from cbq_lightning.rotation.fold import check_rotatable, rotate_model
 from cbq_lightning.stop import GracefulStop
 from cbq_lightning.window import WindowModule
 from cbq_lightning.windows import Window, WindowConfig, window_schedule
@@ -464,6 +465,8 @@ class _Job:
     all_ids: torch.Tensor
     ids: torch.Tensor
     eval_sets: list[EvalSet]
+    #: what :func:`~cbq_lightning.rotation.fold.rotate_model` folded in (None: no rotation)
+    rotation: dict[str, Any] | None = None
 
     @property
     def cbq(self) -> bool:
@@ -496,17 +499,22 @@ def _read_inputs(config: QuantizeConfig) -> _Job:
     check_group_size(adapter.blocks, scheme)
     check_rounding_rank(adapter.blocks, rounding)
     check_correction_rank(adapter.blocks, correction)
+    if config.rotation is not None:
+        check_rotatable(adapter)
     all_ids = calibration_ids(config.data, tokenizer, config.seed, config.data_dir)
     evaluation = config.eval
     eval_sets = [
         prepare_eval_set(source, tokenizer, evaluation.seqlen, evaluation.split, evaluation.max_windows, config.data_dir)
         for source in evaluation.datasets
     ]
+    # everything is read and checked: rotate before anything measures the model (the full-precision
+    # reference then measures the rotated model, which computes the same function)
+    rotation = rotate_model(adapter, config.rotation, config.seed) if config.rotation is not None else None
     return _Job(
         config=config, scheme=scheme, place=place, output_dir=output_dir, checkpointer=checkpointer, resume=resume,
         tokenizer=tokenizer, model=model, adapter=adapter, rounding=rounding, correction=correction,
         all_ids=all_ids, ids=place.shard(all_ids),  # DDP: this rank's samples (all of them in a single process)
-        eval_sets=eval_sets,
+        eval_sets=eval_sets, rotation=rotation,
     )
 
 
@@ -617,6 +625,8 @@ def _write_outputs(
     quantization = {
         "method": config.method, "scheme": scheme_info, "quant_state": f"../{QUANT_STATE_FILE}",
         **({"correction": correction_info} if correction_info else {}),
+        # the folded rotations, and the online one `cbq evaluate` puts back (absent: no rotation)
+        **({"rotation": job.rotation} if job.rotation else {}),
     }
     save_quant_state(model, job.output_dir / QUANT_STATE_FILE, scheme_info)
     save_fake_quant_checkpoint(model, job.tokenizer, job.output_dir / MODEL_DIR, quantization)
@@ -675,6 +685,8 @@ def _report(
             "outlier_channels": {str(index): found for index, found in sorted(cfp.outlier_channels.items())},
         },
         "preprocess": {str(index): stats for index, stats in sorted(state.preprocess_stats.items())},
+        # the rotations folded into the model before calibration (None: none)
+        "rotation": job.rotation,
         # the low-rank correction's cost, which the integer weights do not show (None without one)
         "correction": correction_info,
         # per-layer bits (mixed.budget / quant.layer_bits), their average and the sensitivities (None: uniform)

@@ -22,6 +22,7 @@ from cbq_lightning.export.fake_quant import (
 from cbq_lightning.files import check_checkpoint_dir, check_json, check_safetensors, rerun_quantize
 from cbq_lightning.io import atomic_write_json
 from cbq_lightning.models.loading import ModelConfig, load_model, load_tokenizer
+from cbq_lightning.rotation.fold import attach_online_rotations
 
 
 @dataclass
@@ -146,6 +147,8 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if quantization is not None and (quantization.get("scheme", {}).get("activations") or quantization.get("correction")):
         check_safetensors(Path(path) / quantization["quant_state"], rerun_quantize(Path(path).parent))
     model = load_model(model_config, vocab_size=len(tokenizer))
+    if quantization is not None:  # a run with an online rotation: put it back before anything reads the inputs
+        attach_online_rotations(model, quantization.get("rotation"))
     if quantization is not None and quantization.get("scheme", {}).get("activations"):
         attach_activation_quantizers(model, Path(path) / quantization["quant_state"])
     if quantization is not None and quantization.get("correction"):

@@ -18,6 +18,7 @@ from torch import nn
 
 from cbq_lightning.export.quant_state import load_quant_state, load_quant_state_scheme
 from cbq_lightning.io import atomic_directory
+from cbq_lightning.models.adapter import replace_module
 from cbq_lightning.quant.act_quantizer import ActivationQuantizer
 from cbq_lightning.quant.convert import finalized_linears
 from cbq_lightning.quant.correction import LowRankCorrection
@@ -101,9 +102,8 @@ def attach_corrections(model: nn.Module, quant_state_path: Path) -> int:
             correction.u.copy_(u)
             correction.v.copy_(v)
         correction.requires_grad_(False)
-        parent, _, child = name.rpartition(".")
         corrected = CorrectedLinear(linear, correction.to(device=linear.weight.device, dtype=linear.weight.dtype))
-        setattr(model.get_submodule(parent) if parent else model, child, corrected)
+        replace_module(model, name, corrected)  # an online rotation moves to the wrapper: both terms see it
         count += 1
     return count
 

@@ -107,6 +107,14 @@ def export_run(run_dir: str | Path, config: ExportConfig) -> dict[str, Any]:
             "checkpoint with the corrections attached (`cbq evaluate --model RUN`), or quantize without "
             "correction.rank for a packed export."
         )
+    rotation = json.loads((run.model_dir / SIDECAR).read_text(encoding="utf-8")).get("rotation") or {}
+    if rotation.get("online"):
+        raise ConfigError(
+            f"{run_dir} rotates the input of {len(rotation['online']['linears'])} linears online "
+            f"(rotation.online_down): {config.format} loaders do not run that rotation. Evaluate or serve the "
+            "fake-quant checkpoint (`cbq evaluate --model RUN` applies it), or quantize with "
+            "rotation.online_down false for a packed export."
+        )
     output = config.output_dir(run.run_dir)
     if output.resolve() in (run.run_dir.resolve(), run.model_dir.resolve()):
         raise ConfigError(f"export output {output} would replace the run's own outputs: choose another directory.")

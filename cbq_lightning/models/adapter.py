@@ -31,6 +31,7 @@ from cbq_lightning.models.moe import (
     route_all_tokens,
     unfuse_experts,
 )
+from cbq_lightning.rotation.online import move_online_rotation
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "BlockKwargs", "DecoderAdapter", "ScalingPairs", "check_model_type"]
 
@@ -84,6 +85,15 @@ def kwargs_list_to(per_block: list[dict[str, Any]], device: torch.device | str) 
         if id(kwargs) not in moved:
             moved[id(kwargs)] = kwargs_to(kwargs, device)
     return [moved[id(kwargs)] for kwargs in per_block]
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at ``root``'s submodule ``name``; an online rotation of the old module moves to the new one
+    (:mod:`cbq_lightning.rotation.online`), so a linear keeps rotating its input through all its lives."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    move_online_rotation(getattr(parent, child), new)
+    setattr(parent, child, new)
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -318,9 +328,7 @@ class DecoderAdapter:
     def replace_linears(block: nn.Module, factory: Callable[[str, nn.Linear], nn.Module]) -> None:
         """Replace each ``nn.Linear`` of ``block`` in place by ``factory(name, linear)``."""
         for name, linear in list(DecoderAdapter.block_linears(block)):
-            parent_name, _, child = name.rpartition(".")
-            parent = block.get_submodule(parent_name) if parent_name else block
-            setattr(parent, child, factory(name, linear))
+            replace_module(block, name, factory(name, linear))
 
     @torch.no_grad()
     def capture_block_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, BlockKwargs]:

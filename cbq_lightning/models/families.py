@@ -43,6 +43,22 @@ class LinearPair:
 
 
 @dataclass(frozen=True)
+class RotationLayout:
+    """Where an orthogonal rotation of the residual stream leaves a block, and the per-head value path.
+
+    The linears that *read* the residual stream are the norm pairs' linears (the norms' scales are folded into
+    them first, so each norm is a bare RMS normalisation that commutes with a rotation); ``writers`` add their
+    output to it. ``value``/``output``: the per-head rotation sits between them. ``down``: the linear whose
+    input gets the online rotation.
+    """
+
+    writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    value: str = "self_attn.v_proj"
+    output: str = "self_attn.o_proj"
+    down: str = "mlp.down_proj"
+
+
+@dataclass(frozen=True)
 class FamilyLayout:
     """One decoder family's layout as CBQ needs it.
 
@@ -60,6 +76,8 @@ class FamilyLayout:
         logits_divisor: config attribute the logits are divided by (Granite's ``logits_scaling``), or None.
         experts: mixture-of-experts families: how the experts are named once unfused
             (:mod:`cbq_lightning.models.moe`); None for dense families.
+        rotation: where rotations fold in this family (:mod:`cbq_lightning.rotation`); None where they cannot
+            be folded exactly (norms after sub-layers, LayerNorm's mean, fused projections, experts).
     """
 
     model_types: tuple[str, ...]
@@ -77,6 +95,7 @@ class FamilyLayout:
     #: ``(module path part, checkpoint name part)``: where transformers saves a module under another name
     #: than the model's (Mixtral's experts live in ``mlp`` and are saved under ``block_sparse_moe``)
     saved_as: tuple[tuple[str, str], ...] = ()
+    rotation: RotationLayout | None = None
 
 
 _LLAMA_NORMS = (
@@ -99,8 +118,10 @@ _MOE_NOT_FOLDED = (
 FAMILIES: tuple[FamilyLayout, ...] = (
     # LLaMA layout: pre-norm RMSNorm before attention and the gated MLP. Granite adds scalar multipliers
     # inside the block and on the logits; they act on whole tensors, so the pairs stay exact.
-    FamilyLayout(("llama", "mistral", "qwen2", "qwen3"), norm_pairs=_LLAMA_NORMS, linear_pairs=_GATED_MLP),
-    FamilyLayout(("granite",), norm_pairs=_LLAMA_NORMS, linear_pairs=_GATED_MLP, logits_divisor="logits_scaling"),
+    FamilyLayout(("llama", "mistral", "qwen2", "qwen3"), norm_pairs=_LLAMA_NORMS, linear_pairs=_GATED_MLP,
+                 rotation=RotationLayout()),
+    FamilyLayout(("granite",), norm_pairs=_LLAMA_NORMS, linear_pairs=_GATED_MLP, logits_divisor="logits_scaling",
+                 rotation=RotationLayout()),
     # Gemma 2 / 3: RMSNorm computes x_hat * (1 + weight); a norm before and after each sub-layer (the "post"
     # norms act on the sub-layer's output, which feeds the residual stream, not a linear)
     FamilyLayout(

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cbq_lightning.errors import ConfigError
-from cbq_lightning.models.adapter import DecoderAdapter
+from cbq_lightning.models.adapter import DecoderAdapter, replace_module
 from cbq_lightning.quant.act_quantizer import ActQuantSettings
 from cbq_lightning.quant.correction import CorrectionConfig
 from cbq_lightning.quant.qlinear import FinalizedQuantLinear, LayerQuantConfig, QuantLinear
@@ -126,8 +126,7 @@ def finalize_block(block: nn.Module) -> None:
     """Put a :class:`FinalizedQuantLinear` (hardened rounding, frozen clipping, integer codes) in the place of
     every calibrating :class:`QuantLinear` of ``block``; a block with none left is unchanged."""
     for name, layer in list(quant_linears(block)):
-        parent, _, child = name.rpartition(".")
-        setattr(block.get_submodule(parent) if parent else block, child, layer.finalize())
+        replace_module(block, name, layer.finalize())
 
 
 def reset_block_to_round_to_nearest(block: nn.Module) -> None:
