@@ -165,6 +165,12 @@ def validate(config: QuantizeConfig) -> QuantScheme:
             "export (the folded rotations are plain weights), or keep export.format null (the fake-quant "
             "checkpoint records it and `cbq evaluate` on the run applies it)."
         )
+    if config.rotation is not None and config.rotation.online_down and config.cfp.mlp:
+        raise ConfigError(
+            "cfp.mlp with rotation.online_down: CFP would scale the down projection's input channels, but that "
+            "input is rotated before the down projection sees it, so the scale no longer folds into its columns. "
+            "Set cfp.mlp false (the rotation spreads those outliers already) or rotation.online_down false."
+        )
     # a packed format that cannot hold the scheme is refused now, not after the calibration
     config.export.check(ExportScheme.from_settings(scheme, config.quant.act_settings(trained=True)))
     if config.method == "cbq":
