@@ -62,8 +62,8 @@ DEFAULT_SCHEMES = ("W4A16", "W3A16G64", "W2A16G64", "W4A8", "W4A4")
 #: flags that switch coarse-to-fine preprocessing off (the RTN baseline and the CFP ablation)
 CFP_OFF = ["--cfp.weights", "false", "--cfp.activations", "false"]
 #: the RTN baseline is plain round-to-nearest even when the recipe starts CBQ from GPTQ
-#: (``method: rtn`` with a ``quant.gptq`` section would be GPTQ)
-PLAIN_RTN = ["--quant.gptq", "null"]
+#: (``method: rtn`` with a ``quant.gptq`` section would be GPTQ) or rotates the model first
+PLAIN_RTN = ["--quant.gptq", "null", "--rotation", "null"]
 #: ``CBQ (paper settings)``: the paper's method (docs/method.md §1-4) as stated, on top of a scheme's recipe, which keeps only its
 #: budget (samples, epochs, batch size) and its scheme: RTN start on the unclipped grid, LoRA-Rounding
 #: ``V0 + A1 A2`` (rank 4) trained through soft decisions and hardened at the end, windows K=2 / O=1, MSE +
@@ -81,6 +81,8 @@ PAPER_SETTINGS = {
     "loss.global_branch": "true", "loss.homologous_branch": "true", "loss.kl_weight": "1.0",
     "loss.output_kl_weight": "0",
     "train.keep_best": "false", "train.lr_rounding": "0.001", "train.lr_clip": "0.005",
+    # the paper rotates nothing (an extension, docs/rotation.md)
+    "rotation": "null",
 }
 PAPER_FLAGS = [flag for key, value in PAPER_SETTINGS.items() for flag in (f"--{key}", value)]
 
@@ -116,8 +118,10 @@ def recipe_deviations(recipe: Path) -> dict[str, tuple[str, str]]:
     config = quantize_config(instantiate(parser, parser.parse_args(["--config", str(recipe)])))
     deviations = {}
     for key, paper in PAPER_SETTINGS.items():
-        section, name = key.split(".")
-        shown = _shown(getattr(getattr(config, section), name))
+        value = config
+        for part in key.split("."):  # "section.name", or a whole optional section ("rotation")
+            value = getattr(value, part)
+        shown = _shown(value)
         if _normalise(shown) != _normalise(paper):
             deviations[key] = (paper, shown)
     return deviations

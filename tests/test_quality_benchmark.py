@@ -99,6 +99,7 @@ def test_paper_flags_are_what_method_md_states(quality) -> None:
     assert settings["rounding.forward"] == "soft" and (settings["window.size"], settings["window.overlap"]) == ("2", "1")
     assert settings["loss.kl_weight"] == "1.0" and settings["loss.output_kl_weight"] == "0"
     assert (settings["train.lr_rounding"], settings["train.lr_clip"]) == ("0.001", "0.005")
+    assert settings["rotation"] == "null" and quality.PLAIN_RTN[-2:] == ["--rotation", "null"]
     flags = quality.PAPER_FLAGS
     assert flags[flags.index("--cfp.truncation") + 1] == "judged" and len(flags) == 2 * len(settings)
 
@@ -109,8 +110,9 @@ def test_recipe_deviations_are_read_from_the_recipe(quality, tmp_path: Path) -> 
     lines = [f"{key}: {value}" for key, value in quality.PAPER_SETTINGS.items()]
     sections: dict[str, list[str]] = {}
     for key, value in quality.PAPER_SETTINGS.items():
-        section, name = key.split(".")
-        sections.setdefault(section, []).append(f"  {name}: {value}")
+        if "." in key:
+            section, name = key.split(".")
+            sections.setdefault(section, []).append(f"  {name}: {value}")
     text = "model:\n  name_or_path: tiny-llama\n" + "".join(f"{s}:\n" + "\n".join(v) + "\n" for s, v in sections.items())
     assert lines
     recipe = tmp_path / "paper.yaml"
@@ -118,6 +120,8 @@ def test_recipe_deviations_are_read_from_the_recipe(quality, tmp_path: Path) -> 
     assert quality.recipe_deviations(recipe) == {}
     recipe.write_text(text.replace("overlap: 1", "overlap: 0").replace("forward: soft", "forward: hardened"))
     assert quality.recipe_deviations(recipe) == {"window.overlap": ("1", "0"), "rounding.forward": ("soft", "hardened")}
+    recipe.write_text(text + "rotation:\n  online_down: false\n")  # an extension section is a deviation too
+    assert quality.recipe_deviations(recipe) == {"rotation": ("null", "{online_down: false}")}
 
 
 def test_schemes_with_activations_get_the_ablation(quality) -> None:

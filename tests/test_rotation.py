@@ -20,7 +20,7 @@ from cbq_lightning.models.families import FAMILIES
 from cbq_lightning.models.tiny import TinyModelConfig, build_tiny_model, byte_tokenizer
 from cbq_lightning.rotation.fold import RotationConfig, rotate_model
 from cbq_lightning.rotation.hadamard import construction, hadamard, orthogonal
-from cbq_lightning.rotation.online import online_rotation_of
+from cbq_lightning.rotation.online import OnlineRotation, online_rotation_of
 from cbq_lightning.runner import run_quantize
 from tests.conftest import TINY_RECIPE, load_recipe
 
@@ -65,11 +65,23 @@ def test_hadamard_matrices_are_orthogonal_with_flat_entries(size: int) -> None:
 
 def test_randomised_matrices_depend_on_the_seed_and_stay_orthogonal() -> None:
     for kind, size in (("hadamard", 576), ("random", 576), ("hadamard", 100)):
-        first = orthogonal(size, torch.Generator().manual_seed(0), kind)
-        again = orthogonal(size, torch.Generator().manual_seed(0), kind)
-        other = orthogonal(size, torch.Generator().manual_seed(1), kind)
+        first = orthogonal(size, torch.Generator().manual_seed(0), kind).matrix()
+        again = orthogonal(size, torch.Generator().manual_seed(0), kind).matrix()
+        other = orthogonal(size, torch.Generator().manual_seed(1), kind).matrix()
         assert torch.equal(first, again) and not torch.equal(first, other)
         torch.testing.assert_close(first @ first.T, torch.eye(size, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("size", "kind"), [(1536, "hadamard"), (576, "hadamard"), (64, "hadamard"), (100, "hadamard"),
+                                           (48, "random")])
+def test_the_online_rotation_applies_the_drawn_matrix_factor_by_factor(size: int, kind: str) -> None:
+    """The factored forward ``A^T X B`` equals ``x diag(s) (A (x) B)``, the matrix folded into the weight."""
+    drawn = orthogonal(size, torch.Generator().manual_seed(5), kind)
+    online = OnlineRotation(drawn, {})
+    x = torch.randn(3, 7, size, dtype=torch.float64)
+    expected = (x @ drawn.matrix()).to(torch.float32)
+    torch.testing.assert_close(online(x.to(torch.float32)), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(online.matrix.double(), drawn.matrix(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -32,7 +32,7 @@ from torch import nn
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.models.adapter import DecoderAdapter
 from cbq_lightning.models.families import RotationLayout
-from cbq_lightning.rotation.hadamard import construction, orthogonal
+from cbq_lightning.rotation.hadamard import Orthogonal, construction, orthogonal
 from cbq_lightning.rotation.online import OnlineRotation, attach_online_rotation
 from cbq_lightning.section_types import check_field_types
 
@@ -84,7 +84,7 @@ def check_rotatable(adapter: DecoderAdapter) -> RotationLayout:
     return layout
 
 
-def _matrix(size: int, kind: str, seed: int) -> torch.Tensor:
+def _draw(size: int, kind: str, seed: int) -> Orthogonal:
     return orthogonal(size, torch.Generator().manual_seed(seed), kind)
 
 
@@ -160,13 +160,13 @@ def _rotate_heads(adapter: DecoderAdapter, layout: RotationLayout, matrix: torch
         output.weight.copy_(per_head.reshape(output.weight.shape).to(output.weight.dtype))
 
 
-def _rotate_down_online(adapter: DecoderAdapter, layout: RotationLayout, matrix: torch.Tensor,
+def _rotate_down_online(adapter: DecoderAdapter, layout: RotationLayout, rotation: Orthogonal,
                         description: dict[str, Any]) -> list[str]:
-    names = []
+    names, matrix = [], rotation.matrix()
     for index, block in enumerate(adapter.blocks):
         down = block.get_submodule(layout.down)
         _right(down.weight, matrix)
-        attach_online_rotation(down, OnlineRotation(matrix.to(down.weight.device), description))
+        attach_online_rotation(down, OnlineRotation(rotation, description).to(down.weight.device))
         names.append(f"{adapter.family.blocks}.{index}.{layout.down}")
     return names
 
@@ -183,16 +183,16 @@ def rotate_model(adapter: DecoderAdapter, config: RotationConfig, seed: int) -> 
     if config.residual:
         size = model.get_input_embeddings().weight.shape[1]
         summary["untied_lm_head"] = _untie_output_embeddings(model)
-        _rotate_residual(adapter, layout, _matrix(size, config.kind, seeds["residual"]))
+        _rotate_residual(adapter, layout, _draw(size, config.kind, seeds["residual"]).matrix())
         summary["residual"] = _describe(size, config.kind, seeds["residual"])
     if config.head:
         head_dim = _head_dims(model)[0]
-        _rotate_heads(adapter, layout, _matrix(head_dim, config.kind, seeds["head"]))
+        _rotate_heads(adapter, layout, _draw(head_dim, config.kind, seeds["head"]).matrix())
         summary["head"] = _describe(head_dim, config.kind, seeds["head"])
     if config.online_down:
         size = adapter.blocks[0].get_submodule(layout.down).in_features
         description = _describe(size, config.kind, seeds["online"])
-        linears = _rotate_down_online(adapter, layout, _matrix(size, config.kind, seeds["online"]), description)
+        linears = _rotate_down_online(adapter, layout, _draw(size, config.kind, seeds["online"]), description)
         summary["online"] = {**description, "linears": linears}
     return summary
 
@@ -202,8 +202,9 @@ def attach_online_rotations(model: nn.Module, summary: dict[str, Any] | None) ->
     online = (summary or {}).get("online")
     if not online:
         return 0
-    matrix = _matrix(int(online["size"]), online["kind"], int(online["seed"]))
+    rotation = _draw(int(online["size"]), online["kind"], int(online["seed"]))
+    description = {key: value for key, value in online.items() if key != "linears"}
     for name in online["linears"]:
         linear = model.get_submodule(name)
-        attach_online_rotation(linear, OnlineRotation(matrix.to(linear.weight.device), online))
+        attach_online_rotation(linear, OnlineRotation(rotation, description).to(linear.weight.device))
     return len(online["linears"])

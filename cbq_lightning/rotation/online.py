@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cbq_lightning.rotation.hadamard import Orthogonal
+
 __all__ = ["OnlineRotation", "attach_online_rotation", "move_online_rotation", "online_rotation_of"]
 
 #: the child module name under which a linear holds its online rotation
@@ -29,20 +31,36 @@ _HOOK_ID = "_input_rotation_hook_id"
 
 
 class OnlineRotation(nn.Module):
-    """``x -> x R`` over the last dimension, computed in the matrix's precision (float32) and returned in
-    ``x``'s dtype. The matrix is a non-persistent buffer: checkpoints do not carry it, the run's sidecar
-    describes it (size, kind, seed) and :mod:`cbq_lightning.rotation.fold` rebuilds it bit for bit."""
+    """``x -> x R`` over the last dimension, computed in float32 and returned in ``x``'s dtype.
 
-    def __init__(self, matrix: torch.Tensor, description: dict[str, Any]) -> None:
+    A randomised Hadamard ``R = diag(s) (A (x) B)`` is applied factor by factor (``A^T X B`` on ``x`` reshaped to
+    ``[m, 2^k]``, see :class:`~cbq_lightning.rotation.hadamard.Orthogonal`), a random orthogonal one as a
+    dense matmul. The tensors are non-persistent buffers: checkpoints do not carry them, the run's sidecar
+    describes the draw (size, kind, seed) and :mod:`cbq_lightning.rotation.fold` draws it again."""
+
+    def __init__(self, rotation: Orthogonal, description: dict[str, Any]) -> None:
         super().__init__()
-        self.register_buffer("matrix", matrix.to(torch.float32), persistent=False)
+        self.size = rotation.size
+        for name in ("signs", "left", "right", "dense"):
+            tensor = getattr(rotation, name)
+            self.register_buffer(name, None if tensor is None else tensor.to(torch.float32), persistent=False)
         self.description = dict(description)
 
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The whole matrix (tests and reports; the forward never builds it)."""
+        return self.forward(torch.eye(self.size, device=(self.dense if self.dense is not None else self.signs).device))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.to(self.matrix.dtype) @ self.matrix).to(x.dtype)
+        rotated = x.to(torch.float32)
+        if self.dense is not None:
+            return (rotated @ self.dense).to(x.dtype)
+        rotated = (rotated * self.signs).unflatten(-1, (self.left.shape[0], self.right.shape[0]))
+        rotated = self.left.T @ (rotated @ self.right)
+        return rotated.flatten(-2).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"size={self.matrix.shape[0]}, {self.description.get('construction', '')}"
+        return f"size={self.size}, {self.description.get('construction', '')}"
 
 
 def _rotate_input(module: nn.Module, args: tuple) -> tuple:
