@@ -83,7 +83,7 @@ def _run_evaluate(namespace: Namespace) -> None:
     from cbq_lightning.evaluation.command import run_evaluate
     from cbq_lightning.evaluation.zero_shot import format_entry
 
-    config = EvaluateConfig(**_fields(namespace))
+    config = EvaluateConfig(**_fields(instantiate(evaluate_parser(), namespace)))  # builds the rotation section
     summary = run_evaluate(config)
     for entry in summary["zero_shot"]:
         print(format_entry(entry))

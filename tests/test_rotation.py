@@ -222,3 +222,17 @@ def test_cfp_mlp_scaling_with_an_online_rotation_is_refused(tmp_path: Path, caps
                  "--cfp.mlp", "true"])
     assert code == 2
     assert "cfp.mlp with rotation.online_down" in capsys.readouterr().err
+
+
+def test_evaluate_rotates_a_full_precision_model_without_changing_its_perplexity(tmp_path: Path) -> None:
+    """`cbq evaluate --rotation` shows the rotated model computes the same function (the check a user can run on
+    their own model before quantizing it rotated)."""
+    results = {}
+    for name, flags in (("plain", []), ("rotated", ["--rotation", "{}", "--seed", "7"])):
+        summary = tmp_path / f"{name}.json"
+        assert main(["evaluate", "--model", "tiny-llama", "--data", "shipped", "--seqlen", "128", "--max_windows", "4",
+                     "--output", str(summary), *flags]) == 0
+        results[name] = json.loads(summary.read_text())
+    assert results["plain"]["rotation"] is None
+    assert results["rotated"]["rotation"]["online"]["seed"] == 7 * 8 + 4
+    assert results["rotated"]["results"][0]["ppl"] == pytest.approx(results["plain"]["results"][0]["ppl"], rel=1e-5)

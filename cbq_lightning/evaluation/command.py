@@ -21,8 +21,9 @@ from cbq_lightning.export.fake_quant import (
 )
 from cbq_lightning.files import check_checkpoint_dir, check_json, check_safetensors, rerun_quantize
 from cbq_lightning.io import atomic_write_json
+from cbq_lightning.models.adapter import DecoderAdapter
 from cbq_lightning.models.loading import ModelConfig, load_model, load_tokenizer
-from cbq_lightning.rotation.fold import attach_online_rotations
+from cbq_lightning.rotation.fold import RotationConfig, attach_online_rotations, rotate_model
 
 
 @dataclass
@@ -51,6 +52,10 @@ class EvaluateConfig:
         limit: evaluate the first N documents of each task only (a quick check, not a comparable score).
         lm_eval_batch_size: requests per forward pass in lm-eval: a number, ``auto`` or ``auto:N``
             (largest that fits, re-detected N times); null = ``batch_size``.
+        rotation: rotate a full-precision model as ``cbq quantize``'s ``rotation`` section would (drawn from
+            ``seed``) before measuring it: the rotated model computes the same function, and this shows it. A
+            ``cbq quantize`` output carries its own rotation and refuses this.
+        seed: the seed the rotation is drawn from (a run's ``seed``).
     """
 
     model: str
@@ -69,6 +74,8 @@ class EvaluateConfig:
     num_fewshot: int | None = None
     limit: int | None = None
     lm_eval_batch_size: int | str | None = None
+    rotation: RotationConfig | None = None
+    seed: int = 0
 
     def sources(self) -> list[str]:
         return [self.data] if isinstance(self.data, str) else list(self.data)
@@ -144,11 +151,19 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         prepare_eval_set(source, tokenizer, config.seqlen, config.split, config.max_windows, config.data_dir)
         for source in config.sources()
     ]
+    if quantization is not None and config.rotation is not None:
+        raise ConfigError(
+            f"--rotation with {config.model}: a cbq quantize output is evaluated with the rotation it was "
+            "quantized with (its sidecar records it); drop --rotation."
+        )
     if quantization is not None and (quantization.get("scheme", {}).get("activations") or quantization.get("correction")):
         check_safetensors(Path(path) / quantization["quant_state"], rerun_quantize(Path(path).parent))
     model = load_model(model_config, vocab_size=len(tokenizer))
+    rotation = None
     if quantization is not None:  # a run with an online rotation: put it back before anything reads the inputs
         attach_online_rotations(model, quantization.get("rotation"))
+    elif config.rotation is not None:
+        rotation = rotate_model(DecoderAdapter(model), config.rotation, config.seed)
     if quantization is not None and quantization.get("scheme", {}).get("activations"):
         attach_activation_quantizers(model, Path(path) / quantization["quant_state"])
     if quantization is not None and quantization.get("correction"):
@@ -164,6 +179,8 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     summary = {
         "model": config.model,
         "quantization": quantization,
+        # the rotation --rotation folded into a full-precision model (None: none)
+        "rotation": rotation,
         "device": str(device),
         "dtype": config.dtype,
         "results": results,
