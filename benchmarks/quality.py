@@ -685,10 +685,10 @@ def _replace_cbq(recipes: dict[str, Path], args: argparse.Namespace, invocation:
         for scheme, (path, record) in records.items():
             recipe = ROOT / record["recipe"]
             flags = _overrides(record.get("overrides", []))
+            cbq = _quantize(recipe, "cbq", Path(tmp) / scheme, flags)  # the shipped figure first
             no_cfp = None
             if _quantizes_activations(scheme):
                 no_cfp = _quantize(recipe, "cbq", Path(tmp) / scheme, flags, cfp=False, name="cbq_no_cfp")
-            cbq = _quantize(recipe, "cbq", Path(tmp) / scheme, flags)
             row = record["row"]
             row.update(_cbq_summary(cbq, row["fp"], row["rtn"], no_cfp))
             record["cbq_report"] = cbq["report"]
