@@ -140,3 +140,21 @@ def test_lora_rounding_from_gptq_resumes_bit_for_bit(tmp_path: Path, init: str, 
     assert expected.keys() == resumed.keys()
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
+
+
+def test_a_rotated_activation_run_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """With rotations the model is rotated again on resume (same seed, same matrices) before the finished blocks
+    come back from the checkpoint, and the overlap block keeps rotating its down projection's input online."""
+    flags = (*FAST, "--quant.scheme", "W4A4", "--quant.gptq", "{}", "--rotation", "{}")
+    reference = tmp_path / "uninterrupted"
+    run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(reference), *flags))
+    killed = tmp_path / "killed"
+    with pytest.raises(Killed):
+        run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(killed), *flags), [KillAtWindow(2)])
+    result = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(killed), *flags))
+    assert result.report["resumed_after_window"] == 1
+    assert all(layer.mlp.down_proj.input_rotation is not None for layer in result.model.model.layers)
+    expected, resumed = _state(reference), _state(killed)
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
