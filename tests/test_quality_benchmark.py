@@ -424,8 +424,8 @@ def test_cbq_only_replaces_the_shipped_column_and_keeps_the_rest(quality, tmp_pa
         calls, lambda flags, name: _run(25.0 if name == "cbq_no_cfp" else 24.0, wall=1800.0)))
     monkeypatch.setattr(quality, "_draw", lambda folder, suffix: None)
     assert quality.main(["--schemes", "W4A8", "--cbq-only", "--output", str(tmp_path)]) == 0
-    assert calls == [("smollm2_w4a8.yaml", "cbq", ["--train.epochs", "2"], "cbq_no_cfp"),
-                     ("smollm2_w4a8.yaml", "cbq", ["--train.epochs", "2"], "")]
+    assert calls == [("smollm2_w4a8.yaml", "cbq", ["--train.epochs", "2"], ""),  # the shipped figure first
+                     ("smollm2_w4a8.yaml", "cbq", ["--train.epochs", "2"], "cbq_no_cfp")]
     updated = json.loads(path.read_text())
     row = updated["row"]
     assert (row["cbq"], row["cbq_no_cfp"], row["cbq_paper"], row["fp"], row["rtn"]) == (24.0, 25.0, 32.0, 20.0, 38.0)
