@@ -107,7 +107,7 @@ def export_run(run_dir: str | Path, config: ExportConfig) -> dict[str, Any]:
             "checkpoint with the corrections attached (`cbq evaluate --model RUN`), or quantize without "
             "correction.rank for a packed export."
         )
-    rotation = json.loads((run.model_dir / SIDECAR).read_text(encoding="utf-8")).get("rotation") or {}
+    rotation = run.sidecar.get("rotation") or {}
     if rotation.get("online"):
         raise ConfigError(
             f"{run_dir} rotates the input of {len(rotation['online']['linears'])} linears online "

@@ -123,6 +123,8 @@ class QuantizedRun:
     scheme: ExportScheme
     scheme_metadata: dict
     layers: dict[str, QuantizedLayer]
+    #: the checkpoint's sidecar (``cbq_quantization.json``): method, scheme, correction, rotation
+    sidecar: dict
 
     def checkpoint_files(self) -> list[Path]:
         """The fake-quant checkpoint's safetensors files (one, or the shards of an index)."""
@@ -164,7 +166,7 @@ def open_run(run_dir: str | Path) -> QuantizedRun:
     rerun = rerun_quantize(run_dir)
     check_safetensors(state_path, rerun)
     check_checkpoint_dir(model_dir, rerun)
-    check_json(model_dir / SIDECAR, rerun)
+    sidecar = check_json(model_dir / SIDECAR, rerun)
     try:
         metadata = load_quant_state_scheme(state_path)
     except ValueError as error:
@@ -174,7 +176,8 @@ def open_run(run_dir: str | Path) -> QuantizedRun:
         raise ConfigError(f"{state_path} holds no quantized layers.")
     scheme = ExportScheme.from_metadata(metadata)
     _check_layers(layers, scheme, state_path)
-    return QuantizedRun(run_dir=run_dir, model_dir=model_dir, scheme=scheme, scheme_metadata=metadata, layers=layers)
+    return QuantizedRun(run_dir=run_dir, model_dir=model_dir, scheme=scheme, scheme_metadata=metadata, layers=layers,
+                        sidecar=sidecar)
 
 
 def _check_layers(layers: dict[str, QuantizedLayer], scheme: ExportScheme, path: Path) -> None:
