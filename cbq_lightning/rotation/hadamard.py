@@ -43,17 +43,28 @@ def _jacobsthal(q: int) -> torch.Tensor:
     return chi[(index[None, :] - index[:, None]) % q]
 
 
+def _paley_construction(m: int) -> int | None:
+    """Which Paley construction (1 or 2) gives a Hadamard matrix of order ``m``, or None: arithmetic only, so
+    that searching for a factorisation builds no matrix."""
+    if (m - 1) % 4 == 3 and _is_prime(m - 1):
+        return 1
+    if m % 2 == 0 and (m // 2 - 1) % 4 == 1 and _is_prime(m // 2 - 1):
+        return 2
+    return None
+
+
 def _paley(m: int) -> torch.Tensor | None:
     """An (unnormalised, +-1) Hadamard matrix of order ``m`` from a Paley construction, or None."""
+    kind = _paley_construction(m)
     q = m - 1
-    if q % 4 == 3 and _is_prime(q):  # Paley I: I + [[0, 1^T], [-1, Q]]
+    if kind == 1:  # Paley I: I + [[0, 1^T], [-1, Q]]
         core = torch.zeros(m, m, dtype=torch.float64)
         core[0, 1:] = 1
         core[1:, 0] = -1
         core[1:, 1:] = _jacobsthal(q)
         return core + torch.eye(m, dtype=torch.float64)
     q = m // 2 - 1
-    if m % 2 == 0 and q % 4 == 1 and _is_prime(q):  # Paley II: a symmetric conference matrix, doubled
+    if kind == 2:  # Paley II: a symmetric conference matrix, doubled
         conference = torch.zeros(q + 1, q + 1, dtype=torch.float64)
         conference[0, 1:] = 1
         conference[1:, 0] = 1
@@ -77,7 +88,7 @@ def _factor(n: int) -> tuple[int, int] | None:
     k = (n & -n).bit_length() - 1 if n > 0 else 0
     while k >= 0:
         m = n >> k
-        if m == 1 or _paley(m) is not None:
+        if m == 1 or _paley_construction(m) is not None:
             return m, k
         k -= 1
     return None
