@@ -83,7 +83,7 @@ def _run_evaluate(namespace: Namespace) -> None:
     from cbq_lightning.evaluation.command import run_evaluate
     from cbq_lightning.evaluation.zero_shot import format_entry
 
-    config = EvaluateConfig(**_fields(instantiate(evaluate_parser(), namespace)))  # builds the rotation section
+    config = EvaluateConfig(**_fields(namespace))
     summary = run_evaluate(config)
     for entry in summary["zero_shot"]:
         print(format_entry(entry))
@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "export" in report:
                 _print_export(report["export"])
         elif args.command == "evaluate":
-            _run_evaluate(args.evaluate)
+            _run_evaluate(instantiate(parser, args).evaluate)  # its sections (rotation) built, as quantize's
         elif args.command == "export":
             _run_export(args.export)
     except RunStopped as error:  # SIGTERM: stopped at a safe point, resumable

@@ -11,7 +11,7 @@ Three rotations, each an orthogonal matrix, so the full-precision model computes
   and ``o_proj`` takes it back (``W_o H``, per head).
 * **R4, online before the down projection** (``rotation.online_down``): ``W_down R`` in the weight and
   ``x -> x R`` at run time (:mod:`cbq_lightning.rotation.online`): the only one that costs inference time
-  (one ``intermediate x intermediate`` matmul per block) and that stock loaders do not run.
+  (one factored Hadamard transform per token and block) and that stock loaders do not run.
 
 Why: a few hidden dimensions of LLaMA-family models carry activations hundreds of times larger than the
 rest, so a per-token 4-bit grid has almost nothing left for the others. Rotated, every coordinate is a
@@ -38,7 +38,7 @@ from cbq_lightning.section_types import check_field_types
 
 __all__ = ["RotationConfig", "attach_online_rotations", "check_rotatable", "rotate_model"]
 
-#: which rotation each generator stream draws (the run's seed and this give the matrix, see :func:`_matrix`)
+#: which rotation each generator stream draws (the run's seed and this give the matrix, see :func:`_draw`)
 _STREAMS = {"residual": 1, "head": 2, "online": 4}
 
 
