@@ -28,6 +28,13 @@ calibrated like the scheme's record (same recipe and overrides; only where it ra
 
     python benchmarks/quality.py --peer-records ar200_w4a16.json ar200_w2a16g64.json
 
+A ``cbq quantize`` output made elsewhere (another machine, or further seeds of the recipe) is added with
+``--cbq-runs RUN_DIR ...``: its ``config.yaml`` must resolve to the scheme's recipe with the record's overrides
+(or to that with CFP off, for the ``CBQ w/o CFP`` cell); only where it ran and its seed may differ. The recipe's
+seed fills the ``CBQ (shipped recipe)`` cell, every seed joins the seed spread shown beside it:
+
+    python benchmarks/quality.py --cbq-runs runs/w2-seed1 runs/w2-seed2
+
 Ablations (``--ablation NAME KEY=VALUE ...``, repeatable): extra CBQ runs of the scheme's recipe with those
 overrides on top (same samples and windows), each a row of the ablation table under the main one, e.g. the
 extensions of docs/method.md. ``--ablations-only`` adds them to the scheme's existing record instead of rerunning FP,
@@ -42,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import importlib.util
 import json
 import os
@@ -378,7 +386,8 @@ def _table(rows: list[dict]) -> str:
         no_cfp = f"{row['cbq_no_cfp']:.2f}" if row.get("cbq_no_cfp") is not None else "-"
         paper = f"{row['cbq_paper']:.2f}" if row.get("cbq_paper") is not None else "not measured"
         peer_cells = "".join(f" {_peer_cell(row, name)} |" for name in peers)
-        shipped = f"{row['cbq']:.2f}" if row.get("is_cbq") else f"not CBQ: {row['cbq']:.2f} (earlier recipe)"
+        shipped = (f"{row['cbq']:.2f}{_seed_spread(row)}" if row.get("is_cbq")
+                   else f"not CBQ: {row['cbq']:.2f} (earlier recipe)")
         lines.append(
             f"| {row['scheme']} | {row['fp']:.2f} | {row['rtn']:.2f} |{peer_cells} {paper} | {no_cfp} | {shipped} | "
             f"{closed} | {row['cbq_over_rtn']:.2f} | {row['cbq'] / row['fp']:.2f} | "
@@ -435,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer-records", nargs="+", type=Path, default=[], metavar="FILE",
                         help="add peer records written by `python -m benchmarks.peers --output FILE` elsewhere (e.g. "
                         "on a GPU machine) to the record of the scheme whose recipe they ran; nothing runs")
+    parser.add_argument("--cbq-runs", nargs="+", type=Path, default=[], metavar="RUN_DIR",
+                        help="add finished `cbq quantize` outputs of a scheme's recipe (made elsewhere, or with "
+                        "other seeds) to its record: the recipe's seed fills the CBQ cell, every seed the spread; "
+                        "nothing runs")
     parser.add_argument("--redraw", action="store_true",
                         help="only rewrite quality.md and redraw quality.png from the records in --output "
                         "(after copying in records of separate runs); nothing runs")
@@ -443,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     invocation = shlex.join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
     if args.peer_records:
         _import_peers(args.peer_records, args, invocation, suffix)
-    if args.redraw or args.peer_records:
+    if args.cbq_runs:
+        _import_cbq_runs(args.cbq_runs, args, invocation, suffix)
+    if args.redraw or args.peer_records or args.cbq_runs:
         _write_table(args.output, suffix)
         _draw(args.output, suffix)
         return 0
@@ -510,6 +525,7 @@ def _run_all(recipes: dict[str, Path], peers: list[str], flags: list[str], args:
                 for name, settings in (ablations or {}).items()
             }
             row = _row(scheme, fp, rtn, cbq, ablation, peer_records, paper)
+            _mark_settings(row, recipe, flags, cbq, ablation)
             if ablation_runs:
                 row["ablations"] = {
                     name: _ablation_summary(name, ablations[name], run, row["cbq"]) for name, run in ablation_runs.items()
@@ -691,16 +707,155 @@ def _replace_cbq(recipes: dict[str, Path], args: argparse.Namespace, invocation:
                 no_cfp = _quantize(recipe, "cbq", Path(tmp) / scheme, flags, cfp=False, name="cbq_no_cfp")
             row = record["row"]
             row.update(_cbq_summary(cbq, row["fp"], row["rtn"], no_cfp))
+            _mark_settings(row, recipe, flags, cbq, no_cfp)
             record["cbq_report"] = cbq["report"]
             record["recipe_deviations"] = {k: list(v) for k, v in recipe_deviations(recipe).items()}
             record.setdefault("commands", {}).update(
                 {"cbq": cbq["command"], **({"cbq_no_cfp": no_cfp["command"]} if no_cfp else {})})
+            record.pop("cbq_imports", None)  # the cells are this run's now
             record["cbq_run"] = {
                 "invocation": invocation, "git_commit": _git_commit(), "versions": versions_now(),
                 "device": cbq["report"]["device"],
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             }
             _write_record(path, record)
+
+
+#: config keys that say where or how a run was placed and shown, not what it computed: a run imported with
+#: ``--cbq-runs`` may differ from the recipe in these (its seed is compared separately)
+PLACEMENT_KEYS = ("output_dir", "data_dir", "resume", "seed", "trainer.accelerator", "trainer.devices",
+                  "trainer.strategy", "trainer.num_nodes", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+                  "eval.fp_reference", "eval.batch_size", "monitor", "cache", "export")
+
+
+def _flat(value: object, prefix: str = "") -> dict:
+    """A nested config dict as ``{"section.key": value}`` (lists and tuples alike, as YAML reads them back)."""
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): list(value) if isinstance(value, tuple) else value}
+
+
+def run_settings(config: dict) -> dict:
+    """What decides a run's result: its resolved configuration (``config.yaml``) flattened, without
+    :data:`PLACEMENT_KEYS`."""
+    return {key: value for key, value in _flat(config).items()
+            if not any(key == p or key.startswith(p + ".") for p in PLACEMENT_KEYS)}
+
+
+def recipe_settings(recipe: Path, flags: list[str]) -> tuple[dict, int]:
+    """:func:`run_settings` of ``recipe`` with ``flags`` as ``cbq quantize`` resolves them, and its seed."""
+    from cbq_lightning.cli import instantiate, quantize_config, quantize_parser
+
+    parser = quantize_parser()
+    config = quantize_config(instantiate(parser, parser.parse_args(["--config", str(recipe), *flags])))
+    resolved = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    return run_settings(resolved), int(config.seed)
+
+
+def _fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _note_seed(row: dict, settings: dict, seed: int, ppl: float) -> None:
+    """Add a seed's perplexity to the row's spread; a spread of other settings (an earlier recipe) is dropped."""
+    fingerprint = _fingerprint(settings)
+    seeds = row.get("cbq_seeds")
+    if not seeds or seeds.get("settings") != fingerprint:
+        seeds = row["cbq_seeds"] = {"settings": fingerprint, "ppl": {}}
+    seeds["ppl"][str(seed)] = ppl
+
+
+def _seed_spread(row: dict) -> str:
+    """`` (seeds 0, 1, 2: 61.90 ± 0.45)`` when at least two seeds of the cell's own settings were measured."""
+    seeds = row.get("cbq_seeds") or {}
+    values = seeds.get("ppl") or {}
+    if len(values) < 2 or seeds.get("settings") != row.get("cbq_settings"):
+        return ""
+    ppl = [values[k] for k in sorted(values, key=int)]
+    mean = sum(ppl) / len(ppl)
+    sd = (sum((x - mean) ** 2 for x in ppl) / (len(ppl) - 1)) ** 0.5
+    return f" (seeds {', '.join(sorted(values, key=int))}: {mean:.2f} ± {sd:.2f})"
+
+
+def _mark_settings(row: dict, recipe: Path, flags: list[str], cbq: dict, no_cfp: dict | None) -> None:
+    """After the benchmark ran the CBQ cell (and w/o CFP): which settings they belong to, and the seed's figure."""
+    shipped, seed = recipe_settings(recipe, flags)
+    row["cbq_settings"] = _fingerprint(shipped)
+    row["cbq_no_cfp_settings"] = _fingerprint(shipped) if no_cfp is not None else None
+    _note_seed(row, shipped, seed, cbq["report"]["eval"][0]["ppl"])
+
+
+def _differences(run: dict, expected: dict, limit: int = 4) -> str:
+    keys = sorted(set(run) | set(expected), key=str)
+    diff = [f"{k} {run.get(k, '(absent)')!r} (recipe {expected.get(k, '(absent)')!r})" for k in keys
+            if run.get(k, "(absent)") != expected.get(k, "(absent)")]
+    return ", ".join(diff[:limit]) + (f" and {len(diff) - limit} more" if len(diff) > limit else "")
+
+
+def _import_cbq_runs(folders: list[Path], args: argparse.Namespace, invocation: str, suffix: str) -> None:
+    """``--cbq-runs``: add finished ``cbq quantize`` outputs to the record of the scheme whose recipe they ran.
+
+    Why: a recipe's seed spread, or a run on another machine, is a ``cbq quantize`` the benchmark did not start;
+    its ``config.yaml`` says exactly what ran, so it is checked against the recipe (with the record's overrides)
+    rather than trusted. A run of the recipe's seed replaces the ``CBQ (shipped recipe)`` cell (or ``CBQ w/o
+    CFP``, run with CFP off), its wall time being the run's own; every shipped-settings seed joins the spread."""
+    import yaml
+
+    from cbq_lightning.quant.scheme import parse_scheme
+
+    by_scheme = {parse_scheme(scheme).name: scheme for scheme in DEFAULT_SCHEMES}
+    for folder in folders:
+        if not ((folder / "report.json").is_file() and (folder / "config.yaml").is_file()):
+            raise SystemExit(f"--cbq-runs: {folder} is not a finished `cbq quantize` output (no report.json and "
+                             "config.yaml)")
+        report = json.loads((folder / "report.json").read_text())
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        scheme = by_scheme.get((report.get("scheme") or {}).get("name"))
+        if scheme is None or report.get("method") != "cbq":
+            raise SystemExit(f"--cbq-runs: {folder} is a {report.get('method')} run of "
+                             f"{(report.get('scheme') or {}).get('name')}, not CBQ on a benchmark scheme")
+        (path, record), = _existing_records({scheme: _recipe(scheme)}, args, suffix, "--cbq-runs").values()
+        recipe = ROOT / record["recipe"]
+        flags = _overrides(record.get("overrides", []))
+        shipped, recipe_seed = recipe_settings(recipe, flags)
+        got = run_settings(config)
+        if got == shipped:
+            cell = "cbq"
+        elif _quantizes_activations(scheme) and got == recipe_settings(recipe, [*flags, *CFP_OFF])[0]:
+            cell = "cbq_no_cfp"
+        else:
+            raise SystemExit(f"--cbq-runs: {folder} did not run {record['recipe']} with the record's overrides "
+                             f"{record.get('overrides', [])}: {_differences(got, shipped)}")
+        row, evaluation = record["row"], report["eval"][0]
+        window = ("dataset", "seqlen", "windows")
+        if any(evaluation.get(k) != row["eval"].get(k) for k in window if k in row["eval"]):
+            raise SystemExit(f"--cbq-runs: {folder} was evaluated on {[evaluation.get(k) for k in window]}, the "
+                             f"{scheme} record on {[row['eval'].get(k) for k in window]}")
+        seed, ppl = int(config["seed"]), evaluation["ppl"]
+        command = shlex.join(["cbq", "quantize", "--config", record["recipe"], *flags,
+                              *(CFP_OFF if cell == "cbq_no_cfp" else []), "--seed", str(seed)])
+        if cell == "cbq":
+            _note_seed(row, shipped, seed, ppl)
+        if seed == recipe_seed:
+            run = {"report": report, "wall_s": report["wall_time_s"], "command": command}
+            if cell == "cbq":
+                # a w/o-CFP cell measured for other settings (an earlier recipe) no longer belongs to the row
+                kept = row.get("cbq_no_cfp") if row.get("cbq_no_cfp_settings") == _fingerprint(shipped) else None
+                row.update(_cbq_summary(run, row["fp"], row["rtn"], None))
+                row["cbq_no_cfp"], row["cbq_settings"] = kept, _fingerprint(shipped)
+                record["cbq_report"] = report
+                record["recipe_deviations"] = {k: list(v) for k, v in recipe_deviations(recipe).items()}
+                record.pop("cbq_run", None)  # the note of an earlier --cbq-only run no longer describes the cell
+            else:
+                row["cbq_no_cfp"], row["cbq_no_cfp_settings"] = ppl, _fingerprint(shipped)
+            record.setdefault("commands", {})[cell] = command
+            record.setdefault("cbq_imports", {})[cell] = {
+                "invocation": invocation, "folder": str(folder), "device": report.get("device"),
+                "versions": report.get("versions"),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+        _write_record(path, record)
+        print(f"{scheme}: {cell} seed {seed} ({ppl:.2f}) added from {folder}", flush=True)
 
 
 def _latest_records(folder: Path, suffix: str) -> list[dict]:
@@ -735,6 +890,10 @@ def _combined_table(folder: Path, suffix: str) -> str:
             run = record["cbq_run"]
             lines.append(f"  - CBQ (shipped recipe) re-run by `{run['invocation']}` (git {run['git_commit']}, "
                          f"{run['device']}, {run['date']})")
+        for cell, run in (record.get("cbq_imports") or {}).items():
+            label = "CBQ w/o CFP" if cell == "cbq_no_cfp" else "CBQ (shipped recipe)"
+            lines.append(f"  - {label}: a `cbq quantize` run added by `{run['invocation']}` ({run['device']}, "
+                         f"torch {(run.get('versions') or {}).get('torch')}, {run['date']}; its time is the run's own)")
         if "paper_run" in record:
             run = record["paper_run"]
             lines.append(f"  - paper settings added by `{run['invocation']}` (git {run['git_commit']}, {run['device']}, "

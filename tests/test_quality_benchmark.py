@@ -437,3 +437,91 @@ def test_cbq_only_replaces_the_shipped_column_and_keeps_the_rest(quality, tmp_pa
         "24.00", "25.00", "78 %", "30.0 min")
     assert "CBQ (shipped recipe) re-run by `python benchmarks/quality.py --schemes W4A8 --cbq-only" in (
         tmp_path / "quality.md").read_text()
+
+
+# --- runs made elsewhere, and seeds (--cbq-runs) ---------------------------------------------------------------
+
+
+def _quantize_output(quality, folder: Path, scheme: str, ppl: float, *flags: str, seed: int = 0,
+                     windows: int = 40) -> Path:
+    """A finished ``cbq quantize`` output of the scheme's recipe: the config.yaml ``cbq quantize`` writes (the
+    recipe resolved with ``flags``, run elsewhere: another output and data folder, no progress bar, no FP
+    reference) and a report with the perplexity."""
+    import dataclasses
+
+    import yaml
+
+    from cbq_lightning.cli import instantiate, quantize_config, quantize_parser
+
+    parser = quantize_parser()
+    recipe = REPO / "configs" / f"smollm2_{scheme.lower()}.yaml"
+    placement = ["--output_dir", str(folder), "--data_dir", "/elsewhere", "--trainer.enable_progress_bar", "false",
+                 "--eval.fp_reference", "false", "--seed", str(seed)]
+    config = quantize_config(instantiate(parser, parser.parse_args(["--config", str(recipe), *placement, *flags])))
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(config), default=str))))
+    report = {**_run(ppl, wall=1500.0)["report"], "method": "cbq", "scheme": {"name": scheme}, "wall_time_s": 1500.0,
+              "device": "cpu (x86_64, 2 threads)", "versions": {"torch": "2.13.0+cpu"}, "seed": seed}
+    report["eval"] = [{"dataset": "wikitext2", "ppl": ppl, "seqlen": 2048, "windows": windows}]
+    (folder / "report.json").write_text(json.dumps(report))
+    return folder
+
+
+def test_cbq_runs_fill_the_cell_and_the_seed_spread(quality, tmp_path: Path, monkeypatch) -> None:
+    """Runs of the recipe made outside the benchmark join the record after their config.yaml is checked: the
+    recipe's seed (0) replaces the CBQ cell and its time, seeds 0, 1, 2 give the spread (61, 62, 63: mean 62.00,
+    sample standard deviation 1.00); a run with other settings, another evaluation, or no report is refused."""
+    monkeypatch.setattr(quality, "_draw", lambda folder, suffix: None)
+    record = _record("W2A16G64", 20.0, 8.6e5, 67.5)
+    path = tmp_path / "quality_w2a16g64.json"
+    path.write_text(json.dumps(record))
+    runs = [_quantize_output(quality, tmp_path / f"seed{seed}", "W2A16G64", ppl, seed=seed)
+            for seed, ppl in ((1, 62.0), (0, 61.0), (2, 63.0))]
+    assert quality.main(["--cbq-runs", *map(str, runs), "--output", str(tmp_path)]) == 0
+    row = json.loads(path.read_text())["row"]
+    assert (row["cbq"], row["cbq_time_s"], row["fp"]) == (61.0, 1500.0, 20.0)
+    assert row["cbq_seeds"]["ppl"] == {"0": 61.0, "1": 62.0, "2": 63.0}
+    table = (tmp_path / "quality.md").read_text()
+    assert _row(table, "W2A16G64")["CBQ (shipped recipe)"] == "61.00 (seeds 0, 1, 2: 62.00 ± 1.00)"
+    assert _row(table, "W2A16G64")["CBQ time"] == "25.0 min"
+    assert "a `cbq quantize` run added by `python benchmarks/quality.py --cbq-runs" in table
+    # settings other than the recipe's are refused, naming the difference
+    other = _quantize_output(quality, tmp_path / "rank128", "W2A16G64", 60.0, "--rounding.rank", "128")
+    with pytest.raises(SystemExit, match=r"rounding.rank 128 \(recipe 64\)"):
+        quality.main(["--cbq-runs", str(other), "--output", str(tmp_path)])
+    short = _quantize_output(quality, tmp_path / "short", "W2A16G64", 60.0, windows=10)
+    with pytest.raises(SystemExit, match="was evaluated on"):
+        quality.main(["--cbq-runs", str(short), "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not a finished `cbq quantize` output"):
+        quality.main(["--cbq-runs", str(tmp_path / "missing"), "--output", str(tmp_path)])
+    assert json.loads(path.read_text())["row"]["cbq"] == 61.0  # nothing refused reached the record
+    # a later run with new settings (here: as if the recipe had changed) starts a new spread
+    changed = _record("W2A16G64", 20.0, 8.6e5, 61.0)
+    changed["overrides"] = ["rounding.rank=128"]
+    changed["row"]["cbq_seeds"] = row["cbq_seeds"]
+    path.write_text(json.dumps(changed))
+    new = _quantize_output(quality, tmp_path / "new0", "W2A16G64", 59.0, "--rounding.rank", "128")
+    assert quality.main(["--cbq-runs", str(new), "--output", str(tmp_path)]) == 0
+    assert json.loads(path.read_text())["row"]["cbq_seeds"]["ppl"] == {"0": 59.0}
+    assert _row((tmp_path / "quality.md").read_text(), "W2A16G64")["CBQ (shipped recipe)"] == "59.00"
+
+
+def test_cbq_runs_keep_the_no_cfp_cell_only_for_its_own_settings(quality, tmp_path: Path, monkeypatch) -> None:
+    """An activation scheme's run with CFP off fills ``CBQ w/o CFP``; a shipped run of the same settings keeps it,
+    while an older record's w/o-CFP figure (other settings) is cleared when the shipped cell is replaced."""
+    monkeypatch.setattr(quality, "_draw", lambda folder, suffix: None)
+    record = _record("W4A8", 20.0, 38.0, 24.2)
+    record["row"]["cbq_no_cfp"] = 24.04  # measured with an earlier recipe
+    path = tmp_path / "quality_w4a8.json"
+    path.write_text(json.dumps(record))
+    shipped = _quantize_output(quality, tmp_path / "a", "W4A8", 22.5)
+    assert quality.main(["--cbq-runs", str(shipped), "--output", str(tmp_path)]) == 0
+    assert json.loads(path.read_text())["row"]["cbq_no_cfp"] is None
+    no_cfp = _quantize_output(quality, tmp_path / "b", "W4A8", 22.9, "--cfp.weights", "false",
+                              "--cfp.activations", "false")
+    assert quality.main(["--cbq-runs", str(no_cfp), str(shipped), "--output", str(tmp_path)]) == 0
+    row = json.loads(path.read_text())["row"]
+    assert (row["cbq"], row["cbq_no_cfp"]) == (22.5, 22.9)
+    assert row["cbq_seeds"]["ppl"] == {"0": 22.5}  # the CFP-off run is not a seed of the shipped settings
+    cells = _row((tmp_path / "quality.md").read_text(), "W4A8")
+    assert (cells["CBQ (shipped recipe)"], cells["CBQ w/o CFP"]) == ("22.50", "22.90")
