@@ -104,14 +104,10 @@ def _run(command: list[str]) -> float:
 
 
 def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        # results written by earlier schemes of the same invocation do not make the code dirty
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!benchmarks/results"], cwd=ROOT,
-                               capture_output=True, text=True).stdout
-        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
-    except OSError:
-        return "unknown"
+    from cbq_lightning.runner import source_commit
+
+    # results written by earlier schemes of the same invocation do not make the code dirty
+    return source_commit((".", ":!benchmarks/results")) or "unknown"
 
 
 def recipe_deviations(recipe: Path) -> dict[str, tuple[str, str]]:
@@ -851,7 +847,7 @@ def _import_cbq_runs(folders: list[Path], args: argparse.Namespace, invocation: 
             record.setdefault("commands", {})[cell] = command
             record.setdefault("cbq_imports", {})[cell] = {
                 "invocation": invocation, "folder": str(folder), "device": report.get("device"),
-                "versions": report.get("versions"),
+                "versions": report.get("versions"), "git_commit": (report.get("versions") or {}).get("git"),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             }
         _write_record(path, record)
@@ -892,8 +888,9 @@ def _combined_table(folder: Path, suffix: str) -> str:
                          f"{run['device']}, {run['date']})")
         for cell, run in (record.get("cbq_imports") or {}).items():
             label = "CBQ w/o CFP" if cell == "cbq_no_cfp" else "CBQ (shipped recipe)"
-            lines.append(f"  - {label}: a `cbq quantize` run added by `{run['invocation']}` ({run['device']}, "
-                         f"torch {(run.get('versions') or {}).get('torch')}, {run['date']}; its time is the run's own)")
+            lines.append(f"  - {label}: a `cbq quantize` run (git {run.get('git_commit') or 'not recorded'}, "
+                         f"{run['device']}, torch {(run.get('versions') or {}).get('torch')}) added by "
+                         f"`{run['invocation']}` ({run['date']}; its time is the run's own)")
         if "paper_run" in record:
             run = record["paper_run"]
             lines.append(f"  - paper settings added by `{run['invocation']}` (git {run['git_commit']}, {run['device']}, "

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import platform
 import resource
+import subprocess
 import sys
 import time
 import warnings
@@ -99,11 +100,32 @@ def versions() -> dict[str, str]:
 
     return {
         "cbq_lightning": __version__,
+        "git": source_commit(),
         "torch": torch.__version__,
         "lightning": lightning.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
+
+
+def source_commit(paths: Sequence[str] = ("cbq_lightning", "configs")) -> str | None:
+    """The git commit of the code that ran (``-dirty`` when ``paths``, by default the package and the recipes,
+    had changes not committed), or None for an installed copy outside a checkout. Why: the package version does not change
+    between commits, and a result copied away from its run (a benchmark record, an imported run) should still
+    say which code made it."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", *paths],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def _device_name(device: torch.device) -> str:

@@ -37,7 +37,7 @@ def test_report_contents(cli_run: Path) -> None:
         "w_bits": 3, "group_size": None, "a_bits": 16, "sym": False, "name": "W3A16", "activations": None
     }
     assert report["window"] == {"size": 2, "overlap": 1}
-    assert {"torch", "lightning", "transformers"} <= report["versions"].keys()
+    assert {"torch", "lightning", "transformers", "git"} <= report["versions"].keys()
     windows = report["windows"]
     assert [w["blocks"] for w in windows] == [[0, 1], [1, 2], [2, 3]]
     for window in windows:

@@ -461,7 +461,7 @@ def _quantize_output(quality, folder: Path, scheme: str, ppl: float, *flags: str
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(config), default=str))))
     report = {**_run(ppl, wall=1500.0)["report"], "method": "cbq", "scheme": {"name": scheme}, "wall_time_s": 1500.0,
-              "device": "cpu (x86_64, 2 threads)", "versions": {"torch": "2.13.0+cpu"}, "seed": seed}
+              "device": "cpu (x86_64, 2 threads)", "versions": {"torch": "2.13.0+cpu", "git": "abc1234"}, "seed": seed}
     report["eval"] = [{"dataset": "wikitext2", "ppl": ppl, "seqlen": 2048, "windows": windows}]
     (folder / "report.json").write_text(json.dumps(report))
     return folder
@@ -484,7 +484,8 @@ def test_cbq_runs_fill_the_cell_and_the_seed_spread(quality, tmp_path: Path, mon
     table = (tmp_path / "quality.md").read_text()
     assert _row(table, "W2A16G64")["CBQ (shipped recipe)"] == "61.00 (seeds 0, 1, 2: 62.00 ± 1.00)"
     assert _row(table, "W2A16G64")["CBQ time"] == "25.0 min"
-    assert "a `cbq quantize` run added by `python benchmarks/quality.py --cbq-runs" in table
+    assert "a `cbq quantize` run (git abc1234, cpu (x86_64, 2 threads), torch 2.13.0+cpu) added by `python " \
+        "benchmarks/quality.py --cbq-runs" in table
     # settings other than the recipe's are refused, naming the difference
     other = _quantize_output(quality, tmp_path / "rank128", "W2A16G64", 60.0, "--rounding.rank", "128")
     with pytest.raises(SystemExit, match=r"rounding.rank 128 \(recipe 64\)"):
