@@ -866,6 +866,26 @@ def _latest_records(folder: Path, suffix: str) -> list[dict]:
     return records
 
 
+def _calibration_note(record: dict) -> str | None:
+    """A line under the table when a row's cells calibrated on different rows (a recipe that changed its
+    ``data`` after the other cells ran): each cell's ``samples x seqlen``, None when they all agree."""
+    def rows(calibration: dict | None) -> str | None:
+        return None if not calibration else f"{calibration.get('num_samples')} x {calibration.get('seqlen')}"
+
+    cells = {"CBQ (shipped recipe)": rows((record.get("cbq_report") or {}).get("calibration")),
+             "CBQ (paper settings)": rows(((record.get("paper_run") or {}).get("report") or {}).get("calibration"))}
+    for name, peer in (record["row"].get("peers") or {}).items():
+        settings = peer.get("settings") or {}
+        if "samples" in settings:
+            cells[name] = f"{settings['samples']} x {settings.get('seqlen')}"
+    known = {cell: value for cell, value in cells.items() if value is not None}
+    if len(set(known.values())) < 2:
+        return None
+    listed = ", ".join(f"{cell} {value}" for cell, value in known.items())
+    return (f"  - calibration rows differ between cells: {listed} (the same seed draws the rows, so a smaller set is "
+            "the first rows of a larger one)")
+
+
 def _combined_table(folder: Path, suffix: str) -> str:
     """The table of the latest result of every scheme in ``folder``, followed by the command, commit,
     device and versions of each row (and the peers' packages, settings and times)."""
@@ -901,6 +921,8 @@ def _combined_table(folder: Path, suffix: str) -> str:
         for name, run in (record.get("peer_imports") or {}).items():
             lines.append(f"  - {name} run elsewhere ({run['device']}) and added by `{run['invocation']}` ({run['date']})")
         lines.extend(_peer_notes(record["row"]))
+        if (note := _calibration_note(record)) is not None:
+            lines.append(note)
     lines.append("")
     lines.append("CBQ (paper settings): the paper's method as stated in docs/method.md on the recipe's budget (RTN start, LoRA-Rounding trained "
                  "soft, K=2/O=1, MSE + KL on both branches, learnable clipping, CFP with weight truncation judged "

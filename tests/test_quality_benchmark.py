@@ -487,8 +487,8 @@ def test_cbq_runs_fill_the_cell_and_the_seed_spread(quality, tmp_path: Path, mon
     assert "a `cbq quantize` run (git abc1234, cpu (x86_64, 2 threads), torch 2.13.0+cpu) added by `python " \
         "benchmarks/quality.py --cbq-runs" in table
     # settings other than the recipe's are refused, naming the difference
-    other = _quantize_output(quality, tmp_path / "rank128", "W2A16G64", 60.0, "--rounding.rank", "128")
-    with pytest.raises(SystemExit, match=r"rounding.rank 128 \(recipe 64\)"):
+    other = _quantize_output(quality, tmp_path / "rank7", "W2A16G64", 60.0, "--rounding.rank", "7")
+    with pytest.raises(SystemExit, match=r"rounding.rank 7 \(recipe \d+\)"):
         quality.main(["--cbq-runs", str(other), "--output", str(tmp_path)])
     short = _quantize_output(quality, tmp_path / "short", "W2A16G64", 60.0, windows=10)
     with pytest.raises(SystemExit, match="was evaluated on"):
@@ -498,10 +498,10 @@ def test_cbq_runs_fill_the_cell_and_the_seed_spread(quality, tmp_path: Path, mon
     assert json.loads(path.read_text())["row"]["cbq"] == 61.0  # nothing refused reached the record
     # a later run with new settings (here: as if the recipe had changed) starts a new spread
     changed = _record("W2A16G64", 20.0, 8.6e5, 61.0)
-    changed["overrides"] = ["rounding.rank=128"]
+    changed["overrides"] = ["rounding.rank=96"]
     changed["row"]["cbq_seeds"] = row["cbq_seeds"]
     path.write_text(json.dumps(changed))
-    new = _quantize_output(quality, tmp_path / "new0", "W2A16G64", 59.0, "--rounding.rank", "128")
+    new = _quantize_output(quality, tmp_path / "new0", "W2A16G64", 59.0, "--rounding.rank", "96")
     assert quality.main(["--cbq-runs", str(new), "--output", str(tmp_path)]) == 0
     assert json.loads(path.read_text())["row"]["cbq_seeds"]["ppl"] == {"0": 59.0}
     assert _row((tmp_path / "quality.md").read_text(), "W2A16G64")["CBQ (shipped recipe)"] == "59.00"
@@ -526,3 +526,15 @@ def test_cbq_runs_keep_the_no_cfp_cell_only_for_its_own_settings(quality, tmp_pa
     assert row["cbq_seeds"]["ppl"] == {"0": 22.5}  # the CFP-off run is not a seed of the shipped settings
     cells = _row((tmp_path / "quality.md").read_text(), "W4A8")
     assert (cells["CBQ (shipped recipe)"], cells["CBQ w/o CFP"]) == ("22.50", "22.90")
+
+
+def test_cells_calibrated_on_different_rows_are_named_under_the_table(quality) -> None:
+    """A recipe that draws more rows than its record's other cells did gets a line saying so."""
+    record = _record("W2A16G64", 20.0, 8.6e5, 58.6, {"gptq": {"status": "ok", "settings": {"samples": 32, "seqlen": 512}}})
+    record["cbq_report"]["calibration"] = {"num_samples": 64, "seqlen": 512}
+    record["paper_run"] = {"report": {"calibration": {"num_samples": 32, "seqlen": 512}}}
+    assert quality._calibration_note(record) == (
+        "  - calibration rows differ between cells: CBQ (shipped recipe) 64 x 512, CBQ (paper settings) 32 x 512, "
+        "gptq 32 x 512 (the same seed draws the rows, so a smaller set is the first rows of a larger one)")
+    record["cbq_report"]["calibration"]["num_samples"] = 32
+    assert quality._calibration_note(record) is None
