@@ -54,6 +54,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -382,14 +383,25 @@ def _table(rows: list[dict]) -> str:
         no_cfp = f"{row['cbq_no_cfp']:.2f}" if row.get("cbq_no_cfp") is not None else "-"
         paper = f"{row['cbq_paper']:.2f}" if row.get("cbq_paper") is not None else "not measured"
         peer_cells = "".join(f" {_peer_cell(row, name)} |" for name in peers)
-        shipped = (f"{row['cbq']:.2f}{_seed_spread(row)}" if row.get("is_cbq")
-                   else f"not CBQ: {row['cbq']:.2f} (earlier recipe)")
+        if not row.get("is_cbq"):
+            shipped = f"not CBQ: {row['cbq']:.2f} (earlier recipe)"
+        elif row.get("cbq_current") is False:
+            shipped = f"{row['cbq']:.2f} (earlier recipe)"
+        else:
+            shipped = f"{row['cbq']:.2f}{_seed_spread(row)}"
         lines.append(
             f"| {row['scheme']} | {row['fp']:.2f} | {row['rtn']:.2f} |{peer_cells} {paper} | {no_cfp} | {shipped} | "
             f"{closed} | {row['cbq_over_rtn']:.2f} | {row['cbq'] / row['fp']:.2f} | "
-            f"{row['cbq_time_s'] / 60:.1f} min | {row['cbq_peak_rss_gib']:.2f} GiB |"
+            f"{row['cbq_time_s'] / 60:.1f} min{_threads_note(row.get('cbq_device'))} | {row['cbq_peak_rss_gib']:.2f} GiB |"
         )
     return "\n".join(lines)
+
+
+def _threads_note(device: str | None) -> str:
+    """`` (1 thread)`` after a CPU run's time when it ran on a single thread: such runs were made two or three
+    at a time on a small machine, so their wall time is not what the recipe takes on the cores it is sized for."""
+    match = re.search(r"\((?:[^,]*), (\d+) threads?\)", device or "")
+    return " (1 thread)" if match and int(match.group(1)) == 1 else ""
 
 
 def _peer_notes(row: dict) -> list[str]:
@@ -781,6 +793,16 @@ def _mark_settings(row: dict, recipe: Path, flags: list[str], cbq: dict, no_cfp:
     _note_seed(row, shipped, seed, cbq["report"]["eval"][0]["ppl"])
 
 
+def _cell_is_current(record: dict) -> bool | None:
+    """Whether the record's CBQ cell ran today's recipe (with the record's overrides); None when the record does
+    not say which settings its cell ran (records made before ``cbq_settings``) or the recipe is gone."""
+    recorded = record["row"].get("cbq_settings")
+    recipe = ROOT / record.get("recipe", "")
+    if recorded is None or not recipe.is_file():
+        return None
+    return recorded == _fingerprint(recipe_settings(recipe, _overrides(record.get("overrides", [])))[0])
+
+
 def _differences(run: dict, expected: dict, limit: int = 4) -> str:
     keys = sorted(set(run) | set(expected), key=str)
     diff = [f"{k} {run.get(k, '(absent)')!r} (recipe {expected.get(k, '(absent)')!r})" for k in keys
@@ -890,7 +912,9 @@ def _combined_table(folder: Path, suffix: str) -> str:
     """The table of the latest result of every scheme in ``folder``, followed by the command, commit,
     device and versions of each row (and the peers' packages, settings and times)."""
     records = _latest_records(folder, suffix)
-    rows = [{**r["row"], "is_cbq": is_cbq(r.get("cbq_report") or {})} for r in records]  # judged from the run's report
+    rows = [{**r["row"], "is_cbq": is_cbq(r.get("cbq_report") or {}),  # judged from the run's report
+             "cbq_device": (r.get("cbq_report") or {}).get("device"), "cbq_current": _cell_is_current(r)}
+            for r in records]
     lines = [_table(rows), ""]
     for record in records:
         versions = record["versions"]

@@ -538,3 +538,31 @@ def test_cells_calibrated_on_different_rows_are_named_under_the_table(quality) -
         "gptq 32 x 512 (the same seed draws the rows, so a smaller set is the first rows of a larger one)")
     record["cbq_report"]["calibration"]["num_samples"] = 32
     assert quality._calibration_note(record) is None
+
+
+def test_a_single_thread_run_time_is_marked(quality) -> None:
+    assert quality._threads_note("cpu (x86_64, 1 threads)") == " (1 thread)"
+    assert quality._threads_note("cpu (x86_64, 2 threads)") == ""
+    assert quality._threads_note("NVIDIA H200") == "" and quality._threads_note(None) == ""
+    row = {**quality._row("W4A8", {"results": [{"ppl": 20.0}]}, _run(38.0), _run(22.5, wall=3360.0)),
+           "is_cbq": True, "cbq_device": "cpu (x86_64, 1 threads)"}
+    assert _row(quality._table([row]), "W4A8")["CBQ time"] == "56.0 min (1 thread)"
+
+
+def test_a_cell_of_an_earlier_recipe_is_marked(quality, tmp_path: Path, monkeypatch) -> None:
+    """A CBQ cell whose recorded settings are not today's recipe's says so; a cell of the recipe's own settings
+    and a record that predates the settings field are shown as they are."""
+    monkeypatch.setattr(quality, "_draw", lambda folder, suffix: None)
+    record = _record("W4A16", 20.0, 37.0, 23.97)
+    settings, _seed = quality.recipe_settings(REPO / "configs" / "smollm2_w4a16.yaml", ["--rotation", "null"])
+    record["row"]["cbq_settings"] = quality._fingerprint(settings)  # ran the recipe without its rotation
+    (tmp_path / "quality_w4a16.json").write_text(json.dumps(record))
+    assert quality.main(["--redraw", "--output", str(tmp_path)]) == 0
+    assert _row((tmp_path / "quality.md").read_text(), "W4A16")["CBQ (shipped recipe)"] == "23.97 (earlier recipe)"
+    current, _seed = quality.recipe_settings(REPO / "configs" / "smollm2_w4a16.yaml", [])
+    record["row"]["cbq_settings"] = quality._fingerprint(current)
+    (tmp_path / "quality_w4a16.json").write_text(json.dumps(record))
+    assert quality.main(["--redraw", "--output", str(tmp_path)]) == 0
+    assert _row((tmp_path / "quality.md").read_text(), "W4A16")["CBQ (shipped recipe)"] == "23.97"
+    del record["row"]["cbq_settings"]
+    assert quality._cell_is_current(record) is None
