@@ -873,7 +873,10 @@ def _import_cbq_runs(folders: list[Path], args: argparse.Namespace, invocation: 
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             }
         _write_record(path, record)
-        print(f"{scheme}: {cell} seed {seed} ({ppl:.2f}) added from {folder}", flush=True)
+        if cell == "cbq" or seed == recipe_seed:
+            print(f"{scheme}: {cell} seed {seed} ({ppl:.2f}) added from {folder}", flush=True)
+        else:  # the w/o-CFP cell has no spread: only the recipe's seed fills it
+            print(f"{scheme}: {folder} is CBQ w/o CFP at seed {seed}, not the recipe's {recipe_seed}: not used", flush=True)
 
 
 def _latest_records(folder: Path, suffix: str) -> list[dict]:
