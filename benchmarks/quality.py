@@ -56,6 +56,7 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -117,10 +118,9 @@ def recipe_deviations(recipe: Path) -> dict[str, tuple[str, str]]:
     Read from the recipe itself, so the list shown next to a ``CBQ (shipped recipe)`` figure cannot drift
     from what ran. A key the recipe leaves out takes the code's default (read from the config classes).
     """
-    from cbq_lightning.cli import instantiate, quantize_config, quantize_parser
+    from benchmarks.peers.job import load_recipe
 
-    parser = quantize_parser()
-    config = quantize_config(instantiate(parser, parser.parse_args(["--config", str(recipe)])))
+    config = load_recipe(recipe)
     deviations = {}
     for key, paper in PAPER_SETTINGS.items():
         value = config
@@ -752,10 +752,9 @@ def run_settings(config: dict) -> dict:
 
 def recipe_settings(recipe: Path, flags: list[str]) -> tuple[dict, int]:
     """:func:`run_settings` of ``recipe`` with ``flags`` as ``cbq quantize`` resolves them, and its seed."""
-    from cbq_lightning.cli import instantiate, quantize_config, quantize_parser
+    from benchmarks.peers.job import load_recipe
 
-    parser = quantize_parser()
-    config = quantize_config(instantiate(parser, parser.parse_args(["--config", str(recipe), *flags])))
+    config = load_recipe(recipe, flags)
     resolved = json.loads(json.dumps(dataclasses.asdict(config), default=str))
     return run_settings(resolved), int(config.seed)
 
@@ -779,10 +778,9 @@ def _seed_spread(row: dict) -> str:
     values = seeds.get("ppl") or {}
     if len(values) < 2 or seeds.get("settings") != row.get("cbq_settings"):
         return ""
-    ppl = [values[k] for k in sorted(values, key=int)]
-    mean = sum(ppl) / len(ppl)
-    sd = (sum((x - mean) ** 2 for x in ppl) / (len(ppl) - 1)) ** 0.5
-    return f" (seeds {', '.join(sorted(values, key=int))}: {mean:.2f} ± {sd:.2f})"
+    seeds = sorted(values, key=int)
+    ppl = [values[seed] for seed in seeds]
+    return f" (seeds {', '.join(seeds)}: {statistics.mean(ppl):.2f} ± {statistics.stdev(ppl):.2f})"
 
 
 def _mark_settings(row: dict, recipe: Path, flags: list[str], cbq: dict, no_cfp: dict | None) -> None:
