@@ -248,8 +248,12 @@ def _parse_ablations(specs: list[list[str]]) -> dict[str, list[str]]:
     return ablations
 
 
-def _ablation_summary(name: str, settings: list[str], run: dict, cbq_ppl: float | None) -> dict:
-    """What the ablation table shows of one ablation run (with what the option adds, where it reports it)."""
+def _ablation_summary(name: str, settings: list[str], run: dict, cbq_ppl: float | None, ran: str) -> dict:
+    """What the ablation table shows of one ablation run (with what the option adds, where it reports it).
+
+    ``ran`` is the fingerprint of the settings the run resolved to (recipe, record overrides, the ablation's
+    overrides): after a recipe change the same overrides may describe another run, and the table says so
+    rather than pairing an old figure with today's recipe."""
     report = run["report"]
     ppl = report["eval"][0]["ppl"]
     correction = report.get("correction") or {}
@@ -261,6 +265,7 @@ def _ablation_summary(name: str, settings: list[str], run: dict, cbq_ppl: float 
         "over_cbq": ppl / cbq_ppl if cbq_ppl else None,
         "time_s": run["wall_s"],
         "peak_rss_gib": report["peak_rss_gib"],
+        "settings": ran,
         **({"correction_parameters": correction["parameters"],
             "correction_per_weight": correction["parameters_per_quantized_weight"]} if correction else {}),
         **({"average_bits": mixed["average_bits"]} if mixed else {}),
@@ -268,10 +273,14 @@ def _ablation_summary(name: str, settings: list[str], run: dict, cbq_ppl: float 
 
 
 def _ablation_table(rows: list[dict]) -> str:
-    """One line per ablation run of every row: the option, its perplexity against plain CBQ, its cost."""
+    """One line per ablation run of every row: the option, its perplexity against plain CBQ, its cost.
+
+    A row whose run no longer matches today's recipe with its overrides (``ablations_current``: False, or None
+    for entries made before ablations recorded their settings) is marked "(earlier recipe)"."""
     lines = ["| scheme | ablation | overrides | PPL | / CBQ | adds | time | peak RSS |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for entry in (row.get("ablations") or {}).values():
+            earlier = "ablations_current" in row and not row["ablations_current"].get(entry["name"])
             adds = []
             if "correction_parameters" in entry:
                 adds.append(f"{entry['correction_parameters']:,} params ({100 * entry['correction_per_weight']:.1f} %)")
@@ -279,7 +288,7 @@ def _ablation_table(rows: list[dict]) -> str:
                 adds.append(f"{entry['average_bits']:.3f} avg bits")
             ratio = f"{entry['over_cbq']:.3f}" if entry["over_cbq"] else "-"
             lines.append(
-                f"| {row['scheme']} | {entry['name']} | `{' '.join(entry['overrides'])}` | {entry['ppl']:.2f} | "
+                f"| {row['scheme']} | {entry['name']}{' (earlier recipe)' if earlier else ''} | `{' '.join(entry['overrides'])}` | {entry['ppl']:.2f} | "
                 f"{ratio} | {', '.join(adds) or '-'} | {entry['time_s'] / 60:.1f} min | {entry['peak_rss_gib']:.2f} GiB |"
             )
     return "\n".join(lines)
@@ -536,7 +545,9 @@ def _run_all(recipes: dict[str, Path], peers: list[str], flags: list[str], args:
             _mark_settings(row, recipe, flags, cbq, ablation)
             if ablation_runs:
                 row["ablations"] = {
-                    name: _ablation_summary(name, ablations[name], run, row["cbq"]) for name, run in ablation_runs.items()
+                    name: _ablation_summary(name, ablations[name], run, row["cbq"],
+                                            _fingerprint(recipe_settings(recipe, [*flags, *_overrides(ablations[name])])[0]))
+                    for name, run in ablation_runs.items()
                 }
             record = {
                 "benchmark": "quality",
@@ -655,8 +666,10 @@ def _add_ablations(recipes: dict[str, Path], ablations: dict[str, list[str]], ar
             recipe = ROOT / record["recipe"]
             flags = _overrides(record.get("overrides", []))
             for name, settings in ablations.items():
-                run = _quantize(recipe, "cbq", Path(tmp) / scheme, [*flags, *_overrides(settings)], name=f"ablation_{name}")
-                record["row"].setdefault("ablations", {})[name] = _ablation_summary(name, settings, run, record["row"]["cbq"])
+                ran = [*flags, *_overrides(settings)]
+                run = _quantize(recipe, "cbq", Path(tmp) / scheme, ran, name=f"ablation_{name}")
+                record["row"].setdefault("ablations", {})[name] = _ablation_summary(
+                    name, settings, run, record["row"]["cbq"], _fingerprint(recipe_settings(recipe, ran)[0]))
                 record.setdefault("commands", {})[f"ablation_{name}"] = run["command"]
                 record.setdefault("ablation_runs", {})[name] = {
                     "invocation": invocation, "git_commit": _git_commit(), "versions": versions_now(),
@@ -791,6 +804,25 @@ def _mark_settings(row: dict, recipe: Path, flags: list[str], cbq: dict, no_cfp:
     _note_seed(row, shipped, seed, cbq["report"]["eval"][0]["ppl"])
 
 
+def _ablations_current(record: dict) -> dict[str, bool | None]:
+    """Per ablation of the record: whether today's recipe with the record's and the ablation's overrides
+    resolves to the settings the ablation ran (None: not recorded, or the recipe is gone)."""
+    recipe = ROOT / record.get("recipe", "")
+    flags = _overrides(record.get("overrides", []))
+    current: dict[str, bool | None] = {}
+    for name, entry in (record["row"].get("ablations") or {}).items():
+        if entry.get("settings") is None or not recipe.is_file():
+            current[name] = None
+            continue
+        try:
+            now = recipe_settings(recipe, [*flags, *_overrides(entry["overrides"])])[0]
+        except SystemExit:  # an option the recipe no longer takes
+            current[name] = False
+            continue
+        current[name] = entry["settings"] == _fingerprint(now)
+    return current
+
+
 def _cell_is_current(record: dict) -> bool | None:
     """Whether the record's CBQ cell ran today's recipe (with the record's overrides); None when the record does
     not say which settings its cell ran (records made before ``cbq_settings``) or the recipe is gone."""
@@ -914,7 +946,8 @@ def _combined_table(folder: Path, suffix: str) -> str:
     device and versions of each row (and the peers' packages, settings and times)."""
     records = _latest_records(folder, suffix)
     rows = [{**r["row"], "is_cbq": is_cbq(r.get("cbq_report") or {}),  # judged from the run's report
-             "cbq_device": (r.get("cbq_report") or {}).get("device"), "cbq_current": _cell_is_current(r)}
+             "cbq_device": (r.get("cbq_report") or {}).get("device"), "cbq_current": _cell_is_current(r),
+             "ablations_current": _ablations_current(r)}
             for r in records]
     lines = [_table(rows), ""]
     for record in records:
@@ -956,8 +989,10 @@ def _combined_table(folder: Path, suffix: str) -> str:
         lines.append("")
         lines.append("Peer columns: `-` = not asked for in that scheme's run; a reason = asked for but not run.")
     if any(r["row"].get("ablations") for r in records):
-        lines += ["", "Ablations (extra CBQ runs with the overrides shown; `/ CBQ` against the row's CBQ):", "",
-                  _ablation_table([r["row"] for r in records]), ""]
+        lines += ["", "Ablations (extra CBQ runs with the overrides shown; `/ CBQ` against the row's CBQ when the "
+                  "ablation ran; a row marked (earlier recipe) applied its overrides to an earlier version of the "
+                  "recipe):", "",
+                  _ablation_table(rows), ""]
         for record in records:
             for name, run in (record.get("ablation_runs") or {}).items():
                 lines.append(f"- {record['row']['scheme']} {name}: `{run['invocation']}` (git {run['git_commit']}, "

@@ -356,6 +356,9 @@ def _recording_quantize(calls: list, make_run):
 def test_ablations_only_adds_rows_to_the_existing_record(quality, tmp_path: Path, monkeypatch) -> None:
     record = _record("W4A4", 20.0, 11000.0, 2400.0)
     record["overrides"] = ["train.epochs=2"]
+    # an ablation run before a recipe change: its overrides were applied to other settings than today's
+    record["row"]["ablations"] = {"old": {"name": "old", "overrides": ["x.y=1"], "ppl": 900.0, "over_cbq": 0.4,
+                                          "time_s": 60.0, "peak_rss_gib": 2.0, "settings": "0123456789abcdef"}}
     path = tmp_path / "quality_w4a4.json"
     path.write_text(json.dumps(record))
     calls = []
@@ -384,6 +387,10 @@ def test_ablations_only_adds_rows_to_the_existing_record(quality, tmp_path: Path
     assert (lowrank["adds"], lowrank["time"], lowrank["peak RSS"]) == ("1,000,000 params (12.5 %)", "25.0 min", "2.50 GiB")
     smooth = _row(table, "W4A4", table=1, ablation="smooth")
     assert (smooth["PPL"], smooth["/ CBQ"], smooth["adds"]) == ("2000.00", "0.833", "-")
+    assert _row(table, "W4A4", table=1, ablation="old (earlier recipe)")["PPL"] == "900.00"
+    ran = ["--train.epochs", "2", "--quant.continuous.clamp", "smooth"]
+    assert updated["row"]["ablations"]["smooth"]["settings"] == quality._fingerprint(
+        quality.recipe_settings(quality.ROOT / "configs/smollm2_w4a4.yaml", ran)[0])
     with pytest.raises(SystemExit, match="needs --ablation"):
         quality.main(["--schemes", "W4A4", "--ablations-only", "--output", str(tmp_path)])
 
