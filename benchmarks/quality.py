@@ -537,16 +537,17 @@ def _run_all(recipes: dict[str, Path], peers: list[str], flags: list[str], args:
             peer_records = {
                 name: _peer(recipe, name, workdir / scheme, flags) for name in peers
             }
+            ablation_flags = {name: [*flags, *_overrides(settings)] for name, settings in (ablations or {}).items()}
             ablation_runs = {
-                name: _quantize(recipe, "cbq", workdir / scheme, [*flags, *_overrides(settings)], name=f"ablation_{name}")
-                for name, settings in (ablations or {}).items()
+                name: _quantize(recipe, "cbq", workdir / scheme, ran, name=f"ablation_{name}")
+                for name, ran in ablation_flags.items()
             }
             row = _row(scheme, fp, rtn, cbq, ablation, peer_records, paper)
             _mark_settings(row, recipe, flags, cbq, ablation)
             if ablation_runs:
                 row["ablations"] = {
                     name: _ablation_summary(name, ablations[name], run, row["cbq"],
-                                            _fingerprint(recipe_settings(recipe, [*flags, *_overrides(ablations[name])])[0]))
+                                            _settings_fingerprint(recipe, ablation_flags[name]))
                     for name, run in ablation_runs.items()
                 }
             record = {
@@ -669,7 +670,7 @@ def _add_ablations(recipes: dict[str, Path], ablations: dict[str, list[str]], ar
                 ran = [*flags, *_overrides(settings)]
                 run = _quantize(recipe, "cbq", Path(tmp) / scheme, ran, name=f"ablation_{name}")
                 record["row"].setdefault("ablations", {})[name] = _ablation_summary(
-                    name, settings, run, record["row"]["cbq"], _fingerprint(recipe_settings(recipe, ran)[0]))
+                    name, settings, run, record["row"]["cbq"], _settings_fingerprint(recipe, ran))
                 record.setdefault("commands", {})[f"ablation_{name}"] = run["command"]
                 record.setdefault("ablation_runs", {})[name] = {
                     "invocation": invocation, "git_commit": _git_commit(), "versions": versions_now(),
@@ -776,6 +777,11 @@ def _fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _settings_fingerprint(recipe: Path, flags: list[str]) -> str:
+    """The fingerprint of what ``recipe`` with ``flags`` computes: how records say which settings a cell ran."""
+    return _fingerprint(recipe_settings(recipe, flags)[0])
+
+
 def _note_seed(row: dict, settings: dict, seed: int, ppl: float) -> None:
     """Add a seed's perplexity to the row's spread; a spread of other settings (an earlier recipe) is dropped."""
     fingerprint = _fingerprint(settings)
@@ -815,11 +821,9 @@ def _ablations_current(record: dict) -> dict[str, bool | None]:
             current[name] = None
             continue
         try:
-            now = recipe_settings(recipe, [*flags, *_overrides(entry["overrides"])])[0]
+            current[name] = entry["settings"] == _settings_fingerprint(recipe, [*flags, *_overrides(entry["overrides"])])
         except SystemExit:  # an option the recipe no longer takes
             current[name] = False
-            continue
-        current[name] = entry["settings"] == _fingerprint(now)
     return current
 
 
@@ -830,7 +834,7 @@ def _cell_is_current(record: dict) -> bool | None:
     recipe = ROOT / record.get("recipe", "")
     if recorded is None or not recipe.is_file():
         return None
-    return recorded == _fingerprint(recipe_settings(recipe, _overrides(record.get("overrides", [])))[0])
+    return recorded == _settings_fingerprint(recipe, _overrides(record.get("overrides", [])))
 
 
 def _differences(run: dict, expected: dict, limit: int = 4) -> str:
