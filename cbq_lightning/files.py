@@ -14,7 +14,7 @@ import functools
 import json
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cbq_lightning.errors import FileFormatError
 
@@ -77,12 +77,37 @@ def check_json(path: Path, fix: str) -> Any:
         raise _fail(path, f"not valid JSON ({error.msg}, line {error.lineno}; truncated?)", fix) from None
 
 
+class GgufHeader(NamedTuple):
+    """What a GGUF file declares and holds, without its tensor data: enough to tell which model it is.
+
+    Attributes:
+        architecture: ``general.architecture`` (``unknown`` when absent).
+        name: ``general.name`` (empty when absent).
+        keys: every metadata key (``gemma3.block_count``, ``clip.has_vision_encoder``...).
+        tensor_names: every tensor's name (``blk.0.attn_q.weight``, ``v.blk.0.attn_q.weight``...).
+    """
+
+    architecture: str
+    name: str
+    keys: tuple[str, ...]
+    tensor_names: tuple[str, ...]
+
+
 def check_gguf(path: Path, fix: str) -> str | None:
     """The architecture a GGUF file declares (``general.architecture``), after checking that ``path`` starts
     like a GGUF file and that the gguf reader can map all of its tensors (a truncated file cannot).
 
-    None when the ``gguf`` package is missing (the loader says how to install it). The reader costs a few
-    seconds on a 100 MB file, so its answer is kept per file version: the loader asks twice per run.
+    None when the ``gguf`` package is missing (the loader says how to install it).
+    """
+    header = read_gguf_header(path, fix)
+    return header.architecture if header is not None else None
+
+
+def read_gguf_header(path: Path, fix: str) -> GgufHeader | None:
+    """The header of the GGUF file ``path`` (:class:`GgufHeader`), after the checks of :func:`check_gguf`.
+
+    None when the ``gguf`` package is missing. The reader costs a few seconds on a 100 MB file, so its answer
+    is kept per file version: the loader asks several times per run.
     """
     if not path.is_file():
         raise _fail(path, "file not found", fix)
@@ -95,19 +120,29 @@ def check_gguf(path: Path, fix: str) -> str | None:
         return None
     stat = path.stat()
     try:
-        return _gguf_architecture(str(path), stat.st_size, stat.st_mtime_ns)
+        return _gguf_header(str(path), stat.st_size, stat.st_mtime_ns)
     except Exception as error:  # noqa: BLE001 - any reader failure means a broken file; its type is not API
         raise _fail(path, f"unreadable GGUF ({type(error).__name__}: {str(error).splitlines()[0][:120]}; "
                     "truncated?)", fix) from None
 
 
 @functools.lru_cache(maxsize=8)
-def _gguf_architecture(path: str, size: int, mtime_ns: int) -> str:
-    """``general.architecture`` of the GGUF at ``path`` (size and mtime key the cache to this version)."""
+def _gguf_header(path: str, size: int, mtime_ns: int) -> GgufHeader:
+    """The :class:`GgufHeader` of the GGUF at ``path`` (size and mtime key the cache to this version)."""
     import gguf
 
-    field = gguf.GGUFReader(path).get_field("general.architecture")
-    return str(field.contents()) if field is not None else "unknown"
+    reader = gguf.GGUFReader(path)
+
+    def text(key: str, default: str) -> str:
+        field = reader.get_field(key)
+        return str(field.contents()) if field is not None else default
+
+    return GgufHeader(
+        architecture=text("general.architecture", "unknown"),
+        name=text("general.name", ""),
+        keys=tuple(reader.fields),
+        tensor_names=tuple(tensor.name for tensor in reader.tensors),
+    )
 
 
 def check_checkpoint_dir(directory: Path, fix: str) -> None:

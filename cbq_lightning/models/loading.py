@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from cbq_lightning.errors import ModelSourceError
-from cbq_lightning.files import check_checkpoint_dir, check_gguf
-from cbq_lightning.models.adapter import SUPPORTED_MODEL_TYPES, check_model_type
+from cbq_lightning.files import check_checkpoint_dir, check_gguf, read_gguf_header
+from cbq_lightning.models.adapter import check_model_type
+from cbq_lightning.models.gguf_source import gguf_model_type
 from cbq_lightning.models.tiny import (
     TINY_MODEL_NAME,
     TinyModelConfig,
@@ -165,22 +166,24 @@ def load_tokenizer(config: ModelConfig):
     return AutoTokenizer.from_pretrained(source, **kwargs)
 
 
-def _check_gguf_support(path: Path) -> None:
-    """Fail early, naming the fix, when a GGUF cannot be read (no ``gguf`` package, foreign architecture)."""
+def _check_gguf_support(path: Path) -> str | None:
+    """Fail early, naming the fix, when a GGUF cannot be used (no ``gguf`` package, a foreign architecture, a
+    vision tower, an architecture transformers cannot read); else the model type it loads as.
+
+    Decided by what the file holds (:mod:`cbq_lightning.models.gguf_source`): llama.cpp writes ``gemma3`` for
+    every Gemma 3 text model, which transformers loads as ``gemma3_text``. None for a file not on this machine
+    (a hub repo's ``gguf_file``: transformers downloads and checks it).
+    """
     try:
         import gguf  # noqa: F401 - only whether it is installed
     except ImportError:
         raise ModelSourceError(
             f"reading {path.name} needs the gguf package: `pip install gguf accelerate` (or the demo extra)."
         ) from None
-    if not path.is_file():  # hub repo + gguf_file: transformers downloads and checks it
-        return
-    architecture = check_gguf(path, _REPLACE_FILE)
-    if architecture not in SUPPORTED_MODEL_TYPES:
-        raise ModelSourceError(
-            f"{path.name} holds a {architecture!r} model, which cbq-lightning does not support: use a GGUF (or "
-            f"checkpoint) of one of {', '.join(SUPPORTED_MODEL_TYPES)}."
-        )
+    if not path.is_file():
+        return None
+    header = read_gguf_header(path, _REPLACE_FILE)
+    return gguf_model_type(path, header) if header is not None else None
 
 
 def load_model(config: ModelConfig, vocab_size: int, seed: int = 0) -> nn.Module:
@@ -196,6 +199,8 @@ def load_model(config: ModelConfig, vocab_size: int, seed: int = 0) -> nn.Module
         from cbq_lightning.export.reload import loading_kwargs, release_offload
 
         kwargs = _hub_kwargs(config, gguf_file)
+        if gguf_file:  # also when called without load_tokenizer: a Mixtral GGUF would load without its experts
+            _check_gguf_support(Path(source) / gguf_file)
         if Path(source).is_dir():  # a packed export (compressed-tensors, GPTQ) may need a loading override
             kwargs.update(loading_kwargs(Path(source)))
         model = release_offload(AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs))
