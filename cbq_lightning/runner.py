@@ -50,8 +50,8 @@ from cbq_lightning.quant.convert import (
     all_block_linears,
     check_correction_rank,
     check_group_size,
-    check_rounding_rank,
     finalized_linears,
+    narrow_layers,
     reset_block_to_round_to_nearest,
 )
 from cbq_lightning.quant.correction import CorrectionConfig
@@ -67,7 +67,7 @@ from cbq_lightning.quant.qlinear import LayerQuantConfig
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch
-from cbq_lightning.rotation.fold import check_rotatable, rotate_model
+from cbq_lightning.rotation.fold import RotationConfig, rotate_model, rotation_unavailable
 from cbq_lightning.stop import GracefulStop
 from cbq_lightning.window import WindowModule
 from cbq_lightning.windows import Window, WindowConfig, window_schedule
@@ -489,6 +489,8 @@ class _Job:
     eval_sets: list[EvalSet]
     #: what :func:`~cbq_lightning.rotation.fold.rotate_model` folded in (None: no rotation)
     rotation: dict[str, Any] | None = None
+    #: what the recipe asked for that this model cannot take, and what ran instead (:func:`_adapt_to_model`)
+    adapted: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def cbq(self) -> bool:
@@ -519,10 +521,8 @@ def _read_inputs(config: QuantizeConfig) -> _Job:
     correction = config.correction if cbq else None
     # the configuration against the model's shapes, before any data is read or any evaluation runs
     check_group_size(adapter.blocks, scheme)
-    check_rounding_rank(adapter.blocks, rounding)
     check_correction_rank(adapter.blocks, correction)
-    if config.rotation is not None:
-        check_rotatable(adapter)
+    rotation_config, adapted = _adapt_to_model(config.rotation, rounding, adapter)
     all_ids = calibration_ids(config.data, tokenizer, config.seed, config.data_dir)
     evaluation = config.eval
     eval_sets = [
@@ -531,13 +531,37 @@ def _read_inputs(config: QuantizeConfig) -> _Job:
     ]
     # everything is read and checked: rotate before anything measures the model (the full-precision
     # reference then measures the rotated model, which computes the same function)
-    rotation = rotate_model(adapter, config.rotation, config.seed) if config.rotation is not None else None
+    rotation = rotate_model(adapter, rotation_config, config.seed) if rotation_config is not None else None
     return _Job(
         config=config, scheme=scheme, place=place, output_dir=output_dir, checkpointer=checkpointer, resume=resume,
         tokenizer=tokenizer, model=model, adapter=adapter, rounding=rounding, correction=correction,
         all_ids=all_ids, ids=place.shard(all_ids),  # DDP: this rank's samples (all of them in a single process)
-        eval_sets=eval_sets, rotation=rotation,
+        eval_sets=eval_sets, rotation=rotation, adapted=adapted,
     )
+
+
+def _adapt_to_model(
+    rotation: RotationConfig | None, rounding: RoundingConfig, adapter: DecoderAdapter,
+) -> tuple[RotationConfig | None, dict[str, Any]]:
+    """The recipe's extensions fitted to this model: the rotation to fold (None where the family has no exact
+    layout) and ``{part: what changed and why}`` for the log and ``report.json``.
+
+    Why: one recipe per scheme serves every supported family. An extension that cannot apply to a model (a
+    rotation that does not fold exactly, a LoRA rank wider than a layer) is left out or narrowed for that model
+    with one log line, instead of refusing a model the method itself supports.
+    """
+    adapted: dict[str, Any] = {}
+    reason = rotation_unavailable(adapter) if rotation is not None else None
+    if reason is not None:
+        log.warning("rotation skipped: %s; this run quantizes the unrotated model", reason)
+        adapted["rotation"] = {"action": "skipped", "reason": reason}
+        rotation = None
+    narrow = narrow_layers(adapter.blocks, rounding)
+    if narrow:
+        log.warning("rounding.rank=%d is not below the smaller dimension of %d layers: they use half of it (%s)",
+                    rounding.rank, len(narrow), ", ".join(sorted({str(rank) for rank in narrow.values()})))
+        adapted["rounding.rank"] = {"action": "narrowed", "requested": rounding.rank, "layers": narrow}
+    return rotation, adapted
 
 
 def _fp_reference(job: _Job, device: torch.device) -> list[dict[str, Any]] | None:
@@ -709,6 +733,8 @@ def _report(
         "preprocess": {str(index): stats for index, stats in sorted(state.preprocess_stats.items())},
         # the rotations folded into the model before calibration (None: none)
         "rotation": job.rotation,
+        # what the recipe asked for that this model could not take, and what ran instead ({}: nothing)
+        "adapted_to_model": job.adapted,
         # the low-rank correction's cost, which the integer weights do not show (None without one)
         "correction": correction_info,
         # per-layer bits (mixed.budget / quant.layer_bits), their average and the sensitivities (None: uniform)

@@ -11,7 +11,7 @@ from torch import nn
 
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.export.quant_state import dequantize
-from cbq_lightning.quant.convert import check_rounding_rank, finalize_block, finalized_linears, quant_linears
+from cbq_lightning.quant.convert import finalize_block, narrow_layers, finalized_linears, quant_linears
 from cbq_lightning.quant.qlinear import FinalizedQuantLinear, LayerQuantConfig, QuantLinear
 from cbq_lightning.quant.rounding import (
     LoRARounding,
@@ -404,11 +404,16 @@ def test_offset_has_no_regulariser_and_trains_with_clipping():
     assert layer.quantizer.upper_logit.grad.abs().sum() > 0
 
 
-def test_offset_form_skips_the_low_rank_check():
-    blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4))])
-    check_rounding_rank(blocks, RoundingConfig(form="offset"))
-    with pytest.raises(ConfigError, match="not low-rank"):
-        check_rounding_rank(blocks, RoundingConfig(form="residual", rank=8))
+def test_a_layer_too_narrow_for_the_rank_gets_half_its_smaller_dimension():
+    """A recipe's rank is kept wherever it is below the layer's smaller dimension (so a recipe computes the same
+    on the models it fitted), and a narrower layer gets half its smaller dimension instead of a refusal."""
+    config = RoundingConfig(form="residual", rank=8)
+    assert config.rank_for(16, 64) == 8 and config.rank_for(9, 64) == 8
+    assert config.rank_for(8, 64) == 4 and config.rank_for(64, 6) == 3 and config.rank_for(1, 64) == 1
+    blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 32), nn.Linear(32, 32))])
+    assert narrow_layers(blocks, config) == {"blocks.0.0": 2, "blocks.0.1": 2}
+    assert narrow_layers(blocks, RoundingConfig(form="offset")) == {}  # the offset form is full-rank by design
+    assert narrow_layers(blocks, RoundingConfig(form="residual", rank=3)) == {}
 
 
 def test_offset_form_refuses_the_settings_it_would_ignore():

@@ -43,16 +43,16 @@ def check_group_size(blocks: nn.ModuleList, scheme: QuantScheme) -> None:
             )
 
 
-def check_rounding_rank(blocks: nn.ModuleList, rounding: RoundingConfig) -> None:
-    """Fail early when the LoRA-Rounding rank is not below every linear's smaller dimension."""
+def narrow_layers(blocks: nn.ModuleList, rounding: RoundingConfig) -> dict[str, int]:
+    """``{layer: rank}`` for the linears too narrow for ``rounding.rank`` (:meth:`RoundingConfig.rank_for`
+    gives them half their smaller dimension); empty when the rank fits every layer or nothing is low-rank."""
     if not rounding.enabled or rounding.form == "offset":  # the offset form is full-rank by design
-        return
-    smallest = min(min(lin.in_features, lin.out_features) for _, lin in all_block_linears(blocks))
-    if rounding.rank >= smallest:
-        raise ConfigError(
-            f"rounding.rank={rounding.rank} is not low-rank for this model: its smallest linear dimension is "
-            f"{smallest}; use a rank below it (the paper's default is 4)."
-        )
+        return {}
+    return {
+        name: rounding.rank_for(lin.out_features, lin.in_features)
+        for name, lin in all_block_linears(blocks)
+        if rounding.rank_for(lin.out_features, lin.in_features) != rounding.rank
+    }
 
 
 def check_correction_rank(blocks: nn.ModuleList, correction: CorrectionConfig | None) -> None:

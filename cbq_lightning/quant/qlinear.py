@@ -162,7 +162,7 @@ class QuantLinear(nn.Module):
         elif soft_rounding:
             frac = self.quantizer.fractional_part(weight) if frac is None else frac
             self.rounding = LoRARounding(
-                frac, rounding.rank, rounding.form, rounding.init_std, generator, self._column_scale(rounding, input_moments)
+                frac, rounding.rank_for(*weight.shape), rounding.form, rounding.init_std, generator, self._column_scale(rounding, input_moments)
             )
         self.act_quantizer: ActivationQuantizer | None = None if act is None else ActivationQuantizer(act)
         #: forward with hardened (0/1) rounding decisions instead of soft ones, to measure what

@@ -128,6 +128,19 @@ class RoundingConfig:
         if self.form == "offset":
             self._refuse_settings_offset_ignores()
 
+
+    def rank_for(self, out_features: int, in_features: int) -> int:
+        """The rank of ``A1 A2`` for an ``out x in`` weight: ``rank``, or half the layer's smaller dimension
+        for a layer too narrow for it.
+
+        Why not refuse: a recipe's rank is chosen for the models it is shipped for (64 or 128 against
+        576-4096-wide layers); a model with narrower layers (a tiny test model, a small MoE expert) should
+        still run the recipe, with the narrow layers' factors kept low-rank. Layers the rank fits are
+        unchanged, so a recipe computes the same on every model it fitted before. :func:`narrow_layers`
+        lists the layers this caps, for the log and ``report.json``.
+        """
+        smallest = min(out_features, in_features)
+        return self.rank if self.rank < smallest else max(1, smallest // 2)
     def _refuse_settings_offset_ignores(self) -> None:
         """``form: offset`` trains one full-rank offset per weight through a straight-through forward: it has no
         factors and no regulariser, so a changed rank, initialisation or regulariser setting would silently do

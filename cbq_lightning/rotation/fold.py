@@ -36,7 +36,7 @@ from cbq_lightning.rotation.hadamard import Orthogonal, construction, orthogonal
 from cbq_lightning.rotation.online import OnlineRotation, attach_online_rotation
 from cbq_lightning.section_types import check_field_types
 
-__all__ = ["RotationConfig", "attach_online_rotations", "check_rotatable", "rotate_model"]
+__all__ = ["RotationConfig", "attach_online_rotations", "check_rotatable", "rotate_model", "rotation_unavailable"]
 
 #: which rotation each generator stream draws (the run's seed and this give the matrix, see :func:`_draw`)
 _STREAMS = {"residual": 1, "head": 2, "online": 4}
@@ -67,21 +67,30 @@ class RotationConfig:
             raise ConfigError("rotation with residual, head and online_down all false rotates nothing: set rotation null.")
 
 
-def check_rotatable(adapter: DecoderAdapter) -> RotationLayout:
-    """The family's rotation layout, or a one-line error saying why this model cannot be rotated exactly."""
-    layout = adapter.family.rotation
-    if layout is None:
-        raise ConfigError(
-            f"rotation: model type {adapter.model_type!r} has no exact rotation layout (its norms sit after "
-            "sub-layers, subtract a mean, or feed fused or expert projections); rotations are folded for "
-            "llama, mistral, qwen2, qwen3 and granite. Set rotation null for this model."
+def rotation_unavailable(adapter: DecoderAdapter) -> str | None:
+    """Why this model cannot be rotated exactly (one sentence), or None when it can.
+
+    The default recipes ask for rotations; a family they do not fold into runs without them (the runner logs
+    this reason and ``report.json`` records it under ``adapted_to_model``), so a recipe never refuses a
+    supported family for an extension.
+    """
+    if adapter.family.rotation is None:
+        return (
+            f"model type {adapter.model_type!r} has no exact rotation layout (its norms sit after sub-layers, "
+            "subtract a mean, or feed fused or expert projections); rotations are folded for llama, mistral, "
+            "qwen2, qwen3 and granite"
         )
     if len(adapter.scaling_pairs.norms) < 2:
-        raise ConfigError(
-            f"rotation: this {adapter.model_type} config has no norm before each sub-layer to fold into the "
-            "linears. Set rotation null for this model."
-        )
-    return layout
+        return f"this {adapter.model_type} config has no norm before each sub-layer to fold into the linears"
+    return None
+
+
+def check_rotatable(adapter: DecoderAdapter) -> RotationLayout:
+    """The family's rotation layout, or a one-line error saying why this model cannot be rotated exactly."""
+    reason = rotation_unavailable(adapter)
+    if reason is not None:
+        raise ConfigError(f"rotation: {reason}. Set rotation null for this model.")
+    return adapter.family.rotation
 
 
 def _draw(size: int, kind: str, seed: int) -> Orthogonal:
