@@ -28,9 +28,23 @@ Activations: only dynamic per-token symmetric quantization has a description in 
 (``input_activations: {strategy: token, dynamic: true, symmetric: true}``). It computes each token's
 scale from ``max|x|`` at run time and has no place for a learned clipping ratio, so a run's learned
 activation clipping is not carried over (:func:`activation_warnings` says so).
+
+Mixtures of experts: each expert's linears are stored packed under the checkpoint's per-expert names
+(``mlp.experts.<e>.gate_proj``..., Mixtral ``block_sparse_moe.experts.<e>.w1``...), which transformers 5's
+loader decompresses expert by expert and stacks into its fused 3-D weights. That loader (5.25,
+``CompressedTensorsDequantize``) hands each expert's ``weight_packed``, ``weight_scale`` and ``weight_shape``
+to compressed-tensors but never its ``weight_zero_point``, so asymmetric experts fail to load ("Asymmetric
+quant requires zero-point values"). An asymmetric run's experts are therefore written in a config group of
+their own (:data:`EXPERTS_TARGET`, the group transformers picks for experts), *symmetric* with one bit more:
+``q = u - z`` lies in ``[-(2^b - 1), 2^b - 1]``, which the signed ``b+1``-bit range holds, and ``q * scale`` is
+exactly the run's weight. The price is one bit per expert weight (W4: 5 bits; W3: 4), stated in the export's
+warnings; 8-bit asymmetric experts (9 bits) cannot be stored and are refused.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Callable
 
 import torch
 
@@ -47,6 +61,12 @@ FORMAT = "pack-quantized"
 EXPORTABLE_ACT_MODE = "dynamic_sym"
 #: the config-group target of a quantized input embedding (the module's class name)
 EMBEDDING_TARGET = "Embedding"
+#: the config-group target of an asymmetric run's experts: each expert's linears (``...experts.3.down_proj``) and
+#: a serving engine's fused experts module (``...mlp.experts``). transformers picks the group of experts by a
+#: ``re:`` target that mentions "experts"; compressed-tensors matches a regex before a class name.
+EXPERTS_TARGET = r"re:.*\.experts(\.\d+\.[^.]+)?$"
+#: the widest codes the format packs
+_MAX_BITS = 8
 
 
 def check_scheme(scheme: ExportScheme) -> None:
@@ -66,7 +86,8 @@ def quantization_config(scheme: ExportScheme, ignore: list[str], embedding: bool
     ``embedding``: the input embedding is quantized too (:func:`embedding_layer`) and joins the group.
     ``experts``: a mixture of experts, stored per expert (``mlp.experts.<e>.<projection>``, the names vLLM
     reads); transformers 5 holds experts as fused 3-D weights, which only its dequantize-at-load path builds
-    from per-expert packed tensors.
+    from per-expert packed tensors. An asymmetric run's experts get a symmetric group of their own
+    (:func:`widened_expert_bits`, see the module docstring).
     """
     weights = {
         "num_bits": scheme.w_bits,
@@ -96,6 +117,12 @@ def quantization_config(scheme: ExportScheme, ignore: list[str], embedding: bool
             "format": FORMAT,
         }
     }
+    if experts and not scheme.sym:
+        groups["group_1"] = {
+            **groups["group_0"],
+            "targets": [EXPERTS_TARGET],
+            "weights": {**weights, "num_bits": widened_expert_bits(scheme), "symmetric": True},
+        }
     # transformers' compressed (default) loading path cannot hold a packed zero-point, build a quantized
     # embedding or fused experts, so a plain from_pretrained(OUT) would stop with a size-mismatch report;
     # "dequantize" makes it take its dequantize-at-load path by itself. vLLM and compressed-tensors ignore the key.
@@ -154,6 +181,64 @@ def embedding_layer(name: str, weight: torch.Tensor, scheme: ExportScheme) -> Qu
         group_size=scheme.group_size or int(weight.shape[1]),
         act_clip=None,
     )
+
+
+def widened_expert_bits(scheme: ExportScheme) -> int:
+    """Bits of an asymmetric run's experts stored symmetric (``w_bits + 1``; see the module docstring), or a
+    ConfigError where that exceeds what the format packs."""
+    bits = scheme.w_bits + 1
+    if bits > _MAX_BITS:
+        raise ConfigError(
+            f"the experts of an asymmetric {scheme.w_bits}-bit mixture of experts would need {bits}-bit symmetric "
+            "codes in compressed-tensors (transformers loads fused experts without zero-points), more than the "
+            f"format's {_MAX_BITS}: quantize with quant.sym: true, or with fewer bits."
+        )
+    return bits
+
+
+def is_expert(name: str) -> bool:
+    """Whether the linear ``name`` (module or checkpoint name) is one expert's projection: the modules the
+    experts' config group (:data:`EXPERTS_TARGET`) covers, decided by that same pattern."""
+    return re.fullmatch(EXPERTS_TARGET.removeprefix("re:"), name) is not None
+
+
+def pack_widened_layer(layer: QuantizedLayer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """An asymmetric layer's tensors as symmetric ``bits + 1``-bit codes with the same scales and no zero-point:
+    the signed code ``q = u - z`` is stored as ``q + 2^bits`` (the format's offset at ``bits + 1`` bits)."""
+    zeros = layer.zeros.to(torch.int16).repeat_interleave(layer.group_size, dim=1)[:, : layer.in_features]
+    signed = layer.codes.to(torch.int16) - zeros
+    return {
+        "weight_packed": pack_codes(signed + 2**layer.bits, layer.bits + 1, dim=1),
+        "weight_scale": layer.scales.to(dtype).contiguous(),
+        "weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64),
+    }
+
+
+def layer_packer(scheme: ExportScheme, dtype: torch.dtype, experts: bool) -> Callable[[QuantizedLayer], dict]:
+    """The function packing each layer of a run: :func:`pack_layer`, or :func:`pack_widened_layer` for the
+    experts of an asymmetric mixture of experts (the layers its symmetric experts group covers)."""
+    widen = experts and not scheme.sym
+    if widen:
+        widened_expert_bits(scheme)  # refuse 9-bit codes before anything is packed
+
+    def pack(layer: QuantizedLayer) -> dict[str, torch.Tensor]:
+        if widen and is_expert(layer.name):
+            return pack_widened_layer(layer, dtype)
+        return pack_layer(layer, dtype, scheme.sym)
+
+    return pack
+
+
+def expert_warnings(scheme: ExportScheme, experts: bool) -> list[str]:
+    """What the export changes about an asymmetric run's experts (empty otherwise)."""
+    if not experts or scheme.sym:
+        return []
+    bits = widened_expert_bits(scheme)
+    return [
+        f"the experts are stored as symmetric {bits}-bit codes (the run's asymmetric {scheme.w_bits}-bit codes "
+        f"minus their zero-points, exactly): transformers loads fused experts without zero-points. They take "
+        f"one bit per weight more than the other linears."
+    ]
 
 
 def pack_layer(layer: QuantizedLayer, dtype: torch.dtype, sym: bool) -> dict[str, torch.Tensor]:

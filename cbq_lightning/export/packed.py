@@ -133,12 +133,13 @@ def export_run(run_dir: str | Path, config: ExportConfig) -> dict[str, Any]:
             "vLLM does not load quantized embeddings (export without quantize_embedding to serve it)."
         )
     if config.format == compressed_tensors.NAME:
+        experts = has_experts(model_config.get("model_type"))
         quantization = compressed_tensors.quantization_config(
-            run.scheme, ignore=unquantized, embedding=config.quantize_embedding,
-            experts=has_experts(model_config.get("model_type")),
+            run.scheme, ignore=unquantized, embedding=config.quantize_embedding, experts=experts,
         )
         warnings += compressed_tensors.activation_warnings(run)
-        pack = functools.partial(compressed_tensors.pack_layer, dtype=dtype, sym=run.scheme.sym)
+        warnings += compressed_tensors.expert_warnings(run.scheme, experts)
+        pack = compressed_tensors.layer_packer(run.scheme, dtype, experts)
     else:
         if has_experts(model_config.get("model_type")):
             raise ConfigError(

@@ -10,7 +10,9 @@ need a loading override, which :func:`loading_kwargs` supplies (``cbq evaluate``
   same holds for a quantized input embedding (``export.quantize_embedding``): the compressed path cannot build
   an embedding without its ``weight``.
 * compressed-tensors of a **mixture of experts**: the experts are stored per expert (the names vLLM reads),
-  and transformers 5 holds them as fused 3-D weights, which only its dequantize-at-load path assembles.
+  and transformers 5 holds them as fused 3-D weights, which only its dequantize-at-load path assembles. That
+  path passes no zero-points to the experts, so an asymmetric run's experts are stored symmetric with one bit
+  more (:mod:`~cbq_lightning.export.compressed_tensors`); ``tests/test_moe.py`` reloads each family.
 * GPTQ: gptqmodel's automatic CPU kernel choice for 4 bits computes in reduced precision
   (``aten._weight_int4pack_mm``); the plain torch kernel (``backend="torch"``) dequantizes to the
   float16 the scales are stored in and is the faithful reference.
