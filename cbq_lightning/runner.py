@@ -44,6 +44,7 @@ from cbq_lightning.export.packed import export_run
 from cbq_lightning.export.quant_state import QUANT_STATE_FILE, save_quant_state
 from cbq_lightning.guard import DivergenceError
 from cbq_lightning.io import atomic_write_json, atomic_write_text
+from cbq_lightning.machine import resolve_machine_settings
 from cbq_lightning.models.adapter import BlockKwargs, DecoderAdapter
 from cbq_lightning.models.loading import load_model, load_tokenizer
 from cbq_lightning.quant.convert import (
@@ -437,7 +438,7 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
     run at the next safe point with :class:`RunStopped` (:mod:`cbq_lightning.stop`).
     """
     with GracefulStop() as stop:
-        return _run_quantize(config, callbacks, stop)
+        return _run_quantize(resolve_machine_settings(config), callbacks, stop)
 
 
 def _run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback], stop: GracefulStop) -> QuantizeResult:

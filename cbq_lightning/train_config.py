@@ -64,7 +64,9 @@ class TrainerConfig:
         devices: devices per node (an int, a list, or ``auto``).
         strategy: ``auto`` or ``ddp`` ...
         num_nodes: nodes for multi-node runs.
-        precision: ``32-true`` (CPU default) or ``bf16-mixed`` (GPU: bf16 autocast, fp32 parameters).
+        precision: ``auto`` (the machine decides: ``bf16-mixed`` on a GPU with bfloat16 - bf16 autocast, fp32
+            trainable parameters -, ``16-mixed`` on an older GPU, ``32-true`` on CPU; see
+            :func:`~cbq_lightning.machine.resolve_machine_settings`), or any Lightning precision.
         gradient_clip_val: clip gradient norm (None: off).
         enable_progress_bar: show progress bars.
         log_every_n_steps: how often training signals reach TensorBoard.
@@ -75,7 +77,7 @@ class TrainerConfig:
     devices: int | str | list[int] = 1
     strategy: str = "auto"
     num_nodes: int = 1
-    precision: str = "32-true"
+    precision: str = "auto"
     gradient_clip_val: float | None = None
     enable_progress_bar: bool = True
     log_every_n_steps: int = 1
@@ -85,10 +87,10 @@ class TrainerConfig:
         # Lightning would refuse these only at the first window's fit, after loading and calibrating
         from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT_STR
 
-        allowed = (*get_args(_PRECISION_INPUT_STR), "64", "32", "16", "bf16")  # the last four: older spellings
+        allowed = ("auto", *get_args(_PRECISION_INPUT_STR), "64", "32", "16", "bf16")  # the last four: older spellings
         if str(self.precision) not in allowed:
             raise ConfigError(f"trainer.precision={self.precision!r} is not a Lightning precision: use one of "
-                              f"{', '.join(allowed)} (32-true on CPU, bf16-mixed on recent GPUs).")
+                              f"{', '.join(allowed)} (auto: 32-true on CPU, bf16-mixed on recent GPUs).")
         if self.gradient_clip_val is not None and not (math.isfinite(self.gradient_clip_val)
                                                        and self.gradient_clip_val > 0):
             raise ConfigError(f"trainer.gradient_clip_val={self.gradient_clip_val} must be a finite number > 0 "

@@ -46,7 +46,8 @@ class ModelConfig:
             built offline: ``tiny-gemma2``, ``tiny-opt``...).
         gguf_file: GGUF file name inside ``name_or_path`` (transformers' ``gguf_file=``).
         revision: hub revision (branch, tag or commit).
-        dtype: ``float32`` (default; CPU), ``bfloat16`` or ``float16``: dtype of the frozen weights.
+        dtype: dtype of the frozen weights: ``auto`` (``bfloat16`` when a CUDA GPU is used, ``float32`` on CPU),
+            ``float32``, ``bfloat16`` or ``float16``.
         trust_remote_code: allow custom model code from the hub; off unless you trust the source.
         tiny: shape of the ``tiny-<model type>`` model.
     """
@@ -54,14 +55,26 @@ class ModelConfig:
     name_or_path: str = TINY_MODEL_NAME
     gguf_file: str | None = None
     revision: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"
     trust_remote_code: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
     def torch_dtype(self) -> torch.dtype:
+        """The weights' dtype; ``auto`` follows the machine (:func:`auto_weight_dtype`)."""
+        if self.dtype == "auto":
+            return _DTYPES[auto_weight_dtype(torch.cuda.is_available())]
         if self.dtype not in _DTYPES:
-            raise ModelSourceError(f"model.dtype={self.dtype!r} is unknown: use one of {', '.join(_DTYPES)}.")
+            raise ModelSourceError(f"model.dtype={self.dtype!r} is unknown: use auto or one of {', '.join(_DTYPES)}.")
         return _DTYPES[self.dtype]
+
+
+def auto_weight_dtype(cuda: bool) -> str:
+    """What ``model.dtype: auto`` means: ``bfloat16`` on a CUDA GPU that has it (half the memory, and the GPU
+    computes in it natively), ``float16`` on an older GPU, ``float32`` on CPU (where bfloat16 matmuls are slow on
+    most processors and the published CPU figures are float32)."""
+    if not cuda:
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
 def _looks_like_path(name: str) -> bool:
