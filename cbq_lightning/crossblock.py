@@ -8,12 +8,22 @@ callback (:mod:`callbacks.cross_block`) calls :meth:`CrossBlockState.enter` befo
 
 Teachers are copied when a block first enters a window - before any preprocessing or quantization - so
 targets always come from the *original* full-precision blocks, and at most K copies are alive at once.
+
+Why the full-precision path is computed once: ``X_fp`` and ``Y_fp`` are hidden states of the unchanging
+full-precision model, so with overlapping windows each is the same value at the same depth whichever window
+asks. The pass that caches a window's ``Y_fp`` keeps the hidden states after the blocks the window will
+finalise (the next ``X_fp``) and its own output (where the next window's ``Y_fp`` pass starts), so advancing
+``X_fp`` costs nothing and each window pushes the full-precision path through only the blocks it adds. In the
+first window ``X_q`` is ``X_fp``, so ``Y_h`` is ``Y_fp``. Per window of K blocks advancing by S, the teacher and
+cache work is then S (full-precision path) + K (``Y_h``) + S (``X_q``) block forwards instead of 3K + S, with
+bit-identical values (the same blocks on the same batches; see :meth:`CrossBlockState._fp_state`).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,7 +32,7 @@ from torch import nn
 
 from cbq_lightning.cache import TensorStore
 from cbq_lightning.distributed import all_reduce_
-from cbq_lightning.models.adapter import BlockKwargs, run_blocks_batched
+from cbq_lightning.models.adapter import BlockKwargs, kwargs_list_to, run_block, run_blocks_batched
 from cbq_lightning.models.moe import count_routed_tokens
 from cbq_lightning.quant.convert import finalize_block
 from cbq_lightning.windows import Window
@@ -94,6 +104,11 @@ class CrossBlockState:
         self._entered: set[int] = set()
         #: index of the window whose targets are cached (a retried fit reuses them)
         self._targets_for: int | None = None
+        #: full-precision hidden states at the input of block ``b`` (``b`` = number of blocks behind them),
+        #: kept by the pass that caches ``Y_fp`` for what the next windows read (see :meth:`_fp_state`)
+        self._fp_states: dict[int, torch.Tensor] = {}
+        #: False once a pass showed the blocks compute in another dtype than the caches (nothing can be kept)
+        self._keep_fp_states = True
 
     # --- before a fit --------------------------------------------------------------------------------
     def enter(self, window: Window, device: torch.device | str, cache_targets: bool = True) -> list[int]:
@@ -120,13 +135,81 @@ class CrossBlockState:
             self._entered.add(index)
         if not cache_targets or self._targets_for == window.index:
             return entering
-        teachers = [self.teachers[index].to(device) for index in window.blocks]
-        self.y_fp = self._run(teachers, window.blocks, self.x_fp, device, "y_fp", self.target_dtype)
-        self.y_h = self._run(teachers, window.blocks, self.x_q, device, "y_h", self.target_dtype)
-        for teacher in teachers:
-            teacher.to("cpu")
+        first_on_fp_path = self.x_q is self.x_fp  # nothing quantized has run yet: Y_h would repeat Y_fp
+        self.y_fp = self._fp_targets(window, device)
+        if first_on_fp_path:
+            self.y_h = self.y_fp
+        else:
+            with self._teachers_on(window.blocks, device) as teachers:
+                self.y_h = self._run(teachers, window.blocks, self.x_q, device, "y_h", self.target_dtype)
         self._targets_for = window.index
         return entering
+
+    def _fp_targets(self, window: Window, device: torch.device | str) -> torch.Tensor:
+        """``Y_fp``: the teachers of the window's blocks from the deepest full-precision state already computed
+        (the previous window's output), keeping the states that this window's leave and the next window read."""
+        first, end = window.blocks[0], window.blocks[-1] + 1
+        if not self._keep_fp_states:
+            with self._teachers_on(window.blocks, device) as teachers:
+                return self._run(teachers, window.blocks, self.x_fp, device, "y_fp", self.target_dtype)
+        start = max((depth for depth in self._fp_states if first < depth <= end), default=first)
+        if start == end:
+            output = self._fp_states[end]
+        else:
+            hidden = self._fp_states[start] if start > first else self.x_fp
+            indices = list(range(start, end))
+            # the inputs of the next window and of every block this window finalises, and its output
+            wanted = {index + 1 for index in window.finalized} | {end}
+            depths = sorted(depth for depth in wanted if depth > start)
+            with self._teachers_on(indices, device) as teachers:
+                states = self._run_keeping(teachers, indices, hidden, device, depths)
+            if states is None:  # the blocks do not compute in the caches' dtype: the one pass per window
+                self._keep_fp_states = False
+                return self._fp_targets(window, device)
+            for depth in [depth for depth in self._fp_states if depth < first]:
+                self._release_unless_live(self._fp_states.pop(depth))
+            self._fp_states.update(states)
+            output = states[end]
+        if self.target_dtype is None or self.target_dtype == output.dtype:
+            return output
+        targets = self.store.allocate("y_fp", tuple(output.shape), self.target_dtype)
+        targets.copy_(output)  # the same cast a pass writing into a cache of the targets' dtype makes
+        return targets
+
+    @contextmanager
+    def _teachers_on(self, indices: Sequence[int], device: torch.device | str) -> Iterator[list[nn.Module]]:
+        """The teachers of blocks ``indices`` on ``device`` for one pass, back on the CPU after it."""
+        teachers = [self.teachers[index].to(device) for index in indices]
+        try:
+            yield teachers
+        finally:
+            for teacher in teachers:
+                teacher.to("cpu")
+
+    @torch.no_grad()
+    def _run_keeping(
+        self, blocks: list[nn.Module], indices: Sequence[int], hidden: torch.Tensor, device: torch.device | str,
+        depths: Sequence[int],
+    ) -> dict[int, torch.Tensor] | None:
+        """``blocks(hidden)`` batch by batch, keeping the hidden state at each depth in ``depths`` (after block
+        ``depth - 1``) in a new cache of ``hidden``'s dtype: ``{depth: cache}``.
+
+        None where a block's output has another dtype than the caches: a later pass restarting from a kept state
+        equals going on inside this pass only when storing the state changes nothing, so nothing is kept then.
+        """
+        out = {depth: self.store.allocate(f"x_fp{depth}", tuple(hidden.shape), hidden.dtype) for depth in depths}
+        per_block = kwargs_list_to(self.block_kwargs.for_blocks(indices), device)
+        for start in range(0, hidden.shape[0], self.batch_size):
+            x = hidden[start : start + self.batch_size].to(device)
+            for index, block, kwargs in zip(indices, blocks, per_block, strict=True):
+                x = run_block(block, x, kwargs)
+                if index + 1 in out:
+                    if x.dtype != hidden.dtype:
+                        for cache in out.values():
+                            self.store.release(cache)
+                        return None
+                    out[index + 1][start : start + x.shape[0]] = x.to("cpu")
+        return out
 
     def _quantized_path_inputs(self, window: Window, index: int, device: torch.device | str) -> torch.Tensor:
         """Inputs of block ``index`` on the quantized path: ``X_q`` through the window's earlier blocks.
@@ -175,6 +258,7 @@ class CrossBlockState:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """The inverse of :meth:`state_dict` (keys beyond its own are ignored, so a whole checkpoint can be
         passed); the entered blocks come back one by one through :meth:`reenter`."""
+        self._drop_fp_states()
         self.x_fp, self.x_q = state["x_fp"], state["x_q"]
         if self.rtn_reference is not None:
             self.x_rtn = state.get("x_rtn")
@@ -215,7 +299,7 @@ class CrossBlockState:
                 self.x_q = self._replace(self.x_q, self._run([block], [index], self.x_q, device, "x_q"))
             if routed:
                 self.routed_tokens[index] = routed
-            self.x_fp = self._replace(self.x_fp, self._run([teacher], [index], self.x_fp, device, "x_fp"))
+            self.x_fp = self._advance_fp(index, teacher, device)
             error = BlockError(block=index, quantized=relative_error(self.x_q, self.x_fp))
             if self.rtn_reference is not None:
                 baseline = self.rtn_reference(index, teacher)
@@ -226,11 +310,34 @@ class CrossBlockState:
             del teacher
             errors.append(error)
         self.block_errors.extend(errors)
-        self.store.release(self.y_fp)
-        self.store.release(self.y_h)
+        for target in {id(t): t for t in (self.y_fp, self.y_h) if t is not None}.values():
+            self._release_unless_live(target)
         self.y_fp = self.y_h = None
         self._targets_for = None
+        if window.blocks[-1] == len(self.blocks) - 1:  # the last window: nothing deeper will read them
+            self._drop_fp_states()
         return errors
+
+    def _advance_fp(self, index: int, teacher: nn.Module, device: torch.device | str) -> torch.Tensor:
+        """``X_fp`` after block ``index``: kept by the pass that cached ``Y_fp``, or computed (the RTN walk caches no
+        targets; a resumed run's first window starts without kept states)."""
+        state = self._fp_states.pop(index + 1, None)
+        if state is None:
+            state = self._run([teacher], [index], self.x_fp, device, "x_fp")
+        return self._replace(self.x_fp, state)
+
+    def _drop_fp_states(self) -> None:
+        """Forget the kept full-precision states (the walk ended, or a resume replaced the caches)."""
+        states = list(self._fp_states.values())
+        self._fp_states.clear()
+        for state in states:
+            self._release_unless_live(state)
+
+    def _release_unless_live(self, tensor: torch.Tensor) -> None:
+        """Release a cache nothing reads any more: not a kept full-precision state and not an input cache."""
+        live = (*self._fp_states.values(), self.x_fp, self.x_q, self.inputs)
+        if not any(tensor is cache for cache in live if cache is not None):
+            self.store.release(tensor)
 
     def _replace(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """``new`` takes the place of cache ``old``, whose storage is released if the store owns it."""
