@@ -74,27 +74,47 @@ CFP_OFF = ["--cfp.weights", "false", "--cfp.activations", "false"]
 #: the RTN baseline is plain round-to-nearest even when the recipe starts CBQ from GPTQ
 #: (``method: rtn`` with a ``quant.gptq`` section would be GPTQ) or rotates the model first
 PLAIN_RTN = ["--quant.gptq", "null", "--rotation", "null"]
-#: ``CBQ (paper settings)``: the paper's method (docs/method.md §1-4) as stated, on top of a scheme's recipe, which keeps only its
-#: budget (samples, epochs, batch size) and its scheme: RTN start on the unclipped grid, LoRA-Rounding
-#: ``V0 + A1 A2`` (rank 4) trained through soft decisions and hardened at the end, windows K=2 / O=1, MSE +
-#: hidden-state KL on both branches, learnable weight (and activation) clipping, CFP, AdamW at the paper's
-#: learning rates. One deviation, named wherever the row is shown: CFP's weight truncation is *judged*
-#: (``cfp.truncation: judged``, kept only where it lowers the layer's quantized output error); read
-#: literally (``always``) it cuts the weights SmolLM2's massive activations depend on.
-PAPER_SETTINGS = {
-    "quant.gptq": "null", "quant.clip_search": "null", "quant.clip_init": "0.99", "quant.learnable_clip": "true",
-    "quant.act_learnable": "true",
-    "rounding.enabled": "true", "rounding.form": "residual", "rounding.rank": "4", "rounding.forward": "soft",
-    "rounding.reg_weight": "0.01", "rounding.column_scale": "0",
-    "window.size": "2", "window.overlap": "1",
-    "cfp.weights": "true", "cfp.truncation": "judged", "cfp.activations": "true",
-    "loss.global_branch": "true", "loss.homologous_branch": "true", "loss.kl_weight": "1.0",
-    "loss.output_kl_weight": "0",
-    "train.keep_best": "false", "train.lr_rounding": "0.001", "train.lr_clip": "0.005",
+#: ``CBQ (paper settings)``: the paper's method (docs/method.md §1-4) as ``configs/paper/<scheme>.yaml`` states it, on
+#: top of a scheme's demo recipe, which keeps only its budget (samples, epochs, batch size) and its scheme: RTN start
+#: on the unclipped grid, LoRA-Rounding ``V0 + A1 A2`` (rank 4) trained through soft decisions and hardened at the
+#: end, windows K=2 / O=1, MSE + hidden-state KL on both branches, learnable weight (and activation) clipping, CFP,
+#: AdamW at the paper's learning rates. One deviation, named wherever the row is shown: CFP's weight truncation is
+#: *judged* (``cfp.truncation: judged``, kept only where it lowers the layer's quantized output error); read
+#: literally (``always``) it cuts the weights SmolLM2's massive activations depend on. These are the method keys
+#: the row takes from the paper recipe (the rest of the paper recipe is its GPU budget).
+PAPER_KEYS = (
+    "quant.gptq", "quant.clip_search", "quant.clip_init", "quant.learnable_clip", "quant.act_learnable",
+    "rounding.enabled", "rounding.form", "rounding.rank", "rounding.forward", "rounding.reg_weight",
+    "rounding.column_scale", "window.size", "window.overlap", "cfp.weights", "cfp.truncation", "cfp.activations",
+    "loss.global_branch", "loss.homologous_branch", "loss.kl_weight", "loss.output_kl_weight", "train.keep_best",
+    "train.lr_rounding", "train.lr_clip",
     # the paper rotates nothing (an extension, docs/rotation.md)
-    "rotation": "null",
-}
-PAPER_FLAGS = [flag for key, value in PAPER_SETTINGS.items() for flag in (f"--{key}", value)]
+    "rotation",
+)
+PAPER_RECIPES = ROOT / "configs" / "paper"
+
+
+def _setting(config: object, key: str) -> object:
+    for part in key.split("."):  # "section.name", or a whole optional section ("rotation")
+        config = getattr(config, part)
+    return config
+
+
+def paper_settings(scheme: str = "W3A16G64") -> dict[str, str]:
+    """``{key: value}`` of :data:`PAPER_KEYS` in the paper recipe of ``scheme`` (``configs/paper/``), as flags
+    write them: the paper row runs what that recipe states, not a second copy of it."""
+    from benchmarks.peers.job import load_recipe
+
+    path = PAPER_RECIPES / f"{scheme.lower()}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"no paper recipe {path.relative_to(ROOT)} for scheme {scheme}: write one or drop the scheme.")
+    config = load_recipe(path)
+    return {key: _shown(_setting(config, key)) for key in PAPER_KEYS}
+
+
+def paper_flags(scheme: str) -> list[str]:
+    """The overrides that turn a scheme's demo recipe into ``CBQ (paper settings)`` on the same budget."""
+    return [flag for key, value in paper_settings(scheme).items() for flag in (f"--{key}", value)]
 
 
 def _run(command: list[str]) -> float:
@@ -113,7 +133,7 @@ def _git_commit() -> str:
 
 
 def recipe_deviations(recipe: Path) -> dict[str, tuple[str, str]]:
-    """Where a recipe departs from :data:`PAPER_SETTINGS`: ``{key: (paper value, recipe value)}``.
+    """Where a recipe departs from :func:`paper_settings`: ``{key: (paper value, recipe value)}``.
 
     Read from the recipe itself, so the list shown next to a ``CBQ (shipped recipe)`` figure cannot drift
     from what ran. A key the recipe leaves out takes the code's default (read from the config classes).
@@ -122,11 +142,8 @@ def recipe_deviations(recipe: Path) -> dict[str, tuple[str, str]]:
 
     config = load_recipe(recipe)
     deviations = {}
-    for key, paper in PAPER_SETTINGS.items():
-        value = config
-        for part in key.split("."):  # "section.name", or a whole optional section ("rotation")
-            value = getattr(value, part)
-        shown = _shown(value)
+    for key, paper in paper_settings().items():  # the same method keys for every scheme (tests/test_default_recipes.py)
+        shown = _shown(_setting(config, key))
         if _normalise(shown) != _normalise(paper):
             deviations[key] = (paper, shown)
     return deviations
@@ -451,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablations-only", action="store_true",
                         help="run only the --ablation runs and add them to each scheme's existing record")
     parser.add_argument("--no-paper", action="store_true",
-                        help="skip the CBQ (paper settings) run of each scheme (PAPER_SETTINGS on the recipe)")
+                        help="skip the CBQ (paper settings) run of each scheme (configs/paper/<scheme>.yaml's method on the recipe)")
     parser.add_argument("--paper-only", action="store_true",
                         help="run only CBQ (paper settings) and add it to each scheme's existing record")
     parser.add_argument("--cbq-only", action="store_true",
@@ -532,7 +549,7 @@ def _run_all(recipes: dict[str, Path], peers: list[str], flags: list[str], args:
             if _quantizes_activations(scheme):
                 ablation = _quantize(recipe, "cbq", workdir / scheme, flags, cfp=False, name="cbq_no_cfp")
             paper = None if args.no_paper else _quantize(
-                recipe, "cbq", workdir / scheme, [*flags, *PAPER_FLAGS], name="cbq_paper")
+                recipe, "cbq", workdir / scheme, [*flags, *paper_flags(scheme)], name="cbq_paper")
             cbq = _quantize(recipe, "cbq", workdir / scheme, flags)
             peer_records = {
                 name: _peer(recipe, name, workdir / scheme, flags) for name in peers
@@ -701,7 +718,7 @@ def _add_paper(recipes: dict[str, Path], args: argparse.Namespace, invocation: s
         for scheme, (path, record) in records.items():
             recipe = ROOT / record["recipe"]
             flags = _overrides(record.get("overrides", []))
-            run = _quantize(recipe, "cbq", Path(tmp) / scheme, [*flags, *PAPER_FLAGS], name="cbq_paper")
+            run = _quantize(recipe, "cbq", Path(tmp) / scheme, [*flags, *paper_flags(scheme)], name="cbq_paper")
             record["row"].update(_paper_summary(run))
             record.setdefault("commands", {})["cbq_paper"] = run["command"]
             record["paper_run"] = {
@@ -988,7 +1005,7 @@ def _combined_table(folder: Path, suffix: str) -> str:
     lines.append("")
     lines.append("CBQ (paper settings): the paper's method as stated in docs/method.md on the recipe's budget (RTN start, LoRA-Rounding trained "
                  "soft, K=2/O=1, MSE + KL on both branches, learnable clipping, CFP with weight truncation judged "
-                 "by output error, lr 1e-3 / 5e-3); `benchmarks/quality.py` PAPER_SETTINGS.")
+                 "by output error, lr 1e-3 / 5e-3): the method keys of `configs/paper/<scheme>.yaml`.")
     if any(r["row"].get("peers") for r in records):
         lines.append("")
         lines.append("Peer columns: `-` = not asked for in that scheme's run; a reason = asked for but not run.")

@@ -23,6 +23,7 @@ from cbq_lightning.config import QuantizeConfig
 from cbq_lightning.errors import CBQError, RunStopped
 from cbq_lightning.evaluation.command import EvaluateConfig
 from cbq_lightning.export.packed import ExportConfig
+from cbq_lightning.recipe_file import RecipeFile
 
 
 def quantize_parser() -> LightningArgumentParser:
@@ -31,7 +32,8 @@ def quantize_parser() -> LightningArgumentParser:
         description="Quantize a causal LM with CBQ (or the RTN baseline) and save it.",
         default_env=False,
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML recipe (see configs/).")
+    parser.add_argument("--config", action=RecipeFile,
+                        help="YAML recipe (see configs/); a recipe may name the recipe it builds on with 'base:'.")
     parser.add_class_arguments(QuantizeConfig, nested_key=None, fail_untyped=True, sub_configs=True)
     return parser
 

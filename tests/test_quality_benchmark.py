@@ -90,26 +90,28 @@ def test_paper_settings_have_a_column_of_their_own(quality) -> None:
 
 
 def test_paper_flags_are_what_method_md_states(quality) -> None:
-    """The paper row's overrides: RTN start, LoRA-Rounding (residual, rank 4, soft forward, no per-column scale:
-    the shipped recipes' extension is switched off), K=2/O=1, both branches with the hidden-state KL, no output
-    KL, no keep-best, the paper's learning rates."""
-    settings = quality.PAPER_SETTINGS
+    """The paper row's overrides, read from configs/paper/: RTN start, LoRA-Rounding (residual, rank 4, soft
+    forward, no per-column scale: the shipped recipes' extension is switched off), K=2/O=1, both branches with the
+    hidden-state KL, no output KL, no keep-best, the paper's learning rates, no rotation; the same for every scheme."""
+    settings = quality.paper_settings()
     assert settings["quant.gptq"] == "null" and settings["rounding.form"] == "residual"
-    assert settings["rounding.column_scale"] == "0"
+    assert settings["rounding.rank"] == "4" and float(settings["rounding.column_scale"]) == 0
     assert settings["rounding.forward"] == "soft" and (settings["window.size"], settings["window.overlap"]) == ("2", "1")
-    assert settings["loss.kl_weight"] == "1.0" and settings["loss.output_kl_weight"] == "0"
-    assert (settings["train.lr_rounding"], settings["train.lr_clip"]) == ("0.001", "0.005")
+    assert float(settings["loss.kl_weight"]) == 1.0 and float(settings["loss.output_kl_weight"]) == 0
+    assert (float(settings["train.lr_rounding"]), float(settings["train.lr_clip"])) == (0.001, 0.005)
     assert settings["rotation"] == "null" and quality.PLAIN_RTN[-2:] == ["--rotation", "null"]
-    flags = quality.PAPER_FLAGS
-    assert flags[flags.index("--cfp.truncation") + 1] == "judged" and len(flags) == 2 * len(settings)
+    for scheme in quality.DEFAULT_SCHEMES:
+        flags = quality.paper_flags(scheme)
+        assert quality.paper_settings(scheme) == settings
+        assert flags[flags.index("--cfp.truncation") + 1] == "judged" and len(flags) == 2 * len(quality.PAPER_KEYS)
 
 
 def test_recipe_deviations_are_read_from_the_recipe(quality, tmp_path: Path) -> None:
     """A recipe that sets the paper's values has no deviation; changing two keys lists exactly those two
     (a key the recipe leaves out is compared at the code's default)."""
-    lines = [f"{key}: {value}" for key, value in quality.PAPER_SETTINGS.items()]
+    lines = [f"{key}: {value}" for key, value in quality.paper_settings().items()]
     sections: dict[str, list[str]] = {}
-    for key, value in quality.PAPER_SETTINGS.items():
+    for key, value in quality.paper_settings().items():
         if "." in key:
             section, name = key.split(".")
             sections.setdefault(section, []).append(f"  {name}: {value}")
@@ -404,7 +406,7 @@ def test_paper_only_adds_the_paper_row_to_the_existing_record(quality, tmp_path:
     monkeypatch.setattr(quality, "_quantize", _recording_quantize(calls, lambda flags, name: _run(60.0, wall=1200.0)))
     monkeypatch.setattr(quality, "_draw", lambda folder, suffix: None)
     assert quality.main(["--schemes", "W3A16G64", "--paper-only", "--output", str(tmp_path)]) == 0
-    assert calls == [("smollm2_w3a16g64.yaml", "cbq", ["--train.epochs", "2", *quality.PAPER_FLAGS], "cbq_paper")]
+    assert calls == [("smollm2_w3a16g64.yaml", "cbq", ["--train.epochs", "2", *quality.paper_flags("W3A16G64")], "cbq_paper")]
     updated = json.loads(path.read_text())
     assert updated["row"]["cbq_paper"] == 60.0 and updated["row"]["cbq"] == 28.0
     assert "--paper-only" in updated["paper_run"]["invocation"]

@@ -1,0 +1,85 @@
+"""Recipe files that name the recipe they build on (``base:``), for ``cbq quantize --config``.
+
+Why: the method of a scheme lives in one recipe (``configs/w4a16.yaml``: what every model gets), and a recipe
+for one model or machine (``configs/smollm2_w4a16.yaml``: the demo model, its data and a CPU budget) says only
+what differs. Writing a method key twice lets the two drift apart, and then the demo measures a method that
+users do not get. ``base:`` keeps one copy: the base is applied first, then the file's own keys over it, exactly
+as ``--config BASE --config FILE`` would (jsonargparse composes several config files in order).
+
+``base:`` is one path or a list of paths (applied in order, e.g. the scheme's method and then a CPU budget),
+each relative to the file that names it; a base may name its own bases; a cycle is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonargparse import ActionConfigFile
+
+#: the key a recipe names its base with (not a configuration key: it is consumed here)
+BASE_KEY = "base"
+
+
+def _read_mapping(path: Path) -> dict[str, Any] | None:
+    """The recipe's top-level mapping, or None when it is not a readable YAML mapping (left to jsonargparse,
+    which reports a missing file or a YAML error in its own words)."""
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _bases(path: Path, mapping: dict[str, Any]) -> list[Path]:
+    """The recipes ``path`` names under ``base:`` (one path or a list, applied in order), resolved against its
+    folder and checked to exist."""
+    names = mapping[BASE_KEY] if isinstance(mapping[BASE_KEY], list) else [mapping[BASE_KEY]]
+    bases = []
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"recipe {path}: base={mapping[BASE_KEY]!r} must name other recipes (one path or a "
+                            f"list of paths, relative to {path.parent}).")
+        base = Path(name) if Path(name).is_absolute() else path.parent / name
+        if not base.is_file():
+            raise TypeError(f"recipe {path}: its base recipe {base} does not exist; fix the 'base:' key.")
+        bases.append(base)
+    return bases
+
+
+def recipe_chain(path: Path, _seen: tuple[Path, ...] = ()) -> list[Path]:
+    """The recipe files ``path`` composes, in the order they apply: each base's own chain, then ``path``.
+
+    Raises:
+        TypeError: a ``base`` that is not a path, that does not exist, or that leads back to a file already in
+            the chain (jsonargparse reports a ``TypeError`` from a config action as a parse error).
+    """
+    resolved = path.resolve()
+    if resolved in _seen:
+        cycle = " -> ".join(p.name for p in (*_seen, resolved))
+        raise TypeError(f"recipe {path}: its base recipes form a cycle ({cycle}); remove one 'base:' key.")
+    mapping = _read_mapping(path)
+    if mapping is None or BASE_KEY not in mapping:
+        return [path]
+    return [*(p for base in _bases(path, mapping) for p in recipe_chain(base, (*_seen, resolved))), path]
+
+
+def without_base(path: Path) -> str:
+    """The recipe's YAML text without its ``base`` key (the rest of the file, as jsonargparse will parse it)."""
+    mapping = _read_mapping(path) or {}
+    return yaml.safe_dump({key: value for key, value in mapping.items() if key != BASE_KEY}, sort_keys=False)
+
+
+class RecipeFile(ActionConfigFile):
+    """``--config`` that applies a recipe's ``base:`` chain first (see the module docstring)."""
+
+    def __call__(self, parser, cfg, values, option_string=None) -> None:  # noqa: ANN001 - argparse's signature
+        path = Path(str(values))
+        for recipe in recipe_chain(path) if path.is_file() else [path]:
+            mapping = _read_mapping(recipe)
+            if mapping is not None and BASE_KEY in mapping:
+                self.apply_config(parser, cfg, self.dest, without_base(recipe))
+                cfg[self.dest][-1] = str(recipe)  # name the file, not the text it was read as
+            else:  # a file without a base (or a YAML string given to --config): jsonargparse's own behaviour
+                self.apply_config(parser, cfg, self.dest, values if recipe is path else str(recipe))
