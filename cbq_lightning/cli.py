@@ -15,12 +15,13 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from jsonargparse import ActionConfigFile, Namespace
+from jsonargparse import ActionConfigFile, ArgumentError, Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 
 from cbq_lightning import __version__
 from cbq_lightning.config import QuantizeConfig
 from cbq_lightning.errors import CBQError, RunStopped
+from cbq_lightning.parse_errors import parse_error_line
 from cbq_lightning.evaluation.command import EvaluateConfig
 from cbq_lightning.export.packed import ExportConfig
 from cbq_lightning.recipe_file import RecipeFile
@@ -130,7 +131,10 @@ def _print_export(summary: dict) -> None:
 
 
 def build_parser() -> LightningArgumentParser:
-    parser = LightningArgumentParser(prog="cbq", description="CBQ cross-block quantization for LLMs.")
+    # exit_on_error=False (the subcommands inherit it): a parse error raises ArgumentError, which main() prints
+    # as one line (cbq_lightning.parse_errors) instead of jsonargparse's usage dump
+    parser = LightningArgumentParser(prog="cbq", description="CBQ cross-block quantization for LLMs.",
+                                     exit_on_error=False)
     parser.add_argument("--version", action="version", version=f"cbq-lightning {__version__}")
     subcommands = parser.add_subcommands(dest="command", required=True)
     subcommands.add_subcommand("quantize", quantize_parser(), help="quantize a model (CBQ or RTN)")
@@ -143,7 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cbq`` console script."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    words = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(words)
+    except ArgumentError as error:  # --help and --print_config still print and exit as jsonargparse does
+        print(f"cbq: error: {parse_error_line(str(error), words, parser)}", file=sys.stderr)
+        return 2
     try:
         if args.command == "quantize":
             from cbq_lightning.runner import run_quantize
