@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cbq_lightning.errors import ModelSourceError
+from cbq_lightning.models.finite import check_finite_parameters
 from cbq_lightning.files import check_checkpoint_dir, check_gguf, read_gguf_header
 from cbq_lightning.models.adapter import check_model_type
 from cbq_lightning.models.gguf_source import gguf_model_type
@@ -219,6 +220,7 @@ def load_model(config: ModelConfig, vocab_size: int, seed: int = 0) -> nn.Module
         model = release_offload(AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs))
         if gguf_file:
             model = _as_plain_model(model)
+    check_finite_parameters(model, source)  # a broken input is named now, not blamed on calibration at the end
     model.requires_grad_(False)
     return model.eval()
 
