@@ -33,5 +33,9 @@ class OutputError(CBQError, OSError):
     """An output cannot be written (full disk, read-only or forbidden folder); earlier outputs are intact."""
 
 
+class OutputInUse(OutputError):
+    """Another live run holds the output folder's lock (:mod:`cbq_lightning.lock`); nothing was changed."""
+
+
 class RunStopped(CBQError):
     """The run was asked to stop (SIGTERM) and stopped at a safe point; the same command resumes it."""

@@ -69,6 +69,7 @@ from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch
 from cbq_lightning.rotation.fold import RotationConfig, rotate_model, rotation_unavailable
+from cbq_lightning.lock import quantize_lock
 from cbq_lightning.stop import GracefulStop
 from cbq_lightning.window import WindowModule
 from cbq_lightning.windows import Window, WindowConfig, window_schedule
@@ -437,7 +438,7 @@ def run_quantize(config: QuantizeConfig, callbacks: Sequence[L.Callback] = ()) -
     ``callbacks`` join every window's ``Trainer`` (monitoring, or tests that plant faults). SIGTERM stops the
     run at the next safe point with :class:`RunStopped` (:mod:`cbq_lightning.stop`).
     """
-    with GracefulStop() as stop:
+    with GracefulStop() as stop, quantize_lock(config):  # one run per output folder (cbq_lightning.lock)
         return _run_quantize(resolve_machine_settings(config), callbacks, stop)
 
 

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from cbq_lightning.cli import main
+from cbq_lightning.lock import LOCK_FILE
 from tests.conftest import REPO, TINY_RECIPE
 
 #: 2 epochs per window (the recipe's 10 add nothing a fault could hit: the writes and the resume points are the same)
@@ -75,9 +76,11 @@ def test_sigkill_anywhere_then_the_same_command_gives_the_uninterrupted_result(
     process = _start_and_wait_for(tmp_path, marker)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    assert (tmp_path / LOCK_FILE).is_file(), "the killed run's lock file stays behind (nothing holds it)"
     done = subprocess.run(_command(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
     _assert_same_state(uninterrupted, tmp_path)
+    assert not (tmp_path / LOCK_FILE).exists(), "the rerun took the stale lock over and released it"
 
 
 def test_sigterm_stops_at_a_safe_point_with_one_line_and_resumes(tmp_path: Path, uninterrupted: Path) -> None:
@@ -90,6 +93,7 @@ def test_sigterm_stops_at_a_safe_point_with_one_line_and_resumes(tmp_path: Path,
     assert "SIGTERM: stopped" in line and "Rerun the same command to resume" in line
     assert (tmp_path / "checkpoints" / "state_w0000.safetensors").exists()
     assert not (tmp_path / "report.json").exists()
+    assert not (tmp_path / LOCK_FILE).exists(), "a run stopped by SIGTERM releases its output folder"
     done = subprocess.run(_command(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_same_state(uninterrupted, tmp_path)

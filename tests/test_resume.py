@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from callbacks.progress import WindowProgressBar
 from cbq_lightning.errors import ConfigError, FileFormatError
+from cbq_lightning.lock import LOCK_FILE
 from cbq_lightning.runner import run_quantize
 from tests.conftest import TINY_RECIPE, fast_flags, load_recipe
 
@@ -47,6 +48,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_killed_run_resumes_at_the_next_window_bit_for_bit(tmp_path: Path, uninterrupted: Path) -> None:
     with pytest.raises(Killed):
         run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *FAST), [KillAtWindow(2)])
+    assert not (tmp_path / LOCK_FILE).exists(), "a run that fails releases its output folder"
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["block_0000.safetensors", "block_0001.safetensors",
                                                              "state_w0000.safetensors", "state_w0001.safetensors"]
