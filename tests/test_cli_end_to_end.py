@@ -146,7 +146,6 @@ def test_rtn_method_through_console_entry(tmp_path: Path) -> None:
         (["--data.num_samples", "100", "--data.seqlen", "4096"], "too few for 100 disjoint samples"),
         (["--data.source", "/no/such/corpus.jsonl"], "nor an existing file"),
         (["--quant.clip_init", "1.0"], "clip_init=1.0 must lie strictly between 0 and 1"),
-        (["--rounding.rank", "64"], "rounding.rank=64 is not low-rank for this model"),
         (["--rounding.form", "offset", "--rounding.rank", "8"], "rounding.rank=8 would do nothing"),
         pytest.param(["--trainer.accelerator", "gpu"], "no CUDA device is visible",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")),
@@ -164,7 +163,7 @@ def test_bad_input_is_a_clear_early_error(overrides: list[str], message: str, tm
     assert not (tmp_path / "out" / "report.json").exists()
 
 
-@pytest.mark.parametrize("overrides", [["--quant.scheme", "W3A16G48"], ["--rounding.rank", "64"]])
+@pytest.mark.parametrize("overrides", [["--quant.scheme", "W3A16G48"], ["--correction.rank", "64"]])
 def test_shape_checks_come_before_any_data_or_evaluation(overrides: list[str], tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A configuration that cannot fit the model stops before calibration data are read and before the
