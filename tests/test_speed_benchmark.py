@@ -1,26 +1,86 @@
-"""The speed benchmark runs end to end on CPU at a tiny shape and writes a complete record."""
+"""The speed benchmark's CPU dry run of a recipe's path (the GPU suite runs the same at 8B shapes) and its projection."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
+import math
 from pathlib import Path
+
+import pytest
+
+from benchmarks.peers.job import load_recipe
+from cbq_lightning.windows import window_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_speed_benchmark_on_cpu(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("speed_benchmark", REPO / "benchmarks" / "speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    argv = ["--shape", "tiny", "--device", "cpu", "--seqlen", "32", "--batch", "2", "--steps", "3",
-            "--scheme", "W4A4", "--output", str(tmp_path)]
-    assert module.main(argv) == 0
-    result = json.loads((tmp_path / "speed_tiny_w4a4_cpu.json").read_text())
-    assert result["measured_steps"] == 3 and result["step_s"] > 0
-    assert result["projected"]["steps_per_window"] == 20 * 128 // 2
-    assert result["projected"]["windows"] == 3
-    window = result["projected"]["window_s"]
-    assert window >= result["projected"]["steps_per_window"] * result["step_s"]
-    assert 0 <= result["trainer_overhead_share"] < 1
-    assert result["peak_gpu_gib"] is None and result["peak_rss_gib"] > 0
+@pytest.fixture(scope="module")
+def speed():
+    return importlib.import_module("benchmarks.speed")
+
+
+@pytest.fixture(scope="module")
+def dry_run(speed, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The shipped W4A16 recipe (GPTQ start, clip search, CFP, rotations) at the tiny shape, 4 samples, 1 epoch."""
+    path = tmp_path_factory.mktemp("speed") / "record.json"
+    argv = ["--config", str(REPO / "configs" / "w4a16.yaml"), "--shape", "tiny", "--device", "cpu",
+            "--measure-samples", "4", "--measure-epochs", "1", "--data.seqlen", "32", "--output", str(path)]
+    assert speed.main(argv) == 0
+    return json.loads(path.read_text())
+
+
+def test_record_holds_every_stage_and_the_ratio(speed, dry_run: dict) -> None:
+    measured, projected = dry_run["measured"], dry_run["projected"]
+    assert set(measured["stages_s"]) == set(speed.STAGES) == set(projected["stages_s"])
+    stages = measured["stages_s"]
+    # the recipe's own stages ran, each timed apart; quantize is GPTQ's here, validation is off in the recipe
+    for stage in ("gptq_start", "clip_search", "cfp", "input_statistics", "teacher_caching", "training_steps",
+                  "advancing", "checkpoint", "trainer_overhead"):
+        assert stages[stage] > 0, stage
+    assert stages["quantize"] == 0 and stages["validation"] == 0
+    assert all(seconds >= 0 for seconds in stages.values())
+    # exclusive stage times: together they are the window's wall time, nothing counted twice or left out
+    assert math.isclose(sum(stages.values()), measured["window_s"], rel_tol=1e-6)
+    batches = math.ceil(4 / load_recipe(REPO / "configs" / "w4a16.yaml").train.batch_size)
+    assert measured["steps"] == batches == len(measured["step_times_s"])  # 4 samples, 1 epoch, the recipe's batch
+    work = stages["teacher_caching"] + stages["advancing"]
+    assert measured["plain_forward_s"] > 0
+    assert math.isclose(dry_run["window_work_over_forward"], work / measured["plain_forward_s"], rel_tol=1e-9)
+    assert dry_run["autoround"]["status"] == "skipped" and dry_run["cbq_over_autoround"] is None
+    assert dry_run["peak_gpu_gib"] is None and dry_run["peak_rss_gib"] > 0
+    assert dry_run["window"] == {"size": 2, "overlap": 1, "built_blocks": 4, "measured_index": 1}
+
+
+def test_projection_is_the_recipe_budget_over_the_shape(dry_run: dict) -> None:
+    recipe = load_recipe(REPO / "configs" / "w4a16.yaml", ["--data.seqlen", "32"])
+    projected = dry_run["projected"]
+    assert projected["samples"] == recipe.data.num_samples and projected["seqlen"] == 32
+    steps = recipe.train.epochs * math.ceil(recipe.data.num_samples / recipe.train.batch_size)
+    assert projected["steps_per_window"] == steps
+    assert math.isclose(projected["stages_s"]["training_steps"], steps * projected["step_s"], rel_tol=1e-9)
+    assert math.isclose(projected["window_s"], sum(projected["stages_s"].values()), rel_tol=1e-9)
+    assert projected["windows"] == len(window_schedule(4, recipe.window))  # the tiny shape's 4 blocks
+    assert projected["total_min"] > projected["calibration_min"] > 0 and projected["evaluation_s"] > 0
+
+
+def test_per_sample_stages_scale_to_the_budget_and_the_others_do_not(speed) -> None:
+    """Measuring 4 of the recipe's 16 samples: caching, advancing and the other per-sample stages count 4 times,
+    the block's quantization once, the steps as the recipe's epochs x batches at the steady step time."""
+    recipe = load_recipe(REPO / "configs" / "tiny.yaml")
+    stages = {stage: 1.0 for stage in speed.STAGES}
+    run = speed.WindowRun(stages=stages, steps=[9.0, 2.0, 2.0], plain_forward_s=1.0, window_s=sum(stages.values()),
+                          capture_s=0.5, samples=4, batch_size=recipe.train.batch_size)
+    shape = {**speed.SHAPES["tiny"], "blocks": 10}
+    projected = speed.project(run, recipe, 3, shape, rotation_s=2.0, built_blocks=4,
+                              evaluation={"block": 0.1, "head": 0.2})
+    scale = recipe.data.num_samples / 4
+    for stage in speed.PER_SAMPLE:
+        assert projected["stages_s"][stage] == scale
+    for stage in ("gptq_start", "clip_search", "cfp", "trainer_overhead"):
+        assert projected["stages_s"][stage] == 1.0
+    assert projected["step_s"] == 2.0  # the first step's warm-up is left out
+    assert projected["stages_s"]["training_steps"] == 2.0 * recipe.train.epochs * math.ceil(
+        recipe.data.num_samples / recipe.train.batch_size)
+    assert projected["rotation_s"] == 2.0 * 10 / 4 and projected["capture_s"] == 0.5 * scale
+    assert projected["windows"] == len(window_schedule(10, recipe.window))

@@ -17,12 +17,14 @@ does not stop the next:
   tests        210 s  ``pytest -m gpu tests/test_gpu.py``: the CPU reference run of the tiny recipe (~15 s),
                       the same on CUDA in float32 and bf16-mixed, 1-process DDP over NCCL, resume, export +
                       reload: seven tiny-recipe runs of ~5-15 s on the GPU (~2 min with start-up)
-  speed_w4a16   90 s  ``benchmarks/speed.py`` at LLaMA-2-7B shapes: a 2-block model built on CPU (~10 s),
-                      caching and 12 steps of 4 x 2048 tokens in bf16-mixed (~30 s)
-  speed_w4a4    90 s  the same with 4-bit per-token activations
+  speed_w4a16  190 s  ``benchmarks/speed.py --config configs/w4a16.yaml --shape llama3-8b``: the shipped W4A16
+                      recipe on a random-weight Llama-3-8B shape of 4 blocks built on CPU (~20 s); window 1 of the
+                      walk timed stage by stage (GPTQ start, clip search, CFP, teacher caching, steps, advancing) on
+                      8 of the recipe's 128 x 2048 samples (per-sample stages scaled to 128), projected to 32 blocks
+                      at the recipe's budget, with AutoRound (200 iterations) on the same blocks and token ids (~60 s)
 
-Budget: the limits add up to 465 s (7.75 min), under the 8 minutes planned and inside the device tool's
-10-minute command limit with a 2-minute margin; about 4 minutes are expected. In ``--dry-run`` the install
+Budget: the limits add up to 475 s (7.9 min), under the 8 minutes planned and inside the device tool's
+10-minute command limit with a 2-minute margin. In ``--dry-run`` the install
 is skipped (this machine has the project's dependencies), the GPU tests are collected and skip without
 CUDA, and speed.py runs at the tiny shape on CPU: the whole rehearsal takes well under a minute.
 """
@@ -49,11 +51,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 WHEELS = REPO / ".whl"
 #: stage -> time limit in seconds on the GPU machine (see the module docstring for the budget)
-LIMITS = {"install": 45, "env": 30, "tests": 210, "speed_w4a16": 90, "speed_w4a4": 90}
-SPEED_SCHEMES = {"speed_w4a16": "W4A16", "speed_w4a4": "W4A4"}
+LIMITS = {"install": 45, "env": 30, "tests": 210, "speed_w4a16": 190}
+#: speed stage -> (scheme, speed.py arguments on the GPU, the same path on CPU at the tiny shape for --dry-run)
+SPEED_RUNS = {
+    "speed_w4a16": ("W4A16",
+                    ["--config", "configs/w4a16.yaml", "--shape", "llama3-8b", "--device", "cuda",
+                     "--measure-samples", "8"],
+                    ["--config", "configs/w4a16.yaml", "--shape", "tiny", "--device", "cpu", "--measure-samples", "4",
+                     "--measure-epochs", "1", "--data.seqlen", "32", "--autoround", "off"]),
+}
 #: figures of a speed.py record that go into the summary
-SPEED_KEYS = ("device", "precision", "seqlen", "batch", "measured_steps", "step_s", "teacher_caching_s_per_sample",
-              "trainer_overhead_s", "trainer_overhead_share", "peak_gpu_gib", "peak_rss_gib")
+SPEED_KEYS = ("device", "precision", "recipe", "shape", "window_work_over_forward", "cbq_over_autoround",
+              "peak_gpu_gib", "peak_rss_gib")
 
 
 @dataclass
@@ -147,8 +156,10 @@ def speed_figures(folder: Path) -> dict | None:
     record = json.loads(records[0].read_text())
     figures = {key: record.get(key) for key in SPEED_KEYS}
     projected = record.get("projected", {})
-    figures.update({"window_s": projected.get("window_s"), "total_min": projected.get("total_min"),
-                    "windows": projected.get("windows"), "steps_per_window": projected.get("steps_per_window")})
+    figures.update({key: projected.get(key) for key in ("window_s", "calibration_min", "total_min", "windows",
+                                                        "steps_per_window", "step_s", "stages_s")})
+    autoround = record.get("autoround", {})
+    figures["autoround"] = {key: autoround.get(key) for key in ("status", "reason", "projected_min", "quantize_s")}
     figures["record"] = record
     return figures
 
@@ -242,12 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     write_summary()
 
     # speed
-    for name, scheme in SPEED_SCHEMES.items():
+    for name, (scheme, on_gpu, on_cpu) in SPEED_RUNS.items():
         folder = work / name
-        shape = ["--shape", "llama2-7b", "--device", "cuda"]
-        if args.dry_run:
-            shape = ["--shape", "tiny", "--device", "cpu", "--steps", "2", "--seqlen", "64", "--batch", "2"]
-        command = [python, str(REPO / "benchmarks" / "speed.py"), *shape, "--scheme", scheme, "--output", str(folder)]
+        command = [python, str(REPO / "benchmarks" / "speed.py"), *(on_cpu if args.dry_run else on_gpu),
+                   "--output", str(folder)]
         summary["stages"].append(run_stage(Stage(name, command, LIMITS[name]), out, env))
         summary["speed"][scheme] = speed_figures(folder)
         write_summary()
@@ -258,8 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         if figures_:
             gpu = "n/a" if figures_["peak_gpu_gib"] is None else f"{figures_['peak_gpu_gib']:.1f} GiB"
             print(f"  {scheme}: step {figures_['step_s']:.3f} s, window {figures_['window_s']:.0f} s, "
-                  f"{figures_['windows']} windows {figures_['total_min']:.1f} min, peak GPU {gpu}, "
-                  f"Trainer overhead {100 * figures_['trainer_overhead_share']:.1f} %", flush=True)
+                  f"{figures_['windows']} windows {figures_['calibration_min']:.1f} min (with evaluation "
+                  f"{figures_['total_min']:.1f} min), peak GPU {gpu}, caching + advancing "
+                  f"{figures_['window_work_over_forward']:.2f} x a forward, CBQ / AutoRound "
+                  f"{figures_['cbq_over_autoround']} (AutoRound {figures_['autoround']['status']})", flush=True)
     if summary["tests"]:
         print(f"  tests: {summary['tests']['counts']}; figures {json.dumps(summary['tests']['figures'])}", flush=True)
     shutil.rmtree(work, ignore_errors=True)

@@ -48,9 +48,12 @@ def unavailable_reason(settings: PeerSettings) -> str | None:
 
 def quantize(
     model: nn.Module, tokenizer: Any, ids: torch.Tensor, settings: PeerSettings, iters: int = DEFAULT_ITERS,
-    seed: int = 0, device: str = "cpu",
+    seed: int = 0, device: str = "cpu", amp: bool = False,
 ) -> PeerOutcome:
-    """AutoRound of ``model`` (in place) on the calibration rows ``ids`` ``[N, T]``, ``iters`` per block."""
+    """AutoRound of ``model`` (in place) on the calibration rows ``ids`` ``[N, T]``, ``iters`` per block.
+
+    ``amp``: AutoRound's own mixed precision, its default; off for the quality rows (module docstring), on where
+    only its speed on a GPU is measured (``benchmarks/speed.py``), as a user would run it there."""
     from auto_round import AutoRound
 
     options: dict[str, Any] = {"iters": iters}
@@ -59,7 +62,7 @@ def quantize(
         rounder = AutoRound(
             model, tokenizer=tokenizer, bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
             dataset=[row.unsqueeze(0) for row in ids], nsamples=int(ids.shape[0]), seqlen=int(ids.shape[1]),
-            device_map=device, seed=seed, amp=False, **options,
+            device_map=device, seed=seed, amp=amp, **options,
         )
         quantized, _ = rounder.quantize()
     quantize_s = time.perf_counter() - started
@@ -72,7 +75,7 @@ def quantize(
         "lr": tuned.lr,
         "minmax_tuning": tuned.enable_minmax_tuning,
         "batch_size": calibration.batch_size,
-        "amp": False,
+        "amp": amp,
         "scales": str(getattr(rounder, "_scale_dtype", "")).removeprefix("torch."),
         "samples": int(ids.shape[0]),
         "seqlen": int(ids.shape[1]),
