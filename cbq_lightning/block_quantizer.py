@@ -9,7 +9,7 @@ disagree about how a block is quantized.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from cbq_lightning.quant.convert import quantize_block, rtn_block
 from cbq_lightning.quant.input_moments import InputMoments
 from cbq_lightning.quant.qlinear import LayerQuantConfig
 from cbq_lightning.quant.scheme import QuantScheme
-from cbq_lightning.quant.weight_quantizer import WeightQuantizer
+from cbq_lightning.quant.weight_quantizer import build_weight_quantizer
 
 
 @dataclass
@@ -53,8 +53,8 @@ class BlockQuantizer:
     def round_to_nearest(self, index: int, name: str, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` rounded to nearest on its layer's min/max grid (CFP judges truncation with it)."""
         bits = self.bits_of(index).get(name, self.scheme.w_bits)
-        scheme = self.scheme
-        quantizer = WeightQuantizer(weight, bits, scheme.group_size, scheme.sym, learnable_clip=False, clip_init=1.0)
+        scheme = self.scheme if bits == self.scheme.w_bits else replace(self.scheme, w_bits=bits)
+        quantizer = build_weight_quantizer(weight, scheme, learnable_clip=False, clip_init=1.0)
         return quantizer.fake_quantize(weight)
 
     def quantize(self, index: int, block: nn.Module) -> None:

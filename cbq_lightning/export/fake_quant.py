@@ -27,7 +27,7 @@ SIDECAR = "cbq_quantization.json"
 #: the checkpoint's folder in a ``cbq quantize`` output directory
 MODEL_DIR = "model"
 #: buffers of a FinalizedQuantLinear that are not part of a plain nn.Linear
-_INTEGER_STATE = ("qweight", "scales", "zeros")
+_INTEGER_STATE = ("qweight", "scales", "zeros", "mins")
 
 
 def fake_quant_state_dict(model: nn.Module) -> dict:

@@ -5,6 +5,8 @@ Layout, per quantized linear ``NAME`` (its module path in the model, e.g. ``mode
 * ``NAME.qweight`` uint8 ``[out, in]`` - integer codes in ``[0, 2**bits - 1]`` (one per byte, unpacked)
 * ``NAME.scales`` float32 ``[out, in / group]``
 * ``NAME.zeros`` uint8 ``[out, in / group]`` - zero-points (``2**(bits-1)`` when symmetric)
+* on a GGML ``_1`` grid (``Q4_1``, ``Q5_1``): ``NAME.mins`` float32 ``[out, in / group]`` - per-block minimums
+  (float16 values); the zero-points are then 0 and the weight is ``scales * qweight + mins``
 * ``NAME.bits``, ``NAME.group_size`` int32 scalars (group_size = in_features when per-channel)
 * with activation quantization: ``NAME.act_bits`` int32 and either ``NAME.act_clip_upper`` /
   ``NAME.act_clip_lower`` float32 scalars (dynamic per-token modes: the clipping ratios of ``max|x|``)
@@ -14,7 +16,8 @@ Layout, per quantized linear ``NAME`` (its module path in the model, e.g. ``mode
   ``NAME.correction_v`` float32 ``[in, r]``; the layer computes ``Q(W) Q(x) + (x V) U^T`` on its
   unquantized input ``x``
 
-The dequantized weight is ``scales[:, j] * (qweight[:, j*g:(j+1)*g] - zeros[:, j])``. The file metadata
+The dequantized weight is ``scales[:, j] * (qweight[:, j*g:(j+1)*g] - zeros[:, j])`` (with ``mins``:
+``scales[:, j] * qweight[:, j*g:(j+1)*g] + mins[:, j]``). The file metadata
 holds ``format = cbq-quant-state``, its version and the scheme as JSON. The packed export formats are
 built from this file.
 """
@@ -31,6 +34,7 @@ from torch import nn
 from cbq_lightning.errors import TrainingError
 from cbq_lightning.io import atomic_write_safetensors
 from cbq_lightning.quant.convert import finalized_linears, quant_linears
+from cbq_lightning.quant.weight_quantizer import WeightQuantizer
 
 FORMAT = "cbq-quant-state"
 #: its name in a ``cbq quantize`` output directory
@@ -53,6 +57,8 @@ def collect_quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
         tensors[f"{name}.qweight"] = layer.qweight.contiguous().cpu()
         tensors[f"{name}.scales"] = layer.scales.contiguous().cpu()
         tensors[f"{name}.zeros"] = layer.zeros.contiguous().cpu()
+        if layer.mins is not None:
+            tensors[f"{name}.mins"] = layer.mins.contiguous().cpu()
         tensors[f"{name}.bits"] = torch.tensor(layer.bits, dtype=torch.int32)
         tensors[f"{name}.group_size"] = torch.tensor(layer.group_size or layer.in_features, dtype=torch.int32)
         if layer.act_quantizer is not None:
@@ -73,7 +79,8 @@ def save_quant_state(model: nn.Module, path: Path, scheme: dict) -> None:
 
 
 def load_quant_state(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """``{layer_name: {"qweight", "scales", "zeros", "bits", "group_size", ["act_*"]}}`` (safetensors: no pickle)."""
+    """``{layer_name: {"qweight", "scales", "zeros", ["mins"], "bits", "group_size", ["act_*"]}}`` (safetensors: no
+    pickle)."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in load_file(str(path)).items():
         name, _, field = key.rpartition(".")
@@ -87,7 +94,10 @@ def dequantize(layer: dict[str, torch.Tensor]) -> torch.Tensor:
     group = int(layer["group_size"])
     out_features, in_features = q.shape
     grouped = q.reshape(out_features, in_features // group, group)
-    weight = layer["scales"].unsqueeze(-1) * (grouped - layer["zeros"].float().unsqueeze(-1))
+    mins = layer["mins"].unsqueeze(-1) if "mins" in layer else None
+    weight = WeightQuantizer.dequantize_codes(
+        grouped, layer["scales"].unsqueeze(-1), layer["zeros"].float().unsqueeze(-1), mins
+    )
     return weight.reshape(out_features, in_features)
 
 

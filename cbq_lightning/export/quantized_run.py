@@ -37,6 +37,7 @@ class ExportScheme:
         sym: symmetric weights (zero-point ``2**(w_bits-1)``).
         a_bits: activation bits, ``None`` for weight-only schemes.
         act_mode: activation quantizer mode (``dynamic_sym`` ...), ``None`` for weight-only schemes.
+        gguf_type: the GGML block type the run was calibrated on (``Q4_0`` ...), ``None`` for cbq-lightning's grid.
     """
 
     w_bits: int
@@ -44,6 +45,7 @@ class ExportScheme:
     sym: bool
     a_bits: int | None = None
     act_mode: str | None = None
+    gguf_type: str | None = None
 
     @classmethod
     def from_settings(cls, scheme: QuantScheme, act: ActQuantSettings | None) -> ExportScheme:
@@ -54,6 +56,7 @@ class ExportScheme:
             sym=scheme.sym,
             a_bits=None if act is None else act.bits,
             act_mode=None if act is None else act.mode,
+            gguf_type=scheme.gguf_type,
         )
 
     @classmethod
@@ -66,6 +69,7 @@ class ExportScheme:
             sym=bool(scheme.get("sym", False)),
             a_bits=activations.get("bits"),
             act_mode=activations.get("mode"),
+            gguf_type=scheme.get("gguf_type"),
         )
 
 
@@ -73,7 +77,8 @@ class ExportScheme:
 class QuantizedLayer:
     """One quantized linear of the run, as unsigned codes and per-group parameters.
 
-    ``weight = scales[:, j] * (codes[:, j*g:(j+1)*g] - zeros[:, j])`` (see :mod:`quant_state`).
+    ``weight = scales[:, j] * (codes[:, j*g:(j+1)*g] - zeros[:, j])``, or with ``mins`` (GGML's ``_1`` types)
+    ``scales[:, j] * codes[:, j*g:(j+1)*g] + mins[:, j]`` (see :mod:`quant_state`).
     """
 
     name: str
@@ -84,6 +89,7 @@ class QuantizedLayer:
     group_size: int  # in_features when per-channel
     act_clip: tuple[float, float] | None  # (upper, lower) ratios of a dynamic activation quantizer
     correction_rank: int = 0  # rank of the layer's low-rank correction (0: none)
+    mins: torch.Tensor | None = None  # float32 [out, in / group]: per-group minimums of a GGML _1 grid
 
     @property
     def out_features(self) -> int:
@@ -111,6 +117,7 @@ class QuantizedLayer:
             group_size=int(fields["group_size"]),
             act_clip=clip,
             correction_rank=int(fields["correction_u"].shape[1]) if "correction_u" in fields else 0,
+            mins=fields.get("mins"),
         )
 
 

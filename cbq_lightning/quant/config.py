@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cbq_lightning.errors import ConfigError
 from cbq_lightning.quant.act_quantizer import ActMode, ActQuantSettings
 from cbq_lightning.quant.continuous import ContinuousApprox
 from cbq_lightning.quant.gptq import GPTQInit
@@ -17,8 +18,10 @@ class QuantConfig:
 
     Attributes:
         scheme: ``W<bits>A<bits>[G<group>]``, e.g. ``W4A16`` (per-channel), ``W3A16G64``, ``W4A8``: the one
-            place that says the weight bits, the group size and the activation bits (16 = floating point).
-        sym: symmetric weights (needed for GPTQ-v1 export).
+            place that says the weight bits, the group size and the activation bits (16 = floating point); or a
+            GGML block type ``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1``, ``Q8_0`` (calibrated on llama.cpp's exact grid,
+            for ``export.format: gguf``; it fixes the bits, blocks of 32 and the symmetry).
+        sym: symmetric weights (needed for GPTQ-v1 export); a GGML type sets it itself.
         learnable_clip: learn per-channel/group clipping thresholds (CBQ); False keeps min/max.
         clip_init: initial clipping ratio of the learnable thresholds (sigmoid of the logit).
         clip_search: an extension: search each group's starting clipping ratio in [min_ratio, clip_init]
@@ -64,9 +67,27 @@ class QuantConfig:
     def resolve(self) -> QuantScheme:
         """The scheme string with ``sym``, validated."""
         base = parse_scheme(self.scheme)
+        if base.gguf_type is not None:
+            return self._resolve_ggml(base)
         scheme = QuantScheme(w_bits=base.w_bits, group_size=base.group_size, a_bits=base.a_bits, sym=self.sym)
         if scheme.quantizes_activations:
             self.act_settings(trained=True)  # raises a ConfigError on a bad mode or clip ratio
+        return scheme
+
+    def _resolve_ggml(self, scheme: QuantScheme) -> QuantScheme:
+        """A GGML type decides the symmetry and the bits itself; settings that would contradict it are refused."""
+        block = scheme.ggml
+        assert block is not None
+        if self.sym and block.minimum:
+            raise ConfigError(
+                f"quant.sym: true with {block.name}, which stores a minimum per block: use "
+                f"{block.name.replace('_1', '_0')} for a symmetric GGML type, or drop quant.sym."
+            )
+        if self.layer_bits:
+            raise ConfigError(
+                f"quant.layer_bits with {block.name}: a GGML type fixes every layer's bits ({block.bits}); "
+                "drop quant.layer_bits or use a W<bits>A16 scheme."
+            )
         return scheme
 
     def act_settings(self, trained: bool) -> ActQuantSettings | None:

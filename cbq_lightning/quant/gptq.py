@@ -97,6 +97,7 @@ def gptq_quantize(
     qmax: int,
     group: int,
     settings: GPTQInit = GPTQInit(),
+    qmin: int = 0,
 ) -> GPTQResult:
     """GPTQ on a fixed grid: the integer codes of ``weight`` and the compensated values they round.
 
@@ -108,6 +109,7 @@ def gptq_quantize(
         qmax: largest code, ``2**bits - 1``.
         group: input features per scale (``in`` for per-channel).
         settings: dampening, column order, block size.
+        qmin: smallest code (0; 1 on GGML's Q8_0 grid, which never stores -128).
 
     Rounding is half-up, as the quantizer's; an input feature that is never non-zero keeps its
     round-to-nearest code (GPTQ would zero it; nothing downstream can tell the difference).
@@ -141,7 +143,7 @@ def gptq_quantize(
             column = block[:, i]
             col_scale, col_zero = s[:, start + i], z[:, start + i]
             target = column / col_scale
-            q = torch.clamp(torch.floor(target + 0.5) + col_zero, 0, qmax)
+            q = torch.clamp(torch.floor(target + 0.5) + col_zero, qmin, qmax)
             codes[:, start + i] = q
             targets[:, start + i] = target
             error = (column - col_scale * (q - col_zero)) / hinv_block[i, i]
@@ -157,6 +159,6 @@ def gptq_quantize(
         s_dead = scale.reshape(out_features, -1).double()[:, groups[dead]]
         z_dead = zero.reshape(out_features, -1).double()[:, groups[dead]]
         plain = weight.double()[:, dead] / s_dead
-        result[:, dead] = torch.clamp(torch.floor(plain + 0.5) + z_dead, 0, qmax)
+        result[:, dead] = torch.clamp(torch.floor(plain + 0.5) + z_dead, qmin, qmax)
         result_targets[:, dead] = plain
     return GPTQResult(result, result_targets)

@@ -33,7 +33,7 @@ from cbq_lightning.errors import ConfigError
 from cbq_lightning.models.adapter import BlockKwargs, DecoderAdapter, run_blocks_batched
 from cbq_lightning.quant.input_moments import InputMoments
 from cbq_lightning.quant.scheme import QuantScheme
-from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
+from cbq_lightning.quant.weight_quantizer import ClipSearch, build_weight_quantizer
 from cbq_lightning.section_types import check_field_types
 
 #: the knapsack's capacity is kept below this many units (coarser units round every cost up)
@@ -92,9 +92,8 @@ def layer_output_error(
     """``tr(E H E^T)`` for ``E = W - Q(W)``: the layer's mean squared output error per token, summed over outputs."""
     weight = weight.detach().float()
     hessian = hessian.to(weight.device, torch.float32)
-    quantizer = WeightQuantizer(
-        weight, scheme.w_bits, scheme.group_size, scheme.sym,
-        learnable_clip=clip_search is not None, clip_init=0.99 if clip_search is not None else 1.0,
+    quantizer = build_weight_quantizer(
+        weight, scheme, learnable_clip=clip_search is not None, clip_init=0.99 if clip_search is not None else 1.0,
     ).to(weight.device)
     if clip_search is not None:
         quantizer.search_clip(weight, clip_search, torch.diagonal(hessian))

@@ -37,7 +37,7 @@ from cbq_lightning.quant.rounding import (
     column_scale_from_moments,
 )
 from cbq_lightning.quant.scheme import QuantScheme
-from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer
+from cbq_lightning.quant.weight_quantizer import ClipSearch, WeightQuantizer, build_weight_quantizer
 
 
 def quantized_linear(
@@ -132,12 +132,11 @@ class QuantLinear(nn.Module):
         self.bits = scheme.w_bits
         self.group_size = scheme.group_size
         self.sym = scheme.sym
+        self.scheme = scheme
         weight = linear.weight.detach().clone()
         self.register_buffer("weight", weight)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.quantizer: WeightQuantizer | None = WeightQuantizer(
-            weight, scheme.w_bits, scheme.group_size, scheme.sym, learnable_clip, clip_init
-        )
+        self.quantizer: WeightQuantizer | None = build_weight_quantizer(weight, scheme, learnable_clip, clip_init)
         if clip_search is not None:
             self.quantizer.search_clip(weight, clip_search, input_moments if config.activation_aware else None)
         self.register_buffer("rounding_base", None)
@@ -199,13 +198,20 @@ class QuantLinear(nn.Module):
     def _gptq(
         self, hessian: torch.Tensor, settings: GPTQInit
     ) -> tuple[WeightQuantizer, GPTQResult, torch.Tensor, torch.Tensor]:
-        """GPTQ on the layer's current grid: the quantizer, GPTQ's result, and the grid's scales and zeros."""
+        """GPTQ on the layer's current grid: the quantizer, GPTQ's result, and the grid's scales and zeros.
+
+        On a grid with a per-group minimum (GGML's ``_1`` types) GPTQ rounds ``W - m`` with zero-point 0: the
+        minimum is constant within a group, so the error it compensates is the same.
+        """
         assert self.quantizer is not None
-        scale, zero = self.quantizer.scale_zero(self.weight)
+        quantizer = self.quantizer
+        scale, zero, minimum = quantizer.grid(self.weight)
+        weight = self.weight if minimum is None else (quantizer.grouped(self.weight.float()) - minimum).reshape(self.weight.shape)
         result = gptq_quantize(
-            self.weight, hessian.to(self.weight.device), scale, zero, self.quantizer.qmax, self.quantizer.group, settings
+            weight, hessian.to(self.weight.device), scale, zero, quantizer.qmax, quantizer.group, settings,
+            qmin=quantizer.qmin,
         )
-        return self.quantizer, result, scale, zero
+        return quantizer, result, scale, zero
 
     @torch.no_grad()
     def _gptq_offset(self, hessian: torch.Tensor, settings: GPTQInit) -> torch.Tensor:
@@ -218,7 +224,7 @@ class QuantLinear(nn.Module):
         """
         quantizer, result, scale, zero = self._gptq(hessian, settings)
         codes = result.codes
-        x = quantizer.grouped(self.weight.float()) / scale
+        x = quantizer.code_units(self.weight, scale, quantizer.grid(self.weight)[2])
         nearest = torch.floor(x + 0.5) + zero  # not clamped: the shift must land on GPTQ's code exactly
         return (quantizer.grouped(codes.float()) - nearest).reshape(self.weight.shape)
 
@@ -234,7 +240,7 @@ class QuantLinear(nn.Module):
         ``h(V0)`` cannot flip a decision. LoRA-Rounding then learns where GPTQ's decisions should change.
         """
         quantizer, result, scale, _ = self._gptq(hessian, settings)
-        x = quantizer.grouped(self.weight.float()) / scale
+        x = quantizer.code_units(self.weight, scale, quantizer.grid(self.weight)[2])
         target = quantizer.grouped(result.targets.float())
         shift = torch.floor(target) - torch.floor(x)
         frac = target - torch.floor(target)
@@ -316,7 +322,7 @@ class QuantLinear(nn.Module):
 
         The divergence guard's fallback for a window that kept diverging; ``finalize`` then stores RTN codes.
         """
-        self.quantizer = WeightQuantizer(self.weight, self.bits, self.group_size, self.sym, learnable_clip=False, clip_init=1.0)
+        self.quantizer = build_weight_quantizer(self.weight, self.scheme, learnable_clip=False, clip_init=1.0)
         self.rounding = None
         self.rounding_base = None
         if self.act_quantizer is not None:
@@ -335,13 +341,13 @@ class QuantLinear(nn.Module):
         """
         assert self.quantizer is not None
         quantizer = self.quantizer
-        scale, zero = quantizer.scale_zero(self.weight)
+        scale, zero, minimum = quantizer.grid(self.weight)
         offset = self.signed_offset()
         hard = self.rounding.hard() if isinstance(self.rounding, LoRARounding) else None
-        codes = quantizer.codes(self.weight, scale, zero, hard, offset)
+        codes = quantizer.codes(self.weight, scale, zero, hard, offset, minimum)
         flip_fraction = None
         if offset is not None or hard is not None:
-            nearest = quantizer.codes(self.weight, scale, zero, None)
+            nearest = quantizer.codes(self.weight, scale, zero, None, minimum=minimum)
             flip_fraction = float((codes != nearest).float().mean())
         if self.act_quantizer is not None:
             self.act_quantizer.requires_grad_(False)
@@ -351,6 +357,7 @@ class QuantLinear(nn.Module):
             codes.reshape(self.out_features, self.in_features).to(torch.uint8),
             scale.squeeze(-1).to(torch.float32),
             zero.squeeze(-1).to(torch.uint8),
+            mins=None if minimum is None else minimum.squeeze(-1).to(torch.float32),
             bits=self.bits,
             group_size=self.group_size,
             sym=self.sym,
@@ -371,7 +378,8 @@ class FinalizedQuantLinear(nn.Module):
     its forward uses. Nothing in it trains.
 
     Its state dict holds ``weight`` (dequantized, the model's dtype), ``bias`` (if any), ``qweight`` (uint8
-    codes ``[out, in]``), ``scales`` (float32 ``[out, in / group]``), ``zeros`` (uint8), and the frozen
+    codes ``[out, in]``), ``scales`` (float32 ``[out, in / group]``), ``zeros`` (uint8), ``mins`` (float32, GGML's
+    ``_1`` types only), and the frozen
     ``act_quantizer.*`` / ``correction.*`` when the run has them: what the window checkpoints store and
     ``quant_state.safetensors`` is collected from.
 
@@ -379,6 +387,8 @@ class FinalizedQuantLinear(nn.Module):
         codes: integer codes, ``[out, in]`` uint8.
         scales: ``[out, in / group]`` float32.
         zeros: zero-points, ``[out, in / group]`` uint8.
+        mins: per-group minimums, ``[out, in / group]`` float32, on a grid that stores them (GGML's ``_1`` types:
+            ``weight = scale * q + min``); None: ``weight = scale * (q - zero)``.
         bits, group_size, sym: the grid (``group_size`` None: per channel).
         bias: the layer's bias or None.
         dtype: dtype of the dequantized weight (the model's).
@@ -394,6 +404,7 @@ class FinalizedQuantLinear(nn.Module):
         scales: torch.Tensor,
         zeros: torch.Tensor,
         *,
+        mins: torch.Tensor | None = None,
         bits: int,
         group_size: int | None,
         sym: bool,
@@ -414,15 +425,17 @@ class FinalizedQuantLinear(nn.Module):
         self.register_buffer("qweight", codes)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
+        self.register_buffer("mins", mins)
         self.weight = self.dequantized_weight().to(dtype)
         self.act_quantizer = act_quantizer
         self.correction = correction
 
     def dequantized_weight(self) -> torch.Tensor:
-        """``scale * (q - zero)`` from the stored integer state, ``[out, in]`` fp32."""
+        """``scale * (q - zero)`` (``scale * q + min`` with minimums) from the stored integer state, ``[out, in]`` fp32."""
         group = self.group_size or self.in_features
         q = self.qweight.float().reshape(self.out_features, -1, group)
-        w = self.scales.unsqueeze(-1) * (q - self.zeros.float().unsqueeze(-1))
+        mins = None if self.mins is None else self.mins.unsqueeze(-1)
+        w = WeightQuantizer.dequantize_codes(q, self.scales.unsqueeze(-1), self.zeros.float().unsqueeze(-1), mins)
         return w.reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

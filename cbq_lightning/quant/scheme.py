@@ -1,8 +1,10 @@
-"""Quantization scheme strings (``W4A16``, ``W3A16G64``, ``W4A8`` ...) and their validated form.
+"""Quantization scheme strings (``W4A16``, ``W3A16G64``, ``W4A8`` ..., or a GGML type ``Q4_0`` ...) and their
+validated form.
 
 A scheme string is the compact name users and papers use; :class:`QuantScheme` is what the code reads.
 Parsing and validation live here so that every entry point (CLI, Python API, benchmarks) rejects the
-same bad input with the same message.
+same bad input with the same message. A GGML type name (:mod:`cbq_lightning.quant.ggml_types`) fixes the bits,
+blocks of 32 and the symmetry, and makes the quantizer calibrate on that format's exact grid.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from cbq_lightning.errors import ConfigError
+from cbq_lightning.quant.ggml_types import BLOCK_SIZE, GGMLBlockType, ggml_type, is_ggml_name
 
 _SCHEME_RE = re.compile(r"^W(?P<w>\d+)A(?P<a>\d+)(?:G(?P<g>\d+))?$", re.IGNORECASE)
 
@@ -29,12 +32,16 @@ class QuantScheme:
             output channel (per-channel quantization).
         a_bits: activation bit-width; 16 means activations are not quantized.
         sym: symmetric weights (zero-point fixed at ``2**(b-1)``), needed for GPTQ-v1 export.
+        gguf_type: a GGML block type (``Q4_0`` ...): the weights are calibrated on that format's grid (float16
+            scales, its code range, a float16 minimum for the ``_1`` types) so a GGUF export stores them exactly;
+            it fixes ``w_bits``, ``group_size`` (32) and ``sym``. None: cbq-lightning's own grid.
     """
 
     w_bits: int = 4
     group_size: int | None = None
     a_bits: int = FP_ACT_BITS
     sym: bool = False
+    gguf_type: str | None = None
 
     def __post_init__(self) -> None:
         if not MIN_BITS <= self.w_bits <= MAX_BITS:
@@ -51,6 +58,31 @@ class QuantScheme:
                 f"a_bits={self.a_bits} is out of range: use {MIN_BITS}..{MAX_BITS}, or {FP_ACT_BITS} "
                 "to keep activations in floating point."
             )
+        if self.gguf_type is not None:
+            self._check_ggml(ggml_type(self.gguf_type))
+
+    def _check_ggml(self, block: GGMLBlockType) -> None:
+        """A GGML type fixes the bits, the block size and the symmetry; nothing may override them."""
+        if self.w_bits != block.bits:
+            raise ConfigError(
+                f"{block.name} stores {block.bits}-bit codes, not {self.w_bits}: per-layer bits (quant.layer_bits, "
+                "mixed.budget) are not available with a GGML type."
+            )
+        if self.group_size != BLOCK_SIZE:
+            raise ConfigError(f"{block.name} has blocks of {BLOCK_SIZE} weights, not {self.group_size}.")
+        if self.sym != block.symmetric:
+            raise ConfigError(
+                f"{block.name} {'stores a minimum per block' if block.minimum else 'is symmetric'}: quant.sym "
+                f"does not apply to it (use {block.name.replace('_1', '_0') if block.minimum else block.name} "
+                "for a symmetric grid)."
+            )
+        if self.quantizes_activations:
+            raise ConfigError(f"{block.name} is a weight-only format: activations stay in floating point.")
+
+    @property
+    def ggml(self) -> GGMLBlockType | None:
+        """The GGML block type of the scheme, or None for cbq-lightning's own grid."""
+        return None if self.gguf_type is None else ggml_type(self.gguf_type)
 
     @property
     def quantizes_activations(self) -> bool:
@@ -58,22 +90,29 @@ class QuantScheme:
 
     @property
     def name(self) -> str:
-        """Canonical scheme string, e.g. ``W3A16G64``."""
+        """Canonical scheme string, e.g. ``W3A16G64`` (a GGML type's own name, ``Q4_0``)."""
+        if self.gguf_type is not None:
+            return self.gguf_type
         group = f"G{self.group_size}" if self.group_size else ""
         return f"W{self.w_bits}A{self.a_bits}{group}"
 
 
 def parse_scheme(text: str) -> QuantScheme:
-    """Parse ``W{bits}A{bits}[G{group}]`` (case-insensitive) into a :class:`QuantScheme`.
+    """Parse ``W{bits}A{bits}[G{group}]`` or a GGML type name (case-insensitive) into a :class:`QuantScheme`.
 
     >>> parse_scheme("W3A16G64")
-    QuantScheme(w_bits=3, group_size=64, a_bits=16, sym=False)
+    QuantScheme(w_bits=3, group_size=64, a_bits=16, sym=False, gguf_type=None)
+    >>> parse_scheme("q4_1").name
+    'Q4_1'
     """
+    if is_ggml_name(text):
+        block = ggml_type(text)  # a K-quant or mix: one line saying it is not implemented yet
+        return QuantScheme(w_bits=block.bits, group_size=BLOCK_SIZE, sym=block.symmetric, gguf_type=block.name)
     match = _SCHEME_RE.match(text.strip())
     if match is None:
         raise ConfigError(
             f"scheme {text!r} is not understood: write it as W<bits>A<bits>[G<group>], "
-            "e.g. W4A16, W3A16G64, W4A8."
+            "e.g. W4A16, W3A16G64, W4A8, or a GGML type: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0."
         )
     group = int(match["g"]) if match["g"] else None
     return QuantScheme(w_bits=int(match["w"]), group_size=group, a_bits=int(match["a"]))

@@ -20,6 +20,7 @@ from torch import nn
 
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.quant.continuous import SmoothableQuantizer
+from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.ste import floor_ste, round_half_up_ste
 from cbq_lightning.section_types import check_field_types
 
@@ -102,6 +103,8 @@ class WeightQuantizer(SmoothableQuantizer):
         self.group_size = group_size
         self.group = group
         self.sym = sym
+        #: the code range; a GGML grid narrows it (Q8_0 never stores -128: codes 1..255)
+        self.qmin = 0
         self.qmax = 2**bits - 1
         self.learnable_clip = learnable_clip
         self.clip_init = clip_init
@@ -153,6 +156,27 @@ class WeightQuantizer(SmoothableQuantizer):
         zero = round_half_up_ste(-wmin / scale).clamp(0, self.qmax)
         return scale, zero
 
+    def grid(
+        self, weight: torch.Tensor, ratios: tuple[torch.Tensor | float, torch.Tensor | float] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(scale, zero, minimum)``, each ``[out, in/group, 1]``: :meth:`scale_zero` and, on a grid that stores a
+        per-group minimum (GGML's ``_1`` types, :mod:`cbq_lightning.quant.ggml_quantizer`), that minimum; None here."""
+        scale, zero = self.scale_zero(weight, ratios)
+        return scale, zero, None
+
+    def code_units(self, weight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None = None) -> torch.Tensor:
+        """``W/s`` grouped (``[out, in/group, group]``), or ``(W - m)/s`` on a grid with a minimum: what is rounded."""
+        w = self.grouped(weight.float())
+        return (w if minimum is None else w - minimum) / scale
+
+    @staticmethod
+    def dequantize_codes(
+        q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, minimum: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``s * (q - z)``, or ``s * q + m`` on a grid with a minimum (GGML's ``d * q + m``, in that order of
+        float32 operations, so the result is bit-exactly what a GGUF reader dequantizes)."""
+        return scale * (q - zero) if minimum is None else scale * q + minimum
+
     # --- quantization -------------------------------------------------------------------------------
     def codes(
         self,
@@ -161,23 +185,25 @@ class WeightQuantizer(SmoothableQuantizer):
         zero: torch.Tensor,
         rounding: torch.Tensor | None,
         offset: torch.Tensor | None = None,
+        minimum: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Integer codes (as float, straight-through) ``clamp(floor(W/s + offset) + h + z, 0, 2^b-1)``.
+        """Integer codes (as float, straight-through) ``clamp(floor(W/s + offset) + h + z, qmin, qmax)``.
 
         ``rounding`` is the rounding decision ``h`` in [0, 1] with the weight's ``[out, in]`` shape; ``None``
         means round-to-nearest, ``round(W/s + offset)``. ``offset`` (``[out, in]``, default 0) is added to
         ``W/s`` first: GPTQ's whole-number shift, plus a learned signed offset in [-0.5, 0.5] in the offset
         form. In a fit with continuous approximations (:mod:`cbq_lightning.quant.continuous`) the rounding
-        that is not learned and the clamp are the smooth ones while training.
+        that is not learned and the clamp are the smooth ones while training. With a ``minimum`` (see
+        :meth:`grid`) ``W - m`` is rounded instead of ``W``.
         """
-        x = self.grouped(weight.float()) / scale
+        x = self.code_units(weight, scale, minimum)
         if offset is not None:
             x = x + self.grouped(offset)
         if rounding is not None:
             q = floor_ste(x) + self.grouped(rounding)
         else:  # rounding not learned by LoRA-Rounding: the continuous approximation may stand in for the STE
             q = self.smooth_or_ste_round(x, round_half_up_ste)
-        return self.smooth_or_hard_clamp(q + zero, 0, self.qmax)
+        return self.smooth_or_hard_clamp(q + zero, self.qmin, self.qmax)
 
     def fake_quantize(
         self,
@@ -191,9 +217,9 @@ class WeightQuantizer(SmoothableQuantizer):
         ``ratios`` overrides the clipping ratios (see :meth:`scale_zero`); ``offset`` is a signed rounding
         offset (see :meth:`codes`).
         """
-        scale, zero = self.scale_zero(weight, ratios)
-        q = self.codes(weight, scale, zero, rounding, offset)
-        return (scale * (q - zero)).reshape(weight.shape)
+        scale, zero, minimum = self.grid(weight, ratios)
+        q = self.codes(weight, scale, zero, rounding, offset, minimum)
+        return self.dequantize_codes(q, scale, zero, minimum).reshape(weight.shape)
 
     @torch.no_grad()
     def search_clip(
@@ -226,8 +252,19 @@ class WeightQuantizer(SmoothableQuantizer):
         return best_ratio
 
     def fractional_part(self, weight: torch.Tensor) -> torch.Tensor:
-        """``frac(W/s)`` at the current scale, ``[out, in]``: what LoRA-Rounding starts from."""
+        """``frac(W/s)`` (``frac((W - m)/s)`` with a minimum) at the current scale, ``[out, in]``: what LoRA-Rounding starts from."""
         with torch.no_grad():
-            scale, _ = self.scale_zero(weight)
-            x = self.grouped(weight.float()) / scale
+            scale, _, minimum = self.grid(weight)
+            x = self.code_units(weight, scale, minimum)
             return (x - torch.floor(x)).reshape(weight.shape)
+
+
+def build_weight_quantizer(
+    weight: torch.Tensor, scheme: QuantScheme, learnable_clip: bool = True, clip_init: float = 0.99
+) -> WeightQuantizer:
+    """The quantizer of ``scheme`` for ``weight``: cbq-lightning's own grid, or a GGML type's exact one."""
+    if scheme.gguf_type is not None:
+        from cbq_lightning.quant.ggml_quantizer import GGMLWeightQuantizer  # it subclasses this module's class
+
+        return GGMLWeightQuantizer(weight, scheme.ggml, learnable_clip, clip_init)
+    return WeightQuantizer(weight, scheme.w_bits, scheme.group_size, scheme.sym, learnable_clip, clip_init)

@@ -1,0 +1,147 @@
+"""GGML block types as quantization schemes (issue #45): parsing, the exact grid, and the block packing.
+
+The grid test is the contract the GGUF export rests on: for every implemented type, the quantizer's fake-quantized
+weight (with learned-looking clipping, LoRA-style rounding decisions and GPTQ's codes) is bit-for-bit what
+``gguf.quants.dequantize`` reads back from the blocks packed from its codes, scales and minimums.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cbq_lightning.errors import ConfigError
+from cbq_lightning.export.gguf_blocks import pack_blocks
+from cbq_lightning.quant.config import QuantConfig
+from cbq_lightning.quant.ggml_types import GGML_TYPES, NOT_IMPLEMENTED
+from cbq_lightning.quant.gptq import GPTQInit
+from cbq_lightning.quant.qlinear import FinalizedQuantLinear, LayerQuantConfig, QuantLinear
+from cbq_lightning.quant.rounding import RoundingConfig
+from cbq_lightning.quant.scheme import QuantScheme, parse_scheme
+from cbq_lightning.quant.weight_quantizer import ClipSearch, build_weight_quantizer
+
+gguf = pytest.importorskip("gguf")
+TYPES = list(GGML_TYPES)
+
+
+def _weight(seed: int = 0) -> torch.Tensor:
+    """Gaussian rows with the blocks the grid must handle: all zeros, all positive, one negative outlier."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(24, 96, generator=generator) * 0.05
+    weight[0, :32] = 0.0
+    weight[1, 32:64] = weight[1, 32:64].abs() + 0.01
+    weight[2, 5] = -0.9
+    weight[3, 40] = 1e-9  # a block whose scale would underflow float16 without care
+    weight[3, 32:64] *= 1e-6
+    return weight
+
+
+def _dequantized(name: str, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> np.ndarray:
+    packed = pack_blocks(GGML_TYPES[name], codes, scale, minimum)
+    return gguf.quants.dequantize(packed, gguf.GGMLQuantizationType[name])
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_parse_fixes_bits_blocks_and_symmetry(name: str) -> None:
+    scheme = parse_scheme(name.lower())
+    block = GGML_TYPES[name]
+    assert (scheme.w_bits, scheme.group_size, scheme.a_bits, scheme.gguf_type) == (block.bits, 32, 16, name)
+    assert scheme.sym == (not block.minimum)
+    assert scheme.name == name
+    assert QuantConfig(scheme=name).resolve() == scheme
+
+
+@pytest.mark.parametrize("name", ["Q4_K_M", "q2_k", "Q6_K", "IQ4_XS", "Q3_K_S"])
+def test_k_quants_and_mixes_are_refused_by_name(name: str) -> None:
+    assert name.upper() in NOT_IMPLEMENTED
+    with pytest.raises(ConfigError, match="not implemented yet"):
+        parse_scheme(name)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"scheme": "Q4_1", "sym": True}, "stores a minimum"),
+     ({"scheme": "Q4_0", "layer_bits": {"blocks.0.mlp.down_proj": 8}}, "layer_bits")],
+)
+def test_settings_that_contradict_the_type_are_refused(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        QuantConfig(**kwargs).resolve()
+
+
+def test_a_ggml_scheme_cannot_be_given_other_bits() -> None:
+    with pytest.raises(ConfigError, match="4-bit codes"):
+        QuantScheme(w_bits=3, group_size=32, sym=True, gguf_type="Q4_0")
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_fake_quant_is_what_gguf_dequantizes(name: str) -> None:
+    weight = _weight()
+    quantizer = build_weight_quantizer(weight, parse_scheme(name), learnable_clip=True, clip_init=0.9)
+    with torch.no_grad():
+        # clipping ratios that differ per block, as a fit leaves them
+        quantizer.upper_logit.copy_(torch.randn(quantizer.upper_logit.shape, generator=torch.Generator().manual_seed(1)) + 2)
+        rounding = (torch.rand(weight.shape, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+        fake = quantizer.fake_quantize(weight, rounding)
+        scale, zero, minimum = quantizer.grid(weight)
+        codes = quantizer.codes(weight, scale, zero, rounding, minimum=minimum)
+    block = GGML_TYPES[name]
+    assert int(codes.min()) >= block.qmin and int(codes.max()) <= block.qmax
+    assert torch.equal(scale.half().float(), scale)  # the stored float16 scale is the one calibrated on
+    got = _dequantized(name, codes.reshape(weight.shape), scale.squeeze(-1), None if minimum is None else minimum.squeeze(-1))
+    np.testing.assert_array_equal(got, fake.numpy())
+    assert float((fake - weight).abs().max()) < 0.5  # and it is a quantization of the weight, not noise
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q5_0"])
+def test_signed_scale_puts_the_extreme_weight_on_the_lowest_code(name: str) -> None:
+    """llama.cpp's convention: ``d = x / -8`` with ``x`` the largest-magnitude weight, so ``x`` is exact at ratio 1."""
+    weight = _weight()
+    quantizer = build_weight_quantizer(weight, parse_scheme(name), learnable_clip=False, clip_init=1.0)
+    fake = quantizer.fake_quantize(weight)
+    assert float(fake[2, 5]) == pytest.approx(-0.9, rel=1e-3)  # float16 scale: exact up to its rounding
+    assert float(quantizer.scale_zero(weight)[0][2, 0, 0]) > 0  # negative extreme -> positive d
+    assert float(quantizer.scale_zero(weight)[0][1, 1, 0]) < 0  # positive extreme -> negative d
+
+
+def test_q8_0_never_stores_minus_128() -> None:
+    weight = _weight()
+    quantizer = build_weight_quantizer(weight, parse_scheme("Q8_0"), learnable_clip=True, clip_init=0.5)
+    scale, zero, _ = quantizer.grid(weight)
+    codes = quantizer.codes(weight, scale, zero, None)
+    assert int(codes.min()) == 1 and int(codes.max()) == 255  # clipped at both ends: -127 and +127
+
+
+def test_clipping_gets_gradient_through_the_float16_scale() -> None:
+    weight = _weight()
+    quantizer = build_weight_quantizer(weight, parse_scheme("Q4_1"), learnable_clip=True, clip_init=0.9)
+    loss = (quantizer.fake_quantize(weight) - weight).pow(2).sum()
+    loss.backward()
+    assert quantizer.upper_logit.grad.abs().sum() > 0 and quantizer.lower_logit.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("start", ["lora", "gptq_offset", "gptq_lora"])
+def test_quant_linear_finalises_onto_the_gguf_grid(name: str, start: str) -> None:
+    """A calibrating layer (clip search, learned rounding or GPTQ start) finalises to codes whose GGML blocks
+    dequantize to exactly the layer's weight, and the finalised layer's forward uses that weight."""
+    weight = _weight()
+    linear = torch.nn.Linear(96, 24, bias=False)
+    linear.weight.data.copy_(weight)
+    inputs = torch.randn(256, 96, generator=torch.Generator().manual_seed(3))
+    hessian = inputs.T @ inputs / inputs.shape[0]
+    rounding = RoundingConfig(enabled=True, rank=4, form="offset" if start == "gptq_offset" else "residual")
+    config = LayerQuantConfig(
+        scheme=parse_scheme(name), rounding=rounding, clip_search=ClipSearch(steps=5),
+        gptq=GPTQInit(act_order=True) if start.startswith("gptq") else None,
+    )
+    layer = QuantLinear(linear, config, torch.Generator().manual_seed(0), torch.diagonal(hessian), hessian)
+    with torch.no_grad():
+        layer.use_hard_rounding = True
+        expected = layer.fake_weight()
+    final = layer.finalize()
+    assert isinstance(final, FinalizedQuantLinear)
+    assert torch.equal(final.weight, expected)
+    mins = final.mins
+    assert (mins is not None) == GGML_TYPES[name].minimum
+    np.testing.assert_array_equal(_dequantized(name, final.qweight, final.scales, mins), final.weight.numpy())
