@@ -136,12 +136,10 @@ class CrossBlockState:
         if not cache_targets or self._targets_for == window.index:
             return entering
         first_on_fp_path = self.x_q is self.x_fp  # nothing quantized has run yet: Y_h would repeat Y_fp
-        self.y_fp = self._fp_targets(window, device)
-        if first_on_fp_path:
-            self.y_h = self.y_fp
-        else:
-            with self._teachers_on(window.blocks, device) as teachers:
-                self.y_h = self._run(teachers, window.blocks, self.x_q, device, "y_h", self.target_dtype)
+        with self._teachers_on(window.blocks, device) as teachers:
+            self.y_fp = self._fp_targets(window, device)
+            self.y_h = self.y_fp if first_on_fp_path else self._run(teachers, window.blocks, self.x_q, device, "y_h",
+                                                                     self.target_dtype)
         self._targets_for = window.index
         return entering
 
@@ -178,13 +176,15 @@ class CrossBlockState:
 
     @contextmanager
     def _teachers_on(self, indices: Sequence[int], device: torch.device | str) -> Iterator[list[nn.Module]]:
-        """The teachers of blocks ``indices`` on ``device`` for one pass, back on the CPU after it."""
-        teachers = [self.teachers[index].to(device) for index in indices]
+        """The teachers of blocks ``indices`` on ``device`` for the passes inside, then back where they were (so a
+        nested use does not move them back and forth: the window's entry copies its teachers over once)."""
+        teachers = [self.teachers[index] for index in indices]
+        homes = [next(teacher.parameters(), torch.empty(0)).device for teacher in teachers]
         try:
-            yield teachers
+            yield [teacher.to(device) for teacher in teachers]
         finally:
-            for teacher in teachers:
-                teacher.to("cpu")
+            for teacher, home in zip(teachers, homes, strict=True):
+                teacher.to(home)
 
     @torch.no_grad()
     def _run_keeping(
@@ -294,7 +294,9 @@ class CrossBlockState:
         for index in window.finalized:
             block = self.blocks[index].to(device)
             finalize_block(block)
-            teacher = self.teachers.pop(index).to(device)
+            teacher = self.teachers.pop(index)
+            if self.rtn_reference is not None or index + 1 not in self._fp_states:
+                teacher.to(device)  # it computes here; a kept X_fp needs no teacher, so it is not copied over
             with count_routed_tokens(block) as routed:  # what the quantized block's router does (MoE only)
                 self.x_q = self._replace(self.x_q, self._run([block], [index], self.x_q, device, "x_q"))
             if routed:
