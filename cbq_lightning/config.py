@@ -17,7 +17,7 @@ from cbq_lightning.export.packed import ExportConfig
 from cbq_lightning.export.quantized_run import ExportScheme
 from cbq_lightning.guard import GuardConfig
 from cbq_lightning.loss import LossConfig
-from cbq_lightning.models.loading import ModelConfig, resolve_source
+from cbq_lightning.models.loading import ModelConfig, resolve_source, source_model_type
 from cbq_lightning.quant.config import QuantConfig
 from cbq_lightning.quant.correction import CorrectionConfig
 from cbq_lightning.quant.mixed_precision import MixedPrecisionConfig
@@ -171,8 +171,15 @@ def validate(config: QuantizeConfig) -> QuantScheme:
             "input is rotated before the down projection sees it, so the scale no longer folds into its columns. "
             "Set cfp.mlp false (the rotation spreads those outliers already) or rotation.online_down false."
         )
-    # a packed format that cannot hold the scheme is refused now, not after the calibration
+    if config.mixed is not None and scheme.gguf_type is not None:
+        raise ConfigError(
+            f"mixed.budget with quant.scheme {scheme.gguf_type}: a GGML type fixes every layer's bits; use a "
+            "W<bits>A16 scheme for a mixed-precision run, or drop mixed."
+        )
+    # a packed format that cannot hold the scheme (or, GGUF, the model family) is refused now, not after the calibration
     config.export.check(ExportScheme.from_settings(scheme, config.quant.act_settings(trained=True)))
+    if config.export.depends_on_model_type:
+        config.export.check_model_type(source_model_type(config.model))
     if config.method == "cbq":
         if config.quant.learnable_clip:
             clip_logit(config.quant.clip_init)  # raises a ConfigError naming clip_init when out of (0, 1)

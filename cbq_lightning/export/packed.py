@@ -4,7 +4,8 @@ Writes a Hugging Face checkpoint directory that stock loaders run: ``config.json
 ``quantization_config``, one ``model.safetensors`` where every quantized linear's ``weight`` is replaced
 by the format's packed tensors and every other tensor is the fake-quant checkpoint's (in ``dtype``),
 the tokenizer and generation files, and ``cbq_export.json`` (format, scheme, sizes against fp16,
-warnings). The directory is written atomically.
+warnings). The directory is written atomically. ``gguf`` writes one llama.cpp file instead
+(:mod:`cbq_lightning.export.gguf_export`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from cbq_lightning.errors import ConfigError
-from cbq_lightning.export import compressed_tensors, gptq
+from cbq_lightning.export import compressed_tensors, gguf_export, gptq
 from cbq_lightning.export.fake_quant import SIDECAR
 from cbq_lightning.export.quantized_run import ExportScheme, QuantizedLayer, QuantizedRun, open_run
 from cbq_lightning.io import atomic_directory, write_safetensors
@@ -32,9 +33,9 @@ from cbq_lightning.models.families import checkpoint_name, has_experts
 
 log = logging.getLogger("cbq_lightning")
 
-ExportFormat = Literal["compressed-tensors", "gptq"]
+ExportFormat = Literal["compressed-tensors", "gptq", "gguf"]
 ExportDtype = Literal["float16", "bfloat16", "float32", "auto"]
-FORMATS: tuple[str, ...] = (compressed_tensors.NAME, gptq.NAME)
+FORMATS: tuple[str, ...] = (compressed_tensors.NAME, gptq.NAME, gguf_export.NAME)
 REPORT = "cbq_export.json"
 WEIGHTS = "model.safetensors"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -50,11 +51,14 @@ class ExportConfig:
     Attributes:
         format: ``null`` = no packed export; ``compressed-tensors`` (``pack-quantized``: symmetric or
             asymmetric weights, W4A8/W4A4 with dynamic per-token activations; transformers and vLLM) or
-            ``gptq`` (GPTQ v1, symmetric weight-only runs: ``quant.sym: true``).
-        output: directory to write; ``null`` = ``<run>/packed-<format>``.
+            ``gptq`` (GPTQ v1, symmetric weight-only runs: ``quant.sym: true``), or ``gguf`` (one llama.cpp file;
+            runs of a GGML type: ``quant.scheme`` ``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1`` or ``Q8_0``).
+        output: directory to write; ``null`` = ``<run>/packed-<format>``. For ``gguf`` the file to write
+            (``*.gguf``); ``null`` = ``<run>/model-<type>.gguf``.
         dtype: dtype of compressed-tensors' scales and of every tensor left unquantized (embeddings,
             norms, ``lm_head``): ``float16`` (compact, what serving runs; GPTQ's scales are float16 in any
             case), ``bfloat16``, ``float32``, or ``auto`` = the fake-quant checkpoint's own dtype (exact).
+            GGUF keeps norms and biases in float32 whatever this says (llama.cpp's convention).
         quantize_embedding: compressed-tensors, weight-only runs: also store the input embedding (and so a
             tied ``lm_head``) on the linears' grid, round-to-nearest. Shrinks small models whose embedding
             dominates (SmolLM2-135M at W4 per channel: 0.41 -> 0.25 x fp16), at a perplexity cost where
@@ -83,20 +87,36 @@ class ExportConfig:
                     "format has no quantized embedding; drop quantize_embedding or switch the format."
                 )
             compressed_tensors.check_embedding(scheme)
+        if scheme.gguf_type is not None and self.format != gguf_export.NAME:
+            raise ConfigError(
+                f"this run is calibrated on llama.cpp's {scheme.gguf_type} grid (float16 scales per block of 32"
+                f"{', float16 minimums' if not scheme.sym else ''}), which export.format={self.format!r} cannot store "
+                f"exactly: export with format {gguf_export.NAME}."
+            )
         _format_module(self.format).check_scheme(scheme)
+
+    @property
+    def depends_on_model_type(self) -> bool:
+        """Whether the format supports only some model families (GGUF: those with a known llama.cpp layout)."""
+        return self.format == gguf_export.NAME
+
+    def check_model_type(self, model_type: str | None) -> None:
+        """Refuse a model family the format has no layout for (only GGUF has such a list), before any work."""
+        if self.format == gguf_export.NAME:
+            gguf_export.check_model_type(model_type)
 
     def output_dir(self, run_dir: Path) -> Path:
         return Path(self.output).expanduser() if self.output else run_dir / f"packed-{self.format}"
 
 
 def _format_module(name: str) -> Any:
-    return compressed_tensors if name == compressed_tensors.NAME else gptq
+    return {compressed_tensors.NAME: compressed_tensors, gptq.NAME: gptq, gguf_export.NAME: gguf_export}[name]
 
 
 def export_run(run_dir: str | Path, config: ExportConfig) -> dict[str, Any]:
     """Write ``run_dir``'s quantized model in ``config.format``; returns the summary in ``cbq_export.json``."""
     if config.format is None:
-        raise ConfigError("export.format is not set: choose compressed-tensors or gptq.")
+        raise ConfigError(f"export.format is not set: choose one of {', '.join(FORMATS)}.")
     run = open_run(run_dir)
     config.check(run.scheme)
     corrected = [name for name, layer in run.layers.items() if layer.correction_rank]
@@ -115,11 +135,14 @@ def export_run(run_dir: str | Path, config: ExportConfig) -> dict[str, Any]:
             "fake-quant checkpoint (`cbq evaluate --model RUN` applies it), or quantize with "
             "rotation.online_down false for a packed export."
         )
+    model_config = run.model_config()
+    dtype = _DTYPES[_source_dtype(model_config) if config.dtype == "auto" else config.dtype]
+    if config.format == gguf_export.NAME:
+        output = Path(config.output).expanduser() if config.output else gguf_export.default_output(run.run_dir, run.scheme)
+        return gguf_export.export_gguf(run, output, dtype)
     output = config.output_dir(run.run_dir)
     if output.resolve() in (run.run_dir.resolve(), run.model_dir.resolve()):
         raise ConfigError(f"export output {output} would replace the run's own outputs: choose another directory.")
-    model_config = run.model_config()
-    dtype = _DTYPES[_source_dtype(model_config) if config.dtype == "auto" else config.dtype]
     linears, embedding = _module_names(run.model_dir)
     unquantized = _unquantized_linears(run, linears)
     warnings: list[str] = []

@@ -200,6 +200,29 @@ def _check_gguf_support(path: Path) -> str | None:
     return gguf_model_type(path, header) if header is not None else None
 
 
+def source_model_type(config: ModelConfig) -> str | None:
+    """The model type ``config`` will load, read cheaply (a tiny name, a GGUF header, a ``config.json``; a hub id's
+    config is fetched), so a request that cannot hold the family is refused before any weight is read. None when
+    the config cannot be read now (the loader then says why)."""
+    source, gguf_file = resolve_source(config)
+    model_type = tiny_model_type(source)
+    if model_type is not None:
+        return model_type
+    if gguf_file:
+        return _check_gguf_support(Path(source) / gguf_file)
+    config_file = Path(source) / "config.json"
+    if config_file.is_file():
+        import json
+
+        return json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(source, **_hub_kwargs(config, gguf_file)).model_type
+    except (OSError, ValueError):
+        return None
+
+
 def load_model(config: ModelConfig, vocab_size: int, seed: int = 0) -> nn.Module:
     """The causal LM, frozen, in eval mode, on CPU (``vocab_size`` sizes the tiny model only)."""
     dtype = config.torch_dtype()

@@ -1,0 +1,224 @@
+"""GGUF export of a finished run (``cbq export --format gguf``, ``export.format: gguf``): one file llama.cpp loads.
+
+What is written:
+
+* every linear the run quantized, in its GGML block type (the run's ``quant.scheme``, ``Q4_0`` ... ``Q8_0``), packed
+  from the run's integer codes and float16 scales/minimums (:mod:`cbq_lightning.export.gguf_blocks`): the file
+  dequantizes to exactly the run's fake-quantized weights, because the run calibrated on that grid
+  (:mod:`cbq_lightning.quant.ggml_quantizer`), not re-quantized;
+* every other tensor from the fake-quant checkpoint: norms and biases in F32 (llama.cpp keeps 1-D tensors so), the
+  embedding and an untied output in ``export.dtype`` (F16 by default, F32, BF16, or the checkpoint's own);
+* under llama.cpp's names and layouts for the family (:mod:`cbq_lightning.export.gguf_layout`): q/k row order,
+  Gemma's ``1 + w`` norms, no tied output;
+* the metadata (:mod:`cbq_lightning.export.gguf_metadata`): copied from the source GGUF when the run's model came
+  from one, else the hyperparameters and tokenizer written from the checkpoint the converter's way.
+
+The file is written atomically; a summary (``<file>.cbq_export.json``) says what was stored and any warnings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cbq_lightning.errors import ConfigError
+from cbq_lightning.export.gguf_blocks import pack_blocks
+from cbq_lightning.export.gguf_layout import (
+    GgufLayout,
+    TensorNamer,
+    is_norm,
+    layout_for,
+    qk_heads,
+    rope_row_order,
+    write_hyperparameters,
+)
+from cbq_lightning.export.gguf_metadata import SourceGguf, copy_metadata, source_gguf, write_tokenizer
+from cbq_lightning.export.quantized_run import ExportScheme, QuantizedRun
+from cbq_lightning.io import atomic_write_file, atomic_write_json
+from cbq_lightning.models.families import checkpoint_name
+from cbq_lightning.quant.ggml_types import GGML_TYPES, ggml_type
+
+log = logging.getLogger("cbq_lightning")
+
+NAME = "gguf"
+SUFFIX = ".gguf"
+_FP16_BYTES = 2
+#: ``general.quantized_by``
+_QUANTIZED_BY = "cbq-lightning"
+
+
+def check_scheme(scheme: ExportScheme) -> None:
+    """Refuse a run GGUF cannot store exactly (also before a quantize run starts)."""
+    if scheme.a_bits is not None:
+        raise ConfigError(
+            f"a GGUF export of a run with {scheme.a_bits}-bit activations: llama.cpp runs the weights only (it "
+            "quantizes activations its own way), so the calibrated activation quantizers would be lost; quantize "
+            f"a weight-only GGML type ({', '.join(GGML_TYPES)})."
+        )
+    if scheme.gguf_type is None:
+        group = f"G{scheme.group_size}" if scheme.group_size else ""
+        raise ConfigError(
+            f"a GGUF export stores llama.cpp's block types, and this run's scheme W{scheme.w_bits}A16{group} is not "
+            f"one: quantize with quant.scheme {', '.join(GGML_TYPES)} (calibrated on that format's exact grid)."
+        )
+    ggml_type(scheme.gguf_type)
+
+
+def check_model_type(model_type: str | None) -> None:
+    """Refuse a family without a known llama.cpp layout (also before a quantize run starts)."""
+    layout_for(model_type)
+
+
+def default_output(run_dir: Path, scheme: ExportScheme) -> Path:
+    return run_dir / f"model-{scheme.gguf_type}{SUFFIX}"
+
+
+def export_gguf(run: QuantizedRun, output: Path, dtype: torch.dtype) -> dict[str, Any]:
+    """Write ``run`` to ``output`` (a ``.gguf`` file); returns the summary also written beside it."""
+    import gguf
+
+    check_scheme(run.scheme)
+    config = run.model_config()
+    model_type = config.get("model_type")
+    layout = layout_for(model_type)
+    if output.suffix != SUFFIX or output.is_dir():
+        raise ConfigError(f"a GGUF export writes one file: give --output a path ending in {SUFFIX}, not {output}.")
+    block_type = ggml_type(run.scheme.gguf_type)
+    source = source_gguf(run.run_dir)
+    warnings: list[str] = []
+    if source is not None and source.architecture != layout.architecture:
+        warnings.append(f"the source GGUF {source.path.name} is architecture {source.architecture!r}, the export "
+                        f"{layout.architecture!r}: its metadata is not copied; written from the checkpoint instead.")
+        source = None
+    tensors, sizes = _tensors(run, layout, config, dtype)
+
+    def write(path: Path) -> None:
+        writer = gguf.GGUFWriter(str(path), layout.architecture)
+        warnings.extend(_write_metadata(writer, run, layout, config, source))
+        writer.add_file_type(int(gguf.LlamaFileType[f"MOSTLY_{block_type.name}"]))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for name, (array, raw_dtype) in tensors.items():
+            writer.add_tensor(name, array, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    atomic_write_file(output, write)
+    summary = _summary(run, output, layout, source, sizes, dtype, warnings)
+    atomic_write_json(summary_path(output), summary)
+    for warning in warnings:
+        log.warning("export: %s", warning)
+    log.info("exported %s (gguf, %s) to %s: %.2f MiB, %.3f x the fp16 size (quantized linears %.3f x)",
+             block_type.name, layout.architecture, output, summary["weights_bytes"] / 2**20, summary["ratio_to_fp16"],
+             summary["quantized_linears"]["ratio_to_fp16"])
+    return summary
+
+
+def summary_path(output: Path) -> Path:
+    """Where the summary of the GGUF ``output`` is written: ``model-Q4_0.gguf`` -> ``model-Q4_0.cbq_export.json``."""
+    return output.with_suffix(".cbq_export.json")
+
+
+def _write_metadata(writer: Any, run: QuantizedRun, layout: GgufLayout, config: dict, source: SourceGguf | None) -> list[str]:
+    writer.add_quantized_by(_QUANTIZED_BY)
+    if source is not None:
+        copy_metadata(writer, source)
+        return []
+    writer.add_name(run.run_dir.resolve().name)
+    vocab_size = int(config["vocab_size"])
+    write_hyperparameters(writer, layout, config, vocab_size)
+    return write_tokenizer(writer, run.model_dir, vocab_size)
+
+
+def _tensors(
+    run: QuantizedRun, layout: GgufLayout, config: dict, dtype: torch.dtype
+) -> tuple[dict[str, tuple[np.ndarray, Any]], dict[str, int]]:
+    """``{gguf name: (array, raw GGML type or None)}`` in the checkpoint's order, and byte counts."""
+    import gguf
+
+    namer = TensorNamer(layout, int(config["num_hidden_layers"]))
+    quantized = {f"{checkpoint_name(config.get('model_type'), name)}.weight": layer for name, layer in run.layers.items()}
+    block_type = ggml_type(run.scheme.gguf_type)
+    tied = bool(config.get("tie_word_embeddings"))
+    tensors: dict[str, tuple[np.ndarray, Any]] = {}
+    sizes = {"fp16_bytes": 0, "linears_fp16_bytes": 0, "linears_packed_bytes": 0}
+    seen = set()
+    for key, tensor in run.checkpoint_tensors():
+        if tied and key == "lm_head.weight":
+            continue  # llama.cpp computes a tied output from token_embd
+        seen.add(key)
+        name = namer(key)
+        sizes["fp16_bytes"] += tensor.numel() * _FP16_BYTES
+        layer = quantized.get(key)
+        if layer is not None:
+            array = pack_blocks(block_type, layer.codes, layer.scales, layer.mins, layer.name)
+            raw: Any = gguf.GGMLQuantizationType[block_type.name]
+            sizes["linears_fp16_bytes"] += tensor.numel() * _FP16_BYTES
+            sizes["linears_packed_bytes"] += array.nbytes
+        else:
+            array, raw = _plain(tensor, name, layout, dtype)
+        heads = qk_heads(name, config) if layout.permute_qk else None
+        if heads is not None:
+            array = np.ascontiguousarray(array[rope_row_order(array.shape[0], heads)])
+        tensors[name] = (array, raw)
+    missing = sorted(set(quantized) - seen)
+    if missing:
+        raise ConfigError(f"the fake-quant checkpoint lacks the weights of {missing[:3]}: it is not this run's.")
+    return tensors, sizes
+
+
+def _plain(tensor: torch.Tensor, name: str, layout: GgufLayout, dtype: torch.dtype) -> tuple[np.ndarray, Any]:
+    """A tensor the run left in floating point: 1-D ones (norms, biases) in F32, with the family's norm offset;
+    the others in ``dtype``."""
+    import gguf
+
+    values = tensor.detach().to(torch.float32).cpu().numpy()
+    if values.ndim <= 1:
+        if layout.norm_offset and is_norm(name):
+            values = values + np.float32(layout.norm_offset)
+        return np.ascontiguousarray(values, dtype=np.float32), None
+    if dtype == torch.float32:
+        return np.ascontiguousarray(values), None
+    if dtype == torch.float16:
+        return np.ascontiguousarray(values.astype(np.float16)), None
+    return gguf.quants.quantize(np.ascontiguousarray(values), gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
+
+
+def _summary(
+    run: QuantizedRun, output: Path, layout: GgufLayout, source: SourceGguf | None, sizes: dict[str, int],
+    dtype: torch.dtype, warnings: list[str],
+) -> dict[str, Any]:
+    weights = output.stat().st_size
+    return {
+        "format": NAME,
+        "output": str(output),
+        "source_run": str(run.run_dir),
+        "scheme": run.scheme_metadata,
+        "export_scheme": dataclasses.asdict(run.scheme),
+        "gguf_type": run.scheme.gguf_type,
+        "architecture": layout.architecture,
+        "metadata_from": str(source.path) if source is not None else "checkpoint",
+        "dtype": str(dtype).removeprefix("torch."),
+        "quantized_layers": len(run.layers),
+        "weights_bytes": weights,
+        "fp16_bytes": sizes["fp16_bytes"],
+        "ratio_to_fp16": weights / sizes["fp16_bytes"],
+        "quantized_linears": {
+            "packed_bytes": sizes["linears_packed_bytes"],
+            "fp16_bytes": sizes["linears_fp16_bytes"],
+            "ratio_to_fp16": sizes["linears_packed_bytes"] / sizes["linears_fp16_bytes"],
+        },
+        "warnings": warnings,
+    }
+
+
+def read_summary(output: Path) -> dict[str, Any]:
+    """The summary written beside a GGUF export."""
+    return json.loads(summary_path(output).read_text(encoding="utf-8"))
