@@ -20,7 +20,8 @@ it, as almost every window of a real model - is fitted at the recipe's settings 
     trainer_overhead        the rest of the fit's wall time (Trainer construction, setup, teardown)
 
 ``window_work_over_forward`` = (teacher_caching + advancing) / one plain forward (no grad, inputs already on the
-device, outputs discarded) of the same samples through the window's full-precision blocks, measured in the same run.
+device, outputs discarded) of the same samples through the window's full-precision blocks, measured in the same run
+before the window's entry and before its leave (the mean of the two).
 The projection scales the window to the recipe's budget (samples x seqlen, epochs per visit) and the shape's block
 count, adds rotation and input capture, and projects the evaluation from one sequence through one block and the head.
 On a GPU it also runs AutoRound (its default 200 iterations) on the same shape, random weights and token ids, so the
@@ -315,6 +316,8 @@ class WindowRun:
     stages: dict[str, float]
     steps: list[float]
     plain_forward_s: float
+    #: each measurement of the plain forward (before the window's entry, before its leave)
+    plain_forwards_s: list[float]
     window_s: float
     capture_s: float
     samples: int
@@ -343,7 +346,11 @@ def measure_window(config: QuantizeConfig, adapter: DecoderAdapter, ids: torch.T
     state._quantized_path_inputs = clock.wrap("input_statistics", state._quantized_path_inputs)
     state.quantize = clock.wrap("gptq_start" if config.quant.gptq is not None else "quantize", state.quantize)
     state.enter = clock.wrap("teacher_caching", state.enter)
-    plain: list[float] = []
+    # the denominator, taken twice to bracket the window's work (before its entry and before its leave) and
+    # averaged: on a shared machine the load moves within a run; before the entry the window's new blocks are
+    # still the full-precision ones
+    fp_blocks = [state.teachers.get(index, adapter.blocks[index]) for index in measured.blocks]
+    plain = [plain_forward_s(fp_blocks, measured.blocks, state.x_q, block_kwargs, device, state.batch_size)]
     leave = clock.wrap("advancing", state.leave)
 
     def measured_leave(window: Window, leave_device: torch.device | str) -> Any:
@@ -369,7 +376,7 @@ def measure_window(config: QuantizeConfig, adapter: DecoderAdapter, ids: torch.T
             loop.run([measured], 0)
     window_s = clock.inclusive["trainer_overhead"]
     stages = {stage: clock.seconds.get(stage, 0.0) for stage in STAGES}
-    return WindowRun(stages=stages, steps=timer.steps, plain_forward_s=plain[0],
+    return WindowRun(stages=stages, steps=timer.steps, plain_forward_s=sum(plain) / len(plain), plain_forwards_s=plain,
                      window_s=window_s - clock.seconds["plain_forward"], capture_s=clock.seconds["capture"],
                      samples=int(ids.shape[0]), batch_size=config.train.batch_size)
 
@@ -489,7 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "measured": {
             "samples": run.samples, "seqlen": config.data.seqlen, "batch_size": run.batch_size,
             "steps": len(run.steps), "step_times_s": run.steps, "stages_s": run.stages, "window_s": run.window_s,
-            "plain_forward_s": run.plain_forward_s, "teacher_caching_plus_advancing_s": work,
+            "plain_forward_s": run.plain_forward_s, "plain_forwards_s": run.plain_forwards_s,
+            "teacher_caching_plus_advancing_s": work,
             "capture_s": run.capture_s, "rotation_s": clock.seconds["rotation"],
             "evaluation_sequence_s": evaluation,
         },

@@ -45,7 +45,9 @@ def test_record_holds_every_stage_and_the_ratio(speed, dry_run: dict) -> None:
     batches = math.ceil(4 / load_recipe(REPO / "configs" / "w4a16.yaml").train.batch_size)
     assert measured["steps"] == batches == len(measured["step_times_s"])  # 4 samples, 1 epoch, the recipe's batch
     work = stages["teacher_caching"] + stages["advancing"]
-    assert measured["plain_forward_s"] > 0
+    # the denominator bracketing the work: before the window's entry and before its leave, averaged
+    assert len(measured["plain_forwards_s"]) == 2 and min(measured["plain_forwards_s"]) > 0
+    assert math.isclose(measured["plain_forward_s"], sum(measured["plain_forwards_s"]) / 2, rel_tol=1e-12)
     assert math.isclose(dry_run["window_work_over_forward"], work / measured["plain_forward_s"], rel_tol=1e-9)
     assert dry_run["autoround"]["status"] == "skipped" and dry_run["cbq_over_autoround"] is None
     assert dry_run["peak_gpu_gib"] is None and dry_run["peak_rss_gib"] > 0
@@ -69,7 +71,8 @@ def test_per_sample_stages_scale_to_the_budget_and_the_others_do_not(speed) -> N
     the block's quantization once, the steps as the recipe's epochs x batches at the steady step time."""
     recipe = load_recipe(REPO / "configs" / "tiny.yaml")
     stages = {stage: 1.0 for stage in speed.STAGES}
-    run = speed.WindowRun(stages=stages, steps=[9.0, 2.0, 2.0], plain_forward_s=1.0, window_s=sum(stages.values()),
+    run = speed.WindowRun(stages=stages, steps=[9.0, 2.0, 2.0], plain_forward_s=1.0, plain_forwards_s=[1.0],
+                          window_s=sum(stages.values()),
                           capture_s=0.5, samples=4, batch_size=recipe.train.batch_size)
     shape = {**speed.SHAPES["tiny"], "blocks": 10}
     projected = speed.project(run, recipe, 3, shape, rotation_s=2.0, built_blocks=4,
