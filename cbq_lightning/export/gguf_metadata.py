@@ -137,8 +137,9 @@ def write_tokenizer(writer: Any, model_dir: Path, vocab_size: int) -> list[str]:
     writer.add_token_types(types)
     special = gguf.SpecialVocab(model_dir, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=vocab_size)
     if vocab.tokenizer_model == "gpt2" and not special.merges:
-        # llama.cpp refuses a BPE vocabulary without the merges key; a byte-level vocabulary may have no merges
-        writer.add_key_value(gguf.Keys.Tokenizer.MERGES, [], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.STRING)
-        special.load_merges = False  # nothing missing: do not let it warn
+        # GGUF has no empty arrays, and llama.cpp refuses a BPE vocabulary without merges (a bare byte vocabulary)
+        special.load_merges = False
+        warnings.append(f"the byte-level BPE tokenizer in {model_dir} has no merges, so the GGUF has no "
+                        "tokenizer.ggml.merges: transformers reads it, llama.cpp refuses its vocabulary.")
     special.add_to_gguf(writer, quiet=True)
     return warnings
