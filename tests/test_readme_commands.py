@@ -8,12 +8,13 @@ folders require, so the outputs of one (``runs/smollm2-w3a16g64``) are the input
 folder the other writes (:func:`schedule`): the commands are each a new process whose start-up is mostly single-threaded
 imports, and this test was the longest in CI at one at a time.
 
-Only the model is substituted: recipes that name SmolLM2 or LLaMA run on the tiny random model
-(``--model.name_or_path tiny-llama`` appended; ``cbq evaluate --model smollm2-135m`` becomes ``tiny-llama``),
-because CI does not install the 98 MB GGUF and has no hub; a recipe whose LoRA-Rounding rank the tiny model's
-32-wide k/v projections cannot hold (the SmolLM2 recipes' 64) runs at rank 4 there. Output paths are the README's, relative to the
-scratch folder. Where ``../shared/data`` (the offline WikiText-2 mirror) is absent, a mirror of the same layout
-is written from the package's shipped excerpt. The commands this machine cannot run are listed in
+Only the model is substituted: recipes that name SmolLM2 or LLaMA, and commands that name a hub model
+(``--model.name_or_path org/name``), run on the tiny random model (``cbq evaluate --model smollm2-135m`` becomes
+``tiny-llama``), because CI does not install the 98 MB GGUF and has no hub; the recipes' LoRA ranks, wider than the
+tiny model's 32-wide k/v projections, are narrowed there by the run itself (``adapted_to_model``). Output paths are
+the README's, relative to the scratch folder. The offline WikiText-2 mirror (``../shared/data``, or one of the same
+layout written from the package's shipped excerpt where it is absent) gets a ``train`` split, a copy of the
+validation rows, for the recipes that calibrate on WikiText-2 train from the hub. The commands this machine cannot run are listed in
 :data:`NOT_RUN` with the reason; an entry that no longer matches a README command fails the test too.
 """
 
@@ -31,7 +32,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cbq_lightning.quant.rounding import RoundingConfig
 from tests.conftest import REPO, SHARED_DATA
 
 README = REPO / "README.md"
@@ -49,9 +49,6 @@ NOT_RUN: dict[str, str] = {
 }
 #: the model the substituted commands run on, and the README model names it stands in for
 TINY = "tiny-llama"
-#: the tiny model's smallest linear dimension (k/v projections: 2 heads of 16), and the LoRA-Rounding rank a
-#: recipe runs at on it when its own rank (SmolLM2 recipes: 64) would not be low-rank there
-TINY_SMALLEST_DIM, TINY_RANK = 32, 4
 README_MODELS = ("smollm2-135m",)
 #: seconds per command (the slowest, a SmolLM2 recipe on the tiny model, takes ~40 s on 2 cores)
 TIMEOUT_S = 600
@@ -100,11 +97,6 @@ def _uses_embedded_or_hub_model(recipe: dict) -> bool:
     return name is not None and name != TINY
 
 
-def _recipe_rank(recipe: dict) -> int:
-    """The LoRA-Rounding rank a recipe sets (the package default when it sets none)."""
-    return int((recipe.get("rounding") or {}).get("rank", RoundingConfig().rank))
-
-
 def substituted(command: str, workdir: Path) -> tuple[list[str], dict[str, str]]:
     """``command`` as argv for this interpreter and its environment assignments, the model swapped for the
     tiny one."""
@@ -115,12 +107,14 @@ def substituted(command: str, workdir: Path) -> tuple[list[str], dict[str, str]]
         env[name] = value
     assert words[0] == "cbq", command
     argv = words[1:]
-    if argv[0] == "quantize" and "--config" in argv:
+    if argv[0] == "quantize" and "--model.name_or_path" in argv:
+        at = argv.index("--model.name_or_path") + 1
+        if "/" in argv[at] and not (workdir / argv[at]).exists():  # a hub id
+            argv[at] = TINY
+    elif argv[0] == "quantize" and "--config" in argv:
         recipe = _recipe(workdir / argv[argv.index("--config") + 1])
-        if _uses_embedded_or_hub_model(recipe) and "--model.name_or_path" not in argv:
+        if _uses_embedded_or_hub_model(recipe):
             argv += ["--model.name_or_path", TINY]
-            if _recipe_rank(recipe) >= TINY_SMALLEST_DIM and "--rounding.rank" not in argv:
-                argv += ["--rounding.rank", str(TINY_RANK)]
     if argv[0] == "evaluate" and "--model" in argv:
         at = argv.index("--model") + 1
         if argv[at] in README_MODELS:
@@ -133,19 +127,24 @@ def _scratch(tmp_path: Path) -> Path:
     workdir = tmp_path / "work"
     workdir.mkdir()
     (workdir / "configs").symlink_to(REPO / "configs")
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    if SHARED_DATA.is_dir():
-        (shared / "data").symlink_to(SHARED_DATA)
+    mirror = tmp_path / "shared" / "data" / "wikitext"
+    if SHARED_DATA.is_dir():  # the real files, linked
+        for source in sorted((SHARED_DATA / "wikitext").glob("*/*.jsonl")):
+            (mirror / source.parent.name).mkdir(parents=True, exist_ok=True)
+            (mirror / source.parent.name / source.name).symlink_to(source)
     else:  # CI without the mirror: the same layout, filled from the shipped excerpt
         from cbq_lightning.data.text import SHIPPED_SOURCE, load_text
 
         rows = [{"text": line} for line in load_text(SHIPPED_SOURCE, "validation").splitlines()]
         for folder in ("wikitext-2-raw-v1", "wikitext-2-v1"):
             for split in ("test", "validation"):
-                path = shared / "data" / "wikitext" / folder / f"{split}.jsonl"
+                path = mirror / folder / f"{split}.jsonl"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    # the generic recipes calibrate on WikiText-2 train, which only the hub has: its validation rows stand in
+    train = mirror / "wikitext-2-raw-v1" / "train.jsonl"
+    if not train.exists():
+        train.symlink_to(next(mirror.glob("*/validation.jsonl")).resolve())
     return workdir
 
 
