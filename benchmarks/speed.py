@@ -104,18 +104,22 @@ PER_SAMPLE = ("input_statistics", "teacher_caching", "advancing", "checkpoint", 
 
 
 class StageClock:
-    """Exclusive wall time per stage: time inside a nested stage counts for the inner stage only.
+    """Exclusive wall time per stage: time inside a nested stage counts for the inner stage only; the same for the
+    process's CPU time.
 
     Why exclusive: the stages nest (the clip search runs inside the quantization, which runs inside the window's
-    entry), and the record's stages must add up to the window's wall time without counting anything twice.
+    entry), and the record's stages must add up to the window's wall time without counting anything twice. Why CPU
+    time too: on a CPU shared with other work, the wall time of a stage moves with the others' load, the CPU time
+    this process spent much less, so ratios of CPU times are the steadier measure there.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
         #: wall time per stage with its nested stages in it
         self.inclusive: dict[str, float] = {}
-        self._stack: list[list[float]] = []  # per open stage: [start, time spent in nested stages]
+        self._stack: list[list[float]] = []  # per open stage: [start, CPU start, nested wall, nested CPU]
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -124,17 +128,19 @@ class StageClock:
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
         self._sync()
-        self._stack.append([time.perf_counter(), 0.0])
+        self._stack.append([time.perf_counter(), time.process_time(), 0.0, 0.0])
         try:
             yield
         finally:
             self._sync()
-            started, nested = self._stack.pop()
-            elapsed = time.perf_counter() - started
+            started, cpu_started, nested, cpu_nested = self._stack.pop()
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
             self.seconds[stage] = self.seconds.get(stage, 0.0) + elapsed - nested
+            self.cpu_seconds[stage] = self.cpu_seconds.get(stage, 0.0) + cpu - cpu_nested
             self.inclusive[stage] = self.inclusive.get(stage, 0.0) + elapsed
             if self._stack:
-                self._stack[-1][1] += elapsed
+                self._stack[-1][2] += elapsed
+                self._stack[-1][3] += cpu
 
     def wrap(self, stage: str, function: Callable[..., Any]) -> Callable[..., Any]:
         """``function`` timed as ``stage`` on every call."""
@@ -243,24 +249,25 @@ def _steady_schedule(config: QuantizeConfig) -> tuple[int, list[Window]]:
 
 @torch.no_grad()
 def plain_forward_s(blocks: list[nn.Module], indices: Sequence[int], hidden: torch.Tensor, kwargs: Any,
-                    device: torch.device, batch_size: int) -> float:
+                    device: torch.device, batch_size: int) -> tuple[float, float]:
     """One forward of ``hidden`` through ``blocks`` in batches of ``batch_size``: inputs moved to the device first,
-    outputs dropped, so only the blocks' own compute is timed (the denominator of ``window_work_over_forward``)."""
+    outputs dropped, so only the blocks' own compute is timed (the denominator of ``window_work_over_forward``).
+    Its wall time and the process's CPU time."""
     per_block = kwargs_list_to(kwargs.for_blocks(indices), device)
     batches = [hidden[start : start + batch_size].to(device) for start in range(0, hidden.shape[0], batch_size)]
     moved = [block.to(device) for block in blocks]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for x in batches:
         for block, block_kwargs in zip(moved, per_block, strict=True):
             x = run_block(block, x, block_kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     for block in moved:
         block.to("cpu")
-    return elapsed
+    return elapsed, cpu
 
 
 @torch.no_grad()
@@ -322,6 +329,9 @@ class WindowRun:
     capture_s: float
     samples: int
     batch_size: int
+    #: the process's CPU time per stage and of the plain forward (the mean of the two)
+    cpu_stages: dict[str, float] = dataclasses.field(default_factory=dict)
+    plain_forward_cpu_s: float | None = None
 
 
 def measure_window(config: QuantizeConfig, adapter: DecoderAdapter, ids: torch.Tensor, device: torch.device,
@@ -376,7 +386,10 @@ def measure_window(config: QuantizeConfig, adapter: DecoderAdapter, ids: torch.T
             loop.run([measured], 0)
     window_s = clock.inclusive["trainer_overhead"]
     stages = {stage: clock.seconds.get(stage, 0.0) for stage in STAGES}
-    return WindowRun(stages=stages, steps=timer.steps, plain_forward_s=sum(plain) / len(plain), plain_forwards_s=plain,
+    walls = [wall for wall, _ in plain]
+    return WindowRun(stages=stages, steps=timer.steps, plain_forward_s=sum(walls) / len(walls), plain_forwards_s=walls,
+                     cpu_stages={stage: clock.cpu_seconds.get(stage, 0.0) for stage in STAGES},
+                     plain_forward_cpu_s=sum(cpu for _, cpu in plain) / len(plain),
                      window_s=window_s - clock.seconds["plain_forward"], capture_s=clock.seconds["capture"],
                      samples=int(ids.shape[0]), batch_size=config.train.batch_size)
 
@@ -445,7 +458,7 @@ def _print_table(record: dict[str, Any]) -> None:
         print(f"| {stage} | {stages[stage]:.2f} | {projected['stages_s'][stage]:.2f} |")
     print(f"| window | {record['measured']['window_s']:.2f} | {projected['window_s']:.2f} |")
     print(f"plain forward {record['measured']['plain_forward_s']:.3f} s; window_work_over_forward "
-          f"{record['window_work_over_forward']:.2f}; projected {projected['windows']} windows: calibration "
+          f"{record['window_work_over_forward']:.2f} (CPU time: {record['window_work_over_forward_cpu_time']}); projected {projected['windows']} windows: calibration "
           f"{projected['calibration_min']:.1f} min, with evaluation {projected['total_min']:.1f} min; "
           f"cbq_over_autoround {record['cbq_over_autoround']}")
 
@@ -493,10 +506,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rotation": rotation is not None,
         # the work of a window that is not training, over one plain forward of its samples through its blocks
         "window_work_over_forward": work / run.plain_forward_s,
+        # the same from the process's CPU time (CPU runs only: steadier than wall time on a shared machine)
+        "window_work_over_forward_cpu_time": None if cuda else
+        (run.cpu_stages["teacher_caching"] + run.cpu_stages["advancing"]) / run.plain_forward_cpu_s,
         "measured": {
             "samples": run.samples, "seqlen": config.data.seqlen, "batch_size": run.batch_size,
             "steps": len(run.steps), "step_times_s": run.steps, "stages_s": run.stages, "window_s": run.window_s,
             "plain_forward_s": run.plain_forward_s, "plain_forwards_s": run.plain_forwards_s,
+            "cpu_time_stages_s": run.cpu_stages, "plain_forward_cpu_time_s": run.plain_forward_cpu_s,
             "teacher_caching_plus_advancing_s": work,
             "capture_s": run.capture_s, "rotation_s": clock.seconds["rotation"],
             "evaluation_sequence_s": evaluation,

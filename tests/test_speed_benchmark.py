@@ -49,6 +49,10 @@ def test_record_holds_every_stage_and_the_ratio(speed, dry_run: dict) -> None:
     assert len(measured["plain_forwards_s"]) == 2 and min(measured["plain_forwards_s"]) > 0
     assert math.isclose(measured["plain_forward_s"], sum(measured["plain_forwards_s"]) / 2, rel_tol=1e-12)
     assert math.isclose(dry_run["window_work_over_forward"], work / measured["plain_forward_s"], rel_tol=1e-9)
+    cpu = measured["cpu_time_stages_s"]
+    assert set(cpu) == set(speed.STAGES) and measured["plain_forward_cpu_time_s"] > 0
+    assert math.isclose(dry_run["window_work_over_forward_cpu_time"],
+                        (cpu["teacher_caching"] + cpu["advancing"]) / measured["plain_forward_cpu_time_s"], rel_tol=1e-9)
     assert dry_run["autoround"]["status"] == "skipped" and dry_run["cbq_over_autoround"] is None
     assert dry_run["peak_gpu_gib"] is None and dry_run["peak_rss_gib"] > 0
     assert dry_run["window"] == {"size": 2, "overlap": 1, "built_blocks": 4, "measured_index": 1}
