@@ -274,3 +274,27 @@ def test_source_gguf_gone_corrupt_is_one_line_and_keeps_an_earlier_export(runs, 
     assert source.name in _one_line(capsys)
     assert output.read_bytes() == before
     shutil.rmtree(run)
+
+
+def test_cbq_evaluate_reads_the_export_with_the_runs_perplexity(runs, tmp_path_factory, tmp_path: Path) -> None:
+    """``cbq evaluate`` on the exported file (transformers dequantizes it) measures the run's own perplexity."""
+    from cbq_lightning.evaluation.command import EvaluateConfig, run_evaluate
+
+    source, _ = write_tiny_gguf("llama", tmp_path_factory.mktemp("evaluate") / "llama.gguf")
+    run = runs("gguf-llama", "--model.name_or_path", str(source), "--quant.scheme", "Q4_1")
+    output = tmp_path / "out.gguf"
+    assert _export(run, output, "--dtype", "float32") == 0
+
+    def ppl(model: Path) -> float:
+        result = run_evaluate(EvaluateConfig(model=str(model), data="shipped", seqlen=64, max_windows=4, dtype="float32"))
+        return result["results"][0]["ppl"]
+
+    assert ppl(output) == ppl(run)
+
+
+def test_rows_that_are_not_whole_blocks_are_one_line(tmp_path: Path, capsys) -> None:
+    code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path / "never"), *BUDGET,
+                 "--quant.scheme", "Q8_0", "--model.tiny.hidden_size", "48"])
+    assert code == 2
+    assert "not a multiple of 32" in _one_line(capsys)
+    assert not (tmp_path / "never").exists()

@@ -32,6 +32,12 @@ def check_group_size(blocks: nn.ModuleList, scheme: QuantScheme) -> None:
         return
     linears = list(all_block_linears(blocks))
     for name, linear in linears:
+        if linear.in_features % scheme.group_size and scheme.gguf_type is not None:
+            raise ConfigError(
+                f"{scheme.gguf_type} stores blocks of {scheme.group_size} weights along each row, and layer {name} "
+                f"has in_features={linear.in_features}, not a multiple of {scheme.group_size}: this model has no "
+                f"{scheme.gguf_type} form (llama.cpp would fall back to another type for it; not implemented yet)."
+            )
         if linear.in_features % scheme.group_size:
             sizes = {lin.in_features for _, lin in linears}
             common = sorted(set.intersection(*(set(valid_group_sizes(n)) for n in sizes)))
