@@ -276,12 +276,18 @@ def test_source_gguf_gone_corrupt_is_one_line_and_keeps_an_earlier_export(runs, 
     shutil.rmtree(run)
 
 
-def test_cbq_evaluate_reads_the_export_with_the_runs_perplexity(runs, tmp_path_factory, tmp_path: Path) -> None:
-    """``cbq evaluate`` on the exported file (transformers dequantizes it) measures the run's own perplexity."""
+@pytest.mark.parametrize("origin", ["gguf", "hugging-face"])
+def test_cbq_evaluate_reads_the_export_with_the_runs_perplexity(runs, tmp_path_factory, tmp_path: Path,
+                                                                origin: str) -> None:
+    """``cbq evaluate`` on the exported file (transformers dequantizes it and rebuilds the tokenizer from its
+    metadata: copied from the source GGUF, or written from the checkpoint) measures the run's own perplexity."""
     from cbq_lightning.evaluation.command import EvaluateConfig, run_evaluate
 
-    source, _ = write_tiny_gguf("llama", tmp_path_factory.mktemp("evaluate") / "llama.gguf")
-    run = runs("gguf-llama", "--model.name_or_path", str(source), "--quant.scheme", "Q4_1")
+    if origin == "gguf":
+        source, _ = write_tiny_gguf("llama", tmp_path_factory.mktemp("evaluate") / "llama.gguf")
+        run = runs("gguf-llama", "--model.name_or_path", str(source), "--quant.scheme", "Q4_1")
+    else:
+        run = runs("Q4_1", "--quant.scheme", "Q4_1")
     output = tmp_path / "out.gguf"
     assert _export(run, output, "--dtype", "float32") == 0
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from cbq_lightning.quant.ggml_types import BLOCK_SIZE, FLOAT16_MAX, FLOAT16_TINY, GGMLBlockType
+from cbq_lightning.quant.ggml_types import FLOAT16_MAX, FLOAT16_TINY, GGMLBlockType
 from cbq_lightning.quant.weight_quantizer import WeightQuantizer
 
 
@@ -54,7 +54,7 @@ class GGMLWeightQuantizer(WeightQuantizer):
     def __init__(
         self, weight: torch.Tensor, block_type: GGMLBlockType, learnable_clip: bool = True, clip_init: float = 0.99
     ) -> None:
-        super().__init__(weight, block_type.bits, BLOCK_SIZE, block_type.symmetric, learnable_clip, clip_init)
+        super().__init__(weight, block_type.bits, block_type.block_size, block_type.symmetric, learnable_clip, clip_init)
         self.block_type = block_type
         self.qmin = block_type.qmin
         self.qmax = block_type.qmax

@@ -64,6 +64,8 @@ class GGMLBlockType:
 
     @property
     def block_size(self) -> int:
+        """Weights per block along a row: the scheme's group size. (A K-quant will have super-blocks of 256 whose
+        sub-block scales are quantized: a type of its own beside this one, read through the same scheme name.)"""
         return BLOCK_SIZE
 
     @property

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from cbq_lightning.errors import ConfigError
-from cbq_lightning.quant.ggml_types import BLOCK_SIZE, GGMLBlockType, ggml_type, is_ggml_name
+from cbq_lightning.quant.ggml_types import GGMLBlockType, ggml_type, is_ggml_name
 
 _SCHEME_RE = re.compile(r"^W(?P<w>\d+)A(?P<a>\d+)(?:G(?P<g>\d+))?$", re.IGNORECASE)
 
@@ -68,8 +68,8 @@ class QuantScheme:
                 f"{block.name} stores {block.bits}-bit codes, not {self.w_bits}: per-layer bits (quant.layer_bits, "
                 "mixed.budget) are not available with a GGML type."
             )
-        if self.group_size != BLOCK_SIZE:
-            raise ConfigError(f"{block.name} has blocks of {BLOCK_SIZE} weights, not {self.group_size}.")
+        if self.group_size != block.block_size:
+            raise ConfigError(f"{block.name} has blocks of {block.block_size} weights, not {self.group_size}.")
         if self.sym != block.symmetric:
             raise ConfigError(
                 f"{block.name} {'stores a minimum per block' if block.minimum else 'is symmetric'}: quant.sym "
@@ -107,7 +107,7 @@ def parse_scheme(text: str) -> QuantScheme:
     """
     if is_ggml_name(text):
         block = ggml_type(text)  # a K-quant or mix: one line saying it is not implemented yet
-        return QuantScheme(w_bits=block.bits, group_size=BLOCK_SIZE, sym=block.symmetric, gguf_type=block.name)
+        return QuantScheme(w_bits=block.bits, group_size=block.block_size, sym=block.symmetric, gguf_type=block.name)
     match = _SCHEME_RE.match(text.strip())
     if match is None:
         raise ConfigError(
