@@ -7,6 +7,8 @@ weight (with learned-looking clipping, LoRA-style rounding decisions and GPTQ's 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -145,3 +147,31 @@ def test_quant_linear_finalises_onto_the_gguf_grid(name: str, start: str) -> Non
     mins = final.mins
     assert (mins is not None) == GGML_TYPES[name].minimum
     np.testing.assert_array_equal(_dequantized(name, final.qweight, final.scales, mins), final.weight.numpy())
+
+
+def test_killed_q4_1_run_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """A finalised window's per-block minimums (``mins``) come back from the window checkpoint on resume."""
+    import lightning as L
+    from safetensors.torch import load_file
+
+    from cbq_lightning.runner import run_quantize
+    from tests.conftest import TINY_RECIPE, fast_flags, load_recipe
+
+    class Killed(RuntimeError):
+        pass
+
+    class KillAtWindow(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            if pl_module.window.index == 2:
+                raise Killed("killed at window 2")
+
+    flags = (*fast_flags(), "--quant.scheme", "Q4_1")
+    run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path / "whole"), *flags))
+    with pytest.raises(Killed):
+        run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path / "killed"), *flags), [KillAtWindow()])
+    run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path / "killed"), *flags))
+    expected = load_file(str(tmp_path / "whole" / "quant_state.safetensors"))
+    resumed = load_file(str(tmp_path / "killed" / "quant_state.safetensors"))
+    assert expected.keys() == resumed.keys() and any(key.endswith(".mins") for key in expected)
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
