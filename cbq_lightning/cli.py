@@ -2,7 +2,7 @@
 
 ``cbq quantize --config configs/<recipe>.yaml [--quant.scheme W3A16] [--method rtn] [--output_dir DIR]``
 ``cbq evaluate --model PATH_OR_NAME [--data wikitext2] [--max_windows 40] [--tasks arc_easy,piqa]``,
-``cbq export --run DIR --format {compressed-tensors,gptq} [--output OUT] [--dtype float16]``.
+``cbq export --run DIR --format {compressed-tensors,gptq,gguf} [--output OUT] [--dtype float16]``.
 Every field of :class:`~cbq_lightning.config.QuantizeConfig` is a YAML key and a dotted flag;
 ``--print_config`` prints the resolved configuration. Errors in user input are printed without a
 traceback and exit with status 2.
@@ -103,7 +103,8 @@ def export_parser() -> LightningArgumentParser:
     """Parser of ``cbq export``: the run directory plus the fields of :class:`ExportConfig`."""
     parser = LightningArgumentParser(
         description="Write a finished cbq quantize run as a packed checkpoint that transformers and vLLM load "
-        "(compressed-tensors pack-quantized, or GPTQ v1 for symmetric weight-only runs).",
+        "(compressed-tensors pack-quantized, or GPTQ v1 for symmetric weight-only runs), or as one GGUF file for "
+        "llama.cpp (runs of a GGML type: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).",
         default_env=False,
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML with the options below.")
@@ -139,7 +140,7 @@ def build_parser() -> LightningArgumentParser:
     subcommands = parser.add_subcommands(dest="command", required=True)
     subcommands.add_subcommand("quantize", quantize_parser(), help="quantize a model (CBQ or RTN)")
     subcommands.add_subcommand("evaluate", evaluate_parser(), help="perplexity and lm-eval tasks of a model or a quantized output")
-    subcommands.add_subcommand("export", export_parser(), help="packed checkpoint (compressed-tensors, GPTQ) of a run")
+    subcommands.add_subcommand("export", export_parser(), help="packed checkpoint (compressed-tensors, GPTQ) or GGUF file of a run")
     return parser
 
 
