@@ -107,6 +107,17 @@ def test_disk_store_and_bfloat16_targets_keep_the_values(tiny_model: nn.Module, 
     store.cleanup()
 
 
+def test_bfloat16_blocks_and_caches_with_float32_targets_keep_the_values(tiny_model: nn.Module) -> None:
+    """The GPU layout: bf16 weights and caches, float32 targets (``cache.target_dtype``'s default)."""
+    records, _ = _walk(copy.deepcopy(tiny_model).to(torch.bfloat16), 2, 1, target_dtype=torch.float32)
+    for record in records:
+        for name in ("y_fp", "y_h", "x_fp"):
+            got, expected = record[name]
+            assert torch.equal(got, expected), (record["window"], name)
+    assert records[0]["y_fp"][0].dtype == torch.float32 and records[0]["x_fp"][0].dtype == torch.bfloat16
+    assert [r["teacher_calls"] for r in records] == [4, 6, 6]  # kept states: the same count as in float32
+
+
 class _Float64Out(nn.Module):
     """A block whose output is float64 while the caches are float32 (as bf16 blocks over float32 caches)."""
 
