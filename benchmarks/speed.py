@@ -451,16 +451,24 @@ def _record_path(output: Path, shape: str, scheme: str, cuda: bool) -> Path:
 
 
 def _print_table(record: dict[str, Any]) -> None:
-    projected, stages = record["projected"], record["measured"]["stages_s"]
-    print("| stage | measured window (s) | projected window (s) |")
+    """The stages of the measured window and of the projected one, then the whole model and the ratios."""
+    projected, measured = record["projected"], record["measured"]
+    print(f"| stage | measured window (s, {measured['samples']} samples) | projected window (s, "
+          f"{projected['samples']} samples) |")
     print("|---|---|---|")
     for stage in STAGES:
-        print(f"| {stage} | {stages[stage]:.2f} | {projected['stages_s'][stage]:.2f} |")
-    print(f"| window | {record['measured']['window_s']:.2f} | {projected['window_s']:.2f} |")
-    print(f"plain forward {record['measured']['plain_forward_s']:.3f} s; window_work_over_forward "
-          f"{record['window_work_over_forward']:.2f} (CPU time: {record['window_work_over_forward_cpu_time']}); projected {projected['windows']} windows: calibration "
-          f"{projected['calibration_min']:.1f} min, with evaluation {projected['total_min']:.1f} min; "
-          f"cbq_over_autoround {record['cbq_over_autoround']}")
+        print(f"| {stage} | {measured['stages_s'][stage]:.2f} | {projected['stages_s'][stage]:.2f} |")
+    print(f"| window | {measured['window_s']:.2f} | {projected['window_s']:.2f} |")
+    whole = (f"| whole model ({projected['windows']} windows) | rotation {projected['rotation_s']:.1f} s, capture "
+             f"{projected['capture_s']:.1f} s | calibration {projected['calibration_min']:.1f} min, evaluation "
+             f"{projected['evaluation_s'] / 60:.1f} min, total {projected['total_min']:.1f} min |")
+    print(whole)
+    gpu = "n/a" if record["peak_gpu_gib"] is None else f"{record['peak_gpu_gib']:.1f} GiB"
+    cpu_time = record["window_work_over_forward_cpu_time"]
+    print(f"plain forward {measured['plain_forward_s']:.3f} s; window_work_over_forward "
+          f"{record['window_work_over_forward']:.2f}" + (f" (CPU time {cpu_time:.2f})" if cpu_time else "")
+          + f"; peak GPU {gpu}, peak RSS {record['peak_rss_gib']:.1f} GiB; AutoRound {record['autoround']['status']}"
+          + (f", cbq_over_autoround {record['cbq_over_autoround']:.2f}" if record["cbq_over_autoround"] else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
