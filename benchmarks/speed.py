@@ -348,8 +348,14 @@ def measure_window(config: QuantizeConfig, adapter: DecoderAdapter, ids: torch.T
     built = runner._build_state(job, inputs, block_kwargs, device)
     state = built.state
     first, measured = _steady_schedule(config)[1][:2]
-    state.enter(first, device)  # untrained: the caches and kept states as a steady-state window finds them
+    # window 0 untrained, only to put the caches and kept states where a steady-state window finds them: its blocks
+    # get the quantized layout without preprocessing, GPTQ or the clip search (what they cost is window 1's block's
+    # to show; at 8B shapes on a GPU machine's CPU each would take as long as the measured window's)
+    preprocessors, quantize = state.preprocessors, state.quantize
+    state.preprocessors, state.quantize = [], built.quantizer.structure
+    state.enter(first, device)
     state.leave(first, device)
+    state.preprocessors, state.quantize = preprocessors, quantize
 
     state.preprocessors = [_TimedPreprocessor(p, clock, "cfp" if p is built.cfp else "input_statistics")
                            for p in state.preprocessors]
