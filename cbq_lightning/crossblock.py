@@ -16,7 +16,7 @@ finalise (the next ``X_fp``) and its own output (where the next window's ``Y_fp`
 ``X_fp`` costs nothing and each window pushes the full-precision path through only the blocks it adds. In the
 first window ``X_q`` is ``X_fp``, so ``Y_h`` is ``Y_fp``. Per window of K blocks advancing by S, the teacher and
 cache work is then S (full-precision path) + K (``Y_h``) + S (``X_q``) block forwards instead of 3K + S, with
-bit-identical values (the same blocks on the same batches; see :meth:`CrossBlockState._fp_state`).
+bit-identical values (the same blocks on the same batches; see :meth:`CrossBlockState._fp_targets`).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class CrossBlockState:
         #: index of the window whose targets are cached (a retried fit reuses them)
         self._targets_for: int | None = None
         #: full-precision hidden states at the input of block ``b`` (``b`` = number of blocks behind them),
-        #: kept by the pass that caches ``Y_fp`` for what the next windows read (see :meth:`_fp_state`)
+        #: kept by the pass that caches ``Y_fp`` for what the next windows read (see :meth:`_fp_targets`)
         self._fp_states: dict[int, torch.Tensor] = {}
         #: False once a pass showed the blocks compute in another dtype than the caches (nothing can be kept)
         self._keep_fp_states = True
