@@ -10,7 +10,7 @@ imports, and this test was the longest in CI at one at a time.
 
 Only the model is substituted: recipes that name SmolLM2 or LLaMA, and commands that name a hub model
 (``--model.name_or_path org/name``), run on the tiny random model (``cbq evaluate --model smollm2-135m`` becomes
-``tiny-llama``), because CI does not install the 98 MB GGUF and has no hub; the recipes' LoRA ranks, wider than the
+``tiny-llama``; a hub model's run calibrates on 16 x 256 tokens and evaluates 8 windows), because CI does not install the 98 MB GGUF and has no hub; the recipes' LoRA ranks, wider than the
 tiny model's 32-wide k/v projections, are narrowed there by the run itself (``adapted_to_model``). Output paths are
 the README's, relative to the scratch folder. The offline WikiText-2 mirror (``../shared/data``, or one of the same
 layout written from the package's shipped excerpt where it is absent) gets a ``train`` split, a copy of the
@@ -50,6 +50,10 @@ NOT_RUN: dict[str, str] = {
 #: the model the substituted commands run on, and the README model names it stands in for
 TINY = "tiny-llama"
 README_MODELS = ("smollm2-135m",)
+#: the budget of a command that names a hub model, unless it sets its own: its recipe's GPU budget (128 x 2048
+#: calibration tokens, the whole test split: 632 windows of the tiny model) takes about 10 minutes of CI on the tiny
+#: model for figures nobody reads; the path it runs is the same
+HUB_MODEL_BUDGET = {"--data.num_samples": "16", "--data.seqlen": "256", "--eval.max_windows": "8"}
 #: seconds per command (the slowest, a SmolLM2 recipe on the tiny model, takes ~40 s on 2 cores)
 TIMEOUT_S = 600
 #: commands run at once (CI has 2 cores)
@@ -111,6 +115,7 @@ def substituted(command: str, workdir: Path) -> tuple[list[str], dict[str, str]]
         at = argv.index("--model.name_or_path") + 1
         if "/" in argv[at] and not (workdir / argv[at]).exists():  # a hub id
             argv[at] = TINY
+            argv += [flag for key, value in HUB_MODEL_BUDGET.items() if key not in argv for flag in (key, value)]
     elif argv[0] == "quantize" and "--config" in argv:
         recipe = _recipe(workdir / argv[argv.index("--config") + 1])
         if _uses_embedded_or_hub_model(recipe):
