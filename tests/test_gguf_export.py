@@ -312,10 +312,9 @@ def test_real_smollm2_metadata_copies_key_for_key(tmp_path: Path) -> None:
     hyperparameters) survives the copy key for key and type for type (about 30 s: the reader walks every token)."""
     import numpy as np
 
+    from cbq_lightning.errors import ModelSourceError
     from cbq_lightning.export.gguf_metadata import SourceGguf, copy_metadata
     from cbq_lightning.models.loading import embedded_gguf_path
-
-    from cbq_lightning.errors import ModelSourceError
 
     try:
         source = embedded_gguf_path()

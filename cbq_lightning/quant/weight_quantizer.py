@@ -264,7 +264,8 @@ def build_weight_quantizer(
 ) -> WeightQuantizer:
     """The quantizer of ``scheme`` for ``weight``: cbq-lightning's own grid, or a GGML type's exact one."""
     if scheme.gguf_type is not None:
-        from cbq_lightning.quant.ggml_quantizer import GGMLWeightQuantizer  # it subclasses this module's class
+        # imported here: the GGML quantizer subclasses this module's class
+        from cbq_lightning.quant.ggml_quantizer import GGMLWeightQuantizer
 
         return GGMLWeightQuantizer(weight, scheme.ggml, learnable_clip, clip_init)
     return WeightQuantizer(weight, scheme.w_bits, scheme.group_size, scheme.sym, learnable_clip, clip_init)
