@@ -74,7 +74,6 @@ from cbq_lightning.machine import resolve_machine_settings  # noqa: E402
 from cbq_lightning.models.adapter import DecoderAdapter, kwargs_list_to, run_block  # noqa: E402
 from cbq_lightning.models.loading import load_model, load_tokenizer  # noqa: E402
 from cbq_lightning.models.tiny import TinyModelConfig  # noqa: E402
-from cbq_lightning.quant.qlinear import QuantLinear  # noqa: E402
 from cbq_lightning.quant.weight_quantizer import WeightQuantizer  # noqa: E402
 from cbq_lightning.rotation.fold import rotate_model  # noqa: E402
 from cbq_lightning.stop import GracefulStop  # noqa: E402

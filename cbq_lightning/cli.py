@@ -21,9 +21,9 @@ from lightning.pytorch.cli import LightningArgumentParser
 from cbq_lightning import __version__
 from cbq_lightning.config import QuantizeConfig
 from cbq_lightning.errors import CBQError, RunStopped
-from cbq_lightning.parse_errors import parse_error_line
 from cbq_lightning.evaluation.command import EvaluateConfig
 from cbq_lightning.export.packed import ExportConfig
+from cbq_lightning.parse_errors import parse_error_line
 from cbq_lightning.recipe_file import RecipeFile
 
 

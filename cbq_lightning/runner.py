@@ -44,6 +44,7 @@ from cbq_lightning.export.packed import export_run
 from cbq_lightning.export.quant_state import QUANT_STATE_FILE, save_quant_state
 from cbq_lightning.guard import DivergenceError
 from cbq_lightning.io import atomic_write_json, atomic_write_text
+from cbq_lightning.lock import quantize_lock
 from cbq_lightning.machine import resolve_machine_settings
 from cbq_lightning.models.adapter import BlockKwargs, DecoderAdapter
 from cbq_lightning.models.loading import load_model, load_tokenizer
@@ -69,7 +70,6 @@ from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch
 from cbq_lightning.rotation.fold import RotationConfig, rotate_model, rotation_unavailable
-from cbq_lightning.lock import quantize_lock
 from cbq_lightning.stop import GracefulStop
 from cbq_lightning.window import WindowModule
 from cbq_lightning.windows import Window, WindowConfig, window_schedule

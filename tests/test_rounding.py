@@ -11,7 +11,7 @@ from torch import nn
 
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.export.quant_state import dequantize
-from cbq_lightning.quant.convert import finalize_block, narrow_layers, finalized_linears, quant_linears
+from cbq_lightning.quant.convert import finalize_block, finalized_linears, narrow_layers, quant_linears
 from cbq_lightning.quant.qlinear import FinalizedQuantLinear, LayerQuantConfig, QuantLinear
 from cbq_lightning.quant.rounding import (
     LoRARounding,

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from cbq_lightning.errors import ModelSourceError
-from cbq_lightning.models.finite import check_finite_parameters
 from cbq_lightning.files import check_checkpoint_dir, check_gguf, read_gguf_header
 from cbq_lightning.models.adapter import check_model_type
+from cbq_lightning.models.finite import check_finite_parameters
 from cbq_lightning.models.gguf_source import gguf_model_type
 from cbq_lightning.models.tiny import (
     TINY_MODEL_NAME,
