@@ -74,11 +74,16 @@ def placement(strategy: str, devices: int | str | list[int], num_nodes: int) -> 
     return Placement(rank=rank, world=world, local_rank=local_rank)
 
 
+def uses_cuda(accelerator: str) -> bool:
+    """Whether a run with this ``trainer.accelerator`` computes on a CUDA GPU on this machine."""
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def compute_device(accelerator: str, place: Placement) -> torch.device:
     """The one device this process computes on, outside the fits and inside them: the process's GPU
     (``cuda:LOCAL_RANK``, the device Lightning's strategy gives the same process) when the accelerator allows
     CUDA and there is one, the CPU otherwise. ``validate`` has already refused a GPU accelerator without CUDA."""
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+    if uses_cuda(accelerator):
         return torch.device("cuda", place.local_rank)
     return torch.device("cpu")
 

@@ -9,15 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from cbq_lightning.config import QuantizeConfig
+from cbq_lightning.distributed import uses_cuda
 from cbq_lightning.models.loading import auto_weight_dtype
-
-
-def uses_cuda(accelerator: str) -> bool:
-    """Whether a run with this ``trainer.accelerator`` computes on a CUDA GPU on this machine."""
-    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
 def auto_precision(cuda: bool) -> str:

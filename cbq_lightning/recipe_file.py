@@ -48,27 +48,26 @@ def _bases(path: Path, mapping: dict[str, Any]) -> list[Path]:
     return bases
 
 
-def recipe_chain(path: Path, _seen: tuple[Path, ...] = ()) -> list[Path]:
-    """The recipe files ``path`` composes, in the order they apply: each base's own chain, then ``path``.
-
-    Raises:
-        TypeError: a ``base`` that is not a path, that does not exist, or that leads back to a file already in
-            the chain (jsonargparse reports a ``TypeError`` from a config action as a parse error).
-    """
+def _chain(path: Path, _seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any] | None]]:
+    """Each recipe ``path`` composes with its top-level mapping, read once, in the order they apply."""
     resolved = path.resolve()
     if resolved in _seen:
         cycle = " -> ".join(p.name for p in (*_seen, resolved))
         raise TypeError(f"recipe {path}: its base recipes form a cycle ({cycle}); remove one 'base:' key.")
     mapping = _read_mapping(path)
     if mapping is None or BASE_KEY not in mapping:
-        return [path]
-    return [*(p for base in _bases(path, mapping) for p in recipe_chain(base, (*_seen, resolved))), path]
+        return [(path, mapping)]
+    return [*(entry for base in _bases(path, mapping) for entry in _chain(base, (*_seen, resolved))), (path, mapping)]
 
 
-def without_base(path: Path) -> str:
-    """The recipe's YAML text without its ``base`` key (the rest of the file, as jsonargparse will parse it)."""
-    mapping = _read_mapping(path) or {}
-    return yaml.safe_dump({key: value for key, value in mapping.items() if key != BASE_KEY}, sort_keys=False)
+def recipe_chain(path: Path) -> list[Path]:
+    """The recipe files ``path`` composes, in the order they apply: each base's own chain, then ``path``.
+
+    Raises:
+        TypeError: a ``base`` that is not a path, that does not exist, or that leads back to a file already in
+            the chain (jsonargparse reports a ``TypeError`` from a config action as a parse error).
+    """
+    return [recipe for recipe, _ in _chain(path)]
 
 
 class RecipeFile(ActionConfigFile):
@@ -76,10 +75,10 @@ class RecipeFile(ActionConfigFile):
 
     def __call__(self, parser, cfg, values, option_string=None) -> None:  # noqa: ANN001 - argparse's signature
         path = Path(str(values))
-        for recipe in recipe_chain(path) if path.is_file() else [path]:
-            mapping = _read_mapping(recipe)
-            if mapping is not None and BASE_KEY in mapping:
-                self.apply_config(parser, cfg, self.dest, without_base(recipe))
+        for recipe, mapping in _chain(path) if path.is_file() else [(path, None)]:
+            if mapping is not None and BASE_KEY in mapping:  # its own keys, as YAML text without the base key
+                own = {key: value for key, value in mapping.items() if key != BASE_KEY}
+                self.apply_config(parser, cfg, self.dest, yaml.safe_dump(own, sort_keys=False))
                 cfg[self.dest][-1] = str(recipe)  # name the file, not the text it was read as
             else:  # a file without a base (or a YAML string given to --config): jsonargparse's own behaviour
                 self.apply_config(parser, cfg, self.dest, values if recipe is path else str(recipe))

@@ -270,12 +270,7 @@ def write_tiny_gguf(model_type: str, path: Path, *, seed: int = 0,
     tensors = _gguf_tensors(family, model)
     if with_vision_tower:
         tensors.update(_vision_tensors(np.random.default_rng(seed)))
-    for name, weight in tensors.items():
-        writer.add_tensor(name, weight)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _write_out(writer, tensors)
     return path, model
 
 
@@ -291,10 +286,15 @@ def write_raw_gguf(path: Path, architecture: str, tensors: dict[str, np.ndarray]
             writer.add_bool(key, value)
         else:
             writer.add_uint32(key, value)
+    _write_out(writer, tensors)
+    return path
+
+
+def _write_out(writer, tensors: dict[str, np.ndarray]) -> None:  # noqa: ANN001 - a gguf.GGUFWriter
+    """Add ``tensors`` and write the file in the order GGUFWriter requires (header, metadata, tensors)."""
     for name, weight in tensors.items():
         writer.add_tensor(name, weight)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path

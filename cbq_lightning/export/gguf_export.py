@@ -18,7 +18,6 @@ The file is written atomically; a summary (``<file>.cbq_export.json``) says what
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -39,7 +38,7 @@ from cbq_lightning.export.gguf_layout import (
     write_hyperparameters,
 )
 from cbq_lightning.export.gguf_metadata import SourceGguf, copy_metadata, source_gguf, write_tokenizer
-from cbq_lightning.export.quantized_run import ExportScheme, QuantizedRun
+from cbq_lightning.export.quantized_run import ExportScheme, QuantizedRun, size_summary
 from cbq_lightning.io import atomic_write_file, atomic_write_json
 from cbq_lightning.models.families import checkpoint_name
 from cbq_lightning.quant.ggml_types import GGML_TYPES, ggml_type
@@ -195,26 +194,13 @@ def _summary(
     run: QuantizedRun, output: Path, layout: GgufLayout, source: SourceGguf | None, sizes: dict[str, int],
     dtype: torch.dtype, warnings: list[str],
 ) -> dict[str, Any]:
-    weights = output.stat().st_size
     return {
         "format": NAME,
         "output": str(output),
-        "source_run": str(run.run_dir),
-        "scheme": run.scheme_metadata,
-        "export_scheme": dataclasses.asdict(run.scheme),
+        **size_summary(run, output.stat().st_size, sizes, dtype),
         "gguf_type": run.scheme.gguf_type,
         "architecture": layout.architecture,
         "metadata_from": str(source.path) if source is not None else "checkpoint",
-        "dtype": str(dtype).removeprefix("torch."),
-        "quantized_layers": len(run.layers),
-        "weights_bytes": weights,
-        "fp16_bytes": sizes["fp16_bytes"],
-        "ratio_to_fp16": weights / sizes["fp16_bytes"],
-        "quantized_linears": {
-            "packed_bytes": sizes["linears_packed_bytes"],
-            "fp16_bytes": sizes["linears_fp16_bytes"],
-            "ratio_to_fp16": sizes["linears_packed_bytes"] / sizes["linears_fp16_bytes"],
-        },
         "warnings": warnings,
     }
 

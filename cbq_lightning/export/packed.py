@@ -10,7 +10,6 @@ warnings). The directory is written atomically. ``gguf`` writes one llama.cpp fi
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -27,7 +26,13 @@ from torch import nn
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.export import compressed_tensors, gguf_export, gptq
 from cbq_lightning.export.fake_quant import SIDECAR
-from cbq_lightning.export.quantized_run import ExportScheme, QuantizedLayer, QuantizedRun, open_run
+from cbq_lightning.export.quantized_run import (
+    ExportScheme,
+    QuantizedLayer,
+    QuantizedRun,
+    open_run,
+    size_summary,
+)
 from cbq_lightning.io import atomic_directory, write_safetensors
 from cbq_lightning.models.families import checkpoint_name, has_experts
 
@@ -292,23 +297,10 @@ def _summary(
     run: QuantizedRun, config: ExportConfig, directory: Path, sizes: dict[str, int], dtype: torch.dtype,
     warnings: list[str],
 ) -> dict[str, Any]:
-    weights = (directory / WEIGHTS).stat().st_size
     return {
         "format": config.format,
-        "source_run": str(run.run_dir),
-        "scheme": run.scheme_metadata,
-        "export_scheme": dataclasses.asdict(run.scheme),
-        "dtype": str(dtype).removeprefix("torch."),
-        "quantized_layers": len(run.layers),
-        "weights_bytes": weights,
+        **size_summary(run, (directory / WEIGHTS).stat().st_size, sizes, dtype),
         "directory_bytes": _directory_bytes(directory),
-        "fp16_bytes": sizes["fp16_bytes"],
-        "ratio_to_fp16": weights / sizes["fp16_bytes"],
-        "quantized_linears": {
-            "packed_bytes": sizes["linears_packed_bytes"],
-            "fp16_bytes": sizes["linears_fp16_bytes"],
-            "ratio_to_fp16": sizes["linears_packed_bytes"] / sizes["linears_fp16_bytes"],
-        },
         "quantized_embedding": {"packed_bytes": sizes["extra_packed_bytes"]} if config.quantize_embedding else None,
         "warnings": warnings,
     }

@@ -8,10 +8,12 @@ those codes and tensors, so nothing else from the run is needed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -154,6 +156,27 @@ class QuantizedRun:
 
     def model_config(self) -> dict:
         return json.loads((self.model_dir / "config.json").read_text(encoding="utf-8"))
+
+
+def size_summary(run: QuantizedRun, weights_bytes: int, sizes: dict[str, int], dtype: torch.dtype) -> dict[str, Any]:
+    """What every packed export's summary says of its run and its size (one owner for the keys the formats share):
+    the source run and its scheme, the stored dtype, and the weights' bytes against float16, in all and for the
+    quantized linears (``sizes``: the writer's ``fp16_bytes``, ``linears_packed_bytes``, ``linears_fp16_bytes``)."""
+    return {
+        "source_run": str(run.run_dir),
+        "scheme": run.scheme_metadata,
+        "export_scheme": dataclasses.asdict(run.scheme),
+        "dtype": str(dtype).removeprefix("torch."),
+        "quantized_layers": len(run.layers),
+        "weights_bytes": weights_bytes,
+        "fp16_bytes": sizes["fp16_bytes"],
+        "ratio_to_fp16": weights_bytes / sizes["fp16_bytes"],
+        "quantized_linears": {
+            "packed_bytes": sizes["linears_packed_bytes"],
+            "fp16_bytes": sizes["linears_fp16_bytes"],
+            "ratio_to_fp16": sizes["linears_packed_bytes"] / sizes["linears_fp16_bytes"],
+        },
+    }
 
 
 def open_run(run_dir: str | Path) -> QuantizedRun:

@@ -54,11 +54,8 @@ def narrow_layers(blocks: nn.ModuleList, rounding: RoundingConfig) -> dict[str, 
     gives them half their smaller dimension); empty when the rank fits every layer or nothing is low-rank."""
     if not rounding.enabled or rounding.form == "offset":  # the offset form is full-rank by design
         return {}
-    return {
-        name: rounding.rank_for(lin.out_features, lin.in_features)
-        for name, lin in all_block_linears(blocks)
-        if rounding.rank_for(lin.out_features, lin.in_features) != rounding.rank
-    }
+    ranks = {name: rounding.rank_for(lin.out_features, lin.in_features) for name, lin in all_block_linears(blocks)}
+    return {name: rank for name, rank in ranks.items() if rank != rounding.rank}
 
 
 def check_correction_rank(blocks: nn.ModuleList, correction: CorrectionConfig | None) -> None:
