@@ -142,7 +142,7 @@ def recipe_deviations(recipe: Path) -> dict[str, tuple[str, str]]:
 
     config = load_recipe(recipe)
     deviations = {}
-    for key, paper in paper_settings().items():  # the same method keys for every scheme (tests/test_default_recipes.py)
+    for key, paper in paper_settings().items():  # the same method keys for every scheme (tests/test_quality_benchmark.py)
         shown = _shown(_setting(config, key))
         if _normalise(shown) != _normalise(paper):
             deviations[key] = (paper, shown)

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from cbq_lightning.recipe_file import named_bases, read_mapping
+
 COMMANDS = ("quantize", "evaluate", "export")
 
 #: how jsonargparse spells the simple types, and how a user reads them
@@ -102,13 +104,12 @@ def _broken_file(name: str, seen: set[Path]) -> str | None:
     if not isinstance(content, dict):
         return (f"--config {name} holds a YAML {type(content).__name__}, not a mapping of keys "
                 "(key: value per line): see configs/ for examples.")
-    return _broken_base(path, content.get("base"), seen)
+    return _broken_base(path, content, seen)
 
 
-def _broken_base(path: Path, base: Any, seen: set[Path]) -> str | None:
+def _broken_base(path: Path, content: dict[str, Any], seen: set[Path]) -> str | None:
     """The line for a recipe's ``base:`` recipe (paths relative to ``path``'s folder) that is itself broken."""
-    for name in base if isinstance(base, list) else [base] if isinstance(base, str) else []:
-        target = Path(name) if Path(name).is_absolute() else path.parent / name
+    for target in named_bases(path, content):
         if target.exists():  # a missing base is the recipe loader's to report, naming the recipe
             line = _broken_file(str(target), seen)
             if line is not None:
@@ -363,20 +364,14 @@ def _applied_files(files: Sequence[str], seen: frozenset[Path] = frozenset()) ->
         path = Path(name)
         if path.resolve() in seen:
             continue
-        base = _mapping(path).get("base")
-        bases = base if isinstance(base, list) else [base] if isinstance(base, str) else []
-        targets = [str(Path(b) if Path(b).is_absolute() else path.parent / b) for b in bases if isinstance(b, str)]
+        targets = [str(target) for target in named_bases(path, _mapping(path))]
         applied += [*_applied_files(targets, seen | {path.resolve()}), name]
     return applied
 
 
 def _mapping(path: Path) -> dict[str, Any]:
     """The YAML mapping in ``path``; empty when it is missing or not a mapping."""
-    try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return {}
-    return content if isinstance(content, dict) else {}
+    return read_mapping(path) or {}
 
 
 def _holds(tree: Any, parts: list[str]) -> bool:

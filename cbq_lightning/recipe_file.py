@@ -22,7 +22,7 @@ from jsonargparse import ActionConfigFile
 BASE_KEY = "base"
 
 
-def _read_mapping(path: Path) -> dict[str, Any] | None:
+def read_mapping(path: Path) -> dict[str, Any] | None:
     """The recipe's top-level mapping, or None when it is not a readable YAML mapping (left to jsonargparse,
     which reports a missing file or a YAML error in its own words)."""
     try:
@@ -32,20 +32,26 @@ def _read_mapping(path: Path) -> dict[str, Any] | None:
     return loaded if isinstance(loaded, dict) else None
 
 
+def named_bases(path: Path, mapping: dict[str, Any]) -> list[Path]:
+    """The paths recipe ``path`` names under ``base:`` (one path or a list, in order), resolved against its folder;
+    an entry that is not a path is left out (:func:`recipe_chain` refuses it, the error line reader skips it)."""
+    base = mapping.get(BASE_KEY)
+    names = base if isinstance(base, list) else [base]
+    return [Path(name) if Path(name).is_absolute() else path.parent / name
+            for name in names if isinstance(name, str) and name]
+
+
 def _bases(path: Path, mapping: dict[str, Any]) -> list[Path]:
-    """The recipes ``path`` names under ``base:`` (one path or a list, applied in order), resolved against its
-    folder and checked to exist."""
-    names = mapping[BASE_KEY] if isinstance(mapping[BASE_KEY], list) else [mapping[BASE_KEY]]
-    bases = []
-    for name in names:
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"recipe {path}: base={mapping[BASE_KEY]!r} must name other recipes (one path or a "
-                            f"list of paths, relative to {path.parent}).")
-        base = Path(name) if Path(name).is_absolute() else path.parent / name
-        if not base.is_file():
-            raise TypeError(f"recipe {path}: its base recipe {base} does not exist; fix the 'base:' key.")
-        bases.append(base)
-    return bases
+    """:func:`named_bases`, every one a path of an existing file."""
+    base = mapping[BASE_KEY]
+    names = base if isinstance(base, list) else [base]
+    if not all(isinstance(name, str) and name for name in names):
+        raise TypeError(f"recipe {path}: base={base!r} must name other recipes (one path or a list of paths, "
+                        f"relative to {path.parent}).")
+    for target in named_bases(path, mapping):
+        if not target.is_file():
+            raise TypeError(f"recipe {path}: its base recipe {target} does not exist; fix the 'base:' key.")
+    return named_bases(path, mapping)
 
 
 def _chain(path: Path, _seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any] | None]]:
@@ -54,7 +60,7 @@ def _chain(path: Path, _seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[st
     if resolved in _seen:
         cycle = " -> ".join(p.name for p in (*_seen, resolved))
         raise TypeError(f"recipe {path}: its base recipes form a cycle ({cycle}); remove one 'base:' key.")
-    mapping = _read_mapping(path)
+    mapping = read_mapping(path)
     if mapping is None or BASE_KEY not in mapping:
         return [(path, mapping)]
     return [*(entry for base in _bases(path, mapping) for entry in _chain(base, (*_seen, resolved))), (path, mapping)]
