@@ -197,8 +197,9 @@ class QuantLinear(nn.Module):
     @torch.no_grad()
     def _gptq(
         self, hessian: torch.Tensor, settings: GPTQInit
-    ) -> tuple[WeightQuantizer, GPTQResult, torch.Tensor, torch.Tensor]:
-        """GPTQ on the layer's current grid: the quantizer, GPTQ's result, and the grid's scales and zeros.
+    ) -> tuple[WeightQuantizer, GPTQResult, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """GPTQ on the layer's current grid: the quantizer, GPTQ's result, and the grid's scales, zeros and
+        per-group minimums (None on a grid without them).
 
         On a grid with a per-group minimum (GGML's ``_1`` types) GPTQ rounds ``W - m`` with zero-point 0: the
         minimum is constant within a group, so the error it compensates is the same.
@@ -211,7 +212,7 @@ class QuantLinear(nn.Module):
             weight, hessian.to(self.weight.device), scale, zero, quantizer.qmax, quantizer.group, settings,
             qmin=quantizer.qmin,
         )
-        return quantizer, result, scale, zero
+        return quantizer, result, scale, zero, minimum
 
     @torch.no_grad()
     def _gptq_offset(self, hessian: torch.Tensor, settings: GPTQInit) -> torch.Tensor:
@@ -222,9 +223,9 @@ class QuantLinear(nn.Module):
         GPTQ's (from an exactly integer value it never could), and when the learned clipping moves the grid
         the codes follow the weight as round-to-nearest's do, carrying GPTQ's correction along.
         """
-        quantizer, result, scale, zero = self._gptq(hessian, settings)
+        quantizer, result, scale, zero, minimum = self._gptq(hessian, settings)
         codes = result.codes
-        x = quantizer.code_units(self.weight, scale, quantizer.grid(self.weight)[2])
+        x = quantizer.code_units(self.weight, scale, minimum)
         nearest = torch.floor(x + 0.5) + zero  # not clamped: the shift must land on GPTQ's code exactly
         return (quantizer.grouped(codes.float()) - nearest).reshape(self.weight.shape)
 
@@ -239,8 +240,8 @@ class QuantLinear(nn.Module):
         GPTQ's codes. Fractions within ``1e-3`` of 0.5 are moved to GPTQ's side of it, so float rounding in
         ``h(V0)`` cannot flip a decision. LoRA-Rounding then learns where GPTQ's decisions should change.
         """
-        quantizer, result, scale, _ = self._gptq(hessian, settings)
-        x = quantizer.code_units(self.weight, scale, quantizer.grid(self.weight)[2])
+        quantizer, result, scale, _, minimum = self._gptq(hessian, settings)
+        x = quantizer.code_units(self.weight, scale, minimum)
         target = quantizer.grouped(result.targets.float())
         shift = torch.floor(target) - torch.floor(x)
         frac = target - torch.floor(target)
