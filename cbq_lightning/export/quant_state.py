@@ -7,6 +7,11 @@ Layout, per quantized linear ``NAME`` (its module path in the model, e.g. ``mode
 * ``NAME.zeros`` uint8 ``[out, in / group]`` - zero-points (``2**(bits-1)`` when symmetric)
 * on a GGML ``_1`` grid (``Q4_1``, ``Q5_1``): ``NAME.mins`` float32 ``[out, in / group]`` - per-block minimums
   (float16 values); the zero-points are then 0 and the weight is ``scales * qweight + mins``
+* on a GGML K-quant grid (``Q2_K`` ... ``Q6_K``): ``NAME.super_scales`` (and, with a minimum, ``NAME.super_mins``)
+  float32 ``[out, in / 256]`` - the float16 ``d`` (``dmin``) of each super-block; ``scales`` (``-mins``) are integer
+  multiples of them
+* on any GGML grid: ``NAME.ggml_type`` int32 - the block type, as ``gguf.GGMLQuantizationType``'s number (a llama.cpp
+  mix gives layers different types)
 * ``NAME.bits``, ``NAME.group_size`` int32 scalars (group_size = in_features when per-channel)
 * with activation quantization: ``NAME.act_bits`` int32 and either ``NAME.act_clip_upper`` /
   ``NAME.act_clip_lower`` float32 scalars (dynamic per-token modes: the clipping ratios of ``max|x|``)
@@ -34,6 +39,7 @@ from torch import nn
 from cbq_lightning.errors import TrainingError
 from cbq_lightning.io import atomic_write_safetensors
 from cbq_lightning.quant.convert import finalized_linears, quant_linears
+from cbq_lightning.quant.ggml_types import ggml_type_id
 from cbq_lightning.quant.weight_quantizer import WeightQuantizer
 
 FORMAT = "cbq-quant-state"
@@ -59,6 +65,12 @@ def collect_quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
         tensors[f"{name}.zeros"] = layer.zeros.contiguous().cpu()
         if layer.mins is not None:
             tensors[f"{name}.mins"] = layer.mins.contiguous().cpu()
+        if layer.super_scales is not None:
+            tensors[f"{name}.super_scales"] = layer.super_scales.contiguous().cpu()
+        if layer.super_mins is not None:
+            tensors[f"{name}.super_mins"] = layer.super_mins.contiguous().cpu()
+        if layer.ggml_type is not None:
+            tensors[f"{name}.ggml_type"] = torch.tensor(ggml_type_id(layer.ggml_type), dtype=torch.int32)
         tensors[f"{name}.bits"] = torch.tensor(layer.bits, dtype=torch.int32)
         tensors[f"{name}.group_size"] = torch.tensor(layer.group_size or layer.in_features, dtype=torch.int32)
         if layer.act_quantizer is not None:

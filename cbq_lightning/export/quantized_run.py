@@ -23,6 +23,7 @@ from cbq_lightning.export.fake_quant import MODEL_DIR, SIDECAR
 from cbq_lightning.export.quant_state import QUANT_STATE_FILE, load_quant_state, load_quant_state_scheme
 from cbq_lightning.files import check_checkpoint_dir, check_json, check_safetensors, rerun_quantize
 from cbq_lightning.quant.act_quantizer import ActQuantSettings
+from cbq_lightning.quant.ggml_types import ggml_type_name
 from cbq_lightning.quant.scheme import QuantScheme
 
 
@@ -39,7 +40,9 @@ class ExportScheme:
         sym: symmetric weights (zero-point ``2**(w_bits-1)``).
         a_bits: activation bits, ``None`` for weight-only schemes.
         act_mode: activation quantizer mode (``dynamic_sym`` ...), ``None`` for weight-only schemes.
-        gguf_type: the GGML block type the run was calibrated on (``Q4_0`` ...), ``None`` for cbq-lightning's grid.
+        gguf_type: the GGML block type the run was calibrated on (``Q4_0`` ...; a mix's base type), ``None`` for
+            cbq-lightning's grid.
+        gguf_mix: the llama.cpp mix whose per-tensor types the run follows (``Q4_K_M`` ...), or ``None``.
     """
 
     w_bits: int
@@ -48,6 +51,7 @@ class ExportScheme:
     a_bits: int | None = None
     act_mode: str | None = None
     gguf_type: str | None = None
+    gguf_mix: str | None = None
 
     @classmethod
     def from_settings(cls, scheme: QuantScheme, act: ActQuantSettings | None) -> ExportScheme:
@@ -59,6 +63,7 @@ class ExportScheme:
             a_bits=None if act is None else act.bits,
             act_mode=None if act is None else act.mode,
             gguf_type=scheme.gguf_type,
+            gguf_mix=scheme.gguf_mix,
         )
 
     @classmethod
@@ -72,6 +77,7 @@ class ExportScheme:
             a_bits=activations.get("bits"),
             act_mode=activations.get("mode"),
             gguf_type=scheme.get("gguf_type"),
+            gguf_mix=scheme.get("gguf_mix"),
         )
 
 
@@ -91,7 +97,10 @@ class QuantizedLayer:
     group_size: int  # in_features when per-channel
     act_clip: tuple[float, float] | None  # (upper, lower) ratios of a dynamic activation quantizer
     correction_rank: int = 0  # rank of the layer's low-rank correction (0: none)
-    mins: torch.Tensor | None = None  # float32 [out, in / group]: per-group minimums of a GGML _1 grid
+    mins: torch.Tensor | None = None  # float32 [out, in / group]: per-group minimums of a GGML _1 / K grid
+    super_scales: torch.Tensor | None = None  # float32 [out, in / 256]: a GGML K-quant's float16 d per super-block
+    super_mins: torch.Tensor | None = None  # float32 [out, in / 256]: its dmin (Q2_K, Q4_K, Q5_K)
+    ggml_type: str | None = None  # the GGML block type of the layer (None: cbq-lightning's grid)
 
     @property
     def out_features(self) -> int:
@@ -120,6 +129,9 @@ class QuantizedLayer:
             act_clip=clip,
             correction_rank=int(fields["correction_u"].shape[1]) if "correction_u" in fields else 0,
             mins=fields.get("mins"),
+            super_scales=fields.get("super_scales"),
+            super_mins=fields.get("super_mins"),
+            ggml_type=ggml_type_name(int(fields["ggml_type"])) if "ggml_type" in fields else None,
         )
 
 
@@ -211,7 +223,14 @@ def open_run(run_dir: str | Path) -> QuantizedRun:
 
 
 def _check_layers(layers: dict[str, QuantizedLayer], scheme: ExportScheme, path: Path) -> None:
-    """Every layer follows the run's one scheme (both formats describe one scheme for all layers)."""
+    """Every layer follows the run's one scheme (both formats describe one scheme for all layers); a llama.cpp mix's
+    layers each carry their GGML type, which the GGUF writer checks against the mix."""
+    if scheme.gguf_mix is not None:
+        untyped = [layer.name for layer in layers.values() if layer.ggml_type is None]
+        if untyped:
+            raise ConfigError(f"{path}: layer {untyped[0]} of a {scheme.gguf_mix} run has no GGML type: the "
+                              "quantization state is not this run's; rerun cbq quantize.")
+        return
     for layer in layers.values():
         if layer.bits != scheme.w_bits:
             raise ConfigError(

@@ -14,6 +14,14 @@ learnable clipping acts on the quantities the file stores:
 * ``Q4_1``/``Q5_1``: ``m = lower * min``, ``d = (upper * max - m) / qmax``; the minimum is a float, so it is not
   capped at 0 (unlike the integer zero-point of cbq-lightning's own asymmetric grid).
 
+* the K-quants (``Q2_K`` ... ``Q6_K``): each sub-block's float scale (and minimum) follows its clipping as above;
+  then, per super-block of 256, ``d = max / levels`` is rounded to float16 and each sub-block's scale to the integer
+  ``sc = round(scale / d)`` the format stores (4, 6 or 8 bits), both with straight-through gradients, so the
+  sub-block's grid is ``d * sc`` (and ``-dmin * m``) exactly as the file holds it. ``Q3_K`` / ``Q6_K`` take each
+  sub-block's scale with the sign of its largest-magnitude weight and ``d`` with the sign of the largest scale (the
+  rule of llama.cpp's reference quantizer); the minimum of ``Q2_K`` / ``Q4_K`` / ``Q5_K`` is at most 0 (the format
+  stores ``-min`` as an unsigned integer).
+
 LoRA-Rounding, the rounding offset and GPTQ act on the codes of this grid through the base class's
 ``grid`` / ``code_units`` / ``codes`` (the minimum is subtracted before rounding).
 """
@@ -33,6 +41,12 @@ def float16_ste(x: torch.Tensor) -> torch.Tensor:
     """
     rounded = x.detach().clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16).to(x.dtype)
     return rounded + (x - x.detach())
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` (half away from zero, as llama.cpp's ``nearest_int``) with the gradient of ``x``."""
+    rounded = torch.sign(x.detach()) * torch.floor(x.detach().abs() + 0.5)
+    return x + (rounded - x.detach())
 
 
 def _away_from_zero(d: torch.Tensor) -> torch.Tensor:
@@ -65,6 +79,19 @@ class GGMLWeightQuantizer(WeightQuantizer):
         scale, zero, _ = self.grid(weight, ratios)
         return scale, zero
 
+    @property
+    def ggml_name(self) -> str | None:
+        return self.block_type.name
+
+    def super_scales(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """A K-quant's float16 super-block scale ``d`` (and ``dmin``), each ``[out, in / 256]``, at the current
+        clipping: what the file stores beside the integer sub-block scales. None for the legacy types."""
+        if not self.block_type.is_k_quant:
+            return None
+        upper, lower = self.clip_ratios()
+        _, _, _, d, dmin = self._k_grid(self.grouped(weight.float()), upper, lower)
+        return d.reshape(d.shape[0], -1), None if dmin is None else dmin.reshape(dmin.shape[0], -1)
+
     def grid(
         self, weight: torch.Tensor, ratios: tuple[torch.Tensor | float, torch.Tensor | float] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -72,6 +99,9 @@ class GGMLWeightQuantizer(WeightQuantizer):
         w = self.grouped(weight.float())
         upper, lower = self.clip_ratios() if ratios is None else ratios
         block = self.block_type
+        if block.is_k_quant:
+            scale, zero, minimum, _, _ = self._k_grid(w, upper, lower)
+            return scale, zero, minimum
         if block.minimum:
             minimum = float16_ste(w.amin(dim=-1, keepdim=True) * lower)
             top = w.amax(dim=-1, keepdim=True) * upper
@@ -83,3 +113,44 @@ class GGMLWeightQuantizer(WeightQuantizer):
             extreme = w.abs().amax(dim=-1, keepdim=True)
         scale = float16_ste(_away_from_zero(extreme * upper / block.scale_divisor))
         return scale, torch.full_like(scale, float(block.zero)), None
+
+    def _by_super_block(self, per_sub_block: torch.Tensor) -> torch.Tensor:
+        """``[out, in/sub, 1] -> [out, in/256, 256/sub]``: the sub-block values of each super-block side by side."""
+        per_super = self.block_type.row_multiple // self.block_type.sub_block
+        return per_sub_block.reshape(per_sub_block.shape[0], -1, per_super)
+
+    def _k_grid(
+        self, w: torch.Tensor, upper: torch.Tensor | float, lower: torch.Tensor | float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """A K-quant's ``(scale, zero, minimum)`` per sub-block (``[out, in/sub, 1]``) and its float16 ``d`` / ``dmin``
+        per super-block (``[out, in/256, 1]``; ``dmin`` None for the symmetric ``Q3_K`` / ``Q6_K``)."""
+        block = self.block_type
+        levels = block.scale_levels
+        if block.minimum:
+            low = w.amin(dim=-1, keepdim=True).clamp(max=0.0) * lower
+            high = w.amax(dim=-1, keepdim=True) * upper
+            float_scale = ((high - low) / block.scale_divisor).clamp(min=FLOAT16_TINY)
+            d, sc = self._two_level(float_scale, levels, smallest=1)
+            dmin, m = self._two_level(-low, levels, smallest=0)
+            scale = (d * sc).reshape(float_scale.shape)
+            minimum = -(dmin * m).reshape(float_scale.shape)
+            return scale, torch.zeros_like(scale), minimum, d, dmin
+        extreme = torch.gather(w, -1, w.abs().argmax(dim=-1, keepdim=True))
+        float_scale = self._by_super_block(extreme * upper / block.scale_divisor)
+        largest = torch.gather(float_scale, -1, float_scale.abs().argmax(dim=-1, keepdim=True))
+        d = float16_ste(_away_from_zero(largest / -levels))
+        ratio = float_scale / d
+        hard = torch.sign(ratio.detach()) * torch.floor(ratio.detach().abs() + 0.5)
+        hard = hard.clamp(-levels, levels - 1)
+        # a sub-block scale of 0 would zero the sub-block and divide by 0 when rounding: the smallest step instead
+        hard = torch.where(hard == 0, torch.where(ratio.detach() < 0, -1.0, 1.0), hard)
+        sc = ratio + (hard - ratio.detach())
+        scale = (d * sc).reshape(w.shape[0], -1, 1)
+        return scale, torch.full_like(scale, float(block.zero)), None, d, None
+
+    def _two_level(self, values: torch.Tensor, levels: int, smallest: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Non-negative sub-block values on a super-block's grid: ``d = max / levels`` as float16, and the integers
+        ``round(value / d)`` in ``smallest..levels`` (straight-through), each ``[out, in/256, ...]``."""
+        grouped = self._by_super_block(values)
+        d = float16_ste((grouped.amax(dim=-1, keepdim=True) / levels).clamp(min=FLOAT16_TINY))
+        return d, _round_ste(grouped / d).clamp(smallest, levels)

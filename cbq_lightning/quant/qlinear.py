@@ -64,7 +64,7 @@ class LayerQuantConfig:
     torchao's ``quantize_(model, config)`` passes one config), instead of a dozen loose arguments per call.
 
     Attributes:
-        scheme: bits / group size / symmetry (a mixed-precision run gives each layer its bits: :meth:`with_bits`).
+        scheme: bits / group size / symmetry (a mixed-precision run or a llama.cpp mix gives each layer its own: :meth:`with_scheme`).
         rounding: LoRA-Rounding settings; ``rounding.enabled=False`` rounds to nearest.
         learnable_clip: train the clipping thresholds.
         clip_init: initial clipping ratio.
@@ -100,9 +100,9 @@ class LayerQuantConfig:
         LoRA term's column scale (``rounding.column_scale``)."""
         return self.activation_aware or (self.rounding.enabled and bool(self.rounding.column_scale))
 
-    def with_bits(self, bits: int) -> LayerQuantConfig:
-        """The same quantization at ``bits`` weight bits (a layer of a mixed-precision run)."""
-        return replace(self, scheme=replace(self.scheme, w_bits=bits))
+    def with_scheme(self, scheme: QuantScheme) -> LayerQuantConfig:
+        """The same quantization on another scheme (a layer of a mixed-precision run, or of a llama.cpp mix)."""
+        return replace(self, scheme=scheme)
 
 
 class QuantLinear(nn.Module):
@@ -343,6 +343,7 @@ class QuantLinear(nn.Module):
         assert self.quantizer is not None
         quantizer = self.quantizer
         scale, zero, minimum = quantizer.grid(self.weight)
+        supers = quantizer.super_scales(self.weight)
         offset = self.signed_offset()
         hard = self.rounding.hard() if isinstance(self.rounding, LoRARounding) else None
         codes = quantizer.codes(self.weight, scale, zero, hard, offset, minimum)
@@ -359,6 +360,9 @@ class QuantLinear(nn.Module):
             scale.squeeze(-1).to(torch.float32),
             zero.squeeze(-1).to(torch.uint8),
             mins=None if minimum is None else minimum.squeeze(-1).to(torch.float32),
+            super_scales=None if supers is None else supers[0].to(torch.float32),
+            super_mins=None if supers is None or supers[1] is None else supers[1].to(torch.float32),
+            ggml_type=quantizer.ggml_name,
             bits=self.bits,
             group_size=self.group_size,
             sym=self.sym,
@@ -388,8 +392,11 @@ class FinalizedQuantLinear(nn.Module):
         codes: integer codes, ``[out, in]`` uint8.
         scales: ``[out, in / group]`` float32.
         zeros: zero-points, ``[out, in / group]`` uint8.
-        mins: per-group minimums, ``[out, in / group]`` float32, on a grid that stores them (GGML's ``_1`` types:
-            ``weight = scale * q + min``); None: ``weight = scale * (q - zero)``.
+        mins: per-group minimums, ``[out, in / group]`` float32, on a grid that stores them (GGML's ``_1`` types
+            and ``Q2_K`` / ``Q4_K`` / ``Q5_K``: ``weight = scale * q + min``); None: ``weight = scale * (q - zero)``.
+        super_scales, super_mins: a GGML K-quant's float16 ``d`` / ``dmin`` per super-block of 256 (``[out, in /
+            256]`` float32), of which the sub-block ``scales`` / ``-mins`` are integer multiples; None otherwise.
+        ggml_type: the GGML block type the layer was calibrated on (``Q4_K`` ...), None on cbq-lightning's grid.
         bits, group_size, sym: the grid (``group_size`` None: per channel).
         bias: the layer's bias or None.
         dtype: dtype of the dequantized weight (the model's).
@@ -406,6 +413,9 @@ class FinalizedQuantLinear(nn.Module):
         zeros: torch.Tensor,
         *,
         mins: torch.Tensor | None = None,
+        super_scales: torch.Tensor | None = None,
+        super_mins: torch.Tensor | None = None,
+        ggml_type: str | None = None,
         bits: int,
         group_size: int | None,
         sym: bool,
@@ -427,6 +437,9 @@ class FinalizedQuantLinear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
         self.register_buffer("mins", mins)
+        self.register_buffer("super_scales", super_scales)
+        self.register_buffer("super_mins", super_mins)
+        self.ggml_type = ggml_type
         self.weight = self.dequantized_weight().to(dtype)
         self.act_quantizer = act_quantizer
         self.correction = correction

@@ -164,6 +164,16 @@ class WeightQuantizer(SmoothableQuantizer):
         scale, zero = self.scale_zero(weight, ratios)
         return scale, zero, None
 
+    @property
+    def ggml_name(self) -> str | None:
+        """The GGML block type whose grid this is (``Q4_K`` ...), None for cbq-lightning's own grid."""
+        return None
+
+    def super_scales(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """A grid's second-level scales (GGML's K-quants: float16 ``d`` and ``dmin`` per super-block of 256, from
+        which the sub-block scales are integer multiples), or None on a one-level grid such as this one."""
+        return None
+
     def code_units(self, weight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None = None) -> torch.Tensor:
         """``W/s`` grouped (``[out, in/group, group]``), or ``(W - m)/s`` on a grid with a minimum: what is rounded."""
         w = self.grouped(weight.float())
