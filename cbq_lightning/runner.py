@@ -11,7 +11,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from cbq_lightning.distributed import Placement, all_gather_objects, compute_dev
 from cbq_lightning.errors import RunStopped, TrainingError
 from cbq_lightning.evaluation.perplexity import EvalSet, evaluate_sets, prepare_eval_set
 from cbq_lightning.export.fake_quant import MODEL_DIR, save_fake_quant_checkpoint
+from cbq_lightning.export.gguf_plan import GgufPlan, plan_types
 from cbq_lightning.export.packed import export_run
 from cbq_lightning.export.quant_state import QUANT_STATE_FILE, save_quant_state
 from cbq_lightning.guard import DivergenceError
@@ -47,6 +48,7 @@ from cbq_lightning.io import atomic_write_json, atomic_write_text
 from cbq_lightning.lock import quantize_lock
 from cbq_lightning.machine import resolve_machine_settings
 from cbq_lightning.models.adapter import BlockKwargs, DecoderAdapter
+from cbq_lightning.models.families import checkpoint_name
 from cbq_lightning.models.loading import load_model, load_tokenizer
 from cbq_lightning.quant.convert import (
     all_block_linears,
@@ -493,6 +495,8 @@ class _Job:
     rotation: dict[str, Any] | None = None
     #: what the recipe asked for that this model cannot take, and what ran instead (:func:`_adapt_to_model`)
     adapted: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: a llama.cpp mix's GGML type per weight (:mod:`cbq_lightning.export.gguf_plan`; None: not a mix)
+    gguf_plan: GgufPlan | None = None
 
     @property
     def cbq(self) -> bool:
@@ -524,6 +528,7 @@ def _read_inputs(config: QuantizeConfig) -> _Job:
     # the configuration against the model's shapes, before any data is read or any evaluation runs
     check_group_size(adapter.blocks, scheme)
     check_correction_rank(adapter.blocks, correction)
+    gguf_plan = _gguf_plan(scheme, model, adapter)
     rotation_config, adapted = _adapt_to_model(config.rotation, rounding, adapter)
     all_ids = calibration_ids(config.data, tokenizer, config.seed, config.data_dir)
     evaluation = config.eval
@@ -538,8 +543,33 @@ def _read_inputs(config: QuantizeConfig) -> _Job:
         config=config, scheme=scheme, place=place, output_dir=output_dir, checkpointer=checkpointer, resume=resume,
         tokenizer=tokenizer, model=model, adapter=adapter, rounding=rounding, correction=correction,
         all_ids=all_ids, ids=place.shard(all_ids),  # DDP: this rank's samples (all of them in a single process)
-        eval_sets=eval_sets, rotation=rotation, adapted=adapted,
+        eval_sets=eval_sets, rotation=rotation, adapted=adapted, gguf_plan=gguf_plan,
     )
+
+
+def _gguf_plan(scheme: QuantScheme, model: nn.Module, adapter: DecoderAdapter) -> GgufPlan | None:
+    """With a llama.cpp mix (``quant.scheme: Q4_K_M`` ...): the GGML type llama.cpp would store for each weight of
+    this model, logged with its fallbacks; None for any other scheme."""
+    if scheme.gguf_mix is None:
+        return None
+    config = model.config.to_dict()
+    shapes = [(checkpoint_name(adapter.model_type, name), tuple(p.shape)) for name, p in model.named_parameters()]
+    plan = plan_types(scheme.gguf_mix, config, shapes)
+    plan.log()
+    return plan
+
+
+def _mix_schemes(job: _Job) -> dict[str, QuantScheme]:
+    """Each block linear's scheme under the job's llama.cpp mix (``blocks.<i>.<name>`` -> its GGML type's)."""
+    plan = job.gguf_plan
+    if plan is None:
+        return {}
+    schemes = {}
+    for name, _ in all_block_linears(job.adapter.blocks):
+        _, index, layer = name.split(".", 2)
+        key = checkpoint_name(job.adapter.model_type, f"{job.adapter.family.blocks}.{index}.{layer}.weight")
+        schemes[name] = job.scheme.with_ggml_type(plan.stored(key))
+    return schemes
 
 
 def _adapt_to_model(
@@ -595,6 +625,7 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: BlockKwargs, dev
     act = config.quant.act_settings(trained=cbq)
     # before CFP and any quantization: the sensitivity pass runs the full-precision model
     layer_bits, mixed_summary = _layer_bits(config, job.adapter, inputs, block_kwargs, scheme, clip_search, device)
+    layer_schemes = {name: replace(scheme, w_bits=bits) for name, bits in layer_bits.items()} or _mix_schemes(job)
     layer = LayerQuantConfig(
         scheme=scheme, rounding=job.rounding, learnable_clip=learnable_clip,
         clip_init=config.quant.clip_init if learnable_clip else 1.0, clip_search=clip_search, act=act, gptq=gptq,
@@ -605,7 +636,7 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: BlockKwargs, dev
     moments = InputMoments(full=gptq is not None, sequential=sequential) if needs_moments else None
     quantizer = BlockQuantizer(
         layer=layer, generator=torch.Generator().manual_seed(config.seed), moments=moments,
-        untrained_act=config.quant.act_settings(trained=False), layer_bits=layer_bits,
+        untrained_act=config.quant.act_settings(trained=False), layer_schemes=layer_schemes,
     )
     cfp = CoarseToFinePreprocessor(
         config.cfp, scale_activations=config.cfp.activations and act is not None,
@@ -741,6 +772,8 @@ def _report(
         "correction": correction_info,
         # per-layer bits (mixed.budget / quant.layer_bits), their average and the sensitivities (None: uniform)
         "mixed_precision": built.mixed_summary,
+        # a llama.cpp mix: the GGML type each weight is stored in and the fallbacks (None: not a mix)
+        "gguf_types": None if job.gguf_plan is None else job.gguf_plan.summary(),
         "final_error": {config.method: final.quantized, **({"rtn": final.rtn} if final.rtn is not None else {})},
         "eval": eval_entries,
         "resumed_after_window": None if resume is None else resume.last_window,

@@ -157,6 +157,78 @@ def test_quantize_run_writes_its_gguf_export(runs) -> None:
     _check_quantized_tensors_exact(run, output, "Q8_0")
 
 
+# --- llama.cpp's mixes (K-quants): each tensor in the type llama-quantize would give it ---------------------------
+#: a tiny llama whose rows hold K-quant super-blocks (256 inputs; the down projection 512)
+K_SHAPE = ("--model.tiny.hidden_size", "256", "--model.tiny.intermediate_size", "512")
+
+
+def _check_mix(run: Path, output: Path, mix: str) -> dict[str, str]:
+    """Every weight is stored in the type the mix plans for it (the block linears exactly the run's fake-quant
+    weights); returns ``{llama.cpp name: type}`` of the file's 2-D tensors."""
+    from cbq_lightning.export.gguf_plan import plan_types
+
+    config = json.loads((run / "model" / "config.json").read_text())
+    checkpoint = load_file(str(run / "model" / "model.safetensors"))
+    plan = plan_types(mix, config, [(key, tuple(t.shape)) for key, t in checkpoint.items()])
+    tensors = _reader_tensors(output)
+    for key, choice in plan.types.items():
+        assert tensors[choice.name].tensor_type.name == choice.stored, key
+    layers = load_quant_state(run / "quant_state.safetensors")
+    for module, fields in layers.items():
+        assert int(fields["ggml_type"]) == int(gguf.GGMLQuantizationType[plan.stored(f"{module}.weight")])
+    namer = TensorNamer(GGUF_LAYOUTS[config["model_type"]], config["num_hidden_layers"])
+    for module in layers:  # exact, in each tensor's own type
+        name = namer(f"{module}.weight")
+        got = gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type)
+        expected = checkpoint[f"{module}.weight"].float().numpy()
+        heads = qk_heads(name, config)
+        if heads is not None:
+            expected = expected[rope_row_order(expected.shape[0], heads)]
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+    summary = json.loads(summary_path(output).read_text())
+    assert summary["gguf_type"] == mix and summary["gguf_types"] == plan.summary()
+    return {name: t.tensor_type.name for name, t in tensors.items() if len(t.shape) == 2}
+
+
+@pytest.mark.parametrize("mix, method", [("Q4_K_M", "cbq"), ("Q3_K_M", "rtn"), ("Q2_K", "rtn"), ("Q6_K", "rtn")])
+def test_mix_run_exports_every_tensor_in_its_planned_type(runs, tmp_path: Path, mix: str, method: str) -> None:
+    """A run of a llama.cpp mix calibrates each block linear on the type the mix gives it (more bits for some
+    attn_v / ffn_down, Q6_K for the output head), the export stores exactly those weights, and the embedding and
+    output head (not calibrated) in their planned types; transformers' GGUF reader computes the fake-quant
+    model's logits with those two tensors replaced by what the file stores."""
+    run = runs(f"mix-{mix}-{method}", "--quant.scheme", mix, "--method", method, *K_SHAPE)
+    output = tmp_path / f"tiny-{mix}.gguf"
+    assert _export(run, output) == 0
+    types = _check_mix(run, output, mix)
+    assert len(set(types.values())) >= 2  # a mix, not one type
+    assert _metadata(output)["general.file_type"] == int(gguf.LlamaFileType[f"MOSTLY_{mix}"])
+    stored = {name: t for name, t in _reader_tensors(output).items() if name in ("token_embd.weight", "output.weight")}
+    model = AutoModelForCausalLM.from_pretrained(str(run / "model"), dtype=torch.float32)
+    with torch.no_grad():
+        for name, parameter in (("token_embd.weight", model.model.embed_tokens.weight),
+                                ("output.weight", model.lm_head.weight)):
+            tensor = stored[name]
+            parameter.copy_(torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type)))
+        expected = model(IDS).logits
+    torch.testing.assert_close(_gguf_logits(output), expected, rtol=0, atol=1e-5)
+
+
+def test_mix_falls_back_where_rows_hold_no_super_block(runs, tmp_path: Path) -> None:
+    """The default tiny model's 64- and 128-wide rows hold no K-quant super-block: as llama.cpp, Q4_K_M stores
+    them as Q5_0 (Q4_K's fallback) and Q8_0 (Q6_K's); the run calibrated on those, and the summary lists each."""
+    run = runs("mix-fallback", "--quant.scheme", "Q4_K_M", "--method", "rtn")
+    output = tmp_path / "fallback.gguf"
+    assert _export(run, output) == 0
+    types = _check_mix(run, output, "Q4_K_M")
+    assert set(types.values()) == {"Q5_0", "Q8_0"}
+    fallbacks = json.loads(summary_path(output).read_text())["gguf_types"]["fallbacks"]
+    assert {(f["wanted"], f["stored"]) for f in fallbacks} == {("Q4_K", "Q5_0"), ("Q6_K", "Q8_0")}
+    # every tensor but the output head, whose rule picks Q8_0 itself for rows that hold no super-block
+    assert sorted(f["tensor"] for f in fallbacks) == sorted(name for name in types if name != "output.weight")
+    report = json.loads((run / "report.json").read_text())
+    assert report["gguf_types"]["fallbacks"] == fallbacks
+
+
 # --- families ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type, gguf_type", [
     ("mistral", "Q4_0"), ("qwen2", "Q4_1"), ("qwen3", "Q5_0"), ("gemma3_text", "Q5_1"),
@@ -239,7 +311,8 @@ def test_output_that_is_not_a_gguf_file_is_one_line(runs, tmp_path: Path, capsys
     (("--quant.scheme", "W4A8"), "8-bit activations"),
     (("--quant.scheme", "W3A16G64"), "is not one"),
     (("--quant.scheme", "Q4_0", "--model.name_or_path", "tiny-gemma2"), "model type 'gemma2' is not supported"),
-    (("--quant.scheme", "Q4_K_M"), "not implemented yet"),
+    (("--quant.scheme", "IQ4_XS"), "does not calibrate"),
+    (("--quant.scheme", "Q4_K_M", "--model.name_or_path", "tiny-gemma2"), "model type 'gemma2' is not supported"),
 ])
 def test_impossible_gguf_requests_are_refused_before_calibration(tmp_path: Path, overrides: tuple[str, ...],
                                                                   message: str) -> None:
@@ -249,11 +322,11 @@ def test_impossible_gguf_requests_are_refused_before_calibration(tmp_path: Path,
     assert not (tmp_path / "never").exists()
 
 
-def test_k_quant_scheme_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
+def test_importance_matrix_scheme_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
     code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path / "never"),
-                 "--quant.scheme", "Q4_K_M"])
+                 "--quant.scheme", "IQ3_XXS"])
     assert code == 2
-    assert "K-quant" in _one_line(capsys)
+    assert "importance-matrix" in _one_line(capsys)
     assert not (tmp_path / "never").exists()
 
 

@@ -94,9 +94,9 @@ class ExportConfig:
             compressed_tensors.check_embedding(scheme)
         if scheme.gguf_type is not None and self.format != gguf_export.NAME:
             raise ConfigError(
-                f"this run is calibrated on llama.cpp's {scheme.gguf_type} grid (float16 scales per block of 32"
-                f"{', float16 minimums' if not scheme.sym else ''}), which export.format={self.format!r} cannot store "
-                f"exactly: export with format {gguf_export.NAME}."
+                f"this run is calibrated on llama.cpp's {scheme.gguf_mix or scheme.gguf_type} grid (float16 scales "
+                f"per block), which export.format={self.format!r} cannot store exactly: export with format "
+                f"{gguf_export.NAME}."
             )
         _format_module(self.format).check_scheme(scheme)
 

@@ -28,15 +28,16 @@ def all_block_linears(blocks: nn.ModuleList) -> Iterator[tuple[str, nn.Linear]]:
 
 def check_group_size(blocks: nn.ModuleList, scheme: QuantScheme) -> None:
     """Fail early, naming the layer, when the group size does not divide a linear's in_features."""
-    if scheme.group_size is None:
-        return
+    if scheme.group_size is None or scheme.gguf_mix is not None:
+        return  # a llama.cpp mix gives each layer a type its rows fit (cbq_lightning.export.gguf_plan)
     linears = list(all_block_linears(blocks))
     for name, linear in linears:
         if linear.in_features % scheme.group_size and scheme.gguf_type is not None:
             raise ConfigError(
                 f"{scheme.gguf_type} stores blocks of {scheme.group_size} weights along each row, and layer {name} "
                 f"has in_features={linear.in_features}, not a multiple of {scheme.group_size}: this model has no "
-                f"{scheme.gguf_type} form (llama.cpp would fall back to another type for it; not implemented yet)."
+                f"{scheme.gguf_type} form: quantize with one of llama.cpp's mixes (e.g. Q4_K_M), which falls back to "
+                "another type for such layers as llama.cpp does."
             )
         if linear.in_features % scheme.group_size:
             sizes = {lin.in_features for _, lin in linears}
@@ -76,7 +77,7 @@ def quantize_block(
     input_moments: dict[str, torch.Tensor] | None = None,
     hessians: dict[str, torch.Tensor] | None = None,
     names: Collection[str] | None = None,
-    layer_bits: dict[str, int] | None = None,
+    layer_schemes: dict[str, QuantScheme] | None = None,
 ) -> None:
     """Replace every linear of ``block`` (or those in ``names``) by a calibrating :class:`QuantLinear` (in place),
     each quantized as ``config`` says.
@@ -84,7 +85,8 @@ def quantize_block(
     ``input_moments`` maps a linear's name in the block to ``E[x_j^2]`` of its inputs (activation-aware clip
     search); ``hessians`` (name -> ``E[x x^T]``) feed ``config.gptq``. ``names`` lets GPTQ quantize a block
     stage by stage; the layers are built in the block's order either way, so the random draws are the same.
-    ``layer_bits`` (name in the block -> bits) overrides the scheme's weight bits per layer (mixed precision).
+    ``layer_schemes`` (name in the block -> scheme) overrides the scheme per layer (mixed precision's bits, a
+    llama.cpp mix's GGML types).
     """
 
     def factory(name: str, linear: nn.Linear) -> nn.Module:
@@ -92,7 +94,7 @@ def quantize_block(
             return linear
         moments = input_moments.get(name) if input_moments else None
         hessian = hessians.get(name) if hessians else None
-        layer_config = config.with_bits(layer_bits[name]) if layer_bits and name in layer_bits else config
+        layer_config = config.with_scheme(layer_schemes[name]) if layer_schemes and name in layer_schemes else config
         return QuantLinear(linear, layer_config, generator, moments, hessian).to(linear.weight.device)
 
     DecoderAdapter.replace_linears(block, factory)
@@ -139,15 +141,16 @@ def reset_block_to_round_to_nearest(block: nn.Module) -> None:
 
 
 def rtn_block(
-    block: nn.Module, scheme: QuantScheme, act: ActQuantSettings | None = None, layer_bits: dict[str, int] | None = None
+    block: nn.Module, scheme: QuantScheme, act: ActQuantSettings | None = None,
+    layer_schemes: dict[str, QuantScheme] | None = None,
 ) -> nn.Module:
     """A round-to-nearest (min/max, no training) quantized copy of a full-precision block.
 
-    ``act`` (if any) should be the untrained form of the run's activation quantization; ``layer_bits`` the
-    block's per-layer bits of a mixed-precision run (so the reference has the same bits as the run).
+    ``act`` (if any) should be the untrained form of the run's activation quantization; ``layer_schemes`` the
+    block's per-layer schemes (mixed precision, a llama.cpp mix), so the reference is quantized as the run is.
     """
     baseline = copy.deepcopy(block)
     config = LayerQuantConfig(scheme, RoundingConfig(enabled=False), learnable_clip=False, clip_init=1.0, act=act)
-    quantize_block(baseline, config, layer_bits=layer_bits)
+    quantize_block(baseline, config, layer_schemes=layer_schemes)
     finalize_block(baseline)
     return baseline
