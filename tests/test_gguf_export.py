@@ -187,6 +187,9 @@ def _check_mix(run: Path, output: Path, mix: str) -> dict[str, str]:
         np.testing.assert_array_equal(got, expected, err_msg=name)
     summary = json.loads(summary_path(output).read_text())
     assert summary["gguf_type"] == mix and summary["gguf_types"] == plan.summary()
+    # nothing but the model's tensors: llama.cpp refuses a file with tensors it does not expect
+    assert all(name.endswith((".weight", ".bias")) for name in tensors), sorted(tensors)
+    assert not any(key.endswith(("super_scales", "super_mins", ".qweight")) for key in checkpoint)
     return {name: t.tensor_type.name for name, t in tensors.items() if len(t.shape) == 2}
 
 

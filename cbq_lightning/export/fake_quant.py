@@ -27,13 +27,13 @@ SIDECAR = "cbq_quantization.json"
 #: the checkpoint's folder in a ``cbq quantize`` output directory
 MODEL_DIR = "model"
 #: buffers of a FinalizedQuantLinear that are not part of a plain nn.Linear
-_INTEGER_STATE = ("qweight", "scales", "zeros", "mins")
+INTEGER_STATE = ("qweight", "scales", "zeros", "mins", "super_scales", "super_mins")
 
 
 def fake_quant_state_dict(model: nn.Module) -> dict:
     """``model.state_dict()`` without the integer buffers, activation quantizers and corrections: plain
     ``nn.Linear``s (the extras live in ``quant_state.safetensors``)."""
-    integer_keys = {f"{name}.{field}" for name, _ in finalized_linears(model) for field in _INTEGER_STATE}
+    integer_keys = {f"{name}.{field}" for name, _ in finalized_linears(model) for field in INTEGER_STATE}
     prefixes = tuple(
         f"{name}.{extra}." for name, layer in finalized_linears(model)
         for extra in ("act_quantizer", "correction") if getattr(layer, extra) is not None

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from cbq_lightning.errors import ConfigError
+from cbq_lightning.export.fake_quant import INTEGER_STATE
 from cbq_lightning.export.gguf_blocks import pack_layer
 from cbq_lightning.export.gguf_layout import (
     GgufLayout,
@@ -172,6 +173,8 @@ def _tensors(
     for key, tensor in run.checkpoint_tensors():
         if tied and key == "lm_head.weight":
             continue  # llama.cpp computes a tied output from token_embd
+        if key.rpartition(".")[2] in INTEGER_STATE:
+            continue  # integer state of a quantized layer (older checkpoints kept a K-quant's): not a model tensor
         seen.add(key)
         name = namer(key)
         sizes["fp16_bytes"] += tensor.numel() * _FP16_BYTES
