@@ -34,7 +34,8 @@ def test_report_contents(cli_run: Path) -> None:
     assert REPORT_KEYS <= report.keys()
     assert report["method"] == "cbq"
     assert report["scheme"] == {
-        "w_bits": 3, "group_size": None, "a_bits": 16, "sym": False, "gguf_type": None, "name": "W3A16",
+        "w_bits": 3, "group_size": None, "a_bits": 16, "sym": False, "gguf_type": None, "gguf_mix": None,
+        "name": "W3A16",
         "activations": None,
     }
     assert report["window"] == {"size": 2, "overlap": 1}

@@ -27,7 +27,7 @@ from cbq_lightning.errors import ConfigError
 from cbq_lightning.export.gguf_export import summary_path
 from cbq_lightning.export.gguf_layout import GGUF_LAYOUTS, TensorNamer, qk_heads, rope_row_order
 from cbq_lightning.export.quant_state import load_quant_state
-from cbq_lightning.quant.ggml_types import GGML_TYPES
+from cbq_lightning.quant.ggml_types import LEGACY_TYPES
 from tests.conftest import TINY_RECIPE, load_recipe
 from tests.gguf_fixtures import write_tiny_gguf
 
@@ -114,7 +114,7 @@ def _metadata(output: Path) -> dict[str, object]:
 
 
 # --- every GGML type, CBQ on the tiny recipe ------------------------------------------------------------------
-@pytest.mark.parametrize("gguf_type", list(GGML_TYPES))
+@pytest.mark.parametrize("gguf_type", LEGACY_TYPES)
 def test_cbq_run_exports_exactly_in_every_type(runs, tmp_path: Path, gguf_type: str) -> None:
     run = runs(gguf_type, "--quant.scheme", gguf_type)
     output = tmp_path / f"tiny-{gguf_type}.gguf"
