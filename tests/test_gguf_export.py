@@ -203,7 +203,10 @@ def test_mix_run_exports_every_tensor_in_its_planned_type(runs, tmp_path: Path, 
     output = tmp_path / f"tiny-{mix}.gguf"
     assert _export(run, output) == 0
     types = _check_mix(run, output, mix)
-    assert len(set(types.values())) >= 2  # a mix, not one type
+    if mix == "Q6_K":
+        assert set(types.values()) == {"Q6_K"}  # llama.cpp's Q6_K mix stores every tensor of this model as Q6_K
+    else:
+        assert len(set(types.values())) >= 2  # a mix, not one type
     assert _metadata(output)["general.file_type"] == int(gguf.LlamaFileType[f"MOSTLY_{mix}"])
     stored = {name: t for name, t in _reader_tensors(output).items() if name in ("token_embd.weight", "output.weight")}
     model = AutoModelForCausalLM.from_pretrained(str(run / "model"), dtype=torch.float32)

@@ -13,6 +13,7 @@ export summary.
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -49,8 +50,10 @@ class GgufPlan:
         return self.types[checkpoint_name].stored
 
     def fallbacks(self) -> list[dict[str, str]]:
-        """The tensors stored in another type than the mix wanted (rows not a multiple of its block)."""
-        return [{"tensor": t.name, "wanted": t.wanted, "stored": t.stored} for t in self.types.values() if t.fallback]
+        """The tensors stored in another type than the mix wanted (rows not a multiple of its block), in llama.cpp's
+        name order (block by block), whatever order the weights were listed in."""
+        chosen = sorted((t for t in self.types.values() if t.fallback), key=lambda t: _natural(t.name))
+        return [{"tensor": t.name, "wanted": t.wanted, "stored": t.stored} for t in chosen]
 
     def counts(self) -> dict[str, int]:
         """How many tensors each stored type holds."""
@@ -66,6 +69,11 @@ class GgufPlan:
         log.info("gguf mix %s: %s per stored type%s", self.mix, self.counts(),
                  f"; {len(fallbacks)} tensors fall back as llama.cpp does (rows not a multiple of the type's block: "
                  f"{dict(wanted)})" if fallbacks else "")
+
+
+def _natural(name: str) -> list[Any]:
+    """``blk.10.x`` after ``blk.9.x``: numbers compared as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def mix_model(config: dict[str, Any]) -> MixModel:
