@@ -154,8 +154,7 @@ def _plan(run: QuantizedRun, config: dict) -> GgufPlan | None:
     """A mix's types for the checkpoint's weights (the same rules the run calibrated with), or None."""
     if run.scheme.gguf_mix is None:
         return None
-    shapes = [(key, tuple(tensor.shape)) for key, tensor in run.checkpoint_tensors()]
-    return plan_types(run.scheme.gguf_mix, config, shapes)
+    return plan_types(run.scheme.gguf_mix, config, run.checkpoint_shapes())
 
 
 def _tensors(

@@ -158,6 +158,13 @@ class QuantizedRun:
                 for key in handle.keys():
                     yield key, handle.get_tensor(key)
 
+    def checkpoint_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """Every tensor's key and shape, read from the safetensors headers without loading any tensor."""
+        for path in self.checkpoint_files():
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    yield key, tuple(handle.get_slice(key).get_shape())
+
     def checkpoint_tensor(self, key: str) -> torch.Tensor:
         """One tensor of the fake-quant checkpoint, by key."""
         for path in self.checkpoint_files():
