@@ -17,7 +17,7 @@ set (K=10: about one minute on two cores).
 ``--from-block S`` probes blocks S .. S+N-1 instead of the first N: the blocks before S stay in full
 precision and run in front of the probed ones (in every whole-model forward: calibration and the held-out
 perplexity), so the probed blocks calibrate on full-precision inputs. Why: the tail of a model can behave
-unlike its head (SmolLM2's windows 27-28 fit worse at LoRA rank 64, docs/recipes.md), and a whole-model run
+unlike its head (SmolLM2's windows 27-28 fit worse at LoRA rank 64, docs/recipe-history.md), and a whole-model run
 to see it takes an hour on 2 cores; ``--from-block 24 6`` reaches it in minutes.
 
 Everything else after N goes to ``cbq quantize`` unchanged; its own evaluation is switched off and the run

@@ -140,7 +140,7 @@ def _package_version(name: str) -> str | None:
 def versions(bin_dir: Path) -> dict[str, Any]:
     """The llama.cpp build (the llama-cpp-python sdist it was vendored from, its ``--version`` line) and the Python
     packages that read the files."""
-    from cbq_lightning.runner import source_commit
+    from cbq_lightning.provenance import source_commit
 
     sdists = sorted(p.name for p in (bin_dir.parent / "src").glob("llama_cpp_python-*") if p.is_dir())
     try:  # llama-perplexity (the common argument parser) knows --version; llama-quantize prints its usage

@@ -4,7 +4,7 @@ Reads a recipe exactly as ``cbq quantize`` does (:func:`benchmarks.peers.job.loa
 resolved for this machine), builds a random-weight LLaMA of the chosen shape through the recipe's own model loader
 (``tiny-llama`` with the shape) holding K + 2S blocks (window size K, stride S = K - O), folds the recipe's rotations
 and captures the inputs of random token ids, then walks the windows the way the runner does
-(:func:`cbq_lightning.runner._build_state`, :class:`cbq_lightning.runner._WindowLoop`): window 0 enters and leaves
+(:func:`cbq_lightning.runner._build_state`, :class:`cbq_lightning.window_loop.WindowLoop`): window 0 enters and leaves
 untrained (so the caches are where a steady-state window finds them), window 1 - which has blocks before and after
 it, as almost every window of a real model - is fitted at the recipe's settings and timed stage by stage:
 
@@ -74,9 +74,11 @@ from cbq_lightning.machine import resolve_machine_settings  # noqa: E402
 from cbq_lightning.models.adapter import DecoderAdapter, kwargs_list_to, run_block  # noqa: E402
 from cbq_lightning.models.loading import load_model, load_tokenizer  # noqa: E402
 from cbq_lightning.models.tiny import TinyModelConfig  # noqa: E402
+from cbq_lightning.provenance import source_commit, versions  # noqa: E402
 from cbq_lightning.quant.weight_quantizer import WeightQuantizer  # noqa: E402
 from cbq_lightning.rotation.fold import rotate_model  # noqa: E402
 from cbq_lightning.stop import GracefulStop  # noqa: E402
+from cbq_lightning.window_loop import WindowLoop, quiet_lightning  # noqa: E402
 from cbq_lightning.windows import Window, window_schedule  # noqa: E402
 
 log = logging.getLogger("benchmarks.speed")
@@ -382,7 +384,7 @@ def measure_window(config: QuantizeConfig, adapter: DecoderAdapter, ids: torch.T
     checkpoint.save = clock.wrap("checkpoint", checkpoint.save)
     timer = StepTimer(clock)
     logger = TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="", default_hp_metric=False)
-    loop = runner._WindowLoop(
+    loop = WindowLoop(
         config=config, scheme=job.scheme, state=state, logger=logger, records=records, objective=objective,
         checkpoint=checkpoint, extra_callbacks=[timer], output_head=None, stop=GracefulStop(), total_windows=2,
     )
@@ -488,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = _measured(budget, args.measure_samples, args.measure_epochs)
     scheme = validate(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
-    runner._quiet_lightning()
+    quiet_lightning()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     model = load_model(config.model, vocab_size=shape["vocab_size"], seed=config.seed)
@@ -536,8 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cbq_over_autoround": None,
         "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 1024**3 if cuda else None,
         "peak_rss_gib": _peak_rss_gib(),
-        "versions": runner.versions(),
-        "commit": runner.source_commit(),
+        "versions": versions(),
+        "commit": source_commit(),
         "command": " ".join(["python", "benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -3,12 +3,14 @@
 A window is the unit of work a run never loses: once its fit ends (and :class:`CrossBlockCallback` has
 finalised its leaving blocks and recorded it), this callback writes the finalised blocks, both input caches,
 the overlap blocks' calibrating state, the random state and the records so far
-(:class:`cbq_lightning.checkpoint.WindowCheckpointer` writes them atomically). A window the divergence guard
+(:class:`cbq_lightning.checkpoint.WindowCheckpointer` writes them atomically); a resumed run reads them back
+through :meth:`WindowCheckpoint.restore`, so one object owns both directions. A window the divergence guard
 finalises at round-to-nearest has no successful fit, so the runner calls :meth:`WindowCheckpoint.save` for it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -16,7 +18,7 @@ import torch
 
 from callbacks.cross_block import CrossBlockCallback
 from cbq_lightning.cfp import CoarseToFinePreprocessor
-from cbq_lightning.checkpoint import WindowCheckpointer
+from cbq_lightning.checkpoint import ResumePoint, WindowCheckpointer, restore_rng
 from cbq_lightning.crossblock import CrossBlockState
 from cbq_lightning.windows import Window
 
@@ -70,3 +72,24 @@ class WindowCheckpoint(L.Callback):
         }
         overlap = {index: self.state.blocks[index] for index in window.blocks if index not in window.finalized}
         self.checkpointer.save_state(window.index, caches, overlap, self.generator, meta)
+
+
+    def restore(self, point: ResumePoint, schedule: list[Window], structure: Callable[..., Any]) -> int:
+        """Give the state, CFP, the records and the random generator back what an interrupted run had after
+        window ``point.last_window`` (what :meth:`save` wrote); returns the TensorBoard step to continue from.
+
+        Every block that had entered a window is rebuilt from its saved state with ``structure`` (the block
+        quantizer's layout without calibration): finalised blocks from their own files, overlap blocks (still
+        calibrating) from the moving state, each after getting its teacher back.
+        """
+        finished = [w for w in schedule if w.index <= point.last_window]
+        finalized = {b for w in finished for b in w.finalized}
+        directory = self.checkpointer.directory
+        for index in sorted({b for w in finished for b in w.blocks}):
+            saved = point.block_state(directory, index) if index in finalized else point.overlap_state(index)
+            self.state.reenter(index, structure, saved, finalized=index in finalized)
+        self.state.load_state_dict({**point.meta, **point.tensors})
+        self.cfp.load_state_dict(point.meta)
+        self.records.load_state_dict(point.meta)
+        restore_rng(point, self.generator)
+        return int(point.meta["step_offset"])

@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from cbq_lightning import __version__
 from cbq_lightning.config import QuantizeConfig
-from cbq_lightning.errors import CBQError, RunStopped
+from cbq_lightning.errors import CBQError, ConfigError, RunStopped
 from cbq_lightning.evaluation.command import EvaluateConfig
 from cbq_lightning.export.packed import ExportConfig
 from cbq_lightning.parse_errors import parse_error_line
@@ -142,6 +142,18 @@ def build_parser() -> LightningArgumentParser:
     subcommands.add_subcommand("evaluate", evaluate_parser(), help="perplexity and lm-eval tasks of a model or a quantized output")
     subcommands.add_subcommand("export", export_parser(), help="packed checkpoint (compressed-tensors, GPTQ) or GGUF file of a run")
     return parser
+
+
+def parse_quantize_config(arguments: Sequence[str]) -> QuantizeConfig:
+    """The configuration ``cbq quantize ARGUMENTS`` would run, for the Python API: the same parser, recipe
+    composition (``base:``) and checks, with a parse error raised as the command line's one-line message."""
+    parser = build_parser()
+    words = ["quantize", *arguments]
+    try:
+        args = parser.parse_args(words)
+    except ArgumentError as error:
+        raise ConfigError(parse_error_line(str(error), words, parser)) from None
+    return quantize_config(instantiate(parser, args).quantize)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from cbq_lightning.data.calibration import CalibrationConfig
 from cbq_lightning.distributed import check_divisible, placement
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.evaluation.perplexity import EvalConfig
-from cbq_lightning.export.packed import ExportConfig
+from cbq_lightning.export.packed import ExportConfig, check_holds_run
 from cbq_lightning.export.quantized_run import ExportScheme
 from cbq_lightning.guard import GuardConfig
 from cbq_lightning.loss import LossConfig
@@ -97,33 +97,54 @@ class QuantizeConfig:
             raise ConfigError(f"seed={self.seed} must lie in [0, 2**32) (the range numpy and torch accept).")
 
 
-def validate(config: QuantizeConfig) -> QuantScheme:
-    """Check everything that can be checked before loading weights; return the resolved scheme."""
+def validate(config: QuantizeConfig, supplied_model_type: str | None = None) -> QuantScheme:
+    """Check everything that can be checked before loading weights; return the resolved scheme.
+
+    ``supplied_model_type``: the model is already in memory (the Python API), of this ``model_type``; its source
+    is then not looked up. Each group of rules is a function below; a rule that another part of the package
+    enforces as well (an export's limits, the GPTQ start's rounding form) is called from its owner.
+    """
     if config.method not in ("cbq", "rtn"):
         raise ConfigError(f"method={config.method!r} is unknown: use 'cbq' or 'rtn'.")
     scheme = config.quant.resolve()
+    _check_machine_and_source(config, supplied_model_type)
+    _check_quantizer_options(config, scheme)
+    _check_outputs(config, scheme, supplied_model_type)
+    if config.method == "cbq":
+        _check_trainable(config, scheme)
+    return scheme
+
+
+def _check_machine_and_source(config: QuantizeConfig, supplied_model_type: str | None) -> None:
+    """The device exists, the model source and dtype are readable, the samples split over the processes."""
     if config.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
             f"trainer.accelerator={config.trainer.accelerator!r} but no CUDA device is visible: use "
             "trainer.accelerator=cpu, or auto (a GPU when there is one)."
         )
-    resolve_source(config.model)
-    config.model.torch_dtype()
+    if supplied_model_type is None:
+        resolve_source(config.model)
+        config.model.torch_dtype()
     if config.method == "cbq":
         world = placement(config.trainer.strategy, config.trainer.devices, config.trainer.num_nodes).world
         check_divisible(config.data.num_samples, world)
+
+
+def _check_quantizer_options(config: QuantizeConfig, scheme: QuantScheme) -> None:
+    """Options that would change nothing, or contradict each other, in how the weights are rounded."""
     continuous = config.quant.continuous
+    cbq = config.method == "cbq"
     if continuous is not None and not continuous.active:
         raise ConfigError(
             "quant.continuous with estimator=ste and clamp=hard changes nothing: set quant.continuous.estimator "
             "sigmoid and/or quant.continuous.clamp smooth, or quant.continuous null."
         )
-    if config.quant.clip_search is not None and not config.quant.learnable_clip and config.method == "cbq":
+    if config.quant.clip_search is not None and not config.quant.learnable_clip and cbq:
         raise ConfigError(
             "quant.clip_search sets the starting ratio of learnable clipping thresholds, but "
             "quant.learnable_clip is false: it would do nothing. Set quant.clip_search null, or learnable_clip true."
         )
-    if continuous is not None and continuous.estimator == "sigmoid" and config.method == "cbq":
+    if continuous is not None and continuous.estimator == "sigmoid" and cbq:
         soft_rounding = config.rounding.enabled and config.rounding.form != "offset"
         if soft_rounding and not scheme.quantizes_activations:
             raise ConfigError(
@@ -132,63 +153,50 @@ def validate(config: QuantizeConfig) -> QuantScheme:
                 "activations: it would change nothing. Use rounding.form=offset or rounding.enabled=false, "
                 "an activation scheme, or quant.continuous.estimator=ste."
             )
-    if config.quant.gptq is not None and config.method == "cbq" and config.rounding.enabled:
-        if config.rounding.form == "lowrank":
-            raise ConfigError(
-                "quant.gptq with rounding.form='lowrank': the pure low-rank form has no frozen V0 to hold "
-                "GPTQ's decisions; use rounding.form=residual (LoRA-Rounding on top of GPTQ), offset, or "
-                "rounding.enabled=false."
-            )
-    mixed = config.mixed is not None or bool(config.quant.layer_bits)
+    if config.quant.gptq is not None and cbq:
+        config.rounding.check_gptq_start()
+
+
+def _check_outputs(config: QuantizeConfig, scheme: QuantScheme, supplied_model_type: str | None) -> None:
+    """Per-layer bits, rotations and the export format against each other, before any calibration."""
     if config.mixed is not None and config.quant.layer_bits:
         raise ConfigError(
             "mixed.budget computes quant.layer_bits from a sensitivity pass; both are set. Keep one: the budget, "
             "or your own per-layer bits."
-        )
-    if mixed and config.export.format is not None:
-        raise ConfigError(
-            f"export.format={config.export.format!r} describes one weight scheme for all layers; this run mixes "
-            "bit-widths (mixed.budget / quant.layer_bits). Keep export.format null: the fake-quant checkpoint and "
-            "quant_state.safetensors (per-layer bits) hold the result."
-        )
-    if config.correction is not None and config.method == "cbq" and config.export.format is not None:
-        raise ConfigError(
-            f"export.format={config.export.format!r} cannot hold the low-rank correction (correction.rank / "
-            "rank_fraction): its stock kernels compute Q(W) Q(x) only. Keep export.format null (the fake-quant "
-            "checkpoint and quant_state.safetensors hold the correction; `cbq evaluate` on the run applies it) "
-            "or switch the correction off."
-        )
-    if config.rotation is not None and config.rotation.online_down and config.export.format is not None:
-        raise ConfigError(
-            f"export.format={config.export.format!r} with rotation.online_down: stock loaders of packed formats do "
-            "not run the online rotation before down_proj. Set rotation.online_down false for a stock-loadable "
-            "export (the folded rotations are plain weights), or keep export.format null (the fake-quant "
-            "checkpoint records it and `cbq evaluate` on the run applies it)."
-        )
-    if config.rotation is not None and config.rotation.online_down and config.cfp.mlp:
-        raise ConfigError(
-            "cfp.mlp with rotation.online_down: CFP would scale the down projection's input channels, but that "
-            "input is rotated before the down projection sees it, so the scale no longer folds into its columns. "
-            "Set cfp.mlp false (the rotation spreads those outliers already) or rotation.online_down false."
         )
     if config.mixed is not None and scheme.gguf_type is not None:
         raise ConfigError(
             f"mixed.budget with quant.scheme {scheme.gguf_type}: a GGML type fixes every layer's bits; use a "
             "W<bits>A16 scheme for a mixed-precision run, or drop mixed."
         )
+    online_down = config.rotation is not None and config.rotation.online_down
+    if online_down and config.cfp.mlp:
+        raise ConfigError(
+            "cfp.mlp with rotation.online_down: CFP would scale the down projection's input channels, but that "
+            "input is rotated before the down projection sees it, so the scale no longer folds into its columns. "
+            "Set cfp.mlp false (the rotation spreads those outliers already) or rotation.online_down false."
+        )
+    if config.export.format is None:
+        return
+    check_holds_run(
+        config.export.format, "this run", correction=config.correction is not None and config.method == "cbq",
+        online_rotation=online_down, mixed_bits=config.mixed is not None or bool(config.quant.layer_bits),
+    )
     # a packed format that cannot hold the scheme (or, GGUF, the model family) is refused now, not after the calibration
     config.export.check(ExportScheme.from_settings(scheme, config.quant.act_settings(trained=True)))
     if config.export.depends_on_model_type:
-        config.export.check_model_type(source_model_type(config.model))
-    if config.method == "cbq":
-        if config.quant.learnable_clip:
-            clip_logit(config.quant.clip_init)  # raises a ConfigError naming clip_init when out of (0, 1)
-        learnable_act = scheme.quantizes_activations and config.quant.act_learnable
-        if not (config.rounding.enabled or config.quant.learnable_clip or learnable_act):
-            raise ConfigError(
-                "method=cbq with rounding.enabled=false and quant.learnable_clip=false leaves nothing to "
-                "train: enable one of them, or use method=rtn."
-            )
-        if config.train.epochs_for(scheme.w_bits) < 1:
-            raise ConfigError("method=cbq needs train.epochs >= 1 (train.epochs_2bit for 2-bit weights).")
-    return scheme
+        config.export.check_model_type(supplied_model_type or source_model_type(config.model))
+
+
+def _check_trainable(config: QuantizeConfig, scheme: QuantScheme) -> None:
+    """A CBQ run has something to train, a valid clipping start and at least one epoch."""
+    if config.quant.learnable_clip:
+        clip_logit(config.quant.clip_init)  # raises a ConfigError naming clip_init when out of (0, 1)
+    learnable_act = scheme.quantizes_activations and config.quant.act_learnable
+    if not (config.rounding.enabled or config.quant.learnable_clip or learnable_act):
+        raise ConfigError(
+            "method=cbq with rounding.enabled=false and quant.learnable_clip=false leaves nothing to "
+            "train: enable one of them, or use method=rtn."
+        )
+    if config.train.epochs_for(scheme.w_bits) < 1:
+        raise ConfigError("method=cbq needs train.epochs >= 1 (train.epochs_2bit for 2-bit weights).")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from cbq_lightning.cli import instantiate, main, quantize_config, quantize_parser
 from cbq_lightning.config import QuantizeConfig
 from cbq_lightning.data.text import DATA_DIR_ENV
+from cbq_lightning.evaluation.fp_cache import CACHE_DIR_ENV
 from cbq_lightning.models.tiny import TinyModelConfig, build_tiny_llama, byte_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,6 +22,9 @@ TINY_RECIPE = REPO / "configs" / "tiny.yaml"
 SHARED_DATA = REPO.parent / "shared" / "data"
 if SHARED_DATA.is_dir():
     os.environ.setdefault(DATA_DIR_ENV, str(SHARED_DATA))
+#: the full-precision reference cache (cbq_lightning.evaluation.fp_cache) of this test session only: runs in the
+#: session share it (as a user's runs do), and nothing is read from or left in the user's ~/.cache
+os.environ[CACHE_DIR_ENV] = tempfile.mkdtemp(prefix="cbq-test-cache-")
 
 
 def fast_flags(epochs: int = 2) -> tuple[str, ...]:

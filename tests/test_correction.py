@@ -156,12 +156,17 @@ def test_cbq_evaluate_reattaches_the_correction(corrected_run: Path) -> None:
 
 
 def test_packed_export_refuses_a_corrected_run(corrected_run: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="low-rank corrections"):
+    """One rule, two callers: the finished run at export time and the configuration before calibration say the
+    same thing, naming the run's folder or "this run"."""
+    with pytest.raises(ConfigError) as at_export:
         export_run(corrected_run, ExportConfig(format="compressed-tensors", output=str(tmp_path / "packed")))
     config = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--correction.rank", "2",
                          "--export.format", "compressed-tensors")
-    with pytest.raises(ConfigError, match="cannot hold the low-rank correction"):
+    with pytest.raises(ConfigError) as at_config:
         validate(config)
+    assert "cannot hold the low-rank correction of" in str(at_config.value)
+    assert str(at_export.value).replace(str(corrected_run), "this run") == str(at_config.value)
+    assert not (tmp_path / "packed").exists()
 
 
 def test_too_large_a_rank_fails_before_calibration(tmp_path: Path) -> None:

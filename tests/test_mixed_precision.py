@@ -181,5 +181,5 @@ def test_layer_bits_override_resumes_bit_for_bit(tmp_path: Path) -> None:
 def test_packed_export_of_a_mixed_run_says_why_it_refuses(mixed_run: Path, tmp_path: Path) -> None:
     from cbq_lightning.export.packed import ExportConfig, export_run
 
-    with pytest.raises(ConfigError, match="mixed-precision run"):
+    with pytest.raises(ConfigError, match="mixes bit-widths"):
         export_run(mixed_run, ExportConfig(format="compressed-tensors", output=str(tmp_path / "packed")))

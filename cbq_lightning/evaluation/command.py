@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.evaluation.perplexity import evaluate_sets, prepare_eval_set
@@ -130,6 +131,25 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _evaluated_model(
+    model_config: ModelConfig, vocab_size: int, path: str, quantization: dict[str, Any] | None, config: EvaluateConfig,
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The model as it runs: a cbq output with what its checkpoint cannot hold put back (online rotation, activation
+    quantizers, low-rank corrections, in that order), or a full-precision model rotated by ``--rotation``; and the
+    rotation folded here (None: none)."""
+    model = load_model(model_config, vocab_size=vocab_size)
+    rotation = None
+    if quantization is not None:  # a run with an online rotation: put it back before anything reads the inputs
+        attach_online_rotations(model, quantization.get("rotation"))
+    elif config.rotation is not None:
+        rotation = rotate_model(DecoderAdapter(model), config.rotation, config.seed)
+    if quantization is not None and quantization.get("scheme", {}).get("activations"):
+        attach_activation_quantizers(model, Path(path) / quantization["quant_state"])
+    if quantization is not None and quantization.get("correction"):
+        attach_corrections(model, Path(path) / quantization["quant_state"])  # after: it wraps the linears
+    return model, rotation
+
+
 def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Evaluate and return ``{model, quantization, device, results: [{dataset, split, ..., ppl}], zero_shot: [...]}``.
 
@@ -158,16 +178,7 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         )
     if quantization is not None and (quantization.get("scheme", {}).get("activations") or quantization.get("correction")):
         check_safetensors(Path(path) / quantization["quant_state"], rerun_quantize(Path(path).parent))
-    model = load_model(model_config, vocab_size=len(tokenizer))
-    rotation = None
-    if quantization is not None:  # a run with an online rotation: put it back before anything reads the inputs
-        attach_online_rotations(model, quantization.get("rotation"))
-    elif config.rotation is not None:
-        rotation = rotate_model(DecoderAdapter(model), config.rotation, config.seed)
-    if quantization is not None and quantization.get("scheme", {}).get("activations"):
-        attach_activation_quantizers(model, Path(path) / quantization["quant_state"])
-    if quantization is not None and quantization.get("correction"):
-        attach_corrections(model, Path(path) / quantization["quant_state"])  # after: it wraps the linears
+    model, rotation = _evaluated_model(model_config, len(tokenizer), path, quantization, config)
     model.to(device)
     zero_shot: list[dict[str, Any]] = []
     zero_shot_s = None

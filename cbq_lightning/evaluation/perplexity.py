@@ -38,7 +38,8 @@ class EvalConfig:
             PTB ``test``, C4 ``validation``).
         seqlen: tokens per window (2048 in the papers).
         max_windows: evaluate only the first N windows (a quick, still comparable, prefix); null = all.
-        fp_reference: also evaluate the unquantized model on the very same tokens (``ppl_fp``).
+        fp_reference: also evaluate the unquantized model on the very same tokens (``ppl_fp``); measured once per
+            model and tokens and reused by later runs (:mod:`cbq_lightning.evaluation.fp_cache`).
         batch_size: windows per forward pass.
     """
 

@@ -94,14 +94,15 @@ class PreparedTasks:
     lm_eval_version: str
 
 
-def prepare_tasks(names: list[str], task_dir: str | None = None) -> PreparedTasks:
-    """Check lm-eval is installed and every task exists, then load the tasks' data.
+def _task_manager(names: list[str], task_dir: str | None, installed: str) -> tuple[Any, bool, str | None]:
+    """lm-eval's ``TaskManager`` for ``names``, whether it indexes lm-eval's own tasks (``full``), and the task
+    folder it includes.
 
-    Unknown names raise a :class:`ConfigError` with close matches and the ways to find or define tasks;
-    data that cannot be loaded (a missing local file, no network for a hub dataset) raises a
-    :class:`DataError` naming the task.
+    Why two tries: indexing lm-eval's own ~15,000 tasks, groups and tags takes seconds, a task_dir alone far less.
+    A name that task_dir defines as a task or group resolves to that definition either way (lm-eval lets
+    include_path override its defaults); tags are excluded, as a tag of the same name in lm-eval's defaults would
+    contribute tasks too.
     """
-    installed = lm_eval_version()
     from lm_eval.tasks import TaskManager
 
     include_path = None
@@ -115,10 +116,6 @@ def prepare_tasks(names: list[str], task_dir: str | None = None) -> PreparedTask
     started = time.perf_counter()
     manager = None
     if include_path is not None:
-        # Indexing lm-eval's own ~15,000 tasks, groups and tags takes seconds; a task_dir alone, far less.
-        # A name that task_dir defines as a task or group resolves to that definition either way (lm-eval
-        # lets include_path override its defaults); tags are excluded, as a tag of the same name in
-        # lm-eval's defaults would contribute tasks too.
         local = TaskManager(include_path=include_path, include_defaults=False)
         if all(name in local.all_subtasks or name in local.all_groups for name in names):
             manager = local
@@ -127,19 +124,39 @@ def prepare_tasks(names: list[str], task_dir: str | None = None) -> PreparedTask
         manager = TaskManager(include_path=include_path)
     log.info("lm-eval %s: %d tasks, groups and tags indexed in %.1fs", installed, len(manager.all_tasks),
              time.perf_counter() - started)
+    return manager, full, include_path
+
+
+def _check_known(names: list[str], manager: Any, installed: str, task_dir: str | None) -> None:
+    """Refuse unknown task names with the closest known ones and the ways to find or define tasks."""
     known = set(manager.all_tasks)
     unknown = [name for name in names if name not in known]
-    if unknown:
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, manager.all_tasks, n=3)
-            hints.append(f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        where = f"lm-eval {installed}" + (f" or task_dir={task_dir!r}" if task_dir else "")
-        raise ConfigError(
-            f"unknown lm-eval task {', '.join(hints)}: no such task, group or tag in {where}. "
-            "List the available ones with `lm-eval ls tasks`, or define the task in a YAML file (task:, "
-            "dataset_path:, doc_to_text:, ...) in a directory passed as --task_dir."
-        )
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, manager.all_tasks, n=3)
+        hints.append(f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    where = f"lm-eval {installed}" + (f" or task_dir={task_dir!r}" if task_dir else "")
+    raise ConfigError(
+        f"unknown lm-eval task {', '.join(hints)}: no such task, group or tag in {where}. "
+        "List the available ones with `lm-eval ls tasks`, or define the task in a YAML file (task:, "
+        "dataset_path:, doc_to_text:, ...) in a directory passed as --task_dir."
+    )
+
+
+def prepare_tasks(names: list[str], task_dir: str | None = None) -> PreparedTasks:
+    """Check lm-eval is installed and every task exists, then load the tasks' data.
+
+    Unknown names raise a :class:`ConfigError` with close matches and the ways to find or define tasks;
+    data that cannot be loaded (a missing local file, no network for a hub dataset) raises a
+    :class:`DataError` naming the task.
+    """
+    installed = lm_eval_version()
+    from lm_eval.tasks import TaskManager
+
+    manager, full, include_path = _task_manager(names, task_dir, installed)
+    _check_known(names, manager, installed, task_dir)
     objects: list[Any] = []
     requested_by: dict[str, str] = {}  # leaf task -> the requested name that brought it in
     for name in names:

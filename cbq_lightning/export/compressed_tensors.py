@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -79,6 +80,26 @@ def check_scheme(scheme: ExportScheme) -> None:
         )
 
 
+def _weight_args(scheme: ExportScheme) -> dict[str, Any]:
+    """compressed-tensors' ``QuantizationArgs`` of the weights: integers, per channel or per group, static."""
+    return {
+        "num_bits": scheme.w_bits,
+        "type": "int",
+        "symmetric": scheme.sym,
+        "strategy": "group" if scheme.group_size else "channel",
+        "group_size": scheme.group_size,
+        "dynamic": False,
+    }
+
+
+def _activation_args(scheme: ExportScheme) -> dict[str, Any] | None:
+    """Those of the input activations (symmetric, per token, dynamic), or None for a weight-only scheme."""
+    if scheme.a_bits is None:
+        return None
+    return {"num_bits": scheme.a_bits, "type": "int", "symmetric": True, "strategy": "token", "group_size": None,
+            "dynamic": True}
+
+
 def quantization_config(scheme: ExportScheme, ignore: list[str], embedding: bool = False,
                         experts: bool = False) -> dict:
     """The ``quantization_config`` block of ``config.json`` (keys transformers and vLLM validate).
@@ -89,24 +110,7 @@ def quantization_config(scheme: ExportScheme, ignore: list[str], embedding: bool
     from per-expert packed tensors. An asymmetric run's experts get a symmetric group of their own
     (:func:`widened_expert_bits`, see the module docstring).
     """
-    weights = {
-        "num_bits": scheme.w_bits,
-        "type": "int",
-        "symmetric": scheme.sym,
-        "strategy": "group" if scheme.group_size else "channel",
-        "group_size": scheme.group_size,
-        "dynamic": False,
-    }
-    activations = None
-    if scheme.a_bits is not None:
-        activations = {
-            "num_bits": scheme.a_bits,
-            "type": "int",
-            "symmetric": True,
-            "strategy": "token",
-            "group_size": None,
-            "dynamic": True,
-        }
+    weights, activations = _weight_args(scheme), _activation_args(scheme)
     groups = {
         # the group's own "format" matters: without it transformers infers int-quantized for W4A8
         "group_0": {

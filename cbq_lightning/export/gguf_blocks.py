@@ -156,6 +156,41 @@ def _q6_k_planes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ql.reshape(-1, 128), qh.reshape(-1, 64)
 
 
+def _k_block_parts(
+    block_type: GGMLBlockType, q: np.ndarray, sc: np.ndarray, d_bytes: np.ndarray,
+    minimums: tuple[torch.Tensor | None, torch.Tensor | None, int, int], layer: str,
+) -> list[np.ndarray]:
+    """The byte planes of each super-block in the order ``block_q<k>_K`` lays them out (ggml-common.h).
+
+    ``minimums``: the sub-block minimums, the super-block ``dmin``, sub-blocks per super-block and scale levels
+    (the minimums are used by Q2_K, Q4_K and Q5_K only).
+    """
+    mins, super_mins, per_super, levels = minimums
+    name = block_type.name
+    if block_type.minimum:
+        assert mins is not None and super_mins is not None
+        dmin_bytes = _float16_bytes(super_mins, "super-block minimum", layer)
+        dmin = dmin_bytes.view(np.float16).astype(np.float32).reshape(-1, 1)
+        m = _integer_multiples(-mins.detach().cpu().numpy().astype(np.float32).reshape(-1, per_super), dmin, 0, levels,
+                               "sub-block minimum", layer)
+        if name == "Q2_K":
+            packed_scales = (sc.astype(np.uint8) | (m.astype(np.uint8) << 4))
+            parts = [packed_scales, _two_bit_planes(q), d_bytes, dmin_bytes]
+        else:
+            parts = [d_bytes, dmin_bytes, _k4_scales(sc, m)]
+            if name == "Q5_K":
+                parts.append(_q5_k_high_bits(q))
+            parts.append(_k_nibbles(q))
+    elif name == "Q3_K":
+        hmask = ((q.reshape(-1, 8, 32) >> 2) & 1).astype(np.uint8)
+        hmask = (hmask << np.arange(8, dtype=np.uint8)[None, :, None]).sum(axis=1, dtype=np.uint8)
+        parts = [hmask, _two_bit_planes(q & 3), _q3_k_scales(sc + 32), d_bytes]
+    else:  # Q6_K
+        ql, qh = _q6_k_planes(q)
+        parts = [ql, qh, sc.astype(np.int8).view(np.uint8), d_bytes]
+    return parts
+
+
 def pack_super_blocks(
     block_type: GGMLBlockType,
     codes: torch.Tensor,
@@ -194,28 +229,7 @@ def pack_super_blocks(
         sc = _integer_multiples(sub_scales, d, -levels, levels - 1, "sub-block scale", layer)
     else:
         sc = _integer_multiples(sub_scales, d, 0, levels, "sub-block scale", layer)
-    name = block_type.name
-    if block_type.minimum:
-        assert mins is not None and super_mins is not None
-        dmin_bytes = _float16_bytes(super_mins, "super-block minimum", layer)
-        dmin = dmin_bytes.view(np.float16).astype(np.float32).reshape(-1, 1)
-        m = _integer_multiples(-mins.detach().cpu().numpy().astype(np.float32).reshape(-1, per_super), dmin, 0, levels,
-                               "sub-block minimum", layer)
-        if name == "Q2_K":
-            packed_scales = (sc.astype(np.uint8) | (m.astype(np.uint8) << 4))
-            parts = [packed_scales, _two_bit_planes(q), d_bytes, dmin_bytes]
-        else:
-            parts = [d_bytes, dmin_bytes, _k4_scales(sc, m)]
-            if name == "Q5_K":
-                parts.append(_q5_k_high_bits(q))
-            parts.append(_k_nibbles(q))
-    elif name == "Q3_K":
-        hmask = ((q.reshape(-1, 8, 32) >> 2) & 1).astype(np.uint8)
-        hmask = (hmask << np.arange(8, dtype=np.uint8)[None, :, None]).sum(axis=1, dtype=np.uint8)
-        parts = [hmask, _two_bit_planes(q & 3), _q3_k_scales(sc + 32), d_bytes]
-    else:  # Q6_K
-        ql, qh = _q6_k_planes(q)
-        parts = [ql, qh, sc.astype(np.int8).view(np.uint8), d_bytes]
+    parts = _k_block_parts(block_type, q, sc, d_bytes, (mins, super_mins, per_super, levels), layer)
     blocks = np.concatenate(parts, axis=1)
     return np.ascontiguousarray(blocks.reshape(out_features, -1))
 

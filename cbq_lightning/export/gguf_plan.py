@@ -17,12 +17,20 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
 
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.export.gguf_layout import TensorNamer, layout_for
+from cbq_lightning.models.families import checkpoint_name
+from cbq_lightning.quant.convert import all_block_linears
 from cbq_lightning.quant.ggml_mix import MixModel, TensorType, assign_types
 from cbq_lightning.quant.ggml_types import GGML_TYPES
+
+if TYPE_CHECKING:
+    from cbq_lightning.models.adapter import DecoderAdapter
+    from cbq_lightning.quant.scheme import QuantScheme
 
 log = logging.getLogger("cbq_lightning")
 
@@ -62,6 +70,16 @@ class GgufPlan:
     def summary(self) -> dict[str, Any]:
         """What the report and the export summary say of the plan."""
         return {"mix": self.mix, "stored_types": self.counts(), "fallbacks": self.fallbacks()}
+
+    def block_schemes(self, adapter: DecoderAdapter, scheme: QuantScheme) -> dict[str, QuantScheme]:
+        """Each block linear's scheme under the mix (``blocks.<i>.<name>`` -> ``scheme`` on its stored GGML type):
+        what the run calibrates each layer on, so the file stores exactly what was trained."""
+        schemes = {}
+        for name, _ in all_block_linears(adapter.blocks):
+            _, index, layer = name.split(".", 2)
+            key = checkpoint_name(adapter.model_type, f"{adapter.family.blocks}.{index}.{layer}.weight")
+            schemes[name] = scheme.with_ggml_type(self.stored(key))
+        return schemes
 
     def log(self) -> None:
         fallbacks = self.fallbacks()
@@ -118,3 +136,14 @@ def plan_types(mix: str, config: dict[str, Any], shapes: Iterable[tuple[str, tup
                 f"{mix}): this model has no {mix} GGUF form; use a W<bits>A16 scheme."
             )
     return GgufPlan(mix=mix, types=plan)
+
+
+def plan_for_model(mix: str | None, model: nn.Module, adapter: DecoderAdapter) -> GgufPlan | None:
+    """With a llama.cpp mix (``quant.scheme: Q4_K_M`` ...): the GGML type llama.cpp would store for each weight of
+    ``model``, logged with its fallbacks; None for any other scheme."""
+    if mix is None:
+        return None
+    shapes = [(checkpoint_name(adapter.model_type, name), tuple(p.shape)) for name, p in model.named_parameters()]
+    plan = plan_types(mix, model.config.to_dict(), shapes)
+    plan.log()
+    return plan

@@ -118,28 +118,47 @@ def _format_module(name: str) -> Any:
     return {compressed_tensors.NAME: compressed_tensors, gptq.NAME: gptq, gguf_export.NAME: gguf_export}[name]
 
 
+def check_holds_run(fmt: str, run: str, *, correction: bool, online_rotation: bool, mixed_bits: bool) -> None:
+    """Refuse what no packed format can hold, whatever the scheme: the one owner of these rules, called on a
+    configuration before any calibration (:func:`cbq_lightning.config.validate`, ``run`` = "this run") and on a
+    finished run before anything is written (:func:`export_run`, ``run`` = its folder).
+
+    Why each: stock kernels compute ``Q(W) Q(x)`` only (no low-rank correction ``U V^T x``), stock loaders do not
+    run an online rotation before ``down_proj``, and a packed config describes one weight scheme for all layers.
+    """
+    if correction:
+        raise ConfigError(
+            f"export.format={fmt!r} cannot hold the low-rank correction of {run} (correction.rank / rank_fraction): "
+            "its stock kernels compute Q(W) Q(x) only. Serve the fake-quant checkpoint (`cbq evaluate --model RUN` "
+            "applies the correction), or quantize without the correction for a packed export."
+        )
+    if online_rotation:
+        raise ConfigError(
+            f"export.format={fmt!r} cannot hold the online rotation of {run} (rotation.online_down): stock loaders "
+            "do not run it before down_proj. Quantize with rotation.online_down false for a stock-loadable export "
+            "(the folded rotations are plain weights), or serve the fake-quant checkpoint (`cbq evaluate` applies it)."
+        )
+    if mixed_bits:
+        raise ConfigError(
+            f"export.format={fmt!r} describes one weight scheme for all layers; {run} mixes bit-widths "
+            "(mixed.budget / quant.layer_bits). Keep export.format null: the fake-quant checkpoint and "
+            "quant_state.safetensors (per-layer bits) hold the result."
+        )
+
+
 def export_run(run_dir: str | Path, config: ExportConfig) -> dict[str, Any]:
     """Write ``run_dir``'s quantized model in ``config.format``; returns the summary in ``cbq_export.json``."""
     if config.format is None:
         raise ConfigError(f"export.format is not set: choose one of {', '.join(FORMATS)}.")
     run = open_run(run_dir)
     config.check(run.scheme)
-    corrected = [name for name, layer in run.layers.items() if layer.correction_rank]
-    if corrected:
-        raise ConfigError(
-            f"{run_dir} has low-rank corrections ({len(corrected)} layers, e.g. {corrected[0]}): "
-            f"{config.format} stores Q(W) only and its kernels cannot add U V^T x. Serve the fake-quant "
-            "checkpoint with the corrections attached (`cbq evaluate --model RUN`), or quantize without "
-            "correction.rank for a packed export."
-        )
-    rotation = run.sidecar.get("rotation") or {}
-    if rotation.get("online"):
-        raise ConfigError(
-            f"{run_dir} rotates the input of {len(rotation['online']['linears'])} linears online "
-            f"(rotation.online_down): {config.format} loaders do not run that rotation. Evaluate or serve the "
-            "fake-quant checkpoint (`cbq evaluate --model RUN` applies it), or quantize with "
-            "rotation.online_down false for a packed export."
-        )
+    check_holds_run(
+        config.format, str(run_dir),
+        correction=any(layer.correction_rank for layer in run.layers.values()),
+        online_rotation=bool((run.sidecar.get("rotation") or {}).get("online")),
+        # per-layer bit-widths (mixed precision); a llama.cpp mix's types are the format's own
+        mixed_bits=len({layer.bits for layer in run.layers.values() if layer.ggml_type is None}) > 1,
+    )
     model_config = run.model_config()
     dtype = _DTYPES[_source_dtype(model_config) if config.dtype == "auto" else config.dtype]
     if config.format == gguf_export.NAME:
@@ -160,25 +179,8 @@ def export_run(run_dir: str | Path, config: ExportConfig) -> dict[str, Any]:
             f"{embedding} is quantized (export.quantize_embedding): transformers loads the export dequantized; "
             "vLLM does not load quantized embeddings (export without quantize_embedding to serve it)."
         )
-    if config.format == compressed_tensors.NAME:
-        experts = has_experts(model_config.get("model_type"))
-        quantization = compressed_tensors.quantization_config(
-            run.scheme, ignore=unquantized, embedding=config.quantize_embedding, experts=experts,
-        )
-        warnings += compressed_tensors.activation_warnings(run)
-        warnings += compressed_tensors.expert_warnings(run.scheme, experts)
-        pack = compressed_tensors.layer_packer(run.scheme, dtype, experts)
-    else:
-        if has_experts(model_config.get("model_type")):
-            raise ConfigError(
-                f"{run_dir} is a mixture of experts ({model_config.get('model_type')}): GPTQ v1 loaders build "
-                "per-expert linears that transformers 5 no longer has (its experts are fused 3-D weights); export "
-                "as compressed-tensors, whose loader converts per-expert weights into the fused layout."
-            )
-        gptq.check_layers(run)
-        _check_gptq_covers_blocks(run, unquantized)
-        quantization = gptq.quantization_config(run.scheme)
-        pack = gptq.pack_layer
+    quantization, pack, format_warnings = _format_config(run, config, model_config, unquantized, dtype)
+    warnings += format_warnings
 
     saved_name = functools.partial(checkpoint_name, model_config.get("model_type"))
     tensors, sizes = _packed_tensors(run, pack, dtype, extra, saved_name)
@@ -196,6 +198,31 @@ def export_run(run_dir: str | Path, config: ExportConfig) -> dict[str, Any]:
         summary["ratio_to_fp16"], summary["quantized_linears"]["ratio_to_fp16"], summary["directory_bytes"] / 2**20,
     )
     return {**summary, "output": str(output)}
+
+
+def _format_config(
+    run: QuantizedRun, config: ExportConfig, model_config: dict, unquantized: list[str], dtype: torch.dtype,
+) -> tuple[dict[str, Any], Callable[..., Any], list[str]]:
+    """The packed format's ``quantization_config``, its layer packer and its warnings (compressed-tensors or GPTQ v1).
+
+    Why GPTQ refuses mixtures of experts: its v1 loaders build per-expert linears that transformers 5 no longer has.
+    """
+    experts = has_experts(model_config.get("model_type"))
+    if config.format == compressed_tensors.NAME:
+        quantization = compressed_tensors.quantization_config(
+            run.scheme, ignore=unquantized, embedding=config.quantize_embedding, experts=experts,
+        )
+        warnings = compressed_tensors.activation_warnings(run) + compressed_tensors.expert_warnings(run.scheme, experts)
+        return quantization, compressed_tensors.layer_packer(run.scheme, dtype, experts), warnings
+    if experts:
+        raise ConfigError(
+            f"{run.run_dir} is a mixture of experts ({model_config.get('model_type')}): GPTQ v1 loaders build "
+            "per-expert linears that transformers 5 no longer has (its experts are fused 3-D weights); export "
+            "as compressed-tensors, whose loader converts per-expert weights into the fused layout."
+        )
+    gptq.check_layers(run)
+    _check_gptq_covers_blocks(run, unquantized)
+    return gptq.quantization_config(run.scheme), gptq.pack_layer, []
 
 
 def _source_dtype(model_config: dict) -> str:

@@ -230,8 +230,9 @@ def open_run(run_dir: str | Path) -> QuantizedRun:
 
 
 def _check_layers(layers: dict[str, QuantizedLayer], scheme: ExportScheme, path: Path) -> None:
-    """Every layer follows the run's one scheme (both formats describe one scheme for all layers); a llama.cpp mix's
-    layers each carry their GGML type, which the GGUF writer checks against the mix."""
+    """Every layer at the scheme's bits has the scheme's groups and symmetry (a layer at other bits belongs to a
+    mixed-precision run, which :func:`~cbq_lightning.export.packed.check_holds_run` refuses with the reason); a
+    llama.cpp mix's layers each carry their GGML type, which the GGUF writer checks against the mix."""
     if scheme.gguf_mix is not None:
         untyped = [layer.name for layer in layers.values() if layer.ggml_type is None]
         if untyped:
@@ -239,12 +240,8 @@ def _check_layers(layers: dict[str, QuantizedLayer], scheme: ExportScheme, path:
                               "quantization state is not this run's; rerun cbq quantize.")
         return
     for layer in layers.values():
-        if layer.bits != scheme.w_bits:
-            raise ConfigError(
-                f"{path}: layer {layer.name} has {layer.bits} bits, the scheme {scheme.w_bits}: a mixed-precision run "
-                "(mixed.budget / quant.layer_bits). The packed formats describe one scheme for all layers; use the "
-                "fake-quant checkpoint (model/) with quant_state.safetensors."
-            )
+        if layer.bits != scheme.w_bits:  # a mixed-precision run: refused by the export (packed.check_holds_run)
+            continue
         group = scheme.group_size or layer.in_features
         if layer.group_size != group:
             raise ConfigError(f"{path}: layer {layer.name} has groups of {layer.group_size}, the scheme {group}.")

@@ -16,36 +16,8 @@ updated, re-read those functions against this file. It follows llama-quantize ru
 ``--pure``, no ``--tensor-type`` / ``--output-tensor-type`` / ``--token-embedding-type`` overrides, no
 ``--leave-output-tensor``, no ``--keep-split``, no pruning; an imatrix changes nothing for these mixes.
 
-How llama.cpp decides, as followed here:
-
-* Category by name: ``output.weight``; ``token_embd.weight`` (and ``per_layer_token_embd.weight``); then, by
-  substring and in this order, ``attn_qkv.weight``, ``attn_kv_b.weight``, ``attn_v.weight``,
-  ``attn_k.weight``, ``attn_q.weight``, ``attn_output.weight``, ``ffn_up``, ``ffn_gate``, ``ffn_down``. The
-  FFN tests are plain substrings, so MoE tensors (``ffn_down_exps``, ``ffn_down_shexp``, ``ffn_gate_up_exps``
-  -> up) share their dense category. ``attn_qkv`` and ``attn_kv_b`` count as ``attn_v``: they take the
-  ``attn_v`` rules and counter (the separate ``attn_qkv`` rule in ``llama_tensor_get_type_impl`` is never
-  reached in this version).
-* Processing order and counters: llama-quantize visits tensors in the order of its loader's ``weights_map``,
-  sorted by the layer number of ``blk.N.`` (tensors outside blocks first) and then by name, not in file order.
-  The ``attn_v`` counter ``i_attention_wv`` counts ``attn_v``-like tensors in that order, out of
-  ``n_attention_wv`` such tensors in the model; the ``ffn_down`` counter counts ``ffn_down``-like tensors out
-  of the model's layer count. For a dense model with one ``attn_v`` and one ``ffn_down`` per block both equal
-  the layer index; this module replays the counters themselves, so models whose blocks lack some of these
-  tensors are right too. With more than one expert, llama.cpp reads the ``ffn_down`` layer from the tensor's
-  name instead (and so does this).
-* Output head, and ``token_embd`` when the embeddings are tied (llama.cpp: the model has no
-  ``output.weight``): ``Q8_0`` if the row is not a multiple of the mix's block (256) or the architecture is
-  Falcon, else ``Q6_K``.
-* ``tensor_type_fallback``: a row that is not a multiple of the chosen type's block is stored as
-  ``Q2_K``/``Q3_K`` -> ``Q4_0``, ``Q4_K`` -> ``Q5_0``, ``Q5_K`` -> ``Q5_1``, ``Q6_K`` -> ``Q8_0``; if that is
-  still not a multiple of 32 (or the type was already a 32-block type), ``F16``.
-* llama.cpp's "70B" model type (it bumps ``Q3_K``/``Q4_K`` ``attn_v`` to ``Q5_K``) comes from each
-  architecture's hyper-parameter loader; this module carries the table of this version: ``llama`` with 80
-  layers and a key/value head count different from the head count (equal counts are "65B"; an 8-expert
-  ``llama`` never is), ``qwen2``, ``deci`` and ``olmo`` with 80 layers, ``jais2`` with 68. The approximation:
-  llama.cpp reads the GGUF's ``block_count`` and head counts, :class:`MixModel` takes them from the caller
-  (pass those numbers; for other architectures no "70B" exists in this version).
-* Falcon's own branches (``architecture == "falcon"``) are followed as well.
+How llama.cpp decides, rule by rule as this module follows it (categories, processing order and counters, the
+output head, ``tensor_type_fallback``, the "70B" table, Falcon): docs/export.md, "How a mix's types are chosen".
 """
 
 from __future__ import annotations
@@ -57,48 +29,20 @@ from dataclasses import dataclass
 from cbq_lightning.errors import ConfigError
 
 #: the canonical mix names this module knows, as llama-quantize spells them (aliases in :data:`MIX_ALIASES`)
-MIX_NAMES: tuple[str, ...] = (
-    "Q2_K",
-    "Q2_K_S",
-    "Q3_K_S",
-    "Q3_K_M",
-    "Q3_K_L",
-    "Q4_K_S",
-    "Q4_K_M",
-    "Q5_K_S",
-    "Q5_K_M",
-    "Q6_K",
-)
+MIX_NAMES: tuple[str, ...] = ("Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
 #: the other names llama-quantize accepts for these mixes (its ``QUANT_OPTIONS`` "alias for ..." entries)
 MIX_ALIASES: dict[str, str] = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
 #: each mix's base type (``llama_ftype_get_default_type``): what a tensor no rule singles out gets
 _DEFAULT_TYPE: dict[str, str] = {
-    "Q2_K": "Q2_K",
-    "Q2_K_S": "Q2_K",
-    "Q3_K_S": "Q3_K",
-    "Q3_K_M": "Q3_K",
-    "Q3_K_L": "Q3_K",
-    "Q4_K_S": "Q4_K",
-    "Q4_K_M": "Q4_K",
-    "Q5_K_S": "Q5_K",
-    "Q5_K_M": "Q5_K",
-    "Q6_K": "Q6_K",
+    "Q2_K": "Q2_K", "Q2_K_S": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K",
+    "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K",
 }
 
 #: weights per block of every type a mix can store (``ggml_blck_size``): a row must be a multiple of it
 BLOCK_SIZES: dict[str, int] = {
-    "Q2_K": 256,
-    "Q3_K": 256,
-    "Q4_K": 256,
-    "Q5_K": 256,
-    "Q6_K": 256,
-    "Q4_0": 32,
-    "Q4_1": 32,
-    "Q5_0": 32,
-    "Q5_1": 32,
-    "Q8_0": 32,
-    "F16": 1,
+    "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256,
+    "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "F16": 1,
 }
 
 #: ``tensor_type_fallback``'s 32-block replacement for a 256-block type whose row does not fit

@@ -89,6 +89,33 @@ class GPTQResult:
 
 
 @torch.no_grad()
+def _compensated_rounding(
+    w: torch.Tensor, hinv: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int, block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's column loop in the permuted order: round each column, spread its error over the columns still to
+    come through the inverse Hessian's Cholesky factor ``hinv`` (lazily, ``block_size`` columns at a time).
+    Returns the codes and the values they round (``w / s`` after compensation); ``w`` is updated in place."""
+    codes = torch.empty_like(w)
+    targets = torch.empty_like(w)
+    for start in range(0, w.shape[1], block_size):
+        stop = min(start + block_size, w.shape[1])
+        block = w[:, start:stop].clone()
+        errors = torch.empty_like(block)
+        hinv_block = hinv[start:stop, start:stop]
+        for i in range(stop - start):
+            column = block[:, i]
+            col_scale, col_zero = s[:, start + i], z[:, start + i]
+            target = column / col_scale
+            q = torch.clamp(torch.floor(target + 0.5) + col_zero, qmin, qmax)
+            codes[:, start + i] = q
+            targets[:, start + i] = target
+            error = (column - col_scale * (q - col_zero)) / hinv_block[i, i]
+            block[:, i:] -= error.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
+            errors[:, i] = error
+        w[:, stop:] -= errors @ hinv[start:stop, stop:]
+    return codes, targets
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -132,24 +159,7 @@ def gptq_quantize(
     column_group = perm // group
     s = scale.reshape(out_features, -1).double()[:, column_group]  # [out, in], permuted
     z = zero.reshape(out_features, -1).double()[:, column_group]
-    codes = torch.empty_like(w)
-    targets = torch.empty_like(w)
-    for start in range(0, in_features, settings.block_size):
-        stop = min(start + settings.block_size, in_features)
-        block = w[:, start:stop].clone()
-        errors = torch.empty_like(block)
-        hinv_block = hinv[start:stop, start:stop]
-        for i in range(stop - start):
-            column = block[:, i]
-            col_scale, col_zero = s[:, start + i], z[:, start + i]
-            target = column / col_scale
-            q = torch.clamp(torch.floor(target + 0.5) + col_zero, qmin, qmax)
-            codes[:, start + i] = q
-            targets[:, start + i] = target
-            error = (column - col_scale * (q - col_zero)) / hinv_block[i, i]
-            block[:, i:] -= error.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
-            errors[:, i] = error
-        w[:, stop:] -= errors @ hinv[start:stop, stop:]
+    codes, targets = _compensated_rounding(w, hinv, s, z, qmin, qmax, settings.block_size)
     result = torch.empty_like(codes)
     result[:, perm] = codes
     result_targets = torch.empty_like(targets)

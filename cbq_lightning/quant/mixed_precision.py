@@ -22,15 +22,20 @@ of the pipeline honours, so an allocation can be saved, edited and replayed.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:  # the configuration imports this module's MixedPrecisionConfig
+    from cbq_lightning.config import QuantizeConfig
+
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.models.adapter import BlockKwargs, DecoderAdapter, run_blocks_batched
+from cbq_lightning.quant.convert import all_block_linears
 from cbq_lightning.quant.input_moments import InputMoments
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import ClipSearch, build_weight_quantizer
@@ -214,3 +219,58 @@ def check_layer_bits(
                     f"quant.layer_bits gives {', '.join(full)} different bit-widths: they read one input and "
                     "serving kernels fuse them into one GEMM with one scheme. Name all of them, with the same bits."
                 )
+
+
+log = logging.getLogger("cbq_lightning")
+
+def run_layer_bits(
+    config: QuantizeConfig,
+    adapter: DecoderAdapter,
+    inputs: torch.Tensor,
+    block_kwargs: BlockKwargs,
+    scheme: QuantScheme,
+    clip_search: ClipSearch | None,
+    device: torch.device,
+) -> tuple[dict[str, int], dict[str, Any] | None]:
+    """Per-layer weight bits (``blocks.<i>.<name>`` -> bits) and their summary for the report, or ``({}, None)``.
+
+    With ``mixed.budget``: a sensitivity pass on the full-precision model and the allocation under the budget;
+    with ``quant.layer_bits``: those overrides, checked against the model's layers and fused groups.
+    """
+    mixed = config.mixed
+    if mixed is None and not config.quant.layer_bits:
+        return {}, None
+    weights = {name: linear.weight.numel() for name, linear in all_block_linears(adapter.blocks)}
+    sensitivity = None
+    if mixed is not None:
+        groups = measure_sensitivity(
+            adapter.blocks, inputs[: mixed.samples], block_kwargs, scheme, mixed.candidates, clip_search, device,
+            config.train.forward_batch_size, progress=config.trainer.enable_progress_bar,
+        )
+        layer_bits = allocate(groups, mixed.candidates, mixed.budget)
+        sensitivity = [{"layers": g.names, "weights": g.weights, "errors": {str(b): e for b, e in g.errors.items()}}
+                       for g in groups]
+    else:
+        layer_bits = {name: int(bits) for name, bits in config.quant.layer_bits.items()}
+        check_layer_bits(layer_bits, list(weights), fused_groups(adapter.blocks[0], inputs, block_kwargs[0]),
+                         adapter.num_blocks)
+    full_bits = {name: layer_bits.get(name, scheme.w_bits) for name in weights}
+    achieved = average_bits(weights, full_bits)
+    counts = {str(b): sum(1 for v in full_bits.values() if v == b) for b in sorted(set(full_bits.values()))}
+    summary = {
+        "budget": None if mixed is None else mixed.budget,
+        "average_bits": achieved,
+        "layers_per_bits": counts,
+        "layer_bits": full_bits,
+        **({"sensitivity": sensitivity} if sensitivity is not None else {}),
+    }
+    log.info("mixed precision: %.3f average weight bits (%s layers per bit-width)", achieved, counts)
+    return full_bits, summary
+
+
+def log_layer_bits(logger: Any, layer_bits: dict[str, int]) -> None:
+    """One TensorBoard chart per layer (name in the block): its bits along the depth of the model."""
+    for name, bits in layer_bits.items():
+        _, index, inner = name.split(".", 2)
+        logger.log_metrics({f"mixed_precision/bits/{inner}": float(bits)}, step=int(index))
+

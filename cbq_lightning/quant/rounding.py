@@ -128,6 +128,20 @@ class RoundingConfig:
         if self.form == "offset":
             self._refuse_settings_offset_ignores()
 
+    def check_gptq_start(self) -> None:
+        """Refuse a GPTQ start under rounding this form cannot start from; the one place the rule lives (the
+        configuration checks call it before any work, a layer built outside a run calls it too).
+
+        Why: GPTQ's decisions are held by the frozen ``V0`` of the residual form; the paper's pure low-rank form
+        ``V = A1 @ A2`` has no such term, so it would silently discard them.
+        """
+        if self.enabled and self.form == "lowrank":
+            raise ConfigError(
+                "quant.gptq with rounding.form='lowrank': the pure low-rank form has no frozen V0 to hold "
+                "GPTQ's decisions; use rounding.form=residual (LoRA-Rounding on top of GPTQ), offset, or "
+                "rounding.enabled=false."
+            )
+
 
     def rank_for(self, out_features: int, in_features: int) -> int:
         """The rank of ``A1 A2`` for an ``out x in`` weight: ``rank``, or half the layer's smaller dimension
