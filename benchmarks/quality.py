@@ -126,7 +126,7 @@ def _run(command: list[str]) -> float:
 
 
 def _git_commit() -> str:
-    from cbq_lightning.runner import source_commit
+    from cbq_lightning.provenance import source_commit
 
     # results written by earlier schemes of the same invocation do not make the code dirty
     return source_commit((".", ":!benchmarks/results")) or "unknown"
@@ -289,6 +289,20 @@ def _ablation_summary(name: str, settings: list[str], run: dict, cbq_ppl: float 
     }
 
 
+#: configuration keys renamed since some records were made: the table shows today's key, and what the run was given
+RENAMED_KEYS = {"quant.estimator": "quant.continuous.estimator", "quant.clamp": "quant.continuous.clamp"}
+
+
+def _overrides_text(overrides: list[str]) -> str:
+    """The ablation's overrides as a user would write them today (and, where a key was renamed, as the run got them)."""
+    today = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        today.append(f"{RENAMED_KEYS.get(key, key)}{sep}{value}")
+    text = f"`{' '.join(today)}`"
+    return text if today == list(overrides) else f"{text} (run as `{' '.join(overrides)}`)"
+
+
 def _ablation_table(rows: list[dict]) -> str:
     """One line per ablation run of every row: the option, its perplexity against plain CBQ, its cost.
 
@@ -305,7 +319,7 @@ def _ablation_table(rows: list[dict]) -> str:
                 adds.append(f"{entry['average_bits']:.3f} avg bits")
             ratio = f"{entry['over_cbq']:.3f}" if entry["over_cbq"] else "-"
             lines.append(
-                f"| {row['scheme']} | {entry['name']}{' (earlier recipe)' if earlier else ''} | `{' '.join(entry['overrides'])}` | {entry['ppl']:.2f} | "
+                f"| {row['scheme']} | {entry['name']}{' (earlier recipe)' if earlier else ''} | {_overrides_text(entry['overrides'])} | {entry['ppl']:.2f} | "
                 f"{ratio} | {', '.join(adds) or '-'} | {entry['time_s'] / 60:.1f} min | {entry['peak_rss_gib']:.2f} GiB |"
             )
     return "\n".join(lines)
@@ -538,7 +552,7 @@ def _write_table(folder: Path, suffix: str) -> None:
 def _run_all(recipes: dict[str, Path], peers: list[str], flags: list[str], args: argparse.Namespace,
              invocation: str, suffix: str, ablations: dict[str, list[str]] | None = None) -> None:
     """FP once, then per scheme RTN, (CBQ w/o CFP,) CBQ, the ablations and the peers; one record per scheme."""
-    from cbq_lightning.runner import versions as versions_now
+    from cbq_lightning.provenance import versions as versions_now
 
     with tempfile.TemporaryDirectory(prefix="cbq-quality-") as tmp:
         workdir = Path(tmp)
@@ -611,7 +625,7 @@ def _attach_peer(record: dict, name: str, peer: dict) -> None:
 def _add_peers(recipes: dict[str, Path], peers: list[str], args: argparse.Namespace, invocation: str,
                suffix: str) -> None:
     """``--peers-only``: run the peers with each scheme's recorded recipe and overrides, add them to its record."""
-    from cbq_lightning.runner import versions as versions_now
+    from cbq_lightning.provenance import versions as versions_now
 
     records = _existing_records(recipes, args, suffix, "--peers-only")
     for scheme, (_path, record) in records.items():
@@ -676,7 +690,7 @@ def _add_ablations(recipes: dict[str, Path], ablations: dict[str, list[str]], ar
                    invocation: str, suffix: str) -> None:
     """``--ablations-only``: run the ablations with each scheme's recorded recipe and overrides, add them to
     its record (a later run of the same name replaces the earlier one)."""
-    from cbq_lightning.runner import versions as versions_now
+    from cbq_lightning.provenance import versions as versions_now
 
     records = _existing_records(recipes, args, suffix, "--ablations-only")
     with tempfile.TemporaryDirectory(prefix="cbq-quality-ablations-") as tmp:
@@ -711,7 +725,7 @@ def _existing_records(recipes: dict[str, Path], args: argparse.Namespace, suffix
 def _add_paper(recipes: dict[str, Path], args: argparse.Namespace, invocation: str, suffix: str) -> None:
     """``--paper-only``: run CBQ (paper settings) with each scheme's recorded recipe and overrides, add it to
     the record (replacing an earlier one)."""
-    from cbq_lightning.runner import versions as versions_now
+    from cbq_lightning.provenance import versions as versions_now
 
     records = _existing_records(recipes, args, suffix, "--paper-only")
     with tempfile.TemporaryDirectory(prefix="cbq-quality-paper-") as tmp:
@@ -733,7 +747,7 @@ def _replace_cbq(recipes: dict[str, Path], args: argparse.Namespace, invocation:
     """``--cbq-only``: run CBQ (shipped recipe), and for activation schemes CBQ w/o CFP, with each scheme's
     recorded recipe and overrides, and replace them in the record. The recipe file is today's: that is the
     point (a changed recipe, the same samples and evaluation windows as the record's other columns)."""
-    from cbq_lightning.runner import versions as versions_now
+    from cbq_lightning.provenance import versions as versions_now
 
     records = _existing_records(recipes, args, suffix, "--cbq-only")
     with tempfile.TemporaryDirectory(prefix="cbq-quality-cbq-") as tmp:
