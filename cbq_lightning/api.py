@@ -8,7 +8,9 @@ same checks, same outputs); the command line is the same runner with every input
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ def quantize(
     output_dir: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     callbacks: Sequence[L.Callback] = (),
+    save: bool = True,
 ) -> QuantizeResult:
     """Quantize ``model`` in place with a recipe and return it with the run's report.
 
@@ -68,6 +71,9 @@ def quantize(
             same model, data and recipe resumes from the last finished window, as the command line does.
         overrides: dotted keys over the recipe, as the command line's flags (``{"train.epochs": 1}``).
         callbacks: extra Lightning callbacks joining every window's Trainer.
+        save: False keeps nothing on disk: the run works in a temporary folder (its per-window checkpoints, caches,
+            TensorBoard log) that is removed when it returns, so there is no resume; the quantized model and the
+            report come back in memory. A recipe that exports (``export.format``) is refused with it.
 
     Returns:
         :class:`~cbq_lightning.runner.QuantizeResult`: ``report`` (what ``report.json`` holds), ``model`` (the
@@ -75,10 +81,19 @@ def quantize(
     """
     config = _config(recipe, overrides)
     if output_dir is not None:
-        config = _replace_output_dir(config, output_dir)
+        config = dataclasses.replace(config, output_dir=str(output_dir))
     ids = _calibration_ids(calibration, tokenizer, config)
     supplied = SuppliedInputs(model=model, tokenizer=tokenizer, calibration_ids=ids)
-    return run_quantize(config, callbacks=callbacks, supplied=supplied)
+    if save:
+        return run_quantize(config, callbacks=callbacks, supplied=supplied)
+    if config.export.format is not None:
+        raise ConfigError(
+            f"save=False keeps nothing on disk, but the recipe exports (export.format={config.export.format!r}): "
+            "pass save=True (and an output_dir), or override export.format to null."
+        )
+    with tempfile.TemporaryDirectory(prefix="cbq-") as scratch:
+        return run_quantize(dataclasses.replace(config, output_dir=scratch, resume=False), callbacks=callbacks,
+                            supplied=supplied)
 
 
 def _config(recipe: str | Path | QuantizeConfig, overrides: Mapping[str, Any] | None) -> QuantizeConfig:
@@ -92,12 +107,6 @@ def _config(recipe: str | Path | QuantizeConfig, overrides: Mapping[str, Any] | 
     if not isinstance(recipe, (str, Path)):
         raise ConfigError(f"recipe is a {type(recipe).__name__}: give a recipe file's path or a QuantizeConfig.")
     return load_recipe(recipe, overrides)
-
-
-def _replace_output_dir(config: QuantizeConfig, output_dir: str | Path) -> QuantizeConfig:
-    import dataclasses
-
-    return dataclasses.replace(config, output_dir=str(output_dir))
 
 
 def _calibration_ids(calibration: Calibration, tokenizer: Any | None, config: QuantizeConfig) -> torch.Tensor | None:

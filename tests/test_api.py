@@ -8,7 +8,6 @@ README's example as written (only the model path and budget substituted), and it
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from cbq_lightning.data.calibration import sample_segments
 from cbq_lightning.data.text import ROW_SEPARATOR, tokenize_text
 from cbq_lightning.errors import CBQError, ConfigError
 from cbq_lightning.models.loading import load_model, load_tokenizer
-from tests.conftest import REPO, TINY_RECIPE
+from tests.conftest import TINY_RECIPE
 
 #: what makes a tiny run quick and quiet (the API takes the command line's dotted keys)
 FAST = {"train.epochs": 1, "trainer.enable_progress_bar": False, "eval.datasets": []}
@@ -67,31 +66,6 @@ def test_text_calibration_is_cut_as_the_recipe_cuts_its_corpus(tmp_path: Path) -
     _same_state(tmp_path / "text", tmp_path / "ids")
 
 
-def test_readme_python_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's Python block, with a saved tiny checkpoint for the model path and a test budget."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## From Python", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    model, tokenizer = _tiny()
-    model.save_pretrained(tmp_path / "your-model")
-    tokenizer.save_pretrained(tmp_path / "your-model")
-    corpus = next((REPO / "cbq_lightning" / "data" / "corpus").glob("*.txt"))  # the package's shipped excerpt
-    (tmp_path / "calibration.txt").write_text(corpus.read_text(encoding="utf-8"), encoding="utf-8")
-    budget = {"data.num_samples": 4, "data.seqlen": 64, "train.epochs": 1, "trainer.enable_progress_bar": False,
-              "eval.max_windows": 2, "eval.seqlen": 64}
-    assert '"path/to/your-model"' in code and 'output_dir="runs/my-w4a16"' in code
-    code = code.replace('"path/to/your-model"', repr(str(tmp_path / "your-model")))
-    code = code.replace('recipe="configs/w4a16.yaml"', f"recipe={str(REPO / 'configs/w4a16.yaml')!r}")
-    code = code.replace('output_dir="runs/my-w4a16"', f'output_dir="runs/my-w4a16", overrides={budget!r}')
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    report = namespace["result"].report
-    assert report["method"] == "cbq" and report["scheme"]["name"] == "W4A16"
-    assert report["eval"] and all(entry["ppl"] > 1 for entry in report["eval"])
-    assert (tmp_path / "runs/my-w4a16/model/model.safetensors").is_file()
-
-
 @pytest.mark.parametrize("call, message", [
     (lambda m, t: quantize("model", t, recipe=TINY_RECIPE), "not a transformers causal LM"),
     (lambda m, t: quantize(m, None, recipe=TINY_RECIPE), "neither calibration ids nor a tokenizer"),
@@ -110,6 +84,19 @@ def test_refusals_are_one_line(call, message: str) -> None:
         call(model, tokenizer)
     text = str(raised.value)
     assert message in text and "\n" not in text, text
+
+
+def test_save_false_leaves_nothing_and_returns_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the scratch folder goes, to look at it after
+    model, tokenizer = _tiny()
+    result = quantize(model, tokenizer, recipe=TINY_RECIPE, overrides={**FAST, "data.num_samples": 4}, save=False)
+    assert result.model is model and result.report["method"] == "cbq"
+    assert sum(1 for _ in model.modules() if type(_).__name__ == "FinalizedQuantLinear") == 4 * 7
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match="save=False keeps nothing"):
+        quantize(model, tokenizer, recipe=TINY_RECIPE, overrides={"export.format": "compressed-tensors"}, save=False)
 
 
 def test_overrides_need_a_recipe_file() -> None:
