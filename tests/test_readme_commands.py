@@ -293,6 +293,7 @@ def test_readme_python_example_equals_the_command_line(tmp_path: Path, monkeypat
     from safetensors.torch import load_file
 
     from cbq_lightning.cli import main
+    from cbq_lightning.data.text import DATA_DIR_ENV
     from cbq_lightning.models.tiny import TinyModelConfig, build_tiny_llama, byte_tokenizer
 
     code = re.search(r"```python\n(.*?)```", README.read_text(encoding="utf-8").split("## From Python", 1)[1],
@@ -301,8 +302,6 @@ def test_readme_python_example_equals_the_command_line(tmp_path: Path, monkeypat
     model_dir = tmp_path / "your-model"
     build_tiny_llama(TinyModelConfig(), vocab_size=len(tokenizer), seed=0).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    corpus = next((REPO / "cbq_lightning" / "data" / "corpus").glob("*.txt"))  # the package's shipped excerpt
-    (tmp_path / "calibration.txt").write_text(corpus.read_text(encoding="utf-8"), encoding="utf-8")
     budget = {"data.num_samples": 4, "data.seqlen": 64, "train.epochs": 1, "trainer.enable_progress_bar": False,
               "eval.max_windows": 2, "eval.seqlen": 64}
     for written in ('"path/to/your-model"', 'recipe="configs/w4a16.yaml"', 'output_dir="runs/my-w4a16"'):
@@ -310,16 +309,20 @@ def test_readme_python_example_equals_the_command_line(tmp_path: Path, monkeypat
     code = code.replace('"path/to/your-model"', repr(str(model_dir)))
     code = code.replace('recipe="configs/w4a16.yaml"', f"recipe={str(REPO / 'configs/w4a16.yaml')!r}")
     code = code.replace('output_dir="runs/my-w4a16"', f'output_dir="runs/my-w4a16", overrides={budget!r}')
-    monkeypatch.chdir(tmp_path)
+    workdir = _scratch(tmp_path)  # the offline WikiText-2 mirror the recipe's evaluation reads, as for the commands
+    corpus = next((REPO / "cbq_lightning" / "data" / "corpus").glob("*.txt"))  # the package's shipped excerpt
+    (workdir / "calibration.txt").write_text(corpus.read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "shared" / "data"))
+    monkeypatch.chdir(workdir)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     report = namespace["result"].report
     assert report["method"] == "cbq" and report["scheme"]["name"] == "W4A16" and report["eval"]
     flags = [f"--{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in budget.items()]
     assert main(["quantize", "--config", str(REPO / "configs/w4a16.yaml"), "--model.name_or_path", str(model_dir),
-                 "--data.source", str(tmp_path / "calibration.txt"), "--output_dir", str(tmp_path / "cli"),
+                 "--data.source", str(workdir / "calibration.txt"), "--output_dir", str(tmp_path / "cli"),
                  *flags]) == 0
-    api = load_file(tmp_path / "runs/my-w4a16/quant_state.safetensors")
+    api = load_file(workdir / "runs/my-w4a16/quant_state.safetensors")
     cli = load_file(tmp_path / "cli/quant_state.safetensors")
     assert api.keys() == cli.keys()
     for name in api:
