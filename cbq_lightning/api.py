@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from cbq_lightning.config import QuantizeConfig
-from cbq_lightning.data.calibration import sample_segments
-from cbq_lightning.data.text import ROW_SEPARATOR, tokenize_text
+from cbq_lightning.data.calibration import samples_of_text
+from cbq_lightning.data.text import ROW_SEPARATOR
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.runner import QuantizeResult, run_quantize
 from cbq_lightning.supplied import SuppliedInputs
@@ -124,4 +124,4 @@ def _calibration_ids(calibration: Calibration, tokenizer: Any | None, config: Qu
         )
     if tokenizer is None:
         raise ConfigError("calibration text needs the model's tokenizer: pass tokenizer=..., or give token ids.")
-    return sample_segments(tokenize_text(tokenizer, text), config.data.num_samples, config.data.seqlen, config.seed)
+    return samples_of_text(text, tokenizer, config.data, config.seed)

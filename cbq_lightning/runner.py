@@ -166,14 +166,22 @@ class _Job:
     adapted: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: a llama.cpp mix's GGML type per weight (:mod:`cbq_lightning.export.gguf_plan`; None: not a mix)
     gguf_plan: GgufPlan | None = None
-    #: the model was handed over in memory (the Python API) rather than loaded from ``model.name_or_path``
-    in_memory: bool = False
-    #: the calibration ids were handed over too (the ``data`` section was not read)
-    supplied_ids: bool = False
+    #: what the caller handed over in memory (the Python API) instead of the recipe's model (and data); None: the CLI
+    supplied: SuppliedInputs | None = None
 
     @property
     def cbq(self) -> bool:
         return self.config.method == "cbq"
+
+    @property
+    def in_memory(self) -> bool:
+        """The model was handed over in memory rather than loaded from ``model.name_or_path``."""
+        return self.supplied is not None
+
+    @property
+    def supplied_ids(self) -> bool:
+        """The calibration ids were handed over too (the ``data`` section was not read)."""
+        return self.supplied is not None and self.supplied.calibration_ids is not None
 
 
 def _read_inputs(config: QuantizeConfig, supplied: SuppliedInputs | None = None) -> _Job:
@@ -230,8 +238,7 @@ def _read_inputs(config: QuantizeConfig, supplied: SuppliedInputs | None = None)
         config=config, scheme=scheme, place=place, output_dir=output_dir, checkpointer=checkpointer, resume=resume,
         tokenizer=tokenizer, model=model, adapter=adapter, rounding=rounding, correction=correction,
         all_ids=all_ids, ids=place.shard(all_ids),  # DDP: this rank's samples (all of them in a single process)
-        eval_sets=eval_sets, rotation=rotation, adapted=adapted, gguf_plan=gguf_plan, in_memory=supplied is not None,
-        supplied_ids=supplied is not None and supplied.calibration_ids is not None,
+        eval_sets=eval_sets, rotation=rotation, adapted=adapted, gguf_plan=gguf_plan, supplied=supplied,
     )
 
 
@@ -276,7 +283,10 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: BlockKwargs, dev
     act = config.quant.act_settings(trained=cbq)
     # before CFP and any quantization: the sensitivity pass runs the full-precision model
     layer_bits, mixed_summary = run_layer_bits(config, job.adapter, inputs, block_kwargs, scheme, clip_search, device)
-    layer_schemes = {name: replace(scheme, w_bits=bits) for name, bits in layer_bits.items()} or (job.gguf_plan.block_schemes(job.adapter, job.scheme) if job.gguf_plan else {})
+    # per-layer schemes: mixed precision's bits, else a llama.cpp mix's GGML types
+    layer_schemes = {name: replace(scheme, w_bits=bits) for name, bits in layer_bits.items()}
+    if not layer_schemes and job.gguf_plan is not None:
+        layer_schemes = job.gguf_plan.block_schemes(job.adapter, scheme)
     layer = LayerQuantConfig(
         scheme=scheme, rounding=job.rounding, learnable_clip=learnable_clip,
         clip_init=config.quant.clip_init if learnable_clip else 1.0, clip_search=clip_search, act=act, gptq=gptq,

@@ -63,7 +63,10 @@ def sample_segments(tokens: torch.Tensor, num_samples: int, seqlen: int, seed: i
 
 
 def calibration_ids(config: CalibrationConfig, tokenizer, seed: int, data_dir: str | None = None) -> torch.Tensor:
-    """Tokenize the calibration corpus once and draw the samples: ``[N, T]`` int64."""
-    text = load_text(config.source, config.split, config.text_field, data_dir)
-    tokens = tokenize_text(tokenizer, text)
-    return sample_segments(tokens, config.num_samples, config.seqlen, seed)
+    """Read the calibration corpus and draw the samples: ``[N, T]`` int64."""
+    return samples_of_text(load_text(config.source, config.split, config.text_field, data_dir), tokenizer, config, seed)
+
+
+def samples_of_text(text: str, tokenizer, config: CalibrationConfig, seed: int) -> torch.Tensor:
+    """Tokenize a whole corpus once and draw ``config``'s samples from it (also the Python API's text calibration)."""
+    return sample_segments(tokenize_text(tokenizer, text), config.num_samples, config.seqlen, seed)

@@ -55,8 +55,8 @@ def model_identity(config: ModelConfig, model: nn.Module, seed: int) -> dict[str
     path = Path(source)
     if path.exists():
         files = [path / gguf_file] if gguf_file else sorted(p for p in path.iterdir() if p.is_file())
-        return {"files": [{"path": str(f.resolve()), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
-                          for f in files]}
+        stats = [(f, f.stat()) for f in files]
+        return {"files": [{"path": str(f.resolve()), "bytes": s.st_size, "mtime_ns": s.st_mtime_ns} for f, s in stats]}
     commit = getattr(model.config, "_commit_hash", None)  # set by transformers for a hub download
     return {"hub": name, "revision": config.revision, "commit": commit} if commit else None
 
