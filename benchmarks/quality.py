@@ -88,8 +88,8 @@ PAPER_KEYS = (
     "rounding.column_scale", "window.size", "window.overlap", "cfp.weights", "cfp.truncation", "cfp.activations",
     "loss.global_branch", "loss.homologous_branch", "loss.kl_weight", "loss.output_kl_weight", "train.keep_best",
     "train.lr_rounding", "train.lr_clip",
-    # the paper rotates nothing (an extension, docs/rotation.md)
-    "rotation",
+    # the paper rotates nothing (an extension, docs/rotation.md) and has no end-to-end phase (docs/method.md §3)
+    "rotation", "end_to_end",
 )
 PAPER_RECIPES = ROOT / "configs" / "paper"
 

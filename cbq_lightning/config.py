@@ -25,7 +25,7 @@ from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import clip_logit
 from cbq_lightning.rotation.fold import RotationConfig
-from cbq_lightning.train_config import OptimConfig, TrainerConfig
+from cbq_lightning.train_config import EndToEndConfig, OptimConfig, TrainerConfig
 from cbq_lightning.windows import WindowConfig
 
 
@@ -63,6 +63,9 @@ class QuantizeConfig:
             (:class:`MixedPrecisionConfig`); null: every layer at the scheme's bits.
         rotation: an extension: orthogonal rotations folded into the model before anything else
             (:class:`~cbq_lightning.rotation.fold.RotationConfig`); null: none.
+        end_to_end: an extension: after the windows, one more fit over the whole quantized model that trains the
+            scales (the clipping thresholds, codes frozen) against the full-precision next-token distribution
+            (:class:`~cbq_lightning.train_config.EndToEndConfig`); null: none.
 
     Extensions are optional sections: null (the default) is off, a section (``{}`` or any of its keys, e.g.
     ``--quant.gptq.damp 0.02``) is on. Each section checks its own values when it is built; :func:`validate`
@@ -81,6 +84,7 @@ class QuantizeConfig:
     correction: CorrectionConfig | None = None
     mixed: MixedPrecisionConfig | None = None
     rotation: RotationConfig | None = None
+    end_to_end: EndToEndConfig | None = None
     cfp: CFPConfig = field(default_factory=CFPConfig)
     window: WindowConfig = field(default_factory=WindowConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -112,6 +116,8 @@ def validate(config: QuantizeConfig, supplied_model_type: str | None = None) -> 
     _check_outputs(config, scheme, supplied_model_type)
     if config.method == "cbq":
         _check_trainable(config, scheme)
+    if config.end_to_end is not None:
+        _check_end_to_end(config, scheme)
     return scheme
 
 
@@ -200,3 +206,18 @@ def _check_trainable(config: QuantizeConfig, scheme: QuantScheme) -> None:
         )
     if config.train.epochs_for(scheme.w_bits) < 1:
         raise ConfigError("method=cbq needs train.epochs >= 1 (train.epochs_2bit for 2-bit weights).")
+
+
+def _check_end_to_end(config: QuantizeConfig, scheme: QuantScheme) -> None:
+    """The end-to-end phase trains a CBQ run's scales, which a GGML grid does not let move alone."""
+    if config.method != "cbq":
+        raise ConfigError(
+            "end_to_end trains the scales of a CBQ run after its windows; method=rtn is the untrained baseline. "
+            "Use method=cbq, or drop end_to_end."
+        )
+    if scheme.gguf_type is not None or config.export.format == "gguf":
+        raise ConfigError(
+            "end_to_end with a GGML grid (a Q* scheme or export.format gguf): its scales are stored as float16 "
+            "multiples of a super-block's, so trained scales would not survive the export bit for bit. Drop "
+            "end_to_end, or use a W<bits>A<bits> scheme with another export."
+        )

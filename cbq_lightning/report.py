@@ -91,6 +91,8 @@ def run_report(
         "mixed_precision": built.mixed_summary,
         # a llama.cpp mix: the GGML type each weight is stored in and the fallbacks (None: not a mix)
         "gguf_types": None if job.gguf_plan is None else job.gguf_plan.summary(),
+        # the end-to-end phase after the windows (an extension; None: none): steps, output KL before/after, kept
+        "end_to_end": built.end_to_end,
         "final_error": {config.method: final.quantized, **({"rtn": final.rtn} if final.rtn is not None else {})},
         "eval": eval_entries,
         "resumed_after_window": None if resume is None else resume.last_window,

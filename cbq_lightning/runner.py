@@ -39,6 +39,7 @@ from cbq_lightning.config import QuantizeConfig, validate
 from cbq_lightning.crossblock import CrossBlockState
 from cbq_lightning.data.calibration import calibration_ids
 from cbq_lightning.distributed import Placement, all_gather_objects, compute_device, placement
+from cbq_lightning.end_to_end import run_end_to_end
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.evaluation.fp_cache import load_reference, model_identity, reference_key, save_reference
 from cbq_lightning.evaluation.perplexity import EvalSet, evaluate_sets, prepare_eval_set
@@ -131,6 +132,8 @@ def _run_quantize(
     if built.quantizer.layer_bits and job.place.is_main:
         log_layer_bits(logger, built.quantizer.layer_bits)
     windows = _calibrate(job, built, fp_results, logger, device, callbacks, stop)
+    if job.cbq and config.end_to_end is not None:  # before the caches go: it reads X at block 0 and the last Y_fp
+        built.end_to_end = run_end_to_end(config, built.state, job.adapter.output_head(), logger, list(callbacks))
     built.store.cleanup()  # the disk caches (if any) are not needed past calibration
     calibrated_s = time.perf_counter() - started
     # every rank says which samples it calibrated on (a collective: all ranks take part)
@@ -272,6 +275,8 @@ class _Built:
     cfp: CoarseToFinePreprocessor
     store: TensorStore
     mixed_summary: dict[str, Any] | None
+    #: the end-to-end phase's record (None: no phase)
+    end_to_end: dict[str, Any] | None = None
 
 
 def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: BlockKwargs, device: torch.device) -> _Built:

@@ -99,3 +99,36 @@ class TrainerConfig:
             raise ConfigError(f"trainer.log_every_n_steps={self.log_every_n_steps} must be >= 1.")
         if self.num_nodes < 1:
             raise ConfigError(f"trainer.num_nodes={self.num_nodes} must be >= 1.")
+
+
+@dataclass
+class EndToEndConfig:
+    """An extension: the end-to-end phase after the windows (:mod:`cbq_lightning.end_to_end`); null: none.
+
+    Attributes:
+        epochs: passes over the calibration samples; each costs about one forward and backward of the whole
+            model per sample, plus the two measuring passes (forward only) of the whole phase.
+        lr: Adam learning rate of the log-gains (0.001: a scale moves about 0.1 % per step).
+        batch_size: sequences per step; null: ``train.batch_size``.
+        tokens: positions per sequence the output head is applied to (training and measurement).
+        activation_clip: also train the activation quantizers' clipping (activation schemes only).
+        checkpoint_blocks: recompute each block's activations in the backward instead of keeping them (less
+            memory, one more forward); null: on for CUDA devices, off on the CPU.
+    """
+
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int | None = None
+    tokens: int = 128
+    activation_clip: bool = True
+    checkpoint_blocks: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"end_to_end.epochs={self.epochs} must be >= 1 (drop the section for no phase).")
+        if not self.lr > 0:
+            raise ConfigError(f"end_to_end.lr={self.lr} must be > 0.")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"end_to_end.batch_size={self.batch_size} must be >= 1 (null: train.batch_size).")
+        if self.tokens < 1:
+            raise ConfigError(f"end_to_end.tokens={self.tokens} must be >= 1 (positions per sequence).")

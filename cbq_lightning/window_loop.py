@@ -86,6 +86,12 @@ def _measures_hardened_objective(config: QuantizeConfig) -> bool:
     return config.monitor.hardened_loss or config.train.keep_best
 
 
+def trainer_settings(config: QuantizeConfig) -> dict[str, Any]:
+    """The recipe's ``trainer`` section as ``L.Trainer`` arguments (a fresh strategy object for each Trainer)."""
+    return {**dataclasses.asdict(config.trainer), "strategy": _strategy(config.trainer.strategy),
+            "default_root_dir": config.output_dir}
+
+
 def _window_trainer(
     config: QuantizeConfig, epochs: int, logger: TensorBoardLogger, callbacks: list[L.Callback], total_windows: int
 ) -> L.Trainer:
@@ -109,9 +115,8 @@ def _window_trainer(
         limit_val_batches=1.0 if measured else 0,
         check_val_every_n_epoch=1 if config.train.keep_best else epochs,
         inference_mode=False,
-        default_root_dir=config.output_dir,
         use_distributed_sampler=False,  # each rank already holds only its shard
-        **{**dataclasses.asdict(config.trainer), "strategy": _strategy(config.trainer.strategy)},
+        **trainer_settings(config),
     )
 
 

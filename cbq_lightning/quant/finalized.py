@@ -36,7 +36,8 @@ def quantized_linear(
 
 class FinalizedQuantLinear(nn.Module):
     """A quantized linear after calibration: integer codes, scales and zero-points, and the dequantized weight
-    its forward uses. Nothing in it trains.
+    its forward uses. Nothing in it trains, except its scales during the optional end-to-end phase
+    (:meth:`begin_scale_training`; :mod:`cbq_lightning.end_to_end`), which never touches the codes.
 
     Its state dict holds ``weight`` (dequantized, the model's dtype), ``bias`` (if any), ``qweight`` (uint8
     codes ``[out, in]``), ``scales`` (float32 ``[out, in / group]``), ``zeros`` (uint8), ``mins`` (float32, GGML's
@@ -99,17 +100,49 @@ class FinalizedQuantLinear(nn.Module):
         self.weight = self.dequantized_weight().to(dtype)
         self.act_quantizer = act_quantizer
         self.correction = correction
+        #: log of a multiplicative gain on every scale while the end-to-end phase trains them; None otherwise
+        self.register_parameter("scale_log_gain", None)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """``scale * (q - zero)`` (``scale * q + min`` with minimums) from the stored integer state, ``[out, in]`` fp32."""
+    def dequantized_weight(self, scales: torch.Tensor | None = None) -> torch.Tensor:
+        """``scale * (q - zero)`` (``scale * q + min`` with minimums) from the stored integer state (or the given
+        ``scales``, differentiably), ``[out, in]`` fp32."""
         group = self.group_size or self.in_features
         q = self.qweight.float().reshape(self.out_features, -1, group)
         mins = None if self.mins is None else self.mins.unsqueeze(-1)
-        w = WeightQuantizer.dequantize_codes(q, self.scales.unsqueeze(-1), self.zeros.float().unsqueeze(-1), mins)
+        scales = self.scales if scales is None else scales
+        w = WeightQuantizer.dequantize_codes(q, scales.unsqueeze(-1), self.zeros.float().unsqueeze(-1), mins)
         return w.reshape(self.out_features, self.in_features)
 
+    @property
+    def scales_trainable(self) -> bool:
+        """Whether the scales can move alone: not on a grid that ties them to a super-block's integer multiples
+        or stores a minimum beside them (GGML's ``_1`` and K-quant types)."""
+        return self.mins is None and self.super_scales is None
+
+    def begin_scale_training(self) -> nn.Parameter:
+        """Make every scale trainable as ``scale * exp(g)``, ``g`` starting at 0; the codes stay as they are.
+
+        With the codes fixed a group's scale is its clipping range over its levels, so a gain on it is a gain on
+        the group's clipping threshold."""
+        if not self.scales_trainable:
+            raise ValueError(f"{self.ggml_type}: the scales are tied to the grid's super-blocks and cannot train")
+        self.scale_log_gain = nn.Parameter(torch.zeros_like(self.scales))
+        return self.scale_log_gain
+
+    @torch.no_grad()
+    def end_scale_training(self, keep: bool) -> None:
+        """Fold the trained gains into the stored scales and the dequantized weight (``keep``), or drop them."""
+        gain = self.scale_log_gain
+        self.scale_log_gain = None
+        if keep and gain is not None:
+            self.scales = self.scales * gain.detach().to(self.scales).exp()
+            self.weight = self.dequantized_weight().to(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantized_linear(x, self.weight, self.bias, self.act_quantizer, self.correction)
+        weight = self.weight
+        if self.scale_log_gain is not None:
+            weight = self.dequantized_weight(self.scales * self.scale_log_gain.exp())
+        return quantized_linear(x, weight, self.bias, self.act_quantizer, self.correction)
 
     def correction_parameter_count(self) -> int:
         """Full-precision parameters the correction adds to the layer (0 without one)."""

@@ -1,0 +1,142 @@
+"""The end-to-end phase (``end_to_end``): scale training on a finalised layer by hand, and the phase on the tiny
+recipe through the real CLI, against the same run without it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cbq_lightning.cli import main
+from cbq_lightning.errors import ConfigError
+from cbq_lightning.quant.finalized import FinalizedQuantLinear
+from cbq_lightning.train_config import EndToEndConfig
+from tests.conftest import TINY_RECIPE, fast_flags
+
+FAST = [*fast_flags(epochs=2), "--monitor.rtn_reference", "false", "--monitor.hardened_loss", "false"]
+
+
+def _layer(mins: torch.Tensor | None = None) -> FinalizedQuantLinear:
+    """A 2 x 4 layer, groups of 2, 2 bits: codes and zero-points chosen so each weight is easy to write down."""
+    codes = torch.tensor([[0, 1, 2, 3], [3, 3, 0, 1]], dtype=torch.uint8)
+    scales = torch.tensor([[0.5, 1.0], [2.0, 0.25]])
+    zeros = torch.tensor([[1, 2], [0, 1]], dtype=torch.uint8)
+    return FinalizedQuantLinear(codes, scales, zeros, mins=mins, bits=2, group_size=2, sym=False, bias=None,
+                                dtype=torch.float32)
+
+
+def test_scale_gain_doubles_every_weight_and_folds_into_the_scales() -> None:
+    layer = _layer()
+    # s * (q - z): row 0 = 0.5*(0-1), 0.5*(1-1), 1*(2-2), 1*(3-2); row 1 = 2*(3-0), 2*(3-0), 0.25*(0-1), 0.25*(1-1)
+    by_hand = torch.tensor([[-0.5, 0.0, 0.0, 1.0], [6.0, 6.0, -0.25, 0.0]])
+    assert torch.equal(layer.weight, by_hand)
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    gain = layer.begin_scale_training()
+    assert torch.equal(layer(x), x @ by_hand.T)  # a zero log-gain changes nothing
+    with torch.no_grad():
+        gain.fill_(math.log(2.0))
+    out = layer(x)
+    assert torch.allclose(out, x @ (2 * by_hand).T, rtol=1e-6)
+    out.sum().backward()  # the gain gets gradient: d out / d g = out
+    assert gain.grad is not None and gain.grad.abs().sum() > 0
+    codes = layer.qweight.clone()
+    layer.end_scale_training(keep=True)
+    assert layer.scale_log_gain is None and "scale_log_gain" not in layer.state_dict()
+    assert torch.allclose(layer.scales, torch.tensor([[1.0, 2.0], [4.0, 0.5]]), rtol=1e-6)
+    assert torch.allclose(layer.weight, 2 * by_hand, rtol=1e-6)
+    assert torch.equal(layer.qweight, codes)
+
+
+def test_dropped_scale_gain_leaves_the_layer_as_it_was() -> None:
+    layer = _layer()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    gain = layer.begin_scale_training()
+    with torch.no_grad():
+        gain.fill_(0.3)
+    layer.end_scale_training(keep=False)
+    after = layer.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_grid_with_minimums_cannot_train_its_scales() -> None:
+    layer = _layer(mins=torch.zeros(2, 2))
+    assert not layer.scales_trainable
+    with pytest.raises(ValueError, match="cannot train"):
+        layer.begin_scale_training()
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("epochs", 0, "end_to_end.epochs"), ("lr", 0.0, "end_to_end.lr"), ("tokens", 0, "end_to_end.tokens"),
+    ("batch_size", 0, "end_to_end.batch_size"),
+])
+def test_bad_settings_are_refused(field: str, value: float, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        EndToEndConfig(**{field: value})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny recipe without and with the phase (same seed), and with a phase whose learning rate diverges."""
+    folders = {}
+    for name, extra in {"plain": [], "e2e": ["--end_to_end", "{}"],
+                        "diverging": ["--end_to_end.lr", "1000"]}.items():
+        out = tmp_path_factory.mktemp(name)
+        assert main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(out), *FAST, *extra]) == 0
+        folders[name] = out
+    return folders
+
+
+def _report(folder: Path) -> dict:
+    return json.loads((folder / "report.json").read_text())
+
+
+def test_the_phase_moves_scales_only_and_lowers_its_objective(runs: dict[str, Path]) -> None:
+    plain, e2e = load_file(runs["plain"] / "quant_state.safetensors"), load_file(runs["e2e"] / "quant_state.safetensors")
+    assert plain.keys() == e2e.keys()
+    record = _report(runs["e2e"])["end_to_end"]
+    # 16 calibration samples at the recipe's batch 4, one epoch
+    assert record["steps"] == 4 and record["epochs"] == 1 and record["diverged"] is None
+    assert record["kept"] == (record["output_kl_after"] < record["output_kl_before"])
+    assert record["kept"], record  # the tiny run's objective falls with the default settings
+    for name in plain:
+        if name.endswith(".scales"):
+            assert not torch.equal(plain[name], e2e[name]), name
+        elif not name.endswith(".weight"):  # codes, zero-points, activation state: as the windows left them
+            assert torch.equal(plain[name], e2e[name]), name
+    assert _report(runs["plain"])["end_to_end"] is None
+
+
+def test_the_phase_logs_its_signals(runs: dict[str, Path]) -> None:
+    events = EventAccumulator(str(runs["e2e"] / "tensorboard")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"e2e/output_kl", "e2e/lr"} <= tags
+    assert len(events.Scalars("e2e/output_kl")) == 4
+
+
+def test_a_diverging_phase_keeps_the_windows_scales_bit_for_bit(runs: dict[str, Path]) -> None:
+    record = _report(runs["diverging"])["end_to_end"]
+    assert not record["kept"]
+    assert record["diverged"] is not None or record["output_kl_after"] >= record["output_kl_before"]
+    plain, diverging = (load_file(runs[n] / "quant_state.safetensors") for n in ("plain", "diverging"))
+    assert all(torch.equal(plain[name], diverging[name]) for name in plain)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--method", "rtn"], "method=rtn is the untrained baseline"),
+    (["--quant.scheme", "Q4_0"], "GGML grid"),
+])
+def test_the_phase_is_refused_where_it_cannot_apply(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path / "out"), *FAST,
+                 "--end_to_end", "{}", *flags])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("cbq: error:")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "out" / "report.json").exists()
