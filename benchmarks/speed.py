@@ -381,12 +381,12 @@ def measure_window(config: QuantizeConfig, adapter: DecoderAdapter, ids: torch.T
     objective = HardenedObjective(keep_best=config.train.keep_best)
     records = CrossBlockCallback(state, device, objective)
     checkpoint = WindowCheckpoint(job.checkpointer, state, records, built.cfp, built.quantizer.generator, None)
-    checkpoint.save = clock.wrap("checkpoint", checkpoint.save)
+    records.add_listener(clock.wrap("checkpoint", checkpoint.save))
     timer = StepTimer(clock)
     logger = TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="", default_hp_metric=False)
     loop = WindowLoop(
         config=config, scheme=job.scheme, state=state, logger=logger, records=records, objective=objective,
-        checkpoint=checkpoint, extra_callbacks=[timer], output_head=None, stop=GracefulStop(), total_windows=2,
+        extra_callbacks=[timer], output_head=None, stop=GracefulStop(), total_windows=2,
     )
     with _timed_method(WeightQuantizer, "search_clip", clock, "clip_search"):
         with clock("trainer_overhead"):  # what the fit's wall time holds beyond every named stage

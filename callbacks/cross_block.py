@@ -10,6 +10,7 @@ caches through them and logs the per-block output error and per-window summaries
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -53,6 +54,11 @@ class CrossBlockCallback(L.Callback):
             :func:`cbq_lightning.distributed.compute_device`).
         objective: the callback that reads each fit's hardened objective (and keeps the best state); its
             figures go into the records. None: not measured.
+
+    Every window is finished here, whichever way it went: trained (:meth:`on_fit_end`), put back at
+    round-to-nearest by the guard or never trained (:meth:`finish_untrained`). Finishing leaves the window
+    (finalises its blocks, advances the caches), writes its record, logs it, then tells the listeners
+    (:meth:`add_listener`: the window checkpoint), so no path can skip a step.
     """
 
     def __init__(self, state: CrossBlockState, device: torch.device | str,
@@ -61,6 +67,7 @@ class CrossBlockCallback(L.Callback):
         self.device = torch.device(device)
         self.objective = objective
         self.window_summaries: list[dict[str, Any]] = []
+        self._listeners: list[Callable[[Window, int], None]] = []
         self._started = 0.0
         self._attempt = 1
         self._lr_scale = 1.0
@@ -72,15 +79,30 @@ class CrossBlockCallback(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.window_summaries = [dict(summary) for summary in state_dict["windows"]]
 
+    def add_listener(self, listener: Callable[[Window, int], None]) -> None:
+        """Call ``listener(window, next_step)`` after each finished window's record is written (``next_step``: the
+        TensorBoard step the next window starts from)."""
+        self._listeners.append(listener)
+
+    def _finish(self, window: Window, summary: dict[str, Any], errors: list[BlockError], logger: Any, method: str,
+                log_it: bool, next_step: int) -> None:
+        """The one end of every window: its record, its TensorBoard scalars, then the listeners."""
+        self.window_summaries.append(summary)
+        if log_it:
+            log_window(logger, summary, errors, method=method)
+        for listener in self._listeners:
+            listener(window, next_step)
+
     def begin_attempt(self, attempt: int, lr_scale: float) -> None:
         """The divergence guard's try about to fit (1 = the first) and its learning-rate scale, for the record."""
         self._attempt, self._lr_scale = attempt, lr_scale
 
     def finish_untrained(
-        self, window: Window, logger: Any, method: str, started: float, **extra: Any
+        self, window: Window, logger: Any, method: str, started: float, next_step: int = 0, **extra: Any
     ) -> dict[str, Any]:
         """Finalise ``window`` without training and record it: the RTN baseline's walk (``method='rtn'``), or a
-        CBQ window the guard put back at round-to-nearest after it kept diverging (``extra`` says why)."""
+        CBQ window the guard put back at round-to-nearest after it kept diverging (``extra`` says why;
+        ``next_step``: the TensorBoard step the next window starts from)."""
         errors = self.state.leave(window, self.device)
         summary = {
             "index": window.index,
@@ -92,8 +114,7 @@ class CrossBlockCallback(L.Callback):
             **extra,
             "wall_s": time.perf_counter() - started,
         }
-        self.window_summaries.append(summary)
-        log_window(logger, summary, errors, method=method)
+        self._finish(window, summary, errors, logger, method, log_it=True, next_step=next_step)
         return summary
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -138,9 +159,8 @@ class CrossBlockCallback(L.Callback):
             "lr_scale": self._lr_scale,
             "fallback": None,
         }
-        self.window_summaries.append(summary)
-        if trainer.is_global_zero:
-            log_window(trainer.logger, summary, errors, method="cbq")
+        self._finish(window, summary, errors, trainer.logger, "cbq", log_it=trainer.is_global_zero,
+                     next_step=pl_module.step_offset + trainer.global_step)
 
 
 def trainable_parameter_counts(layers: list[QuantLinear]) -> dict[str, int]:

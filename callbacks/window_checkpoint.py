@@ -1,11 +1,11 @@
 """``WindowCheckpoint``: after each finished window, saves what a resumed run needs to go on from the next one.
 
-A window is the unit of work a run never loses: once its fit ends (and :class:`CrossBlockCallback` has
-finalised its leaving blocks and recorded it), this callback writes the finalised blocks, both input caches,
-the overlap blocks' calibrating state, the random state and the records so far
+A window is the unit of work a run never loses: once :class:`CrossBlockCallback` has finished a window (finalised
+its leaving blocks and recorded it, whether the window trained or the divergence guard put it back at
+round-to-nearest), it calls :meth:`WindowCheckpoint.save`, registered as its listener, which writes the finalised
+blocks, both input caches, the overlap blocks' calibrating state, the random state and the records so far
 (:class:`cbq_lightning.checkpoint.WindowCheckpointer` writes them atomically); a resumed run reads them back
-through :meth:`WindowCheckpoint.restore`, so one object owns both directions. A window the divergence guard
-finalises at round-to-nearest has no successful fit, so the runner calls :meth:`WindowCheckpoint.save` for it.
+through :meth:`WindowCheckpoint.restore`, so one object owns both directions.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import torch
 
 from callbacks.cross_block import CrossBlockCallback
@@ -23,13 +22,13 @@ from cbq_lightning.crossblock import CrossBlockState
 from cbq_lightning.windows import Window
 
 
-class WindowCheckpoint(L.Callback):
-    """Saves the run's state after each window; give it after ``records`` in the Trainer's callbacks.
+class WindowCheckpoint:
+    """Saves the run's state after each window: ``records.add_listener(checkpoint.save)``.
 
     Args:
         checkpointer: where and how the files are written (one checkpoint per rank under DDP).
         state: the cross-block state (blocks, caches and history).
-        records: the callback that owns the window records; its ``on_fit_end`` must already have run.
+        records: the callback that owns the window records (and calls :meth:`save` once a window's is written).
         cfp: the preprocessor, whose outlier channels the report lists for every block.
         generator: the random generator of the LoRA-Rounding initialisation, restored on resume.
         fp_results: the full-precision perplexities, kept so that a resumed run does not measure them again.
@@ -50,10 +49,6 @@ class WindowCheckpoint(L.Callback):
         self.cfp = cfp
         self.generator = generator
         self.fp_results = fp_results
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # the TensorBoard step the next window starts from: this window's offset plus the steps it took
-        self.save(pl_module.window, pl_module.step_offset + trainer.global_step)
 
     def save(self, window: Window, step_offset: int) -> None:
         """Write the state after ``window``: its finalised blocks, then the moving state that replaces the
@@ -80,14 +75,17 @@ class WindowCheckpoint(L.Callback):
 
         Every block that had entered a window is rebuilt from its saved state with ``structure`` (the block
         quantizer's layout without calibration): finalised blocks from their own files, overlap blocks (still
-        calibrating) from the moving state, each after getting its teacher back.
+        calibrating) from the moving state, each after getting its teacher back; those of a last window that the
+        divergence guard put back at round-to-nearest are rebuilt in that form.
         """
         finished = [w for w in schedule if w.index <= point.last_window]
         finalized = {b for w in finished for b in w.finalized}
+        records = point.meta.get("windows") or [{}]
+        fell_back = set(finished[-1].blocks) if finished and records[-1].get("fallback") == "rtn" else set()
         directory = self.checkpointer.directory
         for index in sorted({b for w in finished for b in w.blocks}):
             saved = point.block_state(directory, index) if index in finalized else point.overlap_state(index)
-            self.state.reenter(index, structure, saved, finalized=index in finalized)
+            self.state.reenter(index, structure, saved, finalized=index in finalized, reset=index in fell_back)
         self.state.load_state_dict({**point.meta, **point.tensors})
         self.cfp.load_state_dict(point.meta)
         self.records.load_state_dict(point.meta)

@@ -34,7 +34,7 @@ from cbq_lightning.cache import TensorStore
 from cbq_lightning.distributed import all_reduce_
 from cbq_lightning.models.adapter import BlockKwargs, kwargs_list_to, run_block, run_blocks_batched
 from cbq_lightning.models.moe import count_routed_tokens
-from cbq_lightning.quant.convert import finalize_block
+from cbq_lightning.quant.convert import finalize_block, reset_block_to_round_to_nearest
 from cbq_lightning.windows import Window
 
 #: ``preprocess(block_index, block, block_inputs, block_kwargs) -> stats``: runs on a block entering its
@@ -267,11 +267,13 @@ class CrossBlockState:
         self.routed_tokens = {int(index): counts for index, counts in state.get("routed_tokens", {}).items()}
 
     def reenter(
-        self, index: int, layout: Callable[[int, nn.Module], None], saved: Mapping[str, torch.Tensor], finalized: bool
+        self, index: int, layout: Callable[[int, nn.Module], None], saved: Mapping[str, torch.Tensor], finalized: bool,
+        reset: bool = False,
     ) -> None:
         """Put block ``index`` back as an interrupted run left it: ``layout(index, block)`` gives it the quantized
         structure (CFP's edits are in ``saved``), then ``saved`` fills it. A block still in a window (an overlap
-        block, not ``finalized``) first gets its teacher back: its weights are still the full-precision ones."""
+        block, not ``finalized``) first gets its teacher back: its weights are still the full-precision ones;
+        ``reset``: the divergence guard had put it back at round-to-nearest (no learned state to fill)."""
         block = self.blocks[index]
         if finalized:
             layout(index, block)
@@ -279,6 +281,8 @@ class CrossBlockState:
         else:
             self._snapshot_teacher(index)
             layout(index, block)
+            if reset:
+                reset_block_to_round_to_nearest(block)
         block.load_state_dict(saved, strict=True)
         self._entered.add(index)
 

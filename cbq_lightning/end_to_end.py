@@ -165,7 +165,7 @@ class EndToEndModule(L.LightningModule):
 
 def train_end_to_end(
     module: EndToEndModule, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, seed: int,
-    trainer_kwargs: dict[str, Any], logger: TensorBoardLogger, callbacks: list[L.Callback],
+    trainer_kwargs: dict[str, Any], logger: TensorBoardLogger,
 ) -> dict[str, Any]:
     """Fit ``module`` on the calibration samples, keep the trained scales only if the measured objective fell;
     the phase's record for ``report.json``. ``trainer_kwargs``: the recipe's Trainer settings."""
@@ -175,7 +175,7 @@ def train_end_to_end(
     fixed = DataLoader(samples, batch_size=batch_size, shuffle=False)
     epochs = module.config.epochs
     trainer = L.Trainer(
-        max_epochs=epochs, logger=logger, callbacks=callbacks, enable_checkpointing=False,
+        max_epochs=epochs, logger=logger, enable_checkpointing=False,
         enable_model_summary=False, num_sanity_val_steps=-1, check_val_every_n_epoch=epochs,
         inference_mode=False, use_distributed_sampler=False, **trainer_kwargs,
     )
@@ -202,10 +202,8 @@ def train_end_to_end(
     }
 
 
-def run_end_to_end(
-    config: QuantizeConfig, state: CrossBlockState, head: nn.Module, logger: TensorBoardLogger,
-    callbacks: list[L.Callback],
-) -> dict[str, Any]:
+def run_end_to_end(config: QuantizeConfig, state: CrossBlockState, head: nn.Module, logger: TensorBoardLogger
+                   ) -> dict[str, Any]:
     """The phase after the last window of a CBQ run (``config.end_to_end`` set): the model's blocks as one window,
     the block-0 inputs and the full-precision last-block outputs the window walk cached."""
     settings = config.end_to_end
@@ -217,4 +215,4 @@ def run_end_to_end(
     )
     batch_size = settings.batch_size or config.train.batch_size
     return train_end_to_end(module, state.inputs, state.x_fp, batch_size, config.seed, trainer_settings(config),
-                            logger, callbacks)
+                            logger)

@@ -133,7 +133,7 @@ def _run_quantize(
         log_layer_bits(logger, built.quantizer.layer_bits)
     windows = _calibrate(job, built, fp_results, logger, device, callbacks, stop)
     if job.cbq and config.end_to_end is not None:  # before the caches go: it reads X at block 0 and the last Y_fp
-        built.end_to_end = run_end_to_end(config, built.state, job.adapter.output_head(), logger, list(callbacks))
+        built.end_to_end = run_end_to_end(config, built.state, job.adapter.output_head(), logger)
     built.store.cleanup()  # the disk caches (if any) are not needed past calibration
     calibrated_s = time.perf_counter() - started
     # every rank says which samples it calibrated on (a collective: all ranks take part)
@@ -341,6 +341,7 @@ def _calibrate(
     schedule = window_schedule(job.adapter.num_blocks, config.window)
     total_windows, step_offset = len(schedule), 0
     checkpoint = WindowCheckpoint(job.checkpointer, state, records, built.cfp, built.quantizer.generator, fp_results)
+    records.add_listener(checkpoint.save)  # every finished window is saved, trained or fallen back
     if job.resume is not None:
         step_offset = checkpoint.restore(job.resume, schedule, built.quantizer.structure)
         schedule = [w for w in schedule if w.index > job.resume.last_window]
@@ -348,7 +349,6 @@ def _calibrate(
                  job.checkpointer.directory)
     loop = WindowLoop(
         config=config, scheme=job.scheme, state=state, logger=logger, records=records, objective=objective,
-        checkpoint=checkpoint,
         extra_callbacks=callbacks, stop=stop, total_windows=total_windows,
         output_head=job.adapter.output_head() if config.loss.output_kl_weight > 0 else None,
     )

@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 from callbacks.cross_block import CrossBlockCallback, WindowTargets, log_preprocess
 from callbacks.hardened_objective import HardenedObjective
 from callbacks.progress import WindowProgressBar
-from callbacks.window_checkpoint import WindowCheckpoint
 from cbq_lightning.config import QuantizeConfig
 from cbq_lightning.crossblock import CrossBlockState
 from cbq_lightning.errors import RunStopped, TrainingError
@@ -125,8 +124,8 @@ class WindowLoop:
     """CBQ's walk: one LightningModule and one ``trainer.fit`` per window, all logging into one run.
 
     A diverging fit is retried from the window's starting state with lower learning rates, then falls back to
-    round-to-nearest (:mod:`cbq_lightning.guard`). ``records`` writes every window's record (trained or
-    fallen back); ``checkpoint`` saves the run after each window. ``output_head`` (final norm + LM head) goes to
+    round-to-nearest (:mod:`cbq_lightning.guard`). ``records`` finishes every window (trained or
+    fallen back): its record, then its listeners such as the checkpoint. ``output_head`` (final norm + LM head) goes to
     the window holding the last block, for ``loss.output_kl_weight``.
     """
 
@@ -136,7 +135,6 @@ class WindowLoop:
     logger: TensorBoardLogger
     records: CrossBlockCallback
     objective: HardenedObjective
-    checkpoint: WindowCheckpoint
     extra_callbacks: Sequence[L.Callback]
     output_head: nn.Module | None
     stop: GracefulStop
@@ -158,8 +156,8 @@ class WindowLoop:
         head = self.output_head if last_block in window.blocks else None
         for attempt in range(1, guard.retries + 2):
             module = _window_module(self.config, self.state, window, step_offset, lr_scale, head)
-            # records, then the objective (it restores the kept state before records read it), then the save
-            callbacks = [self.records, self.objective, *self.extra_callbacks, self.checkpoint]
+            # records (they finish the window, its checkpoint included), then the objective, then the caller's
+            callbacks = [self.records, self.objective, *self.extra_callbacks]
             trainer = _window_trainer(self.config, self.config.train.epochs_for(self.scheme.w_bits), self.logger,
                                       callbacks, self.total_windows)
             targets, batch_size = WindowTargets(self.state), self.config.train.batch_size
@@ -203,9 +201,8 @@ class WindowLoop:
         started = time.perf_counter()
         for index in window.blocks:
             reset_block_to_round_to_nearest(self.state.blocks[index])
-        self.records.finish_untrained(window, self.logger, "cbq", started, attempts=attempts, fallback="rtn",
-                                      divergence=str(error))
-        self.checkpoint.save(window, step_offset)
+        self.records.finish_untrained(window, self.logger, "cbq", started, next_step=step_offset, attempts=attempts,
+                                      fallback="rtn", divergence=str(error))
 
     def _stopped(self, when: str, window: Window) -> RunStopped:
         """The message of a SIGTERM stop: where (windows counted from 1, as the progress bar), what is saved,

@@ -94,3 +94,33 @@ def test_fallback_error_stops_the_run(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="guard.fallback=rtn"):
         run_quantize(config, [PoisonWindow(window=0, fits=5)])
     assert not (tmp_path / "quant_state.safetensors").exists()
+
+
+class _KillAtWindow(L.Callback):
+    """Test-only fault: raises when window ``index`` starts training (the windows before it are finished)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if pl_module.window.index == self.index:
+            raise RuntimeError(f"killed at window {self.index}")
+
+
+def test_a_fallen_back_window_is_finished_like_a_trained_one(tmp_path: Path) -> None:
+    """The fallback goes through the same end as a fit: recorded, then saved, so a run killed after it resumes
+    with the window kept at round-to-nearest and its record in the report."""
+    with pytest.raises(RuntimeError, match="killed at window 2"):
+        run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path / "run"), *FAST),
+                     [PoisonWindow(window=1, fits=10), _KillAtWindow(2)])
+    assert (tmp_path / "run" / "checkpoints" / "state_w0001.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "block_0001.safetensors").is_file()
+    report = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path / "run"), *FAST)).report
+    assert report["resumed_after_window"] == 1 and report["recomputed_windows"] == [2]
+    assert report["guard"] == {"retried_windows": [1], "rtn_fallback_windows": [1]}
+    # and it is the run that was never interrupted, tensor for tensor
+    whole = tmp_path / "whole"
+    run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(whole), *FAST), [PoisonWindow(window=1, fits=10)])
+    resumed, uninterrupted = load_file(str(tmp_path / "run" / "quant_state.safetensors")), load_file(str(whole / "quant_state.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[name], uninterrupted[name]) for name in resumed)
