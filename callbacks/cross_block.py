@@ -21,7 +21,6 @@ from callbacks.hardened_objective import HardenedObjective
 from cbq_lightning.crossblock import BlockError, CrossBlockState
 from cbq_lightning.quant.convert import finalized_linears, quant_linears
 from cbq_lightning.quant.qlinear import QuantLinear
-from cbq_lightning.quant.rounding import RoundingOffset
 from cbq_lightning.windows import Window
 
 
@@ -174,7 +173,7 @@ def trainable_parameter_counts(layers: list[QuantLinear]) -> dict[str, int]:
     counts = {"rounding": 0, "rounding_offset": 0, "weight_clip": 0, "activation_clip": 0, "correction": 0}
     for layer in layers:
         rounding = sum(p.numel() for p in layer.rounding_parameters() if p.requires_grad)
-        counts["rounding_offset" if isinstance(layer.rounding, RoundingOffset) else "rounding"] += rounding
+        counts["rounding_offset" if layer.rounding.kind == "offset" else "rounding"] += rounding
         counts["weight_clip"] += sum(p.numel() for p in layer.clip_parameters() if p.requires_grad)
         counts["activation_clip"] += sum(p.numel() for p in layer.act_parameters() if p.requires_grad)
         counts["correction"] += sum(p.numel() for p in layer.correction_parameters() if p.requires_grad)

@@ -15,6 +15,7 @@ from cbq_lightning.quant.convert import finalize_block, finalized_linears, narro
 from cbq_lightning.quant.qlinear import FinalizedQuantLinear, LayerQuantConfig, QuantLinear
 from cbq_lightning.quant.rounding import (
     LoRARounding,
+    NearestRounding,
     RoundingConfig,
     RoundingOffset,
     beta_at,
@@ -323,7 +324,7 @@ def test_untrained_lora_rounding_hardens_to_round_to_nearest(scheme, learnable_c
     generator = torch.Generator().manual_seed(0)
     learned = QuantLinear(linear, LayerQuantConfig(scheme, RoundingConfig(), learnable_clip, clip_init), generator)
     nearest = QuantLinear(linear, LayerQuantConfig(scheme, RoundingConfig(enabled=False), learnable_clip, clip_init))
-    assert nearest.rounding is None
+    assert isinstance(nearest.rounding, NearestRounding)
     learned.use_hard_rounding = True
     torch.testing.assert_close(learned.fake_weight(), nearest.fake_weight(), atol=0, rtol=0)
     learned, nearest = learned.finalize(), nearest.finalize()

@@ -1,8 +1,9 @@
 """The quantized linear layers used inside blocks: one class per life of a layer.
 
 * :class:`QuantLinear` - **calibrating**: holds the full-precision weight (a frozen buffer), a
-  :class:`WeightQuantizer` with learnable clipping logits and, when rounding is learned, a :class:`LoRARounding`
-  (soft decisions) or a :class:`RoundingOffset` (hard decisions, straight-through). Its forward uses the
+  :class:`WeightQuantizer` with learnable clipping logits and its rounding form, a
+  :class:`~cbq_lightning.quant.rounding.Rounding`: :class:`LoRARounding` (soft decisions), :class:`RoundingOffset`
+  (hard decisions, straight-through) or :class:`NearestRounding`. Its forward uses the
   fake-quantized weight, so gradients reach exactly those parameters.
 * :class:`FinalizedQuantLinear` - **finalised**: integer codes, scales and zero-points; ``weight`` is the
   dequantized weight ``scale * (q - zero)`` and nothing is trainable. This is what is saved and exported.
@@ -31,6 +32,8 @@ from cbq_lightning.quant.finalized import FinalizedQuantLinear, quantized_linear
 from cbq_lightning.quant.gptq import GPTQInit, GPTQResult, gptq_quantize
 from cbq_lightning.quant.rounding import (
     LoRARounding,
+    NearestRounding,
+    Rounding,
     RoundingConfig,
     RoundingOffset,
     column_scale_from_moments,
@@ -131,20 +134,19 @@ class QuantLinear(nn.Module):
                 self.rounding_base, frac = self._gptq_soft_start(hessian, gptq)
             else:
                 self.rounding_base = self._gptq_offset(hessian, gptq)
-        self.rounding: LoRARounding | RoundingOffset | None = None
+        self.rounding: Rounding = NearestRounding()
         if rounding.enabled and rounding.form == "offset":
             self.rounding = RoundingOffset(tuple(weight.shape))
         elif soft_rounding:
             frac = self.quantizer.fractional_part(weight) if frac is None else frac
             self.rounding = LoRARounding(
-                frac, rounding.rank_for(*weight.shape), rounding.form, rounding.init_std, generator, self._column_scale(rounding, input_moments)
+                frac, rounding.rank_for(*weight.shape), rounding.form, rounding.init_std, generator,
+                self._column_scale(rounding, input_moments), hardened=rounding.forward == "hardened",
             )
         self.act_quantizer: ActivationQuantizer | None = None if act is None else ActivationQuantizer(act)
         #: forward with hardened (0/1) rounding decisions instead of soft ones, to measure what
         #: finalisation would give without finalising
         self.use_hard_rounding = False
-        #: train through hardened decisions with a straight-through gradient (``rounding.forward: hardened``)
-        self.hardened_forward = rounding.forward == "hardened"
         self.correction: LowRankCorrection | None = None
         if correction is not None:
             rank = correction.rank_for(self.out_features, self.in_features)
@@ -238,23 +240,16 @@ class QuantLinear(nn.Module):
         """The signed rounding offset added to ``W/s`` before rounding: GPTQ's frozen whole-number shift plus
         the learned offset (``offset`` form), either alone, or None (round-to-nearest, or LoRA-Rounding from
         round-to-nearest)."""
-        learned = self.rounding.offset() if isinstance(self.rounding, RoundingOffset) else None
+        learned = self.rounding.offset()
         if self.rounding_base is None:
             return learned
         return self.rounding_base if learned is None else self.rounding_base + learned
 
     def fake_weight(self) -> torch.Tensor:
-        """The fake-quantized weight of the forward: soft, hardened with a straight-through gradient, or hard
-        (:attr:`use_hard_rounding`) decisions, as the rounding settings say."""
+        """The fake-quantized weight of the forward, with the rounding form's decisions (hard ones while
+        :attr:`use_hard_rounding` measures what finalising would give) and offset."""
         assert self.quantizer is not None
-        decisions = None
-        if isinstance(self.rounding, LoRARounding):
-            if self.use_hard_rounding:
-                decisions = self.rounding.hard()
-            elif self.hardened_forward:
-                decisions = self.rounding.hardened_straight_through()
-            else:
-                decisions = self.rounding.soft()
+        decisions = self.rounding.decisions(hard=self.use_hard_rounding)
         return self.quantizer.fake_quantize(self.weight, decisions, offset=self.signed_offset())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -262,7 +257,7 @@ class QuantLinear(nn.Module):
 
     def rounding_parameters(self) -> list[nn.Parameter]:
         # LoRA-Rounding's A1, A2 or the offset's V (LoRA-Rounding's V0 is a frozen buffer, not a parameter)
-        return [] if self.rounding is None else list(self.rounding.parameters())
+        return list(self.rounding.parameters())
 
     def clip_parameters(self) -> list[nn.Parameter]:
         if self.quantizer is None:
@@ -282,8 +277,6 @@ class QuantLinear(nn.Module):
         return list(self.correction.parameters())
 
     def rounding_regularizer(self, beta: float) -> torch.Tensor | None:
-        if not isinstance(self.rounding, LoRARounding):  # offsets are hard decisions already
-            return None
         return self.rounding.regularizer(beta)
 
     def mean_clip_ratio(self) -> float:
@@ -300,7 +293,7 @@ class QuantLinear(nn.Module):
         The divergence guard's fallback for a window that kept diverging; ``finalize`` then stores RTN codes.
         """
         self.quantizer = build_weight_quantizer(self.weight, self.scheme, learnable_clip=False, clip_init=1.0)
-        self.rounding = None
+        self.rounding = NearestRounding()
         self.rounding_base = None
         if self.act_quantizer is not None:
             untrained = ActQuantSettings(bits=self.act_quantizer.bits, mode=self.act_quantizer.mode, learnable=False, clip_init=1.0)
@@ -321,7 +314,7 @@ class QuantLinear(nn.Module):
         scale, zero, minimum = quantizer.grid(self.weight)
         supers = quantizer.super_scales(self.weight)
         offset = self.signed_offset()
-        hard = self.rounding.hard() if isinstance(self.rounding, LoRARounding) else None
+        hard = self.rounding.decisions(hard=True)
         codes = quantizer.codes(self.weight, scale, zero, hard, offset, minimum)
         flip_fraction = None
         if offset is not None or hard is not None:

@@ -172,7 +172,35 @@ class RoundingConfig:
             )
 
 
-class LoRARounding(nn.Module):
+class Rounding(nn.Module):
+    """How a calibrating layer rounds ``W/s``: the one interface :class:`~cbq_lightning.quant.qlinear.QuantLinear`
+    reads, so the layer never asks which form it holds.
+
+    A form gives the quantizer either up/down ``decisions`` added to ``floor(W/s)`` (LoRA-Rounding), or a signed
+    ``offset`` added to ``W/s`` before rounding to nearest (the offset form), or neither (round to nearest), and
+    may add a ``regularizer`` to the window's loss. ``kind`` names it in the trainable-parameter counts.
+    """
+
+    kind = "nearest"
+
+    def decisions(self, hard: bool) -> torch.Tensor | None:
+        """Decisions ``[out, in]`` in [0, 1] for the forward (``hard``: hardened, no gradient), or None."""
+        return None
+
+    def offset(self) -> torch.Tensor | None:
+        """The learned signed offset ``[out, in]`` added to ``W/s`` before rounding, or None."""
+        return None
+
+    def regularizer(self, beta: float) -> torch.Tensor | None:
+        """The term pushing soft decisions to 0 or 1 (None: the form's decisions are hard already)."""
+        return None
+
+
+class NearestRounding(Rounding):
+    """Round to nearest, nothing learned (``rounding.enabled: false``, the RTN baseline, the guard's fallback)."""
+
+
+class LoRARounding(Rounding):
     """Soft rounding decisions ``h(V)`` for one ``[out, in]`` weight, ``V`` low-rank (+ frozen offset).
 
     Args:
@@ -183,7 +211,11 @@ class LoRARounding(nn.Module):
         generator: random source for the factors (reproducibility).
         column_scale: the frozen per-input-column scale ``c`` of ``A1 A2`` (``[in]``, see
             :func:`column_scale_from_moments`), or None (the paper: no scale).
+        hardened: the training forward uses the hardened decisions with the soft gradient passed straight through
+            (``rounding.forward: hardened``) instead of the soft ones (``soft``, the paper).
     """
+
+    kind = "lora"
 
     def __init__(
         self,
@@ -193,8 +225,10 @@ class LoRARounding(nn.Module):
         init_std: float = 0.1,
         generator: torch.Generator | None = None,
         column_scale: torch.Tensor | None = None,
+        hardened: bool = False,
     ) -> None:
         super().__init__()
+        self.hardened = hardened
         out_features, in_features = frac.shape
         if rank >= min(out_features, in_features):
             raise ConfigError(
@@ -257,6 +291,12 @@ class LoRARounding(nn.Module):
         h = self.soft()
         return (h >= 0.5).float().detach() + h - h.detach()
 
+    def decisions(self, hard: bool) -> torch.Tensor:
+        """Hardened (``hard``), hardened with a straight-through gradient, or soft decisions, as the form trains."""
+        if hard:
+            return self.hard()
+        return self.hardened_straight_through() if self.hardened else self.soft()
+
     def regularizer(self, beta: float) -> torch.Tensor:
         """``mean(1 - |2h - 1|^beta)``: zero once every decision is exactly 0 or 1."""
         h = self.soft()
@@ -288,13 +328,15 @@ def logit_probes(roundings: Sequence[LoRARounding]) -> Iterator[list[torch.Tenso
             rounding.probe = None
 
 
-class RoundingOffset(nn.Module):
+class RoundingOffset(Rounding):
     """Signed rounding offset ``d = clamp(V, -0.5, 0.5)`` for one ``[out, in]`` weight (``form: offset``).
 
     The weight is rounded as ``round(W/s + d)`` (see :meth:`WeightQuantizer.codes`); ``V`` starts at zero,
     i.e. at round-to-nearest, and each value can move the decision by at most one step, as AdaRound's can.
     The decision depends on the current scale, so it is made by the quantizer, not stored here.
     """
+
+    kind = "offset"
 
     def __init__(self, shape: tuple[int, int]) -> None:
         super().__init__()
