@@ -15,6 +15,7 @@ from cbq_lightning.export.quant_state import load_quant_state
 from cbq_lightning.guard import DivergenceError, GuardConfig, check_loss
 from cbq_lightning.runner import run_quantize
 from tests.conftest import TINY_RECIPE, fast_flags, load_recipe
+from tests.test_resume import KillAtWindow, Killed
 
 FAST = fast_flags()
 
@@ -96,23 +97,13 @@ def test_fallback_error_stops_the_run(tmp_path: Path) -> None:
     assert not (tmp_path / "quant_state.safetensors").exists()
 
 
-class _KillAtWindow(L.Callback):
-    """Test-only fault: raises when window ``index`` starts training (the windows before it are finished)."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        if pl_module.window.index == self.index:
-            raise RuntimeError(f"killed at window {self.index}")
-
 
 def test_a_fallen_back_window_is_finished_like_a_trained_one(tmp_path: Path) -> None:
     """The fallback goes through the same end as a fit: recorded, then saved, so a run killed after it resumes
     with the window kept at round-to-nearest and its record in the report."""
-    with pytest.raises(RuntimeError, match="killed at window 2"):
+    with pytest.raises(Killed):
         run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path / "run"), *FAST),
-                     [PoisonWindow(window=1, fits=10), _KillAtWindow(2)])
+                     [PoisonWindow(window=1, fits=10), KillAtWindow(2)])
     assert (tmp_path / "run" / "checkpoints" / "state_w0001.safetensors").is_file()
     assert (tmp_path / "run" / "checkpoints" / "block_0001.safetensors").is_file()
     report = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path / "run"), *FAST)).report
