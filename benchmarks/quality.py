@@ -788,11 +788,18 @@ def _flat(value: object, prefix: str = "") -> dict:
     return {prefix.rstrip("."): list(value) if isinstance(value, tuple) else value}
 
 
+#: extension sections added after the committed records were made: off (null) they compute exactly what the runs
+#: before them computed, so an off one is left out of a run's settings and the records' fingerprints stay valid;
+#: on, it is a setting like any other. Each extension added later goes here.
+LATER_EXTENSIONS = ("end_to_end",)
+
+
 def run_settings(config: dict) -> dict:
     """What decides a run's result: its resolved configuration (``config.yaml``) flattened, without
-    :data:`PLACEMENT_KEYS`."""
+    :data:`PLACEMENT_KEYS` and without the :data:`LATER_EXTENSIONS` that are off."""
     return {key: value for key, value in _flat(config).items()
-            if not any(key == p or key.startswith(p + ".") for p in PLACEMENT_KEYS)}
+            if not any(key == p or key.startswith(p + ".") for p in PLACEMENT_KEYS)
+            and not (key in LATER_EXTENSIONS and value is None)}
 
 
 def recipe_settings(recipe: Path, flags: list[str]) -> tuple[dict, int]:

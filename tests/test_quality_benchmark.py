@@ -575,3 +575,14 @@ def test_a_cell_of_an_earlier_recipe_is_marked(quality, tmp_path: Path, monkeypa
     assert _row((tmp_path / "quality.md").read_text(), "W4A16")["CBQ (shipped recipe)"] == "23.97"
     del record["row"]["cbq_settings"]
     assert quality._cell_is_current(record) is None
+
+
+def test_an_extension_added_later_enters_the_fingerprint_only_when_on() -> None:
+    """A record made before ``end_to_end`` existed stays valid while the recipe leaves it off; turning it on is a
+    different run."""
+    from benchmarks.quality import run_settings
+
+    base = {"method": "cbq", "quant": {"scheme": "W3A16G64"}}
+    assert run_settings({**base, "end_to_end": None}) == run_settings(base)
+    assert run_settings({**base, "end_to_end": {"epochs": 1}}) != run_settings(base)
+    assert "rotation" in run_settings({**base, "rotation": None})  # older sections: always part of the settings
