@@ -100,14 +100,20 @@ class EndToEndModule(L.LightningModule):
         self.gains = [layer.begin_scale_training() for layer in self.layers]
         self.act_parameters = [p for layer in self.layers if layer.act_quantizer is not None and config.activation_clip
                                for p in layer.act_quantizer.trainable_parameters()]
+        #: the activation clipping the windows left, put back when the phase's result is not kept
+        self._act_start = [p.detach().clone() for p in self.act_parameters]
         for parameter in self.act_parameters:
             parameter.requires_grad_(True)
 
+    @torch.no_grad()
     def finish(self, keep: bool) -> None:
-        """Fold the gains into the scales (``keep``) or drop them, and freeze everything again."""
+        """Fold the gains into the scales (``keep``), or drop them and put the activation clipping back as the
+        windows left it; freeze everything again."""
         for layer in self.layers:
             layer.end_scale_training(keep)
-        for parameter in self.act_parameters:
+        for parameter, start in zip(self.act_parameters, self._act_start, strict=True):
+            if not keep:
+                parameter.copy_(start)
             parameter.requires_grad_(False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

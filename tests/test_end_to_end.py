@@ -83,8 +83,10 @@ def test_bad_settings_are_refused(field: str, value: float, message: str) -> Non
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny recipe without and with the phase (same seed), and with a phase whose learning rate diverges."""
     folders = {}
-    for name, extra in {"plain": [], "e2e": ["--end_to_end", "{}"],
-                        "diverging": ["--end_to_end.lr", "1000"]}.items():
+    w4a8 = ["--quant.scheme", "W4A8"]
+    for name, extra in {"plain": [], "e2e": ["--end_to_end", "{}"], "diverging": ["--end_to_end.lr", "1000"],
+                        "plain_w4a8": w4a8, "e2e_w4a8": [*w4a8, "--end_to_end", "{}"],
+                        "diverging_w4a8": [*w4a8, "--end_to_end.lr", "1000"]}.items():
         out = tmp_path_factory.mktemp(name)
         assert main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(out), *FAST, *extra]) == 0
         folders[name] = out
@@ -118,12 +120,25 @@ def test_the_phase_logs_its_signals(runs: dict[str, Path]) -> None:
     assert len(events.Scalars("e2e/output_kl")) == 4
 
 
-def test_a_diverging_phase_keeps_the_windows_scales_bit_for_bit(runs: dict[str, Path]) -> None:
-    record = _report(runs["diverging"])["end_to_end"]
+@pytest.mark.parametrize("suffix", ["", "_w4a8"])
+def test_a_diverging_phase_keeps_the_windows_state_bit_for_bit(runs: dict[str, Path], suffix: str) -> None:
+    """Scales and (W4A8) the activation clipping trained by a phase that is not kept are put back exactly."""
+    record = _report(runs["diverging" + suffix])["end_to_end"]
     assert not record["kept"]
     assert record["diverged"] is not None or record["output_kl_after"] >= record["output_kl_before"]
-    plain, diverging = (load_file(runs[n] / "quant_state.safetensors") for n in ("plain", "diverging"))
+    plain, diverging = (load_file(runs[n + suffix] / "quant_state.safetensors") for n in ("plain", "diverging"))
+    assert plain.keys() == diverging.keys()
     assert all(torch.equal(plain[name], diverging[name]) for name in plain)
+
+
+def test_on_an_activation_scheme_the_phase_trains_the_activation_clipping_too(runs: dict[str, Path]) -> None:
+    record = _report(runs["e2e_w4a8"])["end_to_end"]
+    assert record["trained"] == ["scales", "activation_clip"] and record["kept"], record
+    plain, e2e = (load_file(runs[n] / "quant_state.safetensors") for n in ("plain_w4a8", "e2e_w4a8"))
+    clipping = [name for name in plain if ".act_clip_" in name]
+    moved = [name for name in clipping if not torch.equal(plain[name], e2e[name])]
+    # a threshold whose clipping ratio sits at 1 gets no gradient and may stay; most move
+    assert clipping and len(moved) >= len(clipping) // 2, (len(moved), len(clipping))
 
 
 @pytest.mark.parametrize(("flags", "message"), [
