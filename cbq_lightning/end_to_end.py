@@ -35,7 +35,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from cbq_lightning.distributed import all_reduce_, global_mean
 from cbq_lightning.errors import RunStopped
@@ -51,19 +51,6 @@ if TYPE_CHECKING:
     from cbq_lightning.crossblock import CrossBlockState
 
 log = logging.getLogger("cbq_lightning")
-
-
-class _WholeModelTargets(Dataset):
-    """``(X at block 0, the full-precision model's last-block output)`` per calibration sample."""
-
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        self.inputs, self.targets = inputs, targets
-
-    def __len__(self) -> int:
-        return int(self.inputs.shape[0])
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inputs[index], self.targets[index]
 
 
 class EndToEndModule(L.LightningModule):
@@ -176,7 +163,7 @@ def train_end_to_end(
     """Fit ``module`` on the calibration samples, keep the trained scales only if the measured objective fell;
     the phase's record for ``report.json``. ``trainer_kwargs``: the recipe's Trainer settings."""
     started = time.perf_counter()
-    samples = _WholeModelTargets(inputs, targets)
+    samples = TensorDataset(inputs, targets)  # (X at block 0, the full-precision last-block output) per sample
     loader = DataLoader(samples, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     fixed = DataLoader(samples, batch_size=batch_size, shuffle=False)
     epochs = module.config.epochs

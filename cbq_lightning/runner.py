@@ -132,7 +132,8 @@ def _run_quantize(
     if built.quantizer.layer_bits and job.place.is_main:
         log_layer_bits(logger, built.quantizer.layer_bits)
     windows = _calibrate(job, built, fp_results, logger, device, callbacks, stop)
-    if job.cbq and config.end_to_end is not None:  # before the caches go: it reads X at block 0 and the last Y_fp
+    # a CBQ run (validate refuses the phase with rtn); before the caches go: it reads X at block 0 and the last Y_fp
+    if config.end_to_end is not None:
         built.end_to_end = run_end_to_end(config, built.state, job.adapter.output_head(), logger)
     built.store.cleanup()  # the disk caches (if any) are not needed past calibration
     calibrated_s = time.perf_counter() - started
