@@ -131,10 +131,11 @@ def _run_quantize(
     logger = TensorBoardLogger(save_dir=str(job.output_dir), name="tensorboard", version="", default_hp_metric=False)
     if built.quantizer.layer_bits and job.place.is_main:
         log_layer_bits(logger, built.quantizer.layer_bits)
-    windows = _calibrate(job, built, fp_results, logger, device, callbacks, stop)
-    # a CBQ run (validate refuses the phase with rtn); before the caches go: it reads X at block 0 and the last Y_fp
-    if config.end_to_end is not None:
-        built.end_to_end = run_end_to_end(config, built.state, job.adapter.output_head(), logger)
+    with stop.deferred():  # fits stop at a step boundary; elsewhere a SIGTERM stops the run at once
+        windows = _calibrate(job, built, fp_results, logger, device, callbacks, stop)
+        # a CBQ run (validate refuses the phase with rtn); before the caches go: it reads X at block 0 and the last Y_fp
+        if config.end_to_end is not None:
+            built.end_to_end = run_end_to_end(config, built.state, job.adapter.output_head(), logger)
     built.store.cleanup()  # the disk caches (if any) are not needed past calibration
     calibrated_s = time.perf_counter() - started
     # every rank says which samples it calibrated on (a collective: all ranks take part)

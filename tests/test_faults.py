@@ -172,3 +172,67 @@ def test_a_full_disk_is_one_line_and_the_earlier_outputs_stay(
     monkeypatch.setattr(io, "write_safetensors", real_write)
     assert main([*argv, "--train.epochs", "3"]) == 0
     assert capsys.readouterr().err.count("cbq: error") == 0
+
+
+# --- SIGTERM outside the windows' training -----------------------------------------------------------------------
+
+def test_sigterm_outside_a_deferred_block_stops_at_once_and_inside_one_at_its_end() -> None:
+    from cbq_lightning.errors import RunStopped
+    from cbq_lightning.stop import GracefulStop
+
+    with GracefulStop() as stop:
+        with pytest.raises(RunStopped, match="outside the windows' training"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs at the next bytecode; never reached
+        stop.requested = False
+        reached_end_of_block = False
+        with pytest.raises(RunStopped):
+            with stop.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.01)
+                assert stop.requested  # noted, not acted on: the window loop acts at its next safe point
+                reached_end_of_block = True
+        assert reached_end_of_block
+    assert signal.getsignal(signal.SIGTERM) is not stop._handler, "the previous handler is back"
+
+
+def test_a_stop_raised_inside_a_deferred_block_is_the_one_that_reaches_the_caller() -> None:
+    from cbq_lightning.errors import RunStopped
+    from cbq_lightning.stop import GracefulStop
+
+    with GracefulStop() as stop, pytest.raises(RunStopped, match="during window 3"):
+        with stop.deferred():
+            stop.requested = True
+            raise RunStopped("SIGTERM: stopped during window 3")
+
+
+@pytest.mark.parametrize("stage", ["fp", "cbq"])
+def test_sigterm_while_evaluating_stops_at_once_and_the_same_command_resumes(
+    tmp_path: Path, uninterrupted: Path, monkeypatch: pytest.MonkeyPatch, stage: str,
+) -> None:
+    """A SIGTERM during the full-precision reference (before any window) or the final evaluation (after the last
+    window) stops the run there, not minutes later; the rerun gives the uninterrupted result."""
+    from cbq_lightning import runner
+    from cbq_lightning.errors import RunStopped
+    from tests.conftest import load_recipe
+
+    real_evaluate = runner._evaluate
+
+    def terminated_while(config, model, sets, device, label):
+        if label == stage:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(config, model, sets, device, label)
+
+    monkeypatch.setattr(runner, "_evaluate", terminated_while)
+    monkeypatch.setenv("CBQ_CACHE_DIR", str(tmp_path / "fp-cache"))  # measured here, not taken from an earlier run
+    config = load_recipe(TINY_RECIPE, *FLAGS, "--output_dir", str(tmp_path))
+    with pytest.raises(RunStopped, match="SIGTERM"):
+        runner.run_quantize(config)
+    assert not (tmp_path / "report.json").exists()
+    assert not (tmp_path / LOCK_FILE).exists(), "a run stopped by SIGTERM releases its output folder"
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("state_w*.safetensors"))
+    assert bool(saved) == (stage == "cbq"), saved  # before the first window nothing; after the last, its state
+    monkeypatch.setattr(runner, "_evaluate", real_evaluate)
+    done = subprocess.run(_command(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_state(uninterrupted, tmp_path)
