@@ -73,7 +73,7 @@ from cbq_lightning.distributed import Placement  # noqa: E402
 from cbq_lightning.machine import resolve_machine_settings  # noqa: E402
 from cbq_lightning.models.adapter import DecoderAdapter, kwargs_list_to, run_block  # noqa: E402
 from cbq_lightning.models.loading import load_model, load_tokenizer  # noqa: E402
-from cbq_lightning.models.tiny import TinyModelConfig  # noqa: E402
+from cbq_lightning.models.tiny import tiny_name  # noqa: E402
 from cbq_lightning.provenance import source_commit, versions  # noqa: E402
 from cbq_lightning.quant.weight_quantizer import WeightQuantizer  # noqa: E402
 from cbq_lightning.rotation.fold import rotate_model  # noqa: E402
@@ -226,9 +226,9 @@ def _recipe(path: str, overrides: Sequence[str], device: torch.device, shape: di
     """The recipe as ``cbq quantize`` resolves it on this device, with the random-weight model of ``shape``."""
     accelerator = ["--trainer.accelerator", "gpu" if device.type == "cuda" else "cpu"]
     config = resolve_machine_settings(load_recipe(path, [*accelerator, *overrides]))
-    tiny = TinyModelConfig(hidden_size=shape["hidden_size"], num_layers=blocks, num_heads=shape["num_heads"],
-                           num_kv_heads=shape["num_kv_heads"], intermediate_size=shape["intermediate_size"])
-    model = dataclasses.replace(config.model, name_or_path="tiny-llama", tiny=tiny)
+    tiny = tiny_name("llama", hidden_size=shape["hidden_size"], num_layers=blocks, num_heads=shape["num_heads"],
+                     num_kv_heads=shape["num_kv_heads"], intermediate_size=shape["intermediate_size"])
+    model = dataclasses.replace(config.model, name_or_path=tiny)
     trainer = dataclasses.replace(config.trainer, enable_progress_bar=False, devices=1, strategy="auto")
     return dataclasses.replace(config, model=model, trainer=trainer)
 

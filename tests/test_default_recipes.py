@@ -69,7 +69,7 @@ def test_the_committed_record_ran_the_composed_recipe(scheme: str) -> None:
 #: a budget that runs the recipe's whole method on a tiny model in seconds: one window of two blocks
 TINY_BUDGET = (
     "--data.source", "shipped", "--data.num_samples", "4", "--data.seqlen", "32", "--train.epochs", "1",
-    "--train.epochs_2bit", "1", "--train.batch_size", "2", "--model.tiny.num_layers", "2",
+    "--train.epochs_2bit", "1", "--train.batch_size", "2",
     "--eval.datasets", "[]", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
 )
 
@@ -81,7 +81,7 @@ def test_every_scheme_recipe_runs_on_every_family(scheme: str, model_type: str, 
     fold, a LoRA rank wider than its layers) is left out or narrowed, and report.json says so."""
     out = tmp_path / "run"
     code = main(["quantize", "--config", str(REPO / "configs" / f"{scheme}.yaml"), "--model.name_or_path",
-                 f"tiny-{model_type}", "--output_dir", str(out), *TINY_BUDGET])
+                 f"tiny-{model_type}:num_layers=2", "--output_dir", str(out), *TINY_BUDGET])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["model_type"] == model_type and report["method"] == "cbq"

@@ -39,7 +39,7 @@ RUNS = {
     "w4a8_sym": ("--quant.scheme", "W4A8", "--quant.sym", "true"),
     "w4a4_sym": ("--quant.scheme", "W4A4", "--quant.sym", "true"),
     # lm_head shares the input embedding (SmolLM2's layout): a quantized embedding also moves the output
-    "w4_sym_tied": ("--quant.scheme", "W4A16", "--quant.sym", "true", "--model.tiny.tie_embeddings", "true"),
+    "w4_sym_tied": ("--quant.scheme", "W4A16", "--quant.sym", "true", "--model.name_or_path", "tiny-llama:tie_embeddings=true"),
 }
 IDS = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
 #: the issue's bar for "the logits equal the fake-quant model's"

@@ -157,7 +157,7 @@ def test_quantize_reload_and_compressed_tensors_export(model_type: str, tmp_path
     pytest.importorskip("compressed_tensors")
     out = tmp_path / "run"
     result = run_quantize(load_recipe(
-        TINY_RECIPE, "--model.name_or_path", f"tiny-{model_type}", "--model.tiny.num_layers", "3",
+        TINY_RECIPE, "--model.name_or_path", f"tiny-{model_type}:num_layers=3",
         "--quant.scheme", "W4A16G32", "--quant.sym", "true", "--train.epochs", "1", "--eval.datasets", "[]",
         "--data.num_samples", "8", "--monitor.rtn_reference", "false", "--trainer.enable_progress_bar", "false",
         "--output_dir", str(out),
@@ -199,7 +199,7 @@ def test_gptq_export_reloads_with_the_run_logits(model_type: str, tmp_path: Path
 
     out = tmp_path / "run"
     result = run_quantize(load_recipe(
-        TINY_RECIPE, "--method", "rtn", "--model.name_or_path", f"tiny-{model_type}", "--model.tiny.num_layers", "2",
+        TINY_RECIPE, "--method", "rtn", "--model.name_or_path", f"tiny-{model_type}:num_layers=2",
         "--quant.scheme", "W4A16G32", "--quant.sym", "true", "--eval.datasets", "[]", "--data.num_samples", "4",
         "--trainer.enable_progress_bar", "false", "--output_dir", str(out),
     ))

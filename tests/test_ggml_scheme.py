@@ -224,7 +224,7 @@ def test_quant_linear_finalises_onto_the_gguf_grid(name: str, start: str) -> Non
 
 @pytest.mark.parametrize("scheme, shape", [
     ("Q4_1", ()),
-    ("Q4_K_M", ("--model.tiny.hidden_size", "256", "--model.tiny.intermediate_size", "512")),
+    ("Q4_K_M", ("--model.name_or_path", "tiny-llama:hidden_size=256,intermediate_size=512")),
 ])
 def test_killed_ggml_run_resumes_bit_for_bit(tmp_path: Path, scheme: str, shape: tuple[str, ...]) -> None:
     """A finalised window's per-block minimums (``mins``), a K-quant's super-block scales and each layer's GGML type

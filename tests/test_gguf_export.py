@@ -159,7 +159,7 @@ def test_quantize_run_writes_its_gguf_export(runs) -> None:
 
 # --- llama.cpp's mixes (K-quants): each tensor in the type llama-quantize would give it ---------------------------
 #: a tiny llama whose rows hold K-quant super-blocks (256 inputs; the down projection 512)
-K_SHAPE = ("--model.tiny.hidden_size", "256", "--model.tiny.intermediate_size", "512")
+K_SHAPE = ("--model.name_or_path", "tiny-llama:hidden_size=256,intermediate_size=512")
 
 
 def _check_mix(run: Path, output: Path, mix: str) -> dict[str, str]:
@@ -242,12 +242,12 @@ def test_mix_falls_back_where_rows_hold_no_super_block(runs, tmp_path: Path) -> 
 def test_hugging_face_families(runs, tmp_path: Path, model_type: str, gguf_type: str) -> None:
     """A Hugging Face checkpoint of each family: llama.cpp's names, layouts and hyperparameters, written from it."""
     extra = {
-        "gemma3_text": ("--model.tiny.tie_embeddings", "true"),
+        "gemma3_text": ":tie_embeddings=true",
         # transformers' GGUF reader takes no head width for qwen3 and builds Qwen3Config's 128 (tests/gguf_fixtures.py)
-        "qwen3": ("--model.tiny.hidden_size", "256", "--model.tiny.num_heads", "2", "--model.tiny.num_kv_heads", "1"),
-    }.get(model_type, ())
-    run = runs(f"hf-{model_type}", "--model.name_or_path", f"tiny-{model_type}", "--quant.scheme", gguf_type,
-               "--method", "rtn", *extra)
+        "qwen3": ":hidden_size=256,num_heads=2,num_kv_heads=1",
+    }.get(model_type, "")
+    run = runs(f"hf-{model_type}", "--model.name_or_path", f"tiny-{model_type}{extra}", "--quant.scheme", gguf_type,
+               "--method", "rtn")
     output = tmp_path / f"{model_type}.gguf"
     assert _export(run, output, "--dtype", "float32") == 0
     _check_quantized_tensors_exact(run, output, gguf_type)
@@ -379,7 +379,7 @@ def test_cbq_evaluate_reads_the_export_with_the_runs_perplexity(runs, tmp_path_f
 
 def test_rows_that_are_not_whole_blocks_are_one_line(tmp_path: Path, capsys) -> None:
     code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path / "never"), *BUDGET,
-                 "--quant.scheme", "Q8_0", "--model.tiny.hidden_size", "48"])
+                 "--quant.scheme", "Q8_0", "--model.name_or_path", "tiny-llama:hidden_size=48"])
     assert code == 2
     assert "not a multiple of 32" in _one_line(capsys)
     assert not (tmp_path / "never").exists()

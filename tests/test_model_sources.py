@@ -169,3 +169,39 @@ def test_embedded_smollm2_loads_and_saves(tmp_path: Path) -> None:
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+# --- the tiny model: its shape is in its name ----------------------------------------------------------------------
+
+def test_a_tiny_name_carries_its_shape_and_the_default_name_the_default_shape() -> None:
+    from cbq_lightning.models.loading import load_model
+    from cbq_lightning.models.tiny import tiny_model_type, tiny_name, tiny_shape
+
+    assert tiny_shape("tiny-llama") == TinyModelConfig()
+    name = "tiny-qwen3_moe:num_layers=2,num_experts=8,tie_embeddings=true,init_std=0.05"
+    assert tiny_model_type(name) == "qwen3_moe"
+    assert tiny_shape(name) == TinyModelConfig(num_layers=2, num_experts=8, tie_embeddings=True, init_std=0.05)
+    assert tiny_name("qwen3_moe", num_layers=2, num_experts=8, tie_embeddings=True, init_std=0.05) == name
+    assert tiny_name("llama") == "tiny-llama"
+    model = load_model(ModelConfig(name_or_path="tiny-llama:num_layers=3,hidden_size=32", dtype="float32"),
+                       vocab_size=257)
+    assert len(model.model.layers) == 3 and model.config.hidden_size == 32
+
+
+@pytest.mark.parametrize("name, named", [
+    ("tiny-llama:layers=2", "'layers=2' is not a shape key=value; the keys are hidden_size, num_layers"),
+    ("tiny-llama:num_layers", "'num_layers' is not a shape key=value"),
+    ("tiny-llama:num_layers=two", "num_layers='two' is not an int"),
+    ("tiny-llama:tie_embeddings=yes", "tie_embeddings='yes' is not a bool"),
+    ("tiny-llama:num_layers=0", "num_layers=0 must be >= 1"),
+])
+def test_a_bad_tiny_shape_is_one_line_before_anything_loads(tmp_path: Path, capsys, name: str, named: str) -> None:
+    from cbq_lightning.cli import main
+    from tests.conftest import TINY_RECIPE
+
+    code = main(["quantize", "--config", str(TINY_RECIPE), "--model.name_or_path", name, "--output_dir",
+                 str(tmp_path / "never")])
+    assert code == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cbq: error:")]
+    assert named in line
+    assert not (tmp_path / "never").exists()

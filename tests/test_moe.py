@@ -92,8 +92,8 @@ def test_routers_and_shared_gates_stay_full_precision() -> None:
 
 def test_report_counts_the_tokens_routed_to_each_expert(tmp_path: Path) -> None:
     result = run_quantize(load_recipe(
-        TINY_RECIPE, "--model.name_or_path", "tiny-qwen3_moe", "--model.tiny.num_layers", "2",
-        "--model.tiny.num_experts", "4", "--model.tiny.experts_per_token", "2", "--quant.scheme", "W4A16G32",
+        TINY_RECIPE, "--model.name_or_path", "tiny-qwen3_moe:num_layers=2,num_experts=4,experts_per_token=2",
+        "--quant.scheme", "W4A16G32",
         "--quant.sym", "true",
         "--train.epochs", "1", "--eval.datasets", "[]", "--data.num_samples", "4", "--data.seqlen", "32",
         "--monitor.rtn_reference", "false", "--trainer.enable_progress_bar", "false", "--output_dir", str(tmp_path),
@@ -118,7 +118,7 @@ def test_gptq_start_and_activation_quantization_on_experts(tmp_path: Path) -> No
     expert's gate/up in one stage, behind the quantized attention) with the activation-aware clip search, and
     8-bit activations with CFP's attention pair."""
     result = run_quantize(load_recipe(
-        TINY_RECIPE, "--model.name_or_path", "tiny-qwen2_moe", "--model.tiny.num_layers", "2",
+        TINY_RECIPE, "--model.name_or_path", "tiny-qwen2_moe:num_layers=2",
         "--quant.scheme", "W4A8", "--quant.act_mode", "dynamic_sym", "--quant.gptq", "{true_sequential: true}",
         "--quant.clip_search", "{activation_aware: true}", "--cfp.activations", "true",
         "--train.epochs", "1", "--eval.datasets", "[]", "--data.num_samples", "4", "--data.seqlen", "32",

@@ -16,6 +16,7 @@ from torch import nn
 
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.loss import LossConfig, output_kl
+from cbq_lightning.models.tiny import tiny_shape
 from cbq_lightning.runner import run_quantize
 from tests.conftest import TINY_RECIPE, load_recipe
 
@@ -84,4 +85,4 @@ def test_only_the_last_window_trains_on_the_next_token_kl(tmp_path: Path) -> Non
     first_last_step = sum(steps_per_window[:-1])
     assert kl_steps == list(range(first_last_step, first_last_step + steps_per_window[-1]))
     assert all(math.isfinite(event.value) and event.value >= 0 for event in events.Scalars("train/output_kl"))
-    assert windows[-1]["blocks"][-1] == config.model.tiny.num_layers - 1
+    assert windows[-1]["blocks"][-1] == tiny_shape(config.model.name_or_path).num_layers - 1

@@ -203,10 +203,10 @@ def test_folded_rotations_export_and_reload_in_stock_transformers(tmp_path: Path
     pytest.importorskip("compressed_tensors")
     out = tmp_path / "run"
     result = run_quantize(load_recipe(
-        TINY_RECIPE, "--model.tiny.num_layers", "2", "--quant.scheme", "W4A16G32", "--quant.sym", "true",
+        TINY_RECIPE, "--model.name_or_path", "tiny-llama:num_layers=2,tie_embeddings=true", "--quant.scheme", "W4A16G32", "--quant.sym", "true",
         "--train.epochs", "1", "--eval.datasets", "[]", "--data.num_samples", "4", "--monitor.rtn_reference",
         "false", "--trainer.enable_progress_bar", "false", "--output_dir", str(out),
-        "--rotation.online_down", "false", "--model.tiny.tie_embeddings", "true",
+        "--rotation.online_down", "false",
     ))
     assert result.report["rotation"]["untied_lm_head"] is True
     with torch.no_grad():

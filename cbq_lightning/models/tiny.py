@@ -4,10 +4,16 @@ Used by the tests and the ``tiny`` recipe: the whole pipeline (capture, windows,
 reload with transformers) runs on them in seconds on a CPU, with no download. ``tiny-llama`` is the
 default; ``tiny-<model type>`` (``tiny-gemma2``, ``tiny-opt``...) builds the same shape in another family
 from transformers' own config class, so each family's real modelling code runs.
+
+The shape is part of the name, not of the user's configuration (a test model is not something a user tunes):
+``tiny-llama`` is :class:`TinyModelConfig`'s default shape, and ``tiny-llama:num_layers=2,tie_embeddings=true``
+changes the keys named after the colon. A name therefore identifies its model completely (with the seed), which is
+what the full-precision reference cache keys on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -30,12 +36,14 @@ from cbq_lightning.models.families import family_for
 TINY_MODEL_NAME = "tiny-llama"
 #: ``tiny-<model type>`` names a tiny model of that family
 TINY_PREFIX = "tiny-"
+#: ``tiny-<model type>:key=value,...`` sets shape keys of :class:`TinyModelConfig`
+SHAPE_SEPARATOR = ":"
 EOS_TOKEN = "<|endoftext|>"
 
 
 @dataclass
 class TinyModelConfig:
-    """Shape of the tiny model (used only when ``model.name_or_path`` is ``tiny-<model type>``)."""
+    """Shape of the tiny model: the defaults, or the keys a ``tiny-<model type>:key=value,...`` name sets."""
 
     hidden_size: int = 64
     num_layers: int = 4
@@ -56,20 +64,20 @@ class TinyModelConfig:
                  "num_experts": self.num_experts, "experts_per_token": self.experts_per_token}
         for name, value in sizes.items():
             if value < 1:
-                raise ConfigError(f"model.tiny.{name}={value} must be >= 1.")
+                raise ConfigError(f"tiny model shape: {name}={value} must be >= 1.")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
             raise ConfigError(
-                f"model.tiny.hidden_size={self.hidden_size} must split into num_heads={self.num_heads} heads of an "
+                f"tiny model shape: hidden_size={self.hidden_size} must split into num_heads={self.num_heads} heads of an "
                 "even size (rotary embeddings pair the dimensions), e.g. hidden_size 64 with 4 heads."
             )
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"model.tiny.num_heads={self.num_heads} must be a multiple of num_kv_heads="
+            raise ConfigError(f"tiny model shape: num_heads={self.num_heads} must be a multiple of num_kv_heads="
                               f"{self.num_kv_heads} (grouped-query attention).")
         if self.experts_per_token > self.num_experts:
-            raise ConfigError(f"model.tiny.experts_per_token={self.experts_per_token} exceeds num_experts="
+            raise ConfigError(f"tiny model shape: experts_per_token={self.experts_per_token} exceeds num_experts="
                               f"{self.num_experts}.")
         if not (math.isfinite(self.init_std) and 0 < self.init_std <= 1):  # transformers refuses above 1
-            raise ConfigError(f"model.tiny.init_std={self.init_std} must lie in (0, 1]; 0.02 is the default.")
+            raise ConfigError(f"tiny model shape: init_std={self.init_std} must lie in (0, 1]; 0.02 is the default.")
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -84,8 +92,45 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_model_type(name: str) -> str | None:
-    """The model type a ``tiny-<model type>`` name asks for, or None for any other name."""
-    return name[len(TINY_PREFIX):] if name.startswith(TINY_PREFIX) else None
+    """The model type a ``tiny-<model type>[:shape]`` name asks for, or None for any other name."""
+    if not name.startswith(TINY_PREFIX):
+        return None
+    return name[len(TINY_PREFIX):].partition(SHAPE_SEPARATOR)[0]
+
+
+def _shape_value(name: str, key: str, text: str, kind: str) -> int | float | bool:
+    """One ``key=value`` of a tiny name, as the field's type (``kind``: its annotation)."""
+    try:
+        if kind == "bool":
+            if text.lower() not in ("true", "false"):
+                raise ValueError(text)
+            return text.lower() == "true"
+        return int(text) if kind == "int" else float(text)
+    except ValueError:
+        article = "an" if kind == "int" else "a"
+        raise ConfigError(f"model.name_or_path={name!r}: {key}={text!r} is not {article} {kind}.") from None
+
+
+def tiny_name(model_type: str, **shape: int | float | bool) -> str:
+    """The name of a tiny model of ``model_type`` with the ``shape`` keys given (the inverse of :func:`tiny_shape`)."""
+    spec = ",".join(f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in shape.items())
+    return f"{TINY_PREFIX}{model_type}{SHAPE_SEPARATOR + spec if spec else ''}"
+
+
+def tiny_shape(name: str) -> TinyModelConfig:
+    """The shape a ``tiny-<model type>[:key=value,...]`` name asks for (the defaults for the keys it leaves out)."""
+    spec = name.partition(SHAPE_SEPARATOR)[2]
+    kinds = {field.name: str(field.type) for field in dataclasses.fields(TinyModelConfig)}
+    values: dict[str, int | float | bool] = {}
+    for item in filter(None, spec.split(",")):
+        key, equals, text = item.partition("=")
+        if key not in kinds or not equals:
+            raise ConfigError(
+                f"model.name_or_path={name!r}: {item!r} is not a shape key=value; the keys are {', '.join(kinds)} "
+                "(e.g. tiny-llama:num_layers=2,hidden_size=128)."
+            )
+        values[key] = _shape_value(name, key, text, kinds[key])
+    return TinyModelConfig(**values)
 
 
 def _family_config(model_type: str, config: TinyModelConfig, vocab_size: int) -> PretrainedConfig:
