@@ -47,8 +47,7 @@ from cbq_lightning.models.loading import load_tokenizer  # noqa: E402
 def _held_out_perplexity(model: nn.Module, rest: list[nn.Module], overrides: list[str], windows: int) -> float:
     """Perplexity of the quantized first blocks followed by the full-precision ``rest``, on the first
     ``windows`` windows of the recipe's first evaluation set."""
-    parser = cli.quantize_parser()
-    config = cli.quantize_config(cli.instantiate(parser, parser.parse_args(overrides)))
+    config = cli.parse_quantize_config(overrides)
     if not config.eval.datasets:
         raise SystemExit("--ppl-windows needs an evaluation set in the recipe (eval.datasets)")
     model.model.layers = nn.ModuleList([*model.model.layers, *rest])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cbq_lightning.cli import instantiate, main, quantize_config, quantize_parser
+from cbq_lightning.cli import main, parse_quantize_config
 from cbq_lightning.config import QuantizeConfig
 from cbq_lightning.data.text import DATA_DIR_ENV
 from cbq_lightning.evaluation.fp_cache import CACHE_DIR_ENV
@@ -35,8 +35,7 @@ def fast_flags(epochs: int = 2) -> tuple[str, ...]:
 
 def load_recipe(path: Path, *overrides: str) -> QuantizeConfig:
     """A recipe parsed and instantiated exactly as ``cbq quantize --config PATH ...`` does."""
-    parser = quantize_parser()
-    return quantize_config(instantiate(parser, parser.parse_args(["--config", str(path), *overrides])))
+    return parse_quantize_config(["--config", str(path), *overrides])
 
 
 @pytest.fixture(scope="session")

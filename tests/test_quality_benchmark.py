@@ -460,13 +460,12 @@ def _quantize_output(quality, folder: Path, scheme: str, ppl: float, *flags: str
 
     import yaml
 
-    from cbq_lightning.cli import instantiate, quantize_config, quantize_parser
+    from tests.conftest import load_recipe
 
-    parser = quantize_parser()
     recipe = REPO / "configs" / f"smollm2_{scheme.lower()}.yaml"
     placement = ["--output_dir", str(folder), "--data_dir", "/elsewhere", "--trainer.enable_progress_bar", "false",
                  "--eval.fp_reference", "false", "--seed", str(seed)]
-    config = quantize_config(instantiate(parser, parser.parse_args(["--config", str(recipe), *placement, *flags])))
+    config = load_recipe(recipe, *placement, *flags)
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(config), default=str))))
     report = {**_run(ppl, wall=1500.0)["report"], "method": "cbq", "scheme": {"name": scheme}, "wall_time_s": 1500.0,

@@ -161,10 +161,9 @@ def run_peer(name: str, config: QuantizeConfig, iters: int | None = None) -> dic
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> QuantizeConfig:
     """The recipe parsed exactly as ``cbq quantize --config PATH OVERRIDES...`` parses it."""
-    from cbq_lightning.cli import instantiate, quantize_config, quantize_parser
+    from cbq_lightning.cli import parse_quantize_config
 
-    parser = quantize_parser()
-    return quantize_config(instantiate(parser, parser.parse_args(["--config", str(path), *overrides])))
+    return parse_quantize_config(["--config", str(path), *overrides])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
