@@ -778,7 +778,7 @@ def _replace_cbq(recipes: dict[str, Path], args: argparse.Namespace, invocation:
 #: ``--cbq-runs`` may differ from the recipe in these (its seed is compared separately)
 PLACEMENT_KEYS = ("output_dir", "data_dir", "resume", "seed", "trainer.accelerator", "trainer.devices",
                   "trainer.strategy", "trainer.num_nodes", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
-                  "eval.fp_reference", "eval.batch_size", "monitor", "cache", "export")
+                  "eval.fp_reference", "eval.batch_size", "monitor", "cache", "export", "end_to_end.evaluate_before")
 
 
 def _flat(value: object, prefix: str = "") -> dict:
@@ -869,9 +869,11 @@ def _ablations_current(record: dict) -> dict[str, bool | None]:
         if entry.get("settings") is None or not recipe.is_file():
             current[name] = None
             continue
+        from cbq_lightning.errors import ConfigError
+
         try:
             current[name] = entry["settings"] == _settings_fingerprint(recipe, [*flags, *_overrides(entry["overrides"])])
-        except SystemExit:  # an option the recipe no longer takes
+        except ConfigError:  # an option the recipe no longer takes (the parser's one-line error)
             current[name] = False
     return current
 

@@ -135,7 +135,10 @@ def _run_quantize(
         windows = _calibrate(job, built, fp_results, logger, device, callbacks, stop)
         # a CBQ run (validate refuses the phase with rtn); before the caches go: it reads X at block 0 and the last Y_fp
         if config.end_to_end is not None:
+            before = _evaluate_before_end_to_end(job, device)
             built.end_to_end = run_end_to_end(config, built.state, job.adapter.output_head(), logger)
+            if before is not None:
+                built.end_to_end["eval_before"] = before
     built.store.cleanup()  # the disk caches (if any) are not needed past calibration
     calibrated_s = time.perf_counter() - started
     # every rank says which samples it calibrated on (a collective: all ranks take part)
@@ -145,6 +148,15 @@ def _run_quantize(
         return QuantizeResult(report={"rank": job.place.rank, "windows": windows}, model=job.model,
                               tokenizer=job.tokenizer, main=False)
     return _write_outputs(job, built, windows, fp_results, logger, device, shards, started, calibrated_s)
+
+
+def _evaluate_before_end_to_end(job: _Job, device: torch.device) -> list[dict[str, Any]] | None:
+    """``end_to_end.evaluate_before``: the windows' model evaluated before the phase (rank 0), ``[{dataset, ppl}]``."""
+    settings = job.config.end_to_end
+    if settings is None or not settings.evaluate_before or not job.eval_sets or not job.place.is_main:
+        return None
+    results = _evaluate(job.config, job.model, job.eval_sets, device, "before end-to-end")
+    return [{"dataset": entry["dataset"], "ppl": entry["ppl"]} for entry in results]
 
 
 @dataclass

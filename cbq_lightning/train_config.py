@@ -114,6 +114,9 @@ class EndToEndConfig:
         activation_clip: also train the activation quantizers' clipping (activation schemes only).
         checkpoint_blocks: recompute each block's activations in the backward instead of keeping them (less
             memory, one more forward); null: on for CUDA devices, off on the CPU.
+        evaluate_before: also evaluate the model before the phase (one more pass over ``eval``'s sets), reported as
+            ``report.json``'s ``end_to_end.eval_before``: what the phase changed, from one run instead of two. It
+            changes nothing the run computes (the evaluation draws no random numbers).
     """
 
     epochs: int = 1
@@ -122,6 +125,7 @@ class EndToEndConfig:
     tokens: int = 128
     activation_clip: bool = True
     checkpoint_blocks: bool | None = None
+    evaluate_before: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

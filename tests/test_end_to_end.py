@@ -113,6 +113,25 @@ def test_the_phase_moves_scales_only_and_lowers_its_objective(runs: dict[str, Pa
     assert _report(runs["plain"])["end_to_end"] is None
 
 
+def test_evaluating_before_the_phase_gives_the_plain_run_and_changes_nothing(tmp_path: Path) -> None:
+    """One run with ``evaluate_before`` gives both figures: before the phase, the perplexity of the run without the
+    phase; after it, that of the run with the phase (bit for bit: the extra evaluation draws no random numbers)."""
+    evaluated = ["--eval.datasets", "[shipped]", "--eval.max_windows", "2", "--eval.fp_reference", "false"]
+    reports, states = {}, {}
+    for name, extra in {"plain": [], "e2e": ["--end_to_end", "{}"],
+                        "both": ["--end_to_end", "{evaluate_before: true}"]}.items():
+        out = tmp_path / name
+        assert main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(out), *FAST, *evaluated,
+                     *extra]) == 0
+        reports[name], states[name] = _report(out), load_file(out / "quant_state.safetensors")
+    [before] = reports["both"]["end_to_end"]["eval_before"]
+    [plain], [after] = reports["plain"]["eval"], reports["e2e"]["eval"]
+    assert before == {"dataset": plain["dataset"], "ppl": plain["ppl"]}
+    assert reports["both"]["eval"][0]["ppl"] == after["ppl"] != plain["ppl"]
+    assert "eval_before" not in reports["e2e"]["end_to_end"]
+    assert all(torch.equal(states["both"][name], states["e2e"][name]) for name in states["e2e"])
+
+
 def test_the_phase_logs_its_signals(runs: dict[str, Path]) -> None:
     events = EventAccumulator(str(runs["e2e"] / "tensorboard")).Reload()
     tags = set(events.Tags()["scalars"])
