@@ -52,16 +52,10 @@ from cbq_lightning.lock import quantize_lock
 from cbq_lightning.machine import resolve_machine_settings
 from cbq_lightning.models.adapter import BlockKwargs, DecoderAdapter
 from cbq_lightning.models.loading import load_model, load_tokenizer
-from cbq_lightning.quant.convert import (
-    check_correction_rank,
-    check_group_size,
-)
+from cbq_lightning.quant.convert import check_correction_rank, check_group_size
 from cbq_lightning.quant.correction import CorrectionConfig
 from cbq_lightning.quant.input_moments import InputMoments
-from cbq_lightning.quant.mixed_precision import (
-    log_layer_bits,
-    run_layer_bits,
-)
+from cbq_lightning.quant.mixed_precision import log_layer_bits, run_layer_bits
 from cbq_lightning.quant.qlinear import LayerQuantConfig
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
@@ -133,12 +127,7 @@ def _run_quantize(
         log_layer_bits(logger, built.quantizer.layer_bits)
     with stop.deferred():  # fits stop at a step boundary; elsewhere a SIGTERM stops the run at once
         windows = _calibrate(job, built, fp_results, logger, device, callbacks, stop)
-        # a CBQ run (validate refuses the phase with rtn); before the caches go: it reads X at block 0 and the last Y_fp
-        if config.end_to_end is not None:
-            before = _evaluate_before_end_to_end(job, device)
-            built.end_to_end = run_end_to_end(config, built.state, job.adapter.output_head(), logger)
-            if before is not None:
-                built.end_to_end["eval_before"] = before
+        built.end_to_end = _end_to_end(job, built, logger, device)  # before the caches go: it reads them
     built.store.cleanup()  # the disk caches (if any) are not needed past calibration
     calibrated_s = time.perf_counter() - started
     # every rank says which samples it calibrated on (a collective: all ranks take part)
@@ -150,13 +139,18 @@ def _run_quantize(
     return _write_outputs(job, built, windows, fp_results, logger, device, shards, started, calibrated_s)
 
 
-def _evaluate_before_end_to_end(job: _Job, device: torch.device) -> list[dict[str, Any]] | None:
-    """``end_to_end.evaluate_before``: the windows' model evaluated before the phase (rank 0), ``[{dataset, ppl}]``."""
+def _end_to_end(job: _Job, built: _Built, logger: TensorBoardLogger, device: torch.device) -> dict[str, Any] | None:
+    """The end-to-end phase (a CBQ run: validate refuses it with rtn; it reads X at block 0 and the last Y_fp), after an
+    evaluation of the windows' model with ``end_to_end.evaluate_before`` (rank 0); its record, None without it."""
     settings = job.config.end_to_end
-    if settings is None or not settings.evaluate_before or not job.eval_sets or not job.place.is_main:
+    if settings is None:
         return None
-    results = _evaluate(job.config, job.model, job.eval_sets, device, "before end-to-end")
-    return [{"dataset": entry["dataset"], "ppl": entry["ppl"]} for entry in results]
+    measure = settings.evaluate_before and job.eval_sets and job.place.is_main
+    before = _evaluate(job.config, job.model, job.eval_sets, device, "before end-to-end") if measure else None
+    record = run_end_to_end(job.config, built.state, job.adapter.output_head(), logger)
+    if before is not None:
+        record["eval_before"] = [{"dataset": entry["dataset"], "ppl": entry["ppl"]} for entry in before]
+    return record
 
 
 @dataclass
@@ -211,9 +205,9 @@ def _read_inputs(config: QuantizeConfig, supplied: SuppliedInputs | None = None)
             f"eval.datasets={list(config.eval.datasets)} needs the model's tokenizer to read the text: pass the "
             "tokenizer, or set eval.datasets to [] (evaluate later with `cbq evaluate`)."
         )
+    cbq = config.method == "cbq"
     # DDP shards the CBQ windows' training; RTN trains nothing and runs in one process
-    place = placement(config.trainer.strategy, config.trainer.devices, config.trainer.num_nodes)
-    place = place if config.method == "cbq" else Placement()
+    place = placement(config.trainer.strategy, config.trainer.devices, config.trainer.num_nodes) if cbq else Placement()
     quiet_lightning()
     L.seed_everything(config.seed, workers=True, verbose=False)
     output_dir = Path(config.output_dir)
@@ -222,16 +216,14 @@ def _read_inputs(config: QuantizeConfig, supplied: SuppliedInputs | None = None)
     fingerprint = dataclasses.asdict(config) | ({"supplied": supplied.fingerprint()} if supplied is not None else {})
     checkpointer = WindowCheckpointer(output_dir, fingerprint, rank=place.rank, world=place.world)
     resume: ResumePoint | None = None
-    if config.method == "cbq" and config.resume:
+    if cbq and config.resume:
         resume = checkpointer.load()  # refuses a checkpoint of a different configuration, naming the keys
-
     if supplied is not None:
         tokenizer, model = supplied.tokenizer, supplied.prepared_model()
     else:
         tokenizer = load_tokenizer(config.model)
         model = load_model(config.model, vocab_size=len(tokenizer), seed=config.seed)
     adapter = DecoderAdapter(model)
-    cbq = config.method == "cbq"
     rounding = config.rounding if cbq else RoundingConfig(enabled=False)
     correction = config.correction if cbq else None
     # the configuration against the model's shapes, before any data is read or any evaluation runs
@@ -244,10 +236,8 @@ def _read_inputs(config: QuantizeConfig, supplied: SuppliedInputs | None = None)
     else:
         all_ids = calibration_ids(config.data, tokenizer, config.seed, config.data_dir)
     evaluation = config.eval
-    eval_sets = [
-        prepare_eval_set(source, tokenizer, evaluation.seqlen, evaluation.split, evaluation.max_windows, config.data_dir)
-        for source in evaluation.datasets
-    ]
+    eval_sets = [prepare_eval_set(source, tokenizer, evaluation.seqlen, evaluation.split, evaluation.max_windows,
+                                  config.data_dir) for source in evaluation.datasets]
     # everything is read and checked: rotate before anything measures the model (the full-precision
     # reference then measures the rotated model, which computes the same function)
     rotation = rotate_model(adapter, rotation_config, config.seed) if rotation_config is not None else None
