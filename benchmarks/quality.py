@@ -794,20 +794,21 @@ def _flat(value: object, prefix: str = "") -> dict:
 LATER_EXTENSIONS = ("end_to_end",)
 
 
-def retired_keys() -> dict:
-    """Keys that left the configuration after the committed records were made, with the value every one of those runs
-    had: put back into a run's settings where absent, so the records' fingerprints stay valid. ``model.tiny.*``: the
-    tiny model's shape moved into its name (``tiny-llama:num_layers=2``); no record is of a tiny model, so each ran
-    with the defaults."""
-    from cbq_lightning.models.tiny import TinyModelConfig
-
-    return {f"model.tiny.{field.name}": field.default for field in dataclasses.fields(TinyModelConfig)}
+#: keys that left the configuration after the committed records were made, with the value every one of those runs
+#: had: put back into a run's settings where absent, so the records' fingerprints stay valid. ``model.tiny.*``: the
+#: tiny model's shape moved into its name (``tiny-llama:num_layers=2``); no record is of a tiny model, so each ran
+#: with the shape's defaults of the time, written out here so that a later change of those defaults leaves them be
+RETIRED_KEYS = {
+    "model.tiny.hidden_size": 64, "model.tiny.num_layers": 4, "model.tiny.num_heads": 4, "model.tiny.num_kv_heads": 2,
+    "model.tiny.intermediate_size": 128, "model.tiny.init_std": 0.02, "model.tiny.tie_embeddings": False,
+    "model.tiny.num_experts": 4, "model.tiny.experts_per_token": 2,
+}
 
 
 def run_settings(config: dict) -> dict:
     """What decides a run's result: its resolved configuration (``config.yaml``) flattened, without
-    :data:`PLACEMENT_KEYS` and without the :data:`LATER_EXTENSIONS` that are off, with the :func:`retired_keys`."""
-    flat = {**retired_keys(), **_flat(config)}
+    :data:`PLACEMENT_KEYS` and without the :data:`LATER_EXTENSIONS` that are off, with the :data:`RETIRED_KEYS`."""
+    flat = {**RETIRED_KEYS, **_flat(config)}
     return {key: value for key, value in flat.items()
             if not any(key == p or key.startswith(p + ".") for p in PLACEMENT_KEYS)
             and not (key in LATER_EXTENSIONS and value is None)}
@@ -862,6 +863,8 @@ def _mark_settings(row: dict, recipe: Path, flags: list[str], cbq: dict, no_cfp:
 def _ablations_current(record: dict) -> dict[str, bool | None]:
     """Per ablation of the record: whether today's recipe with the record's and the ablation's overrides
     resolves to the settings the ablation ran (None: not recorded, or the recipe is gone)."""
+    from cbq_lightning.errors import ConfigError
+
     recipe = ROOT / record.get("recipe", "")
     flags = _overrides(record.get("overrides", []))
     current: dict[str, bool | None] = {}
@@ -869,8 +872,6 @@ def _ablations_current(record: dict) -> dict[str, bool | None]:
         if entry.get("settings") is None or not recipe.is_file():
             current[name] = None
             continue
-        from cbq_lightning.errors import ConfigError
-
         try:
             current[name] = entry["settings"] == _settings_fingerprint(recipe, [*flags, *_overrides(entry["overrides"])])
         except ConfigError:  # an option the recipe no longer takes (the parser's one-line error)

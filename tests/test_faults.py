@@ -180,7 +180,9 @@ def test_sigterm_outside_a_deferred_block_stops_at_once_and_inside_one_at_its_en
     from cbq_lightning.errors import RunStopped
     from cbq_lightning.stop import GracefulStop
 
+    before = signal.getsignal(signal.SIGTERM)
     with GracefulStop() as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop._handler
         with pytest.raises(RunStopped, match="outside the windows' training"):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)  # the handler runs at the next bytecode; never reached
@@ -193,7 +195,7 @@ def test_sigterm_outside_a_deferred_block_stops_at_once_and_inside_one_at_its_en
                 assert stop.requested  # noted, not acted on: the window loop acts at its next safe point
                 reached_end_of_block = True
         assert reached_end_of_block
-    assert signal.getsignal(signal.SIGTERM) is not stop._handler, "the previous handler is back"
+    assert signal.getsignal(signal.SIGTERM) == before, "the previous handler is back"
 
 
 def test_a_stop_raised_inside_a_deferred_block_is_the_one_that_reaches_the_caller() -> None:
