@@ -390,11 +390,11 @@ def _write_outputs(
     report = run_report(job, built, windows, scheme_info, correction_info, entries, shards, device, started,
                      calibrated_s)
     atomic_write_json(job.output_dir / "report.json", report)
-    job.checkpointer.clear()  # the outputs are complete: the per-window state is no longer needed
     if config.export.format is not None:
         # from the files just written, exactly as `cbq export --run output_dir` would
         report["export"] = export_run(job.output_dir, config.export)
         atomic_write_json(job.output_dir / "report.json", report)
+    job.checkpointer.clear()  # last: a run stopped before this point resumes from them instead of starting over
     return QuantizeResult(report=report, model=model, tokenizer=job.tokenizer)
 
 

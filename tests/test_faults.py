@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -30,9 +31,9 @@ FLAGS = ["--train.epochs", "2", "--trainer.enable_progress_bar", "false", "--eva
          "--monitor.rtn_reference", "false"]
 
 
-def _command(out: Path) -> list[str]:
+def _command(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "cbq_lightning.cli", "quantize", "--config", str(TINY_RECIPE),
-            "--output_dir", str(out), *FLAGS]
+            "--output_dir", str(out), *FLAGS, *extra]
 
 
 def _state(out: Path) -> dict[str, torch.Tensor]:
@@ -208,33 +209,46 @@ def test_a_stop_raised_inside_a_deferred_block_is_the_one_that_reaches_the_calle
             raise RunStopped("SIGTERM: stopped during window 3")
 
 
-@pytest.mark.parametrize("stage", ["fp", "cbq"])
-def test_sigterm_while_evaluating_stops_at_once_and_the_same_command_resumes(
+@pytest.mark.parametrize("stage", ["fp", "cbq", "export"])
+def test_sigterm_outside_the_windows_stops_at_once_and_the_same_command_resumes(
     tmp_path: Path, uninterrupted: Path, monkeypatch: pytest.MonkeyPatch, stage: str,
 ) -> None:
-    """A SIGTERM during the full-precision reference (before any window) or the final evaluation (after the last
-    window) stops the run there, not minutes later; the rerun gives the uninterrupted result."""
+    """A SIGTERM during the full-precision reference (before any window), the final evaluation (after the last
+    window) or the export (the last step) stops the run there, not minutes later; the rerun resumes from the
+    windows' checkpoints (which outlive every step before the last) to the uninterrupted result."""
     from cbq_lightning import runner
     from cbq_lightning.errors import RunStopped
     from tests.conftest import load_recipe
 
-    real_evaluate = runner._evaluate
+    real_evaluate, real_export = runner._evaluate, runner.export_run
 
     def terminated_while(config, model, sets, device, label):
         if label == stage:
             os.kill(os.getpid(), signal.SIGTERM)
         return real_evaluate(config, model, sets, device, label)
 
+    def terminated_while_exporting(run_dir, config):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_export(run_dir, config)
+
     monkeypatch.setattr(runner, "_evaluate", terminated_while)
+    monkeypatch.setattr(runner, "export_run", terminated_while_exporting)
     monkeypatch.setenv("CBQ_CACHE_DIR", str(tmp_path / "fp-cache"))  # measured here, not taken from an earlier run
-    config = load_recipe(TINY_RECIPE, *FLAGS, "--output_dir", str(tmp_path))
+    export = ["--export.format", "compressed-tensors"] if stage == "export" else []
+    config = load_recipe(TINY_RECIPE, *FLAGS, *export, "--output_dir", str(tmp_path))
     with pytest.raises(RunStopped, match="SIGTERM"):
         runner.run_quantize(config)
-    assert not (tmp_path / "report.json").exists()
+    assert (tmp_path / "report.json").exists() == (stage == "export"), "the export comes after the report"
     assert not (tmp_path / LOCK_FILE).exists(), "a run stopped by SIGTERM releases its output folder"
     saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("state_w*.safetensors"))
-    assert bool(saved) == (stage == "cbq"), saved  # before the first window nothing; after the last, its state
+    assert bool(saved) == (stage != "fp"), saved  # before the first window nothing; after the last, its state
     monkeypatch.setattr(runner, "_evaluate", real_evaluate)
-    done = subprocess.run(_command(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=600)
+    monkeypatch.setattr(runner, "export_run", real_export)
+    done = subprocess.run(_command(tmp_path, *export), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    if stage != "fp":
+        assert "resum" in done.stderr.lower(), done.stderr[-3000:]
+    assert not (tmp_path / "checkpoints").exists(), "a finished run removes its checkpoints"
+    if export:
+        assert "export" in json.loads((tmp_path / "report.json").read_text())
     _assert_same_state(uninterrupted, tmp_path)
