@@ -23,7 +23,8 @@ it, as almost every window of a real model - is fitted at the recipe's settings 
 device, outputs discarded) of the same samples through the window's full-precision blocks, measured in the same run
 before the window's entry and before its leave (the mean of the two).
 The projection scales the window to the recipe's budget (samples x seqlen, epochs per visit) and the shape's block
-count, adds rotation and input capture, and projects the evaluation from one sequence through one block and the head.
+count, adds rotation and input capture, projects the recipe's end-to-end phase (if any) from the plain forward and the
+head, and the evaluation from one sequence through one block and the head.
 On a GPU it also runs AutoRound (its default 200 iterations) on the same shape, random weights and token ids, so the
 record holds ``cbq_over_autoround``; on CPU AutoRound is skipped unless ``--autoround on``.
 
@@ -401,10 +402,27 @@ def measure_window(config: QuantizeConfig, adapter: DecoderAdapter, ids: torch.T
                      samples=int(ids.shape[0]), batch_size=config.train.batch_size)
 
 
+def end_to_end_s(run: WindowRun, budget: QuantizeConfig, blocks: int, evaluation: dict[str, float],
+                 cuda: bool) -> float:
+    """The recipe's end-to-end phase (``end_to_end``; 0 without one), projected from the measured plain forward
+    (per block and sample) and the evaluation's head (per position): each training pass is about three forwards of
+    every block (four where the blocks are recomputed in the backward: on CUDA by default) and of the head at the
+    sampled positions, over every sample each epoch, plus the two measuring passes (forward only). Projected rather
+    than run because the phase needs every block of the model finalised, which the built blocks are not."""
+    settings = budget.end_to_end
+    if settings is None:
+        return 0.0
+    block_sample_s = run.plain_forward_s / (budget.window.size * run.samples)
+    forward_s = blocks * block_sample_s + settings.tokens * evaluation["head"] / budget.eval.seqlen
+    recompute = settings.checkpoint_blocks if settings.checkpoint_blocks is not None else cuda
+    return budget.data.num_samples * forward_s * (settings.epochs * (4 if recompute else 3) + 2)
+
+
 def project(run: WindowRun, budget: QuantizeConfig, scheme_bits: int, shape: dict[str, int], rotation_s: float,
-            built_blocks: int, evaluation: dict[str, float]) -> dict[str, Any]:
+            built_blocks: int, evaluation: dict[str, float], cuda: bool = False) -> dict[str, Any]:
     """The whole model at the recipe's budget: every window as the measured steady-state one, the per-sample
-    stages scaled to the budget's samples, the steps to its epochs, plus rotation, input capture and evaluation."""
+    stages scaled to the budget's samples, the steps to its epochs, plus rotation, input capture, the end-to-end
+    phase (:func:`end_to_end_s`) and evaluation."""
     samples = budget.data.num_samples
     scale = samples / run.samples
     steady = run.steps[1:] if len(run.steps) > 2 else run.steps  # the first step pays for warm-up
@@ -416,15 +434,17 @@ def project(run: WindowRun, budget: QuantizeConfig, scheme_bits: int, shape: dic
     window_s = sum(stages.values())
     windows = len(window_schedule(shape["blocks"], budget.window))
     eval_windows = budget.eval.max_windows or shape["eval_windows"]
-    sets = len(budget.eval.datasets) * (2 if budget.eval.fp_reference else 1)
+    before_phase = budget.end_to_end is not None and budget.end_to_end.evaluate_before
+    sets = len(budget.eval.datasets) * (2 if budget.eval.fp_reference else 1) * (1.5 if before_phase else 1)
     eval_s = sets * eval_windows * (shape["blocks"] * evaluation["block"] + evaluation["head"])
     rotation_total = rotation_s * shape["blocks"] / built_blocks
-    calibration_s = rotation_total + run.capture_s * scale + windows * window_s
+    phase_s = end_to_end_s(run, budget, shape["blocks"], evaluation, cuda)
+    calibration_s = rotation_total + run.capture_s * scale + windows * window_s + phase_s
     return {
         "samples": samples, "seqlen": budget.data.seqlen, "epochs": budget.train.epochs_for(scheme_bits),
         "batch_size": budget.train.batch_size, "steps_per_window": steps, "step_s": step_s,
         "windows": windows, "window_s": window_s, "stages_s": stages,
-        "rotation_s": rotation_total, "capture_s": run.capture_s * scale,
+        "rotation_s": rotation_total, "capture_s": run.capture_s * scale, "end_to_end_s": phase_s,
         "evaluation_s": eval_s, "evaluation": {"sets": sets, "windows_per_set": eval_windows},
         "calibration_min": calibration_s / 60, "total_min": (calibration_s + eval_s) / 60,
     }
@@ -467,7 +487,7 @@ def _print_table(record: dict[str, Any]) -> None:
         print(f"| {stage} | {measured['stages_s'][stage]:.2f} | {projected['stages_s'][stage]:.2f} |")
     print(f"| window | {measured['window_s']:.2f} | {projected['window_s']:.2f} |")
     whole = (f"| whole model ({projected['windows']} windows) | rotation {projected['rotation_s']:.1f} s, capture "
-             f"{projected['capture_s']:.1f} s | calibration {projected['calibration_min']:.1f} min, evaluation "
+             f"{projected['capture_s']:.1f} s, end-to-end phase {projected['end_to_end_s']:.1f} s | calibration {projected['calibration_min']:.1f} min, evaluation "
              f"{projected['evaluation_s'] / 60:.1f} min, total {projected['total_min']:.1f} min |")
     print(whole)
     gpu = "n/a" if record["peak_gpu_gib"] is None else f"{record['peak_gpu_gib']:.1f} GiB"
@@ -504,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = measure_window(config, adapter, ids, device, Path(scratch), clock)
     untouched = adapter.blocks[built_blocks - 1]  # after the measured window: never entered, full precision
     evaluation = eval_sequence_s(adapter, untouched, budget.eval.seqlen, shape["vocab_size"], device)
-    projected = project(run, budget, scheme.w_bits, shape, clock.seconds["rotation"], built_blocks, evaluation)
+    projected = project(run, budget, scheme.w_bits, shape, clock.seconds["rotation"], built_blocks, evaluation, cuda)
     work = run.stages["teacher_caching"] + run.stages["advancing"]
     record = {
         "benchmark": "speed",

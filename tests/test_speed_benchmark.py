@@ -91,3 +91,30 @@ def test_per_sample_stages_scale_to_the_budget_and_the_others_do_not(speed) -> N
         recipe.data.num_samples / recipe.train.batch_size)
     assert projected["rotation_s"] == 2.0 * 10 / 4 and projected["capture_s"] == 0.5 * scale
     assert projected["windows"] == len(window_schedule(10, recipe.window))
+
+
+@pytest.mark.parametrize(("flags", "cuda", "passes"), [
+    ([], False, 4 * 3 + 2),  # CPU: blocks kept, three forwards' worth per training pass, two measuring passes
+    ([], True, 4 * 4 + 2),  # CUDA: blocks recomputed in the backward by default, one forward more
+    (["--end_to_end.checkpoint_blocks", "false"], True, 4 * 3 + 2),
+])
+def test_the_end_to_end_phase_is_projected_from_the_plain_forward_and_the_head(
+    speed, flags: list[str], cuda: bool, passes: int,
+) -> None:
+    """Hand-computed: the plain forward of a 2-block window over 4 samples takes 0.8 s (0.1 s per block and sample);
+    the head 0.2 s per 128-token evaluation sequence, the phase samples 64 positions (0.1 s); 10 blocks, 16 samples,
+    4 epochs: 16 x (10 x 0.1 + 0.1) x passes. The phase counts in the calibration time; none without it."""
+    recipe = load_recipe(REPO / "configs" / "tiny.yaml",
+                         ["--end_to_end", "{epochs: 4, tokens: 64}", "--eval.seqlen", "128", *flags])
+    run = speed.WindowRun(stages={stage: 0.0 for stage in speed.STAGES}, steps=[0.0], plain_forward_s=0.8,
+                          plain_forwards_s=[0.8], window_s=0.0, capture_s=0.0, samples=4, batch_size=4)
+    shape = {**speed.SHAPES["tiny"], "blocks": 10}
+    evaluation = {"block": 0.1, "head": 0.2}
+    assert recipe.data.num_samples == 16 and recipe.window.size == 2
+    expected = 16 * (10 * 0.1 + 64 * 0.2 / 128) * passes
+    assert math.isclose(speed.end_to_end_s(run, recipe, 10, evaluation, cuda), expected, rel_tol=1e-9)
+    projected = speed.project(run, recipe, 3, shape, rotation_s=0.0, built_blocks=4, evaluation=evaluation, cuda=cuda)
+    assert math.isclose(projected["end_to_end_s"], expected, rel_tol=1e-9)
+    assert math.isclose(projected["calibration_min"] * 60, expected, rel_tol=1e-9)  # every other stage is 0 here
+    without = load_recipe(REPO / "configs" / "tiny.yaml")
+    assert speed.end_to_end_s(run, without, 10, evaluation, cuda) == 0.0
