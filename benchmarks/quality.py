@@ -72,8 +72,9 @@ DEFAULT_SCHEMES = ("W4A16", "W3A16G64", "W2A16G64", "W4A8", "W4A4")
 #: flags that switch coarse-to-fine preprocessing off (the RTN baseline and the CFP ablation)
 CFP_OFF = ["--cfp.weights", "false", "--cfp.activations", "false"]
 #: the RTN baseline is plain round-to-nearest even when the recipe starts CBQ from GPTQ
-#: (``method: rtn`` with a ``quant.gptq`` section would be GPTQ) or rotates the model first
-PLAIN_RTN = ["--quant.gptq", "null", "--rotation", "null"]
+#: (``method: rtn`` with a ``quant.gptq`` section would be GPTQ), rotates the model first or trains it end to end
+#: after the windows (which ``method: rtn`` refuses)
+PLAIN_RTN = ["--quant.gptq", "null", "--rotation", "null", "--end_to_end", "null"]
 #: ``CBQ (paper settings)``: the paper's method (docs/method.md §1-4) as ``configs/paper/<scheme>.yaml`` states it, on
 #: top of a scheme's demo recipe, which keeps only its budget (samples, epochs, batch size) and its scheme: RTN start
 #: on the unclipped grid, LoRA-Rounding ``V0 + A1 A2`` (rank 4) trained through soft decisions and hardened at the

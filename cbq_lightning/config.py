@@ -213,7 +213,7 @@ def _check_end_to_end(config: QuantizeConfig, scheme: QuantScheme) -> None:
     if config.method != "cbq":
         raise ConfigError(
             "end_to_end trains the scales of a CBQ run after its windows; method=rtn is the untrained baseline. "
-            "Use method=cbq, or drop end_to_end."
+            "Use method=cbq, or drop end_to_end (--end_to_end null)."
         )
     if scheme.gguf_type is not None or config.export.format == "gguf":
         raise ConfigError(

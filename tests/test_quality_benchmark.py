@@ -99,11 +99,26 @@ def test_paper_flags_are_what_method_md_states(quality) -> None:
     assert settings["rounding.forward"] == "soft" and (settings["window.size"], settings["window.overlap"]) == ("2", "1")
     assert float(settings["loss.kl_weight"]) == 1.0 and float(settings["loss.output_kl_weight"]) == 0
     assert (float(settings["train.lr_rounding"]), float(settings["train.lr_clip"])) == (0.001, 0.005)
-    assert settings["rotation"] == "null" and quality.PLAIN_RTN[-2:] == ["--rotation", "null"]
+    assert settings["rotation"] == "null" and settings["end_to_end"] == "null"
     for scheme in quality.DEFAULT_SCHEMES:
         flags = quality.paper_flags(scheme)
         assert quality.paper_settings(scheme) == settings
         assert flags[flags.index("--cfp.truncation") + 1] == "judged" and len(flags) == 2 * len(quality.PAPER_KEYS)
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "W3A16G64", "W2A16G64", "W4A8", "W4A4"])
+def test_the_rtn_cell_is_plain_round_to_nearest_on_every_recipe(quality, scheme: str) -> None:
+    """The RTN baseline's command on each scheme's recipe passes the checks a run makes first (``method: rtn``
+    refuses an end-to-end phase) and is plain round-to-nearest: no GPTQ start, rotation, phase or CFP."""
+    from cbq_lightning.config import validate
+    from tests.conftest import load_recipe
+
+    config = load_recipe(REPO / "configs" / f"smollm2_{scheme.lower()}.yaml", "--method", "rtn", *quality.PLAIN_RTN,
+                         *quality.CFP_OFF)
+    config.model.name_or_path = "tiny-llama"  # the checks, not the GGUF (an optional extra, absent in CI)
+    validate(config)
+    assert (config.quant.gptq, config.rotation, config.end_to_end) == (None, None, None)
+    assert not (config.cfp.weights or config.cfp.activations)
 
 
 def test_recipe_deviations_are_read_from_the_recipe(quality, tmp_path: Path) -> None:
