@@ -3,8 +3,8 @@
 Why: a user copies these lines first; a documentation edit or a code change that breaks one must fail CI, not
 a user. Each command is taken from the documents themselves (code fences, ``\\`` continuations joined, ``&&`` chains
 split, trailing ``# comments`` dropped) and run in one scratch folder in document order (the README, then ``docs/*.md`` by name) as far as their
-folders require, so the outputs of one (``runs/smollm2-w3a16g64``) are the inputs of the next (``cbq export
---run runs/smollm2-w3a16g64``). Two commands run at a time, one intra-op thread each, where neither reads or writes a
+folders require, so the outputs of one (``runs/smollm2-demo``) are the inputs of the next (``cbq export
+--run runs/smollm2-demo``). Two commands run at a time, one intra-op thread each, where neither reads or writes a
 folder the other writes (:func:`schedule`): the commands are each a new process whose start-up is mostly single-threaded
 imports, and this test was the longest in CI at one at a time.
 
@@ -96,8 +96,12 @@ def _recipe(config: Path) -> dict:
     return yaml.safe_load(config.read_text()) or {}
 
 
-def _uses_embedded_or_hub_model(recipe: dict) -> bool:
-    name = (recipe.get("model") or {}).get("name_or_path")
+def _uses_embedded_or_hub_model(config: Path) -> bool:
+    """Whether the recipe, with the recipes it names under ``base:``, loads a model other than the tiny one."""
+    from cbq_lightning.recipe_file import recipe_chain
+
+    names = [(_recipe(path).get("model") or {}).get("name_or_path") for path in recipe_chain(config)]
+    name = next((name for name in reversed(names) if name is not None), None)  # the last file to set it wins
     return name is not None and name != TINY
 
 
@@ -117,8 +121,7 @@ def substituted(command: str, workdir: Path) -> tuple[list[str], dict[str, str]]
             argv[at] = TINY
             argv += [flag for key, value in HUB_MODEL_BUDGET.items() if key not in argv for flag in (key, value)]
     elif argv[0] == "quantize" and "--config" in argv:
-        recipe = _recipe(workdir / argv[argv.index("--config") + 1])
-        if _uses_embedded_or_hub_model(recipe):
+        if _uses_embedded_or_hub_model(workdir / argv[argv.index("--config") + 1]):
             argv += ["--model.name_or_path", TINY]
     if argv[0] == "evaluate" and "--model" in argv:
         at = argv.index("--model") + 1
@@ -220,10 +223,10 @@ def documented_commands() -> list[str]:
 
 
 def test_the_readme_has_the_commands_this_test_expects() -> None:
-    assert any(c.startswith("cbq quantize --config configs/smollm2_w3a16g64.yaml")
+    assert any(c.startswith("cbq quantize --config configs/smollm2_demo.yaml")
                for c in readme_commands(README.read_text())), "the README's demo command is missing"
     commands = documented_commands()
-    assert any(c.startswith("cbq quantize --config configs/smollm2_w3a16g64.yaml") for c in commands)
+    assert any(c.startswith("cbq quantize --config configs/smollm2_demo.yaml") for c in commands)
     assert any(c.startswith("cbq export") for c in commands) and any(c.startswith("cbq evaluate") for c in commands)
     for needle in NOT_RUN:  # a stale entry would hide nothing but mislead the reader
         assert any(needle in c for c in commands), f"NOT_RUN entry {needle!r} matches no documented command"
@@ -240,6 +243,16 @@ def test_readme_command_parsing() -> None:
         "MASTER_ADDR=h PORT=1 cbq quantize --config c.yaml --trainer.num_nodes 2",
     ]
     assert substituted("A_B=1 cbq quantize --help", Path("."))[1] == {"A_B": "1"}
+
+
+@pytest.mark.parametrize("recipe", ["configs/smollm2_w3a16g64.yaml", "configs/smollm2_demo.yaml"])
+def test_a_recipe_that_inherits_the_embedded_model_runs_on_the_tiny_one(recipe: str) -> None:
+    """The demo recipe names SmolLM2 only through its ``base:``; it is swapped for the tiny model all the same (CI
+    has no GGUF), and a recipe already on the tiny model is left alone."""
+    argv, _ = substituted(f"cbq quantize --config {recipe}", REPO)
+    assert argv[-2:] == ["--model.name_or_path", TINY]
+    argv, _ = substituted("cbq quantize --config configs/tiny.yaml", REPO)
+    assert "--model.name_or_path" not in argv
 
 
 def test_schedule_orders_commands_by_the_folders_they_share(tmp_path: Path) -> None:
