@@ -24,11 +24,18 @@ METHODS = (
     ("GPTQ (act-order, MSE grid)", "gptq-tuned", {"color": "tab:orange", "linestyle": "--", "marker": "^"}),
     ("AutoRound (200 iters)", "autoround", {"color": "tab:purple", "linestyle": "-", "marker": "v"}),
     ("AutoRound (50 iters)", "autoround-light", {"color": "tab:purple", "linestyle": "--", "marker": "v"}),
-    ("CBQ", "cbq", {"color": "tab:blue", "linestyle": "-", "marker": "o"}),
+    ("CBQ (shipped recipe)", "cbq", {"color": "tab:blue", "linestyle": "-", "marker": "o"}),
     # a record whose "cbq" run is not CBQ (full-rank offsets or no overlap: quality.is_cbq) is drawn as what it is
     ("offset rounding, earlier recipe (not CBQ)", "not_cbq", {"color": "tab:gray", "linestyle": "-", "marker": "x"}),
 )
 PEER_KEYS = ("gptq", "gptq-tuned", "autoround", "autoround-light")
+#: the extensions beyond the paper a recipe may carry (keys of a record's ``recipe_deviations``), as the plot names
+#: them beside the CBQ point they touch: a figure labelled CBQ says what besides CBQ produced it
+EXTENSION_NAMES = (
+    ("quant.gptq", "GPTQ start"), ("quant.clip_search", "clip search"), ("rounding.rank", "wide LoRA"),
+    ("rounding.column_scale", "column scale"), ("rotation", "rotation"), ("end_to_end", "end-to-end phase"),
+    ("correction", "low-rank correction"), ("mixed", "mixed precision"),
+)
 SCHEME_COLOURS = ("tab:green", "tab:blue", "tab:red", "tab:brown", "tab:pink")
 
 
@@ -56,6 +63,12 @@ def _value(row: dict[str, Any], key: str) -> float | None:
     if key in ("cbq", "not_cbq"):  # the row's recipe run goes to one of the two lines, by what it trained
         return row.get("cbq") if bool(row.get("is_cbq")) == (key == "cbq") else None
     return row.get(key)
+
+
+def extensions(record: dict[str, Any]) -> list[str]:
+    """The extensions the record's CBQ cell ran with (its recipe's deviations from the paper settings)."""
+    deviations = record.get("recipe_deviations") or {}
+    return [name for key, name in EXTENSION_NAMES if key in deviations]
 
 
 def block_errors(record: dict[str, Any]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
@@ -99,6 +112,15 @@ def plot_quality(records: list[dict[str, Any]], path: Path) -> Path:
                 left.plot([], [], label=f"{label} (not run)", **style)
             continue
         xs, ys = zip(*points, strict=True)
+        if key == "cbq":  # the extensions every point ran with in the legend, a point's own ones beside it
+            named = {b: extensions(r) for b, r in zip(bits, chosen, strict=True) if _value(r["row"], key) is not None}
+            common = [name for name in next(iter(named.values())) if all(name in n for n in named.values())]
+            label = f"{label}\n+ " + ", ".join(common) if common else label
+            for b, value in points:
+                own = [name for name in named[b] if name not in common]
+                if own:
+                    left.annotate("+ " + ", ".join(own), (b, value), textcoords="offset points", xytext=(6, -6),
+                                  ha="left", va="top", fontsize="small", color=style["color"])
         left.plot(xs, ys, label=label, linewidth=1.8, markersize=6, **style)
     left.set_yscale("log")
     left.set_xticks(bits, [f"W{b}\n{r['row']['scheme']}" for b, r in zip(bits, chosen, strict=True)])

@@ -243,6 +243,10 @@ def test_plot_from_synthetic_records(quality, tmp_path: Path) -> None:
         _record("W2A16G64", 20.0, 8.6e5, 598.0, rtn_errors=False),  # old record: CBQ's block errors only
         _record("W4A4", 20.0, 11561.0, 2419.0),  # activation scheme: not on the bits axis
     ]
+    records[0]["recipe_deviations"] = {"rotation": ["null", "{}"], "end_to_end": ["null", "{epochs: 4}"],
+                                       "train.lr_rounding": ["0.001", "0.005"]}
+    assert plot.extensions(records[0]) == ["rotation", "end-to-end phase"]  # a learning rate is not an extension
+    assert plot.extensions(records[1]) == []
     cbq, rtn = plot.block_errors(records[0])
     assert cbq[0] == (0, 0.01) and rtn[-1] == (3, pytest.approx(0.12))
     assert plot.block_errors(records[2])[1] == []
