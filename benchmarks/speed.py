@@ -435,7 +435,8 @@ def project(run: WindowRun, budget: QuantizeConfig, scheme_bits: int, shape: dic
     windows = len(window_schedule(shape["blocks"], budget.window))
     eval_windows = budget.eval.max_windows or shape["eval_windows"]
     before_phase = budget.end_to_end is not None and budget.end_to_end.evaluate_before
-    sets = len(budget.eval.datasets) * (2 if budget.eval.fp_reference else 1) * (1.5 if before_phase else 1)
+    # per dataset: the quantized model, the FP reference, the windows' model before the phase (evaluate_before)
+    sets = len(budget.eval.datasets) * (1 + int(budget.eval.fp_reference) + int(before_phase))
     eval_s = sets * eval_windows * (shape["blocks"] * evaluation["block"] + evaluation["head"])
     rotation_total = rotation_s * shape["blocks"] / built_blocks
     phase_s = end_to_end_s(run, budget, shape["blocks"], evaluation, cuda)

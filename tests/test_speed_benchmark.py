@@ -118,3 +118,20 @@ def test_the_end_to_end_phase_is_projected_from_the_plain_forward_and_the_head(
     assert math.isclose(projected["calibration_min"] * 60, expected, rel_tol=1e-9)  # every other stage is 0 here
     without = load_recipe(REPO / "configs" / "tiny.yaml")
     assert speed.end_to_end_s(run, without, 10, evaluation, cuda) == 0.0
+
+
+@pytest.mark.parametrize(("flags", "sets"), [
+    ([], 2), (["--eval.fp_reference", "false"], 1),
+    (["--end_to_end", "{evaluate_before: true}"], 3),
+    (["--end_to_end", "{evaluate_before: true}", "--eval.fp_reference", "false"], 2),
+])
+def test_every_evaluation_the_run_makes_is_projected(speed, flags: list[str], sets: int) -> None:
+    """Per dataset: the quantized model, the FP reference (``eval.fp_reference``) and the model before the
+    end-to-end phase (``end_to_end.evaluate_before``), each over the same windows."""
+    recipe = load_recipe(REPO / "configs" / "tiny.yaml", flags)
+    run = speed.WindowRun(stages={stage: 0.0 for stage in speed.STAGES}, steps=[0.0], plain_forward_s=0.0,
+                          plain_forwards_s=[0.0], window_s=0.0, capture_s=0.0, samples=4, batch_size=4)
+    projected = speed.project(run, recipe, 3, {**speed.SHAPES["tiny"], "blocks": 10}, rotation_s=0.0,
+                              built_blocks=4, evaluation={"block": 0.1, "head": 0.2})
+    assert projected["evaluation"]["sets"] == sets * len(recipe.eval.datasets)
+    assert math.isclose(projected["evaluation_s"], sets * len(recipe.eval.datasets) * recipe.eval.max_windows * 1.2)
