@@ -28,9 +28,13 @@ BUDGET_AND_PLACEMENT = (
 ROTATABLE = {"llama", "mistral", "qwen2", "qwen3", "granite"}
 
 
+def _resolved(recipe: Path) -> dict:
+    """Every key of the recipe as ``cbq quantize`` resolves it, flattened."""
+    return _flat(json.loads(json.dumps(dataclasses.asdict(load_recipe(recipe)), default=str)))
+
+
 def _method_keys(recipe: Path) -> dict:
-    settings = _flat(json.loads(json.dumps(dataclasses.asdict(load_recipe(recipe)), default=str)))
-    return {key: value for key, value in settings.items() if not key.startswith(BUDGET_AND_PLACEMENT)}
+    return {key: value for key, value in _resolved(recipe).items() if not key.startswith(BUDGET_AND_PLACEMENT)}
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -50,10 +54,8 @@ def test_the_readme_demo_is_the_w3_recipe_with_two_epochs_per_visit() -> None:
     """``configs/smollm2_demo.yaml`` (the README's first command) differs from the W3A16G64 SmolLM2 recipe in its
     output folder and its epochs per visit only: the same method on a budget that ends within 15 minutes on 2 cores,
     so its figure is the method's, on a smaller budget."""
-    demo = _flat(json.loads(json.dumps(dataclasses.asdict(load_recipe(REPO / "configs" / "smollm2_demo.yaml")),
-                                       default=str)))
-    full = _flat(json.loads(json.dumps(dataclasses.asdict(load_recipe(REPO / "configs" / "smollm2_w3a16g64.yaml")),
-                                       default=str)))
+    demo = _resolved(REPO / "configs" / "smollm2_demo.yaml")
+    full = _resolved(REPO / "configs" / "smollm2_w3a16g64.yaml")
     changed = {key: (full.get(key), demo.get(key)) for key in demo.keys() | full.keys() if demo.get(key) != full.get(key)}
     assert changed == {"output_dir": ("runs/smollm2-w3a16g64", "runs/smollm2-demo"), "train.epochs": (3, 2)}
 

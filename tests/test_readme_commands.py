@@ -91,17 +91,23 @@ def _not_run_reason(command: str) -> str | None:
     return next((reason for needle, reason in NOT_RUN.items() if needle in command), None)
 
 
-def _recipe(config: Path) -> dict:
-    """A recipe as the YAML it is."""
-    return yaml.safe_load(config.read_text()) or {}
+def _recipe_value(config: Path, *keys: str) -> object:
+    """``keys`` (a section, then its key) as the recipe resolves it with the recipes it names under ``base:``: the
+    last file of the chain that sets it wins; None where none does."""
+    from cbq_lightning.recipe_file import recipe_chain
+
+    value = None
+    for path in recipe_chain(config):
+        found: object = yaml.safe_load(path.read_text()) or {}
+        for key in keys:
+            found = found.get(key) if isinstance(found, dict) else None
+        value = found if found is not None else value
+    return value
 
 
 def _uses_embedded_or_hub_model(config: Path) -> bool:
-    """Whether the recipe, with the recipes it names under ``base:``, loads a model other than the tiny one."""
-    from cbq_lightning.recipe_file import recipe_chain
-
-    names = [(_recipe(path).get("model") or {}).get("name_or_path") for path in recipe_chain(config)]
-    name = next((name for name in reversed(names) if name is not None), None)  # the last file to set it wins
+    """Whether the recipe (with its bases) loads a model other than the tiny one."""
+    name = _recipe_value(config, "model", "name_or_path")
     return name is not None and name != TINY
 
 
@@ -166,7 +172,7 @@ def paths_touched(command: str, workdir: Path) -> tuple[set[str], set[str]]:
     words = shlex.split(command)
     writes, reads = _flag_values(words, WRITE_FLAGS), _flag_values(words, READ_FLAGS)
     if "quantize" in words and "--config" in words and not writes:
-        output_dir = _recipe(workdir / words[words.index("--config") + 1]).get("output_dir")
+        output_dir = _recipe_value(workdir / words[words.index("--config") + 1], "output_dir")
         writes |= {str(output_dir).rstrip("/")} if output_dir else set()
     return writes, reads
 

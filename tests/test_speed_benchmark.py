@@ -93,6 +93,13 @@ def test_per_sample_stages_scale_to_the_budget_and_the_others_do_not(speed) -> N
     assert projected["windows"] == len(window_schedule(10, recipe.window))
 
 
+def _idle_window(speed, plain_forward_s: float):
+    """A measured window of 4 samples whose every stage and step took no time: the projection then holds only what
+    the test sets (the plain forward) and what it derives from it."""
+    return speed.WindowRun(stages={stage: 0.0 for stage in speed.STAGES}, steps=[0.0], plain_forward_s=plain_forward_s,
+                           plain_forwards_s=[plain_forward_s], window_s=0.0, capture_s=0.0, samples=4, batch_size=4)
+
+
 @pytest.mark.parametrize(("flags", "cuda", "passes"), [
     ([], False, 4 * 3 + 2),  # CPU: blocks kept, three forwards' worth per training pass, two measuring passes
     ([], True, 4 * 4 + 2),  # CUDA: blocks recomputed in the backward by default, one forward more
@@ -106,8 +113,7 @@ def test_the_end_to_end_phase_is_projected_from_the_plain_forward_and_the_head(
     4 epochs: 16 x (10 x 0.1 + 0.1) x passes. The phase counts in the calibration time; none without it."""
     recipe = load_recipe(REPO / "configs" / "tiny.yaml",
                          ["--end_to_end", "{epochs: 4, tokens: 64}", "--eval.seqlen", "128", *flags])
-    run = speed.WindowRun(stages={stage: 0.0 for stage in speed.STAGES}, steps=[0.0], plain_forward_s=0.8,
-                          plain_forwards_s=[0.8], window_s=0.0, capture_s=0.0, samples=4, batch_size=4)
+    run = _idle_window(speed, plain_forward_s=0.8)
     shape = {**speed.SHAPES["tiny"], "blocks": 10}
     evaluation = {"block": 0.1, "head": 0.2}
     assert recipe.data.num_samples == 16 and recipe.window.size == 2
@@ -129,8 +135,7 @@ def test_every_evaluation_the_run_makes_is_projected(speed, flags: list[str], se
     """Per dataset: the quantized model, the FP reference (``eval.fp_reference``) and the model before the
     end-to-end phase (``end_to_end.evaluate_before``), each over the same windows."""
     recipe = load_recipe(REPO / "configs" / "tiny.yaml", flags)
-    run = speed.WindowRun(stages={stage: 0.0 for stage in speed.STAGES}, steps=[0.0], plain_forward_s=0.0,
-                          plain_forwards_s=[0.0], window_s=0.0, capture_s=0.0, samples=4, batch_size=4)
+    run = _idle_window(speed, plain_forward_s=0.0)
     projected = speed.project(run, recipe, 3, {**speed.SHAPES["tiny"], "blocks": 10}, rotation_s=0.0,
                               built_blocks=4, evaluation={"block": 0.1, "head": 0.2})
     assert projected["evaluation"]["sets"] == sets * len(recipe.eval.datasets)
