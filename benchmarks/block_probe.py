@@ -12,7 +12,7 @@ full-precision blocks, and the perplexity of that model on the first K windows o
 set (K=10: about one minute on two cores).
 
     python benchmarks/block_probe.py 8 [--ppl-windows 10] [--from-block 0] --config configs/smollm2_w4a16.yaml \
-        --output_dir /tmp/probe/A [any cbq quantize override, e.g. --quant.gptq.true_sequential true]
+        --output_dir /tmp/probe/A [any cbq quantize override, e.g. --extensions.gptq.true_sequential true]
 
 ``--from-block S`` probes blocks S .. S+N-1 instead of the first N: the blocks before S stay in full
 precision and run in front of the probed ones (in every whole-model forward: calibration and the held-out

@@ -40,8 +40,8 @@ overrides on top (same samples and windows), each a row of the ablation table un
 extensions of docs/method.md. ``--ablations-only`` adds them to the scheme's existing record instead of rerunning FP,
 RTN and CBQ:
 
-    python benchmarks/quality.py --schemes W4A4 --ablations-only --ablation lowrank10 correction.rank_fraction=0.1
-    python benchmarks/quality.py --schemes W2A16G64 --ablations-only --ablation mixed2.5 mixed.budget=2.5
+    python benchmarks/quality.py --schemes W4A4 --ablations-only --ablation lowrank10 extensions.correction.rank_fraction=0.1
+    python benchmarks/quality.py --schemes W2A16G64 --ablations-only --ablation mixed2.5 extensions.mixed.budget=2.5
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ DEFAULT_SCHEMES = ("W4A16", "W3A16G64", "W2A16G64", "W4A8", "W4A4")
 #: flags that switch coarse-to-fine preprocessing off (the RTN baseline and the CFP ablation)
 CFP_OFF = ["--cfp.weights", "false", "--cfp.activations", "false"]
 #: the RTN baseline is plain round-to-nearest even when the recipe starts CBQ from GPTQ
-#: (``method: rtn`` with a ``quant.gptq`` section would be GPTQ), rotates the model first or trains it end to end
+#: (``method: rtn`` with a ``extensions.gptq`` section would be GPTQ), rotates the model first or trains it end to end
 #: after the windows (which ``method: rtn`` refuses)
-PLAIN_RTN = ["--quant.gptq", "null", "--rotation", "null", "--end_to_end", "null"]
+PLAIN_RTN = ["--extensions.gptq", "null", "--extensions.rotation", "null", "--extensions.end_to_end", "null"]
 #: ``CBQ (paper settings)``: the paper's method (docs/method.md §1-4) as ``configs/paper/<scheme>.yaml`` states it, on
 #: top of a scheme's demo recipe, which keeps only its budget (samples, epochs, batch size) and its scheme: RTN start
 #: on the unclipped grid, LoRA-Rounding ``V0 + A1 A2`` (rank 4) trained through soft decisions and hardened at the
@@ -84,13 +84,13 @@ PLAIN_RTN = ["--quant.gptq", "null", "--rotation", "null", "--end_to_end", "null
 #: literally (``always``) it cuts the weights SmolLM2's massive activations depend on. These are the method keys
 #: the row takes from the paper recipe (the rest of the paper recipe is its GPU budget).
 PAPER_KEYS = (
-    "quant.gptq", "quant.clip_search", "quant.clip_init", "quant.learnable_clip", "quant.act_learnable",
+    "extensions.gptq", "extensions.clip_search", "quant.clip_init", "quant.learnable_clip", "quant.act_learnable",
     "rounding.enabled", "rounding.form", "rounding.rank", "rounding.forward", "rounding.reg_weight",
-    "rounding.column_scale", "window.size", "window.overlap", "cfp.weights", "cfp.truncation", "cfp.activations",
-    "loss.global_branch", "loss.homologous_branch", "loss.kl_weight", "loss.output_kl_weight", "train.keep_best",
-    "train.lr_rounding", "train.lr_clip",
+    "extensions.column_scale", "window.size", "window.overlap", "cfp.weights", "cfp.truncation", "cfp.activations",
+    "loss.global_branch", "loss.homologous_branch", "loss.kl_weight", "extensions.output_kl_weight",
+    "extensions.keep_best", "train.lr_rounding", "train.lr_clip",
     # the paper rotates nothing (an extension, docs/rotation.md) and has no end-to-end phase (docs/method.md §3)
-    "rotation", "end_to_end",
+    "extensions.rotation", "extensions.end_to_end",
 )
 PAPER_RECIPES = ROOT / "configs" / "paper"
 
@@ -160,7 +160,7 @@ def _shown(value: object) -> str:
     if dataclasses.is_dataclass(value):
         try:
             default = type(value)()
-        except Exception:  # a section without defaults for every key (e.g. mixed.budget): show all of it
+        except Exception:  # a section without defaults for every key (e.g. extensions.mixed.budget): show all of it
             default = None
         changed = [f"{f.name}: {_shown(getattr(value, f.name))}" for f in dataclasses.fields(value)
                    if default is None or getattr(value, f.name) != getattr(default, f.name)]
@@ -184,13 +184,14 @@ def _recipe(scheme: str) -> Path:
 
 
 def _overrides(settings: list[str]) -> list[str]:
-    """``key=value`` pairs as ``--key value`` flags of ``cbq quantize``."""
+    """``key=value`` pairs as ``--key value`` flags of ``cbq quantize``; a key a record gave before it moved into
+    ``extensions`` is given under its new name (:func:`today_key`), so the record's runs can be replayed."""
     flags = []
     for setting in settings:
         key, sep, value = setting.partition("=")
         if not sep:
             raise SystemExit(f"--set {setting!r}: write key=value, e.g. train.epochs=2")
-        flags += [f"--{key}", value]
+        flags += [f"--{today_key(key)}", value]
     return flags
 
 
@@ -258,7 +259,7 @@ def _parse_ablations(specs: list[list[str]]) -> dict[str, list[str]]:
         name, settings = spec[0], spec[1:]
         if "=" in name or not settings:
             raise SystemExit(f"--ablation {' '.join(spec)}: write a name, then KEY=VALUE overrides, e.g. "
-                             "--ablation lowrank10 correction.rank_fraction=0.1")
+                             "--ablation lowrank10 extensions.correction.rank_fraction=0.1")
         if name in ablations:
             raise SystemExit(f"--ablation {name} is given twice")
         _overrides(settings)  # the same KEY=VALUE check as --set
@@ -299,7 +300,7 @@ def _overrides_text(overrides: list[str]) -> str:
     today = []
     for item in overrides:
         key, sep, value = item.partition("=")
-        today.append(f"{RENAMED_KEYS.get(key, key)}{sep}{value}")
+        today.append(f"{today_key(RENAMED_KEYS.get(key, key))}{sep}{value}")
     text = f"`{' '.join(today)}`"
     return text if today == list(overrides) else f"{text} (run as `{' '.join(overrides)}`)"
 
@@ -479,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(same recipe and overrides as that record; FP, RTN and CBQ are not rerun)")
     parser.add_argument("--ablation", action="append", nargs="+", default=[], metavar="NAME KEY=VALUE",
                         help="an extra CBQ run per scheme with these overrides, shown in the ablation table "
-                        "(repeatable), e.g. --ablation lowrank10 correction.rank_fraction=0.1")
+                        "(repeatable), e.g. --ablation lowrank10 extensions.correction.rank_fraction=0.1")
     parser.add_argument("--ablations-only", action="store_true",
                         help="run only the --ablation runs and add them to each scheme's existing record")
     parser.add_argument("--no-paper", action="store_true",
@@ -779,7 +780,8 @@ def _replace_cbq(recipes: dict[str, Path], args: argparse.Namespace, invocation:
 #: ``--cbq-runs`` may differ from the recipe in these (its seed is compared separately)
 PLACEMENT_KEYS = ("output_dir", "data_dir", "resume", "seed", "trainer.accelerator", "trainer.devices",
                   "trainer.strategy", "trainer.num_nodes", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
-                  "eval.fp_reference", "eval.batch_size", "monitor", "cache", "export", "end_to_end.evaluate_before")
+                  "eval.fp_reference", "eval.batch_size", "monitor", "cache", "export",
+                  "extensions.end_to_end.evaluate_before")
 
 
 def _flat(value: object, prefix: str = "") -> dict:
@@ -792,7 +794,7 @@ def _flat(value: object, prefix: str = "") -> dict:
 #: extension sections added after the committed records were made: off (null) they compute exactly what the runs
 #: before them computed, so an off one is left out of a run's settings and the records' fingerprints stay valid;
 #: on, it is a setting like any other. Each extension added later goes here.
-LATER_EXTENSIONS = ("end_to_end",)
+LATER_EXTENSIONS = ("extensions.end_to_end",)
 
 
 #: keys that left the configuration after the committed records were made, with the value every one of those runs
@@ -806,10 +808,29 @@ RETIRED_KEYS = {
 }
 
 
+def today_key(key: str) -> str:
+    """``key`` under today's name: a key that moved into ``extensions`` (:data:`~cbq_lightning.extensions.MOVED_KEYS`)
+    is read from a run or a record made before the move under its new name."""
+    from cbq_lightning.extensions import moved_to
+
+    return moved_to(key) or key
+
+
+def _recorded_key(key: str) -> str:
+    """``key`` under the name the committed records were fingerprinted with (the inverse of :func:`today_key`)."""
+    from cbq_lightning.extensions import MOVED_KEYS
+
+    for old, new in MOVED_KEYS.items():
+        if key == new or key.startswith(new + "."):
+            return old + key[len(new):]
+    return key
+
+
 def run_settings(config: dict) -> dict:
-    """What decides a run's result: its resolved configuration (``config.yaml``) flattened, without
-    :data:`PLACEMENT_KEYS` and without the :data:`LATER_EXTENSIONS` that are off, with the :data:`RETIRED_KEYS`."""
-    flat = {**RETIRED_KEYS, **_flat(config)}
+    """What decides a run's result: its resolved configuration (``config.yaml``) flattened under today's key names,
+    without :data:`PLACEMENT_KEYS` and without the :data:`LATER_EXTENSIONS` that are off, with the
+    :data:`RETIRED_KEYS`."""
+    flat = {**RETIRED_KEYS, **{today_key(key): value for key, value in _flat(config).items()}}
     return {key: value for key, value in flat.items()
             if not any(key == p or key.startswith(p + ".") for p in PLACEMENT_KEYS)
             and not (key in LATER_EXTENSIONS and value is None)}
@@ -825,7 +846,10 @@ def recipe_settings(recipe: Path, flags: list[str]) -> tuple[dict, int]:
 
 
 def _fingerprint(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A short hash of ``settings``, taken under the key names the records were made with, so that renaming a key
+    (moving it into ``extensions``) leaves every committed record's fingerprint valid."""
+    recorded = {_recorded_key(key): value for key, value in settings.items()}
+    return hashlib.sha256(json.dumps(recorded, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _settings_fingerprint(recipe: Path, flags: list[str]) -> str:
@@ -1015,7 +1039,8 @@ def _combined_table(folder: Path, suffix: str) -> str:
             f"{record['date']})"
         )
         if "recipe_deviations" in record:
-            changed = ", ".join(f"{k} {paper} -> {mine}" for k, (paper, mine) in record["recipe_deviations"].items())
+            changed = ", ".join(f"{today_key(k)} {paper} -> {mine}"
+                                for k, (paper, mine) in record["recipe_deviations"].items())
             lines.append(f"  - shipped recipe, deviations from the paper settings: {changed or 'none'}")
         if "cbq_run" in record:
             run = record["cbq_run"]

@@ -32,9 +32,10 @@ PEER_KEYS = ("gptq", "gptq-tuned", "autoround", "autoround-light")
 #: the extensions beyond the paper a recipe may carry (keys of a record's ``recipe_deviations``), as the plot names
 #: them beside the CBQ point they touch: a figure labelled CBQ says what besides CBQ produced it
 EXTENSION_NAMES = (
-    ("quant.gptq", "GPTQ start"), ("quant.clip_search", "clip search"), ("rounding.rank", "wide LoRA"),
-    ("rounding.column_scale", "column scale"), ("rotation", "rotation"), ("end_to_end", "end-to-end phase"),
-    ("correction", "low-rank correction"), ("mixed", "mixed precision"),
+    ("extensions.gptq", "GPTQ start"), ("extensions.clip_search", "clip search"), ("rounding.rank", "wide LoRA"),
+    ("extensions.column_scale", "column scale"), ("extensions.rotation", "rotation"),
+    ("extensions.end_to_end", "end-to-end phase"), ("extensions.correction", "low-rank correction"),
+    ("extensions.mixed", "mixed precision"),
 )
 SCHEME_COLOURS = ("tab:green", "tab:blue", "tab:red", "tab:brown", "tab:pink")
 
@@ -67,7 +68,9 @@ def _value(row: dict[str, Any], key: str) -> float | None:
 
 def extensions(record: dict[str, Any]) -> list[str]:
     """The extensions the record's CBQ cell ran with (its recipe's deviations from the paper settings)."""
-    deviations = record.get("recipe_deviations") or {}
+    from benchmarks.quality import today_key
+
+    deviations = {today_key(key) for key in record.get("recipe_deviations") or {}}
     return [name for key, name in EXTENSION_NAMES if key in deviations]
 
 

@@ -14,7 +14,7 @@ it, as almost every window of a real model - is fitted at the recipe's settings 
     input_statistics        the entering block's inputs on the quantized path and their moments (GPTQ, clip search)
     teacher_caching         the rest of the window's entry: teacher snapshot and the targets Y_fp, Y_h
     training_steps          the optimiser steps (Lightning's step, forward + backward + update)
-    validation              the hardened-objective passes (monitor.hardened_loss / train.keep_best only)
+    validation              the hardened-objective passes (monitor.hardened_loss / extensions.keep_best only)
     advancing               after the fit: finalising the leaving blocks, pushing X_q and X_fp through them
     checkpoint              the per-window resume checkpoint (finalised blocks and both caches)
     trainer_overhead        the rest of the fit's wall time (Trainer construction, setup, teardown)
@@ -344,7 +344,7 @@ def measure_window(config: QuantizeConfig, adapter: DecoderAdapter, ids: torch.T
     job = runner._Job(
         config=config, scheme=validate(config), place=Placement(), output_dir=output_dir,
         checkpointer=WindowCheckpointer(output_dir, dataclasses.asdict(config)), resume=None, tokenizer=None,
-        model=adapter.model, adapter=adapter, rounding=config.rounding, correction=config.correction,
+        model=adapter.model, adapter=adapter, rounding=config.rounding, correction=config.extensions.correction,
         all_ids=ids, ids=ids, eval_sets=[],
     )
     built = runner._build_state(job, inputs, block_kwargs, device)
@@ -362,7 +362,7 @@ def measure_window(config: QuantizeConfig, adapter: DecoderAdapter, ids: torch.T
     state.preprocessors = [_TimedPreprocessor(p, clock, "cfp" if p is built.cfp else "input_statistics")
                            for p in state.preprocessors]
     state._quantized_path_inputs = clock.wrap("input_statistics", state._quantized_path_inputs)
-    state.quantize = clock.wrap("gptq_start" if config.quant.gptq is not None else "quantize", state.quantize)
+    state.quantize = clock.wrap("gptq_start" if config.extensions.gptq is not None else "quantize", state.quantize)
     state.enter = clock.wrap("teacher_caching", state.enter)
     # the denominator, taken twice to bracket the window's work (before its entry and before its leave) and
     # averaged: on a shared machine the load moves within a run; before the entry the window's new blocks are
@@ -379,7 +379,7 @@ def measure_window(config: QuantizeConfig, adapter: DecoderAdapter, ids: torch.T
         return leave(window, leave_device)
 
     state.leave = measured_leave
-    objective = HardenedObjective(keep_best=config.train.keep_best)
+    objective = HardenedObjective(keep_best=config.extensions.keep_best)
     records = CrossBlockCallback(state, device, objective)
     checkpoint = WindowCheckpoint(job.checkpointer, state, records, built.cfp, built.quantizer.generator, None)
     records.add_listener(clock.wrap("checkpoint", checkpoint.save))
@@ -404,12 +404,12 @@ def measure_window(config: QuantizeConfig, adapter: DecoderAdapter, ids: torch.T
 
 def end_to_end_s(run: WindowRun, budget: QuantizeConfig, blocks: int, evaluation: dict[str, float],
                  cuda: bool) -> float:
-    """The recipe's end-to-end phase (``end_to_end``; 0 without one), projected from the measured plain forward
+    """The recipe's end-to-end phase (``extensions.end_to_end``; 0 without one), projected from the measured plain forward
     (per block and sample) and the evaluation's head (per position): each training pass is about three forwards of
     every block (four where the blocks are recomputed in the backward: on CUDA by default) and of the head at the
     sampled positions, over every sample each epoch, plus the two measuring passes (forward only). Projected rather
     than run because the phase needs every block of the model finalised, which the built blocks are not."""
-    settings = budget.end_to_end
+    settings = budget.extensions.end_to_end
     if settings is None:
         return 0.0
     block_sample_s = run.plain_forward_s / (budget.window.size * run.samples)
@@ -434,7 +434,7 @@ def project(run: WindowRun, budget: QuantizeConfig, scheme_bits: int, shape: dic
     window_s = sum(stages.values())
     windows = len(window_schedule(shape["blocks"], budget.window))
     eval_windows = budget.eval.max_windows or shape["eval_windows"]
-    before_phase = budget.end_to_end is not None and budget.end_to_end.evaluate_before
+    before_phase = budget.extensions.end_to_end is not None and budget.extensions.end_to_end.evaluate_before
     # per dataset: the quantized model, the FP reference, the windows' model before the phase (evaluate_before)
     sets = len(budget.eval.datasets) * (1 + int(budget.eval.fp_reference) + int(before_phase))
     eval_s = sets * eval_windows * (shape["blocks"] * evaluation["block"] + evaluation["head"])
@@ -518,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     adapter = DecoderAdapter(model)
     clock = StageClock(device)
     with clock("rotation"):
-        rotation = rotate_model(adapter, config.rotation, config.seed) if config.rotation is not None else None
+        rotation = rotate_model(adapter, config.extensions.rotation, config.seed) if config.extensions.rotation is not None else None
     ids = torch.randint(0, shape["vocab_size"], (config.data.num_samples, config.data.seqlen),
                         generator=torch.Generator().manual_seed(config.seed))
     with tempfile.TemporaryDirectory(prefix="cbq-speed-") as scratch:

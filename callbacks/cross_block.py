@@ -144,7 +144,7 @@ class CrossBlockCallback(L.Callback):
             "loss_last": objective.last if objective else None,
             "train_loss_first": pl_module.train_loss_first,
             "train_loss_last": pl_module.train_loss_last,
-            # with train.keep_best: the epoch whose end state was kept (0: the fit's starting state)
+            # with extensions.keep_best: the epoch whose end state was kept (0: the fit's starting state)
             "best_epoch": objective.best_epoch if objective else None,
             "best_loss": objective.best_loss if objective else None,
             # share of rounding decisions learned away from round-to-nearest; None when rounding is not learned

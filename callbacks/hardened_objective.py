@@ -1,14 +1,14 @@
 """``HardenedObjective``: the window's objective with hardened rounding, read from Lightning's validation loop,
-and ``train.keep_best`` on top of it.
+and ``extensions.keep_best`` on top of it.
 
 Why hardened: LoRA-Rounding's soft decisions reproduce the full-precision weight at initialisation, so the
 *training* loss starts artificially low; the objective with the decisions hardened is what finalising the window
 would give, hence the figure that says what a fit achieved. The window computes it in ``validation_step`` over
 the fit's calibration samples in a fixed batching (:meth:`cbq_lightning.window.WindowModule.validation_step`,
 reduced over the ranks by Lightning); the runner has Lightning run that validation once before training (the
-sanity check, over every batch) and after the last epoch, or after every epoch with ``train.keep_best``.
+sanity check, over every batch) and after the last epoch, or after every epoch with ``extensions.keep_best``.
 
-With ``train.keep_best`` a window finishes with the best of its starting state and its epoch-end states, which
+With ``extensions.keep_best`` a window finishes with the best of its starting state and its epoch-end states, which
 guards a fit that would leave the window worse than it started (a learning rate too high for the window).
 """
 

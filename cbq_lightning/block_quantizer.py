@@ -70,7 +70,7 @@ class BlockQuantizer:
             return
         assert self.moments is not None
         # GPTQ: stage by stage in forward order (q/k/v, o, gate/up, down), so that with
-        # quant.gptq.true_sequential each stage's Hessian is measured behind the stages already quantized
+        # extensions.gptq.true_sequential each stage's Hessian is measured behind the stages already quantized
         for names, hessians in self.moments.stages(index, block):
             diagonals = {name: torch.diagonal(m) for name, m in hessians.items()}  # the clip search's E[x_j^2]
             quantize_block(block, self.layer, self.generator, diagonals if self.layer.needs_input_moments else None, hessians,

@@ -42,7 +42,7 @@ VERSION = "1"
 #: configuration keys that may change between a killed run and its resumption (they do not affect the
 #: calibration): where outputs go, progress bars, evaluation and packed-export settings, and the resume switch itself
 RESUMABLE_CHANGES = ("output_dir", "resume", "trainer.enable_progress_bar", "eval.", "export.",
-                     "end_to_end.evaluate_before")
+                     "extensions.end_to_end.evaluate_before")
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -53,7 +53,7 @@ def instantiate(parser: LightningArgumentParser, namespace: Namespace) -> Namesp
     """``parser.instantiate(namespace)``, with a section's own :class:`CBQError` raised as itself.
 
     The sections check their values when they are built (``__post_init__``). For an optional section
-    (``quant.gptq: GPTQInit | None`` ...) jsonargparse tries each member of the union and reports a
+    (``extensions.gptq: GPTQInit | None`` ...) jsonargparse tries each member of the union and reports a
     multi-line "does not validate against any of the Union subtypes"; the section's one-line error is in
     that exception's chain, and is what the user should read.
     """

@@ -15,17 +15,15 @@ from cbq_lightning.errors import ConfigError
 from cbq_lightning.evaluation.perplexity import EvalConfig
 from cbq_lightning.export.packed import ExportConfig, check_holds_run
 from cbq_lightning.export.quantized_run import ExportScheme
+from cbq_lightning.extensions import ExtensionsConfig
 from cbq_lightning.guard import GuardConfig
 from cbq_lightning.loss import LossConfig
 from cbq_lightning.models.loading import ModelConfig, resolve_source, source_model_type
 from cbq_lightning.quant.config import QuantConfig
-from cbq_lightning.quant.correction import CorrectionConfig
-from cbq_lightning.quant.mixed_precision import MixedPrecisionConfig
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import clip_logit
-from cbq_lightning.rotation.fold import RotationConfig
-from cbq_lightning.train_config import EndToEndConfig, OptimConfig, TrainerConfig
+from cbq_lightning.train_config import OptimConfig, TrainerConfig
 from cbq_lightning.windows import WindowConfig
 
 
@@ -57,19 +55,10 @@ class QuantizeConfig:
             from the hub. Null: ``$CBQ_DATA_DIR`` when set, else the hub.
         resume: continue from ``output_dir/checkpoints/`` when an interrupted CBQ run left one there
             (refused, naming the keys, if the configuration changed); false starts over.
-        correction: an extension: a trainable low-rank correction on every quantized linear
-            (:class:`CorrectionConfig`); null: none.
-        mixed: an extension: per-layer bit-widths chosen by sensitivity under an average-bits budget
-            (:class:`MixedPrecisionConfig`); null: every layer at the scheme's bits.
-        rotation: an extension: orthogonal rotations folded into the model before anything else
-            (:class:`~cbq_lightning.rotation.fold.RotationConfig`); null: none.
-        end_to_end: an extension: after the windows, one more fit over the whole quantized model that trains the
-            scales (the clipping thresholds, codes frozen) against the full-precision next-token distribution
-            (:class:`~cbq_lightning.train_config.EndToEndConfig`); null: none.
+        extensions: the levers this project adds to the paper (:class:`~cbq_lightning.extensions.ExtensionsConfig`),
+            each off by default; the other sections are the paper's method and what every run needs.
 
-    Extensions are optional sections: null (the default) is off, a section (``{}`` or any of its keys, e.g.
-    ``--quant.gptq.damp 0.02``) is on. Each section checks its own values when it is built; :func:`validate`
-    checks what involves several sections.
+    Each section checks its own values when it is built; :func:`validate` checks what involves several sections.
     """
 
     output_dir: str = "runs/cbq"
@@ -81,10 +70,6 @@ class QuantizeConfig:
     data: CalibrationConfig = field(default_factory=CalibrationConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     rounding: RoundingConfig = field(default_factory=RoundingConfig)
-    correction: CorrectionConfig | None = None
-    mixed: MixedPrecisionConfig | None = None
-    rotation: RotationConfig | None = None
-    end_to_end: EndToEndConfig | None = None
     cfp: CFPConfig = field(default_factory=CFPConfig)
     window: WindowConfig = field(default_factory=WindowConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -95,6 +80,7 @@ class QuantizeConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    extensions: ExtensionsConfig = field(default_factory=ExtensionsConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed < 2**32:
@@ -116,7 +102,7 @@ def validate(config: QuantizeConfig, supplied_model_type: str | None = None) -> 
     _check_outputs(config, scheme, supplied_model_type)
     if config.method == "cbq":
         _check_trainable(config, scheme)
-    if config.end_to_end is not None:
+    if config.extensions.end_to_end is not None:
         _check_end_to_end(config, scheme)
     return scheme
 
@@ -138,55 +124,67 @@ def _check_machine_and_source(config: QuantizeConfig, supplied_model_type: str |
 
 def _check_quantizer_options(config: QuantizeConfig, scheme: QuantScheme) -> None:
     """Options that would change nothing, or contradict each other, in how the weights are rounded."""
-    continuous = config.quant.continuous
+    extensions = config.extensions
+    continuous = extensions.continuous
     cbq = config.method == "cbq"
     if continuous is not None and not continuous.active:
         raise ConfigError(
-            "quant.continuous with estimator=ste and clamp=hard changes nothing: set quant.continuous.estimator "
-            "sigmoid and/or quant.continuous.clamp smooth, or quant.continuous null."
+            "extensions.continuous with estimator=ste and clamp=hard changes nothing: set "
+            "extensions.continuous.estimator sigmoid and/or extensions.continuous.clamp smooth, or "
+            "extensions.continuous null."
         )
-    if config.quant.clip_search is not None and not config.quant.learnable_clip and cbq:
+    if extensions.clip_search is not None and not config.quant.learnable_clip and cbq:
         raise ConfigError(
-            "quant.clip_search sets the starting ratio of learnable clipping thresholds, but "
-            "quant.learnable_clip is false: it would do nothing. Set quant.clip_search null, or learnable_clip true."
+            "extensions.clip_search sets the starting ratio of learnable clipping thresholds, but "
+            "quant.learnable_clip is false: it would do nothing. Set extensions.clip_search null, or "
+            "quant.learnable_clip true."
+        )
+    if extensions.column_scale and config.rounding.form != "residual":
+        raise ConfigError(
+            f"extensions.column_scale={extensions.column_scale} needs rounding.form=residual: it scales the "
+            "low-rank term on top of V0, which the other forms do not have."
         )
     if continuous is not None and continuous.estimator == "sigmoid" and cbq:
         soft_rounding = config.rounding.enabled and config.rounding.form != "offset"
         if soft_rounding and not scheme.quantizes_activations:
             raise ConfigError(
-                "quant.continuous.estimator=sigmoid smooths the rounding that is not learned, but this run's weights are "
-                f"rounded by soft LoRA-Rounding (rounding.form={config.rounding.form!r}) and it quantizes no "
-                "activations: it would change nothing. Use rounding.form=offset or rounding.enabled=false, "
-                "an activation scheme, or quant.continuous.estimator=ste."
+                "extensions.continuous.estimator=sigmoid smooths the rounding that is not learned, but this run's "
+                f"weights are rounded by soft LoRA-Rounding (rounding.form={config.rounding.form!r}) and it "
+                "quantizes no activations: it would change nothing. Use rounding.form=offset or "
+                "rounding.enabled=false, an activation scheme, or extensions.continuous.estimator=ste."
             )
-    if config.quant.gptq is not None and cbq:
+    if extensions.gptq is not None and cbq:
         config.rounding.check_gptq_start()
 
 
 def _check_outputs(config: QuantizeConfig, scheme: QuantScheme, supplied_model_type: str | None) -> None:
     """Per-layer bits, rotations and the export format against each other, before any calibration."""
-    if config.mixed is not None and config.quant.layer_bits:
+    extensions = config.extensions
+    if extensions.mixed is not None and extensions.layer_bits:
         raise ConfigError(
-            "mixed.budget computes quant.layer_bits from a sensitivity pass; both are set. Keep one: the budget, "
-            "or your own per-layer bits."
+            "extensions.mixed.budget computes extensions.layer_bits from a sensitivity pass; both are set. Keep "
+            "one: the budget, or your own per-layer bits."
         )
-    if config.mixed is not None and scheme.gguf_type is not None:
+    if (extensions.mixed is not None or extensions.layer_bits) and scheme.ggml is not None:
+        block = scheme.ggml
         raise ConfigError(
-            f"mixed.budget with quant.scheme {scheme.gguf_type}: a GGML type fixes every layer's bits; use a "
-            "W<bits>A16 scheme for a mixed-precision run, or drop mixed."
+            f"extensions.{'mixed' if extensions.mixed is not None else 'layer_bits'} with {block.name}: a GGML "
+            f"type fixes every layer's bits ({block.bits}); use a W<bits>A16 scheme for per-layer bits, or drop it."
         )
-    online_down = config.rotation is not None and config.rotation.online_down
+    rotation = extensions.rotation
+    online_down = rotation is not None and rotation.online_down
     if online_down and config.cfp.mlp:
         raise ConfigError(
-            "cfp.mlp with rotation.online_down: CFP would scale the down projection's input channels, but that "
-            "input is rotated before the down projection sees it, so the scale no longer folds into its columns. "
-            "Set cfp.mlp false (the rotation spreads those outliers already) or rotation.online_down false."
+            "cfp.mlp with extensions.rotation.online_down: CFP would scale the down projection's input channels, "
+            "but that input is rotated before the down projection sees it, so the scale no longer folds into its "
+            "columns. Set cfp.mlp false (the rotation spreads those outliers already) or "
+            "extensions.rotation.online_down false."
         )
     if config.export.format is None:
         return
     check_holds_run(
-        config.export.format, "this run", correction=config.correction is not None and config.method == "cbq",
-        online_rotation=online_down, mixed_bits=config.mixed is not None or bool(config.quant.layer_bits),
+        config.export.format, "this run", correction=extensions.correction is not None and config.method == "cbq",
+        online_rotation=online_down, mixed_bits=extensions.mixed is not None or bool(extensions.layer_bits),
     )
     # a packed format that cannot hold the scheme (or, GGUF, the model family) is refused now, not after the calibration
     config.export.check(ExportScheme.from_settings(scheme, config.quant.act_settings(trained=True)))
@@ -212,12 +210,12 @@ def _check_end_to_end(config: QuantizeConfig, scheme: QuantScheme) -> None:
     """The end-to-end phase trains a CBQ run's scales, which a GGML grid does not let move alone."""
     if config.method != "cbq":
         raise ConfigError(
-            "end_to_end trains the scales of a CBQ run after its windows; method=rtn is the untrained baseline. "
-            "Use method=cbq, or drop end_to_end (--end_to_end null)."
+            "extensions.end_to_end trains the scales of a CBQ run after its windows; method=rtn is the untrained "
+            "baseline. Use method=cbq, or drop the phase (--extensions.end_to_end null)."
         )
     if scheme.gguf_type is not None or config.export.format == "gguf":
         raise ConfigError(
-            "end_to_end with a GGML grid (a Q* scheme or export.format gguf): its scales are stored as float16 "
-            "multiples of a super-block's, so trained scales would not survive the export bit for bit. Drop "
-            "end_to_end, or use a W<bits>A<bits> scheme with another export."
+            "extensions.end_to_end with a GGML grid (a Q* scheme or export.format gguf): its scales are stored as "
+            "float16 multiples of a super-block's, so trained scales would not survive the export bit for bit. "
+            "Drop extensions.end_to_end, or use a W<bits>A<bits> scheme with another export."
         )

@@ -197,9 +197,9 @@ def train_end_to_end(
 
 def run_end_to_end(config: QuantizeConfig, state: CrossBlockState, head: nn.Module, logger: TensorBoardLogger
                    ) -> dict[str, Any]:
-    """The phase after the last window of a CBQ run (``config.end_to_end`` set): the model's blocks as one window,
+    """The phase after the last window of a CBQ run (``config.extensions.end_to_end`` set): the model's blocks as one window,
     the block-0 inputs and the full-precision last-block outputs the window walk cached."""
-    settings = config.end_to_end
+    settings = config.extensions.end_to_end
     assert settings is not None
     blocks = list(state.blocks)
     module = EndToEndModule(

@@ -27,32 +27,18 @@ class LossConfig:
         normalize: divide each MSE by the mean square of its target, making the loss scale-free. Hidden
             state magnitudes differ by orders of magnitude between models and along depth; without this
             the rounding regulariser weight (lambda) would mean something different in every block.
-        output_kl_weight: weight of an extra term for the window holding the model's last block:
-            ``KL(p_fp || p_q)`` of the next-token distributions, the final norm and LM head applied to the
-            full-precision model's last hidden states and to the window's output. The hidden-state MSE and
-            KL weigh every hidden dimension alike; the head weighs them by what they do to the prediction
-            perplexity measures. 0 (default) leaves the loss as docs/method.md §3 defines it.
-        output_kl_tokens: positions per sequence (drawn at random each step) the head is applied to. The
-            head of a small model is several times the size of a block (SmolLM2: 49152 x 576), so
-            evaluating it on every position would dominate the last window's step time.
     """
 
     global_branch: bool = True
     homologous_branch: bool = True
     kl_weight: float = 1.0
     normalize: bool = True
-    output_kl_weight: float = 0.0
-    output_kl_tokens: int = 128
 
     def __post_init__(self) -> None:
         if not (self.global_branch or self.homologous_branch):
             raise ConfigError("loss: at least one of global_branch and homologous_branch must be true.")
         if self.kl_weight < 0:
             raise ConfigError(f"loss.kl_weight={self.kl_weight} must be >= 0.")
-        if self.output_kl_weight < 0:
-            raise ConfigError(f"loss.output_kl_weight={self.output_kl_weight} must be >= 0 (0 switches it off).")
-        if self.output_kl_tokens < 1:
-            raise ConfigError(f"loss.output_kl_tokens={self.output_kl_tokens} must be >= 1 (positions per sequence).")
 
 
 def token_kl(target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:

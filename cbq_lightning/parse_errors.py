@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from cbq_lightning.extensions import moved_to
 from cbq_lightning.recipe_file import named_bases, read_mapping
 
 COMMANDS = ("quantize", "evaluate", "export")
@@ -28,6 +29,8 @@ _SIMPLE_TYPES = {
     "int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "NoneType": "null",
     "list": "a list ([a, b])", "dict": "a mapping ({key: value})", "pathlib.Path": "a path",
 }
+#: why a key of an older recipe is refused
+_MOVED = "the research extensions have their own section, docs/configuration.md"
 #: the messages jsonargparse gives when a value is not a section (a dataclass): accepted is a mapping or null
 _NOT_A_SECTION = ("Expected a path but", "dot import path", "Not a valid subclass", "Unexpected import path")
 
@@ -197,6 +200,9 @@ def _unknown_options(message: str, command: str | None, files: Sequence[str], kn
     flags = [word.split("=", 1)[0] for word in words if word.startswith("-")]
     if not flags:
         return f"unexpected argument {' '.join(words)!r}: options are given as --key value ({_help(command)})."
+    moved = moved_to(flags[0].lstrip("-")) if command == "quantize" else None
+    if moved is not None:
+        return f"option {flags[0]} is now --{moved} ({_MOVED}): rename it."
     hint = _did_you_mean(flags[0].lstrip("-"), known, "--")
     return f"unknown option {', '.join(flags)}{hint}: {_help(command)} lists the options."
 
@@ -210,6 +216,9 @@ def _unknown_key(message: str, command: str | None, files: Sequence[str], known:
     key = found.group(1) if found else f"{nested.group(1)}.{nested.group(2)}"  # type: ignore[union-attr]
     where = _file_with(key, files)
     origin = f"key {key} in {where}" if where else f"key {key}"
+    moved = moved_to(key) if command == "quantize" else None
+    if moved is not None:
+        return f"{origin} is now {moved} ({_MOVED}): move it there."
     who = f"cbq {command}" if command else "cbq"
     return (f"{origin} is not an option of {who}{_did_you_mean(key, known)}: rename or remove it "
             f"({_help(command)} lists the keys).")
@@ -326,7 +335,7 @@ def _bad_value_line(problem: KeyProblem, argv: Sequence[str], files: Sequence[st
     value = f" {problem.value!r}" if problem.value is not None else ""
     if flag == f"--{problem.key}":
         origin, fix = f"{flag}{value}", "change the flag"
-    elif flag:  # a mapping given to a section's flag: --quant.gptq '{damp: x}'
+    elif flag:  # a mapping given to a section's flag: --extensions.gptq '{damp: x}'
         origin, fix = f"{problem.key}{value} in {flag}", f"change {flag}"
     elif where:
         origin, fix = f"{problem.key}{value} in {where}", "fix it in that file"
@@ -339,7 +348,7 @@ def _bad_value_line(problem: KeyProblem, argv: Sequence[str], files: Sequence[st
 
 
 def _flag_in(key: str, argv: Sequence[str]) -> str | None:
-    """The flag of ``argv`` that set ``key`` (or the section holding it: ``--quant.gptq '{damp: x}'``)."""
+    """The flag of ``argv`` that set ``key`` (or the section holding it: ``--extensions.gptq '{damp: x}'``)."""
     parts = key.split(".")
     for length in range(len(parts), 0, -1):
         flag = "--" + ".".join(parts[:length])

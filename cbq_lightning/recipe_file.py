@@ -76,12 +76,46 @@ def recipe_chain(path: Path) -> list[Path]:
     return [recipe for recipe, _ in _chain(path)]
 
 
+def _leaves(mapping: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of every leaf of ``mapping``; an empty mapping is a leaf (``gptq: {}``)."""
+    found = []
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            found += _leaves(value, f"{prefix}{key}.")
+        else:
+            found.append((f"{prefix}{key}", value))
+    return found
+
+
+def check_recipe_keys(recipe: Path, mapping: dict[str, Any], known: list[str]) -> None:
+    """Refuse a key that moved (its new name given) and an empty section the parser does not know.
+
+    Why: jsonargparse drops an empty mapping under a name it does not know (``quant: {gptq: {}}`` after the GPTQ
+    start moved to ``extensions``) without a word, so an older recipe would run without the extension it asks for.
+    ``known``: the parser's keys (an empty section is known when some key lies inside it); empty: not checked.
+    """
+    from cbq_lightning.extensions import moved_to
+
+    for key, value in _leaves({k: v for k, v in mapping.items() if k != BASE_KEY}):
+        moved = moved_to(key)
+        if moved is not None:
+            raise TypeError(f"recipe {recipe}: key {key} is now {moved} (the research extensions have their own "
+                            "section, docs/configuration.md): move it there.")
+        empty_section = isinstance(value, dict)
+        if empty_section and known and not any(name == key or name.startswith(key + ".") for name in known):
+            raise TypeError(f"recipe {recipe}: key {key} is not an option of cbq quantize: rename or remove it.")
+
+
 class RecipeFile(ActionConfigFile):
-    """``--config`` that applies a recipe's ``base:`` chain first (see the module docstring)."""
+    """``--config`` that applies a recipe's ``base:`` chain first (see the module docstring), refusing keys that
+    moved or that jsonargparse would drop unread (:func:`check_recipe_keys`)."""
 
     def __call__(self, parser, cfg, values, option_string=None) -> None:  # noqa: ANN001 - argparse's signature
         path = Path(str(values))
+        known = [action.dest for action in getattr(parser, "_actions", [])]  # noqa: SLF001 - argparse's list
         for recipe, mapping in _chain(path) if path.is_file() else [(path, None)]:
+            if mapping is not None:
+                check_recipe_keys(recipe, mapping, known)
             if mapping is not None and BASE_KEY in mapping:  # its own keys, as YAML text without the base key
                 own = {key: value for key, value in mapping.items() if key != BASE_KEY}
                 self.apply_config(parser, cfg, self.dest, yaml.safe_dump(own, sort_keys=False))

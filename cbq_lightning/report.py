@@ -87,7 +87,7 @@ def run_report(
         "adapted_to_model": job.adapted,
         # the low-rank correction's cost, which the integer weights do not show (None without one)
         "correction": correction_info,
-        # per-layer bits (mixed.budget / quant.layer_bits), their average and the sensitivities (None: uniform)
+        # per-layer bits (extensions.mixed.budget / extensions.layer_bits), their average and the sensitivities (None: uniform)
         "mixed_precision": built.mixed_summary,
         # a llama.cpp mix: the GGML type each weight is stored in and the fallbacks (None: not a mix)
         "gguf_types": None if job.gguf_plan is None else job.gguf_plan.summary(),

@@ -141,8 +141,8 @@ def _run_quantize(
 
 def _end_to_end(job: _Job, built: _Built, logger: TensorBoardLogger, device: torch.device) -> dict[str, Any] | None:
     """The end-to-end phase (a CBQ run: validate refuses it with rtn; it reads X at block 0 and the last Y_fp), after an
-    evaluation of the windows' model with ``end_to_end.evaluate_before`` (rank 0); its record, None without it."""
-    settings = job.config.end_to_end
+    evaluation of the windows' model with ``extensions.end_to_end.evaluate_before`` (rank 0); its record, None without it."""
+    settings = job.config.extensions.end_to_end
     if settings is None:
         return None
     measure = settings.evaluate_before and job.eval_sets and job.place.is_main
@@ -225,12 +225,12 @@ def _read_inputs(config: QuantizeConfig, supplied: SuppliedInputs | None = None)
         model = load_model(config.model, vocab_size=len(tokenizer), seed=config.seed)
     adapter = DecoderAdapter(model)
     rounding = config.rounding if cbq else RoundingConfig(enabled=False)
-    correction = config.correction if cbq else None
+    correction = config.extensions.correction if cbq else None
     # the configuration against the model's shapes, before any data is read or any evaluation runs
     check_group_size(adapter.blocks, scheme)
     check_correction_rank(adapter.blocks, correction)
     gguf_plan = plan_for_model(scheme.gguf_mix, model, adapter)
-    rotation_config, adapted = adapt_to_model(config.rotation, rounding, adapter)
+    rotation_config, adapted = adapt_to_model(config.extensions.rotation, rounding, adapter)
     if supplied is not None and supplied.calibration_ids is not None:
         all_ids = supplied.calibration_ids.to(torch.int64).cpu()
     else:
@@ -287,8 +287,8 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: BlockKwargs, dev
     """The block quantizer, CFP, the input statistics and the cross-block state over the captured inputs."""
     config, cbq, scheme = job.config, job.cbq, job.scheme
     learnable_clip = config.quant.learnable_clip and cbq
-    clip_search = config.quant.clip_search_settings() if cbq else None
-    gptq = config.quant.gptq
+    clip_search = config.extensions.clip_search if learnable_clip else None
+    gptq = config.extensions.gptq
     act = config.quant.act_settings(trained=cbq)
     # before CFP and any quantization: the sensitivity pass runs the full-precision model
     layer_bits, mixed_summary = run_layer_bits(config, job.adapter, inputs, block_kwargs, scheme, clip_search, device)
@@ -299,7 +299,7 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: BlockKwargs, dev
     layer = LayerQuantConfig(
         scheme=scheme, rounding=job.rounding, learnable_clip=learnable_clip,
         clip_init=config.quant.clip_init if learnable_clip else 1.0, clip_search=clip_search, act=act, gptq=gptq,
-        correction=job.correction,
+        correction=job.correction, column_scale=config.extensions.column_scale,
     )
     sequential = gptq is not None and gptq.true_sequential
     needs_moments = layer.needs_input_moments or gptq is not None
@@ -337,7 +337,7 @@ def _calibrate(
 ) -> list[dict[str, Any]]:
     """CBQ's windows (resuming after the last saved one), or the RTN baseline's walk; the windows' records."""
     config, state = job.config, built.state
-    objective = HardenedObjective(keep_best=config.train.keep_best)
+    objective = HardenedObjective(keep_best=config.extensions.keep_best)
     records = CrossBlockCallback(state, device, objective)
     if not job.cbq:
         return round_to_nearest(state, window_schedule(job.adapter.num_blocks, WindowConfig(size=1, overlap=0)),
@@ -354,7 +354,7 @@ def _calibrate(
     loop = WindowLoop(
         config=config, scheme=job.scheme, state=state, logger=logger, records=records, objective=objective,
         extra_callbacks=callbacks, stop=stop, total_windows=total_windows,
-        output_head=job.adapter.output_head() if config.loss.output_kl_weight > 0 else None,
+        output_head=job.adapter.output_head() if config.extensions.output_kl_weight > 0 else None,
     )
     return loop.run(schedule, step_offset)
 

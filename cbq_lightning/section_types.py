@@ -1,9 +1,9 @@
-"""Type checks for the optional config sections (``quant.gptq``, ``quant.clip_search``, ``quant.continuous``,
+"""Type checks for the optional config sections (``extensions.gptq``, ``extensions.clip_search``, ``extensions.continuous``,
 ``correction``, ``mixed``).
 
 Why this exists: jsonargparse checks the type of every key of a plain section while parsing, but a section
 declared ``X | None`` is parsed as a union, and the values inside it reach the dataclass as given:
-``--quant.gptq.damp null`` arrived as ``None`` and the range check failed with a ``TypeError`` deep in the
+``--extensions.gptq.damp null`` arrived as ``None`` and the range check failed with a ``TypeError`` deep in the
 parser (a traceback, found by the config fuzz test). Each optional section calls :func:`check_field_types`
 first in its ``__post_init__``, so a wrong type is the same one-line error as a wrong value.
 """

@@ -19,16 +19,11 @@ class OptimConfig:
         batch_size: calibration sequences per optimisation step.
         lr_rounding: learning rate of the LoRA-Rounding factors.
         lr_clip: learning rate of the clipping logits.
-        lr_correction: learning rate of the low-rank correction factors (``correction.rank``).
+        lr_correction: learning rate of the low-rank correction factors (``extensions.correction.rank``).
         lr_schedule: ``constant`` or ``cosine`` (decay to 0 over the window's steps).
         forward_batch_size: sequences per forward when caching targets and advancing caches.
         shuffle: reshuffle the calibration samples every epoch (seeded per window); off gives contiguous
             batches (with DDP, the union of the ranks' batches is then a single process's batch).
-        keep_best: measure the window's objective on all its calibration samples with hardened rounding
-            when the fit starts and after every epoch, and finish with the best of those states. Training
-            through rounding with a straight-through gradient does not descend monotonically: from a
-            strong start (GPTQ) an epoch can leave the window worse than it found it. Costs one
-            forward pass over the samples per epoch, plus one.
     """
 
     epochs: int = 20
@@ -40,7 +35,6 @@ class OptimConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"
     forward_batch_size: int = 8
     shuffle: bool = True
-    keep_best: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.epochs_2bit < 0:
@@ -129,10 +123,10 @@ class EndToEndConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise ConfigError(f"end_to_end.epochs={self.epochs} must be >= 1 (drop the section for no phase).")
+            raise ConfigError(f"extensions.end_to_end.epochs={self.epochs} must be >= 1 (drop the section for no phase).")
         if not self.lr > 0:
-            raise ConfigError(f"end_to_end.lr={self.lr} must be > 0.")
+            raise ConfigError(f"extensions.end_to_end.lr={self.lr} must be > 0.")
         if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"end_to_end.batch_size={self.batch_size} must be >= 1 (null: train.batch_size).")
+            raise ConfigError(f"extensions.end_to_end.batch_size={self.batch_size} must be >= 1 (null: train.batch_size).")
         if self.tokens < 1:
-            raise ConfigError(f"end_to_end.tokens={self.tokens} must be >= 1 (positions per sequence).")
+            raise ConfigError(f"extensions.end_to_end.tokens={self.tokens} must be >= 1 (positions per sequence).")

@@ -46,8 +46,10 @@ class WindowModule(L.LightningModule):
         lr_scale: multiplies both learning rates (the divergence guard lowers it on a retry).
         explode_factor: a loss above this multiple of the fit's first loss is a divergence.
         output_head: final norm + LM head, given to the window that holds the model's last block when
-            ``loss.output_kl_weight > 0`` (see :func:`cbq_lightning.loss.output_kl`). It is frozen and kept
+            ``output_kl_weight > 0`` (see :func:`cbq_lightning.loss.output_kl`). It is frozen and kept
             out of the module's parameters: it is the model's own head, possibly tied to the embedding.
+        output_kl_weight: weight of the next-token KL term through ``output_head`` (``extensions.output_kl_weight``).
+        output_kl_tokens: positions per sequence the head is applied to (``extensions.output_kl_tokens``).
         continuous: continuous approximations of rounding / clamping for the training forward, with the
             temperature annealed over the fit's steps (:mod:`cbq_lightning.quant.continuous`); None: STE and
             hard clamp.
@@ -65,6 +67,8 @@ class WindowModule(L.LightningModule):
         lr_scale: float = 1.0,
         explode_factor: float = 1000.0,
         output_head: nn.Module | None = None,
+        output_kl_weight: float = 0.0,
+        output_kl_tokens: int = 128,
         continuous: ContinuousApprox | None = None,
     ) -> None:
         super().__init__()
@@ -77,6 +81,8 @@ class WindowModule(L.LightningModule):
         self.step_offset = step_offset
         self.lr_scale = lr_scale
         self.explode_factor = explode_factor
+        self.output_kl_weight = output_kl_weight
+        self.output_kl_tokens = output_kl_tokens
         self._first_loss: float | None = None
         self._start_state: TrainableSnapshot | None = None
         self._block_kwargs_cpu = block_kwargs
@@ -106,7 +112,7 @@ class WindowModule(L.LightningModule):
         ]
 
     def correction_parameters(self) -> list[nn.Parameter]:
-        """``U``, ``V`` of the low-rank corrections (``correction.rank``; empty without them)."""
+        """``U``, ``V`` of the low-rank corrections (``extensions.correction.rank``; empty without them)."""
         return [p for _, layer in quant_linears(self.blocks) for p in layer.correction_parameters()]
 
     def quantization_parameters(self) -> list[nn.Parameter]:
@@ -178,7 +184,7 @@ class WindowModule(L.LightningModule):
     @property
     def trains_on_output(self) -> bool:
         """Whether this window adds the next-token KL term (it holds the last block and the weight is > 0)."""
-        return bool(self._output_head) and self.loss_config.output_kl_weight > 0
+        return bool(self._output_head) and self.output_kl_weight > 0
 
     def output_head_on(self, device: torch.device) -> nn.Module:
         """The frozen output head on ``device`` (a copy when the model's head lives elsewhere, e.g. on CPU)."""
@@ -253,8 +259,8 @@ class WindowModule(L.LightningModule):
         parts = homologous_loss(output, y_fp, y_h, self.loss_config)
         if self.trains_on_output:
             head = self.output_head_on(output.device)
-            parts["output_kl"] = output_kl(head, y_fp, output, self.loss_config.output_kl_tokens, generator)
-            parts["loss"] = parts["loss"] + self.loss_config.output_kl_weight * parts["output_kl"]
+            parts["output_kl"] = output_kl(head, y_fp, output, self.output_kl_tokens, generator)
+            parts["loss"] = parts["loss"] + self.output_kl_weight * parts["output_kl"]
         return parts
 
     # --- the hardened objective (Lightning's validation loop; :mod:`callbacks.hardened_objective`) ----------

@@ -75,14 +75,16 @@ def _window_module(
         lr_scale=lr_scale,
         explode_factor=config.guard.explode_factor,
         output_head=output_head,
-        continuous=config.quant.continuous,
+        output_kl_weight=config.extensions.output_kl_weight,
+        output_kl_tokens=config.extensions.output_kl_tokens,
+        continuous=config.extensions.continuous,
     )
 
 
 def _measures_hardened_objective(config: QuantizeConfig) -> bool:
     """Whether a fit runs its validation loop, the hardened objective (``monitor.hardened_loss`` or
-    ``train.keep_best``, which compares it epoch against epoch)."""
-    return config.monitor.hardened_loss or config.train.keep_best
+    ``extensions.keep_best``, which compares it epoch against epoch)."""
+    return config.monitor.hardened_loss or config.extensions.keep_best
 
 
 def trainer_settings(config: QuantizeConfig) -> dict[str, Any]:
@@ -100,7 +102,7 @@ def _window_trainer(
 
     The validation loop measures the hardened objective (:mod:`callbacks.hardened_objective`): once over every
     batch before training (Lightning's sanity check: the starting state), then after the last epoch, or after
-    every epoch with ``train.keep_best``. It runs without inference mode: the window caches tensors in its
+    every epoch with ``extensions.keep_best``. It runs without inference mode: the window caches tensors in its
     forward that training reuses."""
     progress = [WindowProgressBar(total_windows)] if config.trainer.enable_progress_bar else []
     measured = _measures_hardened_objective(config)
@@ -112,7 +114,7 @@ def _window_trainer(
         enable_model_summary=False,
         num_sanity_val_steps=-1 if measured else 0,
         limit_val_batches=1.0 if measured else 0,
-        check_val_every_n_epoch=1 if config.train.keep_best else epochs,
+        check_val_every_n_epoch=1 if config.extensions.keep_best else epochs,
         inference_mode=False,
         use_distributed_sampler=False,  # each rank already holds only its shard
         **trainer_settings(config),
@@ -126,7 +128,7 @@ class WindowLoop:
     A diverging fit is retried from the window's starting state with lower learning rates, then falls back to
     round-to-nearest (:mod:`cbq_lightning.guard`). ``records`` finishes every window (trained or
     fallen back): its record, then its listeners such as the checkpoint. ``output_head`` (final norm + LM head) goes to
-    the window holding the last block, for ``loss.output_kl_weight``.
+    the window holding the last block, for ``extensions.output_kl_weight``.
     """
 
     config: QuantizeConfig

@@ -112,14 +112,14 @@ PARSE_ERRORS = [
     (["quantize", "--config", "{dir}/empty.yaml"], ["empty.yaml", "is empty"]),
     (["quantize", "--config", "{dir}/unknown.yaml"], ["unknown.yaml", "quant.bitz", "not an option"]),
     (["quantize", "--config", "{dir}/wrong_type.yaml"], ["wrong_type.yaml", "train.epochs", "'abc'", "an integer"]),
-    (["quantize", "--config", "{dir}/section.yaml"], ["section.yaml", "quant.gptq.dampp", "not an option"]),
+    (["quantize", "--config", "{dir}/section.yaml"], ["section.yaml", "extensions.gptq.dampp", "not an option"]),
     (["quantize", "--config", str(TINY_RECIPE), "--train.epochs", "abc"], ["--train.epochs", "'abc'", "an integer"]),
     (["quantize", "--config", str(TINY_RECIPE), "--method", "xyz"], ["--method", "'xyz'", "one of cbq, rtn"]),
     (["quantize", "--config", str(TINY_RECIPE), "--resume", "maybe"], ["--resume", "true or false"]),
-    (["quantize", "--config", str(TINY_RECIPE), "--quant.gptq.damp", "abc"], ["--quant.gptq.damp", "a number"]),
-    (["quantize", "--config", str(TINY_RECIPE), "--quant.gptq", "{damp: abc}"], ["quant.gptq.damp", "--quant.gptq"]),
-    (["quantize", "--config", str(TINY_RECIPE), "--quant.clip_search", "abc"], ["--quant.clip_search", "or null"]),
-    (["quantize", "--config", str(TINY_RECIPE), "--mixed.budget", "null"], ["mixed.budget", "mixed: null"]),
+    (["quantize", "--config", str(TINY_RECIPE), "--extensions.gptq.damp", "abc"], ["--extensions.gptq.damp", "a number"]),
+    (["quantize", "--config", str(TINY_RECIPE), "--extensions.gptq", "{damp: abc}"], ["extensions.gptq.damp", "--extensions.gptq"]),
+    (["quantize", "--config", str(TINY_RECIPE), "--extensions.clip_search", "abc"], ["--extensions.clip_search", "or null"]),
+    (["quantize", "--config", str(TINY_RECIPE), "--extensions.mixed.budget", "null"], ["extensions.mixed.budget", "mixed: null"]),
     (["quantize", "--config", str(TINY_RECIPE), "--quant.bitz", "3"], ["unknown option --quant.bitz"]),
     (["quantize", "--config", str(TINY_RECIPE), "stray"], ["'stray'"]),
     (["quantize", "--config"], ["--config needs a value"]),
@@ -140,7 +140,7 @@ def test_every_parse_error_is_one_line(argv: list[str], names: list[str], tmp_pa
     _write(tmp_path, "empty.yaml", "")
     _write(tmp_path, "unknown.yaml", "quant:\n  bitz: 3\n")
     _write(tmp_path, "wrong_type.yaml", "train:\n  epochs: abc\n")
-    _write(tmp_path, "section.yaml", "quant:\n  gptq:\n    dampp: 1\n")
+    _write(tmp_path, "section.yaml", "extensions:\n  gptq:\n    dampp: 1\n")
     _write(tmp_path, "export.yaml", "format: onnx\n")
     line = _parse_error([word.replace("{dir}", str(tmp_path)) for word in argv], capsys)
     for name in names:

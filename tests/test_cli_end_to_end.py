@@ -165,7 +165,7 @@ def test_bad_input_is_a_clear_early_error(overrides: list[str], message: str, tm
     assert not (tmp_path / "out" / "report.json").exists()
 
 
-@pytest.mark.parametrize("overrides", [["--quant.scheme", "W3A16G48"], ["--correction.rank", "64"]])
+@pytest.mark.parametrize("overrides", [["--quant.scheme", "W3A16G48"], ["--extensions.correction.rank", "64"]])
 def test_shape_checks_come_before_any_data_or_evaluation(overrides: list[str], tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A configuration that cannot fit the model stops before calibration data are read and before the

@@ -50,17 +50,16 @@ def test_valid_clip_search_settings() -> None:
 
 
 def test_clip_search_is_an_optional_section(tmp_path: Path) -> None:
-    """``quant.clip_search``: null is off, a section (or one of its keys) is on with the rest at their defaults;
+    """``extensions.clip_search``: null is off, a section (or one of its keys) is on with the rest at their defaults;
     a bad value is refused when the section is built, and a search for thresholds that are not learned is
     refused as a setting that would do nothing."""
-    assert load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path)).quant.clip_search is None
-    config = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--quant.clip_search.steps", "7")
-    assert config.quant.clip_search_settings() == ClipSearch(min_ratio=0.5, steps=7, norm=2.4)
-    with pytest.raises(ConfigError, match="quant.clip_search"):
-        load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--quant.clip_search.min_ratio", "1.2")
-    unlearned = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--quant.clip_search", "{}",
+    assert load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path)).extensions.clip_search is None
+    config = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--extensions.clip_search.steps", "7")
+    assert config.extensions.clip_search == ClipSearch(min_ratio=0.5, steps=7, norm=2.4)
+    with pytest.raises(ConfigError, match="extensions.clip_search"):
+        load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--extensions.clip_search.min_ratio", "1.2")
+    unlearned = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--extensions.clip_search", "{}",
                             "--quant.learnable_clip", "false")
-    assert unlearned.quant.clip_search_settings() is None
     with pytest.raises(ConfigError, match="would do nothing"):
         validate(unlearned)
 

@@ -43,10 +43,11 @@ def _leaves(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 
 #: the optional extension sections switched on, so that the keys inside them are fuzzed too (a flag such as
-#: ``--quant.gptq.damp X`` switches its section on with that value)
-SECTIONS_ON = ["--quant.gptq", "{}", "--quant.clip_search", "{}", "--quant.continuous.clamp", "smooth",
-               "--correction.rank", "2", "--mixed.budget", "3"]
-SECTIONS = ("quant.gptq.", "quant.clip_search.", "quant.continuous.", "correction.", "mixed.")
+#: ``--extensions.gptq.damp X`` switches its section on with that value)
+SECTIONS_ON = ["--extensions.gptq", "{}", "--extensions.clip_search", "{}", "--extensions.continuous.clamp", "smooth",
+               "--extensions.correction.rank", "2", "--extensions.mixed.budget", "3"]
+SECTIONS = ("extensions.gptq.", "extensions.clip_search.", "extensions.continuous.", "extensions.correction.",
+            "extensions.mixed.")
 KEYS = [(key, value) for key, value in _leaves(dataclasses.asdict(load_recipe(TINY_RECIPE)))
         if key not in NOT_FUZZED]
 KEYS += [(key, value) for key, value in _leaves(dataclasses.asdict(load_recipe(TINY_RECIPE, *SECTIONS_ON)))

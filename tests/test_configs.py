@@ -70,10 +70,11 @@ def _config_keys(cls: type, prefix: str = "") -> set[str]:
 
 
 def _documented_keys(text: str) -> tuple[set[str], set[str]]:
-    """The keys named in the first column of the configuration reference table, and the ``section.*`` rows."""
-    table = text.split("## Configuration reference", 1)[1].split("\n\n", 2)[1]
+    """The keys named in the first column of the configuration reference's tables (the core's and the extensions'),
+    and the ``section.*`` rows."""
+    reference = text.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
     keys: set[str] = set()
-    for row in table.splitlines()[2:]:
+    for row in (line for line in reference.splitlines() if line.startswith("| `")):
         for name in re.findall(r"`([^`]+)`", row.split("|")[1]):
             head, _, tail = name.rpartition(".")
             keys |= {f"{head}.{part}" if head else part for part in tail.split("/")}

@@ -1,4 +1,4 @@
-"""Continuous approximations of rounding and clamping (the ``quant.continuous`` section): maths and wiring.
+"""Continuous approximations of rounding and clamping (the ``extensions.continuous`` section): maths and wiring.
 
 Hand values, ``T = 10``: ``round_T(0.2) = sigmoid(-3) = 0.0474259``, ``round_T(1.7) = 1 + sigmoid(2) =
 1.8807971``, ``round_T(0.5) = 0.5``; its slope at 0.2 is ``10 sigmoid(-3) (1 - sigmoid(-3)) = 0.4517666``.
@@ -74,8 +74,8 @@ def test_temperature_schedule_is_geometric_from_start_to_end() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"estimator": "gumbel"}, "quant.continuous.estimator"),
-        ({"clamp": "soft"}, "quant.continuous.clamp"),
+        ({"estimator": "gumbel"}, "extensions.continuous.estimator"),
+        ({"clamp": "soft"}, "extensions.continuous.clamp"),
         ({"temperature_start": 0.0}, "temperature_start"),
         ({"temperature_start": 10.0, "temperature_end": 5.0}, "start <= end"),
     ],
@@ -148,7 +148,7 @@ def test_smooth_clamp_passes_gradient_from_a_clipped_activation() -> None:
 
 
 def test_sigmoid_estimator_needs_something_to_act_on(tmp_path: Path) -> None:
-    config = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--quant.continuous.estimator", "sigmoid",
+    config = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--extensions.continuous.estimator", "sigmoid",
                          "--rounding.form", "residual")
     with pytest.raises(ConfigError, match="would change nothing"):
         validate(config)
@@ -160,8 +160,8 @@ def test_cli_fit_with_both_approximations_logs_the_temperature_and_differs_from_
     ste = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path / "ste"), *common)).report
     smooth = run_quantize(load_recipe(
         TINY_RECIPE, "--output_dir", str(tmp_path / "smooth"), *common,
-        "--quant.continuous.estimator", "sigmoid", "--quant.continuous.clamp", "smooth",
-        "--quant.continuous.temperature_start", "2", "--quant.continuous.temperature_end", "32",
+        "--extensions.continuous.estimator", "sigmoid", "--extensions.continuous.clamp", "smooth",
+        "--extensions.continuous.temperature_start", "2", "--extensions.continuous.temperature_end", "32",
     )).report
     events = EventAccumulator(str(tmp_path / "smooth" / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()

@@ -1,4 +1,4 @@
-"""Low-rank correction ``y = Q(W) Q(x) + U V^T x`` (``correction.rank``): maths, training, storage, reload, export.
+"""Low-rank correction ``y = Q(W) Q(x) + U V^T x`` (``extensions.correction.rank``): maths, training, storage, reload, export.
 
 Hand counts for the tiny model (hidden 64, 2 KV heads of 16, MLP 128, 4 blocks) at rank 2: a block's
 corrections add ``2 * ((64+64) + 2 (64+32) + (64+64) + 2 (64+128) + (128+64)) = 2048`` parameters, 8192 in
@@ -62,7 +62,7 @@ def test_rank_as_number_or_fraction_and_its_validation() -> None:
         CorrectionConfig(rank=2, rank_fraction=0.1)
     with pytest.raises(ConfigError, match="rank_fraction"):
         CorrectionConfig(rank_fraction=1.0)
-    with pytest.raises(ConfigError, match="correction.rank"):
+    with pytest.raises(ConfigError, match="extensions.correction.rank"):
         CorrectionConfig(rank=-1)
 
 
@@ -114,8 +114,8 @@ def test_finalise_freezes_but_keeps_the_correction_and_rtn_fallback_silences_it(
 def corrected_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("corrected")
     code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(out), "--trainer.enable_progress_bar",
-                 "false", "--quant.scheme", "W4A8", "--train.epochs", "2", "--correction.rank", "2",
-                 "--correction.init", "zero", "--train.lr_correction", "0.001", *EVAL_FLAGS])
+                 "false", "--quant.scheme", "W4A8", "--train.epochs", "2", "--extensions.correction.rank", "2",
+                 "--extensions.correction.init", "zero", "--train.lr_correction", "0.001", *EVAL_FLAGS])
     assert code == 0
     return out
 
@@ -160,7 +160,7 @@ def test_packed_export_refuses_a_corrected_run(corrected_run: Path, tmp_path: Pa
     same thing, naming the run's folder or "this run"."""
     with pytest.raises(ConfigError) as at_export:
         export_run(corrected_run, ExportConfig(format="compressed-tensors", output=str(tmp_path / "packed")))
-    config = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--correction.rank", "2",
+    config = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--extensions.correction.rank", "2",
                          "--export.format", "compressed-tensors")
     with pytest.raises(ConfigError) as at_config:
         validate(config)
@@ -170,7 +170,7 @@ def test_packed_export_refuses_a_corrected_run(corrected_run: Path, tmp_path: Pa
 
 
 def test_too_large_a_rank_fails_before_calibration(tmp_path: Path) -> None:
-    config = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--correction.rank", "40",
+    config = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--extensions.correction.rank", "40",
                          "--trainer.enable_progress_bar", "false", "--eval.datasets", "[]")
     with pytest.raises(ConfigError, match="layer blocks.0.self_attn.k_proj"):
         run_quantize(config)
@@ -179,7 +179,7 @@ def test_too_large_a_rank_fails_before_calibration(tmp_path: Path) -> None:
 def test_killed_corrected_run_resumes_bit_for_bit(tmp_path: Path) -> None:
     from tests.test_resume import FAST, KillAtWindow, Killed
 
-    flags = (*FAST, "--correction.rank", "2", "--quant.scheme", "W4A8")
+    flags = (*FAST, "--extensions.correction.rank", "2", "--quant.scheme", "W4A8")
     run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path / "whole"), *flags))
     with pytest.raises(Killed):
         run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path / "killed"), *flags), [KillAtWindow(2)])

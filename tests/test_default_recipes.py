@@ -65,9 +65,9 @@ def test_no_generic_recipe_is_the_paper_protocol(scheme: str) -> None:
     """The generic recipe is the shipped method (GPTQ start, LoRA-Rounding on hardened decisions, overlapping
     windows); the paper protocol keeps a recipe of its own under configs/paper/."""
     generic, paper = load_recipe(REPO / "configs" / f"{scheme}.yaml"), load_recipe(REPO / "configs" / "paper" / f"{scheme}.yaml")
-    assert generic.quant.gptq is not None and generic.rounding.form == "residual"
+    assert generic.extensions.gptq is not None and generic.rounding.form == "residual"
     assert (generic.rounding.forward, generic.window.overlap) == ("hardened", 1)
-    assert paper.quant.gptq is None and paper.rounding.forward == "soft" and paper.rounding.rank == 4
+    assert paper.extensions.gptq is None and paper.rounding.forward == "soft" and paper.rounding.rank == 4
     assert (generic.model.dtype, generic.trainer.precision, generic.trainer.accelerator) == ("auto", "auto", "auto")
 
 
@@ -100,7 +100,7 @@ def test_every_scheme_recipe_runs_on_every_family(scheme: str, model_type: str, 
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["model_type"] == model_type and report["method"] == "cbq"
     adapted = report["adapted_to_model"]
-    wants_rotation = load_recipe(REPO / "configs" / f"{scheme}.yaml").rotation is not None
+    wants_rotation = load_recipe(REPO / "configs" / f"{scheme}.yaml").extensions.rotation is not None
     if wants_rotation and model_type in ROTATABLE:
         assert report["rotation"] is not None and "rotation" not in adapted
     elif wants_rotation:
@@ -126,4 +126,4 @@ def test_every_scheme_recipe_runs_on_every_familys_tiny_gguf(scheme: str, model_
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["model_type"] == model_type
     assert (report["rotation"] is not None) == (
-        load_recipe(REPO / "configs" / f"{scheme}.yaml").rotation is not None and model_type in ROTATABLE)
+        load_recipe(REPO / "configs" / f"{scheme}.yaml").extensions.rotation is not None and model_type in ROTATABLE)

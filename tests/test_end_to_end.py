@@ -71,8 +71,8 @@ def test_a_grid_with_minimums_cannot_train_its_scales() -> None:
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("epochs", 0, "end_to_end.epochs"), ("lr", 0.0, "end_to_end.lr"), ("tokens", 0, "end_to_end.tokens"),
-    ("batch_size", 0, "end_to_end.batch_size"),
+    ("epochs", 0, "extensions.end_to_end.epochs"), ("lr", 0.0, "extensions.end_to_end.lr"), ("tokens", 0, "extensions.end_to_end.tokens"),
+    ("batch_size", 0, "extensions.end_to_end.batch_size"),
 ])
 def test_bad_settings_are_refused(field: str, value: float, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -84,9 +84,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny recipe without and with the phase (same seed), and with a phase whose learning rate diverges."""
     folders = {}
     w4a8 = ["--quant.scheme", "W4A8"]
-    for name, extra in {"plain": [], "e2e": ["--end_to_end", "{}"], "diverging": ["--end_to_end.lr", "1000"],
-                        "plain_w4a8": w4a8, "e2e_w4a8": [*w4a8, "--end_to_end", "{}"],
-                        "diverging_w4a8": [*w4a8, "--end_to_end.lr", "1000"]}.items():
+    for name, extra in {"plain": [], "e2e": ["--extensions.end_to_end", "{}"], "diverging": ["--extensions.end_to_end.lr", "1000"],
+                        "plain_w4a8": w4a8, "e2e_w4a8": [*w4a8, "--extensions.end_to_end", "{}"],
+                        "diverging_w4a8": [*w4a8, "--extensions.end_to_end.lr", "1000"]}.items():
         out = tmp_path_factory.mktemp(name)
         assert main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(out), *FAST, *extra]) == 0
         folders[name] = out
@@ -118,8 +118,8 @@ def test_evaluating_before_the_phase_gives_the_plain_run_and_changes_nothing(tmp
     phase; after it, that of the run with the phase (bit for bit: the extra evaluation draws no random numbers)."""
     evaluated = ["--eval.datasets", "[shipped]", "--eval.max_windows", "2", "--eval.fp_reference", "false"]
     reports, states = {}, {}
-    for name, extra in {"plain": [], "e2e": ["--end_to_end", "{}"],
-                        "both": ["--end_to_end", "{evaluate_before: true}"]}.items():
+    for name, extra in {"plain": [], "e2e": ["--extensions.end_to_end", "{}"],
+                        "both": ["--extensions.end_to_end", "{evaluate_before: true}"]}.items():
         out = tmp_path / name
         assert main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(out), *FAST, *evaluated,
                      *extra]) == 0
@@ -168,7 +168,7 @@ def test_the_phase_is_refused_where_it_cannot_apply(
     flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path / "out"), *FAST,
-                 "--end_to_end", "{}", *flags])
+                 "--extensions.end_to_end", "{}", *flags])
     err = capsys.readouterr().err
     assert code == 2, err[-2000:]
     lines = [line for line in err.splitlines() if line.startswith("cbq: error:")]

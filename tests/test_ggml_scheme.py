@@ -85,12 +85,23 @@ def test_importance_matrix_and_other_types_are_refused_by_name(name: str) -> Non
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"scheme": "Q4_1", "sym": True}, "stores a minimum"),
-     ({"scheme": "Q4_0", "layer_bits": {"blocks.0.mlp.down_proj": 8}}, "layer_bits")],
+    [({"scheme": "Q4_1", "sym": True}, "stores a minimum")],
 )
 def test_settings_that_contradict_the_type_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         QuantConfig(**kwargs).resolve()
+
+
+@pytest.mark.parametrize("flags", [["--extensions.layer_bits", '{"blocks.0.mlp.down_proj": 8}'],
+                                   ["--extensions.mixed.budget", "3.5"]])
+def test_per_layer_bits_are_refused_with_a_ggml_type(flags: list[str], tmp_path: Path) -> None:
+    """A GGML type fixes every layer's bits: per-layer bits, given or allocated, are refused before any work."""
+    from cbq_lightning.config import validate
+    from tests.conftest import TINY_RECIPE, load_recipe
+
+    config = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--quant.scheme", "Q4_0", *flags)
+    with pytest.raises(ConfigError, match="a GGML type fixes every layer's bits"):
+        validate(config)
 
 
 def test_a_ggml_scheme_cannot_be_given_other_bits() -> None:

@@ -234,7 +234,7 @@ def test_pure_low_rank_rounding_cannot_start_from_gptq() -> None:
 
 @pytest.mark.parametrize("damp", [0.0, 1.0, -0.1])
 def test_bad_dampening_is_refused(damp: float) -> None:
-    with pytest.raises(ConfigError, match="quant.gptq.damp"):
+    with pytest.raises(ConfigError, match="extensions.gptq.damp"):
         GPTQInit(damp=damp)
 
 
@@ -242,19 +242,19 @@ def test_cli_refuses_gptq_with_pure_low_rank_rounding(tmp_path: Path, capsys: py
     from cbq_lightning.cli import main
 
     code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path),
-                 "--quant.gptq", "{}", "--rounding.enabled", "true", "--rounding.form", "lowrank"])
+                 "--extensions.gptq", "{}", "--rounding.enabled", "true", "--rounding.form", "lowrank"])
     assert code == 2
     assert "use rounding.form=residual" in capsys.readouterr().err
 
 
 def test_gptq_method_rtn_beats_plain_rtn(tmp_path: Path) -> None:
-    """``method: rtn`` with ``quant.gptq`` is plain GPTQ: on the tiny model its final output error is
+    """``method: rtn`` with ``extensions.gptq`` is plain GPTQ: on the tiny model its final output error is
     below round-to-nearest's (both on min/max grids, no training), with and without true-sequential
     Hessians, which change the result (o_proj, the MLP and down_proj see the quantized stages before them)."""
     from cbq_lightning.cli import main
 
     errors = {}
-    for name, extra in (("rtn", []), ("gptq", ["--quant.gptq", "{}"]), ("sequential", ["--quant.gptq.true_sequential", "true"])):
+    for name, extra in (("rtn", []), ("gptq", ["--extensions.gptq", "{}"]), ("sequential", ["--extensions.gptq.true_sequential", "true"])):
         out = tmp_path / name
         code = main(["quantize", "--config", str(TINY_RECIPE), "--method", "rtn", "--output_dir", str(out),
                      "--eval.datasets", "[]", "--trainer.enable_progress_bar", "false", *extra])

@@ -1,4 +1,4 @@
-"""``train.keep_best``: a window finishes with the best of its starting state and its epoch-end states."""
+"""``extensions.keep_best``: a window finishes with the best of its starting state and its epoch-end states."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def test_the_best_epoch_end_is_kept_not_the_last() -> None:
 def test_keep_best_on_real_windows_never_ends_worse_than_the_start(tmp_path: Path) -> None:
     """The whole path (window module, records, report) at a learning rate high enough to hurt some windows."""
     hurt = ["--train.lr_rounding", "0.3", "--train.lr_clip", "0.3"]
-    kept = _windows(tmp_path, "kept", *hurt, "--train.keep_best", "true")
+    kept = _windows(tmp_path, "kept", *hurt, "--extensions.keep_best", "true")
     for window in kept:
         # loss_last is measured by the callback after the fit, on the same fixed batching: the state kept
         assert window["loss_last"] == window["best_loss"] <= window["loss_first"]
@@ -81,7 +81,7 @@ def test_keep_best_on_real_windows_never_ends_worse_than_the_start(tmp_path: Pat
 
 
 def test_a_fit_that_helps_keeps_its_best_epoch(tmp_path: Path) -> None:
-    kept = _windows(tmp_path, "kept", "--train.keep_best", "true")
+    kept = _windows(tmp_path, "kept", "--extensions.keep_best", "true")
     for window in kept:
         assert 0 <= window["best_epoch"] <= EPOCHS
         assert window["loss_last"] == window["best_loss"] <= window["loss_first"]

@@ -1,4 +1,4 @@
-"""Layer-wise mixed precision (``mixed.budget``, ``quant.layer_bits``): sensitivity, allocation, wiring.
+"""Layer-wise mixed precision (``extensions.mixed.budget``, ``extensions.layer_bits``): sensitivity, allocation, wiring.
 
 Hand values: ``W = [1, 0.4]`` at 2 bits per channel has the grid ``[0, 1]`` in steps of 1/3, so 0.4 becomes
 1/3 and ``E = [0, 1/15]``; with ``H = [[2, 0.5], [0.5, 3]]`` the output error ``E H E^T = 3 / 225``.
@@ -98,7 +98,7 @@ def test_layer_bits_are_checked_against_layers_and_fused_groups() -> None:
         ({"budget": 5.0}, "between the smallest and largest"),
         ({"budget": 2.5, "candidates": [2, 9]}, "2..8"),
         ({"budget": 2.5, "candidates": [2, 2, 3]}, "repeats"),
-        ({"budget": 2.5, "samples": 0}, "mixed.samples"),
+        ({"budget": 2.5, "samples": 0}, "extensions.mixed.samples"),
     ],
 )
 def test_mixed_settings_are_validated(settings: dict, match: str) -> None:
@@ -107,11 +107,11 @@ def test_mixed_settings_are_validated(settings: dict, match: str) -> None:
 
 
 def test_budget_and_overrides_exclude_each_other_and_packed_export(tmp_path: Path) -> None:
-    both = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--mixed.budget", "3.5",
-                       "--quant.layer_bits", '{"blocks.0.mlp.down_proj": 4}')
+    both = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--extensions.mixed.budget", "3.5",
+                       "--extensions.layer_bits", '{"blocks.0.mlp.down_proj": 4}')
     with pytest.raises(ConfigError, match="both are set"):
         validate(both)
-    packed = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--mixed.budget", "3.5",
+    packed = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--extensions.mixed.budget", "3.5",
                          "--export.format", "compressed-tensors")
     with pytest.raises(ConfigError, match="mixes bit-widths"):
         validate(packed)
@@ -121,7 +121,7 @@ def test_budget_and_overrides_exclude_each_other_and_packed_export(tmp_path: Pat
 def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("mixed")
     run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(out), *FAST, "--quant.scheme", "W2A16",
-                             "--mixed.budget", "3.0", "--mixed.candidates", "[2, 3, 4]"))
+                             "--extensions.mixed.budget", "3.0", "--extensions.mixed.candidates", "[2, 3, 4]"))
     return out
 
 
@@ -163,7 +163,7 @@ def test_mixed_precision_lands_between_the_uniform_runs(mixed_run: Path, tmp_pat
 def test_layer_bits_override_resumes_bit_for_bit(tmp_path: Path) -> None:
     from tests.test_resume import KillAtWindow, Killed
 
-    flags = (*FAST, "--quant.scheme", "W3A16", "--quant.layer_bits",
+    flags = (*FAST, "--quant.scheme", "W3A16", "--extensions.layer_bits",
              '{"blocks.1.mlp.down_proj": 4, "blocks.2.self_attn.o_proj": 2}')
     run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path / "whole"), *flags))
     with pytest.raises(Killed):

@@ -119,8 +119,8 @@ def test_gptq_start_and_activation_quantization_on_experts(tmp_path: Path) -> No
     8-bit activations with CFP's attention pair."""
     result = run_quantize(load_recipe(
         TINY_RECIPE, "--model.name_or_path", "tiny-qwen2_moe:num_layers=2",
-        "--quant.scheme", "W4A8", "--quant.act_mode", "dynamic_sym", "--quant.gptq", "{true_sequential: true}",
-        "--quant.clip_search", "{activation_aware: true}", "--cfp.activations", "true",
+        "--quant.scheme", "W4A8", "--quant.act_mode", "dynamic_sym", "--extensions.gptq", "{true_sequential: true}",
+        "--extensions.clip_search", "{activation_aware: true}", "--cfp.activations", "true",
         "--train.epochs", "1", "--eval.datasets", "[]", "--data.num_samples", "4", "--data.seqlen", "32",
         "--monitor.rtn_reference", "false", "--trainer.enable_progress_bar", "false", "--output_dir", str(tmp_path),
     ))

@@ -1,4 +1,4 @@
-"""The next-token KL term of the last window (``loss.output_kl_weight``): maths and wiring.
+"""The next-token KL term of the last window (``extensions.output_kl_weight``): maths and wiring.
 
 Hand values: with an identity head, a target hidden state ``[0, ln 3]`` is the distribution ``[1/4, 3/4]``
 and an output ``[0, 0]`` the uniform one, so ``KL = 1/4 ln(1/2) + 3/4 ln(3/2)``.
@@ -15,7 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from cbq_lightning.errors import ConfigError
-from cbq_lightning.loss import LossConfig, output_kl
+from cbq_lightning.extensions import ExtensionsConfig
+from cbq_lightning.loss import output_kl
 from cbq_lightning.models.tiny import tiny_shape
 from cbq_lightning.runner import run_quantize
 from tests.conftest import TINY_RECIPE, load_recipe
@@ -67,15 +68,15 @@ def test_output_kl_gradient_reaches_the_output_only() -> None:
 
 def test_output_kl_config_validation() -> None:
     with pytest.raises(ConfigError, match="output_kl_weight"):
-        LossConfig(output_kl_weight=-1.0)
+        ExtensionsConfig(output_kl_weight=-1.0)
     with pytest.raises(ConfigError, match="output_kl_tokens"):
-        LossConfig(output_kl_tokens=0)
+        ExtensionsConfig(output_kl_tokens=0)
 
 
 def test_only_the_last_window_trains_on_the_next_token_kl(tmp_path: Path) -> None:
     config = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--train.epochs", "2", "--eval.datasets", "[]",
-                         "--trainer.enable_progress_bar", "false", "--loss.output_kl_weight", "1.0",
-                         "--loss.output_kl_tokens", "16")
+                         "--trainer.enable_progress_bar", "false", "--extensions.output_kl_weight", "1.0",
+                         "--extensions.output_kl_tokens", "16")
     report = run_quantize(config).report
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()

@@ -94,12 +94,12 @@ def test_paper_flags_are_what_method_md_states(quality) -> None:
     forward, no per-column scale: the shipped recipes' extension is switched off), K=2/O=1, both branches with the
     hidden-state KL, no output KL, no keep-best, the paper's learning rates, no rotation; the same for every scheme."""
     settings = quality.paper_settings()
-    assert settings["quant.gptq"] == "null" and settings["rounding.form"] == "residual"
-    assert settings["rounding.rank"] == "4" and float(settings["rounding.column_scale"]) == 0
+    assert settings["extensions.gptq"] == "null" and settings["rounding.form"] == "residual"
+    assert settings["rounding.rank"] == "4" and float(settings["extensions.column_scale"]) == 0
     assert settings["rounding.forward"] == "soft" and (settings["window.size"], settings["window.overlap"]) == ("2", "1")
-    assert float(settings["loss.kl_weight"]) == 1.0 and float(settings["loss.output_kl_weight"]) == 0
+    assert float(settings["loss.kl_weight"]) == 1.0 and float(settings["extensions.output_kl_weight"]) == 0
     assert (float(settings["train.lr_rounding"]), float(settings["train.lr_clip"])) == (0.001, 0.005)
-    assert settings["rotation"] == "null" and settings["end_to_end"] == "null"
+    assert settings["extensions.rotation"] == "null" and settings["extensions.end_to_end"] == "null"
     for scheme in quality.DEFAULT_SCHEMES:
         flags = quality.paper_flags(scheme)
         assert quality.paper_settings(scheme) == settings
@@ -117,7 +117,7 @@ def test_the_rtn_cell_is_plain_round_to_nearest_on_every_recipe(quality, scheme:
                          *quality.CFP_OFF)
     config.model.name_or_path = "tiny-llama"  # the checks, not the GGUF (an optional extra, absent in CI)
     validate(config)
-    assert (config.quant.gptq, config.rotation, config.end_to_end) == (None, None, None)
+    assert (config.extensions.gptq, config.extensions.rotation, config.extensions.end_to_end) == (None, None, None)
     assert not (config.cfp.weights or config.cfp.activations)
 
 
@@ -137,8 +137,9 @@ def test_recipe_deviations_are_read_from_the_recipe(quality, tmp_path: Path) -> 
     assert quality.recipe_deviations(recipe) == {}
     recipe.write_text(text.replace("overlap: 1", "overlap: 0").replace("forward: soft", "forward: hardened"))
     assert quality.recipe_deviations(recipe) == {"window.overlap": ("1", "0"), "rounding.forward": ("soft", "hardened")}
-    recipe.write_text(text + "rotation:\n  online_down: false\n")  # an extension section is a deviation too
-    assert quality.recipe_deviations(recipe) == {"rotation": ("null", "{online_down: false}")}
+    # an extension section is a deviation too
+    recipe.write_text(text.replace("  rotation: null", "  rotation:\n    online_down: false"))
+    assert quality.recipe_deviations(recipe) == {"extensions.rotation": ("null", "{online_down: false}")}
 
 
 def test_schemes_with_activations_get_the_ablation(quality) -> None:
@@ -349,10 +350,10 @@ def test_peer_records_from_another_machine_join_the_scheme_record(quality, tmp_p
 
 
 def test_ablation_specs_are_checked(quality) -> None:
-    assert quality._parse_ablations([["lowrank10", "correction.rank_fraction=0.1", "train.lr_correction=1e-3"]]) == {
-        "lowrank10": ["correction.rank_fraction=0.1", "train.lr_correction=1e-3"]}
+    assert quality._parse_ablations([["lowrank10", "extensions.correction.rank_fraction=0.1", "train.lr_correction=1e-3"]]) == {
+        "lowrank10": ["extensions.correction.rank_fraction=0.1", "train.lr_correction=1e-3"]}
     with pytest.raises(SystemExit, match="write a name"):
-        quality._parse_ablations([["correction.rank=4"]])
+        quality._parse_ablations([["extensions.correction.rank=4"]])
     with pytest.raises(SystemExit, match="write a name"):
         quality._parse_ablations([["lowrank"]])
     with pytest.raises(SystemExit, match="twice"):
@@ -385,7 +386,7 @@ def test_ablations_only_adds_rows_to_the_existing_record(quality, tmp_path: Path
     calls = []
 
     def ablation_run(flags: list[str], name: str) -> dict:
-        run = _run(1200.0 if "correction.rank_fraction" in " ".join(flags) else 2000.0, wall=1500.0)
+        run = _run(1200.0 if "extensions.correction.rank_fraction" in " ".join(flags) else 2000.0, wall=1500.0)
         if name == "ablation_lowrank10":
             run["report"]["correction"] = {"parameters": 1_000_000, "parameters_per_quantized_weight": 0.125}
         return run
@@ -393,23 +394,23 @@ def test_ablations_only_adds_rows_to_the_existing_record(quality, tmp_path: Path
     monkeypatch.setattr(quality, "_quantize", _recording_quantize(calls, ablation_run))
     monkeypatch.setattr(quality, "_draw", lambda folder, suffix: None)
     assert quality.main(["--schemes", "W4A4", "--ablations-only", "--output", str(tmp_path),
-                         "--ablation", "lowrank10", "correction.rank_fraction=0.1",
-                         "--ablation", "smooth", "quant.continuous.clamp=smooth"]) == 0
+                         "--ablation", "lowrank10", "extensions.correction.rank_fraction=0.1",
+                         "--ablation", "smooth", "extensions.continuous.clamp=smooth"]) == 0
     assert calls == [
-        ("smollm2_w4a4.yaml", "cbq", ["--train.epochs", "2", "--correction.rank_fraction", "0.1"], "ablation_lowrank10"),
-        ("smollm2_w4a4.yaml", "cbq", ["--train.epochs", "2", "--quant.continuous.clamp", "smooth"], "ablation_smooth"),
+        ("smollm2_w4a4.yaml", "cbq", ["--train.epochs", "2", "--extensions.correction.rank_fraction", "0.1"], "ablation_lowrank10"),
+        ("smollm2_w4a4.yaml", "cbq", ["--train.epochs", "2", "--extensions.continuous.clamp", "smooth"], "ablation_smooth"),
     ]
     updated = json.loads(path.read_text())
     assert updated["row"]["cbq"] == 2400.0, "the plain CBQ row stays"
     assert updated["row"]["ablations"]["lowrank10"]["over_cbq"] == pytest.approx(0.5)
     table = (tmp_path / "quality.md").read_text()
     lowrank = _row(table, "W4A4", table=1, ablation="lowrank10")
-    assert (lowrank["overrides"], lowrank["PPL"], lowrank["/ CBQ"]) == ("`correction.rank_fraction=0.1`", "1200.00", "0.500")
+    assert (lowrank["overrides"], lowrank["PPL"], lowrank["/ CBQ"]) == ("`extensions.correction.rank_fraction=0.1`", "1200.00", "0.500")
     assert (lowrank["adds"], lowrank["time"], lowrank["peak RSS"]) == ("1,000,000 params (12.5 %)", "25.0 min", "2.50 GiB")
     smooth = _row(table, "W4A4", table=1, ablation="smooth")
     assert (smooth["PPL"], smooth["/ CBQ"], smooth["adds"]) == ("2000.00", "0.833", "-")
     assert _row(table, "W4A4", table=1, ablation="old (earlier recipe)")["PPL"] == "900.00"
-    ran = ["--train.epochs", "2", "--quant.continuous.clamp", "smooth"]
+    ran = ["--train.epochs", "2", "--extensions.continuous.clamp", "smooth"]
     assert updated["row"]["ablations"]["smooth"]["settings"] == quality._fingerprint(
         quality.recipe_settings(quality.ROOT / "configs/smollm2_w4a4.yaml", ran)[0])
     with pytest.raises(SystemExit, match="needs --ablation"):
@@ -581,7 +582,7 @@ def test_a_cell_of_an_earlier_recipe_is_marked(quality, tmp_path: Path, monkeypa
     and a record that predates the settings field are shown as they are."""
     monkeypatch.setattr(quality, "_draw", lambda folder, suffix: None)
     record = _record("W4A16", 20.0, 37.0, 23.97)
-    settings, _seed = quality.recipe_settings(REPO / "configs" / "smollm2_w4a16.yaml", ["--rotation", "null"])
+    settings, _seed = quality.recipe_settings(REPO / "configs" / "smollm2_w4a16.yaml", ["--extensions.rotation", "null"])
     record["row"]["cbq_settings"] = quality._fingerprint(settings)  # ran the recipe without its rotation
     (tmp_path / "quality_w4a16.json").write_text(json.dumps(record))
     assert quality.main(["--redraw", "--output", str(tmp_path)]) == 0
@@ -603,4 +604,25 @@ def test_an_extension_added_later_enters_the_fingerprint_only_when_on() -> None:
     base = {"method": "cbq", "quant": {"scheme": "W3A16G64"}}
     assert run_settings({**base, "end_to_end": None}) == run_settings(base)
     assert run_settings({**base, "end_to_end": {"epochs": 1}}) != run_settings(base)
-    assert "rotation" in run_settings({**base, "rotation": None})  # older sections: always part of the settings
+    # older sections: always part of the settings
+    assert "extensions.rotation" in run_settings({**base, "extensions": {"rotation": None}})
+
+
+def test_a_key_moved_into_extensions_keeps_the_records_fingerprints() -> None:
+    """A run made before a key moved into ``extensions`` (its config.yaml says ``quant.gptq``) has today's settings,
+    and the fingerprint of today's settings is the one the committed records were made with (taken under the old
+    names): the move changes no record's validity."""
+    import hashlib
+
+    from benchmarks.quality import RETIRED_KEYS, _fingerprint, run_settings
+
+    before = {"method": "cbq", "quant": {"scheme": "W3A16G64", "gptq": {"damp": 0.01}}, "rotation": None,
+              "loss": {"kl_weight": 0.0, "output_kl_weight": 1.0}}
+    today = {"method": "cbq", "quant": {"scheme": "W3A16G64"}, "loss": {"kl_weight": 0.0},
+             "extensions": {"gptq": {"damp": 0.01}, "rotation": None, "output_kl_weight": 1.0}}
+    assert run_settings(before) == run_settings(today)
+    assert "extensions.gptq.damp" in run_settings(before) and "quant.gptq.damp" not in run_settings(before)
+    old_names = {**RETIRED_KEYS, "method": "cbq", "quant.scheme": "W3A16G64", "quant.gptq.damp": 0.01, "rotation": None,
+                 "loss.kl_weight": 0.0, "loss.output_kl_weight": 1.0}
+    legacy = hashlib.sha256(json.dumps(old_names, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert _fingerprint(run_settings(today)) == legacy

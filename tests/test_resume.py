@@ -128,9 +128,9 @@ def test_lora_rounding_from_gptq_resumes_bit_for_bit(tmp_path: Path, init: str, 
     block's calibrating state (its GPTQ shift and V0, computed from data when it entered) is restored on
     resume, so the run ends where an uninterrupted one does; with ``rounding.init: gradient`` the resumed
     window re-aligns only its entering block, from the same samples, and keeps the overlap block's factors; with
-    ``rounding.column_scale`` the overlap block's scale (from its inputs when it entered) is restored too."""
-    flags = (*FAST, "--quant.gptq", "{}", "--quant.clip_search", "{}", "--cfp.weights", "true", "--rounding.init", init,
-             "--rounding.column_scale", column_scale)
+    ``extensions.column_scale`` the overlap block's scale (from its inputs when it entered) is restored too."""
+    flags = (*FAST, "--extensions.gptq", "{}", "--extensions.clip_search", "{}", "--cfp.weights", "true", "--rounding.init", init,
+             "--extensions.column_scale", column_scale)
     reference = tmp_path / "uninterrupted"
     run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(reference), *flags))
     killed = tmp_path / "killed"
@@ -147,7 +147,7 @@ def test_lora_rounding_from_gptq_resumes_bit_for_bit(tmp_path: Path, init: str, 
 def test_a_rotated_activation_run_resumes_bit_for_bit(tmp_path: Path) -> None:
     """With rotations the model is rotated again on resume (same seed, same matrices) before the finished blocks
     come back from the checkpoint, and the overlap block keeps rotating its down projection's input online."""
-    flags = (*FAST, "--quant.scheme", "W4A4", "--quant.gptq", "{}", "--rotation", "{}")
+    flags = (*FAST, "--quant.scheme", "W4A4", "--extensions.gptq", "{}", "--extensions.rotation", "{}")
     reference = tmp_path / "uninterrupted"
     run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(reference), *flags))
     killed = tmp_path / "killed"

@@ -175,7 +175,7 @@ def _w4a4(out: Path, *overrides: str) -> dict:
 
 def test_rotated_run_keeps_the_reference_and_reloads_with_its_online_rotation(tmp_path: Path) -> None:
     plain = _w4a4(tmp_path / "plain")
-    rotated = _w4a4(tmp_path / "rotated", "--rotation", "{}")
+    rotated = _w4a4(tmp_path / "rotated", "--extensions.rotation", "{}")
     (plain_eval,), (rotated_eval,) = plain["eval"], rotated["eval"]
     assert rotated_eval["ppl_fp"] == pytest.approx(plain_eval["ppl_fp"], rel=1e-5)
     assert rotated["rotation"]["online"]["size"] == 128 and plain["rotation"] is None
@@ -192,10 +192,10 @@ def test_rotated_run_keeps_the_reference_and_reloads_with_its_online_rotation(tm
 
 def test_export_with_an_online_rotation_is_refused_before_any_work(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path), "--rotation", "{}",
+    code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path), "--extensions.rotation", "{}",
                  "--export.format", "compressed-tensors"])
     assert code == 2
-    assert "rotation.online_down" in capsys.readouterr().err
+    assert "extensions.rotation.online_down" in capsys.readouterr().err
     assert not (tmp_path / "config.yaml").exists()
 
 
@@ -206,7 +206,7 @@ def test_folded_rotations_export_and_reload_in_stock_transformers(tmp_path: Path
         TINY_RECIPE, "--model.name_or_path", "tiny-llama:num_layers=2,tie_embeddings=true", "--quant.scheme", "W4A16G32", "--quant.sym", "true",
         "--train.epochs", "1", "--eval.datasets", "[]", "--data.num_samples", "4", "--monitor.rtn_reference",
         "false", "--trainer.enable_progress_bar", "false", "--output_dir", str(out),
-        "--rotation.online_down", "false",
+        "--extensions.rotation.online_down", "false",
     ))
     assert result.report["rotation"]["untied_lm_head"] is True
     with torch.no_grad():
@@ -219,10 +219,10 @@ def test_folded_rotations_export_and_reload_in_stock_transformers(tmp_path: Path
 
 def test_cfp_mlp_scaling_with_an_online_rotation_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """CFP's MLP scaling folds into down_proj's input columns, which the online rotation mixes: not exact."""
-    code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path), "--rotation", "{}",
+    code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path), "--extensions.rotation", "{}",
                  "--cfp.mlp", "true"])
     assert code == 2
-    assert "cfp.mlp with rotation.online_down" in capsys.readouterr().err
+    assert "cfp.mlp with extensions.rotation.online_down" in capsys.readouterr().err
 
 
 def test_evaluate_rotates_a_full_precision_model_without_changing_its_perplexity(tmp_path: Path) -> None:

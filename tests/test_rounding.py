@@ -150,9 +150,7 @@ def test_regularizer_gradient_reaches_a1():
 # --- RoundingConfig / beta schedule -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs", [{"rank": 0}, {"warmup": 1.0}, {"warmup": -0.1}, {"reg_weight": -1.0},
-                                    {"column_scale": -0.5}, {"column_scale": 1.0, "form": "lowrank"},
-                                    {"column_scale": 1.0, "form": "offset"}])
+@pytest.mark.parametrize("kwargs", [{"rank": 0}, {"warmup": 1.0}, {"warmup": -0.1}, {"reg_weight": -1.0}])
 def test_rounding_config_validation(kwargs):
     with pytest.raises(ConfigError):
         RoundingConfig(**kwargs)
@@ -524,7 +522,7 @@ def test_gradient_init_settings_are_checked(kwargs: dict, message: str) -> None:
         RoundingConfig(**kwargs)
 
 
-# --- column scale of the low-rank term (rounding.column_scale) ----------------------------------------
+# --- column scale of the low-rank term (extensions.column_scale) ----------------------------------------
 
 
 def test_column_scale_hand_values() -> None:
@@ -554,11 +552,11 @@ def test_column_scale_multiplies_the_low_rank_term_only() -> None:
 
 
 def test_column_scale_is_built_from_the_layers_input_moments() -> None:
-    """QuantLinear with ``rounding.column_scale`` keeps ``c`` from its inputs' E[x^2] as a buffer (saved and
+    """QuantLinear with ``extensions.column_scale`` keeps ``c`` from its inputs' E[x^2] as a buffer (saved and
     restored with the block), and the layer asks the run for input moments even without an activation-aware
     clip search."""
     config = LayerQuantConfig(scheme=QuantScheme(w_bits=3, group_size=8),
-                              rounding=RoundingConfig(rank=2, column_scale=1.0, forward="hardened"))
+                              rounding=RoundingConfig(rank=2, forward="hardened"), column_scale=1.0)
     assert config.needs_input_moments and not config.activation_aware
     assert not LayerQuantConfig(scheme=QuantScheme(w_bits=3, group_size=8)).needs_input_moments
     moments = torch.tensor([1.0, 4.0, 16.0, 100.0] * 4)
@@ -581,7 +579,7 @@ def test_column_scale_moments_do_not_reach_a_weight_error_clip_search() -> None:
 
     def clip_logit(activation_aware: bool, column_scale: float, layer_moments: torch.Tensor | None) -> torch.Tensor:
         config = LayerQuantConfig(
-            scheme=QuantScheme(w_bits=3, group_size=64), rounding=RoundingConfig(rank=1, column_scale=column_scale),
+            scheme=QuantScheme(w_bits=3, group_size=64), rounding=RoundingConfig(rank=1), column_scale=column_scale,
             clip_search=ClipSearch(min_ratio=0.2, steps=41, norm=2.0, activation_aware=activation_aware),
         )
         layer = QuantLinear(linear, config, torch.Generator().manual_seed(0), input_moments=layer_moments)

@@ -46,8 +46,8 @@ def test_a_wrong_type_is_one_line_naming_the_key(values: dict, message: str) -> 
 
 
 def test_the_sections_check_their_types_before_their_ranges() -> None:
-    """``--quant.gptq.damp null`` reached ``0 < None`` (a TypeError, a traceback through the parser)."""
-    with pytest.raises(ConfigError, match=r"quant\.gptq\.damp=None must be a finite number"):
+    """``--extensions.gptq.damp null`` reached ``0 < None`` (a TypeError, a traceback through the parser)."""
+    with pytest.raises(ConfigError, match=r"extensions\.gptq\.damp=None must be a finite number"):
         GPTQInit(damp=None)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"quant\.clip_search\.min_ratio=None must be a finite number"):
+    with pytest.raises(ConfigError, match=r"extensions\.clip_search\.min_ratio=None must be a finite number"):
         ClipSearch(min_ratio=None)  # type: ignore[arg-type]

@@ -103,7 +103,7 @@ def _idle_window(speed, plain_forward_s: float):
 @pytest.mark.parametrize(("flags", "cuda", "passes"), [
     ([], False, 4 * 3 + 2),  # CPU: blocks kept, three forwards' worth per training pass, two measuring passes
     ([], True, 4 * 4 + 2),  # CUDA: blocks recomputed in the backward by default, one forward more
-    (["--end_to_end.checkpoint_blocks", "false"], True, 4 * 3 + 2),
+    (["--extensions.end_to_end.checkpoint_blocks", "false"], True, 4 * 3 + 2),
 ])
 def test_the_end_to_end_phase_is_projected_from_the_plain_forward_and_the_head(
     speed, flags: list[str], cuda: bool, passes: int,
@@ -112,7 +112,7 @@ def test_the_end_to_end_phase_is_projected_from_the_plain_forward_and_the_head(
     the head 0.2 s per 128-token evaluation sequence, the phase samples 64 positions (0.1 s); 10 blocks, 16 samples,
     4 epochs: 16 x (10 x 0.1 + 0.1) x passes. The phase counts in the calibration time; none without it."""
     recipe = load_recipe(REPO / "configs" / "tiny.yaml",
-                         ["--end_to_end", "{epochs: 4, tokens: 64}", "--eval.seqlen", "128", *flags])
+                         ["--extensions.end_to_end", "{epochs: 4, tokens: 64}", "--eval.seqlen", "128", *flags])
     run = _idle_window(speed, plain_forward_s=0.8)
     shape = {**speed.SHAPES["tiny"], "blocks": 10}
     evaluation = {"block": 0.1, "head": 0.2}
@@ -128,12 +128,12 @@ def test_the_end_to_end_phase_is_projected_from_the_plain_forward_and_the_head(
 
 @pytest.mark.parametrize(("flags", "sets"), [
     ([], 2), (["--eval.fp_reference", "false"], 1),
-    (["--end_to_end", "{evaluate_before: true}"], 3),
-    (["--end_to_end", "{evaluate_before: true}", "--eval.fp_reference", "false"], 2),
+    (["--extensions.end_to_end", "{evaluate_before: true}"], 3),
+    (["--extensions.end_to_end", "{evaluate_before: true}", "--eval.fp_reference", "false"], 2),
 ])
 def test_every_evaluation_the_run_makes_is_projected(speed, flags: list[str], sets: int) -> None:
     """Per dataset: the quantized model, the FP reference (``eval.fp_reference``) and the model before the
-    end-to-end phase (``end_to_end.evaluate_before``), each over the same windows."""
+    end-to-end phase (``extensions.end_to_end.evaluate_before``), each over the same windows."""
     recipe = load_recipe(REPO / "configs" / "tiny.yaml", flags)
     run = _idle_window(speed, plain_forward_s=0.0)
     projected = speed.project(run, recipe, 3, {**speed.SHAPES["tiny"], "blocks": 10}, rotation_s=0.0,

@@ -53,7 +53,7 @@ class EvaluateConfig:
         limit: evaluate the first N documents of each task only (a quick check, not a comparable score).
         lm_eval_batch_size: requests per forward pass in lm-eval: a number, ``auto`` or ``auto:N``
             (largest that fits, re-detected N times); null = ``batch_size``.
-        rotation: rotate a full-precision model as ``cbq quantize``'s ``rotation`` section would (drawn from
+        rotation: rotate a full-precision model as ``cbq quantize``'s ``extensions.rotation`` section would (drawn from
             ``seed``) before measuring it: the rotated model computes the same function, and this shows it. A
             ``cbq quantize`` output carries its own rotation and refuses this.
         seed: the seed the rotation is drawn from (a run's ``seed``).

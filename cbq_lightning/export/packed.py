@@ -128,20 +128,20 @@ def check_holds_run(fmt: str, run: str, *, correction: bool, online_rotation: bo
     """
     if correction:
         raise ConfigError(
-            f"export.format={fmt!r} cannot hold the low-rank correction of {run} (correction.rank / rank_fraction): "
+            f"export.format={fmt!r} cannot hold the low-rank correction of {run} (extensions.correction.rank / rank_fraction): "
             "its stock kernels compute Q(W) Q(x) only. Serve the fake-quant checkpoint (`cbq evaluate --model RUN` "
             "applies the correction), or quantize without the correction for a packed export."
         )
     if online_rotation:
         raise ConfigError(
-            f"export.format={fmt!r} cannot hold the online rotation of {run} (rotation.online_down): stock loaders "
-            "do not run it before down_proj. Quantize with rotation.online_down false for a stock-loadable export "
+            f"export.format={fmt!r} cannot hold the online rotation of {run} (extensions.rotation.online_down): stock loaders "
+            "do not run it before down_proj. Quantize with extensions.rotation.online_down false for a stock-loadable export "
             "(the folded rotations are plain weights), or serve the fake-quant checkpoint (`cbq evaluate` applies it)."
         )
     if mixed_bits:
         raise ConfigError(
             f"export.format={fmt!r} describes one weight scheme for all layers; {run} mixes bit-widths "
-            "(mixed.budget / quant.layer_bits). Keep export.format null: the fake-quant checkpoint and "
+            "(extensions.mixed.budget / extensions.layer_bits). Keep export.format null: the fake-quant checkpoint and "
             "quant_state.safetensors (per-layer bits) hold the result."
         )
 

@@ -17,7 +17,7 @@ Layout, per quantized linear ``NAME`` (its module path in the model, e.g. ``mode
   ``NAME.act_clip_lower`` float32 scalars (dynamic per-token modes: the clipping ratios of ``max|x|``)
   or ``NAME.act_step`` (static mode: the step size); the mode is in the scheme metadata
   (``scheme.activations.mode``)
-* with a low-rank correction (``correction.rank``): ``NAME.correction_u`` float32 ``[out, r]`` and
+* with a low-rank correction (``extensions.correction.rank``): ``NAME.correction_u`` float32 ``[out, r]`` and
   ``NAME.correction_v`` float32 ``[in, r]``; the layer computes ``Q(W) Q(x) + (x V) U^T`` on its
   unquantized input ``x``
 

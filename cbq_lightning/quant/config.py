@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.quant.act_quantizer import ActMode, ActQuantSettings
-from cbq_lightning.quant.continuous import ContinuousApprox
-from cbq_lightning.quant.gptq import GPTQInit
 from cbq_lightning.quant.scheme import QuantScheme, parse_scheme
-from cbq_lightning.quant.weight_quantizer import ClipSearch
 
 
 @dataclass
@@ -24,45 +21,21 @@ class QuantConfig:
         sym: symmetric weights (needed for GPTQ-v1 export); a GGML type sets it itself.
         learnable_clip: learn per-channel/group clipping thresholds (CBQ); False keeps min/max.
         clip_init: initial clipping ratio of the learnable thresholds (sigmoid of the logit).
-        clip_search: an extension: search each group's starting clipping ratio in [min_ratio, clip_init]
-            for the least weight (or, activation-aware, output) error (:class:`ClipSearch`); null: every group
-            starts at clip_init. Give ``{}`` for the defaults or any of its keys, e.g.
-            ``--quant.clip_search.norm 2.0``.
-        gptq: an extension: start each layer's rounding from GPTQ's codes on its (searched) grid, computed
-            from the layer's input Hessian on the window's quantized-path inputs (:class:`GPTQInit`; see
-            :mod:`cbq_lightning.quant.gptq`); null: round-to-nearest start. Works with ``method: rtn`` too,
-            which then is plain GPTQ.
         act_mode: activation quantizer when a_bits < 16: ``dynamic_sym`` (per token, symmetric: what
             vLLM serves), ``dynamic_asym`` (per token, asymmetric) or ``static_lsq`` (one learned step
             per layer).
         act_learnable: train the activation clipping logit(s) / static step with the window (CBQ only;
             RTN keeps them at their start).
         act_clip_init: starting clipping ratio of the dynamic activation quantizers (RTN uses 1.0).
-        continuous: an extension: continuous approximations in the training forward (:class:`ContinuousApprox`:
-            the temperature-``T`` sigmoid rounding for rounding that is not learned - activation quantizers,
-            weights unless soft LoRA-Rounding decides them - and/or a softplus clamp, so the clipping bounds
-            get gradient from values near and beyond them; see :mod:`cbq_lightning.quant.continuous`); null:
-            straight-through rounding and hard clamps. Training only: measurements and the result are exact.
-        layer_bits: per-layer weight bits overriding the scheme's, by layer name ``blocks.<index>.<name in the
-            block>`` (e.g. ``blocks.3.mlp.down_proj: 4``); layers that read one input (q/k/v, gate/up) must
-            share one value. ``mixed.budget`` writes these itself from a sensitivity pass.
     """
 
     scheme: str = "W4A16"
     sym: bool = False
     learnable_clip: bool = True
     clip_init: float = 0.99
-    clip_search: ClipSearch | None = None
-    gptq: GPTQInit | None = None
     act_mode: ActMode = "dynamic_sym"
     act_learnable: bool = True
     act_clip_init: float = 0.99
-    continuous: ContinuousApprox | None = None
-    layer_bits: dict[str, int] = field(default_factory=dict)
-
-    def clip_search_settings(self) -> ClipSearch | None:
-        """The clip search to run: None without one, and when clipping is not learnable (no thresholds to set)."""
-        return self.clip_search if self.learnable_clip else None
 
     def resolve(self) -> QuantScheme:
         """The scheme string with ``sym``, validated."""
@@ -82,11 +55,6 @@ class QuantConfig:
             raise ConfigError(
                 f"quant.sym: true with {block.name}, which stores a minimum per block: use "
                 f"{block.name.replace('_1', '_0')} for a symmetric GGML type, or drop quant.sym."
-            )
-        if self.layer_bits:
-            raise ConfigError(
-                f"quant.layer_bits with {block.name}: a GGML type fixes every layer's bits ({block.bits}); "
-                "drop quant.layer_bits or use a W<bits>A16 scheme."
             )
         return scheme
 

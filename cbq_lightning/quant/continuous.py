@@ -56,7 +56,7 @@ def smooth_clamp(
 
 @dataclass(frozen=True)
 class ContinuousApprox:
-    """Which continuous approximations a fit uses, and their temperature schedule: the ``quant.continuous``
+    """Which continuous approximations a fit uses, and their temperature schedule: the ``extensions.continuous``
     section (null: straight-through rounding and hard clamps; a section that changes neither is refused).
 
     Attributes:
@@ -72,16 +72,16 @@ class ContinuousApprox:
     temperature_end: float = 64.0
 
     def __post_init__(self) -> None:
-        check_field_types(self, "quant.continuous")
+        check_field_types(self, "extensions.continuous")
         if self.estimator not in ESTIMATORS:
             raise ConfigError(
-                f"quant.continuous.estimator={self.estimator!r} is unknown: use one of {', '.join(ESTIMATORS)}."
+                f"extensions.continuous.estimator={self.estimator!r} is unknown: use one of {', '.join(ESTIMATORS)}."
             )
         if self.clamp not in CLAMP_MODES:
-            raise ConfigError(f"quant.continuous.clamp={self.clamp!r} is unknown: use one of {', '.join(CLAMP_MODES)}.")
+            raise ConfigError(f"extensions.continuous.clamp={self.clamp!r} is unknown: use one of {', '.join(CLAMP_MODES)}.")
         if not 0.0 < self.temperature_start <= self.temperature_end:
             raise ConfigError(
-                f"quant.continuous.temperature_start={self.temperature_start}, temperature_end={self.temperature_end}: "
+                f"extensions.continuous.temperature_start={self.temperature_start}, temperature_end={self.temperature_end}: "
                 "need 0 < start <= end (the temperature rises so that the fit ends near the exact functions)."
             )
 

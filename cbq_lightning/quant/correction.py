@@ -47,21 +47,21 @@ class CorrectionConfig:
     def __post_init__(self) -> None:
         check_field_types(self, "correction")
         if self.rank < 0:
-            raise ConfigError(f"correction.rank={self.rank} must be >= 0.")
+            raise ConfigError(f"extensions.correction.rank={self.rank} must be >= 0.")
         if not 0.0 <= self.rank_fraction < 1.0:
-            raise ConfigError(f"correction.rank_fraction={self.rank_fraction} must lie in [0, 1).")
+            raise ConfigError(f"extensions.correction.rank_fraction={self.rank_fraction} must lie in [0, 1).")
         if self.rank and self.rank_fraction:
             raise ConfigError(
-                f"correction.rank={self.rank} and correction.rank_fraction={self.rank_fraction} are both set: "
+                f"extensions.correction.rank={self.rank} and extensions.correction.rank_fraction={self.rank_fraction} are both set: "
                 "give the rank either as a number or as a fraction of min(in, out)."
             )
         if not (self.rank or self.rank_fraction):
             raise ConfigError(
                 "correction: neither rank nor rank_fraction is set, so it would add nothing: give one (e.g. "
-                "--correction.rank 8), or set correction null for no correction."
+                "--extensions.correction.rank 8), or set correction null for no correction."
             )
         if self.init not in ("svd", "zero"):
-            raise ConfigError(f"correction.init={self.init!r} is unknown: use 'svd' or 'zero'.")
+            raise ConfigError(f"extensions.correction.init={self.init!r} is unknown: use 'svd' or 'zero'.")
 
     def rank_for(self, out_features: int, in_features: int) -> int:
         """The rank of a layer's correction: at least 1, below ``min(in, out)`` (or it would not be low-rank)."""
@@ -69,8 +69,8 @@ class CorrectionConfig:
         rank = self.rank if self.rank else max(1, round(self.rank_fraction * smallest))
         if rank >= smallest:
             raise ConfigError(
-                f"correction.rank={rank} is not low-rank for a {out_features}x{in_features} layer: use a rank "
-                f"below {smallest} (or correction.rank_fraction)."
+                f"extensions.correction.rank={rank} is not low-rank for a {out_features}x{in_features} layer: use a rank "
+                f"below {smallest} (or extensions.correction.rank_fraction)."
             )
         return rank
 

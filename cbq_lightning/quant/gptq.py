@@ -24,7 +24,7 @@ from cbq_lightning.section_types import check_field_types
 
 @dataclass(frozen=True)
 class GPTQInit:
-    """The ``quant.gptq`` section: start the learned rounding from GPTQ's codes (null: round-to-nearest start).
+    """The ``extensions.gptq`` section: start the learned rounding from GPTQ's codes (null: round-to-nearest start).
 
     Attributes:
         damp: dampening added to the Hessian's diagonal, as a fraction of its mean (GPTQ's ``percdamp``).
@@ -43,11 +43,11 @@ class GPTQInit:
     block_size: int = 128
 
     def __post_init__(self) -> None:
-        check_field_types(self, "quant.gptq")
+        check_field_types(self, "extensions.gptq")
         if not 0.0 < self.damp < 1.0:
-            raise ConfigError(f"quant.gptq.damp={self.damp} must lie in (0, 1); 0.01 is GPTQ's default.")
+            raise ConfigError(f"extensions.gptq.damp={self.damp} must lie in (0, 1); 0.01 is GPTQ's default.")
         if self.block_size < 1:
-            raise ConfigError(f"quant.gptq.block_size={self.block_size} must be >= 1.")
+            raise ConfigError(f"extensions.gptq.block_size={self.block_size} must be >= 1.")
 
 
 def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -68,7 +68,7 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
                 return upper
     raise ConfigError(
         "GPTQ: the layer's input Hessian is not positive definite even with 1000x the dampening: calibrate "
-        "on more tokens (data.num_samples / data.seqlen) or raise quant.gptq.damp."
+        "on more tokens (data.num_samples / data.seqlen) or raise extensions.gptq.damp."
     )
 
 

@@ -16,7 +16,7 @@ and get one bit-width.
 **Allocation.** Minimise the summed output error subject to ``sum(bits * weights) <= budget * all weights``:
 a multiple-choice knapsack, solved exactly by dynamic programming over the groups' weight counts (in units
 of their greatest common divisor, coarsened to at most :data:`MAX_UNITS` units; costs are rounded *up*, so
-the budget always holds). The result is written as per-layer overrides (``quant.layer_bits``) that the rest
+the budget always holds). The result is written as per-layer overrides (``extensions.layer_bits``) that the rest
 of the pipeline honours, so an allocation can be saved, edited and replayed.
 """
 
@@ -48,7 +48,7 @@ MAX_UNITS = 20_000
 @dataclass
 class MixedPrecisionConfig:
     """The ``mixed:`` section: mixed precision by sensitivity under an average-bits budget (an extension; null:
-    every layer at the scheme's bits, unless ``quant.layer_bits`` says otherwise).
+    every layer at the scheme's bits, unless ``extensions.layer_bits`` says otherwise).
 
     Attributes:
         budget: average weight bits over all quantized linears (e.g. 2.5). Group scales are not counted:
@@ -64,16 +64,16 @@ class MixedPrecisionConfig:
     def __post_init__(self) -> None:
         check_field_types(self, "mixed")
         if not self.candidates or any(not 2 <= b <= 8 for b in self.candidates):
-            raise ConfigError(f"mixed.candidates={self.candidates}: give bit-widths in 2..8.")
+            raise ConfigError(f"extensions.mixed.candidates={self.candidates}: give bit-widths in 2..8.")
         if len(set(self.candidates)) != len(self.candidates):
-            raise ConfigError(f"mixed.candidates={self.candidates} repeats a bit-width.")
+            raise ConfigError(f"extensions.mixed.candidates={self.candidates} repeats a bit-width.")
         if not min(self.candidates) <= self.budget <= max(self.candidates):
             raise ConfigError(
-                f"mixed.budget={self.budget} must lie between the smallest and largest of mixed.candidates "
+                f"extensions.mixed.budget={self.budget} must lie between the smallest and largest of extensions.mixed.candidates "
                 f"({min(self.candidates)}..{max(self.candidates)}): no allocation can average anything else."
             )
         if self.samples < 1:
-            raise ConfigError(f"mixed.samples={self.samples} must be >= 1.")
+            raise ConfigError(f"extensions.mixed.samples={self.samples} must be >= 1.")
 
 
 @dataclass
@@ -163,7 +163,7 @@ def allocate(groups: list[GroupSensitivity], candidates: list[int], budget: floa
     costs = [[math.ceil(g.weights * bits / unit) for bits in candidates] for g in groups]
     if sum(min(c) for c in costs) > capacity:
         raise ConfigError(
-            f"mixed.budget={budget} is too small once costs are rounded to {unit}-weight units: raise it a little "
+            f"extensions.mixed.budget={budget} is too small once costs are rounded to {unit}-weight units: raise it a little "
             f"(every layer at {candidates[0]} bits already averages {candidates[0]})."
         )
     infinity = float("inf")
@@ -204,19 +204,19 @@ def check_layer_bits(
     unknown = sorted(set(layer_bits) - known)
     if unknown:
         raise ConfigError(
-            f"quant.layer_bits names {', '.join(unknown[:3])}, which is not a quantized layer: use names like "
+            f"extensions.layer_bits names {', '.join(unknown[:3])}, which is not a quantized layer: use names like "
             f"{', '.join(names[:3])} (blocks.<index>.<name in the block>)."
         )
     for name, bits in layer_bits.items():
         if not 2 <= int(bits) <= 8:
-            raise ConfigError(f"quant.layer_bits[{name!r}]={bits} is out of range: use 2..8.")
+            raise ConfigError(f"extensions.layer_bits[{name!r}]={bits} is out of range: use 2..8.")
     for index in range(num_blocks):
         for group in groups:
             full = [f"blocks.{index}.{name}" for name in group]
             overridden = [name for name in full if name in layer_bits]
             if overridden and (len(overridden) < len(full) or len({layer_bits[n] for n in overridden}) > 1):
                 raise ConfigError(
-                    f"quant.layer_bits gives {', '.join(full)} different bit-widths: they read one input and "
+                    f"extensions.layer_bits gives {', '.join(full)} different bit-widths: they read one input and "
                     "serving kernels fuse them into one GEMM with one scheme. Name all of them, with the same bits."
                 )
 
@@ -234,11 +234,11 @@ def run_layer_bits(
 ) -> tuple[dict[str, int], dict[str, Any] | None]:
     """Per-layer weight bits (``blocks.<i>.<name>`` -> bits) and their summary for the report, or ``({}, None)``.
 
-    With ``mixed.budget``: a sensitivity pass on the full-precision model and the allocation under the budget;
-    with ``quant.layer_bits``: those overrides, checked against the model's layers and fused groups.
+    With ``extensions.mixed.budget``: a sensitivity pass on the full-precision model and the allocation under the budget;
+    with ``extensions.layer_bits``: those overrides, checked against the model's layers and fused groups.
     """
-    mixed = config.mixed
-    if mixed is None and not config.quant.layer_bits:
+    mixed, given_bits = config.extensions.mixed, config.extensions.layer_bits
+    if mixed is None and not given_bits:
         return {}, None
     weights = {name: linear.weight.numel() for name, linear in all_block_linears(adapter.blocks)}
     sensitivity = None
@@ -251,7 +251,7 @@ def run_layer_bits(
         sensitivity = [{"layers": g.names, "weights": g.weights, "errors": {str(b): e for b, e in g.errors.items()}}
                        for g in groups]
     else:
-        layer_bits = {name: int(bits) for name, bits in config.quant.layer_bits.items()}
+        layer_bits = {name: int(bits) for name, bits in given_bits.items()}
         check_layer_bits(layer_bits, list(weights), fused_groups(adapter.blocks[0], inputs, block_kwargs[0]),
                          adapter.num_blocks)
     full_bits = {name: layer_bits.get(name, scheme.w_bits) for name in weights}

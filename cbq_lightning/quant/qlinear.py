@@ -14,7 +14,7 @@ finalised layer cannot carry a stale quantizer or rounding state.
 
 With an activation scheme (``W4A8`` ...) an :class:`ActivationQuantizer` fake-quantizes the layer's input
 in both lives; its clipping logit(s) / step train with the window and are frozen at finalisation. A
-:class:`LowRankCorrection` (``correction.rank``) adds ``U V^T x`` on the unquantized input in both lives; it
+:class:`LowRankCorrection` (``extensions.correction.rank``) adds ``U V^T x`` on the unquantized input in both lives; it
 trains with the window and is frozen, not folded, at finalisation.
 """
 
@@ -61,6 +61,8 @@ class LayerQuantConfig:
             codes (see :meth:`QuantLinear._gptq_soft_start`); with ``offset`` the learned offset sits on top.
         correction: a trainable low-rank correction on the unquantized input (None: none), started
             from the layer's starting weight error (see :mod:`cbq_lightning.quant.correction`).
+        column_scale: exponent of the LoRA term's fixed per-input-column scale (``extensions.column_scale``;
+            0: none, the paper).
     """
 
     scheme: QuantScheme
@@ -71,18 +73,19 @@ class LayerQuantConfig:
     act: ActQuantSettings | None = None
     gptq: GPTQInit | None = None
     correction: CorrectionConfig | None = None
+    column_scale: float = 0.0
 
     @property
     def activation_aware(self) -> bool:
         """The clip search weighs each weight's error by its input feature's ``E[x^2]``
-        (``quant.clip_search.activation_aware``), so the run collects the layers' input second moments."""
+        (``extensions.clip_search.activation_aware``), so the run collects the layers' input second moments."""
         return self.clip_search is not None and self.clip_search.activation_aware
 
     @property
     def needs_input_moments(self) -> bool:
         """The layers are built with their inputs' ``E[x_j^2]``: for an activation-aware clip search, or for the
-        LoRA term's column scale (``rounding.column_scale``)."""
-        return self.activation_aware or (self.rounding.enabled and bool(self.rounding.column_scale))
+        LoRA term's column scale (``extensions.column_scale``)."""
+        return self.activation_aware or (self.rounding.enabled and bool(self.column_scale))
 
     def with_scheme(self, scheme: QuantScheme) -> LayerQuantConfig:
         """The same quantization on another scheme (a layer of a mixed-precision run, or of a llama.cpp mix)."""
@@ -141,7 +144,7 @@ class QuantLinear(nn.Module):
             frac = self.quantizer.fractional_part(weight) if frac is None else frac
             self.rounding = LoRARounding(
                 frac, rounding.rank_for(*weight.shape), rounding.form, rounding.init_std, generator,
-                self._column_scale(rounding, input_moments), hardened=rounding.forward == "hardened",
+                self._column_scale(config.column_scale, input_moments), hardened=rounding.forward == "hardened",
             )
         self.act_quantizer: ActivationQuantizer | None = None if act is None else ActivationQuantizer(act)
         #: forward with hardened (0/1) rounding decisions instead of soft ones, to measure what
@@ -153,15 +156,15 @@ class QuantLinear(nn.Module):
             error = self.starting_weight_error() if correction.init == "svd" else None
             self.correction = LowRankCorrection(self.out_features, self.in_features, rank, error).to(weight.device)
 
-    def _column_scale(self, rounding: RoundingConfig, input_moments: torch.Tensor | None) -> torch.Tensor | None:
-        """The LoRA term's per-column scale (``rounding.column_scale``), or None when off. Without moments it is
+    def _column_scale(self, alpha: float, input_moments: torch.Tensor | None) -> torch.Tensor | None:
+        """The LoRA term's per-column scale (``extensions.column_scale``, exponent ``alpha``), or None when off. Without moments it is
         a placeholder of ones: only :meth:`BlockQuantizer.structure` builds a layer so, and resume loads the
         saved scale into it."""
-        if not rounding.column_scale:
+        if not alpha:
             return None
         if input_moments is None:
             return torch.ones(self.in_features)
-        return column_scale_from_moments(input_moments, rounding.column_scale)
+        return column_scale_from_moments(input_moments, alpha)
 
     @torch.no_grad()
     def starting_weight_error(self) -> torch.Tensor:

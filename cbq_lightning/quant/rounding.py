@@ -75,14 +75,6 @@ class RoundingConfig:
             in the spirit of LoRA-GA; docs/method.md §2).
         init_batches: batches of the window's calibration samples (in order) whose summed gradient aligns
             ``A2`` (``init: gradient`` only); costs about that many training steps per window.
-        column_scale: exponent ``alpha`` of a fixed per-input-column scale on the low-rank term (``residual``
-            form; 0 = off, the paper): ``V = V0 + (A1 A2) diag(c)`` with ``c_j = min(1, (rms_j / median rms)
-            ^ -alpha)``, ``rms_j`` the calibration inputs' RMS of feature ``j``. Why: a weight's gradient grows
-            with its input feature, so near the output, where a few features are huge, ``dL/dA1 = dL/dV A2^T``
-            is set by those few columns and every Adam step moves the logits of all columns along it; with
-            ``c`` the gradient reaching ``A1`` weighs each column about equally and the loud columns, where one
-            flipped decision moves the output most, move their logits more slowly. The trainable parameters
-            are still ``A1`` and ``A2`` (``c`` is a frozen buffer), an extension (docs/method.md §2).
     """
 
     enabled: bool = True
@@ -96,7 +88,6 @@ class RoundingConfig:
     forward: Literal["soft", "hardened"] = "soft"
     init: Literal["random", "gradient"] = "random"
     init_batches: int = 4
-    column_scale: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -113,13 +104,6 @@ class RoundingConfig:
             raise ConfigError(f"rounding.init={self.init!r} is unknown: use 'random' or 'gradient'.")
         if self.init_batches < 1:
             raise ConfigError(f"rounding.init_batches={self.init_batches} must be >= 1.")
-        if self.column_scale < 0:
-            raise ConfigError(f"rounding.column_scale={self.column_scale} must be >= 0 (0 turns it off).")
-        if self.column_scale and self.form != "residual":
-            raise ConfigError(
-                f"rounding.column_scale={self.column_scale} needs rounding.form=residual: it scales the low-rank "
-                "correction on top of V0, which the other forms do not have."
-            )
         if self.init == "gradient" and self.form == "lowrank":
             raise ConfigError(
                 "rounding.init=gradient needs rounding.form=residual: it re-chooses A2 while A1 is zero, and the "
@@ -137,7 +121,7 @@ class RoundingConfig:
         """
         if self.enabled and self.form == "lowrank":
             raise ConfigError(
-                "quant.gptq with rounding.form='lowrank': the pure low-rank form has no frozen V0 to hold "
+                "extensions.gptq with rounding.form='lowrank': the pure low-rank form has no frozen V0 to hold "
                 "GPTQ's decisions; use rounding.form=residual (LoRA-Rounding on top of GPTQ), offset, or "
                 "rounding.enabled=false."
             )
@@ -159,8 +143,7 @@ class RoundingConfig:
         """``form: offset`` trains one full-rank offset per weight through a straight-through forward: it has no
         factors and no regulariser, so a changed rank, initialisation or regulariser setting would silently do
         nothing (``forward`` is not checked: either value describes the offset's straight-through forward)."""
-        ignored = ("rank", "init_std", "reg_weight", "beta_start", "beta_end", "warmup", "init", "init_batches",
-                   "column_scale")
+        ignored = ("rank", "init_std", "reg_weight", "beta_start", "beta_end", "warmup", "init", "init_batches")
         defaults = {f.name: f.default for f in fields(self)}
         changed = [(name, getattr(self, name), defaults[name]) for name in ignored if getattr(self, name) != defaults[name]]
         if changed:
@@ -306,7 +289,7 @@ class LoRARounding(Rounding):
 def column_scale_from_moments(input_moments: torch.Tensor, alpha: float) -> torch.Tensor:
     """``c_j = min(1, (rms_j / median rms) ^ -alpha)`` from ``E[x_j^2]`` (``[in]``): columns whose inputs are
     louder than the layer's median get a proportionally smaller step, the rest keep the plain LoRA term
-    (``rounding.column_scale``). A column with no signal (rms 0) keeps scale 1."""
+    (``extensions.column_scale``). A column with no signal (rms 0) keeps scale 1."""
     rms = input_moments.double().clamp_min(0).sqrt()
     median = rms.median().clamp_min(torch.finfo(torch.float64).tiny)
     ratio = (rms / median).clamp_min(torch.finfo(torch.float64).tiny)

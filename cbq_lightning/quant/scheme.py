@@ -72,8 +72,8 @@ class QuantScheme:
         """A GGML type fixes the bits, the block size and the symmetry; nothing may override them."""
         if self.w_bits != block.bits:
             raise ConfigError(
-                f"{block.name} stores {block.bits}-bit codes, not {self.w_bits}: per-layer bits (quant.layer_bits, "
-                "mixed.budget) are not available with a GGML type."
+                f"{block.name} stores {block.bits}-bit codes, not {self.w_bits}: per-layer bits (extensions.layer_bits, "
+                "extensions.mixed.budget) are not available with a GGML type."
             )
         if self.group_size != block.block_size:
             raise ConfigError(f"{block.name} has blocks of {block.block_size} weights, not {self.group_size}.")

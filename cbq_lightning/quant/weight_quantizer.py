@@ -46,7 +46,7 @@ class ClipSearch:
     the sigmoid, where a short CPU-budget fit cannot move them far; searching each group's ratio
     that minimises ``sum |W - Q(W)|^norm`` first puts them near a good optimum for almost no cost.
 
-    The ``quant.clip_search`` section (null: every group starts at ``quant.clip_init``).
+    The ``extensions.clip_search`` section (null: every group starts at ``quant.clip_init``).
 
     Attributes:
         min_ratio: smallest ratio tried (the largest is the configured ``clip_init``).
@@ -62,10 +62,10 @@ class ClipSearch:
     activation_aware: bool = True
 
     def __post_init__(self) -> None:
-        check_field_types(self, "quant.clip_search")
+        check_field_types(self, "extensions.clip_search")
         if not 0.0 < self.min_ratio < 1.0 or self.steps < 2 or self.norm <= 0:
             raise ConfigError(
-                f"quant.clip_search: min_ratio={self.min_ratio}, steps={self.steps}, norm={self.norm}: need "
+                f"extensions.clip_search: min_ratio={self.min_ratio}, steps={self.steps}, norm={self.norm}: need "
                 "0 < min_ratio < 1, steps >= 2 and norm > 0."
             )
 

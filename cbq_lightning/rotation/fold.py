@@ -2,14 +2,14 @@
 
 Three rotations, each an orthogonal matrix, so the full-precision model computes the same function:
 
-* **R1, the residual stream** (``rotation.residual``): every norm's scale is first folded into the linears that
+* **R1, the residual stream** (``extensions.rotation.residual``): every norm's scale is first folded into the linears that
   read it (the norm becomes a bare RMS normalisation, which commutes with any orthogonal ``Q`` because it
   only divides by the vector's length), then the embedding rows become ``E Q``, every reader ``W Q``, every
   writer ``Q^T W`` (and its bias ``b Q``), and the LM head ``W Q``. A tied LM head is untied first: the folded
   final-norm scale makes it differ from the embedding (``tie_word_embeddings`` becomes false).
-* **R2, per attention head** (``rotation.head``): each value head's output is rotated by ``H`` (``H^T W_v``)
+* **R2, per attention head** (``extensions.rotation.head``): each value head's output is rotated by ``H`` (``H^T W_v``)
   and ``o_proj`` takes it back (``W_o H``, per head).
-* **R4, online before the down projection** (``rotation.online_down``): ``W_down R`` in the weight and
+* **R4, online before the down projection** (``extensions.rotation.online_down``): ``W_down R`` in the weight and
   ``x -> x R`` at run time (:mod:`cbq_lightning.rotation.online`): the only one that costs inference time
   (one factored Hadamard transform per token and block) and that stock loaders do not run.
 
