@@ -157,9 +157,9 @@ class QuantLinear(nn.Module):
             self.correction = LowRankCorrection(self.out_features, self.in_features, rank, error).to(weight.device)
 
     def _column_scale(self, alpha: float, input_moments: torch.Tensor | None) -> torch.Tensor | None:
-        """The LoRA term's per-column scale (``extensions.column_scale``, exponent ``alpha``), or None when off. Without moments it is
-        a placeholder of ones: only :meth:`BlockQuantizer.structure` builds a layer so, and resume loads the
-        saved scale into it."""
+        """The LoRA term's per-column scale (``extensions.column_scale``, exponent ``alpha``), or None when off.
+        Without moments it is a placeholder of ones: only :meth:`BlockQuantizer.structure` builds a layer so, and
+        resume loads the saved scale into it."""
         if not alpha:
             return None
         if input_moments is None:
