@@ -76,12 +76,12 @@ def recipe_chain(path: Path) -> list[Path]:
     return [recipe for recipe, _ in _chain(path)]
 
 
-def _leaves(mapping: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+def leaves(mapping: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     """``(dotted key, value)`` of every leaf of ``mapping``; an empty mapping is a leaf (``gptq: {}``)."""
     found = []
     for key, value in mapping.items():
         if isinstance(value, dict) and value:
-            found += _leaves(value, f"{prefix}{key}.")
+            found += leaves(value, f"{prefix}{key}.")
         else:
             found.append((f"{prefix}{key}", value))
     return found
@@ -94,13 +94,12 @@ def check_recipe_keys(recipe: Path, mapping: dict[str, Any], known: list[str]) -
     start moved to ``extensions``) without a word, so an older recipe would run without the extension it asks for.
     ``known``: the parser's keys (an empty section is known when some key lies inside it); empty: not checked.
     """
-    from cbq_lightning.extensions import moved_to
+    from cbq_lightning.extensions import MOVED_REASON, moved_to
 
-    for key, value in _leaves({k: v for k, v in mapping.items() if k != BASE_KEY}):
+    for key, value in leaves({k: v for k, v in mapping.items() if k != BASE_KEY}):
         moved = moved_to(key)
         if moved is not None:
-            raise TypeError(f"recipe {recipe}: key {key} is now {moved} (the research extensions have their own "
-                            "section, docs/configuration.md): move it there.")
+            raise TypeError(f"recipe {recipe}: key {key} is now {moved} ({MOVED_REASON}): move it there.")
         empty_section = isinstance(value, dict)
         if empty_section and known and not any(name == key or name.startswith(key + ".") for name in known):
             raise TypeError(f"recipe {recipe}: key {key} is not an option of cbq quantize: rename or remove it.")

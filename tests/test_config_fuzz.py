@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cbq_lightning.cli import main
+from cbq_lightning.recipe_file import leaves
 from tests.conftest import TINY_RECIPE, load_recipe
 
 #: the smallest run that still trains, quantizes, saves and evaluates (the fuzzed flag comes after these)
@@ -32,25 +33,15 @@ NOT_FUZZED = {
 }
 
 
-def _leaves(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    found = []
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            found += _leaves(value, f"{prefix}{key}.")
-        else:
-            found.append((prefix + key, value))
-    return found
-
-
 #: the optional extension sections switched on, so that the keys inside them are fuzzed too (a flag such as
 #: ``--extensions.gptq.damp X`` switches its section on with that value)
 SECTIONS_ON = ["--extensions.gptq", "{}", "--extensions.clip_search", "{}", "--extensions.continuous.clamp", "smooth",
                "--extensions.correction.rank", "2", "--extensions.mixed.budget", "3"]
 SECTIONS = ("extensions.gptq.", "extensions.clip_search.", "extensions.continuous.", "extensions.correction.",
             "extensions.mixed.")
-KEYS = [(key, value) for key, value in _leaves(dataclasses.asdict(load_recipe(TINY_RECIPE)))
+KEYS = [(key, value) for key, value in leaves(dataclasses.asdict(load_recipe(TINY_RECIPE)))
         if key not in NOT_FUZZED]
-KEYS += [(key, value) for key, value in _leaves(dataclasses.asdict(load_recipe(TINY_RECIPE, *SECTIONS_ON)))
+KEYS += [(key, value) for key, value in leaves(dataclasses.asdict(load_recipe(TINY_RECIPE, *SECTIONS_ON)))
          if key.startswith(SECTIONS)]
 
 
@@ -105,8 +96,8 @@ def test_a_bad_value_is_a_clean_error_or_a_correct_run(case: tuple[str, str], tm
 
 
 def test_every_key_is_fuzzed_or_said_why_not() -> None:
-    keys = {key for key, _ in _leaves(dataclasses.asdict(load_recipe(TINY_RECIPE)))}
-    inside = {key for key, _ in _leaves(dataclasses.asdict(load_recipe(TINY_RECIPE, *SECTIONS_ON)))
+    keys = {key for key, _ in leaves(dataclasses.asdict(load_recipe(TINY_RECIPE)))}
+    inside = {key for key, _ in leaves(dataclasses.asdict(load_recipe(TINY_RECIPE, *SECTIONS_ON)))
               if key.startswith(SECTIONS)}
     assert NOT_FUZZED <= keys, NOT_FUZZED - keys
     sections = {key for key in keys if f"{key}." in {s for s in SECTIONS}}
