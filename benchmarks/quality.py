@@ -779,8 +779,9 @@ def _replace_cbq(recipes: dict[str, Path], args: argparse.Namespace, invocation:
 #: config keys that say where or how a run was placed and shown, not what it computed: a run imported with
 #: ``--cbq-runs`` may differ from the recipe in these (its seed is compared separately)
 PLACEMENT_KEYS = ("output_dir", "data_dir", "resume", "seed", "trainer.accelerator", "trainer.devices",
-                  "trainer.strategy", "trainer.num_nodes", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
-                  "eval.fp_reference", "eval.batch_size", "monitor", "cache", "export",
+                  "trainer.strategy", "trainer.num_nodes", "trainer.enable_progress_bar",
+                  "advanced.trainer.log_every_n_steps", "eval.fp_reference", "eval.batch_size", "advanced.monitor",
+                  "advanced.cache", "export",
                   "extensions.end_to_end.evaluate_before")
 
 
@@ -809,21 +810,18 @@ RETIRED_KEYS = {
 
 
 def today_key(key: str) -> str:
-    """``key`` under today's name: a key that moved into ``extensions`` (:data:`~cbq_lightning.extensions.MOVED_KEYS`)
-    is read from a run or a record made before the move under its new name."""
-    from cbq_lightning.extensions import moved_to
+    """``key`` under today's name: a key that moved (:data:`~cbq_lightning.moved_keys.MOVED_KEYS`) is read from a run
+    or a record made before the move under its new name."""
+    from cbq_lightning.moved_keys import moved_to
 
     return moved_to(key) or key
 
 
 def _recorded_key(key: str) -> str:
     """``key`` under the name the committed records were fingerprinted with (the inverse of :func:`today_key`)."""
-    from cbq_lightning.extensions import MOVED_KEYS
+    from cbq_lightning.moved_keys import old_name
 
-    for old, new in MOVED_KEYS.items():
-        if key == new or key.startswith(new + "."):
-            return old + key[len(new):]
-    return key
+    return old_name(key)
 
 
 def run_settings(config: dict) -> dict:

@@ -76,7 +76,7 @@ def extensions(record: dict[str, Any]) -> list[str]:
 
 def block_errors(record: dict[str, Any]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """``(cbq, rtn)`` as ``[(block, relative error)]``; RTN's from the RTN run of the same invocation
-    (``rtn_block_errors``) or from the CBQ run's RTN reference (``monitor.rtn_reference``), else empty."""
+    (``rtn_block_errors``) or from the CBQ run's RTN reference (``advanced.monitor.rtn_reference``), else empty."""
     errors = (record.get("cbq_report") or {}).get("block_errors") or []
     cbq = [(e["block"], e["quantized"]) for e in errors if e.get("quantized") is not None]
     rtn = [(e["block"], e["quantized"]) for e in record.get("rtn_block_errors") or [] if e.get("quantized") is not None]

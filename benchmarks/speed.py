@@ -14,7 +14,7 @@ it, as almost every window of a real model - is fitted at the recipe's settings 
     input_statistics        the entering block's inputs on the quantized path and their moments (GPTQ, clip search)
     teacher_caching         the rest of the window's entry: teacher snapshot and the targets Y_fp, Y_h
     training_steps          the optimiser steps (Lightning's step, forward + backward + update)
-    validation              the hardened-objective passes (monitor.hardened_loss / extensions.keep_best only)
+    validation              the hardened-objective passes (advanced.monitor.hardened_loss / extensions.keep_best only)
     advancing               after the fit: finalising the leaving blocks, pushing X_q and X_fp through them
     checkpoint              the per-window resume checkpoint (finalised blocks and both caches)
     trainer_overhead        the rest of the fit's wall time (Trainer construction, setup, teardown)

@@ -2,9 +2,9 @@
 
 A 7B model calibrated on 128 x 2048 tokens has caches of 128 * 2048 * 4096 values each - 4 GiB in
 float32 for each of ``X_fp``, ``X_q``, ``Y_fp`` and ``Y_h``, more with the RTN reference. With
-``cache.location: disk`` each cache is a file under ``cache.directory`` mapped into memory: the OS pages
+``advanced.cache.location: disk`` each cache is a file under ``advanced.cache.directory`` mapped into memory: the OS pages
 in the batches being read and the RAM use stays flat. Teacher targets may also be kept in bfloat16
-(``cache.target_dtype``), halving their size; the loss is computed in float32 either way.
+(``advanced.cache.target_dtype``), halving their size; the loss is computed in float32 either way.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 @dataclass
 class CacheConfig:
-    """Storage of the input caches and teacher targets (the ``cache:`` section of a recipe).
+    """Storage of the input caches and teacher targets (``advanced.cache``).
 
     Attributes:
         location: ``cpu`` (RAM) or ``disk`` (memory-mapped files).
@@ -38,9 +38,9 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         if self.location not in ("cpu", "disk"):
-            raise ConfigError(f"cache.location={self.location!r} is unknown: use 'cpu' or 'disk'.")
+            raise ConfigError(f"advanced.cache.location={self.location!r} is unknown: use 'cpu' or 'disk'.")
         if self.target_dtype not in _DTYPES:
-            raise ConfigError(f"cache.target_dtype={self.target_dtype!r} is unknown: use {' or '.join(_DTYPES)}.")
+            raise ConfigError(f"advanced.cache.target_dtype={self.target_dtype!r} is unknown: use {' or '.join(_DTYPES)}.")
 
     def targets_dtype(self) -> torch.dtype:
         return _DTYPES[self.target_dtype]

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from cbq_lightning.cache import CacheConfig
+from cbq_lightning.advanced import AdvancedConfig
 from cbq_lightning.cfp import CFPConfig
 from cbq_lightning.data.calibration import CalibrationConfig
 from cbq_lightning.distributed import check_divisible, placement
@@ -16,7 +16,6 @@ from cbq_lightning.evaluation.perplexity import EvalConfig
 from cbq_lightning.export.packed import ExportConfig, check_holds_run
 from cbq_lightning.export.quantized_run import ExportScheme
 from cbq_lightning.extensions import ExtensionsConfig
-from cbq_lightning.guard import GuardConfig
 from cbq_lightning.loss import LossConfig
 from cbq_lightning.models.loading import ModelConfig, resolve_source, source_model_type
 from cbq_lightning.quant.config import QuantConfig
@@ -25,21 +24,6 @@ from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import clip_logit
 from cbq_lightning.train_config import OptimConfig, TrainerConfig
 from cbq_lightning.windows import WindowConfig
-
-
-@dataclass
-class MonitorConfig:
-    """Observability extras.
-
-    Attributes:
-        rtn_reference: also push the calibration inputs through a round-to-nearest copy of each block,
-            so the per-block error of RTN is logged next to CBQ's (costs one extra forward per block).
-        hardened_loss: measure each window's loss with hardened rounding before and after its fit
-            (``window/loss_first``/``loss_last``; two extra passes over the calibration set per window).
-    """
-
-    rtn_reference: bool = True
-    hardened_loss: bool = True
 
 
 @dataclass
@@ -57,6 +41,8 @@ class QuantizeConfig:
             (refused, naming the keys, if the configuration changed); false starts over.
         extensions: the levers this project adds to the paper (:class:`~cbq_lightning.extensions.ExtensionsConfig`),
             each off by default; the other sections are the paper's method and what every run needs.
+        advanced: what a recipe rarely sets (:class:`~cbq_lightning.advanced.AdvancedConfig`): the Trainer's finer
+            switches, extra measurements, the divergence guard, the caches' place.
 
     Each section checks its own values when it is built; :func:`validate` checks what involves several sections.
     """
@@ -75,12 +61,10 @@ class QuantizeConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
-    guard: GuardConfig = field(default_factory=GuardConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     extensions: ExtensionsConfig = field(default_factory=ExtensionsConfig)
+    advanced: AdvancedConfig = field(default_factory=AdvancedConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed < 2**32:

@@ -204,7 +204,7 @@ def run_end_to_end(config: QuantizeConfig, state: CrossBlockState, head: nn.Modu
     blocks = list(state.blocks)
     module = EndToEndModule(
         blocks, state.block_kwargs.for_blocks(list(range(len(blocks)))), head, settings, config.seed,
-        config.guard.explode_factor,
+        config.advanced.guard.explode_factor,
     )
     batch_size = settings.batch_size or config.train.batch_size
     return train_end_to_end(module, state.inputs, state.x_fp, batch_size, config.seed, trainer_settings(config),

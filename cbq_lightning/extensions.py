@@ -6,9 +6,9 @@ measured against the paper's settings (docs/recipes.md) and named next to every 
 that reads ``extensions:`` shows at a glance how far it departs from the paper, and the paper's own settings
 are simply the recipe without that section. Each lever is off by default (null, 0 or false).
 
-Keys that lived in other sections before this one existed are listed in :data:`MOVED_KEYS`: a recipe that
-still uses an old name gets a one-line error naming the new one, and the quality benchmark reads committed
-records under the names they were measured with.
+Keys that lived in other sections before this one existed are listed in
+:data:`cbq_lightning.moved_keys.MOVED_KEYS`: a recipe that still uses an old name gets a one-line error naming the
+new one, and the quality benchmark reads committed records under the names they were measured with.
 """
 
 from __future__ import annotations
@@ -23,34 +23,6 @@ from cbq_lightning.quant.mixed_precision import MixedPrecisionConfig
 from cbq_lightning.quant.weight_quantizer import ClipSearch
 from cbq_lightning.rotation.fold import RotationConfig
 from cbq_lightning.train_config import EndToEndConfig
-
-#: old dotted key (a section or a leaf) -> its name under ``extensions``
-MOVED_KEYS = {
-    "quant.clip_search": "extensions.clip_search",
-    "quant.gptq": "extensions.gptq",
-    "quant.continuous": "extensions.continuous",
-    "quant.layer_bits": "extensions.layer_bits",
-    "rounding.column_scale": "extensions.column_scale",
-    "loss.output_kl_weight": "extensions.output_kl_weight",
-    "loss.output_kl_tokens": "extensions.output_kl_tokens",
-    "train.keep_best": "extensions.keep_best",
-    "correction": "extensions.correction",
-    "mixed": "extensions.mixed",
-    "rotation": "extensions.rotation",
-    "end_to_end": "extensions.end_to_end",
-}
-
-
-#: why a key under its old name is refused (the one wording of the parse errors and the recipe check)
-MOVED_REASON = "the research extensions have their own section, docs/configuration.md"
-
-
-def moved_to(key: str) -> str | None:
-    """The new name of ``key`` (or of a key inside a moved section), or None when it did not move."""
-    for old, new in MOVED_KEYS.items():
-        if key == old or key.startswith(old + "."):
-            return new + key[len(old):]
-    return None
 
 
 @dataclass

@@ -23,7 +23,7 @@ from cbq_lightning.errors import ConfigError, TrainingError
 
 @dataclass
 class GuardConfig:
-    """What a diverging window does (the ``guard:`` section of a recipe).
+    """What a diverging window does (``advanced.guard``).
 
     Attributes:
         retries: fits retried after a divergence, each from the window's starting state.
@@ -40,13 +40,13 @@ class GuardConfig:
 
     def __post_init__(self) -> None:
         if self.retries < 0:
-            raise ConfigError(f"guard.retries={self.retries} must be >= 0.")
+            raise ConfigError(f"advanced.guard.retries={self.retries} must be >= 0.")
         if not 0.0 < self.lr_factor <= 1.0:
-            raise ConfigError(f"guard.lr_factor={self.lr_factor} must lie in (0, 1].")
+            raise ConfigError(f"advanced.guard.lr_factor={self.lr_factor} must lie in (0, 1].")
         if self.explode_factor <= 1.0:
-            raise ConfigError(f"guard.explode_factor={self.explode_factor} must be > 1.")
+            raise ConfigError(f"advanced.guard.explode_factor={self.explode_factor} must be > 1.")
         if self.fallback not in ("rtn", "error"):
-            raise ConfigError(f"guard.fallback={self.fallback!r} is unknown: use 'rtn' or 'error'.")
+            raise ConfigError(f"advanced.guard.fallback={self.fallback!r} is unknown: use 'rtn' or 'error'.")
 
 
 class DivergenceError(TrainingError):

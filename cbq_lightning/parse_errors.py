@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from cbq_lightning.extensions import MOVED_REASON, moved_to
+from cbq_lightning.moved_keys import moved_to, why_moved
 from cbq_lightning.recipe_file import named_bases, read_mapping
 
 COMMANDS = ("quantize", "evaluate", "export")
@@ -200,7 +200,7 @@ def _unknown_options(message: str, command: str | None, files: Sequence[str], kn
         return f"unexpected argument {' '.join(words)!r}: options are given as --key value ({_help(command)})."
     moved = moved_to(flags[0].lstrip("-")) if command == "quantize" else None
     if moved is not None:
-        return f"option {flags[0]} is now --{moved} ({MOVED_REASON}): rename it."
+        return f"option {flags[0]} is now --{moved} ({why_moved(moved)}): rename it."
     hint = _did_you_mean(flags[0].lstrip("-"), known, "--")
     return f"unknown option {', '.join(flags)}{hint}: {_help(command)} lists the options."
 
@@ -216,7 +216,7 @@ def _unknown_key(message: str, command: str | None, files: Sequence[str], known:
     origin = f"key {key} in {where}" if where else f"key {key}"
     moved = moved_to(key) if command == "quantize" else None
     if moved is not None:
-        return f"{origin} is now {moved} ({MOVED_REASON}): move it there."
+        return f"{origin} is now {moved} ({why_moved(moved)}): move it there."
     who = f"cbq {command}" if command else "cbq"
     return (f"{origin} is not an option of {who}{_did_you_mean(key, known)}: rename or remove it "
             f"({_help(command)} lists the keys).")

@@ -94,12 +94,12 @@ def check_recipe_keys(recipe: Path, mapping: dict[str, Any], known: list[str]) -
     start moved to ``extensions``) without a word, so an older recipe would run without the extension it asks for.
     ``known``: the parser's keys (an empty section is known when some key lies inside it); empty: not checked.
     """
-    from cbq_lightning.extensions import MOVED_REASON, moved_to
+    from cbq_lightning.moved_keys import moved_to, why_moved
 
     for key, value in leaves({k: v for k, v in mapping.items() if k != BASE_KEY}):
         moved = moved_to(key)
         if moved is not None:
-            raise TypeError(f"recipe {recipe}: key {key} is now {moved} ({MOVED_REASON}): move it there.")
+            raise TypeError(f"recipe {recipe}: key {key} is now {moved} ({why_moved(moved)}): move it there.")
         empty_section = isinstance(value, dict)
         if empty_section and known and not any(name == key or name.startswith(key + ".") for name in known):
             raise TypeError(f"recipe {recipe}: key {key} is not an option of cbq quantize: rename or remove it.")

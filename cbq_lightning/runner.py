@@ -314,19 +314,17 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: BlockKwargs, dev
     )
     # CFP first: the clip search's moments must describe the inputs the quantized linears will see
     preprocessors = [p for p in (cfp if cfp.active else None, moments) if p is not None]
-    cache_dir = Path(config.cache.directory) if config.cache.directory else job.output_dir / "cache"
+    cache = config.advanced.cache
+    cache_dir = Path(cache.directory) if cache.directory else job.output_dir / "cache"
     cache_dir = cache_dir / f"rank_{job.place.rank}" if job.place.world > 1 else cache_dir
-    store = TensorStore(cache_dir if config.cache.location == "disk" else None)
+    store = TensorStore(cache_dir if cache.location == "disk" else None)
     state = CrossBlockState(
-        blocks=job.adapter.blocks,
-        inputs=inputs,
-        block_kwargs=block_kwargs,
-        quantize=quantizer.quantize,
-        rtn_reference=quantizer.rtn_reference if cbq and config.monitor.rtn_reference else None,
+        blocks=job.adapter.blocks, inputs=inputs, block_kwargs=block_kwargs, quantize=quantizer.quantize,
+        rtn_reference=quantizer.rtn_reference if cbq and config.advanced.monitor.rtn_reference else None,
         batch_size=config.train.forward_batch_size,
         preprocessors=preprocessors,
         store=store,
-        target_dtype=config.cache.targets_dtype(),
+        target_dtype=cache.targets_dtype(),
     )
     return _Built(state=state, quantizer=quantizer, cfp=cfp, store=store, mixed_summary=mixed_summary)
 

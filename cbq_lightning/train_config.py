@@ -61,10 +61,9 @@ class TrainerConfig:
         precision: ``auto`` (the machine decides: ``bf16-mixed`` on a GPU with bfloat16 - bf16 autocast, fp32
             trainable parameters -, ``16-mixed`` on an older GPU, ``32-true`` on CPU; see
             :func:`~cbq_lightning.machine.resolve_machine_settings`), or any Lightning precision.
-        gradient_clip_val: clip gradient norm (None: off).
         enable_progress_bar: show progress bars.
-        log_every_n_steps: how often training signals reach TensorBoard.
-        deterministic: ask torch for deterministic kernels.
+
+    The finer switches are :class:`TrainerExtras` (``advanced.trainer``).
     """
 
     accelerator: str = "auto"
@@ -72,10 +71,7 @@ class TrainerConfig:
     strategy: str = "auto"
     num_nodes: int = 1
     precision: str = "auto"
-    gradient_clip_val: float | None = None
     enable_progress_bar: bool = True
-    log_every_n_steps: int = 1
-    deterministic: bool = False
 
     def __post_init__(self) -> None:
         # Lightning would refuse these only at the first window's fit, after loading and calibrating
@@ -85,14 +81,31 @@ class TrainerConfig:
         if str(self.precision) not in allowed:
             raise ConfigError(f"trainer.precision={self.precision!r} is not a Lightning precision: use one of "
                               f"{', '.join(allowed)} (auto: 32-true on CPU, bf16-mixed on recent GPUs).")
-        if self.gradient_clip_val is not None and not (math.isfinite(self.gradient_clip_val)
-                                                       and self.gradient_clip_val > 0):
-            raise ConfigError(f"trainer.gradient_clip_val={self.gradient_clip_val} must be a finite number > 0 "
-                              "(or null: no clipping).")
-        if self.log_every_n_steps < 1:
-            raise ConfigError(f"trainer.log_every_n_steps={self.log_every_n_steps} must be >= 1.")
         if self.num_nodes < 1:
             raise ConfigError(f"trainer.num_nodes={self.num_nodes} must be >= 1.")
+
+
+@dataclass
+class TrainerExtras:
+    """The ``Trainer``'s finer switches (``advanced.trainer``), passed to every fit with :class:`TrainerConfig`.
+
+    Attributes:
+        gradient_clip_val: clip gradient norm (None: off).
+        log_every_n_steps: how often training signals reach TensorBoard.
+        deterministic: ask torch for deterministic kernels.
+    """
+
+    gradient_clip_val: float | None = None
+    log_every_n_steps: int = 1
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.gradient_clip_val is not None and not (math.isfinite(self.gradient_clip_val)
+                                                       and self.gradient_clip_val > 0):
+            raise ConfigError(f"advanced.trainer.gradient_clip_val={self.gradient_clip_val} must be a finite number "
+                              "> 0 (or null: no clipping).")
+        if self.log_every_n_steps < 1:
+            raise ConfigError(f"advanced.trainer.log_every_n_steps={self.log_every_n_steps} must be >= 1.")
 
 
 @dataclass

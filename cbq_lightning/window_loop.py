@@ -73,7 +73,7 @@ def _window_module(
         optim=config.train,
         step_offset=step_offset,
         lr_scale=lr_scale,
-        explode_factor=config.guard.explode_factor,
+        explode_factor=config.advanced.guard.explode_factor,
         output_head=output_head,
         output_kl_weight=config.extensions.output_kl_weight,
         output_kl_tokens=config.extensions.output_kl_tokens,
@@ -82,15 +82,16 @@ def _window_module(
 
 
 def _measures_hardened_objective(config: QuantizeConfig) -> bool:
-    """Whether a fit runs its validation loop, the hardened objective (``monitor.hardened_loss`` or
+    """Whether a fit runs its validation loop, the hardened objective (``advanced.monitor.hardened_loss`` or
     ``extensions.keep_best``, which compares it epoch against epoch)."""
-    return config.monitor.hardened_loss or config.extensions.keep_best
+    return config.advanced.monitor.hardened_loss or config.extensions.keep_best
 
 
 def trainer_settings(config: QuantizeConfig) -> dict[str, Any]:
-    """The recipe's ``trainer`` section as ``L.Trainer`` arguments (a fresh strategy object for each Trainer)."""
-    return {**dataclasses.asdict(config.trainer), "strategy": _strategy(config.trainer.strategy),
-            "default_root_dir": config.output_dir}
+    """The recipe's ``trainer`` and ``advanced.trainer`` sections as ``L.Trainer`` arguments (a fresh strategy object
+    for each Trainer)."""
+    return {**dataclasses.asdict(config.trainer), **dataclasses.asdict(config.advanced.trainer),
+            "strategy": _strategy(config.trainer.strategy), "default_root_dir": config.output_dir}
 
 
 def _window_trainer(
@@ -153,7 +154,7 @@ class WindowLoop:
 
     def _fit(self, window: Window, step_offset: int) -> int:
         """One window, with the guard's retries; returns the TensorBoard step the next window starts from."""
-        guard, lr_scale = self.config.guard, 1.0
+        guard, lr_scale = self.config.advanced.guard, 1.0
         last_block = len(self.state.blocks) - 1
         head = self.output_head if last_block in window.blocks else None
         for attempt in range(1, guard.retries + 2):
@@ -192,14 +193,15 @@ class WindowLoop:
         raise AssertionError("unreachable: the last attempt returns or falls back")
 
     def _fall_back(self, window: Window, attempts: int, error: DivergenceError, step_offset: int) -> None:
-        """A window that kept diverging: an error (``guard.fallback=error``), or finalised at round-to-nearest,
+        """A window that kept diverging: an error (``advanced.guard.fallback=error``), or finalised at round-to-nearest,
         its overlap blocks' warm start included, recorded and saved like a trained one."""
-        if self.config.guard.fallback == "error":
+        guard = self.config.advanced.guard
+        if guard.fallback == "error":
             raise TrainingError(
-                f"{error}; still diverging after {self.config.guard.retries} retries. Lower train.lr_rounding / "
-                "train.lr_clip, use precision 32-true, or set guard.fallback=rtn."
+                f"{error}; still diverging after {guard.retries} retries. Lower train.lr_rounding / "
+                "train.lr_clip, use precision 32-true, or set advanced.guard.fallback=rtn."
             ) from error
-        log.warning("%s; after %d retries %s falls back to round-to-nearest", error, self.config.guard.retries, window)
+        log.warning("%s; after %d retries %s falls back to round-to-nearest", error, guard.retries, window)
         started = time.perf_counter()
         for index in window.blocks:
             reset_block_to_round_to_nearest(self.state.blocks[index])

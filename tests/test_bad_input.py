@@ -27,7 +27,7 @@ from tests.conftest import REPO, TINY_RECIPE
 
 #: a tiny RTN run in about a second: the runs here only need to start, or to finish quickly
 RTN = ["--method", "rtn", "--trainer.enable_progress_bar", "false", "--eval.max_windows", "1",
-       "--monitor.rtn_reference", "false"]
+       "--advanced.monitor.rtn_reference", "false"]
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -121,6 +121,14 @@ PARSE_ERRORS = [
     (["quantize", "--config", str(TINY_RECIPE), "--extensions.clip_search", "abc"], ["--extensions.clip_search", "or null"]),
     (["quantize", "--config", str(TINY_RECIPE), "--extensions.mixed.budget", "null"], ["extensions.mixed.budget", "mixed: null"]),
     (["quantize", "--config", str(TINY_RECIPE), "--quant.bitz", "3"], ["unknown option --quant.bitz"]),
+    (["quantize", "--config", str(TINY_RECIPE), "--quant.gptq.damp", "0.02"],
+     ["--quant.gptq.damp", "is now --extensions.gptq.damp", "research extensions"]),
+    (["quantize", "--config", str(TINY_RECIPE), "--guard.retries", "3"],
+     ["--guard.retries", "is now --advanced.guard.retries", "rarely sets"]),
+    (["quantize", "--config", str(TINY_RECIPE), "--trainer.deterministic", "true"],
+     ["--trainer.deterministic", "is now --advanced.trainer.deterministic"]),
+    (["quantize", "--config", "{dir}/moved.yaml"], ["moved.yaml", "monitor.rtn_reference", "advanced.monitor.rtn_reference"]),
+    (["quantize", "--config", "{dir}/moved_empty.yaml"], ["moved_empty.yaml", "quant.gptq", "is now extensions.gptq"]),
     (["quantize", "--config", str(TINY_RECIPE), "stray"], ["'stray'"]),
     (["quantize", "--config"], ["--config needs a value"]),
     (["evaluate", "--model", "m", "--max_windows", "x"], ["--max_windows", "'x'", "an integer or null"]),
@@ -141,6 +149,8 @@ def test_every_parse_error_is_one_line(argv: list[str], names: list[str], tmp_pa
     _write(tmp_path, "unknown.yaml", "quant:\n  bitz: 3\n")
     _write(tmp_path, "wrong_type.yaml", "train:\n  epochs: abc\n")
     _write(tmp_path, "section.yaml", "extensions:\n  gptq:\n    dampp: 1\n")
+    _write(tmp_path, "moved.yaml", f"base: {TINY_RECIPE}\nmonitor:\n  rtn_reference: false\n")
+    _write(tmp_path, "moved_empty.yaml", f"base: {TINY_RECIPE}\nquant:\n  gptq: {{}}\n")
     _write(tmp_path, "export.yaml", "format: onnx\n")
     line = _parse_error([word.replace("{dir}", str(tmp_path)) for word in argv], capsys)
     for name in names:

@@ -53,7 +53,7 @@ class Inspect(L.Callback):
 def test_disk_caches_reproduce_ram_caches_bit_for_bit(tmp_path: Path) -> None:
     run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path / "ram"), *FAST))
     inspect = Inspect()
-    run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path / "disk"), *FAST, "--cache.location", "disk"),
+    run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path / "disk"), *FAST, "--advanced.cache.location", "disk"),
                  [inspect])
     assert all(count >= 2 for count in inspect.files), inspect.files  # at least Y_fp and Y_h are files
     assert not (tmp_path / "disk" / "cache").exists(), "disk caches are removed after calibration"
@@ -65,14 +65,14 @@ def test_disk_caches_reproduce_ram_caches_bit_for_bit(tmp_path: Path) -> None:
 def test_bfloat16_targets(tmp_path: Path) -> None:
     inspect = Inspect()
     report = run_quantize(
-        load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *FAST, "--cache.target_dtype", "bfloat16"), [inspect]
+        load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *FAST, "--advanced.cache.target_dtype", "bfloat16"), [inspect]
     ).report
     assert inspect.target_dtypes == [torch.bfloat16] * 3
     assert all(w["loss_last"] is not None for w in report["windows"])
 
 
 def test_cache_config_validation() -> None:
-    with pytest.raises(ConfigError, match="cache.location"):
+    with pytest.raises(ConfigError, match="advanced.cache.location"):
         CacheConfig(location="gpu")
-    with pytest.raises(ConfigError, match="cache.target_dtype"):
+    with pytest.raises(ConfigError, match="advanced.cache.target_dtype"):
         CacheConfig(target_dtype="float16")

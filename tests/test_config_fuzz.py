@@ -23,7 +23,7 @@ from tests.conftest import TINY_RECIPE, load_recipe
 
 #: the smallest run that still trains, quantizes, saves and evaluates (the fuzzed flag comes after these)
 MINIMAL = ["--data.num_samples", "4", "--data.seqlen", "32", "--train.epochs", "1", "--train.batch_size", "2",
-           "--eval.max_windows", "1", "--eval.seqlen", "64", "--monitor.rtn_reference", "false",
+           "--eval.max_windows", "1", "--eval.seqlen", "64", "--advanced.monitor.rtn_reference", "false",
            "--trainer.enable_progress_bar", "false", "--eval.fp_reference", "false"]
 #: keys whose valid values reach outside this machine or change what the run is (tested elsewhere)
 NOT_FUZZED = {
@@ -92,7 +92,7 @@ def test_a_bad_value_is_a_clean_error_or_a_correct_run(case: tuple[str, str], tm
     else:
         assert (out / "report.json").is_file(), f"--{key} {value!r}: exit 0 without a report"
         report = (out / "report.json").read_text()
-        assert "NaN" not in report or key.startswith(("eval.", "monitor.")), f"--{key} {value!r}: NaN in report"
+        assert "NaN" not in report or key.startswith(("eval.", "advanced.monitor.")), f"--{key} {value!r}: NaN in report"
 
 
 def test_every_key_is_fuzzed_or_said_why_not() -> None:

@@ -108,7 +108,7 @@ def test_disk_store_and_bfloat16_targets_keep_the_values(tiny_model: nn.Module, 
 
 
 def test_bfloat16_blocks_and_caches_with_float32_targets_keep_the_values(tiny_model: nn.Module) -> None:
-    """The GPU layout: bf16 weights and caches, float32 targets (``cache.target_dtype``'s default)."""
+    """The GPU layout: bf16 weights and caches, float32 targets (``advanced.cache.target_dtype``'s default)."""
     records, _ = _walk(copy.deepcopy(tiny_model).to(torch.bfloat16), 2, 1, target_dtype=torch.float32)
     for record in records:
         for name in ("y_fp", "y_h", "x_fp"):

@@ -33,11 +33,11 @@ from tests.conftest import REPO, TINY_RECIPE, load_recipe
 # be identical and every float within a float32 tolerance. The soft forward (the paper's) keeps a decision
 # from flipping on such noise during training.
 COMMON = ["--train.epochs", "2", "--train.shuffle", "false", "--trainer.enable_progress_bar", "false",
-          "--trainer.accelerator", "cpu", "--eval.datasets", "[]", "--monitor.rtn_reference", "false",
+          "--trainer.accelerator", "cpu", "--eval.datasets", "[]", "--advanced.monitor.rtn_reference", "false",
           "--rounding.forward", "soft", "--loss.normalize", "false",
           # unnormalised, a soft window's first loss (its weights start at the FP weights) is near zero, so the
           # guard's "exploded past 1000x the first loss" would fire on ordinary training (it has its own tests)
-          "--guard.explode_factor", "1e12"]
+          "--advanced.guard.explode_factor", "1e12"]
 #: float32 reduction-order noise, with room: about 100 units in the last place of float32
 FLOAT32_NOISE = 1e-5
 

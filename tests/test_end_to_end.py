@@ -18,7 +18,7 @@ from cbq_lightning.quant.finalized import FinalizedQuantLinear
 from cbq_lightning.train_config import EndToEndConfig
 from tests.conftest import TINY_RECIPE, fast_flags
 
-FAST = [*fast_flags(epochs=2), "--monitor.rtn_reference", "false", "--monitor.hardened_loss", "false"]
+FAST = [*fast_flags(epochs=2), "--advanced.monitor.rtn_reference", "false", "--advanced.monitor.hardened_loss", "false"]
 
 
 def _layer(mins: torch.Tensor | None = None) -> FinalizedQuantLinear:

@@ -28,7 +28,7 @@ from tests.conftest import REPO, TINY_RECIPE
 
 #: 2 epochs per window (the recipe's 10 add nothing a fault could hit: the writes and the resume points are the same)
 FLAGS = ["--train.epochs", "2", "--trainer.enable_progress_bar", "false", "--eval.max_windows", "1",
-         "--monitor.rtn_reference", "false"]
+         "--advanced.monitor.rtn_reference", "false"]
 
 
 def _command(out: Path, *extra: str) -> list[str]:

@@ -16,7 +16,7 @@ from cbq_lightning.runner import run_quantize
 from tests.conftest import TINY_RECIPE, load_recipe
 
 FAST = ("--train.epochs", "1", "--trainer.enable_progress_bar", "false", "--data.num_samples", "4",
-        "--eval.max_windows", "3", "--monitor.rtn_reference", "false")
+        "--eval.max_windows", "3", "--advanced.monitor.rtn_reference", "false")
 
 
 def _run(out: Path, *overrides: str) -> dict:

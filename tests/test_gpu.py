@@ -195,7 +195,7 @@ def test_compressed_tensors_export_reloads_on_cuda(gpu_fp32: Path, tmp_path: Pat
         run = tmp_path / "rtn"
         run_quantize(load_recipe(
             TINY_RECIPE, "--method", "rtn", "--quant.scheme", "W4A16G32", "--quant.sym", "true", "--eval.datasets",
-            "[]", "--monitor.rtn_reference", "false", "--trainer.enable_progress_bar", "false",
+            "[]", "--advanced.monitor.rtn_reference", "false", "--trainer.enable_progress_bar", "false",
             "--output_dir", str(run), *GPU,
         ))
     _export(run, "compressed-tensors", tmp_path / "ct")

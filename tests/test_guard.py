@@ -46,8 +46,8 @@ def test_check_loss() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"retries": -1}, "guard.retries"), ({"lr_factor": 0.0}, "guard.lr_factor"),
-     ({"explode_factor": 1.0}, "guard.explode_factor"), ({"fallback": "skip"}, "guard.fallback")],
+    [({"retries": -1}, "advanced.guard.retries"), ({"lr_factor": 0.0}, "advanced.guard.lr_factor"),
+     ({"explode_factor": 1.0}, "advanced.guard.explode_factor"), ({"fallback": "skip"}, "advanced.guard.fallback")],
 )
 def test_guard_config_validation(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -90,9 +90,9 @@ def test_a_single_divergence_is_retried_with_lower_learning_rates(tmp_path: Path
 
 
 def test_fallback_error_stops_the_run(tmp_path: Path) -> None:
-    config = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--guard.fallback", "error",
-                         "--guard.retries", "0", *FAST)
-    with pytest.raises(TrainingError, match="guard.fallback=rtn"):
+    config = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--advanced.guard.fallback", "error",
+                         "--advanced.guard.retries", "0", *FAST)
+    with pytest.raises(TrainingError, match="advanced.guard.fallback=rtn"):
         run_quantize(config, [PoisonWindow(window=0, fits=5)])
     assert not (tmp_path / "quant_state.safetensors").exists()
 

@@ -21,7 +21,7 @@ EPOCHS = 3
 def _windows(tmp_path: Path, name: str, *overrides: str) -> list[dict]:
     out = tmp_path / name
     config = load_recipe(
-        TINY_RECIPE, "--output_dir", str(out), "--train.epochs", str(EPOCHS), "--monitor.hardened_loss", "true",
+        TINY_RECIPE, "--output_dir", str(out), "--train.epochs", str(EPOCHS), "--advanced.monitor.hardened_loss", "true",
         "--eval.datasets", "[]", "--trainer.enable_progress_bar", "false", *overrides,
     )
     run_quantize(config)

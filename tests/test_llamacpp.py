@@ -224,7 +224,7 @@ def exports(source: tuple[Path, nn.Module], tmp_path_factory: pytest.TempPathFac
             assert main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(run),
                          "--model.name_or_path", str(source[0]), "--quant.scheme", gguf_type, "--method", "rtn",
                          "--eval.datasets", "[]", "--trainer.enable_progress_bar", "false",
-                         "--monitor.rtn_reference", "false"]) == 0
+                         "--advanced.monitor.rtn_reference", "false"]) == 0
             assert main(["export", "--run", str(run), "--format", "gguf", "--output", str(output),
                          "--dtype", "float32"]) == 0
             made[gguf_type] = run, output

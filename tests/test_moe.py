@@ -96,7 +96,7 @@ def test_report_counts_the_tokens_routed_to_each_expert(tmp_path: Path) -> None:
         "--quant.scheme", "W4A16G32",
         "--quant.sym", "true",
         "--train.epochs", "1", "--eval.datasets", "[]", "--data.num_samples", "4", "--data.seqlen", "32",
-        "--monitor.rtn_reference", "false", "--trainer.enable_progress_bar", "false", "--output_dir", str(tmp_path),
+        "--advanced.monitor.rtn_reference", "false", "--trainer.enable_progress_bar", "false", "--output_dir", str(tmp_path),
     ))
     moe = result.report["model"]["moe"]
     assert moe["experts_per_token"] == 2 and set(moe["routed_tokens"]) == {"0", "1"}
@@ -122,7 +122,7 @@ def test_gptq_start_and_activation_quantization_on_experts(tmp_path: Path) -> No
         "--quant.scheme", "W4A8", "--quant.act_mode", "dynamic_sym", "--extensions.gptq", "{true_sequential: true}",
         "--extensions.clip_search", "{activation_aware: true}", "--cfp.activations", "true",
         "--train.epochs", "1", "--eval.datasets", "[]", "--data.num_samples", "4", "--data.seqlen", "32",
-        "--monitor.rtn_reference", "false", "--trainer.enable_progress_bar", "false", "--output_dir", str(tmp_path),
+        "--advanced.monitor.rtn_reference", "false", "--trainer.enable_progress_bar", "false", "--output_dir", str(tmp_path),
     ))
     report = result.report
     assert report["cfp"]["activations"] and report["model"]["moe"]["routed_tokens"]

@@ -608,21 +608,29 @@ def test_an_extension_added_later_enters_the_fingerprint_only_when_on() -> None:
     assert "extensions.rotation" in run_settings({**base, "extensions": {"rotation": None}})
 
 
-def test_a_key_moved_into_extensions_keeps_the_records_fingerprints() -> None:
-    """A run made before a key moved into ``extensions`` (its config.yaml says ``quant.gptq``) has today's settings,
-    and the fingerprint of today's settings is the one the committed records were made with (taken under the old
-    names): the move changes no record's validity."""
+def test_a_key_moved_to_another_section_keeps_the_records_fingerprints() -> None:
+    """A run made before keys moved into ``extensions`` and ``advanced`` (its config.yaml says ``quant.gptq``,
+    ``guard.retries``) has today's settings, and the fingerprint of today's settings is the one the committed records
+    were made with (taken under the old names): the moves change no record's validity."""
     import hashlib
 
     from benchmarks.quality import RETIRED_KEYS, _fingerprint, run_settings
 
     before = {"method": "cbq", "quant": {"scheme": "W3A16G64", "gptq": {"damp": 0.01}}, "rotation": None,
-              "loss": {"kl_weight": 0.0, "output_kl_weight": 1.0}}
+              "loss": {"kl_weight": 0.0, "output_kl_weight": 1.0}, "guard": {"retries": 2},
+              "trainer": {"deterministic": False, "log_every_n_steps": 1}, "monitor": {"rtn_reference": False}}
     today = {"method": "cbq", "quant": {"scheme": "W3A16G64"}, "loss": {"kl_weight": 0.0},
-             "extensions": {"gptq": {"damp": 0.01}, "rotation": None, "output_kl_weight": 1.0}}
+             "extensions": {"gptq": {"damp": 0.01}, "rotation": None, "output_kl_weight": 1.0},
+             "advanced": {"guard": {"retries": 2}, "trainer": {"deterministic": False, "log_every_n_steps": 1},
+                          "monitor": {"rtn_reference": False}}}
     assert run_settings(before) == run_settings(today)
     assert "extensions.gptq.damp" in run_settings(before) and "quant.gptq.damp" not in run_settings(before)
+    assert "advanced.guard.retries" in run_settings(before) and "guard.retries" not in run_settings(before)
+    # where a run was shown and watched is not part of what it computed, under either name
+    assert not any(key.startswith("advanced.monitor") or key.endswith("log_every_n_steps")
+                   for key in run_settings(before))
     old_names = {**RETIRED_KEYS, "method": "cbq", "quant.scheme": "W3A16G64", "quant.gptq.damp": 0.01, "rotation": None,
-                 "loss.kl_weight": 0.0, "loss.output_kl_weight": 1.0}
+                 "loss.kl_weight": 0.0, "loss.output_kl_weight": 1.0, "guard.retries": 2,
+                 "trainer.deterministic": False}
     legacy = hashlib.sha256(json.dumps(old_names, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert _fingerprint(run_settings(today)) == legacy

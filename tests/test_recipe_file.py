@@ -45,3 +45,15 @@ def test_a_broken_base_is_named(tmp_path: Path, text: str, message: str) -> None
     recipe = _write(tmp_path / "loop.yaml", text)
     with pytest.raises(TypeError, match=message):
         recipe_chain(recipe)
+
+
+def test_every_moved_key_maps_back_to_its_old_name() -> None:
+    """The map of moved keys reads both ways, also for keys inside a moved section, and names its reason."""
+    from cbq_lightning.moved_keys import MOVED_KEYS, moved_to, old_name, why_moved
+
+    for old, new in MOVED_KEYS.items():
+        assert moved_to(old) == new and old_name(new) == old
+        assert moved_to(old + ".inner") == new + ".inner" and old_name(new + ".inner") == old + ".inner"
+        assert "docs/configuration.md" in why_moved(new)
+    assert moved_to("quant.scheme") is None and old_name("quant.scheme") == "quant.scheme"
+    assert moved_to("guardian") is None  # a prefix of a name is not the name

@@ -58,7 +58,7 @@ def collect_quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if not (torch.isfinite(layer.scales).all() and torch.isfinite(layer.weight).all()):
             raise TrainingError(
                 f"layer {name} has non-finite scales or weights: refusing to write them. The divergence guard "
-                "(guard.*) should have caught this; rerun with guard.fallback=rtn or lower learning rates."
+                "(advanced.guard.*) should have caught this; rerun with advanced.guard.fallback=rtn or lower learning rates."
             )
         tensors[f"{name}.qweight"] = layer.qweight.contiguous().cpu()
         tensors[f"{name}.scales"] = layer.scales.contiguous().cpu()

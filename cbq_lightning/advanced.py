@@ -1,0 +1,50 @@
+"""The ``advanced`` section: what a recipe rarely sets, out of the core a user reads.
+
+Why a section of its own: the core of a configuration (model, data, scheme, method, windows, loss, training,
+trainer, evaluation, export) is what a user chooses for a run; the settings here have defaults that suit every run
+measured so far - how a diverging window is retried, where the caches live, what extra measurements are logged,
+the Trainer's finer switches. A recipe that needs one sets it under ``advanced:``, where a reader sees it is out
+of the ordinary. Keys that lived elsewhere before are refused under their old names
+(:data:`cbq_lightning.moved_keys.MOVED_KEYS`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cbq_lightning.cache import CacheConfig
+from cbq_lightning.guard import GuardConfig
+from cbq_lightning.train_config import TrainerExtras
+
+
+@dataclass
+class MonitorConfig:
+    """Observability extras.
+
+    Attributes:
+        rtn_reference: also push the calibration inputs through a round-to-nearest copy of each block,
+            so the per-block error of RTN is logged next to CBQ's (costs one extra forward per block).
+        hardened_loss: measure each window's loss with hardened rounding before and after its fit
+            (``window/loss_first``/``loss_last``; two extra passes over the calibration set per window).
+    """
+
+    rtn_reference: bool = True
+    hardened_loss: bool = True
+
+
+@dataclass
+class AdvancedConfig:
+    """Settings a recipe rarely changes (each has a default that suits every run measured so far).
+
+    Attributes:
+        trainer: the Trainer's finer switches (:class:`~cbq_lightning.train_config.TrainerExtras`), passed to every
+            fit with the ``trainer`` section.
+        monitor: extra measurements for the logs and plots (:class:`MonitorConfig`).
+        guard: what a diverging window does (:class:`~cbq_lightning.guard.GuardConfig`).
+        cache: where the calibration caches live (:class:`~cbq_lightning.cache.CacheConfig`).
+    """
+
+    trainer: TrainerExtras = field(default_factory=TrainerExtras)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
