@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cbq_lightning.cache import CacheConfig
+from cbq_lightning.cfp import CFPTuning
 from cbq_lightning.guard import GuardConfig
+from cbq_lightning.quant.rounding import RoundingTuning
 from cbq_lightning.train_config import TrainerExtras
 
 
@@ -37,6 +39,8 @@ class AdvancedConfig:
     """Settings a recipe rarely changes (each has a default that suits every run measured so far).
 
     Attributes:
+        rounding: LoRA-Rounding's finer settings at the paper's values (:class:`~cbq_lightning.quant.rounding.RoundingTuning`).
+        cfp: CFP's finer settings at the paper's values (:class:`~cbq_lightning.cfp.CFPTuning`).
         trainer: the Trainer's finer switches (:class:`~cbq_lightning.train_config.TrainerExtras`), passed to every
             fit with the ``trainer`` section.
         monitor: extra measurements for the logs and plots (:class:`MonitorConfig`).
@@ -44,6 +48,8 @@ class AdvancedConfig:
         cache: where the calibration caches live (:class:`~cbq_lightning.cache.CacheConfig`).
     """
 
+    rounding: RoundingTuning = field(default_factory=RoundingTuning)
+    cfp: CFPTuning = field(default_factory=CFPTuning)
     trainer: TrainerExtras = field(default_factory=TrainerExtras)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)

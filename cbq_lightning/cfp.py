@@ -61,19 +61,35 @@ class CFPConfig:
         activations: scale outlier input channels of norm -> linear pairs (exact). Applied only when the
             scheme quantizes activations: for weight-only schemes it would move activation outliers into
             the weights and help nothing.
-        lambda1: coarse IQR multiplier.
-        lambda2: weight of the retained-set variance in the fine split score.
         mlp: also scale outlier input channels of the down projection, folded into the up projection's
             output rows (exact; an extension of the paper's CFP, docs/method.md §4, off by default). Applied under the same
             conditions as ``activations``.
-        alpha: migration strength of the channel scales, ``s_c = (max_c / max_retained) ** alpha``.
-        max_samples: calibration sequences used for the activation statistics.
+
+    The paper's finer settings (the detection's constants, the migration strength, the statistics' sample) are
+    :class:`CFPTuning` (``advanced.cfp``).
     """
 
     weights: bool = True
     truncation: Literal["judged", "always"] = "judged"
     activations: bool = True
     mlp: bool = False
+
+    def __post_init__(self) -> None:
+        if self.truncation not in ("judged", "always"):
+            raise ConfigError(f"cfp.truncation={self.truncation!r} is unknown: use 'judged' or 'always'.")
+
+
+@dataclass
+class CFPTuning:
+    """CFP's finer settings at the paper's values (``advanced.cfp``): a recipe rarely changes them.
+
+    Attributes:
+        lambda1: coarse IQR multiplier.
+        lambda2: weight of the retained-set variance in the fine split score.
+        alpha: migration strength of the channel scales, ``s_c = (max_c / max_retained) ** alpha``.
+        max_samples: calibration sequences used for the activation statistics.
+    """
+
     lambda1: float = 1.5
     lambda2: float = 1.0
     alpha: float = 0.7
@@ -81,13 +97,12 @@ class CFPConfig:
 
     def __post_init__(self) -> None:
         if self.lambda1 < 0 or self.lambda2 < 0:
-            raise ConfigError(f"cfp.lambda1={self.lambda1}, cfp.lambda2={self.lambda2}: both must be >= 0.")
+            raise ConfigError(f"advanced.cfp.lambda1={self.lambda1}, advanced.cfp.lambda2={self.lambda2}: both must "
+                              "be >= 0.")
         if not 0.0 < self.alpha <= 1.0:
-            raise ConfigError(f"cfp.alpha={self.alpha} must lie in (0, 1] (0.7 is the default).")
+            raise ConfigError(f"advanced.cfp.alpha={self.alpha} must lie in (0, 1] (0.7 is the default).")
         if self.max_samples < 1:
-            raise ConfigError(f"cfp.max_samples={self.max_samples} must be >= 1.")
-        if self.truncation not in ("judged", "always"):
-            raise ConfigError(f"cfp.truncation={self.truncation!r} is unknown: use 'judged' or 'always'.")
+            raise ConfigError(f"advanced.cfp.max_samples={self.max_samples} must be >= 1.")
 
 
 @dataclass(frozen=True)
@@ -245,6 +260,7 @@ class CoarseToFinePreprocessor:
 
     Args:
         config: CFP settings.
+        tuning: CFP's finer settings (``advanced.cfp``); None: the paper's.
         scale_activations: apply the activation part (the run quantizes activations and ``cfp.activations``).
         batch_size: sequences per forward when gathering statistics.
         pairs: the model family's exact scaling pairs; the LLaMA layout by default (the tiny model's).
@@ -257,10 +273,12 @@ class CoarseToFinePreprocessor:
         batch_size: int = 8,
         rtn: Callable[[int, str, torch.Tensor], torch.Tensor] | None = None,
         pairs: ScalingPairs = LLAMA_PAIRS,
+        tuning: CFPTuning | None = None,
     ) -> None:
         if config.weights and config.truncation == "judged" and rtn is None:
             raise ValueError("judged weight truncation needs the run's round-to-nearest quantizer (rtn)")
         self.config = config
+        self.tuning = tuning if tuning is not None else CFPTuning()
         self.scale_activations = scale_activations
         self.batch_size = batch_size
         #: ``rtn(block index, linear name, weight)``: the weight fake-quantized to nearest on its grid
@@ -286,7 +304,7 @@ class CoarseToFinePreprocessor:
     @property
     def max_samples(self) -> int:
         """Sequences of the quantized-path inputs the activation statistics read (the rest go unused)."""
-        return self.config.max_samples
+        return self.tuning.max_samples
 
     def __call__(self, index: int, block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, float]:
         stats: dict[str, float] = {}
@@ -312,13 +330,13 @@ class CoarseToFinePreprocessor:
                 assert self.rtn is not None
                 split, accept = judged_truncation(
                     weight, hessians[name], lambda w, name=name: self.rtn(index, name, w),
-                    self.config.lambda1, self.config.lambda2,
+                    self.tuning.lambda1, self.tuning.lambda2,
                 )
                 stats[f"cfp/weight_rows_refused/{name}"] = float(((split.count > 0) & ~accept).sum())
                 stats[f"cfp/weight_rows_truncated/{name}"] = float(accept.sum())
                 truncated = split.count * accept
             else:
-                split = truncate_weight_outliers(weight, self.config.lambda1, self.config.lambda2)
+                split = truncate_weight_outliers(weight, self.tuning.lambda1, self.tuning.lambda2)
                 truncated = split.count
             stats[f"cfp/weight_truncated/{name}"] = float(truncated.sum())
             stats[f"cfp/weight_threshold/{name}"] = float(split.threshold.mean())
@@ -348,7 +366,7 @@ class CoarseToFinePreprocessor:
 
         def scales_for(name: str) -> torch.Tensor:
             channel_max = all_reduce_(maxima[name], "max")  # DDP: every rank folds the same scales
-            scales, split = channel_scales(channel_max, self.config.alpha, self.config.lambda1, self.config.lambda2)
+            scales, split = channel_scales(channel_max, self.tuning.alpha, self.tuning.lambda1, self.tuning.lambda2)
             found[name] = torch.nonzero(scales > 1.0).flatten().tolist()
             stats[f"cfp/act_outlier_channels/{name}"] = float(len(found[name]))
             stats[f"cfp/act_threshold/{name}"] = float(split.threshold[0])

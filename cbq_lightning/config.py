@@ -139,6 +139,12 @@ def _check_quantizer_options(config: QuantizeConfig, scheme: QuantScheme) -> Non
             )
     if extensions.gptq is not None and cbq:
         config.rounding.check_gptq_start()
+    tuned = config.advanced.rounding.changed()
+    if config.rounding.enabled and config.rounding.form == "offset" and tuned:
+        raise ConfigError(
+            f"rounding.form=offset has no LoRA factors and no regulariser, so {', '.join(tuned)} would do nothing: "
+            "leave advanced.rounding at its defaults, or use rounding.form=residual."
+        )
 
 
 def _check_outputs(config: QuantizeConfig, scheme: QuantScheme, supplied_model_type: str | None) -> None:

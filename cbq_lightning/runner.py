@@ -299,7 +299,7 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: BlockKwargs, dev
     layer = LayerQuantConfig(
         scheme=scheme, rounding=job.rounding, learnable_clip=learnable_clip,
         clip_init=config.quant.clip_init if learnable_clip else 1.0, clip_search=clip_search, act=act, gptq=gptq,
-        correction=job.correction, column_scale=config.extensions.column_scale,
+        correction=job.correction, column_scale=config.extensions.column_scale, rounding_tuning=config.advanced.rounding,
     )
     sequential = gptq is not None and gptq.true_sequential
     needs_moments = layer.needs_input_moments or gptq is not None
@@ -311,6 +311,7 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: BlockKwargs, dev
     cfp = CoarseToFinePreprocessor(
         config.cfp, scale_activations=config.cfp.activations and act is not None,
         batch_size=config.train.forward_batch_size, rtn=quantizer.round_to_nearest, pairs=job.adapter.scaling_pairs,
+        tuning=config.advanced.cfp,
     )
     # CFP first: the clip search's moments must describe the inputs the quantized linears will see
     preprocessors = [p for p in (cfp if cfp.active else None, moments) if p is not None]

@@ -23,7 +23,7 @@ from cbq_lightning.loss import LossConfig, homologous_loss, output_kl
 from cbq_lightning.models.adapter import kwargs_list_to, run_block
 from cbq_lightning.quant.continuous import ContinuousApprox, set_temperatures
 from cbq_lightning.quant.convert import hard_rounding, quant_linears
-from cbq_lightning.quant.rounding import LoRARounding, RoundingConfig, beta_at, logit_probes
+from cbq_lightning.quant.rounding import LoRARounding, RoundingConfig, RoundingTuning, beta_at, logit_probes
 from cbq_lightning.train_config import OptimConfig
 from cbq_lightning.windows import Window
 
@@ -42,6 +42,7 @@ class WindowModule(L.LightningModule):
         loss: loss branches and KL weight.
         rounding: regulariser settings.
         optim: learning rates and schedule.
+        rounding_tuning: the regulariser's anneal (``advanced.rounding``); None: the paper's.
         step_offset: global TensorBoard step of this window's first step (windows share one run).
         lr_scale: multiplies both learning rates (the divergence guard lowers it on a retry).
         explode_factor: a loss above this multiple of the fit's first loss is a divergence.
@@ -63,6 +64,7 @@ class WindowModule(L.LightningModule):
         loss: LossConfig,
         rounding: RoundingConfig,
         optim: OptimConfig,
+        rounding_tuning: RoundingTuning | None = None,
         step_offset: int = 0,
         lr_scale: float = 1.0,
         explode_factor: float = 1000.0,
@@ -77,6 +79,7 @@ class WindowModule(L.LightningModule):
         self.window = window
         self.loss_config = loss
         self.rounding_config = rounding
+        self.rounding_tuning = rounding_tuning if rounding_tuning is not None else RoundingTuning()
         self.optim_config = optim
         self.step_offset = step_offset
         self.lr_scale = lr_scale
@@ -207,7 +210,7 @@ class WindowModule(L.LightningModule):
             temperature = self.continuous.temperature_at(self.global_step, total_steps)
             set_temperatures(self.blocks, self.continuous, temperature)
         parts = self.objective(self(x_q), y_fp, y_h, self._output_head_generator)
-        beta = beta_at(self.global_step, total_steps, self.rounding_config)
+        beta = beta_at(self.global_step, total_steps, self.rounding_tuning)
         reg = self.rounding_regularizer(beta) if beta is not None else parts["loss"].new_zeros(())
         loss = parts["loss"] + self.rounding_config.reg_weight * reg
         value = global_mean(float(loss.detach()))  # DDP: every rank takes the same decision

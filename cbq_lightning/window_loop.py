@@ -71,6 +71,7 @@ def _window_module(
         loss=config.loss,
         rounding=config.rounding,
         optim=config.train,
+        rounding_tuning=config.advanced.rounding,
         step_offset=step_offset,
         lr_scale=lr_scale,
         explode_factor=config.advanced.guard.explode_factor,

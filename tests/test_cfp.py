@@ -8,6 +8,7 @@ from torch import nn
 
 from cbq_lightning.cfp import (
     CFPConfig,
+    CFPTuning,
     CoarseToFinePreprocessor,
     channel_scales,
     find_outliers,
@@ -239,9 +240,10 @@ def test_inactive_preprocessor() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"alpha": 0.0}, "cfp.alpha"), ({"lambda1": -1.0}, "cfp.lambda1"), ({"max_samples": 0}, "cfp.max_samples"),
-     ({"truncation": "sometimes"}, "cfp.truncation")],
+    [({"alpha": 0.0}, "advanced.cfp.alpha"), ({"lambda1": -1.0}, "advanced.cfp.lambda1"),
+     ({"max_samples": 0}, "advanced.cfp.max_samples"), ({"truncation": "sometimes"}, "cfp.truncation")],
 )
 def test_config_validation(kwargs: dict, message: str) -> None:
+    section = CFPConfig if "truncation" in kwargs else CFPTuning
     with pytest.raises(ConfigError, match=message):
-        CFPConfig(**kwargs)
+        section(**kwargs)

@@ -149,6 +149,8 @@ def test_rtn_method_through_console_entry(tmp_path: Path) -> None:
         (["--data.source", "/no/such/corpus.jsonl"], "nor an existing file"),
         (["--quant.clip_init", "1.0"], "clip_init=1.0 must lie strictly between 0 and 1"),
         (["--rounding.form", "offset", "--rounding.rank", "8"], "rounding.rank=8 would do nothing"),
+        (["--rounding.form", "offset", "--advanced.rounding.warmup", "0.5"],
+         "advanced.rounding.warmup=0.5 would do nothing"),
         pytest.param(["--trainer.accelerator", "gpu"], "no CUDA device is visible",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")),
     ],

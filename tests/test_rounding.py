@@ -18,6 +18,7 @@ from cbq_lightning.quant.rounding import (
     NearestRounding,
     RoundingConfig,
     RoundingOffset,
+    RoundingTuning,
     beta_at,
     column_scale_from_moments,
     inverse_rectified_sigmoid,
@@ -150,14 +151,21 @@ def test_regularizer_gradient_reaches_a1():
 # --- RoundingConfig / beta schedule -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs", [{"rank": 0}, {"warmup": 1.0}, {"warmup": -0.1}, {"reg_weight": -1.0}])
+@pytest.mark.parametrize("kwargs", [{"rank": 0}, {"reg_weight": -1.0}])
 def test_rounding_config_validation(kwargs):
     with pytest.raises(ConfigError):
         RoundingConfig(**kwargs)
 
 
+@pytest.mark.parametrize(("kwargs", "key"), [({"warmup": 1.0}, "warmup"), ({"warmup": -0.1}, "warmup"),
+                                             ({"init_std": 0.0}, "init_std"), ({"init_std": math.inf}, "init_std")])
+def test_rounding_tuning_validation(kwargs, key):
+    with pytest.raises(ConfigError, match=rf"advanced\.rounding\.{key}="):
+        RoundingTuning(**kwargs)
+
+
 def test_beta_schedule_hand_values():
-    config = RoundingConfig(beta_start=20.0, beta_end=2.0, warmup=0.2)
+    config = RoundingTuning(beta_start=20.0, beta_end=2.0, warmup=0.2)
     # total 10, warm-up int(0.2 * 10) = 2 steps; then 7 intervals from step 2 to step 9: -18/7 per step
     betas = [beta_at(step, 10, config) for step in range(10)]
     expected = [
@@ -179,18 +187,18 @@ def test_beta_schedule_hand_values():
 
 
 def test_beta_after_last_step_stays_at_end():
-    config = RoundingConfig(beta_start=20.0, beta_end=2.0, warmup=0.2)
+    config = RoundingTuning(beta_start=20.0, beta_end=2.0, warmup=0.2)
     assert beta_at(15, 10, config) == 2.0
 
 
 def test_beta_without_warmup_starts_immediately():
-    config = RoundingConfig(beta_start=10.0, beta_end=0.0, warmup=0.0)
+    config = RoundingTuning(beta_start=10.0, beta_end=0.0, warmup=0.0)
     # span = 5 - 1 = 4 -> 10, 7.5, 5, 2.5, 0
     assert [beta_at(s, 5, config) for s in range(5)] == pytest.approx([10.0, 7.5, 5.0, 2.5, 0.0])
 
 
 def test_beta_no_steps_is_none():
-    assert beta_at(0, 0, RoundingConfig()) is None
+    assert beta_at(0, 0, RoundingTuning()) is None
 
 
 # --- QuantLinear: soft rounding at initialisation ---------------------------------------------------

@@ -36,6 +36,7 @@ from cbq_lightning.quant.rounding import (
     Rounding,
     RoundingConfig,
     RoundingOffset,
+    RoundingTuning,
     column_scale_from_moments,
 )
 from cbq_lightning.quant.scheme import QuantScheme
@@ -63,6 +64,7 @@ class LayerQuantConfig:
             from the layer's starting weight error (see :mod:`cbq_lightning.quant.correction`).
         column_scale: exponent of the LoRA term's fixed per-input-column scale (``extensions.column_scale``;
             0: none, the paper).
+        rounding_tuning: LoRA-Rounding's finer settings (``advanced.rounding``: the factors' starting scale).
     """
 
     scheme: QuantScheme
@@ -74,6 +76,7 @@ class LayerQuantConfig:
     gptq: GPTQInit | None = None
     correction: CorrectionConfig | None = None
     column_scale: float = 0.0
+    rounding_tuning: RoundingTuning = field(default_factory=RoundingTuning)
 
     @property
     def activation_aware(self) -> bool:
@@ -143,7 +146,7 @@ class QuantLinear(nn.Module):
         elif soft_rounding:
             frac = self.quantizer.fractional_part(weight) if frac is None else frac
             self.rounding = LoRARounding(
-                frac, rounding.rank_for(*weight.shape), rounding.form, rounding.init_std, generator,
+                frac, rounding.rank_for(*weight.shape), rounding.form, config.rounding_tuning.init_std, generator,
                 self._column_scale(config.column_scale, input_moments), hardened=rounding.forward == "hardened",
             )
         self.act_quantizer: ActivationQuantizer | None = None if act is None else ActivationQuantizer(act)

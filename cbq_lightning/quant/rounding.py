@@ -52,11 +52,7 @@ class RoundingConfig:
         form: ``residual`` (default, ``V = V0 + A1 @ A2``), ``lowrank`` (the paper's ``V = A1 @ A2``) or
             ``offset`` (full-rank signed offset with straight-through rounding, no regulariser).
         rank: rank r of ``A1 @ A2`` (not used by ``offset``).
-        init_std: standard deviation of the random factor(s) at initialisation.
         reg_weight: lambda, weight of the rounding regulariser.
-        beta_start: regulariser exponent after warm-up (sharp: only near-0.5 values are penalised).
-        beta_end: exponent at the last step (flat: every undecided value is pushed to 0 or 1).
-        warmup: fraction of a window's steps without regulariser.
         forward: what the training forward uses (LoRA-Rounding forms): ``soft`` (the paper, AdaRound) the
             soft decisions ``h(V)``, hardened at 0.5 only at finalisation; ``hardened`` the decisions
             ``1[h(V) >= 0.5]`` already, with the gradient passed straight through to ``h(V)``. Why the
@@ -66,25 +62,25 @@ class RoundingConfig:
             forward trains the model that will be kept, with the same parameters (``A1``, ``A2`` inside the
             rectified sigmoid) and the same regulariser.
         init: how ``A2`` starts in the ``residual`` form (``A1`` starts at zero, so either choice leaves the
-            layer's starting decisions unchanged): ``random`` (Gaussian, ``init_std``) or ``gradient``: the
+            layer's starting decisions unchanged): ``random`` (Gaussian, ``advanced.rounding.init_std``) or
+            ``gradient``: the
             top-``rank`` right singular vectors of the objective's gradient with respect to the logits ``V``,
-            measured on the window's first ``init_batches`` batches, at the same entry scale ``init_std``. Why:
+            measured on the window's first ``init_batches`` batches, at the same entry scale. Why:
             while ``A1`` is zero, a step moves ``V`` only inside the row space of ``A2``; a random ``A2`` of rank
             64 captures about 64/in of a gradient row (4-11 % for SmolLM2's layers), an aligned one the
             directions along which the objective changes fastest, as a full-rank offset would (an extension,
             in the spirit of LoRA-GA; docs/method.md §2).
         init_batches: batches of the window's calibration samples (in order) whose summed gradient aligns
             ``A2`` (``init: gradient`` only); costs about that many training steps per window.
+
+    The paper's finer settings (the factors' starting scale, the regulariser's anneal) are :class:`RoundingTuning`
+    (``advanced.rounding``).
     """
 
     enabled: bool = True
     form: Literal["residual", "lowrank", "offset"] = "residual"
     rank: int = 4
-    init_std: float = 0.1
     reg_weight: float = 0.01
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warmup: float = 0.2
     forward: Literal["soft", "hardened"] = "soft"
     init: Literal["random", "gradient"] = "random"
     init_batches: int = 4
@@ -92,8 +88,6 @@ class RoundingConfig:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ConfigError(f"rounding.rank={self.rank} must be >= 1.")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ConfigError(f"rounding.warmup={self.warmup} must lie in [0, 1).")
         if self.form not in ("residual", "lowrank", "offset"):
             raise ConfigError(f"rounding.form={self.form!r} is unknown: use 'residual', 'lowrank' or 'offset'.")
         if self.reg_weight < 0:
@@ -142,8 +136,9 @@ class RoundingConfig:
     def _refuse_settings_offset_ignores(self) -> None:
         """``form: offset`` trains one full-rank offset per weight through a straight-through forward: it has no
         factors and no regulariser, so a changed rank, initialisation or regulariser setting would silently do
-        nothing (``forward`` is not checked: either value describes the offset's straight-through forward)."""
-        ignored = ("rank", "init_std", "reg_weight", "beta_start", "beta_end", "warmup", "init", "init_batches")
+        nothing (``forward`` is not checked: either value describes the offset's straight-through forward; the
+        ``advanced.rounding`` settings are checked by the configuration, :func:`cbq_lightning.config.validate`)."""
+        ignored = ("rank", "reg_weight", "init", "init_batches")
         defaults = {f.name: f.default for f in fields(self)}
         changed = [(name, getattr(self, name), defaults[name]) for name in ignored if getattr(self, name) != defaults[name]]
         if changed:
@@ -153,6 +148,36 @@ class RoundingConfig:
                 f"rounding.form=offset has no LoRA factors and no regulariser, so {shown} would do nothing: set "
                 f"{fix} (the defaults), or use rounding.form=residual."
             )
+
+
+@dataclass
+class RoundingTuning:
+    """LoRA-Rounding's finer settings at the paper's values (``advanced.rounding``): a recipe rarely changes them.
+
+    Attributes:
+        init_std: standard deviation of the random factor(s) at initialisation (and the entry scale of the
+            gradient-aligned start).
+        beta_start: regulariser exponent after warm-up (sharp: only near-0.5 values are penalised).
+        beta_end: exponent at the last step (flat: every undecided value is pushed to 0 or 1).
+        warmup: fraction of a window's steps without regulariser.
+    """
+
+    init_std: float = 0.1
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.init_std) and self.init_std > 0):
+            raise ConfigError(f"advanced.rounding.init_std={self.init_std} must be a finite number > 0.")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"advanced.rounding.warmup={self.warmup} must lie in [0, 1).")
+
+    def changed(self) -> list[str]:
+        """``advanced.rounding.<name>=<value>`` for each setting away from its default (what a rounding form without
+        factors or regulariser would silently ignore)."""
+        return [f"advanced.rounding.{f.name}={getattr(self, f.name)}" for f in fields(self)
+                if getattr(self, f.name) != f.default]
 
 
 class Rounding(nn.Module):
@@ -330,7 +355,7 @@ class RoundingOffset(Rounding):
         return torch.clamp(self.v, -0.5, 0.5)
 
 
-def beta_at(step: int, total_steps: int, config: RoundingConfig) -> float | None:
+def beta_at(step: int, total_steps: int, config: RoundingTuning) -> float | None:
     """Regulariser exponent at ``step`` of ``total_steps``; ``None`` during warm-up (no regulariser).
 
     After warm-up beta falls linearly from ``beta_start`` to ``beta_end`` at the last step.
