@@ -230,8 +230,10 @@ def _recipe(path: str, overrides: Sequence[str], device: torch.device, shape: di
     tiny = tiny_name("llama", hidden_size=shape["hidden_size"], num_layers=blocks, num_heads=shape["num_heads"],
                      num_kv_heads=shape["num_kv_heads"], intermediate_size=shape["intermediate_size"])
     model = dataclasses.replace(config.model, name_or_path=tiny)
-    trainer = dataclasses.replace(config.trainer, enable_progress_bar=False, devices=1, strategy="auto")
-    return dataclasses.replace(config, model=model, trainer=trainer)
+    trainer = dataclasses.replace(config.trainer, devices=1, strategy="auto")
+    quiet = dataclasses.replace(config.advanced.trainer, enable_progress_bar=False)
+    advanced = dataclasses.replace(config.advanced, trainer=quiet)
+    return dataclasses.replace(config, model=model, trainer=trainer, advanced=advanced)
 
 
 def _measured(config: QuantizeConfig, samples: int | None, epochs: int | None) -> QuantizeConfig:

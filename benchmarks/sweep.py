@@ -68,7 +68,7 @@ def _run(config: str, out: Path, name: str, settings: list[str]) -> dict:
     if settings and settings[0].endswith((".yaml", ".yml")):  # the variant's own recipe
         config, settings = settings[0], settings[1:]
     command = [sys.executable, "-m", "cbq_lightning.cli", "quantize", "--config", config,
-               "--output_dir", str(out / name), "--resume", "false", "--trainer.enable_progress_bar", "false",
+               "--output_dir", str(out / name), "--resume", "false", "--advanced.trainer.enable_progress_bar", "false",
                *_flags(settings)]
     (out / name).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

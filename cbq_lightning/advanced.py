@@ -16,7 +16,7 @@ from cbq_lightning.cache import CacheConfig
 from cbq_lightning.cfp import CFPTuning
 from cbq_lightning.guard import GuardConfig
 from cbq_lightning.quant.rounding import RoundingTuning
-from cbq_lightning.train_config import TrainerExtras
+from cbq_lightning.train_config import TrainerExtras, TrainTuning
 
 
 @dataclass
@@ -41,6 +41,7 @@ class AdvancedConfig:
     Attributes:
         rounding: LoRA-Rounding's finer settings at the paper's values (:class:`~cbq_lightning.quant.rounding.RoundingTuning`).
         cfp: CFP's finer settings at the paper's values (:class:`~cbq_lightning.cfp.CFPTuning`).
+        train: how the calibration samples are batched (:class:`~cbq_lightning.train_config.TrainTuning`).
         trainer: the Trainer's finer switches (:class:`~cbq_lightning.train_config.TrainerExtras`), passed to every
             fit with the ``trainer`` section.
         monitor: extra measurements for the logs and plots (:class:`MonitorConfig`).
@@ -50,6 +51,7 @@ class AdvancedConfig:
 
     rounding: RoundingTuning = field(default_factory=RoundingTuning)
     cfp: CFPTuning = field(default_factory=CFPTuning)
+    train: TrainTuning = field(default_factory=TrainTuning)
     trainer: TrainerExtras = field(default_factory=TrainerExtras)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)

@@ -41,7 +41,7 @@ FORMAT = "cbq-window-checkpoint"
 VERSION = "1"
 #: configuration keys that may change between a killed run and its resumption (they do not affect the
 #: calibration): where outputs go, progress bars, evaluation and packed-export settings, and the resume switch itself
-RESUMABLE_CHANGES = ("output_dir", "resume", "trainer.enable_progress_bar", "eval.", "export.",
+RESUMABLE_CHANGES = ("output_dir", "resume", "advanced.trainer.enable_progress_bar", "eval.", "export.",
                      "extensions.end_to_end.evaluate_before")
 
 

@@ -13,7 +13,9 @@ new one, and the quality benchmark reads committed records under the names they 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.quant.continuous import ContinuousApprox
@@ -68,6 +70,9 @@ class ExtensionsConfig:
             (:class:`MixedPrecisionConfig`); null: every layer at the scheme's bits.
         rotation: orthogonal rotations folded into the model before anything else
             (:class:`~cbq_lightning.rotation.fold.RotationConfig`); null: none.
+        lr_schedule: the windows' learning-rate schedule: ``constant`` (the paper) or ``cosine`` (decay to 0 over
+            each window's steps).
+        lr_correction: learning rate of the low-rank correction factors (with ``correction``).
         end_to_end: after the windows, one more fit over the whole quantized model that trains the scales (the
             clipping thresholds, codes frozen) against the full-precision next-token distribution
             (:class:`~cbq_lightning.train_config.EndToEndConfig`); null: none.
@@ -88,6 +93,8 @@ class ExtensionsConfig:
     mixed: MixedPrecisionConfig | None = None
     rotation: RotationConfig | None = None
     end_to_end: EndToEndConfig | None = None
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_correction: float = 1e-4
 
     def __post_init__(self) -> None:
         if self.column_scale < 0:
@@ -95,6 +102,8 @@ class ExtensionsConfig:
         if self.output_kl_weight < 0:
             raise ConfigError(
                 f"extensions.output_kl_weight={self.output_kl_weight} must be >= 0 (0 switches it off).")
+        if not (math.isfinite(self.lr_correction) and self.lr_correction > 0):
+            raise ConfigError(f"extensions.lr_correction={self.lr_correction} must be finite and > 0.")
         if self.output_kl_tokens < 1:
             raise ConfigError(
                 f"extensions.output_kl_tokens={self.output_kl_tokens} must be >= 1 (positions per sequence).")

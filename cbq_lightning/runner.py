@@ -310,7 +310,7 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: BlockKwargs, dev
     )
     cfp = CoarseToFinePreprocessor(
         config.cfp, scale_activations=config.cfp.activations and act is not None,
-        batch_size=config.train.forward_batch_size, rtn=quantizer.round_to_nearest, pairs=job.adapter.scaling_pairs,
+        batch_size=config.advanced.train.forward_batch_size, rtn=quantizer.round_to_nearest, pairs=job.adapter.scaling_pairs,
         tuning=config.advanced.cfp,
     )
     # CFP first: the clip search's moments must describe the inputs the quantized linears will see
@@ -322,7 +322,7 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: BlockKwargs, dev
     state = CrossBlockState(
         blocks=job.adapter.blocks, inputs=inputs, block_kwargs=block_kwargs, quantize=quantizer.quantize,
         rtn_reference=quantizer.rtn_reference if cbq and config.advanced.monitor.rtn_reference else None,
-        batch_size=config.train.forward_batch_size,
+        batch_size=config.advanced.train.forward_batch_size,
         preprocessors=preprocessors,
         store=store,
         target_dtype=cache.targets_dtype(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import get_args
 
 from cbq_lightning.errors import ConfigError
 
@@ -19,11 +19,9 @@ class OptimConfig:
         batch_size: calibration sequences per optimisation step.
         lr_rounding: learning rate of the LoRA-Rounding factors.
         lr_clip: learning rate of the clipping logits.
-        lr_correction: learning rate of the low-rank correction factors (``extensions.correction.rank``).
-        lr_schedule: ``constant`` or ``cosine`` (decay to 0 over the window's steps).
-        forward_batch_size: sequences per forward when caching targets and advancing caches.
-        shuffle: reshuffle the calibration samples every epoch (seeded per window); off gives contiguous
-            batches (with DDP, the union of the ranks' batches is then a single process's batch).
+
+    How the samples are batched (:class:`TrainTuning`) is ``advanced.train``; the learning-rate schedule and the
+    correction's rate are extensions (``extensions.lr_schedule``, ``extensions.lr_correction``).
     """
 
     epochs: int = 20
@@ -31,22 +29,36 @@ class OptimConfig:
     batch_size: int = 4
     lr_rounding: float = 1e-3
     lr_clip: float = 5e-3
-    lr_correction: float = 1e-4
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    forward_batch_size: int = 8
-    shuffle: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.epochs_2bit < 0:
             raise ConfigError("train.epochs and train.epochs_2bit must be >= 0.")
-        if self.batch_size < 1 or self.forward_batch_size < 1:
-            raise ConfigError("train.batch_size and train.forward_batch_size must be >= 1.")
-        rates = (self.lr_rounding, self.lr_clip, self.lr_correction)
-        if not all(math.isfinite(rate) and rate > 0 for rate in rates):
-            raise ConfigError("train.lr_rounding, train.lr_clip and train.lr_correction must be finite and > 0.")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size={self.batch_size} must be >= 1.")
+        if not all(math.isfinite(rate) and rate > 0 for rate in (self.lr_rounding, self.lr_clip)):
+            raise ConfigError("train.lr_rounding and train.lr_clip must be finite and > 0.")
 
     def epochs_for(self, w_bits: int) -> int:
         return self.epochs_2bit if w_bits <= 2 else self.epochs
+
+
+@dataclass
+class TrainTuning:
+    """How the calibration samples are batched (``advanced.train``): memory and order, not what is learned.
+
+    Attributes:
+        forward_batch_size: sequences per forward when caching targets and advancing caches (no gradients: a
+            memory knob; the results do not depend on it beyond float summation order).
+        shuffle: reshuffle the calibration samples every epoch (seeded per window); off gives contiguous
+            batches (with DDP, the union of the ranks' batches is then a single process's batch).
+    """
+
+    forward_batch_size: int = 8
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        if self.forward_batch_size < 1:
+            raise ConfigError(f"advanced.train.forward_batch_size={self.forward_batch_size} must be >= 1.")
 
 
 @dataclass
@@ -61,7 +73,6 @@ class TrainerConfig:
         precision: ``auto`` (the machine decides: ``bf16-mixed`` on a GPU with bfloat16 - bf16 autocast, fp32
             trainable parameters -, ``16-mixed`` on an older GPU, ``32-true`` on CPU; see
             :func:`~cbq_lightning.machine.resolve_machine_settings`), or any Lightning precision.
-        enable_progress_bar: show progress bars.
 
     The finer switches are :class:`TrainerExtras` (``advanced.trainer``).
     """
@@ -71,7 +82,6 @@ class TrainerConfig:
     strategy: str = "auto"
     num_nodes: int = 1
     precision: str = "auto"
-    enable_progress_bar: bool = True
 
     def __post_init__(self) -> None:
         # Lightning would refuse these only at the first window's fit, after loading and calibrating
@@ -90,11 +100,13 @@ class TrainerExtras:
     """The ``Trainer``'s finer switches (``advanced.trainer``), passed to every fit with :class:`TrainerConfig`.
 
     Attributes:
+        enable_progress_bar: show progress bars.
         gradient_clip_val: clip gradient norm (None: off).
         log_every_n_steps: how often training signals reach TensorBoard.
         deterministic: ask torch for deterministic kernels.
     """
 
+    enable_progress_bar: bool = True
     gradient_clip_val: float | None = None
     log_every_n_steps: int = 1
     deterministic: bool = False

@@ -43,6 +43,8 @@ class WindowModule(L.LightningModule):
         rounding: regulariser settings.
         optim: learning rates and schedule.
         rounding_tuning: the regulariser's anneal (``advanced.rounding``); None: the paper's.
+        lr_correction: learning rate of the low-rank correction factors (``extensions.lr_correction``).
+        lr_schedule: ``constant`` or ``cosine`` (``extensions.lr_schedule``).
         step_offset: global TensorBoard step of this window's first step (windows share one run).
         lr_scale: multiplies both learning rates (the divergence guard lowers it on a retry).
         explode_factor: a loss above this multiple of the fit's first loss is a divergence.
@@ -65,6 +67,8 @@ class WindowModule(L.LightningModule):
         rounding: RoundingConfig,
         optim: OptimConfig,
         rounding_tuning: RoundingTuning | None = None,
+        lr_correction: float = 1e-4,
+        lr_schedule: str = "constant",
         step_offset: int = 0,
         lr_scale: float = 1.0,
         explode_factor: float = 1000.0,
@@ -80,6 +84,8 @@ class WindowModule(L.LightningModule):
         self.loss_config = loss
         self.rounding_config = rounding
         self.rounding_tuning = rounding_tuning if rounding_tuning is not None else RoundingTuning()
+        self.lr_correction = lr_correction
+        self.lr_schedule = lr_schedule
         self.optim_config = optim
         self.step_offset = step_offset
         self.lr_scale = lr_scale
@@ -289,9 +295,9 @@ class WindowModule(L.LightningModule):
         ]
         corrections = self.correction_parameters()
         if corrections:
-            groups.append({"params": corrections, "lr": self.optim_config.lr_correction * self.lr_scale, "name": "correction"})
+            groups.append({"params": corrections, "lr": self.lr_correction * self.lr_scale, "name": "correction"})
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-        if self.optim_config.lr_schedule == "constant":
+        if self.lr_schedule == "constant":
             return optimizer
         # cosine decay to 0 over the fit's steps
         total = max(int(self.trainer.estimated_stepping_batches), 1)

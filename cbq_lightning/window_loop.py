@@ -72,6 +72,8 @@ def _window_module(
         rounding=config.rounding,
         optim=config.train,
         rounding_tuning=config.advanced.rounding,
+        lr_correction=config.extensions.lr_correction,
+        lr_schedule=config.extensions.lr_schedule,
         step_offset=step_offset,
         lr_scale=lr_scale,
         explode_factor=config.advanced.guard.explode_factor,
@@ -106,7 +108,7 @@ def _window_trainer(
     batch before training (Lightning's sanity check: the starting state), then after the last epoch, or after
     every epoch with ``extensions.keep_best``. It runs without inference mode: the window caches tensors in its
     forward that training reuses."""
-    progress = [WindowProgressBar(total_windows)] if config.trainer.enable_progress_bar else []
+    progress = [WindowProgressBar(total_windows)] if config.advanced.trainer.enable_progress_bar else []
     measured = _measures_hardened_objective(config)
     return L.Trainer(
         max_epochs=epochs,
@@ -165,7 +167,7 @@ class WindowLoop:
             trainer = _window_trainer(self.config, self.config.train.epochs_for(self.scheme.w_bits), self.logger,
                                       callbacks, self.total_windows)
             targets, batch_size = WindowTargets(self.state), self.config.train.batch_size
-            loader = DataLoader(targets, batch_size=batch_size, shuffle=self.config.train.shuffle,
+            loader = DataLoader(targets, batch_size=batch_size, shuffle=self.config.advanced.train.shuffle,
                                 generator=torch.Generator().manual_seed(self.config.seed + window.index))
             # the loss normalises per batch, so measurements meant to be compared batch the samples one fixed
             # way; its own generator: drawing a loader's base seed must not advance the global RNG

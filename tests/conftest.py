@@ -30,7 +30,7 @@ os.environ[CACHE_DIR_ENV] = tempfile.mkdtemp(prefix="cbq-test-cache-")
 def fast_flags(epochs: int = 2) -> tuple[str, ...]:
     """Overrides that make a tiny-recipe run quick for engine tests: ``epochs`` per window, no progress bar,
     no evaluation (the tests that need one add it back)."""
-    return ("--train.epochs", str(epochs), "--trainer.enable_progress_bar", "false", "--eval.datasets", "[]")
+    return ("--train.epochs", str(epochs), "--advanced.trainer.enable_progress_bar", "false", "--eval.datasets", "[]")
 
 
 def load_recipe(path: Path, *overrides: str) -> QuantizeConfig:
@@ -48,6 +48,6 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Output directory of ``cbq quantize --config configs/tiny.yaml`` (CBQ, W3 per-channel)."""
     out = tmp_path_factory.mktemp("cli_run")
     code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(out),
-                 "--trainer.enable_progress_bar", "false"])
+                 "--advanced.trainer.enable_progress_bar", "false"])
     assert code == 0
     return out

@@ -23,7 +23,7 @@ from cbq_lightning.models.loading import load_model, load_tokenizer
 from tests.conftest import TINY_RECIPE
 
 #: what makes a tiny run quick and quiet (the API takes the command line's dotted keys)
-FAST = {"train.epochs": 1, "trainer.enable_progress_bar": False, "eval.datasets": []}
+FAST = {"train.epochs": 1, "advanced.trainer.enable_progress_bar": False, "eval.datasets": []}
 
 
 def _tiny(recipe: Path = TINY_RECIPE):
@@ -43,7 +43,7 @@ def _same_state(a: Path, b: Path) -> None:
 def test_api_run_equals_the_command_line_run(cli_run: Path, tmp_path: Path) -> None:
     model, tokenizer = _tiny()
     result = quantize(model, tokenizer, recipe=TINY_RECIPE, output_dir=tmp_path,
-                      overrides={"trainer.enable_progress_bar": False})
+                      overrides={"advanced.trainer.enable_progress_bar": False})
     _same_state(cli_run, tmp_path)
     cli_report = json.loads((cli_run / "report.json").read_text())
     assert [e["ppl"] for e in result.report["eval"]] == [e["ppl"] for e in cli_report["eval"]]

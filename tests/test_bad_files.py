@@ -23,7 +23,7 @@ from cbq_lightning.errors import FileFormatError
 from cbq_lightning.files import check_json, check_safetensors
 from tests.conftest import TINY_RECIPE
 
-FAST = ["--trainer.enable_progress_bar", "false", "--eval.max_windows", "1", "--advanced.monitor.rtn_reference", "false"]
+FAST = ["--advanced.trainer.enable_progress_bar", "false", "--eval.max_windows", "1", "--advanced.monitor.rtn_reference", "false"]
 
 
 def _truncate_half(path: Path) -> None:

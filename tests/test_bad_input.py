@@ -26,7 +26,7 @@ from cbq_lightning.models.tiny import TinyModelConfig, build_tiny_llama, byte_to
 from tests.conftest import REPO, TINY_RECIPE
 
 #: a tiny RTN run in about a second: the runs here only need to start, or to finish quickly
-RTN = ["--method", "rtn", "--trainer.enable_progress_bar", "false", "--eval.max_windows", "1",
+RTN = ["--method", "rtn", "--advanced.trainer.enable_progress_bar", "false", "--eval.max_windows", "1",
        "--advanced.monitor.rtn_reference", "false"]
 
 
@@ -204,7 +204,7 @@ def test_a_model_with_nan_weights_is_refused_before_any_work(
     out = tmp_path / "out"
     before = _earlier_outputs(out)
     code = main(["quantize", "--config", str(TINY_RECIPE), "--model.name_or_path", str(nan_checkpoint),
-                 "--output_dir", str(out), "--trainer.enable_progress_bar", "false"])
+                 "--output_dir", str(out), "--advanced.trainer.enable_progress_bar", "false"])
     line = _one_error_line(code, capsys.readouterr().err)
     assert "model.layers.0.self_attn.q_proj.weight" in line and "NaN" in line
     assert str(nan_checkpoint / "model.safetensors") in line

@@ -40,7 +40,7 @@ def test_probe_quantizes_only_the_first_blocks(tmp_path: Path, capsys: pytest.Ca
     probe = _probe()
     loader = probe.runner.load_model
     code = probe.main(["2", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path),
-                       "--trainer.enable_progress_bar", "false"])
+                       "--advanced.trainer.enable_progress_bar", "false"])
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert [entry["block"] for entry in report["block_errors"]] == [0, 1]
@@ -63,7 +63,7 @@ def test_probe_perplexity_puts_the_quantized_blocks_before_the_full_precision_re
     really is put back)."""
     probe = _probe()
     code = probe.main(["2", "--ppl-windows", "2", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path),
-                       "--method", "rtn", "--quant.scheme", "W8A16", "--trainer.enable_progress_bar", "false"])
+                       "--method", "rtn", "--quant.scheme", "W8A16", "--advanced.trainer.enable_progress_bar", "false"])
     assert code == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("held-out perplexity")][0]
     probed = float(line.rsplit(":", 1)[1])
@@ -81,7 +81,7 @@ def test_probe_from_a_later_block_runs_the_blocks_before_it_in_full_precision(
     probe = _probe()
     code = probe.main(["2", "--from-block", "1", "--ppl-windows", "2", "--config", str(TINY_RECIPE),
                        "--output_dir", str(tmp_path), "--method", "rtn", "--quant.scheme", "W8A16",
-                       "--trainer.enable_progress_bar", "false"])
+                       "--advanced.trainer.enable_progress_bar", "false"])
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["block_errors"]) == 2

@@ -22,7 +22,7 @@ LINEARS_PER_BLOCK, BLOCKS = 7, 4
 
 
 def _quantize(out: Path, *flags: str) -> Path:
-    code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(out), "--trainer.enable_progress_bar",
+    code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(out), "--advanced.trainer.enable_progress_bar",
                  "false", "--quant.scheme", "W4A4", "--train.epochs", "2", "--cfp.weights", "true", *EVAL_FLAGS, *flags])
     assert code == 0
     return out

@@ -113,7 +113,7 @@ def test_quant_state_matches_checkpoint(cli_run: Path) -> None:
 
 def test_reload_gives_in_memory_logits(tmp_path: Path) -> None:
     config = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--train.epochs", "2",
-                         "--trainer.enable_progress_bar", "false")
+                         "--advanced.trainer.enable_progress_bar", "false")
     result = run_quantize(config)
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -19,7 +19,7 @@ EVAL_FLAGS = ["--eval.datasets", "[shipped]", "--eval.seqlen", "128", "--eval.ma
 def quantized(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cli_eval")
     code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(out),
-                 "--trainer.enable_progress_bar", "false", *EVAL_FLAGS, "--train.epochs", "1"])
+                 "--advanced.trainer.enable_progress_bar", "false", *EVAL_FLAGS, "--train.epochs", "1"])
     assert code == 0
     return out
 
@@ -66,7 +66,7 @@ def test_evaluate_reproduces_the_report(quantized: Path, capsys: pytest.CaptureF
 def test_bad_data_is_an_early_error(overrides: list[str], message: str, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path / "out"),
-                 "--trainer.enable_progress_bar", "false", *overrides])
+                 "--advanced.trainer.enable_progress_bar", "false", *overrides])
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "report.json").exists()
@@ -75,7 +75,7 @@ def test_bad_data_is_an_early_error(overrides: list[str], message: str, tmp_path
 def test_without_fp_reference_ppl_fp_is_none(tmp_path: Path) -> None:
     # rtn: the same evaluation path as cbq, without the training time
     code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path), "--method", "rtn",
-                 "--trainer.enable_progress_bar", "false", *EVAL_FLAGS, "--eval.max_windows", "2",
+                 "--advanced.trainer.enable_progress_bar", "false", *EVAL_FLAGS, "--eval.max_windows", "2",
                  "--eval.fp_reference", "false"])
     assert code == 0
     entries = json.loads((tmp_path / "report.json").read_text())["eval"]

@@ -24,7 +24,7 @@ from tests.conftest import TINY_RECIPE, load_recipe
 #: the smallest run that still trains, quantizes, saves and evaluates (the fuzzed flag comes after these)
 MINIMAL = ["--data.num_samples", "4", "--data.seqlen", "32", "--train.epochs", "1", "--train.batch_size", "2",
            "--eval.max_windows", "1", "--eval.seqlen", "64", "--advanced.monitor.rtn_reference", "false",
-           "--trainer.enable_progress_bar", "false", "--eval.fp_reference", "false"]
+           "--advanced.trainer.enable_progress_bar", "false", "--eval.fp_reference", "false"]
 #: keys whose valid values reach outside this machine or change what the run is (tested elsewhere)
 NOT_FUZZED = {
     "output_dir",  # the run's folder is the test's

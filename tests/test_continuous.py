@@ -155,7 +155,7 @@ def test_sigmoid_estimator_needs_something_to_act_on(tmp_path: Path) -> None:
 
 
 def test_cli_fit_with_both_approximations_logs_the_temperature_and_differs_from_ste(tmp_path: Path) -> None:
-    common = ("--train.epochs", "2", "--eval.datasets", "[]", "--trainer.enable_progress_bar", "false",
+    common = ("--train.epochs", "2", "--eval.datasets", "[]", "--advanced.trainer.enable_progress_bar", "false",
               "--quant.scheme", "W4A8", "--rounding.form", "offset")
     ste = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path / "ste"), *common)).report
     smooth = run_quantize(load_recipe(

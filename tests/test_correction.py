@@ -113,9 +113,9 @@ def test_finalise_freezes_but_keeps_the_correction_and_rtn_fallback_silences_it(
 @pytest.fixture(scope="module")
 def corrected_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("corrected")
-    code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(out), "--trainer.enable_progress_bar",
+    code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(out), "--advanced.trainer.enable_progress_bar",
                  "false", "--quant.scheme", "W4A8", "--train.epochs", "2", "--extensions.correction.rank", "2",
-                 "--extensions.correction.init", "zero", "--train.lr_correction", "0.001", *EVAL_FLAGS])
+                 "--extensions.correction.init", "zero", "--extensions.lr_correction", "0.001", *EVAL_FLAGS])
     assert code == 0
     return out
 
@@ -171,7 +171,7 @@ def test_packed_export_refuses_a_corrected_run(corrected_run: Path, tmp_path: Pa
 
 def test_too_large_a_rank_fails_before_calibration(tmp_path: Path) -> None:
     config = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--extensions.correction.rank", "40",
-                         "--trainer.enable_progress_bar", "false", "--eval.datasets", "[]")
+                         "--advanced.trainer.enable_progress_bar", "false", "--eval.datasets", "[]")
     with pytest.raises(ConfigError, match="layer blocks.0.self_attn.k_proj"):
         run_quantize(config)
 

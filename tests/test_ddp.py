@@ -1,6 +1,6 @@
 """DDP over calibration shards: two CPU processes (gloo) against one process on the same samples.
 
-With contiguous batches (``train.shuffle false``) and interleaved shards, the union of the two ranks'
+With contiguous batches (``advanced.train.shuffle false``) and interleaved shards, the union of the two ranks'
 batches of 2 is the single process's batch of 4, and DDP averages the two ranks' gradients - so both runs
 take the same optimisation steps up to the per-batch loss normalisation (each rank normalises its MSE by
 its own half batch) and float summation order. Tolerance: at least 99.5 % of the integer codes identical
@@ -32,7 +32,7 @@ from tests.conftest import REPO, TINY_RECIPE, load_recipe
 # the single process's in real arithmetic, so what may differ is float32 reduction order alone: the codes must
 # be identical and every float within a float32 tolerance. The soft forward (the paper's) keeps a decision
 # from flipping on such noise during training.
-COMMON = ["--train.epochs", "2", "--train.shuffle", "false", "--trainer.enable_progress_bar", "false",
+COMMON = ["--train.epochs", "2", "--advanced.train.shuffle", "false", "--advanced.trainer.enable_progress_bar", "false",
           "--trainer.accelerator", "cpu", "--eval.datasets", "[]", "--advanced.monitor.rtn_reference", "false",
           "--rounding.forward", "soft", "--loss.normalize", "false",
           # unnormalised, a soft window's first loss (its weights start at the FP weights) is near zero, so the

@@ -22,7 +22,7 @@ SCHEMES = ("w4a16", "w3a16g64", "w2a16g64", "w4a8", "w4a4")
 #: outputs go, the calibration budget, the trainer's device and precision, evaluation and export
 BUDGET_AND_PLACEMENT = (
     "output_dir", "data_dir", "model.", "data.", "train.epochs", "train.epochs_2bit", "train.batch_size",
-    "train.forward_batch_size", "trainer.", "eval.", "export.",
+    "advanced.train.forward_batch_size", "trainer.", "advanced.trainer.", "eval.", "export.",
 )
 #: the families whose rotation folds exactly (the rotated recipes rotate them; the others run without it)
 ROTATABLE = {"llama", "mistral", "qwen2", "qwen3", "granite"}
@@ -89,7 +89,7 @@ def test_the_committed_record_ran_the_composed_recipe(scheme: str) -> None:
 TINY_BUDGET = (
     "--data.source", "shipped", "--data.num_samples", "4", "--data.seqlen", "32", "--train.epochs", "1",
     "--train.epochs_2bit", "1", "--train.batch_size", "2",
-    "--eval.datasets", "[]", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
+    "--eval.datasets", "[]", "--advanced.trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
 )
 
 

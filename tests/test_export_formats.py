@@ -57,7 +57,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
             out = root / name
             run_quantize(load_recipe(
                 TINY_RECIPE, "--method", "rtn", "--eval.datasets", "[]", "--advanced.monitor.rtn_reference", "false",
-                "--trainer.enable_progress_bar", "false", "--output_dir", str(out), *RUNS[name],
+                "--advanced.trainer.enable_progress_bar", "false", "--output_dir", str(out), *RUNS[name],
             ))
             made[name] = out
         return made[name]

@@ -159,7 +159,7 @@ def test_quantize_reload_and_compressed_tensors_export(model_type: str, tmp_path
     result = run_quantize(load_recipe(
         TINY_RECIPE, "--model.name_or_path", f"tiny-{model_type}:num_layers=3",
         "--quant.scheme", "W4A16G32", "--quant.sym", "true", "--train.epochs", "1", "--eval.datasets", "[]",
-        "--data.num_samples", "8", "--advanced.monitor.rtn_reference", "false", "--trainer.enable_progress_bar", "false",
+        "--data.num_samples", "8", "--advanced.monitor.rtn_reference", "false", "--advanced.trainer.enable_progress_bar", "false",
         "--output_dir", str(out),
     ))
     report = result.report
@@ -201,7 +201,7 @@ def test_gptq_export_reloads_with_the_run_logits(model_type: str, tmp_path: Path
     result = run_quantize(load_recipe(
         TINY_RECIPE, "--method", "rtn", "--model.name_or_path", f"tiny-{model_type}:num_layers=2",
         "--quant.scheme", "W4A16G32", "--quant.sym", "true", "--eval.datasets", "[]", "--data.num_samples", "4",
-        "--trainer.enable_progress_bar", "false", "--output_dir", str(out),
+        "--advanced.trainer.enable_progress_bar", "false", "--output_dir", str(out),
     ))
     with torch.no_grad(), torch._dynamo.config.patch(disable=True):  # gptqmodel would compile its kernel
         expected = result.model(IDS).logits

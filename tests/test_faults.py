@@ -27,7 +27,7 @@ from cbq_lightning.lock import LOCK_FILE
 from tests.conftest import REPO, TINY_RECIPE
 
 #: 2 epochs per window (the recipe's 10 add nothing a fault could hit: the writes and the resume points are the same)
-FLAGS = ["--train.epochs", "2", "--trainer.enable_progress_bar", "false", "--eval.max_windows", "1",
+FLAGS = ["--train.epochs", "2", "--advanced.trainer.enable_progress_bar", "false", "--eval.max_windows", "1",
          "--advanced.monitor.rtn_reference", "false"]
 
 

@@ -15,7 +15,7 @@ from cbq_lightning.models.loading import ModelConfig
 from cbq_lightning.runner import run_quantize
 from tests.conftest import TINY_RECIPE, load_recipe
 
-FAST = ("--train.epochs", "1", "--trainer.enable_progress_bar", "false", "--data.num_samples", "4",
+FAST = ("--train.epochs", "1", "--advanced.trainer.enable_progress_bar", "false", "--data.num_samples", "4",
         "--eval.max_windows", "3", "--advanced.monitor.rtn_reference", "false")
 
 

@@ -35,7 +35,7 @@ gguf = pytest.importorskip("gguf")
 
 IDS = torch.randint(0, 250, (2, 40), generator=torch.Generator().manual_seed(0))
 #: a small CBQ budget: the point is what the export stores, not how good the fit is
-BUDGET = ("--train.epochs", "1", "--trainer.enable_progress_bar", "false", "--eval.datasets", "[]",
+BUDGET = ("--train.epochs", "1", "--advanced.trainer.enable_progress_bar", "false", "--eval.datasets", "[]",
           "--advanced.monitor.rtn_reference", "false")
 #: keys every export holds (the tokenizer's and the architecture's are checked per case)
 COMMON_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.quantized_by",

@@ -145,7 +145,7 @@ def test_cli_quantizes_each_familys_tiny_gguf(tmp_path: Path, model_type: str) -
     out = tmp_path / "run"
     code = main(["quantize", "--config", str(TINY_RECIPE), "--model.name_or_path", str(path), "--model.dtype",
                  "float32", "--output_dir", str(out), "--data.num_samples", "4", "--train.epochs", "1",
-                 "--eval.max_windows", "2", "--trainer.enable_progress_bar", "false"])
+                 "--eval.max_windows", "2", "--advanced.trainer.enable_progress_bar", "false"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["model_type"] == model_type

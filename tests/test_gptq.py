@@ -257,7 +257,7 @@ def test_gptq_method_rtn_beats_plain_rtn(tmp_path: Path) -> None:
     for name, extra in (("rtn", []), ("gptq", ["--extensions.gptq", "{}"]), ("sequential", ["--extensions.gptq.true_sequential", "true"])):
         out = tmp_path / name
         code = main(["quantize", "--config", str(TINY_RECIPE), "--method", "rtn", "--output_dir", str(out),
-                     "--eval.datasets", "[]", "--trainer.enable_progress_bar", "false", *extra])
+                     "--eval.datasets", "[]", "--advanced.trainer.enable_progress_bar", "false", *extra])
         assert code == 0
         errors[name] = json.loads((out / "report.json").read_text())["final_error"]["rtn"]
     assert errors["gptq"] < errors["rtn"]

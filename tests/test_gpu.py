@@ -112,7 +112,7 @@ def deterministic_cuda():
 def _cli_on_gpu(out: Path, *flags: str) -> Path:
     """``cbq quantize --config configs/tiny.yaml`` on the GPU: the conftest's ``cli_run`` plus ``GPU``."""
     code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(out),
-                 "--trainer.enable_progress_bar", "false", *GPU, *flags])
+                 "--advanced.trainer.enable_progress_bar", "false", *GPU, *flags])
     assert code == 0
     return out
 
@@ -195,7 +195,7 @@ def test_compressed_tensors_export_reloads_on_cuda(gpu_fp32: Path, tmp_path: Pat
         run = tmp_path / "rtn"
         run_quantize(load_recipe(
             TINY_RECIPE, "--method", "rtn", "--quant.scheme", "W4A16G32", "--quant.sym", "true", "--eval.datasets",
-            "[]", "--advanced.monitor.rtn_reference", "false", "--trainer.enable_progress_bar", "false",
+            "[]", "--advanced.monitor.rtn_reference", "false", "--advanced.trainer.enable_progress_bar", "false",
             "--output_dir", str(run), *GPU,
         ))
     _export(run, "compressed-tensors", tmp_path / "ct")

@@ -22,7 +22,7 @@ def _windows(tmp_path: Path, name: str, *overrides: str) -> list[dict]:
     out = tmp_path / name
     config = load_recipe(
         TINY_RECIPE, "--output_dir", str(out), "--train.epochs", str(EPOCHS), "--advanced.monitor.hardened_loss", "true",
-        "--eval.datasets", "[]", "--trainer.enable_progress_bar", "false", *overrides,
+        "--eval.datasets", "[]", "--advanced.trainer.enable_progress_bar", "false", *overrides,
     )
     run_quantize(config)
     return json.loads((out / "report.json").read_text())["windows"]

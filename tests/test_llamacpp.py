@@ -223,7 +223,7 @@ def exports(source: tuple[Path, nn.Module], tmp_path_factory: pytest.TempPathFac
             run, output = root / gguf_type, root / f"tiny-{gguf_type}.gguf"
             assert main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(run),
                          "--model.name_or_path", str(source[0]), "--quant.scheme", gguf_type, "--method", "rtn",
-                         "--eval.datasets", "[]", "--trainer.enable_progress_bar", "false",
+                         "--eval.datasets", "[]", "--advanced.trainer.enable_progress_bar", "false",
                          "--advanced.monitor.rtn_reference", "false"]) == 0
             assert main(["export", "--run", str(run), "--format", "gguf", "--output", str(output),
                          "--dtype", "float32"]) == 0

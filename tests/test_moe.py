@@ -96,7 +96,7 @@ def test_report_counts_the_tokens_routed_to_each_expert(tmp_path: Path) -> None:
         "--quant.scheme", "W4A16G32",
         "--quant.sym", "true",
         "--train.epochs", "1", "--eval.datasets", "[]", "--data.num_samples", "4", "--data.seqlen", "32",
-        "--advanced.monitor.rtn_reference", "false", "--trainer.enable_progress_bar", "false", "--output_dir", str(tmp_path),
+        "--advanced.monitor.rtn_reference", "false", "--advanced.trainer.enable_progress_bar", "false", "--output_dir", str(tmp_path),
     ))
     moe = result.report["model"]["moe"]
     assert moe["experts_per_token"] == 2 and set(moe["routed_tokens"]) == {"0", "1"}
@@ -122,7 +122,7 @@ def test_gptq_start_and_activation_quantization_on_experts(tmp_path: Path) -> No
         "--quant.scheme", "W4A8", "--quant.act_mode", "dynamic_sym", "--extensions.gptq", "{true_sequential: true}",
         "--extensions.clip_search", "{activation_aware: true}", "--cfp.activations", "true",
         "--train.epochs", "1", "--eval.datasets", "[]", "--data.num_samples", "4", "--data.seqlen", "32",
-        "--advanced.monitor.rtn_reference", "false", "--trainer.enable_progress_bar", "false", "--output_dir", str(tmp_path),
+        "--advanced.monitor.rtn_reference", "false", "--advanced.trainer.enable_progress_bar", "false", "--output_dir", str(tmp_path),
     ))
     report = result.report
     assert report["cfp"]["activations"] and report["model"]["moe"]["routed_tokens"]
@@ -176,7 +176,7 @@ def test_compressed_tensors_export_loads_in_stock_transformers(model_type: str, 
     run, exact, default = tmp_path / "run", tmp_path / "ct-auto", tmp_path / "ct-float16"
     assert main(["quantize", "--config", str(TINY_RECIPE), "--model.name_or_path", f"tiny-{model_type}",
                  "--quant.scheme", "W3A16", "--quant.sym", "false",  # the recipe's own scheme, pinned for the asserts
-                 "--output_dir", str(run), "--eval.datasets", "[]", "--trainer.enable_progress_bar", "false"]) == 0
+                 "--output_dir", str(run), "--eval.datasets", "[]", "--advanced.trainer.enable_progress_bar", "false"]) == 0
     assert main(["export", "--run", str(run), "--format", "compressed-tensors", "--dtype", "auto",
                  "--output", str(exact)]) == 0
     assert main(["export", "--run", str(run), "--format", "compressed-tensors", "--output", str(default)]) == 0

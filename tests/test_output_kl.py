@@ -75,7 +75,7 @@ def test_output_kl_config_validation() -> None:
 
 def test_only_the_last_window_trains_on_the_next_token_kl(tmp_path: Path) -> None:
     config = load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), "--train.epochs", "2", "--eval.datasets", "[]",
-                         "--trainer.enable_progress_bar", "false", "--extensions.output_kl_weight", "1.0",
+                         "--advanced.trainer.enable_progress_bar", "false", "--extensions.output_kl_weight", "1.0",
                          "--extensions.output_kl_tokens", "16")
     report = run_quantize(config).report
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})

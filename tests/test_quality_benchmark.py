@@ -350,8 +350,8 @@ def test_peer_records_from_another_machine_join_the_scheme_record(quality, tmp_p
 
 
 def test_ablation_specs_are_checked(quality) -> None:
-    assert quality._parse_ablations([["lowrank10", "extensions.correction.rank_fraction=0.1", "train.lr_correction=1e-3"]]) == {
-        "lowrank10": ["extensions.correction.rank_fraction=0.1", "train.lr_correction=1e-3"]}
+    assert quality._parse_ablations([["lowrank10", "extensions.correction.rank_fraction=0.1", "extensions.lr_correction=1e-3"]]) == {
+        "lowrank10": ["extensions.correction.rank_fraction=0.1", "extensions.lr_correction=1e-3"]}
     with pytest.raises(SystemExit, match="write a name"):
         quality._parse_ablations([["extensions.correction.rank=4"]])
     with pytest.raises(SystemExit, match="write a name"):
@@ -483,7 +483,7 @@ def _quantize_output(quality, folder: Path, scheme: str, ppl: float, *flags: str
     from tests.conftest import load_recipe
 
     recipe = REPO / "configs" / f"smollm2_{scheme.lower()}.yaml"
-    placement = ["--output_dir", str(folder), "--data_dir", "/elsewhere", "--trainer.enable_progress_bar", "false",
+    placement = ["--output_dir", str(folder), "--data_dir", "/elsewhere", "--advanced.trainer.enable_progress_bar", "false",
                  "--eval.fp_reference", "false", "--seed", str(seed)]
     config = load_recipe(recipe, *placement, *flags)
     folder.mkdir(parents=True)

@@ -321,7 +321,7 @@ def test_readme_python_example_equals_the_command_line(tmp_path: Path, monkeypat
     model_dir = tmp_path / "your-model"
     build_tiny_llama(TinyModelConfig(), vocab_size=len(tokenizer), seed=0).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    budget = {"data.num_samples": 4, "data.seqlen": 64, "train.epochs": 1, "trainer.enable_progress_bar": False,
+    budget = {"data.num_samples": 4, "data.seqlen": 64, "train.epochs": 1, "advanced.trainer.enable_progress_bar": False,
               "eval.max_windows": 2, "eval.seqlen": 64}
     for written in ('"path/to/your-model"', 'recipe="configs/w4a16.yaml"', 'output_dir="runs/my-w4a16"'):
         assert written in code, f"the README example no longer says {written}: update this test with it"

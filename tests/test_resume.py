@@ -61,7 +61,7 @@ def test_killed_run_resumes_at_the_next_window_bit_for_bit(tmp_path: Path, unint
             bar_totals.extend(c.num_windows for c in trainer.callbacks if isinstance(c, WindowProgressBar))
 
     # progress bars may change on resume: on here, to see that the bar counts the run's windows, not those left
-    resumed_args = (*FAST, "--trainer.enable_progress_bar", "true")
+    resumed_args = (*FAST, "--advanced.trainer.enable_progress_bar", "true")
     report = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *resumed_args), [Record()]).report
     assert started == [2], "only the unfinished window trains again"
     assert bar_totals == [3], "the bar says 'window 3/3', not '3/1'"

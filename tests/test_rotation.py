@@ -168,7 +168,7 @@ def test_a_rotation_that_rotates_nothing_is_refused() -> None:
 def _w4a4(out: Path, *overrides: str) -> dict:
     return run_quantize(load_recipe(
         TINY_RECIPE, "--quant.scheme", "W4A4", "--quant.act_mode", "dynamic_sym", "--train.epochs", "1",
-        "--data.num_samples", "8", "--advanced.monitor.rtn_reference", "false", "--trainer.enable_progress_bar", "false",
+        "--data.num_samples", "8", "--advanced.monitor.rtn_reference", "false", "--advanced.trainer.enable_progress_bar", "false",
         "--output_dir", str(out), *overrides,
     )).report
 
@@ -205,7 +205,7 @@ def test_folded_rotations_export_and_reload_in_stock_transformers(tmp_path: Path
     result = run_quantize(load_recipe(
         TINY_RECIPE, "--model.name_or_path", "tiny-llama:num_layers=2,tie_embeddings=true", "--quant.scheme", "W4A16G32", "--quant.sym", "true",
         "--train.epochs", "1", "--eval.datasets", "[]", "--data.num_samples", "4", "--advanced.monitor.rtn_reference",
-        "false", "--trainer.enable_progress_bar", "false", "--output_dir", str(out),
+        "false", "--advanced.trainer.enable_progress_bar", "false", "--output_dir", str(out),
         "--extensions.rotation.online_down", "false",
     ))
     assert result.report["rotation"]["untied_lm_head"] is True

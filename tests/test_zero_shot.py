@@ -213,7 +213,7 @@ def w4a4_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("w4a4_rtn")
     code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(out), "--method", "rtn",
                  "--quant.scheme", "W4A4", "--data.num_samples", "4", "--eval.datasets", "[]",
-                 "--trainer.enable_progress_bar", "false"])
+                 "--advanced.trainer.enable_progress_bar", "false"])
     assert code == 0
     return out
 

@@ -245,7 +245,7 @@ def run_layer_bits(
     if mixed is not None:
         groups = measure_sensitivity(
             adapter.blocks, inputs[: mixed.samples], block_kwargs, scheme, mixed.candidates, clip_search, device,
-            config.train.forward_batch_size, progress=config.trainer.enable_progress_bar,
+            config.advanced.train.forward_batch_size, progress=config.advanced.trainer.enable_progress_bar,
         )
         layer_bits = allocate(groups, mixed.candidates, mixed.budget)
         sensitivity = [{"layers": g.names, "weights": g.weights, "errors": {str(b): e for b, e in g.errors.items()}}
