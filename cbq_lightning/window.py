@@ -41,7 +41,7 @@ class WindowModule(L.LightningModule):
             tables...; :meth:`BlockKwargs.for_blocks`).
         loss: loss branches and KL weight.
         rounding: regulariser settings.
-        optim: learning rates and schedule.
+        optim: learning rates of the rounding factors and the clipping logits.
         rounding_tuning: the regulariser's anneal (``advanced.rounding``); None: the paper's.
         lr_correction: learning rate of the low-rank correction factors (``extensions.lr_correction``).
         lr_schedule: ``constant`` or ``cosine`` (``extensions.lr_schedule``).
