@@ -20,7 +20,7 @@ the rows where truncating lowers the layer's quantized output error, see :class:
 channel on the calibration ``max|x|`` of a norm's output, where outlier channels get
 ``s_c = (max_c / max_retained) ** alpha`` folded into the norm (divided) and the following linears' input
 columns (multiplied): an exact re-parameterisation, nothing is left for run time. Optionally
-(``cfp.mlp``, an extension of the method) the same detection and scaling run on the input of the gated MLP's
+(``extensions.cfp_mlp``, an extension of the method) the same detection and scaling run on the input of the gated MLP's
 down projection, folded into the up projection's output rows instead of a norm: exact as well, and where
 LLaMA-family models carry their largest activations.
 """
@@ -61,9 +61,6 @@ class CFPConfig:
         activations: scale outlier input channels of norm -> linear pairs (exact). Applied only when the
             scheme quantizes activations: for weight-only schemes it would move activation outliers into
             the weights and help nothing.
-        mlp: also scale outlier input channels of the down projection, folded into the up projection's
-            output rows (exact; an extension of the paper's CFP, docs/method.md §4, off by default). Applied under the same
-            conditions as ``activations``.
 
     The paper's finer settings (the detection's constants, the migration strength, the statistics' sample) are
     :class:`CFPTuning` (``advanced.cfp``).
@@ -72,7 +69,6 @@ class CFPConfig:
     weights: bool = True
     truncation: Literal["judged", "always"] = "judged"
     activations: bool = True
-    mlp: bool = False
 
     def __post_init__(self) -> None:
         if self.truncation not in ("judged", "always"):
@@ -261,6 +257,7 @@ class CoarseToFinePreprocessor:
     Args:
         config: CFP settings.
         tuning: CFP's finer settings (``advanced.cfp``); None: the paper's.
+        mlp: also scale the down projection's input channels (``extensions.cfp_mlp``).
         scale_activations: apply the activation part (the run quantizes activations and ``cfp.activations``).
         batch_size: sequences per forward when gathering statistics.
         pairs: the model family's exact scaling pairs; the LLaMA layout by default (the tiny model's).
@@ -274,11 +271,13 @@ class CoarseToFinePreprocessor:
         rtn: Callable[[int, str, torch.Tensor], torch.Tensor] | None = None,
         pairs: ScalingPairs = LLAMA_PAIRS,
         tuning: CFPTuning | None = None,
+        mlp: bool = False,
     ) -> None:
         if config.weights and config.truncation == "judged" and rtn is None:
             raise ValueError("judged weight truncation needs the run's round-to-nearest quantizer (rtn)")
         self.config = config
         self.tuning = tuning if tuning is not None else CFPTuning()
+        self.mlp = mlp
         self.scale_activations = scale_activations
         self.batch_size = batch_size
         #: ``rtn(block index, linear name, weight)``: the weight fake-quantized to nearest on its grid
@@ -349,7 +348,7 @@ class CoarseToFinePreprocessor:
         self, index: int, block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]
     ) -> dict[str, float]:
         pairs = self.pairs.norm_pairs(block)
-        mlp_pairs = self.pairs.linear_pairs(block) if self.config.mlp else []
+        mlp_pairs = self.pairs.linear_pairs(block) if self.mlp else []
         maxima: dict[str, torch.Tensor] = {}
 
         def record(name: str, x: torch.Tensor) -> None:

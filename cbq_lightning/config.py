@@ -139,11 +139,24 @@ def _check_quantizer_options(config: QuantizeConfig, scheme: QuantScheme) -> Non
             )
     if extensions.gptq is not None and cbq:
         config.rounding.check_gptq_start()
-    tuned = config.advanced.rounding.changed()
-    if config.rounding.enabled and config.rounding.form == "offset" and tuned:
+    _check_rounding_start(config)
+
+
+def _check_rounding_start(config: QuantizeConfig) -> None:
+    """How the LoRA factors start, against the rounding form that has to hold them."""
+    extensions, form = config.extensions, config.rounding.form
+    if extensions.rounding_init == "gradient" and form == "lowrank":
+        raise ConfigError(
+            "extensions.rounding_init=gradient needs rounding.form=residual: it re-chooses A2 while A1 is zero, and "
+            "the pure low-rank form starts both factors random (changing A2 would change the starting decisions)."
+        )
+    defaults = ExtensionsConfig()
+    tuned = [f"extensions.{name}={getattr(extensions, name)}" for name in ("rounding_init", "rounding_init_batches")
+             if getattr(extensions, name) != getattr(defaults, name)] + config.advanced.rounding.changed()
+    if config.rounding.enabled and form == "offset" and tuned:
         raise ConfigError(
             f"rounding.form=offset has no LoRA factors and no regulariser, so {', '.join(tuned)} would do nothing: "
-            "leave advanced.rounding at its defaults, or use rounding.form=residual."
+            "leave them at their defaults, or use rounding.form=residual."
         )
 
 
@@ -163,11 +176,11 @@ def _check_outputs(config: QuantizeConfig, scheme: QuantScheme, supplied_model_t
         )
     rotation = extensions.rotation
     online_down = rotation is not None and rotation.online_down
-    if online_down and config.cfp.mlp:
+    if online_down and extensions.cfp_mlp:
         raise ConfigError(
-            "cfp.mlp with extensions.rotation.online_down: CFP would scale the down projection's input channels, "
+            "extensions.cfp_mlp with extensions.rotation.online_down: CFP would scale the down projection's input channels, "
             "but that input is rotated before the down projection sees it, so the scale no longer folds into its "
-            "columns. Set cfp.mlp false (the rotation spreads those outliers already) or "
+            "columns. Set extensions.cfp_mlp false (the rotation spreads those outliers already) or "
             "extensions.rotation.online_down false."
         )
     if config.export.format is None:

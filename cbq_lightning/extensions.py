@@ -70,6 +70,25 @@ class ExtensionsConfig:
             (:class:`MixedPrecisionConfig`); null: every layer at the scheme's bits.
         rotation: orthogonal rotations folded into the model before anything else
             (:class:`~cbq_lightning.rotation.fold.RotationConfig`); null: none.
+        rounding_forward: what LoRA-Rounding's training forward uses: ``soft`` (the paper, AdaRound) the soft
+            decisions ``h(V)``, hardened at 0.5 only at finalisation; ``hardened`` the decisions ``1[h(V) >= 0.5]``
+            already, with the gradient passed straight through to ``h(V)``. Why: a soft fit optimises a model that
+            does not exist after hardening, and closing that gap takes the regulariser's long anneal (thousands
+            of steps per layer in AdaRound); a fit of a few dozen steps per window leaves a gap larger than what it
+            gained. A hardened forward trains the model that will be kept, with the same parameters (``A1``, ``A2``
+            inside the rectified sigmoid) and the same regulariser.
+        rounding_init: how ``A2`` starts in the ``residual`` form (``A1`` starts at zero, so either choice leaves
+            the layer's starting decisions unchanged): ``random`` (the paper: Gaussian,
+            ``advanced.rounding.init_std``) or ``gradient``: the top-``rank`` right singular vectors of the
+            objective's gradient with respect to the logits ``V``, measured on the window's first
+            ``rounding_init_batches`` batches, at the same entry scale. Why: while ``A1`` is zero, a step moves
+            ``V`` only inside the row space of ``A2``; a random ``A2`` of rank 64 captures about 64/in of a
+            gradient row (4-11 % for SmolLM2's layers), an aligned one the directions along which the objective
+            changes fastest, as a full-rank offset would (in the spirit of LoRA-GA; docs/method.md §2).
+        rounding_init_batches: batches of the window's calibration samples (in order) whose summed gradient
+            aligns ``A2`` (``rounding_init: gradient`` only); costs about that many training steps per window.
+        cfp_mlp: CFP also scales outlier input channels of the down projection, folded into the up projection's
+            output rows (exact; docs/method.md §4). Applied where CFP's activation scaling is.
         lr_schedule: the windows' learning-rate schedule: ``constant`` (the paper) or ``cosine`` (decay to 0 over
             each window's steps).
         lr_correction: learning rate of the low-rank correction factors (with ``correction``).
@@ -93,6 +112,10 @@ class ExtensionsConfig:
     mixed: MixedPrecisionConfig | None = None
     rotation: RotationConfig | None = None
     end_to_end: EndToEndConfig | None = None
+    rounding_forward: Literal["soft", "hardened"] = "soft"
+    rounding_init: Literal["random", "gradient"] = "random"
+    rounding_init_batches: int = 4
+    cfp_mlp: bool = False
     lr_schedule: Literal["constant", "cosine"] = "constant"
     lr_correction: float = 1e-4
 
@@ -102,6 +125,14 @@ class ExtensionsConfig:
         if self.output_kl_weight < 0:
             raise ConfigError(
                 f"extensions.output_kl_weight={self.output_kl_weight} must be >= 0 (0 switches it off).")
+        if self.rounding_forward not in ("soft", "hardened"):
+            raise ConfigError(f"extensions.rounding_forward={self.rounding_forward!r} is unknown: use 'soft' or "
+                              "'hardened'.")
+        if self.rounding_init not in ("random", "gradient"):
+            raise ConfigError(f"extensions.rounding_init={self.rounding_init!r} is unknown: use 'random' or "
+                              "'gradient'.")
+        if self.rounding_init_batches < 1:
+            raise ConfigError(f"extensions.rounding_init_batches={self.rounding_init_batches} must be >= 1.")
         if not (math.isfinite(self.lr_correction) and self.lr_correction > 0):
             raise ConfigError(f"extensions.lr_correction={self.lr_correction} must be finite and > 0.")
         if self.output_kl_tokens < 1:

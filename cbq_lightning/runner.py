@@ -300,6 +300,7 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: BlockKwargs, dev
         scheme=scheme, rounding=job.rounding, learnable_clip=learnable_clip,
         clip_init=config.quant.clip_init if learnable_clip else 1.0, clip_search=clip_search, act=act, gptq=gptq,
         correction=job.correction, column_scale=config.extensions.column_scale, rounding_tuning=config.advanced.rounding,
+        rounding_forward=config.extensions.rounding_forward,
     )
     sequential = gptq is not None and gptq.true_sequential
     needs_moments = layer.needs_input_moments or gptq is not None
@@ -311,7 +312,7 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: BlockKwargs, dev
     cfp = CoarseToFinePreprocessor(
         config.cfp, scale_activations=config.cfp.activations and act is not None,
         batch_size=config.advanced.train.forward_batch_size, rtn=quantizer.round_to_nearest, pairs=job.adapter.scaling_pairs,
-        tuning=config.advanced.cfp,
+        tuning=config.advanced.cfp, mlp=config.extensions.cfp_mlp,
     )
     # CFP first: the clip search's moments must describe the inputs the quantized linears will see
     preprocessors = [p for p in (cfp if cfp.active else None, moments) if p is not None]

@@ -45,6 +45,8 @@ class WindowModule(L.LightningModule):
         rounding_tuning: the regulariser's anneal (``advanced.rounding``); None: the paper's.
         lr_correction: learning rate of the low-rank correction factors (``extensions.lr_correction``).
         lr_schedule: ``constant`` or ``cosine`` (``extensions.lr_schedule``).
+        gradient_init_batches: align the fresh factors ``A2`` with the objective's gradient over this many batches
+            before training (``extensions.rounding_init: gradient``); None: keep the random start (the paper).
         step_offset: global TensorBoard step of this window's first step (windows share one run).
         lr_scale: multiplies both learning rates (the divergence guard lowers it on a retry).
         explode_factor: a loss above this multiple of the fit's first loss is a divergence.
@@ -69,6 +71,7 @@ class WindowModule(L.LightningModule):
         rounding_tuning: RoundingTuning | None = None,
         lr_correction: float = 1e-4,
         lr_schedule: str = "constant",
+        gradient_init_batches: int | None = None,
         step_offset: int = 0,
         lr_scale: float = 1.0,
         explode_factor: float = 1000.0,
@@ -86,6 +89,7 @@ class WindowModule(L.LightningModule):
         self.rounding_tuning = rounding_tuning if rounding_tuning is not None else RoundingTuning()
         self.lr_correction = lr_correction
         self.lr_schedule = lr_schedule
+        self.gradient_init_batches = gradient_init_batches
         self.optim_config = optim
         self.step_offset = step_offset
         self.lr_scale = lr_scale
@@ -147,14 +151,14 @@ class WindowModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # after the callback quantized the entering blocks: this is where a retried fit must start again
-        if self.rounding_config.init == "gradient":
+        if self.gradient_init_batches is not None:
             self.align_rounding_factors()
         self._start_state = TrainableSnapshot(self)
 
     def align_rounding_factors(self) -> None:
-        """``rounding.init: gradient``: point ``A2`` of every LoRA-Rounding whose ``A1`` is still zero (the blocks
+        """``extensions.rounding_init: gradient``: point ``A2`` of every LoRA-Rounding whose ``A1`` is still zero (the blocks
         entering their first window) along the top singular vectors of the objective's gradient with respect
-        to its logits, summed over the first ``rounding.init_batches`` batches of the calibration samples in
+        to its logits, summed over the first ``gradient_init_batches`` batches of the calibration samples in
         order (every rank's shard, summed over the ranks, so all ranks choose the same ``A2``). The starting
         decisions do not change: ``A1 A2`` stays zero."""
         fresh = [layer.rounding for _, layer in quant_linears(self.blocks)
@@ -163,7 +167,7 @@ class WindowModule(L.LightningModule):
             return
         samples = self.trainer.train_dataloader.dataset
         batch_size = self.optim_config.batch_size
-        count = min(len(samples), self.rounding_config.init_batches * batch_size)
+        count = min(len(samples), self.gradient_init_batches * batch_size)
         generator = torch.Generator().manual_seed(15485863 + self.window.index)  # output-KL positions
         gradients = [torch.zeros_like(rounding.v0) for rounding in fresh]
         for start in range(0, count, batch_size):

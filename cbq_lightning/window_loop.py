@@ -74,6 +74,8 @@ def _window_module(
         rounding_tuning=config.advanced.rounding,
         lr_correction=config.extensions.lr_correction,
         lr_schedule=config.extensions.lr_schedule,
+        gradient_init_batches=(config.extensions.rounding_init_batches
+                               if config.extensions.rounding_init == "gradient" else None),
         step_offset=step_offset,
         lr_scale=lr_scale,
         explode_factor=config.advanced.guard.explode_factor,

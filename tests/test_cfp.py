@@ -156,7 +156,7 @@ def test_activation_scaling_keeps_the_block_output_and_finds_the_planted_channel
 def test_mlp_scaling_keeps_the_block_output_and_finds_the_planted_channel() -> None:
     block, hidden, kwargs = _block_with_planted_outliers()
     before = run_blocks_batched([block], hidden, kwargs, "cpu", 8)
-    cfp = CoarseToFinePreprocessor(CFPConfig(weights=False, mlp=True), scale_activations=True)
+    cfp = CoarseToFinePreprocessor(CFPConfig(weights=False), scale_activations=True, mlp=True)
     stats = cfp(0, block, hidden, kwargs)
     after = run_blocks_batched([block], hidden, kwargs, "cpu", 8)
     assert float((after - before).abs().max()) < 1e-4
@@ -167,7 +167,7 @@ def test_mlp_scaling_keeps_the_block_output_and_finds_the_planted_channel() -> N
     assert stats["cfp/act_max_after/mlp.down_proj"] == pytest.approx(max(shrunk, threshold), rel=1e-5)
     assert "cfp/act_max_after/mlp.down_proj" not in CoarseToFinePreprocessor(CFPConfig(weights=False), True)(
         0, *_block_with_planted_outliers()
-    ), "cfp.mlp is off by default"
+    ), "extensions.cfp_mlp is off by default"
 
 
 def test_preprocessor_weight_part_truncates_and_reports() -> None:

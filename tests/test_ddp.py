@@ -34,7 +34,7 @@ from tests.conftest import REPO, TINY_RECIPE, load_recipe
 # from flipping on such noise during training.
 COMMON = ["--train.epochs", "2", "--advanced.train.shuffle", "false", "--advanced.trainer.enable_progress_bar", "false",
           "--trainer.accelerator", "cpu", "--eval.datasets", "[]", "--advanced.monitor.rtn_reference", "false",
-          "--rounding.forward", "soft", "--loss.normalize", "false",
+          "--extensions.rounding_forward", "soft", "--loss.normalize", "false",
           # unnormalised, a soft window's first loss (its weights start at the FP weights) is near zero, so the
           # guard's "exploded past 1000x the first loss" would fire on ordinary training (it has its own tests)
           "--advanced.guard.explode_factor", "1e12"]

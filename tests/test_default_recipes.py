@@ -71,8 +71,8 @@ def test_no_generic_recipe_is_the_paper_protocol(scheme: str) -> None:
     windows); the paper protocol keeps a recipe of its own under configs/paper/."""
     generic, paper = load_recipe(REPO / "configs" / f"{scheme}.yaml"), load_recipe(REPO / "configs" / "paper" / f"{scheme}.yaml")
     assert generic.extensions.gptq is not None and generic.rounding.form == "residual"
-    assert (generic.rounding.forward, generic.window.overlap) == ("hardened", 1)
-    assert paper.extensions.gptq is None and paper.rounding.forward == "soft" and paper.rounding.rank == 4
+    assert (generic.extensions.rounding_forward, generic.window.overlap) == ("hardened", 1)
+    assert paper.extensions.gptq is None and paper.extensions.rounding_forward == "soft" and paper.rounding.rank == 4
     assert (generic.model.dtype, generic.trainer.precision, generic.trainer.accelerator) == ("auto", "auto", "auto")
 
 

@@ -71,7 +71,7 @@ def test_cfp_channel_scaling_is_exact_in_full_precision(model_type: str) -> None
         _plant_outliers(adapter, block)
     with torch.no_grad():
         reference = model(IDS).logits
-    cfp = CoarseToFinePreprocessor(CFPConfig(weights=False, mlp=True), scale_activations=True,
+    cfp = CoarseToFinePreprocessor(CFPConfig(weights=False), scale_activations=True, mlp=True,
                                    pairs=adapter.scaling_pairs)
     hidden, kwargs = adapter.capture_block_inputs(IDS)
     for index, block in enumerate(adapter.blocks):

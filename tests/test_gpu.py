@@ -135,7 +135,7 @@ def test_float32_on_cuda_matches_the_cpu_run(cli_run: Path, gpu_fp32: Path) -> N
 
     The straight-through training of the tiny recipe is chaotic: CUDA's summation order flips a few
     rounding decisions (the first GPU run: 0.43 % of the codes) and the final error then follows another
-    path. The tolerance is what such a change of path costs on CPU: the recipe as shipped (``rounding.forward:
+    path. The tolerance is what such a change of path costs on CPU: the recipe as shipped (``extensions.rounding_forward:
     hardened``), the seed-0 weights saved as a checkpoint and quantized with seeds 0, 1, 2 (other calibration
     draws, rounding initialisation and data order; 2026-11-27, torch 2.13.0; seed 0 equals the in-memory
     run exactly) gave final errors 0.0342, 0.0371, 0.0345 against RTN's 0.1193, 0.1159, 0.1219: CBQ / RTN

@@ -1,4 +1,4 @@
-"""``rounding.init: gradient`` in a real run: which factors each window re-chooses, and that it trains."""
+"""``extensions.rounding_init: gradient`` in a real run: which factors each window re-chooses, and that it trains."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_entering_blocks_are_aligned_and_the_overlap_block_keeps_its_trained_fac
     orthogonal rows at the random start's scale (the aligned choice; a Gaussian ``A2`` is not orthogonal),
     while the block carried over from the previous window starts where that window left it."""
     recorder = RecordFactors()
-    flags = (*fast_flags(), "--rounding.init", "gradient", "--rounding.init_batches", "2", "--rounding.rank", "4")
+    flags = (*fast_flags(), "--extensions.rounding_init", "gradient", "--extensions.rounding_init_batches", "2", "--rounding.rank", "4")
     report = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *flags), [recorder]).report
     init_std = 0.1
     for window in report["windows"]:
@@ -60,7 +60,7 @@ def test_entering_blocks_are_aligned_and_the_overlap_block_keeps_its_trained_fac
 
 
 def test_random_factors_are_left_alone_by_default(tmp_path: Path) -> None:
-    """The default (``rounding.init: random``) does not touch the Gaussian start: its rows are not orthogonal."""
+    """The default (``extensions.rounding_init: random``) does not touch the Gaussian start: its rows are not orthogonal."""
     recorder = RecordFactors()
     run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(tmp_path), *fast_flags(1)), [recorder])
     assert not any(_orthogonal_at_start_scale(a2, 0.1) for a2 in recorder.first_step[0].values())

@@ -96,7 +96,7 @@ def test_paper_flags_are_what_method_md_states(quality) -> None:
     settings = quality.paper_settings()
     assert settings["extensions.gptq"] == "null" and settings["rounding.form"] == "residual"
     assert settings["rounding.rank"] == "4" and float(settings["extensions.column_scale"]) == 0
-    assert settings["rounding.forward"] == "soft" and (settings["window.size"], settings["window.overlap"]) == ("2", "1")
+    assert settings["extensions.rounding_forward"] == "soft" and (settings["window.size"], settings["window.overlap"]) == ("2", "1")
     assert float(settings["loss.kl_weight"]) == 1.0 and float(settings["extensions.output_kl_weight"]) == 0
     assert (float(settings["train.lr_rounding"]), float(settings["train.lr_clip"])) == (0.001, 0.005)
     assert settings["extensions.rotation"] == "null" and settings["extensions.end_to_end"] == "null"
@@ -136,7 +136,7 @@ def test_recipe_deviations_are_read_from_the_recipe(quality, tmp_path: Path) -> 
     recipe.write_text(text)
     assert quality.recipe_deviations(recipe) == {}
     recipe.write_text(text.replace("overlap: 1", "overlap: 0").replace("forward: soft", "forward: hardened"))
-    assert quality.recipe_deviations(recipe) == {"window.overlap": ("1", "0"), "rounding.forward": ("soft", "hardened")}
+    assert quality.recipe_deviations(recipe) == {"window.overlap": ("1", "0"), "extensions.rounding_forward": ("soft", "hardened")}
     # an extension section is a deviation too
     recipe.write_text(text.replace("  rotation: null", "  rotation:\n    online_down: false"))
     assert quality.recipe_deviations(recipe) == {"extensions.rotation": ("null", "{online_down: false}")}

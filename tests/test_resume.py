@@ -126,10 +126,10 @@ def test_eval_settings_may_change_on_resume(tmp_path: Path) -> None:
 def test_lora_rounding_from_gptq_resumes_bit_for_bit(tmp_path: Path, init: str, column_scale: str) -> None:
     """The shipped recipes' combination: LoRA-Rounding started from GPTQ with overlapping windows. The overlap
     block's calibrating state (its GPTQ shift and V0, computed from data when it entered) is restored on
-    resume, so the run ends where an uninterrupted one does; with ``rounding.init: gradient`` the resumed
+    resume, so the run ends where an uninterrupted one does; with ``extensions.rounding_init: gradient`` the resumed
     window re-aligns only its entering block, from the same samples, and keeps the overlap block's factors; with
     ``extensions.column_scale`` the overlap block's scale (from its inputs when it entered) is restored too."""
-    flags = (*FAST, "--extensions.gptq", "{}", "--extensions.clip_search", "{}", "--cfp.weights", "true", "--rounding.init", init,
+    flags = (*FAST, "--extensions.gptq", "{}", "--extensions.clip_search", "{}", "--cfp.weights", "true", "--extensions.rounding_init", init,
              "--extensions.column_scale", column_scale)
     reference = tmp_path / "uninterrupted"
     run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(reference), *flags))

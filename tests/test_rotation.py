@@ -220,9 +220,9 @@ def test_folded_rotations_export_and_reload_in_stock_transformers(tmp_path: Path
 def test_cfp_mlp_scaling_with_an_online_rotation_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """CFP's MLP scaling folds into down_proj's input columns, which the online rotation mixes: not exact."""
     code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path), "--extensions.rotation", "{}",
-                 "--cfp.mlp", "true"])
+                 "--extensions.cfp_mlp", "true"])
     assert code == 2
-    assert "cfp.mlp with extensions.rotation.online_down" in capsys.readouterr().err
+    assert "extensions.cfp_mlp with extensions.rotation.online_down" in capsys.readouterr().err
 
 
 def test_evaluate_rotates_a_full_precision_model_without_changing_its_perplexity(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.export.quant_state import dequantize
+from cbq_lightning.extensions import ExtensionsConfig
 from cbq_lightning.quant.convert import finalize_block, finalized_linears, narrow_layers, quant_linears
 from cbq_lightning.quant.qlinear import FinalizedQuantLinear, LayerQuantConfig, QuantLinear
 from cbq_lightning.quant.rounding import (
@@ -429,7 +430,6 @@ def test_offset_form_refuses_the_settings_it_would_ignore():
     with pytest.raises(ConfigError, match=r"rounding\.rank=64, rounding\.reg_weight=0\.1 would do nothing: set "
                                           r"--rounding\.rank 4 --rounding\.reg_weight 0\.01"):
         RoundingConfig(form="offset", rank=64, reg_weight=0.1)
-    RoundingConfig(form="offset", forward="hardened")  # the offset's forward is straight-through either way
     RoundingConfig(form="residual", rank=64, reg_weight=0.1)
 
 
@@ -439,7 +439,7 @@ def test_unknown_rounding_form_in_config_raises():
 
 
 def test_hardened_forward_uses_hard_decisions_with_the_soft_gradient() -> None:
-    """``rounding.forward: hardened``: the forward value is ``1[h(V) >= 0.5]``, the gradient that of ``h(V)``.
+    """``extensions.rounding_forward: hardened``: the forward value is ``1[h(V) >= 0.5]``, the gradient that of ``h(V)``.
     By hand for one weight with V = 0.3: h = 1.2 sigmoid(0.3) - 0.1 = 0.5893 (forward 1.0) and
     dh/dV = 1.2 sigmoid(0.3) (1 - sigmoid(0.3)) = 0.2934."""
     rounding = LoRARounding(torch.full((2, 3), 0.5), rank=1, generator=torch.Generator().manual_seed(0))
@@ -457,23 +457,23 @@ def test_hardened_forward_uses_hard_decisions_with_the_soft_gradient() -> None:
 def test_hardened_forward_layer_equals_its_hardened_measurement() -> None:
     """A layer trained through hardened decisions computes, in training, exactly what finalising would give."""
     linear = make_linear()
-    layer = QuantLinear(linear, LayerQuantConfig(QuantScheme(w_bits=3), RoundingConfig(forward="hardened")),
+    layer = QuantLinear(linear, LayerQuantConfig(QuantScheme(w_bits=3), rounding_forward="hardened"),
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         layer.rounding.a1.normal_()
     trained_view = layer.fake_weight()
     layer.use_hard_rounding = True
     torch.testing.assert_close(trained_view, layer.fake_weight(), rtol=0, atol=0)
-    soft = QuantLinear(linear, LayerQuantConfig(QuantScheme(w_bits=3), RoundingConfig(forward="soft")),
+    soft = QuantLinear(linear, LayerQuantConfig(QuantScheme(w_bits=3), rounding_forward="soft"),
                        generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         soft.rounding.a1.copy_(layer.rounding.a1)
     assert not torch.equal(soft.fake_weight(), trained_view), "the soft forward differs from the hardened one"
-    with pytest.raises(ConfigError, match="rounding.forward"):
-        RoundingConfig(forward="sometimes")
+    with pytest.raises(ConfigError, match="extensions.rounding_forward"):
+        ExtensionsConfig(rounding_forward="sometimes")
 
 
-# --- rounding.init: gradient (A2 aligned with dL/dV while A1 is zero) ------------------------------------
+# --- extensions.rounding_init: gradient (A2 aligned with dL/dV while A1 is zero) ------------------------------------
 
 
 def test_logit_probe_gradient_is_dl_dv_by_hand() -> None:
@@ -520,14 +520,27 @@ def test_align_to_gradient_refuses_trained_factors() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"init": "svd"}, "rounding.init='svd' is unknown"),
-    ({"init_batches": 0}, "rounding.init_batches=0 must be >= 1"),
-    ({"init": "gradient", "form": "lowrank"}, "rounding.init=gradient needs rounding.form=residual"),
-    ({"init": "gradient", "form": "offset"}, r"rounding\.init=gradient would do nothing"),
+    ({"rounding_init": "svd"}, "extensions.rounding_init='svd' is unknown"),
+    ({"rounding_init_batches": 0}, "extensions.rounding_init_batches=0 must be >= 1"),
 ])
 def test_gradient_init_settings_are_checked(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        RoundingConfig(**kwargs)
+        ExtensionsConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--extensions.rounding_init", "gradient", "--rounding.form", "lowrank"],
+     "extensions.rounding_init=gradient needs rounding.form=residual"),
+    (["--extensions.rounding_init", "gradient", "--rounding.form", "offset", "--rounding.rank", "4"],
+     r"extensions\.rounding_init=gradient would do nothing"),
+])
+def test_gradient_init_against_the_rounding_form(flags: list[str], message: str) -> None:
+    """The gradient-aligned start needs a frozen ``V0`` and factors to align: refused before any work otherwise."""
+    from cbq_lightning.config import validate
+    from tests.conftest import TINY_RECIPE, load_recipe
+
+    with pytest.raises(ConfigError, match=message):
+        validate(load_recipe(TINY_RECIPE, *flags))
 
 
 # --- column scale of the low-rank term (extensions.column_scale) ----------------------------------------
@@ -564,7 +577,7 @@ def test_column_scale_is_built_from_the_layers_input_moments() -> None:
     restored with the block), and the layer asks the run for input moments even without an activation-aware
     clip search."""
     config = LayerQuantConfig(scheme=QuantScheme(w_bits=3, group_size=8),
-                              rounding=RoundingConfig(rank=2, forward="hardened"), column_scale=1.0)
+                              rounding=RoundingConfig(rank=2), rounding_forward="hardened", column_scale=1.0)
     assert config.needs_input_moments and not config.activation_aware
     assert not LayerQuantConfig(scheme=QuantScheme(w_bits=3, group_size=8)).needs_input_moments
     moments = torch.tensor([1.0, 4.0, 16.0, 100.0] * 4)

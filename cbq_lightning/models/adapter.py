@@ -234,7 +234,7 @@ class ScalingPairs:
         """``(consumer name, producer, consumer, producer half)`` of a block, for scaling inside the MLP."""
         pairs = []
         for pair in self.linears:
-            producer, consumer = _pair_modules(block, (pair.producer, pair.consumer), "cfp.mlp")
+            producer, consumer = _pair_modules(block, (pair.producer, pair.consumer), "extensions.cfp_mlp")
             pairs.append((pair.consumer, producer, consumer, pair.producer_half))
         return pairs
 

@@ -65,6 +65,7 @@ class LayerQuantConfig:
         column_scale: exponent of the LoRA term's fixed per-input-column scale (``extensions.column_scale``;
             0: none, the paper).
         rounding_tuning: LoRA-Rounding's finer settings (``advanced.rounding``: the factors' starting scale).
+        rounding_forward: LoRA-Rounding's training forward, ``soft`` or ``hardened`` (``extensions.rounding_forward``).
     """
 
     scheme: QuantScheme
@@ -77,6 +78,7 @@ class LayerQuantConfig:
     correction: CorrectionConfig | None = None
     column_scale: float = 0.0
     rounding_tuning: RoundingTuning = field(default_factory=RoundingTuning)
+    rounding_forward: str = "soft"
 
     @property
     def activation_aware(self) -> bool:
@@ -147,7 +149,7 @@ class QuantLinear(nn.Module):
             frac = self.quantizer.fractional_part(weight) if frac is None else frac
             self.rounding = LoRARounding(
                 frac, rounding.rank_for(*weight.shape), rounding.form, config.rounding_tuning.init_std, generator,
-                self._column_scale(config.column_scale, input_moments), hardened=rounding.forward == "hardened",
+                self._column_scale(config.column_scale, input_moments), hardened=config.rounding_forward == "hardened",
             )
         self.act_quantizer: ActivationQuantizer | None = None if act is None else ActivationQuantizer(act)
         #: forward with hardened (0/1) rounding decisions instead of soft ones, to measure what

@@ -53,27 +53,9 @@ class RoundingConfig:
             ``offset`` (full-rank signed offset with straight-through rounding, no regulariser).
         rank: rank r of ``A1 @ A2`` (not used by ``offset``).
         reg_weight: lambda, weight of the rounding regulariser.
-        forward: what the training forward uses (LoRA-Rounding forms): ``soft`` (the paper, AdaRound) the
-            soft decisions ``h(V)``, hardened at 0.5 only at finalisation; ``hardened`` the decisions
-            ``1[h(V) >= 0.5]`` already, with the gradient passed straight through to ``h(V)``. Why the
-            option: a soft fit optimises a model that does not exist after hardening, and closing that gap
-            takes the regulariser's long anneal (thousands of steps per layer in AdaRound); a fit of a few
-            dozen steps per window (the CPU budget) leaves a gap larger than what it gained. A hardened
-            forward trains the model that will be kept, with the same parameters (``A1``, ``A2`` inside the
-            rectified sigmoid) and the same regulariser.
-        init: how ``A2`` starts in the ``residual`` form (``A1`` starts at zero, so either choice leaves the
-            layer's starting decisions unchanged): ``random`` (Gaussian, ``advanced.rounding.init_std``) or
-            ``gradient``: the
-            top-``rank`` right singular vectors of the objective's gradient with respect to the logits ``V``,
-            measured on the window's first ``init_batches`` batches, at the same entry scale. Why:
-            while ``A1`` is zero, a step moves ``V`` only inside the row space of ``A2``; a random ``A2`` of rank
-            64 captures about 64/in of a gradient row (4-11 % for SmolLM2's layers), an aligned one the
-            directions along which the objective changes fastest, as a full-rank offset would (an extension,
-            in the spirit of LoRA-GA; docs/method.md §2).
-        init_batches: batches of the window's calibration samples (in order) whose summed gradient aligns
-            ``A2`` (``init: gradient`` only); costs about that many training steps per window.
 
-    The paper's finer settings (the factors' starting scale, the regulariser's anneal) are :class:`RoundingTuning`
+    How the training forward rounds and how ``A2`` starts, where they depart from the paper, are extensions
+    (``extensions.rounding_forward``, ``extensions.rounding_init``). The paper's finer settings (the factors' starting scale, the regulariser's anneal) are :class:`RoundingTuning`
     (``advanced.rounding``).
     """
 
@@ -81,9 +63,6 @@ class RoundingConfig:
     form: Literal["residual", "lowrank", "offset"] = "residual"
     rank: int = 4
     reg_weight: float = 0.01
-    forward: Literal["soft", "hardened"] = "soft"
-    init: Literal["random", "gradient"] = "random"
-    init_batches: int = 4
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -92,17 +71,6 @@ class RoundingConfig:
             raise ConfigError(f"rounding.form={self.form!r} is unknown: use 'residual', 'lowrank' or 'offset'.")
         if self.reg_weight < 0:
             raise ConfigError(f"rounding.reg_weight={self.reg_weight} must be >= 0.")
-        if self.forward not in ("soft", "hardened"):
-            raise ConfigError(f"rounding.forward={self.forward!r} is unknown: use 'soft' or 'hardened'.")
-        if self.init not in ("random", "gradient"):
-            raise ConfigError(f"rounding.init={self.init!r} is unknown: use 'random' or 'gradient'.")
-        if self.init_batches < 1:
-            raise ConfigError(f"rounding.init_batches={self.init_batches} must be >= 1.")
-        if self.init == "gradient" and self.form == "lowrank":
-            raise ConfigError(
-                "rounding.init=gradient needs rounding.form=residual: it re-chooses A2 while A1 is zero, and the "
-                "pure low-rank form starts both factors random (changing A2 would change the starting decisions)."
-            )
         if self.form == "offset":
             self._refuse_settings_offset_ignores()
 
@@ -136,9 +104,9 @@ class RoundingConfig:
     def _refuse_settings_offset_ignores(self) -> None:
         """``form: offset`` trains one full-rank offset per weight through a straight-through forward: it has no
         factors and no regulariser, so a changed rank, initialisation or regulariser setting would silently do
-        nothing (``forward`` is not checked: either value describes the offset's straight-through forward; the
-        ``advanced.rounding`` settings are checked by the configuration, :func:`cbq_lightning.config.validate`)."""
-        ignored = ("rank", "reg_weight", "init", "init_batches")
+        nothing (the starting factors and the anneal, ``extensions.rounding_init*`` and ``advanced.rounding``, are
+        checked by the configuration, :func:`cbq_lightning.config.validate`)."""
+        ignored = ("rank", "reg_weight")
         defaults = {f.name: f.default for f in fields(self)}
         changed = [(name, getattr(self, name), defaults[name]) for name in ignored if getattr(self, name) != defaults[name]]
         if changed:
@@ -220,7 +188,7 @@ class LoRARounding(Rounding):
         column_scale: the frozen per-input-column scale ``c`` of ``A1 A2`` (``[in]``, see
             :func:`column_scale_from_moments`), or None (the paper: no scale).
         hardened: the training forward uses the hardened decisions with the soft gradient passed straight through
-            (``rounding.forward: hardened``) instead of the soft ones (``soft``, the paper).
+            (``extensions.rounding_forward: hardened``) instead of the soft ones (``soft``, the paper).
     """
 
     kind = "lora"
@@ -294,7 +262,7 @@ class LoRARounding(Rounding):
             return (self.soft() >= 0.5).float()
 
     def hardened_straight_through(self) -> torch.Tensor:
-        """``1[h >= 0.5]`` in the forward, the gradient of ``h(V)`` in the backward (``rounding.forward:
+        """``1[h >= 0.5]`` in the forward, the gradient of ``h(V)`` in the backward (``extensions.rounding_forward:
         hardened``)."""
         h = self.soft()
         return (h >= 0.5).float().detach() + h - h.detach()
