@@ -22,6 +22,7 @@ from cbq_lightning.quant.config import QuantConfig
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
 from cbq_lightning.quant.weight_quantizer import clip_logit
+from cbq_lightning.section_types import changed_fields
 from cbq_lightning.train_config import OptimConfig, TrainerConfig
 from cbq_lightning.windows import WindowConfig
 
@@ -150,9 +151,8 @@ def _check_rounding_start(config: QuantizeConfig) -> None:
             "extensions.rounding_init=gradient needs rounding.form=residual: it re-chooses A2 while A1 is zero, and "
             "the pure low-rank form starts both factors random (changing A2 would change the starting decisions)."
         )
-    defaults = ExtensionsConfig()
-    tuned = [f"extensions.{name}={getattr(extensions, name)}" for name in ("rounding_init", "rounding_init_batches")
-             if getattr(extensions, name) != getattr(defaults, name)] + config.advanced.rounding.changed()
+    starts = changed_fields(extensions, ("rounding_init", "rounding_init_batches"))
+    tuned = [f"extensions.{name}={value}" for name, value, _ in starts] + config.advanced.rounding.changed()
     if config.rounding.enabled and form == "offset" and tuned:
         raise ConfigError(
             f"rounding.form=offset has no LoRA factors and no regulariser, so {', '.join(tuned)} would do nothing: "

@@ -18,6 +18,8 @@ from typing import Any
 import yaml
 from jsonargparse import ActionConfigFile
 
+from cbq_lightning.moved_keys import moved_to, why_moved
+
 #: the key a recipe names its base with (not a configuration key: it is consumed here)
 BASE_KEY = "base"
 
@@ -94,8 +96,6 @@ def check_recipe_keys(recipe: Path, mapping: dict[str, Any], known: list[str]) -
     start moved to ``extensions``) without a word, so an older recipe would run without the extension it asks for.
     ``known``: the parser's keys (an empty section is known when some key lies inside it); empty: not checked.
     """
-    from cbq_lightning.moved_keys import moved_to, why_moved
-
     for key, value in leaves({k: v for k, v in mapping.items() if k != BASE_KEY}):
         moved = moved_to(key)
         if moved is not None:

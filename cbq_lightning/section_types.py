@@ -6,6 +6,9 @@ declared ``X | None`` is parsed as a union, and the values inside it reach the d
 ``--extensions.gptq.damp null`` arrived as ``None`` and the range check failed with a ``TypeError`` deep in the
 parser (a traceback, found by the config fuzz test). Each optional section calls :func:`check_field_types`
 first in its ``__post_init__``, so a wrong type is the same one-line error as a wrong value.
+
+:func:`changed_fields` lists the keys of a section set away from their defaults, for the rules that refuse a
+setting the run would ignore.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import math
 import types
 import typing
-from dataclasses import fields
+from collections.abc import Sequence
+from dataclasses import MISSING, fields
 from typing import Any, Literal
 
 from cbq_lightning.errors import ConfigError
@@ -54,6 +58,24 @@ def _describe(hint: Any) -> str:
     names = {type(None): "null", bool: "true or false", int: "a whole number", float: "a finite number",
              str: "a string"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def changed_fields(section: Any, names: Sequence[str] | None = None) -> list[tuple[str, Any, Any]]:
+    """``(name, value, default)`` of each field of the dataclass ``section`` (or of those in ``names``) whose value
+    differs from its default: what a setting that the run would ignore must be refused for."""
+    changed = []
+    for field in fields(section):
+        if names is not None and field.name not in names:
+            continue
+        if field.default is not MISSING:
+            default = field.default
+        elif field.default_factory is not MISSING:
+            default = field.default_factory()
+        else:  # a required key has no default to differ from: it counts as set
+            default = MISSING
+        if getattr(section, field.name) != default:
+            changed.append((field.name, getattr(section, field.name), default))
+    return changed
 
 
 def check_field_types(section: Any, key: str) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import Literal
 
 import pytest
@@ -10,7 +10,7 @@ import pytest
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.quant.gptq import GPTQInit
 from cbq_lightning.quant.weight_quantizer import ClipSearch
-from cbq_lightning.section_types import check_field_types
+from cbq_lightning.section_types import changed_fields, check_field_types
 
 
 @dataclass
@@ -51,3 +51,16 @@ def test_the_sections_check_their_types_before_their_ranges() -> None:
         GPTQInit(damp=None)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"extensions\.clip_search\.min_ratio=None must be a finite number"):
         ClipSearch(min_ratio=None)  # type: ignore[arg-type]
+
+
+def test_changed_fields_names_what_differs_from_the_defaults() -> None:
+    """Plain defaults, a default factory, and a required key (no default: always counted as set)."""
+    @dataclass
+    class Section:
+        required: int
+        plain: float = 1.0
+        listed: list[int] = field(default_factory=lambda: [2])
+
+    assert changed_fields(Section(required=3)) == [("required", 3, MISSING)]
+    assert changed_fields(Section(required=3, plain=2.0, listed=[2]), ("plain", "listed")) == [("plain", 2.0, 1.0)]
+    assert changed_fields(Section(required=3, listed=[4]), ("listed",)) == [("listed", [4], [2])]

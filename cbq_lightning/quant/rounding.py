@@ -20,13 +20,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
 from cbq_lightning.errors import ConfigError
+from cbq_lightning.section_types import changed_fields
 
 #: stretch of the rectified sigmoid (AdaRound): h can reach exactly 0 and 1 with finite logits
 ZETA, GAMMA = 1.1, -0.1
@@ -55,8 +56,8 @@ class RoundingConfig:
         reg_weight: lambda, weight of the rounding regulariser.
 
     How the training forward rounds and how ``A2`` starts, where they depart from the paper, are extensions
-    (``extensions.rounding_forward``, ``extensions.rounding_init``). The paper's finer settings (the factors' starting scale, the regulariser's anneal) are :class:`RoundingTuning`
-    (``advanced.rounding``).
+    (``extensions.rounding_forward``, ``extensions.rounding_init``). The paper's finer settings (the factors'
+    starting scale, the regulariser's anneal) are :class:`RoundingTuning` (``advanced.rounding``).
     """
 
     enabled: bool = True
@@ -106,9 +107,7 @@ class RoundingConfig:
         factors and no regulariser, so a changed rank, initialisation or regulariser setting would silently do
         nothing (the starting factors and the anneal, ``extensions.rounding_init*`` and ``advanced.rounding``, are
         checked by the configuration, :func:`cbq_lightning.config.validate`)."""
-        ignored = ("rank", "reg_weight")
-        defaults = {f.name: f.default for f in fields(self)}
-        changed = [(name, getattr(self, name), defaults[name]) for name in ignored if getattr(self, name) != defaults[name]]
+        changed = changed_fields(self, ("rank", "reg_weight"))
         if changed:
             shown = ", ".join(f"rounding.{name}={value}" for name, value, _ in changed)
             fix = " ".join(f"--rounding.{name} {default}" for name, _, default in changed)
@@ -144,8 +143,7 @@ class RoundingTuning:
     def changed(self) -> list[str]:
         """``advanced.rounding.<name>=<value>`` for each setting away from its default (what a rounding form without
         factors or regulariser would silently ignore)."""
-        return [f"advanced.rounding.{f.name}={getattr(self, f.name)}" for f in fields(self)
-                if getattr(self, f.name) != f.default]
+        return [f"advanced.rounding.{name}={value}" for name, value, _ in changed_fields(self)]
 
 
 class Rounding(nn.Module):
