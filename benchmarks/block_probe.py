@@ -55,7 +55,7 @@ def _held_out_perplexity(model: nn.Module, rest: list[nn.Module], overrides: lis
     tokenizer = load_tokenizer(config.model)
     evaluation = config.eval
     eval_set = prepare_eval_set(
-        evaluation.datasets[0], tokenizer, evaluation.seqlen, evaluation.split, windows, config.data_dir
+        evaluation.datasets[0], tokenizer, evaluation.seqlen, config.advanced.eval.split, windows, config.data_dir
     )
     # the run's own evaluation path: the recipe's device and batch size
     return float(runner._evaluate(config, model, [eval_set], compute_device(config.trainer.accelerator, Placement()), "probe")[0]["ppl"])

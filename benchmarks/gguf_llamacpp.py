@@ -264,7 +264,7 @@ def calibration_text(recipe: Path, path: Path) -> dict[str, Any]:
         raise ValueError(f"{recipe}: model {config.model.name_or_path!r} is not a GGUF; this benchmark starts from "
                          "a GGUF (llama.cpp's quantizer reads nothing else).")
     tokenizer = load_tokenizer(config.model)
-    ids = calibration_ids(config.data, tokenizer, config.seed, config.data_dir)
+    ids = calibration_ids(config.data, tokenizer, config.seed, config.data_dir, config.advanced.data.text_field)
     rows = ids.tolist()
     texts = [tokenizer.decode(row, skip_special_tokens=False, clean_up_tokenization_spaces=False) for row in rows]
     encode = lambda text: tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # noqa: E731

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from cbq_lightning.cache import CacheConfig
 from cbq_lightning.cfp import CFPTuning
+from cbq_lightning.data.calibration import DataTuning
+from cbq_lightning.evaluation.perplexity import EvalTuning
 from cbq_lightning.guard import GuardConfig
 from cbq_lightning.quant.rounding import RoundingTuning
 from cbq_lightning.train_config import TrainerExtras, TrainTuning
@@ -41,9 +43,11 @@ class AdvancedConfig:
     Attributes:
         rounding: LoRA-Rounding's finer settings at the paper's values (:class:`~cbq_lightning.quant.rounding.RoundingTuning`).
         cfp: CFP's finer settings at the paper's values (:class:`~cbq_lightning.cfp.CFPTuning`).
+        data: how calibration text is read (:class:`~cbq_lightning.data.calibration.DataTuning`).
         train: how the calibration samples are batched (:class:`~cbq_lightning.train_config.TrainTuning`).
-        trainer: the Trainer's finer switches (:class:`~cbq_lightning.train_config.TrainerExtras`), passed to every
-            fit with the ``trainer`` section.
+        trainer: the Trainer's finer switches and the nodes of a multi-node run
+            (:class:`~cbq_lightning.train_config.TrainerExtras`), passed to every fit with the ``trainer`` section.
+        eval: the evaluation's split and batching (:class:`~cbq_lightning.evaluation.perplexity.EvalTuning`).
         monitor: extra measurements for the logs and plots (:class:`MonitorConfig`).
         guard: what a diverging window does (:class:`~cbq_lightning.guard.GuardConfig`).
         cache: where the calibration caches live (:class:`~cbq_lightning.cache.CacheConfig`).
@@ -51,8 +55,10 @@ class AdvancedConfig:
 
     rounding: RoundingTuning = field(default_factory=RoundingTuning)
     cfp: CFPTuning = field(default_factory=CFPTuning)
+    data: DataTuning = field(default_factory=DataTuning)
     train: TrainTuning = field(default_factory=TrainTuning)
     trainer: TrainerExtras = field(default_factory=TrainerExtras)
+    eval: EvalTuning = field(default_factory=EvalTuning)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -10,7 +10,7 @@ import torch
 from cbq_lightning.advanced import AdvancedConfig
 from cbq_lightning.cfp import CFPConfig
 from cbq_lightning.data.calibration import CalibrationConfig
-from cbq_lightning.distributed import check_divisible, placement
+from cbq_lightning.distributed import Placement, check_divisible, placement
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.evaluation.perplexity import EvalConfig
 from cbq_lightning.export.packed import ExportConfig, check_holds_run
@@ -71,6 +71,11 @@ class QuantizeConfig:
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed={self.seed} must lie in [0, 2**32) (the range numpy and torch accept).")
 
+    def placement(self) -> Placement:
+        """This process's rank and the world size of the run, from the trainer settings and the launcher's
+        environment (one reading for the checks, the lock and the runner)."""
+        return placement(self.trainer.strategy, self.trainer.devices, self.advanced.trainer.num_nodes)
+
 
 def validate(config: QuantizeConfig, supplied_model_type: str | None = None) -> QuantScheme:
     """Check everything that can be checked before loading weights; return the resolved scheme.
@@ -103,7 +108,7 @@ def _check_machine_and_source(config: QuantizeConfig, supplied_model_type: str |
         resolve_source(config.model)
         config.model.torch_dtype()
     if config.method == "cbq":
-        world = placement(config.trainer.strategy, config.trainer.devices, config.trainer.num_nodes).world
+        world = config.placement().world
         check_divisible(config.data.num_samples, world)
 
 

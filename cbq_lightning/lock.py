@@ -29,7 +29,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from cbq_lightning.distributed import placement
 from cbq_lightning.errors import OutputError, OutputInUse
 
 if TYPE_CHECKING:
@@ -216,5 +215,4 @@ class OutputLock:
 def quantize_lock(config: QuantizeConfig) -> OutputLock:
     """The lock of a ``cbq quantize`` run on ``config.output_dir``: held by rank 0; the other DDP ranks, launched
     by rank 0 into the same folder, run under its lock."""
-    trainer = config.trainer
-    return OutputLock(config.output_dir, enabled=placement(trainer.strategy, trainer.devices, trainer.num_nodes).is_main)
+    return OutputLock(config.output_dir, enabled=config.placement().is_main)

@@ -48,6 +48,10 @@ MOVED_KEYS = {
     "trainer.gradient_clip_val": "advanced.trainer.gradient_clip_val",
     "trainer.log_every_n_steps": "advanced.trainer.log_every_n_steps",
     "trainer.deterministic": "advanced.trainer.deterministic",
+    "trainer.num_nodes": "advanced.trainer.num_nodes",
+    "data.text_field": "advanced.data.text_field",
+    "eval.split": "advanced.eval.split",
+    "eval.batch_size": "advanced.eval.batch_size",
 }
 
 #: why a key under its old name is refused, by the section it moved to

@@ -38,7 +38,7 @@ from cbq_lightning.checkpoint import ResumePoint, WindowCheckpointer
 from cbq_lightning.config import QuantizeConfig, validate
 from cbq_lightning.crossblock import CrossBlockState
 from cbq_lightning.data.calibration import calibration_ids
-from cbq_lightning.distributed import Placement, all_gather_objects, compute_device, placement
+from cbq_lightning.distributed import Placement, all_gather_objects, compute_device
 from cbq_lightning.end_to_end import run_end_to_end
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.evaluation.fp_cache import load_reference, model_identity, reference_key, save_reference
@@ -80,13 +80,13 @@ class QuantizeResult:
     main: bool = True
 
 
-def _evaluate(
-    config: QuantizeConfig, model: nn.Module, sets: list[EvalSet], device: torch.device, label: str
-) -> list[dict[str, Any]]:
+def _evaluate(config: QuantizeConfig, model: nn.Module, sets: list[EvalSet], device: torch.device, label: str
+              ) -> list[dict[str, Any]]:
     """Perplexity of ``model`` on every set, on ``device`` (the model goes back to the CPU after)."""
     model.to(device)
     try:
-        return evaluate_sets(model, sets, device, config.eval.batch_size, label=label)
+        return evaluate_sets(model, sets, device, config.advanced.eval.batch_size, label=label,
+                             progress_bar=config.advanced.trainer.enable_progress_bar)
     finally:
         model.to("cpu")
 
@@ -207,7 +207,7 @@ def _read_inputs(config: QuantizeConfig, supplied: SuppliedInputs | None = None)
         )
     cbq = config.method == "cbq"
     # DDP shards the CBQ windows' training; RTN trains nothing and runs in one process
-    place = placement(config.trainer.strategy, config.trainer.devices, config.trainer.num_nodes) if cbq else Placement()
+    place = config.placement() if cbq else Placement()
     quiet_lightning()
     L.seed_everything(config.seed, workers=True, verbose=False)
     output_dir = Path(config.output_dir)
@@ -234,10 +234,10 @@ def _read_inputs(config: QuantizeConfig, supplied: SuppliedInputs | None = None)
     if supplied is not None and supplied.calibration_ids is not None:
         all_ids = supplied.calibration_ids.to(torch.int64).cpu()
     else:
-        all_ids = calibration_ids(config.data, tokenizer, config.seed, config.data_dir)
+        all_ids = calibration_ids(config.data, tokenizer, config.seed, config.data_dir, config.advanced.data.text_field)
     evaluation = config.eval
-    eval_sets = [prepare_eval_set(source, tokenizer, evaluation.seqlen, evaluation.split, evaluation.max_windows,
-                                  config.data_dir) for source in evaluation.datasets]
+    eval_sets = [prepare_eval_set(source, tokenizer, evaluation.seqlen, config.advanced.eval.split,
+                                  evaluation.max_windows, config.data_dir) for source in evaluation.datasets]
     # everything is read and checked: rotate before anything measures the model (the full-precision
     # reference then measures the rotated model, which computes the same function)
     rotation = rotate_model(adapter, rotation_config, config.seed) if rotation_config is not None else None
@@ -260,7 +260,7 @@ def _fp_reference(job: _Job, device: torch.device) -> list[dict[str, Any]] | Non
     identity = None if job.in_memory else model_identity(job.config.model, job.model, job.config.seed)
     key = None if identity is None else reference_key(
         identity, dtype=next(job.model.parameters()).dtype, rotation=job.rotation, sets=job.eval_sets,
-        batch_size=job.config.eval.batch_size, device=device)
+        batch_size=job.config.advanced.eval.batch_size, device=device)
     cached = load_reference(key) if key is not None else None
     if cached is not None:
         return [{**result, "eval_s": 0.0, "cached": True} for result in cached]

@@ -68,8 +68,7 @@ class TrainerConfig:
     Attributes:
         accelerator: ``auto``, ``cpu``, ``gpu``/``cuda``...
         devices: devices per node (an int, a list, or ``auto``).
-        strategy: ``auto`` or ``ddp`` ...
-        num_nodes: nodes for multi-node runs.
+        strategy: ``auto`` or ``ddp`` ... (nodes of a multi-node run: ``advanced.trainer.num_nodes``)
         precision: ``auto`` (the machine decides: ``bf16-mixed`` on a GPU with bfloat16 - bf16 autocast, fp32
             trainable parameters -, ``16-mixed`` on an older GPU, ``32-true`` on CPU; see
             :func:`~cbq_lightning.machine.resolve_machine_settings`), or any Lightning precision.
@@ -80,7 +79,6 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: int | str | list[int] = 1
     strategy: str = "auto"
-    num_nodes: int = 1
     precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -91,8 +89,6 @@ class TrainerConfig:
         if str(self.precision) not in allowed:
             raise ConfigError(f"trainer.precision={self.precision!r} is not a Lightning precision: use one of "
                               f"{', '.join(allowed)} (auto: 32-true on CPU, bf16-mixed on recent GPUs).")
-        if self.num_nodes < 1:
-            raise ConfigError(f"trainer.num_nodes={self.num_nodes} must be >= 1.")
 
 
 @dataclass
@@ -104,12 +100,14 @@ class TrainerExtras:
         gradient_clip_val: clip gradient norm (None: off).
         log_every_n_steps: how often training signals reach TensorBoard.
         deterministic: ask torch for deterministic kernels.
+        num_nodes: machines of a multi-node DDP run (``trainer.devices`` GPUs each).
     """
 
     enable_progress_bar: bool = True
     gradient_clip_val: float | None = None
     log_every_n_steps: int = 1
     deterministic: bool = False
+    num_nodes: int = 1
 
     def __post_init__(self) -> None:
         if self.gradient_clip_val is not None and not (math.isfinite(self.gradient_clip_val)
@@ -118,6 +116,8 @@ class TrainerExtras:
                               "> 0 (or null: no clipping).")
         if self.log_every_n_steps < 1:
             raise ConfigError(f"advanced.trainer.log_every_n_steps={self.log_every_n_steps} must be >= 1.")
+        if self.num_nodes < 1:
+            raise ConfigError(f"advanced.trainer.num_nodes={self.num_nodes} must be >= 1.")
 
 
 @dataclass

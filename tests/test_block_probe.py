@@ -27,7 +27,7 @@ def _full_precision_perplexities(probe, kept: slice) -> tuple[float, float]:
 
     config = load_recipe(TINY_RECIPE)
     tokenizer = load_tokenizer(config.model)
-    eval_set = prepare_eval_set(config.eval.datasets[0], tokenizer, config.eval.seqlen, config.eval.split, 2,
+    eval_set = prepare_eval_set(config.eval.datasets[0], tokenizer, config.eval.seqlen, config.advanced.eval.split, 2,
                                 config.data_dir)
     model = probe.runner.load_model(config.model, vocab_size=len(tokenizer), seed=config.seed)
     full = evaluate_sets(model, [eval_set], "cpu")[0]["ppl"]

@@ -11,6 +11,7 @@ import torch
 from cbq_lightning.errors import ConfigError, DataError
 from cbq_lightning.evaluation.perplexity import (
     EvalConfig,
+    EvalTuning,
     WindowPerplexity,
     cut_windows,
     perplexity,
@@ -120,6 +121,16 @@ def test_perplexity_matches_hf_loss(tiny_model: torch.nn.Module, batch_size: int
     assert math.isclose(perplexity(tiny_model, windows, batch_size=batch_size), expected, rel_tol=1e-5)
 
 
+def test_the_progress_bar_follows_the_switch(tiny_model: torch.nn.Module, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run with ``advanced.trainer.enable_progress_bar: false`` shows no evaluation bar either."""
+    windows = torch.randint(0, 257, (2, 8), generator=torch.Generator().manual_seed(4))
+    quiet = perplexity(tiny_model, windows, desc="quiet-set", progress_bar=False)
+    shown = perplexity(tiny_model, windows, desc="shown-set")
+    captured = capsys.readouterr()
+    assert quiet == shown
+    assert "quiet-set" not in captured.err + captured.out and "shown-set" in captured.err
+
+
 def test_perplexity_restores_training_mode(tiny_model: torch.nn.Module) -> None:
     windows = torch.randint(0, 257, (1, 8), generator=torch.Generator().manual_seed(3))
     tiny_model.train()
@@ -180,8 +191,7 @@ def test_prepare_eval_set_too_short(tmp_path: Path) -> None:
         ({"seqlen": 1}, ConfigError, "eval.seqlen=1"),
         ({"seqlen": 0}, ConfigError, "eval.seqlen=0"),
         ({"max_windows": 0}, ConfigError, "eval.max_windows=0"),
-        ({"batch_size": 0}, ConfigError, "eval.batch_size=0"),
-        ({"datasets": ["shipped", "no-such-dataset"]}, DataError, "'no-such-dataset'"),
+                ({"datasets": ["shipped", "no-such-dataset"]}, DataError, "'no-such-dataset'"),
     ],
 )
 def test_eval_config_check_rejects(kwargs: dict, error: type, message: str) -> None:
@@ -189,8 +199,14 @@ def test_eval_config_check_rejects(kwargs: dict, error: type, message: str) -> N
         EvalConfig(**kwargs)
 
 
+def test_eval_tuning_refuses_an_empty_batch() -> None:
+    with pytest.raises(ConfigError, match=r"advanced\.eval\.batch_size=0 must be >= 1"):
+        EvalTuning(batch_size=0)
+    assert EvalTuning(split="validation", batch_size=4).batch_size == 4
+
+
 def test_eval_config_check_accepts_valid_settings(tmp_path: Path) -> None:
     path = tmp_path / "c.jsonl"
     path.write_text('{"text": "x"}\n')
-    EvalConfig(datasets=["wikitext2", "c4", "shipped", str(path)], seqlen=2, max_windows=1, batch_size=1)
+    EvalConfig(datasets=["wikitext2", "c4", "shipped", str(path)], seqlen=2, max_windows=1)
     EvalConfig()

@@ -242,11 +242,11 @@ def test_readme_command_parsing() -> None:
     text = "\n".join([
         "prose cbq quantize --not-a-command", "```bash", "pip install x && cbq quantize --config a.yaml",
         "cbq quantize --config b.yaml --x 1   # a comment", "MASTER_ADDR=h PORT=1 cbq quantize --config c.yaml \\",
-        "    --trainer.num_nodes 2", "python -m pytest", "```", "cbq evaluate --outside-a-block",
+        "    --advanced.trainer.num_nodes 2", "python -m pytest", "```", "cbq evaluate --outside-a-block",
     ])
     assert readme_commands(text) == [
         "cbq quantize --config a.yaml", "cbq quantize --config b.yaml --x 1",
-        "MASTER_ADDR=h PORT=1 cbq quantize --config c.yaml --trainer.num_nodes 2",
+        "MASTER_ADDR=h PORT=1 cbq quantize --config c.yaml --advanced.trainer.num_nodes 2",
     ]
     assert substituted("A_B=1 cbq quantize --help", Path("."))[1] == {"A_B": "1"}
 

@@ -126,10 +126,10 @@ def run_peer(name: str, config: QuantizeConfig, iters: int | None = None) -> dic
     try:
         settings = check_peer(name, config)
         tokenizer = load_tokenizer(config.model)
-        ids = calibration_ids(config.data, tokenizer, config.seed, config.data_dir)
+        ids = calibration_ids(config.data, tokenizer, config.seed, config.data_dir, config.advanced.data.text_field)
         evaluation = config.eval
         sets = [
-            prepare_eval_set(source, tokenizer, evaluation.seqlen, evaluation.split, evaluation.max_windows,
+            prepare_eval_set(source, tokenizer, evaluation.seqlen, config.advanced.eval.split, evaluation.max_windows,
                              config.data_dir)
             for source in evaluation.datasets
         ]
@@ -146,7 +146,7 @@ def run_peer(name: str, config: QuantizeConfig, iters: int | None = None) -> dic
         record.update(settings=outcome.settings, version=outcome.version, quantize_s=outcome.quantize_s)
         eval_started = time.perf_counter()
         outcome.model.to(device)
-        record["results"] = evaluate_sets(outcome.model, sets, device, evaluation.batch_size, label=name)
+        record["results"] = evaluate_sets(outcome.model, sets, device, config.advanced.eval.batch_size, label=name)
         record["eval_s"] = time.perf_counter() - eval_started
     except PeerUnavailable as error:
         record.update(status="unavailable", reason=str(error))

@@ -18,14 +18,12 @@ class CalibrationConfig:
         source: a dataset name (``wikitext2``, ``wikitext2-tokenized``, ``c4``, ``ptb``), a local
             ``.jsonl``/``.txt`` file, or ``shipped`` (the built-in WikiText-2 excerpt).
         split: split of a named dataset. Calibrate on text you do not evaluate on (never ``test``).
-        text_field: JSON key of the text in ``.jsonl`` files.
         num_samples: number of calibration sequences N.
         seqlen: tokens per sequence T.
     """
 
     source: str = SHIPPED_SOURCE
     split: str = "validation"
-    text_field: str = "text"
     num_samples: int = 128
     seqlen: int = 2048
 
@@ -62,9 +60,21 @@ def sample_segments(tokens: torch.Tensor, num_samples: int, seqlen: int, seed: i
     return chunks[chosen].clone()
 
 
-def calibration_ids(config: CalibrationConfig, tokenizer, seed: int, data_dir: str | None = None) -> torch.Tensor:
+@dataclass
+class DataTuning:
+    """How calibration text is read (``advanced.data``).
+
+    Attributes:
+        text_field: JSON key of the text in ``.jsonl`` files (``text`` in every shipped and mirrored set).
+    """
+
+    text_field: str = "text"
+
+
+def calibration_ids(config: CalibrationConfig, tokenizer, seed: int, data_dir: str | None = None,
+                    text_field: str = "text") -> torch.Tensor:
     """Read the calibration corpus and draw the samples: ``[N, T]`` int64."""
-    return samples_of_text(load_text(config.source, config.split, config.text_field, data_dir), tokenizer, config, seed)
+    return samples_of_text(load_text(config.source, config.split, text_field, data_dir), tokenizer, config, seed)
 
 
 def samples_of_text(text: str, tokenizer, config: CalibrationConfig, seed: int) -> torch.Tensor:

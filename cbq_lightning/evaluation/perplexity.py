@@ -33,22 +33,19 @@ class EvalConfig:
 
     Attributes:
         datasets: sources to evaluate on: dataset names (``wikitext2``, ``c4``, ``ptb``) or local
-            ``.jsonl``/``.txt`` files.
-        split: split of the named datasets; empty means each dataset's standard one (WikiText-2 and
-            PTB ``test``, C4 ``validation``).
+            ``.jsonl``/``.txt`` files (each dataset's standard split; another one: ``advanced.eval.split``).
         seqlen: tokens per window (2048 in the papers).
         max_windows: evaluate only the first N windows (a quick, still comparable, prefix); null = all.
         fp_reference: also evaluate the unquantized model on the very same tokens (``ppl_fp``); measured once per
             model and tokens and reused by later runs (:mod:`cbq_lightning.evaluation.fp_cache`).
-        batch_size: windows per forward pass.
+
+    How the windows are read and batched: :class:`EvalTuning` (``advanced.eval``).
     """
 
     datasets: list[str] = field(default_factory=list)
-    split: str | None = None
     seqlen: int = 2048
     max_windows: int | None = None
     fp_reference: bool = True
-    batch_size: int = 1
 
     def __post_init__(self) -> None:
         """Reject impossible settings before any model is loaded (raised when the configuration is built)."""
@@ -56,10 +53,26 @@ class EvalConfig:
             raise ConfigError(f"eval.seqlen={self.seqlen} must be >= 2 (one token predicts the next).")
         if self.max_windows is not None and self.max_windows < 1:
             raise ConfigError(f"eval.max_windows={self.max_windows} must be >= 1, or null for the whole split.")
-        if self.batch_size < 1:
-            raise ConfigError(f"eval.batch_size={self.batch_size} must be >= 1.")
         for source in self.datasets:
             check_source(source)
+
+
+@dataclass
+class EvalTuning:
+    """The evaluation's finer settings (``advanced.eval``): which split, how many windows per forward.
+
+    Attributes:
+        split: split of the named datasets; null means each dataset's standard one (WikiText-2 and PTB ``test``,
+            C4 ``validation``), the split every published figure uses.
+        batch_size: windows per forward pass (more: faster on a GPU, the same perplexity).
+    """
+
+    split: str | None = None
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"advanced.eval.batch_size={self.batch_size} must be >= 1.")
 
 
 @dataclass
@@ -131,13 +144,14 @@ class WindowPerplexity(Metric):
 @torch.no_grad()
 def perplexity(
     model: nn.Module, windows: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 1,
-    desc: str = "perplexity",
+    desc: str = "perplexity", progress_bar: bool = True,
 ) -> float:
-    """PPL of ``model`` on ``windows`` (``[W, T]``), one forward per batch of windows, no KV cache."""
+    """PPL of ``model`` on ``windows`` (``[W, T]``), one forward per batch of windows, no KV cache; a progress bar
+    unless ``progress_bar`` is false (a run's ``advanced.trainer.enable_progress_bar``)."""
     was_training = model.training
     model.eval()
     metric = WindowPerplexity()
-    with tqdm(total=windows.shape[0], desc=desc, unit="window", leave=False) as progress:
+    with tqdm(total=windows.shape[0], desc=desc, unit="window", leave=False, disable=not progress_bar) as progress:
         for start in range(0, windows.shape[0], batch_size):
             batch = windows[start : start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
@@ -152,12 +166,14 @@ def perplexity(
 
 
 def evaluate_sets(
-    model: nn.Module, sets: list[EvalSet], device: torch.device | str, batch_size: int = 1, label: str = "model"
+    model: nn.Module, sets: list[EvalSet], device: torch.device | str, batch_size: int = 1, label: str = "model",
+    progress_bar: bool = True,
 ) -> list[dict]:
     """``[{dataset, split, seqlen, windows, tokens, ppl, eval_s}]``, one entry per set."""
     results = []
     for eval_set in sets:
         started = time.perf_counter()
-        value = perplexity(model, eval_set.windows, device, batch_size, desc=f"{label} {eval_set.dataset}")
+        value = perplexity(model, eval_set.windows, device, batch_size, desc=f"{label} {eval_set.dataset}",
+                           progress_bar=progress_bar)
         results.append({**eval_set.describe(), "ppl": value, "eval_s": time.perf_counter() - started})
     return results
