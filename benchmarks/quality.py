@@ -809,6 +809,13 @@ RETIRED_KEYS = {
 }
 
 
+#: settings that do nothing for a run of a weight-only scheme and whose default changed after the committed records
+#: were made: such a run is fingerprinted with the value those records had, since it computes the same bits either
+#: way. ``extensions.end_to_end.activation_clip`` (true until the W4A4 measurements, false since) touches only
+#: activation quantizers.
+INERT_WITHOUT_ACTIVATIONS = {"extensions.end_to_end.activation_clip": True}
+
+
 def today_key(key: str) -> str:
     """``key`` under today's name: a key that moved (:data:`~cbq_lightning.moved_keys.MOVED_KEYS`) is read from a run
     or a record made before the move under its new name."""
@@ -827,8 +834,10 @@ def _recorded_key(key: str) -> str:
 def run_settings(config: dict) -> dict:
     """What decides a run's result: its resolved configuration (``config.yaml``) flattened under today's key names,
     without :data:`PLACEMENT_KEYS` and without the :data:`LATER_EXTENSIONS` that are off, with the
-    :data:`RETIRED_KEYS`."""
+    :data:`RETIRED_KEYS` and, for a weight-only scheme, the :data:`INERT_WITHOUT_ACTIVATIONS` as recorded."""
     flat = {**RETIRED_KEYS, **{today_key(key): value for key, value in _flat(config).items()}}
+    if "quant.scheme" in flat and not _quantizes_activations(str(flat["quant.scheme"])):
+        flat.update({key: value for key, value in INERT_WITHOUT_ACTIVATIONS.items() if key in flat})
     return {key: value for key, value in flat.items()
             if not any(key == p or key.startswith(p + ".") for p in PLACEMENT_KEYS)
             and not (key in LATER_EXTENSIONS and value is None)}

@@ -9,7 +9,8 @@ EfficientQAT's second phase trains step sizes after its block-wise one.
 What trains: each quantized linear's scales, as ``scale * exp(g)`` per group (or channel) with ``g`` starting at 0
 and the integer codes frozen; with the codes fixed a group's scale is its clipping range over its levels, so
 these are the clipping thresholds trained end to end. Where activations are quantized, their clipping logits
-(or static steps) train too. The rounding decisions stay those the windows hardened.
+(or static steps) train too when ``activation_clip`` asks for it (off by default: at W4A4 they made the phase
+fail). The rounding decisions stay those the windows hardened.
 
 Objective: ``KL(softmax(head(Y_fp)) || softmax(head(Y_q)))`` on the calibration samples, at ``tokens`` random
 positions per sequence (:func:`cbq_lightning.loss.output_kl`), where ``Y_fp`` is the full-precision model's
@@ -54,7 +55,7 @@ log = logging.getLogger("cbq_lightning")
 
 
 class EndToEndModule(L.LightningModule):
-    """The whole quantized model as one window: its scales (and activation clipping) trained on the output KL.
+    """The whole quantized model as one window: its scales (and, asked, activation clipping) trained on the output KL.
 
     Args:
         blocks: every block of the model, finalised (their linears are :class:`FinalizedQuantLinear`).

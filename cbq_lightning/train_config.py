@@ -130,7 +130,9 @@ class EndToEndConfig:
         lr: Adam learning rate of the log-gains (0.001: a scale moves about 0.1 % per step).
         batch_size: sequences per step; null: ``train.batch_size``.
         tokens: positions per sequence the output head is applied to (training and measurement).
-        activation_clip: also train the activation quantizers' clipping (activation schemes only).
+        activation_clip: also train the activation quantizers' clipping (activation schemes only). Off by default:
+            at W4A4 on SmolLM2 training it with the scales raised the output KL (so the phase was dropped), while
+            the scales alone lowered the held-back perplexity 7-9 % (docs/recipe-history.md, end-to-end phase).
         checkpoint_blocks: recompute each block's activations in the backward instead of keeping them (less
             memory, one more forward); null: on for CUDA devices, off on the CPU.
         evaluate_before: also evaluate the model before the phase (one more pass over ``eval``'s sets), reported as
@@ -142,7 +144,7 @@ class EndToEndConfig:
     lr: float = 1e-3
     batch_size: int | None = None
     tokens: int = 128
-    activation_clip: bool = True
+    activation_clip: bool = False
     checkpoint_blocks: bool | None = None
     evaluate_before: bool = False
 

@@ -85,7 +85,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folders = {}
     w4a8 = ["--quant.scheme", "W4A8"]
     for name, extra in {"plain": [], "e2e": ["--extensions.end_to_end", "{}"], "diverging": ["--extensions.end_to_end.lr", "1000"],
-                        "plain_w4a8": w4a8, "e2e_w4a8": [*w4a8, "--extensions.end_to_end", "{}"],
+                        "plain_w4a8": w4a8, "e2e_w4a8": [*w4a8, "--extensions.end_to_end", "{activation_clip: true}"],
+                        "scales_w4a8": [*w4a8, "--extensions.end_to_end", "{}"],
                         "diverging_w4a8": [*w4a8, "--extensions.end_to_end.lr", "1000"]}.items():
         out = tmp_path_factory.mktemp(name)
         assert main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(out), *FAST, *extra]) == 0
@@ -150,7 +151,15 @@ def test_a_diverging_phase_keeps_the_windows_state_bit_for_bit(runs: dict[str, P
     assert all(torch.equal(plain[name], diverging[name]) for name in plain)
 
 
-def test_on_an_activation_scheme_the_phase_trains_the_activation_clipping_too(runs: dict[str, Path]) -> None:
+def test_on_an_activation_scheme_the_phase_trains_the_weight_scales_only_by_default(runs: dict[str, Path]) -> None:
+    record = _report(runs["scales_w4a8"])["end_to_end"]
+    assert record["trained"] == ["scales"], record
+    plain, e2e = (load_file(runs[n] / "quant_state.safetensors") for n in ("plain_w4a8", "scales_w4a8"))
+    clipping = [name for name in plain if ".act_clip_" in name]
+    assert clipping and all(torch.equal(plain[name], e2e[name]) for name in clipping)
+
+
+def test_asked_to_the_phase_trains_the_activation_clipping_too(runs: dict[str, Path]) -> None:
     record = _report(runs["e2e_w4a8"])["end_to_end"]
     assert record["trained"] == ["scales", "activation_clip"] and record["kept"], record
     plain, e2e = (load_file(runs[n] / "quant_state.safetensors") for n in ("plain_w4a8", "e2e_w4a8"))

@@ -608,6 +608,21 @@ def test_an_extension_added_later_enters_the_fingerprint_only_when_on() -> None:
     assert "extensions.rotation" in run_settings({**base, "extensions": {"rotation": None}})
 
 
+def test_a_changed_default_that_a_weight_only_run_never_uses_keeps_its_records() -> None:
+    """``extensions.end_to_end.activation_clip`` became false after the W4A16 and W3A16G64 records were made with
+    true: a weight-only run computes the same bits under either value and keeps its fingerprint; at W4A4 the value
+    is part of what the run computed."""
+    from benchmarks.quality import run_settings
+
+    def settings(scheme: str, clip: bool) -> dict:
+        return run_settings({"quant": {"scheme": scheme}, "extensions": {"end_to_end": {"epochs": 4, "activation_clip": clip}}})
+
+    assert settings("W4A16", False) == settings("W4A16", True)
+    assert settings("W4A16", False)["extensions.end_to_end.activation_clip"] is True
+    assert settings("W4A4", False) != settings("W4A4", True)
+    assert "extensions.end_to_end.activation_clip" not in run_settings({"quant": {"scheme": "W4A16"}})
+
+
 def test_a_key_moved_to_another_section_keeps_the_records_fingerprints() -> None:
     """A run made before keys moved into ``extensions`` and ``advanced`` (its config.yaml says ``quant.gptq``,
     ``guard.retries``) has today's settings, and the fingerprint of today's settings is the one the committed records
