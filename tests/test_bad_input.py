@@ -141,6 +141,41 @@ PARSE_ERRORS = [
 ]
 
 
+def _moved_leaves() -> list[tuple[str, str, object]]:
+    """``(old, new, default)`` of every moved key that is a single setting today or an optional section (a section
+    with fields is skipped); ``default`` is ``MISSING`` where ``new`` names no key of today's configuration."""
+    import dataclasses
+
+    from cbq_lightning.config import QuantizeConfig
+    from cbq_lightning.moved_keys import MOVED_KEYS
+
+    defaults = dataclasses.asdict(QuantizeConfig())
+    leaves = []
+    for old, new in MOVED_KEYS.items():
+        value: object = defaults
+        for part in new.split("."):
+            value = value.get(part, dataclasses.MISSING) if isinstance(value, dict) else dataclasses.MISSING
+        if not isinstance(value, dict):
+            leaves.append((old, new, value))
+    return leaves
+
+
+@pytest.mark.parametrize(("old", "new", "default"), _moved_leaves(), ids=lambda value: str(value))
+def test_every_moved_key_is_refused_by_its_old_flag_and_taken_by_its_new_one(old: str, new: str, default: object) -> None:
+    """A moved key exists only under its new name: the old flag gets the one-line error naming the new flag."""
+    import dataclasses
+    import json
+
+    from cbq_lightning.cli import parse_quantize_config
+    from cbq_lightning.errors import ConfigError
+
+    assert default is not dataclasses.MISSING, f"moved_keys names {new}, which today's configuration does not have"
+    value = default if isinstance(default, str) else json.dumps(default)  # a YAML scalar: true, 0.01, null, text
+    with pytest.raises(ConfigError, match=f"--{old} is now --{new}"):
+        parse_quantize_config(["--config", str(TINY_RECIPE), f"--{old}", value])
+    parse_quantize_config(["--config", str(TINY_RECIPE), f"--{new}", value])
+
+
 @pytest.mark.parametrize(("argv", "names"), PARSE_ERRORS, ids=lambda value: " ".join(value)[-60:] or "nothing")
 def test_every_parse_error_is_one_line(argv: list[str], names: list[str], tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
