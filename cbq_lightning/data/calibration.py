@@ -72,7 +72,7 @@ class DataTuning:
 
 
 def calibration_ids(config: CalibrationConfig, tokenizer, seed: int, data_dir: str | None = None,
-                    text_field: str = "text") -> torch.Tensor:
+                    text_field: str = DataTuning.text_field) -> torch.Tensor:
     """Read the calibration corpus and draw the samples: ``[N, T]`` int64."""
     return samples_of_text(load_text(config.source, config.split, text_field, data_dir), tokenizer, config, seed)
 
