@@ -52,7 +52,7 @@ def _held_out_perplexity(model: nn.Module, rest: list[nn.Module], overrides: lis
         raise SystemExit("--ppl-windows needs an evaluation set in the recipe (eval.datasets)")
     model.model.layers = nn.ModuleList([*model.model.layers, *rest])
     model.config.num_hidden_layers = len(model.model.layers)
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model, hub=config.advanced.model)
     evaluation = config.eval
     eval_set = prepare_eval_set(
         evaluation.datasets[0], tokenizer, evaluation.seqlen, config.advanced.eval.split, windows, config.data_dir

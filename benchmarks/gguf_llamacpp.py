@@ -263,7 +263,7 @@ def calibration_text(recipe: Path, path: Path) -> dict[str, Any]:
     if gguf_file is None:
         raise ValueError(f"{recipe}: model {config.model.name_or_path!r} is not a GGUF; this benchmark starts from "
                          "a GGUF (llama.cpp's quantizer reads nothing else).")
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model, hub=config.advanced.model)
     ids = calibration_ids(config.data, tokenizer, config.seed, config.data_dir, config.advanced.data.text_field)
     rows = ids.tolist()
     texts = [tokenizer.decode(row, skip_special_tokens=False, clean_up_tokenization_spaces=False) for row in rows]

@@ -84,8 +84,9 @@ PLAIN_RTN = ["--extensions.gptq", "null", "--extensions.rotation", "null", "--ex
 #: literally (``always``) it cuts the weights SmolLM2's massive activations depend on. These are the method keys
 #: the row takes from the paper recipe (the rest of the paper recipe is its GPU budget).
 PAPER_KEYS = (
-    "extensions.gptq", "extensions.clip_search", "quant.clip_init", "quant.learnable_clip", "quant.act_learnable",
-    "rounding.enabled", "rounding.form", "rounding.rank", "extensions.rounding_forward", "rounding.reg_weight",
+    "extensions.gptq", "extensions.clip_search", "advanced.quant.clip_init", "quant.learnable_clip",
+    "advanced.quant.act_learnable", "rounding.enabled", "rounding.form", "rounding.rank", "extensions.rounding_forward",
+    "advanced.rounding.reg_weight",
     "extensions.column_scale", "window.size", "window.overlap", "cfp.weights", "cfp.truncation", "cfp.activations",
     "loss.global_branch", "loss.homologous_branch", "loss.kl_weight", "extensions.output_kl_weight",
     "extensions.keep_best", "train.lr_rounding", "train.lr_clip",

@@ -306,12 +306,12 @@ def _autoround(config: QuantizeConfig, ids: torch.Tensor, device: torch.device, 
     reason = autoround.unavailable_reason(settings)
     if reason is not None:
         return {"status": "unavailable", "reason": reason}
-    model = load_model(config.model, vocab_size=vocab, seed=config.seed)
+    model = load_model(config.model, vocab_size=vocab, seed=config.seed, hub=config.advanced.model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
         # AutoRound wants a tokenizer beside the token rows it is given: the loader's own for the tiny model
-        outcome = autoround.quantize(model, load_tokenizer(config.model), ids, settings, iters=autoround.DEFAULT_ITERS, seed=config.seed,
+        outcome = autoround.quantize(model, load_tokenizer(config.model, hub=config.advanced.model), ids, settings, iters=autoround.DEFAULT_ITERS, seed=config.seed,
                                      device=str(device), amp=device.type == "cuda")
     except Exception as error:  # a peer that fails is a record saying so, not a lost run
         return {"status": "failed", "reason": f"{type(error).__name__}: {error}"[:300]}
@@ -516,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_lightning()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    model = load_model(config.model, vocab_size=shape["vocab_size"], seed=config.seed)
+    model = load_model(config.model, vocab_size=shape["vocab_size"], seed=config.seed, hub=config.advanced.model)
     adapter = DecoderAdapter(model)
     clock = StageClock(device)
     with clock("rotation"):

@@ -17,6 +17,8 @@ from cbq_lightning.cfp import CFPTuning
 from cbq_lightning.data.calibration import DataTuning
 from cbq_lightning.evaluation.perplexity import EvalTuning
 from cbq_lightning.guard import GuardConfig
+from cbq_lightning.models.loading import HubAccess
+from cbq_lightning.quant.config import QuantTuning
 from cbq_lightning.quant.rounding import RoundingTuning
 from cbq_lightning.train_config import TrainerExtras, TrainTuning
 
@@ -41,7 +43,11 @@ class AdvancedConfig:
     """Settings a recipe rarely changes (each has a default that suits every run measured so far).
 
     Attributes:
-        rounding: LoRA-Rounding's finer settings at the paper's values (:class:`~cbq_lightning.quant.rounding.RoundingTuning`).
+        model: how a hub model is fetched: its revision, custom code (:class:`~cbq_lightning.models.loading.HubAccess`).
+        quant: where the clipping starts, whether the activation clipping trains
+            (:class:`~cbq_lightning.quant.config.QuantTuning`).
+        rounding: LoRA-Rounding's finer settings at the paper's values: the regulariser's weight and anneal, the
+            factors' starting scale (:class:`~cbq_lightning.quant.rounding.RoundingTuning`).
         cfp: CFP's finer settings at the paper's values (:class:`~cbq_lightning.cfp.CFPTuning`).
         data: how calibration text is read (:class:`~cbq_lightning.data.calibration.DataTuning`).
         train: how the calibration samples are batched (:class:`~cbq_lightning.train_config.TrainTuning`).
@@ -53,6 +59,8 @@ class AdvancedConfig:
         cache: where the calibration caches live (:class:`~cbq_lightning.cache.CacheConfig`).
     """
 
+    model: HubAccess = field(default_factory=HubAccess)
+    quant: QuantTuning = field(default_factory=QuantTuning)
     rounding: RoundingTuning = field(default_factory=RoundingTuning)
     cfp: CFPTuning = field(default_factory=CFPTuning)
     data: DataTuning = field(default_factory=DataTuning)

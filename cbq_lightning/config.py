@@ -18,6 +18,7 @@ from cbq_lightning.export.quantized_run import ExportScheme
 from cbq_lightning.extensions import ExtensionsConfig
 from cbq_lightning.loss import LossConfig
 from cbq_lightning.models.loading import ModelConfig, resolve_source, source_model_type
+from cbq_lightning.quant.act_quantizer import ActQuantSettings
 from cbq_lightning.quant.config import QuantConfig
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import QuantScheme
@@ -76,6 +77,11 @@ class QuantizeConfig:
         environment (one reading for the checks, the lock and the runner)."""
         return placement(self.trainer.strategy, self.trainer.devices, self.advanced.trainer.num_nodes)
 
+    def act_settings(self, trained: bool) -> ActQuantSettings | None:
+        """The run's activation quantizers (None for a weight-only scheme): the mode is the scheme's choice
+        (``quant``), where the clipping starts and whether it trains are ``advanced.quant``'s."""
+        return self.quant.act_settings(trained, self.advanced.quant)
+
 
 def validate(config: QuantizeConfig, supplied_model_type: str | None = None) -> QuantScheme:
     """Check everything that can be checked before loading weights; return the resolved scheme.
@@ -87,6 +93,7 @@ def validate(config: QuantizeConfig, supplied_model_type: str | None = None) -> 
     if config.method not in ("cbq", "rtn"):
         raise ConfigError(f"method={config.method!r} is unknown: use 'cbq' or 'rtn'.")
     scheme = config.quant.resolve()
+    config.act_settings(trained=True)  # a starting activation clipping ratio out of range is named now
     _check_machine_and_source(config, supplied_model_type)
     _check_quantizer_options(config, scheme)
     _check_outputs(config, scheme, supplied_model_type)
@@ -195,16 +202,19 @@ def _check_outputs(config: QuantizeConfig, scheme: QuantScheme, supplied_model_t
         online_rotation=online_down, mixed_bits=extensions.mixed is not None or bool(extensions.layer_bits),
     )
     # a packed format that cannot hold the scheme (or, GGUF, the model family) is refused now, not after the calibration
-    config.export.check(ExportScheme.from_settings(scheme, config.quant.act_settings(trained=True)))
+    config.export.check(ExportScheme.from_settings(scheme, config.act_settings(trained=True)))
     if config.export.depends_on_model_type:
-        config.export.check_model_type(supplied_model_type or source_model_type(config.model))
+        config.export.check_model_type(supplied_model_type or source_model_type(config.model, hub=config.advanced.model))
 
 
 def _check_trainable(config: QuantizeConfig, scheme: QuantScheme) -> None:
     """A CBQ run has something to train, a valid clipping start and at least one epoch."""
     if config.quant.learnable_clip:
-        clip_logit(config.quant.clip_init)  # raises a ConfigError naming clip_init when out of (0, 1)
-    learnable_act = scheme.quantizes_activations and config.quant.act_learnable
+        try:
+            clip_logit(config.advanced.quant.clip_init)
+        except ConfigError as error:  # the quantizer's own rule, under the key a user sets
+            raise ConfigError(f"advanced.quant.{error}") from None
+    learnable_act = scheme.quantizes_activations and config.advanced.quant.act_learnable
     if not (config.rounding.enabled or config.quant.learnable_clip or learnable_act):
         raise ConfigError(
             "method=cbq with rounding.enabled=false and quant.learnable_clip=false leaves nothing to "

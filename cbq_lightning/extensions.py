@@ -32,9 +32,9 @@ class ExtensionsConfig:
     """Levers beyond the CBQ paper (docs/method.md, "Extensions"); every one off by default.
 
     Attributes:
-        clip_search: search each group's starting clipping ratio in ``[min_ratio, quant.clip_init]`` for the
+        clip_search: search each group's starting clipping ratio in ``[min_ratio, advanced.quant.clip_init]`` for the
             least weight (or, activation-aware, output) error (:class:`ClipSearch`); null: every group starts
-            at ``quant.clip_init``. ``{}`` gives the defaults, or set any of its keys, e.g.
+            at ``advanced.quant.clip_init``. ``{}`` gives the defaults, or set any of its keys, e.g.
             ``--extensions.clip_search.norm 2.0``.
         gptq: start each layer's rounding from GPTQ's codes on its (searched) grid, computed from the layer's
             input Hessian on the window's quantized-path inputs (:class:`GPTQInit`, :mod:`cbq_lightning.quant.gptq`);

@@ -52,6 +52,12 @@ MOVED_KEYS = {
     "data.text_field": "advanced.data.text_field",
     "eval.split": "advanced.eval.split",
     "eval.batch_size": "advanced.eval.batch_size",
+    "model.revision": "advanced.model.revision",
+    "model.trust_remote_code": "advanced.model.trust_remote_code",
+    "quant.clip_init": "advanced.quant.clip_init",
+    "quant.act_learnable": "advanced.quant.act_learnable",
+    "quant.act_clip_init": "advanced.quant.act_clip_init",
+    "rounding.reg_weight": "advanced.rounding.reg_weight",
 }
 
 #: why a key under its old name is refused, by the section it moved to

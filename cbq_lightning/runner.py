@@ -221,8 +221,8 @@ def _read_inputs(config: QuantizeConfig, supplied: SuppliedInputs | None = None)
     if supplied is not None:
         tokenizer, model = supplied.tokenizer, supplied.prepared_model()
     else:
-        tokenizer = load_tokenizer(config.model)
-        model = load_model(config.model, vocab_size=len(tokenizer), seed=config.seed)
+        tokenizer = load_tokenizer(config.model, hub=config.advanced.model)
+        model = load_model(config.model, vocab_size=len(tokenizer), seed=config.seed, hub=config.advanced.model)
     adapter = DecoderAdapter(model)
     rounding = config.rounding if cbq else RoundingConfig(enabled=False)
     correction = config.extensions.correction if cbq else None
@@ -257,7 +257,7 @@ def _fp_reference(job: _Job, device: torch.device) -> list[dict[str, Any]] | Non
         return job.resume.meta["fp_results"]
     if not (job.eval_sets and job.config.eval.fp_reference and job.place.is_main):
         return None
-    identity = None if job.in_memory else model_identity(job.config.model, job.model, job.config.seed)
+    identity = None if job.in_memory else model_identity(job.config.model, job.model, job.config.seed, job.config.advanced.model.revision)
     key = None if identity is None else reference_key(
         identity, dtype=next(job.model.parameters()).dtype, rotation=job.rotation, sets=job.eval_sets,
         batch_size=job.config.advanced.eval.batch_size, device=device)
@@ -289,7 +289,7 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: BlockKwargs, dev
     learnable_clip = config.quant.learnable_clip and cbq
     clip_search = config.extensions.clip_search if learnable_clip else None
     gptq = config.extensions.gptq
-    act = config.quant.act_settings(trained=cbq)
+    act = config.act_settings(trained=cbq)
     # before CFP and any quantization: the sensitivity pass runs the full-precision model
     layer_bits, mixed_summary = run_layer_bits(config, job.adapter, inputs, block_kwargs, scheme, clip_search, device)
     # per-layer schemes: mixed precision's bits, else a llama.cpp mix's GGML types
@@ -298,7 +298,7 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: BlockKwargs, dev
         layer_schemes = job.gguf_plan.block_schemes(job.adapter, scheme)
     layer = LayerQuantConfig(
         scheme=scheme, rounding=job.rounding, learnable_clip=learnable_clip,
-        clip_init=config.quant.clip_init if learnable_clip else 1.0, clip_search=clip_search, act=act, gptq=gptq,
+        clip_init=config.advanced.quant.clip_init if learnable_clip else 1.0, clip_search=clip_search, act=act, gptq=gptq,
         correction=job.correction, column_scale=config.extensions.column_scale, rounding_tuning=config.advanced.rounding,
         rounding_forward=config.extensions.rounding_forward,
     )
@@ -307,7 +307,7 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: BlockKwargs, dev
     moments = InputMoments(full=gptq is not None, sequential=sequential) if needs_moments else None
     quantizer = BlockQuantizer(
         layer=layer, generator=torch.Generator().manual_seed(config.seed), moments=moments,
-        untrained_act=config.quant.act_settings(trained=False), layer_schemes=layer_schemes,
+        untrained_act=config.act_settings(trained=False), layer_schemes=layer_schemes,
     )
     cfp = CoarseToFinePreprocessor(
         config.cfp, scale_activations=config.cfp.activations and act is not None,

@@ -23,7 +23,7 @@ from cbq_lightning.loss import LossConfig, homologous_loss, output_kl
 from cbq_lightning.models.adapter import kwargs_list_to, run_block
 from cbq_lightning.quant.continuous import ContinuousApprox, set_temperatures
 from cbq_lightning.quant.convert import hard_rounding, quant_linears
-from cbq_lightning.quant.rounding import LoRARounding, RoundingConfig, RoundingTuning, beta_at, logit_probes
+from cbq_lightning.quant.rounding import LoRARounding, RoundingTuning, beta_at, logit_probes
 from cbq_lightning.train_config import OptimConfig
 from cbq_lightning.windows import Window
 
@@ -40,9 +40,8 @@ class WindowModule(L.LightningModule):
         block_kwargs: keyword arguments of each of the window's block calls, in order (attention mask, rotary
             tables...; :meth:`BlockKwargs.for_blocks`).
         loss: loss branches and KL weight.
-        rounding: regulariser settings.
         optim: learning rates of the rounding factors and the clipping logits.
-        rounding_tuning: the regulariser's anneal (``advanced.rounding``); None: the paper's.
+        rounding_tuning: the regulariser's weight and anneal (``advanced.rounding``); None: the paper's.
         lr_correction: learning rate of the low-rank correction factors (``extensions.lr_correction``).
         lr_schedule: ``constant`` or ``cosine`` (``extensions.lr_schedule``).
         gradient_init_batches: align the fresh factors ``A2`` with the objective's gradient over this many batches
@@ -66,7 +65,6 @@ class WindowModule(L.LightningModule):
         window: Window,
         block_kwargs: list[dict[str, Any]],
         loss: LossConfig,
-        rounding: RoundingConfig,
         optim: OptimConfig,
         rounding_tuning: RoundingTuning | None = None,
         lr_correction: float = 1e-4,
@@ -85,7 +83,6 @@ class WindowModule(L.LightningModule):
         self.blocks = nn.ModuleList(blocks)
         self.window = window
         self.loss_config = loss
-        self.rounding_config = rounding
         self.rounding_tuning = rounding_tuning if rounding_tuning is not None else RoundingTuning()
         self.lr_correction = lr_correction
         self.lr_schedule = lr_schedule
@@ -222,7 +219,7 @@ class WindowModule(L.LightningModule):
         parts = self.objective(self(x_q), y_fp, y_h, self._output_head_generator)
         beta = beta_at(self.global_step, total_steps, self.rounding_tuning)
         reg = self.rounding_regularizer(beta) if beta is not None else parts["loss"].new_zeros(())
-        loss = parts["loss"] + self.rounding_config.reg_weight * reg
+        loss = parts["loss"] + self.rounding_tuning.reg_weight * reg
         value = global_mean(float(loss.detach()))  # DDP: every rank takes the same decision
         check_loss(value, self._first_loss, self.explode_factor, str(self.window), self.global_step)
         if self._first_loss is None:

@@ -69,7 +69,6 @@ def _window_module(
         window=window,
         block_kwargs=state.block_kwargs.for_blocks(window.blocks),
         loss=config.loss,
-        rounding=config.rounding,
         optim=config.train,
         rounding_tuning=config.advanced.rounding,
         lr_correction=config.extensions.lr_correction,

@@ -11,7 +11,7 @@ from torch import nn
 
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.quant.act_quantizer import ActivationQuantizer, ActQuantSettings
-from cbq_lightning.quant.config import QuantConfig
+from cbq_lightning.quant.config import QuantConfig, QuantTuning
 from cbq_lightning.quant.qlinear import LayerQuantConfig, QuantLinear
 from cbq_lightning.quant.rounding import RoundingConfig
 from cbq_lightning.quant.scheme import parse_scheme
@@ -122,8 +122,10 @@ def test_export_state_round_trip(mode: str) -> None:
 def test_settings_validation() -> None:
     with pytest.raises(ConfigError, match="act_mode"):
         ActQuantSettings(bits=8, mode="per_channel")
-    with pytest.raises(ConfigError, match="clip_init"):
+    with pytest.raises(ConfigError, match="advanced.quant.act_clip_init=1.0 must lie strictly between 0 and 1"):
         ActQuantSettings(bits=8, learnable=True, clip_init=1.0)
+    with pytest.raises(ConfigError, match=r"advanced.quant.act_clip_init=1.5 must lie in \(0, 1\]"):
+        ActQuantSettings(bits=8, learnable=False, clip_init=1.5)
     with pytest.raises(ConfigError, match="bits"):
         ActQuantSettings(bits=16)
 
@@ -131,10 +133,12 @@ def test_settings_validation() -> None:
 def test_quant_config_resolves_activation_schemes() -> None:
     config = QuantConfig(scheme="W4A8")
     assert config.resolve() == parse_scheme("W4A8")
-    assert config.act_settings(trained=True) == ActQuantSettings(bits=8, mode="dynamic_sym", learnable=True, clip_init=0.99)
-    assert config.act_settings(trained=False) == ActQuantSettings(bits=8, mode="dynamic_sym", learnable=False, clip_init=1.0)
-    assert QuantConfig(scheme="W4A16").act_settings(trained=True) is None
-    assert QuantConfig(scheme="W4A6").act_settings(trained=True).bits == 6
+    tuning = QuantTuning(act_clip_init=0.9)
+    assert config.act_settings(True, tuning) == ActQuantSettings(bits=8, mode="dynamic_sym", learnable=True, clip_init=0.9)
+    assert config.act_settings(False, tuning) == ActQuantSettings(bits=8, mode="dynamic_sym", learnable=False, clip_init=1.0)
+    assert QuantConfig(scheme="W4A8").act_settings(True, QuantTuning(act_learnable=False)).learnable is False
+    assert QuantConfig(scheme="W4A16").act_settings(True, tuning) is None
+    assert QuantConfig(scheme="W4A6").act_settings(True, tuning).bits == 6
     with pytest.raises(ConfigError, match="act_mode"):
         QuantConfig(scheme="W4A4", act_mode="bogus").resolve()
 

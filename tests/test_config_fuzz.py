@@ -29,7 +29,7 @@ MINIMAL = ["--data.num_samples", "4", "--data.seqlen", "32", "--train.epochs", "
 NOT_FUZZED = {
     "output_dir",  # the run's folder is the test's
     "trainer.devices", "advanced.trainer.num_nodes", "trainer.strategy", "trainer.accelerator",  # test_ddp, test_gpu
-    "model.revision", "model.trust_remote_code",  # only meaningful for hub ids: no hub here
+    "advanced.model.revision", "advanced.model.trust_remote_code",  # only meaningful for hub ids: no hub here
 }
 
 

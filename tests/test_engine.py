@@ -117,7 +117,7 @@ def _window_module(model: nn.Module, quantize, blocks=(0, 1)):
     hidden, kwargs = adapter.capture_block_inputs(_ids())
     state = CrossBlockState(adapter.blocks, hidden, kwargs, quantize, batch_size=4)
     window = window_schedule(4, WindowConfig(2, 1))[0]
-    module = WindowModule([adapter.blocks[i] for i in blocks], window, kwargs.for_blocks(blocks), LossConfig(), RoundingConfig(),
+    module = WindowModule([adapter.blocks[i] for i in blocks], window, kwargs.for_blocks(blocks), LossConfig(),
                           OptimConfig(epochs=1, batch_size=3))
     return state, window, module
 

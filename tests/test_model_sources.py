@@ -205,3 +205,34 @@ def test_a_bad_tiny_shape_is_one_line_before_anything_loads(tmp_path: Path, caps
     [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cbq: error:")]
     assert named in line
     assert not (tmp_path / "never").exists()
+
+
+# --- how a hub model is fetched (advanced.model) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ([], {"revision": None, "trust_remote_code": False}),
+    (["--advanced.model.revision", "v1.0", "--advanced.model.trust_remote_code", "true"],
+     {"revision": "v1.0", "trust_remote_code": True}),
+])
+def test_hub_access_settings_reach_transformers(flags: list[str], expected: dict, tmp_path: Path, capsys,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``advanced.model`` is what the run hands to transformers for a hub id (here no hub: the request is recorded
+    and refused, and the refusal is the run's one-line error); the defaults fetch the default branch and run no
+    repository code."""
+    import transformers
+
+    from cbq_lightning.cli import main
+    from tests.conftest import TINY_RECIPE
+
+    asked: list[dict] = []
+
+    def from_pretrained(source: str, **kwargs):
+        asked.append({"source": source, **kwargs})
+        raise OSError("no hub here")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    code = main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(tmp_path), "--model.name_or_path",
+                 "example-org/example-model", *flags])
+    assert code == 2 and "cannot load a model config from 'example-org/example-model'" in capsys.readouterr().err
+    assert asked == [{"source": "example-org/example-model", **expected}]

@@ -124,14 +124,20 @@ def test_the_rtn_cell_is_plain_round_to_nearest_on_every_recipe(quality, scheme:
 def test_recipe_deviations_are_read_from_the_recipe(quality, tmp_path: Path) -> None:
     """A recipe that sets the paper's values has no deviation; changing two keys lists exactly those two
     (a key the recipe leaves out is compared at the code's default)."""
-    lines = [f"{key}: {value}" for key, value in quality.paper_settings().items()]
-    sections: dict[str, list[str]] = {}
-    for key, value in quality.paper_settings().items():
-        if "." in key:
-            section, name = key.split(".")
-            sections.setdefault(section, []).append(f"  {name}: {value}")
-    text = "model:\n  name_or_path: tiny-llama\n" + "".join(f"{s}:\n" + "\n".join(v) + "\n" for s, v in sections.items())
-    assert lines
+    tree: dict = {}
+    for key, value in quality.paper_settings().items():  # dotted keys, one to three levels deep
+        *sections, name = key.split(".")
+        node = tree
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+
+    def as_yaml(node: dict, indent: str = "") -> str:  # the values are YAML text already (``null``, ``{}``, ``1``)
+        return "".join(f"{indent}{name}:\n{as_yaml(value, indent + '  ')}" if isinstance(value, dict)
+                       else f"{indent}{name}: {value}\n" for name, value in node.items())
+
+    text = "model:\n  name_or_path: tiny-llama\n" + as_yaml(tree)
+    assert "advanced:\n  quant:\n    clip_init: 0.99\n" in text
     recipe = tmp_path / "paper.yaml"
     recipe.write_text(text)
     assert quality.recipe_deviations(recipe) == {}

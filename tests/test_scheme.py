@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cbq_lightning.errors import ConfigError
-from cbq_lightning.quant.config import QuantConfig
+from cbq_lightning.quant.config import QuantConfig, QuantTuning
 from cbq_lightning.quant.scheme import QuantScheme, parse_scheme, valid_group_sizes
 
 # --- parse_scheme -----------------------------------------------------------------------------------
@@ -110,8 +110,8 @@ def test_resolve_accepts_activation_quantization(scheme, a_bits):
     config = QuantConfig(scheme=scheme)
     resolved = config.resolve()
     assert resolved.a_bits == a_bits and resolved.quantizes_activations
-    assert config.act_settings(trained=True).bits == a_bits
-    assert QuantConfig(scheme="W4A16").act_settings(trained=True) is None
+    assert config.act_settings(True, QuantTuning()).bits == a_bits
+    assert QuantConfig(scheme="W4A16").act_settings(True, QuantTuning()) is None
 
 
 def test_the_scheme_is_the_one_key_for_bits_and_groups():

@@ -125,7 +125,7 @@ def run_peer(name: str, config: QuantizeConfig, iters: int | None = None) -> dic
     }
     try:
         settings = check_peer(name, config)
-        tokenizer = load_tokenizer(config.model)
+        tokenizer = load_tokenizer(config.model, hub=config.advanced.model)
         ids = calibration_ids(config.data, tokenizer, config.seed, config.data_dir, config.advanced.data.text_field)
         evaluation = config.eval
         sets = [
@@ -133,7 +133,7 @@ def run_peer(name: str, config: QuantizeConfig, iters: int | None = None) -> dic
                              config.data_dir)
             for source in evaluation.datasets
         ]
-        model = load_model(config.model, vocab_size=len(tokenizer), seed=config.seed)
+        model = load_model(config.model, vocab_size=len(tokenizer), seed=config.seed, hub=config.advanced.model)
         try:
             if peer.module is autoround:
                 options = {**peer.options, **({} if iters is None else {"iters": iters}), "seed": config.seed}

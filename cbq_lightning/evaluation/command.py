@@ -23,7 +23,7 @@ from cbq_lightning.export.fake_quant import (
 from cbq_lightning.files import check_checkpoint_dir, check_json, check_safetensors, rerun_quantize
 from cbq_lightning.io import atomic_write_json
 from cbq_lightning.models.adapter import DecoderAdapter
-from cbq_lightning.models.loading import ModelConfig, load_model, load_tokenizer
+from cbq_lightning.models.loading import HubAccess, ModelConfig, load_model, load_tokenizer
 from cbq_lightning.rotation.fold import RotationConfig, attach_online_rotations, rotate_model
 
 
@@ -81,6 +81,10 @@ class EvaluateConfig:
     def sources(self) -> list[str]:
         return [self.data] if isinstance(self.data, str) else list(self.data)
 
+    def hub_access(self) -> HubAccess:
+        """How the model is fetched from the hub (the latest revision; custom code only when asked)."""
+        return HubAccess(trust_remote_code=self.trust_remote_code)
+
     def task_names(self) -> list[str]:
         return parse_tasks(self.tasks)
 
@@ -137,7 +141,7 @@ def _evaluated_model(
     """The model as it runs: a cbq output with what its checkpoint cannot hold put back (online rotation, activation
     quantizers, low-rank corrections, in that order), or a full-precision model rotated by ``--rotation``; and the
     rotation folded here (None: none)."""
-    model = load_model(model_config, vocab_size=vocab_size)
+    model = load_model(model_config, vocab_size=vocab_size, hub=config.hub_access())
     rotation = None
     if quantization is not None:  # a run with an online rotation: put it back before anything reads the inputs
         attach_online_rotations(model, quantization.get("rotation"))
@@ -165,8 +169,8 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     path, quantization = resolve_model_path(config.model)
     if quantization is not None:  # a cbq quantize output: broken files are fixed by rerunning it, not by a download
         check_checkpoint_dir(Path(path), rerun_quantize(Path(path).parent))
-    model_config = ModelConfig(name_or_path=path, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
-    tokenizer = load_tokenizer(model_config)
+    model_config = ModelConfig(name_or_path=path, dtype=config.dtype)
+    tokenizer = load_tokenizer(model_config, hub=config.hub_access())
     sets = [
         prepare_eval_set(source, tokenizer, config.seqlen, config.split, config.max_windows, config.data_dir)
         for source in config.sources()

@@ -46,8 +46,9 @@ def cache_directory() -> Path:
     return base / "cbq-lightning" / "fp_reference"
 
 
-def model_identity(config: ModelConfig, model: nn.Module, seed: int) -> dict[str, Any] | None:
-    """What identifies the loaded weights without reading them: None where nothing does (then never cached)."""
+def model_identity(config: ModelConfig, model: nn.Module, seed: int, revision: str | None = None) -> dict[str, Any] | None:
+    """What identifies the loaded weights without reading them: None where nothing does (then never cached).
+    ``revision``: the hub revision asked for (``advanced.model.revision``), kept beside the commit it gave."""
     name = config.name_or_path
     if tiny_model_type(name) is not None:  # built from its shape and the seed
         return {"tiny": name, "shape": dataclasses.asdict(tiny_shape(name)), "seed": seed}
@@ -58,7 +59,7 @@ def model_identity(config: ModelConfig, model: nn.Module, seed: int) -> dict[str
         stats = [(f, f.stat()) for f in files]
         return {"files": [{"path": str(f.resolve()), "bytes": s.st_size, "mtime_ns": s.st_mtime_ns} for f, s in stats]}
     commit = getattr(model.config, "_commit_hash", None)  # set by transformers for a hub download
-    return {"hub": name, "revision": config.revision, "commit": commit} if commit else None
+    return {"hub": name, "revision": revision, "commit": commit} if commit else None
 
 
 def reference_key(identity: dict[str, Any], *, dtype: torch.dtype, rotation: dict[str, Any] | None,

@@ -47,17 +47,15 @@ class ModelConfig:
             built offline: ``tiny-gemma2``, ``tiny-opt``...; ``tiny-llama:num_layers=2`` changes its shape, see
             :mod:`cbq_lightning.models.tiny`).
         gguf_file: GGUF file name inside ``name_or_path`` (transformers' ``gguf_file=``).
-        revision: hub revision (branch, tag or commit).
         dtype: dtype of the frozen weights: ``auto`` (``bfloat16`` when a CUDA GPU is used, ``float32`` on CPU),
             ``float32``, ``bfloat16`` or ``float16``.
-        trust_remote_code: allow custom model code from the hub; off unless you trust the source.
+
+    How a hub model is fetched (its revision, custom code) is :class:`HubAccess` (``advanced.model``).
     """
 
     name_or_path: str = TINY_MODEL_NAME
     gguf_file: str | None = None
-    revision: str | None = None
     dtype: str = "auto"
-    trust_remote_code: bool = False
 
     def torch_dtype(self) -> torch.dtype:
         """The weights' dtype; ``auto`` follows the machine (:func:`auto_weight_dtype`)."""
@@ -66,6 +64,23 @@ class ModelConfig:
         if self.dtype not in _DTYPES:
             raise ModelSourceError(f"model.dtype={self.dtype!r} is unknown: use auto or one of {', '.join(_DTYPES)}.")
         return _DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class HubAccess:
+    """How a hub model is fetched (``advanced.model``): a local path, a GGUF file and the built-in models ignore it.
+
+    Why apart from :class:`ModelConfig`: the defaults (the latest revision, no custom code) are what almost every
+    run wants, and running a repository's own code is a security decision a reader should see as out of the
+    ordinary.
+
+    Attributes:
+        revision: hub revision (branch, tag or commit); null: the default branch.
+        trust_remote_code: allow custom model code from the hub; off unless you trust the source.
+    """
+
+    revision: str | None = None
+    trust_remote_code: bool = False
 
 
 def auto_weight_dtype(cuda: bool) -> str:
@@ -151,25 +166,26 @@ def resolve_source(config: ModelConfig) -> tuple[str, str | None]:
     return name, config.gguf_file
 
 
-def _hub_kwargs(config: ModelConfig, gguf_file: str | None) -> dict:
+def _hub_kwargs(hub: HubAccess, gguf_file: str | None) -> dict:
     return {
-        "revision": config.revision,
-        "trust_remote_code": config.trust_remote_code,
+        "revision": hub.revision,
+        "trust_remote_code": hub.trust_remote_code,
         **({"gguf_file": gguf_file} if gguf_file else {}),
     }
 
 
-def load_tokenizer(config: ModelConfig):
+def load_tokenizer(config: ModelConfig, *, hub: HubAccess = HubAccess()):
     """The model's tokenizer, after checking the architecture (cheap: no weights are read).
 
-    Loaded before the model so that calibration text can be checked before any heavy work.
+    Loaded before the model so that calibration text can be checked before any heavy work. ``hub``: how a hub
+    model is fetched (the defaults: latest revision, no custom code).
     """
     source, gguf_file = resolve_source(config)
     if tiny_model_type(source) is not None:
         return byte_tokenizer()
     from transformers import AutoConfig, AutoTokenizer
 
-    kwargs = _hub_kwargs(config, gguf_file)
+    kwargs = _hub_kwargs(hub, gguf_file)
     if gguf_file:
         _check_gguf_support(Path(source) / gguf_file)
     try:
@@ -200,7 +216,7 @@ def _check_gguf_support(path: Path) -> str | None:
     return gguf_model_type(path, header) if header is not None else None
 
 
-def source_model_type(config: ModelConfig) -> str | None:
+def source_model_type(config: ModelConfig, *, hub: HubAccess = HubAccess()) -> str | None:
     """The model type ``config`` will load, read cheaply (a tiny name, a GGUF header, a ``config.json``; a hub id's
     config is fetched), so a request that cannot hold the family is refused before any weight is read. None when
     the config cannot be read now (the loader then says why)."""
@@ -218,13 +234,14 @@ def source_model_type(config: ModelConfig) -> str | None:
     try:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(source, **_hub_kwargs(config, gguf_file)).model_type
+        return AutoConfig.from_pretrained(source, **_hub_kwargs(hub, gguf_file)).model_type
     except (OSError, ValueError):
         return None
 
 
-def load_model(config: ModelConfig, vocab_size: int, seed: int = 0) -> nn.Module:
-    """The causal LM, frozen, in eval mode, on CPU (``vocab_size`` sizes the tiny model only)."""
+def load_model(config: ModelConfig, vocab_size: int, seed: int = 0, *, hub: HubAccess = HubAccess()) -> nn.Module:
+    """The causal LM, frozen, in eval mode, on CPU (``vocab_size`` sizes the tiny model only; ``hub``: how a hub
+    model is fetched)."""
     dtype = config.torch_dtype()
     source, gguf_file = resolve_source(config)
     model_type = tiny_model_type(source)
@@ -235,7 +252,7 @@ def load_model(config: ModelConfig, vocab_size: int, seed: int = 0) -> nn.Module
 
         from cbq_lightning.export.reload import loading_kwargs, release_offload
 
-        kwargs = _hub_kwargs(config, gguf_file)
+        kwargs = _hub_kwargs(hub, gguf_file)
         if gguf_file:  # also when called without load_tokenizer: a Mixtral GGUF would load without its experts
             _check_gguf_support(Path(source) / gguf_file)
         if Path(source).is_dir():  # a packed export (compressed-tensors, GPTQ) may need a loading override

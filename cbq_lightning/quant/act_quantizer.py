@@ -62,9 +62,12 @@ class ActQuantSettings:
         if not 2 <= self.bits <= 8:
             raise ConfigError(f"activation bits={self.bits} is out of range: use 2..8, or 16 for no quantization.")
         if self.learnable:
-            clip_logit(self.clip_init)  # raises, naming the value, outside (0, 1)
+            try:
+                clip_logit(self.clip_init)
+            except ConfigError as error:  # the logit's rule, under the key a user sets
+                raise ConfigError(f"advanced.quant.act_{error}") from None
         elif not 0.0 < self.clip_init <= 1.0:
-            raise ConfigError(f"quant.act_clip_init={self.clip_init} must lie in (0, 1].")
+            raise ConfigError(f"advanced.quant.act_clip_init={self.clip_init} must lie in (0, 1].")
 
 
 def _grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:

@@ -20,22 +20,18 @@ class QuantConfig:
             for ``export.format: gguf``; it fixes the bits, blocks of 32 and the symmetry).
         sym: symmetric weights (needed for GPTQ-v1 export); a GGML type sets it itself.
         learnable_clip: learn per-channel/group clipping thresholds (CBQ); False keeps min/max.
-        clip_init: initial clipping ratio of the learnable thresholds (sigmoid of the logit).
         act_mode: activation quantizer when a_bits < 16: ``dynamic_sym`` (per token, symmetric: what
             vLLM serves), ``dynamic_asym`` (per token, asymmetric) or ``static_lsq`` (one learned step
             per layer).
-        act_learnable: train the activation clipping logit(s) / static step with the window (CBQ only;
-            RTN keeps them at their start).
-        act_clip_init: starting clipping ratio of the dynamic activation quantizers (RTN uses 1.0).
+
+    Where the clipping starts, and whether the activation clipping trains, are :class:`QuantTuning`
+    (``advanced.quant``).
     """
 
     scheme: str = "W4A16"
     sym: bool = False
     learnable_clip: bool = True
-    clip_init: float = 0.99
     act_mode: ActMode = "dynamic_sym"
-    act_learnable: bool = True
-    act_clip_init: float = 0.99
 
     def resolve(self) -> QuantScheme:
         """The scheme string with ``sym``, validated."""
@@ -44,7 +40,7 @@ class QuantConfig:
             return self._resolve_ggml(base)
         scheme = QuantScheme(w_bits=base.w_bits, group_size=base.group_size, a_bits=base.a_bits, sym=self.sym)
         if scheme.quantizes_activations:
-            self.act_settings(trained=True)  # raises a ConfigError on a bad mode or clip ratio
+            self.act_settings(trained=False, tuning=QuantTuning())  # raises a ConfigError on a bad mode
         return scheme
 
     def _resolve_ggml(self, scheme: QuantScheme) -> QuantScheme:
@@ -58,8 +54,9 @@ class QuantConfig:
             )
         return scheme
 
-    def act_settings(self, trained: bool) -> ActQuantSettings | None:
-        """The activation quantization of the run, or None for weight-only schemes.
+    def act_settings(self, trained: bool, tuning: QuantTuning) -> ActQuantSettings | None:
+        """The activation quantization of the run, or None for weight-only schemes (raises a ConfigError on a bad
+        mode or starting clipping ratio).
 
         ``trained=False`` (the RTN baseline) gives the untrained quantizer: no clipping, nothing learned.
         """
@@ -68,4 +65,23 @@ class QuantConfig:
             return None
         if not trained:
             return ActQuantSettings(bits=bits, mode=self.act_mode, learnable=False, clip_init=1.0)
-        return ActQuantSettings(bits=bits, mode=self.act_mode, learnable=self.act_learnable, clip_init=self.act_clip_init)
+        return ActQuantSettings(
+            bits=bits, mode=self.act_mode, learnable=tuning.act_learnable, clip_init=tuning.act_clip_init
+        )
+
+
+@dataclass
+class QuantTuning:
+    """Where the clipping starts and whether the activation clipping trains (``advanced.quant``): defaults that
+    suit every run measured so far, out of the core a user reads.
+
+    Attributes:
+        clip_init: initial clipping ratio of the learnable weight thresholds (sigmoid of the logit), in (0, 1).
+        act_learnable: train the activation clipping logit(s) / static step with the window (CBQ does; false is
+            an ablation, and RTN keeps them at their start whatever this says).
+        act_clip_init: starting clipping ratio of the dynamic activation quantizers (RTN uses 1.0).
+    """
+
+    clip_init: float = 0.99
+    act_learnable: bool = True
+    act_clip_init: float = 0.99

@@ -53,25 +53,21 @@ class RoundingConfig:
         form: ``residual`` (default, ``V = V0 + A1 @ A2``), ``lowrank`` (the paper's ``V = A1 @ A2``) or
             ``offset`` (full-rank signed offset with straight-through rounding, no regulariser).
         rank: rank r of ``A1 @ A2`` (not used by ``offset``).
-        reg_weight: lambda, weight of the rounding regulariser.
 
     How the training forward rounds and how ``A2`` starts, where they depart from the paper, are extensions
     (``extensions.rounding_forward``, ``extensions.rounding_init``). The paper's finer settings (the factors'
-    starting scale, the regulariser's anneal) are :class:`RoundingTuning` (``advanced.rounding``).
+    starting scale, the regulariser's weight and anneal) are :class:`RoundingTuning` (``advanced.rounding``).
     """
 
     enabled: bool = True
     form: Literal["residual", "lowrank", "offset"] = "residual"
     rank: int = 4
-    reg_weight: float = 0.01
 
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ConfigError(f"rounding.rank={self.rank} must be >= 1.")
         if self.form not in ("residual", "lowrank", "offset"):
             raise ConfigError(f"rounding.form={self.form!r} is unknown: use 'residual', 'lowrank' or 'offset'.")
-        if self.reg_weight < 0:
-            raise ConfigError(f"rounding.reg_weight={self.reg_weight} must be >= 0.")
         if self.form == "offset":
             self._refuse_settings_offset_ignores()
 
@@ -105,9 +101,9 @@ class RoundingConfig:
     def _refuse_settings_offset_ignores(self) -> None:
         """``form: offset`` trains one full-rank offset per weight through a straight-through forward: it has no
         factors and no regulariser, so a changed rank, initialisation or regulariser setting would silently do
-        nothing (the starting factors and the anneal, ``extensions.rounding_init*`` and ``advanced.rounding``, are
-        checked by the configuration, :func:`cbq_lightning.config.validate`)."""
-        changed = changed_fields(self, ("rank", "reg_weight"))
+        nothing (the starting factors and the regulariser, ``extensions.rounding_init*`` and ``advanced.rounding``,
+        are checked by the configuration, :func:`cbq_lightning.config.validate`)."""
+        changed = changed_fields(self, ("rank",))
         if changed:
             shown = ", ".join(f"rounding.{name}={value}" for name, value, _ in changed)
             fix = " ".join(f"--rounding.{name} {default}" for name, _, default in changed)
@@ -122,6 +118,7 @@ class RoundingTuning:
     """LoRA-Rounding's finer settings at the paper's values (``advanced.rounding``): a recipe rarely changes them.
 
     Attributes:
+        reg_weight: lambda, weight of the rounding regulariser in the window's loss.
         init_std: standard deviation of the random factor(s) at initialisation (and the entry scale of the
             gradient-aligned start).
         beta_start: regulariser exponent after warm-up (sharp: only near-0.5 values are penalised).
@@ -129,12 +126,15 @@ class RoundingTuning:
         warmup: fraction of a window's steps without regulariser.
     """
 
+    reg_weight: float = 0.01
     init_std: float = 0.1
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.reg_weight) and self.reg_weight >= 0):
+            raise ConfigError(f"advanced.rounding.reg_weight={self.reg_weight} must be a finite number >= 0.")
         if not (math.isfinite(self.init_std) and self.init_std > 0):
             raise ConfigError(f"advanced.rounding.init_std={self.init_std} must be a finite number > 0.")
         if not 0.0 <= self.warmup < 1.0:

@@ -46,7 +46,7 @@ class ClipSearch:
     the sigmoid, where a short CPU-budget fit cannot move them far; searching each group's ratio
     that minimises ``sum |W - Q(W)|^norm`` first puts them near a good optimum for almost no cost.
 
-    The ``extensions.clip_search`` section (null: every group starts at ``quant.clip_init``).
+    The ``extensions.clip_search`` section (null: every group starts at ``advanced.quant.clip_init``).
 
     Attributes:
         min_ratio: smallest ratio tried (the largest is the configured ``clip_init``).
