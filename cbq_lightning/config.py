@@ -210,10 +210,7 @@ def _check_outputs(config: QuantizeConfig, scheme: QuantScheme, supplied_model_t
 def _check_trainable(config: QuantizeConfig, scheme: QuantScheme) -> None:
     """A CBQ run has something to train, a valid clipping start and at least one epoch."""
     if config.quant.learnable_clip:
-        try:
-            clip_logit(config.advanced.quant.clip_init)
-        except ConfigError as error:  # the quantizer's own rule, under the key a user sets
-            raise ConfigError(f"advanced.quant.{error}") from None
+        clip_logit(config.advanced.quant.clip_init, key="advanced.quant.clip_init")
     learnable_act = scheme.quantizes_activations and config.advanced.quant.act_learnable
     if not (config.rounding.enabled or config.quant.learnable_clip or learnable_act):
         raise ConfigError(

@@ -62,10 +62,7 @@ class ActQuantSettings:
         if not 2 <= self.bits <= 8:
             raise ConfigError(f"activation bits={self.bits} is out of range: use 2..8, or 16 for no quantization.")
         if self.learnable:
-            try:
-                clip_logit(self.clip_init)
-            except ConfigError as error:  # the logit's rule, under the key a user sets
-                raise ConfigError(f"advanced.quant.act_{error}") from None
+            clip_logit(self.clip_init, key="advanced.quant.act_clip_init")
         elif not 0.0 < self.clip_init <= 1.0:
             raise ConfigError(f"advanced.quant.act_clip_init={self.clip_init} must lie in (0, 1].")
 

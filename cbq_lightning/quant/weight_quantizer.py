@@ -28,11 +28,12 @@ from cbq_lightning.section_types import check_field_types
 SCALE_EPS = 1e-8
 
 
-def clip_logit(ratio: float) -> float:
-    """Logit whose sigmoid is the initial clipping ratio (ratio in (0, 1))."""
+def clip_logit(ratio: float, key: str = "clip_init") -> float:
+    """Logit whose sigmoid is the initial clipping ratio (ratio in (0, 1)); ``key`` is the setting the error names
+    (the configuration passes the dotted key a user sets)."""
     if not 0.0 < ratio < 1.0:
         raise ConfigError(
-            f"clip_init={ratio} must lie strictly between 0 and 1 when clipping is learnable "
+            f"{key}={ratio} must lie strictly between 0 and 1 when clipping is learnable "
             "(it is sigmoid(logit)); 0.99 starts almost unclipped."
         )
     return math.log(ratio / (1.0 - ratio))
