@@ -10,7 +10,8 @@ What trains: each quantized linear's scales, as ``scale * exp(g)`` per group (or
 and the integer codes frozen; with the codes fixed a group's scale is its clipping range over its levels, so
 these are the clipping thresholds trained end to end. Where activations are quantized, their clipping logits
 (or static steps) train too when ``activation_clip`` asks for it (off by default: at W4A4 they made the phase
-fail). The rounding decisions stay those the windows hardened.
+fail), and the blocks' normalisation layers when ``norms`` does. The rounding decisions stay those the windows
+hardened.
 
 Objective: ``KL(softmax(head(Y_fp)) || softmax(head(Y_q)))`` on the calibration samples, at ``tokens`` random
 positions per sequence (:func:`cbq_lightning.loss.output_kl`), where ``Y_fp`` is the full-precision model's
@@ -35,6 +36,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -92,17 +94,25 @@ class EndToEndModule(L.LightningModule):
         self._act_start = [p.detach().clone() for p in self.act_parameters]
         for parameter in self.act_parameters:
             parameter.requires_grad_(True)
+        self.norm_shifts = [_attach_shift(norm, name) for norm, name in norm_tensors(self.blocks)] if config.norms else []
 
     @torch.no_grad()
     def finish(self, keep: bool) -> None:
-        """Fold the gains into the scales (``keep``), or drop them and put the activation clipping back as the
-        windows left it; freeze everything again."""
+        """Fold the gains into the scales (``keep``), or drop them and put the activation clipping and the norms back
+        as the windows left them; freeze everything again."""
         for layer in self.layers:
             layer.end_scale_training(keep)
         for parameter, start in zip(self.act_parameters, self._act_start, strict=True):
             if not keep:
                 parameter.copy_(start)
             parameter.requires_grad_(False)
+        for norm, name in norm_tensors(self.blocks) if self.norm_shifts else []:
+            parametrize.remove_parametrizations(norm, name, leave_parametrized=keep)
+
+    def trained(self) -> list[str]:
+        """What the phase trains, as ``report.json`` lists it."""
+        return ["scales", *(["activation_clip"] if self.act_parameters else []),
+                *(["norms"] if self.norm_shifts else [])]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._block_kwargs is None:
@@ -151,10 +161,46 @@ class EndToEndModule(L.LightningModule):
         groups = [{"params": self.gains, "lr": self.config.lr, "name": "scales"}]
         if self.act_parameters:
             groups.append({"params": self.act_parameters, "lr": self.config.lr, "name": "activation_clip"})
+        if self.norm_shifts:
+            groups.append({"params": self.norm_shifts, "lr": self.config.lr, "name": "norms"})
         optimizer = torch.optim.Adam(groups)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=0.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def norm_tensors(blocks: nn.Module) -> list[tuple[nn.Module, str]]:
+    """``(layer, tensor name)`` of every normalisation layer's scale (and shift, where it has one) in ``blocks``.
+
+    A layer counts as a norm by type (``nn.LayerNorm``, ``nn.RMSNorm``) or by name (the transformers families'
+    ``LlamaRMSNorm``, ``Gemma3RMSNorm``, ... all end in ``Norm``), so every family's attention and MLP norms are
+    found, and the per-head query/key norms where a family has them."""
+    found = []
+    for module in blocks.modules():
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith("Norm"):
+            names = module.parametrizations.keys() if parametrize.is_parametrized(module) else \
+                [name for name, _ in module.named_parameters(recurse=False)]
+            found.extend((module, name) for name in names)
+    return found
+
+
+class _Shift(nn.Module):
+    """``tensor + shift`` with a float32 shift starting at 0: a bfloat16 norm scale (spacing 1/128 near 1) would
+    round away the phase's small steps; the float32 shift keeps them and is folded in once, at the end."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros_like(like, dtype=torch.float32))
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return (original.float() + self.shift).to(original.dtype)
+
+
+def _attach_shift(norm: nn.Module, name: str) -> nn.Parameter:
+    """Make ``norm.<name>`` trainable as the tensor the windows left plus a float32 shift; the shift."""
+    shift = _Shift(getattr(norm, name))
+    parametrize.register_parametrization(norm, name, shift)
+    return shift.shift
 
 
 def train_end_to_end(
@@ -191,7 +237,7 @@ def train_end_to_end(
              "diverged" if after is None else f"{after:.4g}", "kept" if keep else "the windows' scales kept")
     return {
         "steps": trainer.global_step, "epochs": epochs, "output_kl_before": before, "output_kl_after": after,
-        "kept": keep, "diverged": diverged, "trained": ["scales", *(["activation_clip"] if module.act_parameters else [])],
+        "kept": keep, "diverged": diverged, "trained": module.trained(),
         "wall_s": time.perf_counter() - started,
     }
 

@@ -133,6 +133,10 @@ class EndToEndConfig:
         activation_clip: also train the activation quantizers' clipping (activation schemes only). Off by default:
             at W4A4 on SmolLM2 training it with the scales raised the output KL (so the phase was dropped), while
             the scales alone lowered the held-back perplexity 7-9 % (docs/recipe-history.md, end-to-end phase).
+        norms: also train the blocks' normalisation layers (their scales, and shifts where they have them), at
+            ``lr``: full-precision vectors that rescale what every quantized linear reads, so they can move the
+            activations to where the frozen codes serve them best (as norm tweaking, arXiv 2309.02784, does after
+            GPTQ). Off by default; where a recipe turns it on, docs/recipe-history.md has the measurement.
         checkpoint_blocks: recompute each block's activations in the backward instead of keeping them (less
             memory, one more forward); null: on for CUDA devices, off on the CPU.
         evaluate_before: also evaluate the model before the phase (one more pass over ``eval``'s sets), reported as
@@ -145,6 +149,7 @@ class EndToEndConfig:
     batch_size: int | None = None
     tokens: int = 128
     activation_clip: bool = False
+    norms: bool = False
     checkpoint_blocks: bool | None = None
     evaluate_before: bool = False
 

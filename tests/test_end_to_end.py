@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cbq_lightning.cli import main
+from cbq_lightning.end_to_end import EndToEndModule, norm_tensors
 from cbq_lightning.errors import ConfigError
 from cbq_lightning.quant.finalized import FinalizedQuantLinear
 from cbq_lightning.train_config import EndToEndConfig
@@ -87,6 +88,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name, extra in {"plain": [], "e2e": ["--extensions.end_to_end", "{}"], "diverging": ["--extensions.end_to_end.lr", "1000"],
                         "plain_w4a8": w4a8, "e2e_w4a8": [*w4a8, "--extensions.end_to_end", "{activation_clip: true}"],
                         "scales_w4a8": [*w4a8, "--extensions.end_to_end", "{}"],
+                        "norms": ["--extensions.end_to_end", "{norms: true}"],
+                        "diverging_norms": ["--extensions.end_to_end", "{norms: true, lr: 1000}"],
                         "diverging_w4a8": [*w4a8, "--extensions.end_to_end.lr", "1000"]}.items():
         out = tmp_path_factory.mktemp(name)
         assert main(["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(out), *FAST, *extra]) == 0
@@ -183,3 +186,53 @@ def test_the_phase_is_refused_where_it_cannot_apply(
     lines = [line for line in err.splitlines() if line.startswith("cbq: error:")]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def _norm_scales(folder: Path) -> dict[str, torch.Tensor]:
+    """The blocks' norm scales of a run's fake-quant checkpoint (what every export reads them from)."""
+    weights = load_file(folder / "model" / "model.safetensors")
+    return {name: tensor for name, tensor in weights.items() if "layers." in name and "norm" in name}
+
+
+def test_asked_the_phase_trains_the_norms_and_every_output_carries_them(runs: dict[str, Path]) -> None:
+    record = _report(runs["norms"])["end_to_end"]
+    assert record["trained"] == ["scales", "norms"] and record["kept"], record
+    plain, trained = _norm_scales(runs["e2e"]), _norm_scales(runs["norms"])
+    blocks = json.loads((runs["norms"] / "model" / "config.json").read_text())["num_hidden_layers"]
+    assert len(plain) == 2 * blocks and plain.keys() == trained.keys()  # the attention and the MLP norm of each block
+    assert all(not torch.equal(plain[name], trained[name]) for name in plain), list(plain)
+    assert all(not name.endswith(("original", "shift")) for name in trained)  # the shifts are folded in, not saved
+    assert _report(runs["e2e"])["end_to_end"]["trained"] == ["scales"]
+
+
+def test_a_dropped_phase_puts_the_norms_back_bit_for_bit(runs: dict[str, Path]) -> None:
+    assert not _report(runs["diverging_norms"])["end_to_end"]["kept"]
+    plain, dropped = _norm_scales(runs["plain"]), _norm_scales(runs["diverging_norms"])
+    assert plain.keys() == dropped.keys() and all(torch.equal(plain[name], dropped[name]) for name in plain)
+
+
+def test_a_norm_trains_through_a_float32_shift_that_folds_in_at_the_end() -> None:
+    """A bfloat16 scale of 1 cannot take a step of 0.001 (its spacing there is 1/128); the float32 shift holds it
+    until the phase folds it in. Kept: the scale becomes 1 + shift (rounded to bfloat16 once); dropped: 1 again."""
+    blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.LayerNorm(4), torch.nn.Linear(4, 4))]).to(torch.bfloat16)
+    blocks.requires_grad_(False)
+    tensors = norm_tensors(blocks)
+    assert [name for _, name in tensors] == ["weight", "bias"]
+    norm = tensors[0][0]
+    config = EndToEndConfig(norms=True)
+    for keep, expected in ((True, [1.5, 1.0, 1.0, 1.0]), (False, [1.0] * 4)):
+        module = EndToEndModule([blocks[0]], [{}], torch.nn.Identity(), config, seed=0, explode_factor=1e9)
+        weight_shift, bias_shift = module.norm_shifts
+        assert weight_shift.dtype == torch.float32 and module.trained() == ["scales", "norms"]
+        x = torch.tensor([[1.0, -1.0, 2.0, 0.0]], dtype=torch.bfloat16)
+        norm(x).float().sum().backward()  # d sum(w * xhat + b) / d shift_w = xhat; / d shift_b = 1
+        assert torch.equal(bias_shift.grad, torch.ones(4))
+        with torch.no_grad():
+            weight_shift[0] = 0.5
+            weight_shift[1] = 0.001  # below bfloat16's spacing at 1: rounds away when folded in
+        module.finish(keep)
+        assert norm.weight.dtype == torch.bfloat16 and not norm.weight.requires_grad
+        assert norm.weight.float().tolist() == expected, keep
+        assert not torch.nn.utils.parametrize.is_parametrized(norm)
+        with torch.no_grad():
+            norm.weight.fill_(1.0)
