@@ -793,10 +793,10 @@ def _flat(value: object, prefix: str = "") -> dict:
     return {prefix.rstrip("."): list(value) if isinstance(value, tuple) else value}
 
 
-#: extension sections added after the committed records were made: off (null) they compute exactly what the runs
-#: before them computed, so an off one is left out of a run's settings and the records' fingerprints stay valid;
-#: on, it is a setting like any other. Each extension added later goes here.
-LATER_EXTENSIONS = ("extensions.end_to_end",)
+#: extension sections and keys added after the committed records were made, with the value at which they compute
+#: exactly what the runs before them computed (off): at that value one is left out of a run's settings and the
+#: records' fingerprints stay valid; at any other, it is a setting like any other. Each one added later goes here.
+LATER_KEYS = {"extensions.end_to_end": None, "extensions.end_to_end.norms": False}
 
 
 #: keys that left the configuration after the committed records were made, with the value every one of those runs
@@ -834,14 +834,14 @@ def _recorded_key(key: str) -> str:
 
 def run_settings(config: dict) -> dict:
     """What decides a run's result: its resolved configuration (``config.yaml``) flattened under today's key names,
-    without :data:`PLACEMENT_KEYS` and without the :data:`LATER_EXTENSIONS` that are off, with the
+    without :data:`PLACEMENT_KEYS` and without the :data:`LATER_KEYS` that are off, with the
     :data:`RETIRED_KEYS` and, for a weight-only scheme, the :data:`INERT_WITHOUT_ACTIVATIONS` as recorded."""
     flat = {**RETIRED_KEYS, **{today_key(key): value for key, value in _flat(config).items()}}
     if "quant.scheme" in flat and not _quantizes_activations(str(flat["quant.scheme"])):
         flat.update({key: value for key, value in INERT_WITHOUT_ACTIVATIONS.items() if key in flat})
     return {key: value for key, value in flat.items()
             if not any(key == p or key.startswith(p + ".") for p in PLACEMENT_KEYS)
-            and not (key in LATER_EXTENSIONS and value is None)}
+            and not (key in LATER_KEYS and value == LATER_KEYS[key])}
 
 
 def recipe_settings(recipe: Path, flags: list[str]) -> tuple[dict, int]:

@@ -614,6 +614,18 @@ def test_an_extension_added_later_enters_the_fingerprint_only_when_on() -> None:
     assert "extensions.rotation" in run_settings({**base, "extensions": {"rotation": None}})
 
 
+def test_a_key_added_later_to_an_extension_enters_the_fingerprint_only_when_on() -> None:
+    """``extensions.end_to_end.norms`` came after the W4A16 and W3A16G64 records (made with the phase on): off, the
+    phase computes what it computed then, and the records keep their fingerprints."""
+    from benchmarks.quality import run_settings
+
+    def settings(**phase: object) -> dict:
+        return run_settings({"quant": {"scheme": "W4A16"}, "extensions": {"end_to_end": {"epochs": 4, **phase}}})
+
+    assert settings(norms=False) == settings()
+    assert settings(norms=True) != settings() and settings(norms=True)["extensions.end_to_end.norms"] is True
+
+
 def test_a_changed_default_that_a_weight_only_run_never_uses_keeps_its_records() -> None:
     """``extensions.end_to_end.activation_clip`` became false after the W4A16 and W3A16G64 records were made with
     true: a weight-only run computes the same bits under either value and keeps its fingerprint; at W4A4 the value
