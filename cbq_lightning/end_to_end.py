@@ -94,7 +94,9 @@ class EndToEndModule(L.LightningModule):
         self._act_start = [p.detach().clone() for p in self.act_parameters]
         for parameter in self.act_parameters:
             parameter.requires_grad_(True)
-        self.norm_shifts = [_attach_shift(norm, name) for norm, name in norm_tensors(self.blocks)] if config.norms else []
+        #: the norm tensors trained as ``tensor + shift`` (``norms``), and their float32 shifts
+        self._shifted = norm_tensors(self.blocks) if config.norms else []
+        self.norm_shifts = [_attach_shift(norm, name) for norm, name in self._shifted]
 
     @torch.no_grad()
     def finish(self, keep: bool) -> None:
@@ -106,7 +108,7 @@ class EndToEndModule(L.LightningModule):
             if not keep:
                 parameter.copy_(start)
             parameter.requires_grad_(False)
-        for norm, name in norm_tensors(self.blocks) if self.norm_shifts else []:
+        for norm, name in self._shifted:
             parametrize.remove_parametrizations(norm, name, leave_parametrized=keep)
 
     def trained(self) -> list[str]:
@@ -178,9 +180,7 @@ def norm_tensors(blocks: nn.Module) -> list[tuple[nn.Module, str]]:
     found = []
     for module in blocks.modules():
         if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith("Norm"):
-            names = module.parametrizations.keys() if parametrize.is_parametrized(module) else \
-                [name for name, _ in module.named_parameters(recurse=False)]
-            found.extend((module, name) for name in names)
+            found.extend((module, name) for name, _ in module.named_parameters(recurse=False))
     return found
 
 
