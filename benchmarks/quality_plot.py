@@ -37,6 +37,9 @@ EXTENSION_NAMES = (
     ("extensions.end_to_end", "end-to-end phase"), ("extensions.correction", "low-rank correction"),
     ("extensions.mixed", "mixed precision"),
 )
+#: keys inside an extension's section that widen what it trains, named after the extension's own name when a record's
+#: recipe sets them true (the norms trained in the end-to-end phase are a lever of their own, measured apart)
+EXTENSION_OPTIONS = {"extensions.end_to_end": (("norms", "norms"),)}
 SCHEME_COLOURS = ("tab:green", "tab:blue", "tab:red", "tab:brown", "tab:pink")
 
 
@@ -67,11 +70,21 @@ def _value(row: dict[str, Any], key: str) -> float | None:
 
 
 def extensions(record: dict[str, Any]) -> list[str]:
-    """The extensions the record's CBQ cell ran with (its recipe's deviations from the paper settings)."""
+    """The extensions the record's CBQ cell ran with (its recipe's deviations from the paper settings), each with the
+    options inside it that widen what it trains (:data:`EXTENSION_OPTIONS`): a lever measured on its own is named too."""
+    import yaml
+
     from benchmarks.quality import today_key
 
-    deviations = {today_key(key) for key in record.get("recipe_deviations") or {}}
-    return [name for key, name in EXTENSION_NAMES if key in deviations]
+    deviations = {today_key(key): shipped for key, (_, shipped) in (record.get("recipe_deviations") or {}).items()}
+    names = []
+    for key, name in EXTENSION_NAMES:
+        if key in deviations:
+            section = yaml.safe_load(deviations[key])
+            options = [label for option, label in EXTENSION_OPTIONS.get(key, ())
+                       if isinstance(section, dict) and section.get(option) is True]
+            names.append(f"{name} with {', '.join(options)}" if options else name)
+    return names
 
 
 def block_errors(record: dict[str, Any]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
@@ -122,10 +135,12 @@ def plot_quality(records: list[dict[str, Any]], path: Path) -> Path:
             for b, value in points:
                 own = [name for name in named[b] if name not in common]
                 if own:
-                    left.annotate("+ " + ", ".join(own), (b, value), textcoords="offset points", xytext=(6, -6),
+                    left.annotate("\n".join(f"+ {name}" for name in own), (b, value), textcoords="offset points", xytext=(6, -6),
                                   ha="left", va="top", fontsize="small", color=style["color"])
         left.plot(xs, ys, label=label, linewidth=1.8, markersize=6, **style)
     left.set_yscale("log")
+    bottom, top = left.get_ylim()
+    left.set_ylim(bottom / 2, top)  # room under the lowest points for the lines naming their extensions
     left.set_xticks(bits, [f"W{b}\n{r['row']['scheme']}" for b, r in zip(bits, chosen, strict=True)])
     left.set_xlim(max(bits) + 0.3, min(bits) - 0.3)  # fewer bits to the right
     left.set_xlabel("weight bits (activations not quantized)")

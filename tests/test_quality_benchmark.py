@@ -254,6 +254,8 @@ def test_plot_from_synthetic_records(quality, tmp_path: Path) -> None:
                                        "train.lr_rounding": ["0.001", "0.005"]}
     assert plot.extensions(records[0]) == ["rotation", "end-to-end phase"]  # a learning rate is not an extension
     assert plot.extensions(records[1]) == []
+    records[1]["recipe_deviations"] = {"extensions.end_to_end": ["null", "{epochs: 4, norms: true}"]}
+    assert plot.extensions(records[1]) == ["end-to-end phase with norms"]  # a lever inside the extension, named too
     cbq, rtn = plot.block_errors(records[0])
     assert cbq[0] == (0, 0.01) and rtn[-1] == (3, pytest.approx(0.12))
     assert plot.block_errors(records[2])[1] == []
