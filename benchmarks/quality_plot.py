@@ -39,7 +39,7 @@ EXTENSION_NAMES = (
 )
 #: keys inside an extension's section that widen what it trains, named after the extension's own name when a record's
 #: recipe sets them true (the norms trained in the end-to-end phase are a lever of their own, measured apart)
-EXTENSION_OPTIONS = {"extensions.end_to_end": (("norms", "norms"),)}
+EXTENSION_OPTIONS = {"extensions.end_to_end": ("norms",)}
 SCHEME_COLOURS = ("tab:green", "tab:blue", "tab:red", "tab:brown", "tab:pink")
 
 
@@ -81,7 +81,7 @@ def extensions(record: dict[str, Any]) -> list[str]:
     for key, name in EXTENSION_NAMES:
         if key in deviations:
             section = yaml.safe_load(deviations[key])
-            options = [label for option, label in EXTENSION_OPTIONS.get(key, ())
+            options = [option for option in EXTENSION_OPTIONS.get(key, ())
                        if isinstance(section, dict) and section.get(option) is True]
             names.append(f"{name} with {', '.join(options)}" if options else name)
     return names
@@ -135,8 +135,8 @@ def plot_quality(records: list[dict[str, Any]], path: Path) -> Path:
             for b, value in points:
                 own = [name for name in named[b] if name not in common]
                 if own:
-                    left.annotate("\n".join(f"+ {name}" for name in own), (b, value), textcoords="offset points", xytext=(6, -6),
-                                  ha="left", va="top", fontsize="small", color=style["color"])
+                    left.annotate("\n".join(f"+ {name}" for name in own), (b, value), textcoords="offset points",
+                                  xytext=(6, -6), ha="left", va="top", fontsize="small", color=style["color"])
         left.plot(xs, ys, label=label, linewidth=1.8, markersize=6, **style)
     left.set_yscale("log")
     bottom, top = left.get_ylim()
