@@ -135,8 +135,10 @@ def plot_quality(records: list[dict[str, Any]], path: Path) -> Path:
             for b, value in points:
                 own = [name for name in named[b] if name not in common]
                 if own:
+                    last = b == bits[-1]  # the rightmost point's names go below its left, inside the axes and under the line
                     left.annotate("\n".join(f"+ {name}" for name in own), (b, value), textcoords="offset points",
-                                  xytext=(6, -6), ha="left", va="top", fontsize="small", color=style["color"])
+                                  xytext=(-6 if last else 6, -12 if last else -6), ha="right" if last else "left", va="top",
+                                  fontsize="small", color=style["color"])
         left.plot(xs, ys, label=label, linewidth=1.8, markersize=6, **style)
     left.set_yscale("log")
     bottom, top = left.get_ylim()
