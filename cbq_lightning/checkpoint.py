@@ -21,6 +21,7 @@ shared, as it is for the outputs.) Everything is safetensors: nothing is unpickl
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from dataclasses import dataclass
@@ -39,10 +40,12 @@ from cbq_lightning.io import atomic_write_safetensors
 
 FORMAT = "cbq-window-checkpoint"
 VERSION = "1"
-#: configuration keys that may change between a killed run and its resumption (they do not affect the
-#: calibration): where outputs go, progress bars, evaluation and packed-export settings, and the resume switch itself
-RESUMABLE_CHANGES = ("output_dir", "resume", "advanced.trainer.enable_progress_bar", "eval.", "export.",
-                     "extensions.end_to_end.evaluate_before")
+log = logging.getLogger("cbq_lightning")
+#: configuration keys that may change between a run and its resumption (they do not affect what the windows
+#: compute): where outputs go, progress bars, evaluation and packed-export settings, the resume and keep switches,
+#: and the end-to-end phase, which runs after the last window (on resume it runs again, with its current settings)
+RESUMABLE_CHANGES = ("output_dir", "resume", "keep_checkpoints", "advanced.trainer.enable_progress_bar", "eval.",
+                     "export.", "extensions.end_to_end", "extensions.end_to_end.")
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -220,6 +223,15 @@ class WindowCheckpointer:
         meta["rng"] = json.loads(metadata["rng"])
         kept = {key: value for key, value in tensors.items() if key not in ("x_fp", "x_q", "x_rtn")}
         return {**kept, **own}
+
+    def finish(self, keep: bool) -> None:
+        """The run's outputs are written: remove the checkpoints, or (``keep_checkpoints``) keep them for a rerun that
+        changes only what comes after the windows."""
+        if not keep:
+            self.clear()
+        elif self.rank == 0:
+            log.info("window checkpoints kept in %s: a rerun that changes only extensions.end_to_end, eval or export "
+                     "resumes after the last window", self.directory)
 
     def clear(self) -> None:
         """Remove every checkpoint (a fresh start, or a finished run); rank 0's job."""

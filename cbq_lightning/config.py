@@ -41,6 +41,9 @@ class QuantizeConfig:
             from the hub. Null: ``$CBQ_DATA_DIR`` when set, else the hub.
         resume: continue from ``output_dir/checkpoints/`` when an interrupted CBQ run left one there
             (refused, naming the keys, if the configuration changed); false starts over.
+        keep_checkpoints: keep ``output_dir/checkpoints/`` once the outputs are written. Why: the windows are the
+            expensive part of a run; with their checkpoints kept, a rerun that changes only what comes after them
+            (``extensions.end_to_end``, evaluation, export) resumes after the last window and trains none again.
         extensions: the levers this project adds to the paper (:class:`~cbq_lightning.extensions.ExtensionsConfig`),
             each off by default; the other sections are the paper's method and what every run needs.
         advanced: what a recipe rarely sets (:class:`~cbq_lightning.advanced.AdvancedConfig`): the Trainer's finer
@@ -54,6 +57,7 @@ class QuantizeConfig:
     seed: int = 0
     data_dir: str | None = None
     resume: bool = True
+    keep_checkpoints: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: CalibrationConfig = field(default_factory=CalibrationConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)

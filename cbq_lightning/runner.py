@@ -394,7 +394,7 @@ def _write_outputs(
         # from the files just written, exactly as `cbq export --run output_dir` would
         report["export"] = export_run(job.output_dir, config.export)
         atomic_write_json(job.output_dir / "report.json", report)
-    job.checkpointer.clear()  # last: a run stopped before this point resumes from them instead of starting over
+    job.checkpointer.finish(keep=config.keep_checkpoints)  # last: a run stopped before this point resumes from them
     return QuantizeResult(report=report, model=model, tokenizer=job.tokenizer)
 
 

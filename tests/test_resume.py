@@ -160,3 +160,32 @@ def test_a_rotated_activation_run_resumes_bit_for_bit(tmp_path: Path) -> None:
     assert expected.keys() == resumed.keys()
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
+
+
+def test_kept_checkpoints_let_a_rerun_try_another_end_to_end_phase_without_training_a_window(tmp_path: Path) -> None:
+    """``keep_checkpoints``: a finished run keeps its window checkpoints; a rerun that adds (or changes) the end-to-end
+    phase resumes after the last window, trains no window, and ends bit for bit where a fresh run with that phase
+    ends. Without the switch the rerun removes the checkpoints, as every finished run does."""
+    phase = ("--extensions.end_to_end", "{lr: 0.01}")
+    fresh = tmp_path / "fresh"
+    run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(fresh), *FAST, *phase))
+    kept = tmp_path / "kept"
+    first = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(kept), *FAST, "--keep_checkpoints", "true"))
+    assert first.report["end_to_end"] is None and (kept / "checkpoints").is_dir()
+    windows_only = _state(kept)
+    started: list[int] = []
+
+    class Record(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            started.append(pl_module.window.index)  # the callbacks join the windows' fits
+
+    report = run_quantize(load_recipe(TINY_RECIPE, "--output_dir", str(kept), *FAST, *phase), [Record()]).report
+    assert started == [], "no window trains again"
+    assert report["resumed_after_window"] == 2 and report["recomputed_windows"] == []
+    assert report["end_to_end"]["steps"] > 0
+    expected, rerun = _state(fresh), _state(kept)
+    assert expected.keys() == rerun.keys()
+    for key in expected:
+        assert torch.equal(expected[key], rerun[key]), key
+    assert report["end_to_end"]["kept"] != all(torch.equal(windows_only[k], rerun[k]) for k in rerun)
+    assert not (kept / "checkpoints").exists(), "without keep_checkpoints a finished run removes them"
