@@ -779,7 +779,7 @@ def _replace_cbq(recipes: dict[str, Path], args: argparse.Namespace, invocation:
 
 #: config keys that say where or how a run was placed and shown, not what it computed: a run imported with
 #: ``--cbq-runs`` may differ from the recipe in these (its seed is compared separately)
-PLACEMENT_KEYS = ("output_dir", "data_dir", "resume", "seed", "trainer.accelerator", "trainer.devices",
+PLACEMENT_KEYS = ("output_dir", "data_dir", "resume", "keep_checkpoints", "seed", "trainer.accelerator", "trainer.devices",
                   "trainer.strategy", "advanced.trainer.num_nodes", "advanced.trainer.enable_progress_bar",
                   "advanced.trainer.log_every_n_steps", "eval.fp_reference", "advanced.eval.batch_size", "advanced.monitor",
                   "advanced.cache", "export",
