@@ -43,9 +43,10 @@ VERSION = "1"
 log = logging.getLogger("cbq_lightning")
 #: configuration keys that may change between a run and its resumption (they do not affect what the windows
 #: compute): where outputs go, progress bars, evaluation and packed-export settings, the resume and keep switches,
-#: and the end-to-end phase, which runs after the last window (on resume it runs again, with its current settings)
-RESUMABLE_CHANGES = ("output_dir", "resume", "keep_checkpoints", "advanced.trainer.enable_progress_bar", "eval.",
-                     "export.", "extensions.end_to_end", "extensions.end_to_end.")
+#: and the end-to-end phase, which runs after the last window (on resume it runs again, with its current settings).
+#: Each entry covers the key itself and every key beneath it (a section switched on or off, or one of its settings).
+RESUMABLE_CHANGES = ("output_dir", "resume", "keep_checkpoints", "advanced.trainer.enable_progress_bar", "eval",
+                     "export", "extensions.end_to_end")
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -64,7 +65,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     keys = sorted(set(old) | set(new))
     return [
         key for key in keys
-        if old.get(key) != new.get(key) and not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
+        if old.get(key) != new.get(key) and not any(key == k or key.startswith(f"{k}.") for k in RESUMABLE_CHANGES)
     ]
 
 
