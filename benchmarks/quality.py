@@ -935,7 +935,9 @@ def _import_cbq_runs(folders: list[Path], args: argparse.Namespace, invocation: 
     Why: a recipe's seed spread, or a run on another machine, is a ``cbq quantize`` the benchmark did not start;
     its ``config.yaml`` says exactly what ran, so it is checked against the recipe (with the record's overrides)
     rather than trusted. A run of the recipe's seed replaces the ``CBQ (shipped recipe)`` cell (or ``CBQ w/o
-    CFP``, run with CFP off), its wall time being the run's own; every shipped-settings seed joins the spread."""
+    CFP``, run with CFP off), its wall time being the run's own, so that seed must be a whole run, not a resume
+    (whose time and report cover only what ran after the kept windows); every shipped-settings seed joins the
+    spread, resumed or not (a resume computes the same result as the whole run)."""
     import yaml
 
     from cbq_lightning.quant.scheme import parse_scheme
@@ -969,6 +971,11 @@ def _import_cbq_runs(folders: list[Path], args: argparse.Namespace, invocation: 
             raise SystemExit(f"--cbq-runs: {folder} was evaluated on {[evaluation.get(k) for k in window]}, the "
                              f"{scheme} record on {[row['eval'].get(k) for k in window]}")
         seed, ppl = int(config["seed"]), evaluation["ppl"]
+        if seed == recipe_seed and report.get("resumed_after_window") is not None:
+            raise SystemExit(f"--cbq-runs: {folder} resumed after window {report['resumed_after_window']}, so its "
+                             f"time and report cover only what ran after it; the recipe's seed ({recipe_seed}) fills "
+                             "the cell with its time, so import a whole run of that seed (resumed runs of other "
+                             "seeds join the spread)")
         command = shlex.join(["cbq", "quantize", "--config", record["recipe"], *flags,
                               *(CFP_OFF if cell == "cbq_no_cfp" else []), "--seed", str(seed)])
         if cell == "cbq":

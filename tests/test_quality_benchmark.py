@@ -531,7 +531,19 @@ def test_cbq_runs_fill_the_cell_and_the_seed_spread(quality, tmp_path: Path, mon
         quality.main(["--cbq-runs", str(short), "--output", str(tmp_path)])
     with pytest.raises(SystemExit, match="not a finished `cbq quantize` output"):
         quality.main(["--cbq-runs", str(tmp_path / "missing"), "--output", str(tmp_path)])
+    # a resume (kept windows, another end-to-end phase) times only what ran after them: not for the cell, but a
+    # seed of the spread all the same
+    resumed = [_quantize_output(quality, tmp_path / f"resumed{seed}", "W2A16G64", 60.0 + seed, seed=seed)
+               for seed in (0, 1)]
+    for folder in resumed:
+        report = json.loads((folder / "report.json").read_text())
+        (folder / "report.json").write_text(json.dumps({**report, "resumed_after_window": 29, "wall_time_s": 300.0}))
+    with pytest.raises(SystemExit, match=r"resumed after window 29.*import a whole run of that seed"):
+        quality.main(["--cbq-runs", str(resumed[0]), "--output", str(tmp_path)])
     assert json.loads(path.read_text())["row"]["cbq"] == 61.0  # nothing refused reached the record
+    assert quality.main(["--cbq-runs", str(resumed[1]), "--output", str(tmp_path)]) == 0
+    row = json.loads(path.read_text())["row"]
+    assert (row["cbq"], row["cbq_time_s"], row["cbq_seeds"]["ppl"]) == (61.0, 1500.0, {"0": 61.0, "1": 61.0, "2": 63.0})
     # a later run with new settings (here: as if the recipe had changed) starts a new spread
     changed = _record("W2A16G64", 20.0, 8.6e5, 61.0)
     changed["overrides"] = ["rounding.rank=96"]
