@@ -13,6 +13,7 @@ matplotlib is optional (``pip install -e ".[plot]"``): :func:`plot_unavailable` 
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -136,13 +137,15 @@ def plot_quality(records: list[dict[str, Any]], path: Path) -> Path:
                 own = [name for name in named[b] if name not in common]
                 if own:
                     last = b == bits[-1]  # the rightmost point's names go below its left, inside the axes and under the line
-                    left.annotate("\n".join(f"+ {name}" for name in own), (b, value), textcoords="offset points",
+                    # wrapped: two neighbouring points' names share the width between their ticks
+                    names = "\n".join(textwrap.fill(f"+ {name}", width=20, subsequent_indent="  ") for name in own)
+                    left.annotate(names, (b, value), textcoords="offset points",
                                   xytext=(-6 if last else 6, -12 if last else -6), ha="right" if last else "left", va="top",
                                   fontsize="small", color=style["color"])
         left.plot(xs, ys, label=label, linewidth=1.8, markersize=6, **style)
     left.set_yscale("log")
     bottom, top = left.get_ylim()
-    left.set_ylim(bottom / 2, top)  # room under the lowest points for the lines naming their extensions
+    left.set_ylim(bottom / 6, top)  # room under the lowest points for the (wrapped) lines naming their extensions
     left.set_xticks(bits, [f"W{b}\n{r['row']['scheme']}" for b, r in zip(bits, chosen, strict=True)])
     left.set_xlim(max(bits) + 0.3, min(bits) - 0.3)  # fewer bits to the right
     left.set_xlabel("weight bits (activations not quantized)")
