@@ -69,17 +69,6 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     ]
 
 
-def _check_margins(saved: dict[str, Any], current: dict[str, Any], directory: Path) -> None:
-    """Refuse to resume windows finalised without the rounding margins a phase that trains the codes reads
-    (``extensions.end_to_end.rounding_rank``, a resumable change otherwise)."""
-    key = "extensions.end_to_end.rounding_rank"
-    if _flatten(current).get(key) and not _flatten(saved).get(key):
-        raise ConfigError(
-            f"{directory} holds windows finalised without the rounding margins that {key} needs (they are kept "
-            f"only when it is set): drop {key}, or pass --resume false to calibrate the windows again."
-        )
-
-
 def start_over(directory: Path) -> str:
     """The fix for a broken checkpoint file (a finished window's files are written atomically, so only a
     foreign hand or a failing disk makes one)."""
@@ -220,7 +209,6 @@ class WindowCheckpointer:
                 f"{self.directory} holds a checkpoint of a run with a different configuration: {shown}. "
                 "Rerun with the original settings to resume, or pass --resume false to start over."
             )
-        _check_margins(meta["config"], self.config, self.directory)
         tensors = load_file(str(path))
         if self.rank != 0:
             tensors = self._rank_caches(tensors, window, meta)

@@ -78,7 +78,6 @@ class CrossBlockState:
         preprocessors: run on each block entering its first window (see :data:`Preprocessor`).
         store: where the caches are allocated (RAM, or memory-mapped files).
         target_dtype: dtype of the cached teacher targets (None: the caches' dtype).
-        keep_margins: finalised layers keep their rounding margins (the end-to-end phase's ``rounding_rank``).
     """
 
     blocks: nn.ModuleList
@@ -90,7 +89,6 @@ class CrossBlockState:
     preprocessors: list[Preprocessor] = field(default_factory=list)
     store: TensorStore = field(default_factory=TensorStore)
     target_dtype: torch.dtype | None = None
-    keep_margins: bool = False
 
     def __post_init__(self) -> None:
         self.x_fp = self.inputs
@@ -299,7 +297,7 @@ class CrossBlockState:
         errors = []
         for index in window.finalized:
             block = self.blocks[index].to(device)
-            finalize_block(block, self.keep_margins)
+            finalize_block(block)
             teacher = self.teachers.pop(index)
             if self.rtn_reference is not None or index + 1 not in self._fp_states:
                 teacher.to(device)  # it computes here; a kept X_fp needs no teacher, so it is not copied over

@@ -6,13 +6,12 @@ inputs. After the windows, the rounding decisions are fixed; what is still cheap
 phase trains them through every block at once against the full-precision next-token distribution, as
 EfficientQAT's second phase trains step sizes after its block-wise one.
 
-What trains: each quantized linear's scales, as ``scale * exp(g)`` per group (or channel) with ``g`` starting at 0;
-with the codes fixed a group's scale is its clipping range over its levels, so these are the clipping thresholds
-trained end to end. Where activations are quantized, their clipping logits (or static steps) train too when
-``activation_clip`` asks for it (off by default: at W4A4 they made the phase fail), and the blocks' normalisation
-layers when ``norms`` does. The rounding decisions stay those the windows hardened unless ``rounding_rank`` lets
-them move: then every code may move by whole steps through a low-rank offset (LoRA-Rounding over the windows'
-codes, :class:`~cbq_lightning.quant.code_offset.LowRankCodeOffset`), stored only if the phase is kept.
+What trains: each quantized linear's scales, as ``scale * exp(g)`` per group (or channel) with ``g`` starting at 0
+and the integer codes frozen; with the codes fixed a group's scale is its clipping range over its levels, so
+these are the clipping thresholds trained end to end. Where activations are quantized, their clipping logits
+(or static steps) train too when ``activation_clip`` asks for it (off by default: at W4A4 they made the phase
+fail), and the blocks' normalisation layers when ``norms`` does. The rounding decisions stay those the windows
+hardened.
 
 Objective: ``KL(softmax(head(Y_fp)) || softmax(head(Y_q)))`` on the calibration samples, at ``tokens`` random
 positions per sequence (:func:`cbq_lightning.loss.output_kl`), where ``Y_fp`` is the full-precision model's
@@ -65,16 +64,13 @@ class EndToEndModule(L.LightningModule):
         block_kwargs: each block's call arguments (CPU tensors), in order.
         head: the model's final norm and LM head, frozen; kept out of the module's parameters.
         config: the phase's settings.
-        seed: seeds the positions drawn for the KL (training, and the fixed ones of the measurements) and the
-            code offsets' random factors.
+        seed: seeds the positions drawn for the KL (training, and the fixed ones of the measurements).
         explode_factor: a step loss above this multiple of the first one is a divergence (the guard's); the
             phase then keeps the windows' scales.
-        rounding_init_std: standard deviation of the code offsets' random factor (``advanced.rounding.init_std``,
-            the windows' own), used only with ``config.rounding_rank``.
     """
 
     def __init__(self, blocks: list[nn.Module], block_kwargs: list[dict[str, Any]], head: nn.Module,
-                 config: EndToEndConfig, seed: int, explode_factor: float, rounding_init_std: float = 0.1) -> None:
+                 config: EndToEndConfig, seed: int, explode_factor: float) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.config = config
@@ -101,20 +97,12 @@ class EndToEndModule(L.LightningModule):
         #: the norm tensors trained as ``tensor + shift`` (``norms``), and their float32 shifts
         self._shifted = norm_tensors(self.blocks) if config.norms else []
         self.norm_shifts = [_attach_shift(norm, name) for norm, name in self._shifted]
-        factor_generator = torch.Generator().manual_seed(seed + 377011)
-        self.code_factors = [p for layer in self.layers if config.rounding_rank
-                             for p in layer.begin_code_training(config.rounding_rank, rounding_init_std,
-                                                                factor_generator)]
-        #: codes the phase moved and stored (set by :meth:`finish`); the total number of codes
-        self.codes_changed = 0
-        self.codes_total = sum(layer.qweight.numel() for layer in self.layers)
 
     @torch.no_grad()
     def finish(self, keep: bool) -> None:
         """Fold the gains into the scales (``keep``), or drop them and put the activation clipping and the norms back
         as the windows left them; freeze everything again."""
-        self.codes_changed = sum(layer.end_code_training(keep) for layer in self.layers)
-        for layer in self.layers:  # after the codes: the scales' fold recomputes the weight from both
+        for layer in self.layers:
             layer.end_scale_training(keep)
         for parameter, start in zip(self.act_parameters, self._act_start, strict=True):
             if not keep:
@@ -126,18 +114,7 @@ class EndToEndModule(L.LightningModule):
     def trained(self) -> list[str]:
         """What the phase trains, as ``report.json`` lists it."""
         return ["scales", *(["activation_clip"] if self.act_parameters else []),
-                *(["norms"] if self.norm_shifts else []), *(["codes"] if self.code_factors else [])]
-
-    @torch.no_grad()
-    def codes_moved(self) -> float:
-        """Share of codes the offsets currently move (before the grid's clamp): the phase's rounding signal."""
-        moved = sum(int(layer.code_offset.steps(layer.rounding_margin).ne(0).sum()) for layer in self.layers
-                    if layer.code_offset is not None)
-        return moved / max(self.codes_total, 1)
-
-    def on_train_epoch_end(self) -> None:
-        if self.code_factors:
-            self.log("e2e/codes_moved", self.codes_moved(), on_step=False, on_epoch=True, logger=True)
+                *(["norms"] if self.norm_shifts else [])]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._block_kwargs is None:
@@ -188,8 +165,6 @@ class EndToEndModule(L.LightningModule):
             groups.append({"params": self.act_parameters, "lr": self.config.lr, "name": "activation_clip"})
         if self.norm_shifts:
             groups.append({"params": self.norm_shifts, "lr": self.config.lr, "name": "norms"})
-        if self.code_factors:
-            groups.append({"params": self.code_factors, "lr": self.config.rounding_lr, "name": "codes"})
         optimizer = torch.optim.Adam(groups)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=0.0)
@@ -258,13 +233,11 @@ def train_end_to_end(
     keep = after is not None and after < before
     module.finish(keep)
     module.blocks.to("cpu")
-    log.info("end-to-end phase: %d steps, output KL %.4g -> %s, %s%s", trainer.global_step, before,
-             "diverged" if after is None else f"{after:.4g}", "kept" if keep else "the windows' scales kept",
-             f", {module.codes_changed} of {module.codes_total} codes moved" if module.code_factors else "")
+    log.info("end-to-end phase: %d steps, output KL %.4g -> %s, %s", trainer.global_step, before,
+             "diverged" if after is None else f"{after:.4g}", "kept" if keep else "the windows' scales kept")
     return {
         "steps": trainer.global_step, "epochs": epochs, "output_kl_before": before, "output_kl_after": after,
         "kept": keep, "diverged": diverged, "trained": module.trained(),
-        **({"codes_changed": module.codes_changed / max(module.codes_total, 1)} if module.code_factors else {}),
         "wall_s": time.perf_counter() - started,
     }
 
@@ -278,7 +251,7 @@ def run_end_to_end(config: QuantizeConfig, state: CrossBlockState, head: nn.Modu
     blocks = list(state.blocks)
     module = EndToEndModule(
         blocks, state.block_kwargs.for_blocks(list(range(len(blocks)))), head, settings, config.seed,
-        config.advanced.guard.explode_factor, config.advanced.rounding.init_std,
+        config.advanced.guard.explode_factor,
     )
     batch_size = settings.batch_size or config.train.batch_size
     return train_end_to_end(module, state.inputs, state.x_fp, batch_size, config.seed, trainer_settings(config),

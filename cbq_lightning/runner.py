@@ -52,7 +52,7 @@ from cbq_lightning.lock import quantize_lock
 from cbq_lightning.machine import resolve_machine_settings
 from cbq_lightning.models.adapter import BlockKwargs, DecoderAdapter
 from cbq_lightning.models.loading import load_model, load_tokenizer
-from cbq_lightning.quant.convert import check_correction_rank, check_group_size, drop_rounding_margins
+from cbq_lightning.quant.convert import check_correction_rank, check_group_size
 from cbq_lightning.quant.correction import CorrectionConfig
 from cbq_lightning.quant.input_moments import InputMoments
 from cbq_lightning.quant.mixed_precision import log_layer_bits, run_layer_bits
@@ -128,7 +128,6 @@ def _run_quantize(
     with stop.deferred():  # fits stop at a step boundary; elsewhere a SIGTERM stops the run at once
         windows = _calibrate(job, built, fp_results, logger, device, callbacks, stop)
         built.end_to_end = _end_to_end(job, built, logger, device)  # before the caches go: it reads them
-        drop_rounding_margins(built.state.blocks)  # only the phase reads them; no output carries them
     built.store.cleanup()  # the disk caches (if any) are not needed past calibration
     calibrated_s = time.perf_counter() - started
     # every rank says which samples it calibrated on (a collective: all ranks take part)
@@ -328,7 +327,6 @@ def _build_state(job: _Job, inputs: torch.Tensor, block_kwargs: BlockKwargs, dev
         preprocessors=preprocessors,
         store=store,
         target_dtype=cache.targets_dtype(),
-        keep_margins=bool(config.extensions.end_to_end and config.extensions.end_to_end.rounding_rank),
     )
     return _Built(state=state, quantizer=quantizer, cfp=cfp, store=store, mixed_summary=mixed_summary)
 

@@ -137,12 +137,6 @@ class EndToEndConfig:
             ``lr``: full-precision vectors that rescale what every quantized linear reads, so they can move the
             activations to where the frozen codes serve them best (as norm tweaking, arXiv 2309.02784, does after
             GPTQ). Off by default; where a recipe turns it on, docs/recipe-history.md has the measurement.
-        rounding_rank: also let every code move by whole steps through a low-rank offset of this rank, trained
-            at ``rounding_lr`` (LoRA-Rounding over the windows' codes, :mod:`cbq_lightning.quant.code_offset`);
-            0 (default): the codes stay as the windows hardened them. Why it exists: with the scales and norms
-            trained here, every window-level lever measured at W4A16 ended at the same held-back perplexity, so
-            the codes are what the phase had left frozen (docs/recipe-history.md has the measurement).
-        rounding_lr: Adam learning rate of the offset's factors (the windows' ``train.lr_rounding`` default).
         checkpoint_blocks: recompute each block's activations in the backward instead of keeping them (less
             memory, one more forward); null: on for CUDA devices, off on the CPU.
         evaluate_before: also evaluate the model before the phase (one more pass over ``eval``'s sets), reported as
@@ -156,8 +150,6 @@ class EndToEndConfig:
     tokens: int = 128
     activation_clip: bool = False
     norms: bool = False
-    rounding_rank: int = 0
-    rounding_lr: float = 5e-3
     checkpoint_blocks: bool | None = None
     evaluate_before: bool = False
 
@@ -166,14 +158,6 @@ class EndToEndConfig:
             raise ConfigError(f"extensions.end_to_end.epochs={self.epochs} must be >= 1 (drop the section for no phase).")
         if not self.lr > 0:
             raise ConfigError(f"extensions.end_to_end.lr={self.lr} must be > 0.")
-        if self.rounding_rank < 0:
-            raise ConfigError(f"extensions.end_to_end.rounding_rank={self.rounding_rank} must be >= 0 (0: the codes "
-                              "stay frozen).")
-        if not self.rounding_lr > 0:
-            raise ConfigError(f"extensions.end_to_end.rounding_lr={self.rounding_lr} must be > 0.")
-        if self.rounding_rank == 0 and self.rounding_lr != EndToEndConfig.rounding_lr:
-            raise ConfigError(f"extensions.end_to_end.rounding_lr={self.rounding_lr} with rounding_rank=0 would do "
-                              "nothing (the codes stay frozen): set rounding_rank (64, say), or drop rounding_lr.")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"extensions.end_to_end.batch_size={self.batch_size} must be >= 1 (null: train.batch_size).")
         if self.tokens < 1:

@@ -71,78 +71,13 @@ def test_a_grid_with_minimums_cannot_train_its_scales() -> None:
         layer.begin_scale_training()
 
 
-def _offset_by_hand(layer: FinalizedQuantLinear) -> list[torch.nn.Parameter]:
-    """Rank-1 factors whose product is [[0.6, -0.4, 1.6, 2.0], [-0.6, 0.4, -1.6, -2.0]]: steps [[1, 0, 2, 2],
-    [-1, 0, -2, -2]] on the codes [[0, 1, 2, 3], [3, 3, 0, 1]], clamped to the 2-bit grid [0, 3]."""
-    factors = layer.begin_code_training(rank=1, init_std=0.1, generator=torch.Generator().manual_seed(0))
-    assert [tuple(p.shape) for p in factors] == [(2, 1), (1, 4)]
-    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
-    assert torch.equal(layer(x), x @ layer.weight.T)  # A1 starts at zero: exactly the windows' codes
-    with torch.no_grad():
-        factors[0].copy_(torch.tensor([[1.0], [-1.0]]))
-        factors[1].copy_(torch.tensor([[0.6, -0.4, 1.6, 2.0]]))
-    return factors
-
-
-def test_a_code_offset_starts_at_the_codes_moves_them_by_whole_steps_and_is_stored() -> None:
-    layer = _layer()
-    by_hand = layer.weight.clone()
-    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
-    factors = _offset_by_hand(layer)
-    assert not torch.equal(layer(x), x @ by_hand.T)
-    # codes [[1, 1, 3, 3], [2, 3, 0, 0]]; s * (q - z) with scales [[0.5, 1], [2, 0.25]], zeros [[1, 2], [0, 1]]
-    moved = torch.tensor([[0.0, 0.0, 1.0, 1.0], [4.0, 6.0, -0.25, -0.25]])
-    out = layer(x)
-    assert torch.equal(out, x @ moved.T)
-    out.sum().backward()  # straight through the rounding, none where the grid's edge holds a code
-    # d out / d t_ij = s_ij x_j where unclamped (columns 0, 1 of both rows): dA1 = [[0.5*0.6 - 0.5*2*0.4],
-    # [2*0.6 - 2*2*0.4]], dA2 = [[0.5 - 2, 0.5*2 - 2*2, 0, 0]]
-    assert torch.allclose(factors[0].grad, torch.tensor([[-0.1], [-0.4]]))
-    assert torch.allclose(factors[1].grad, torch.tensor([[-1.5, -3.0, 0.0, 0.0]]))
-    keys = set(layer.state_dict())
-    assert layer.end_code_training(keep=True) == 4
-    assert torch.equal(layer.qweight, torch.tensor([[1, 1, 3, 3], [2, 3, 0, 0]], dtype=torch.uint8))
-    assert torch.equal(layer.weight, moved) and layer.code_offset is None
-    assert set(layer.state_dict()) == {k for k in keys if not k.startswith("code_offset.")}
-
-
-def test_a_margin_near_its_boundary_flips_after_a_small_offset_and_a_firm_one_does_not() -> None:
-    """Margins [[0.45, -0.45, 0, 0], [0.2, -0.2, 0.45, -0.45]] (soft less hard code) under an offset of 0.1
-    everywhere: floor(m + 0.1 + 0.5) moves only the first code (0.45 + 0.1 crosses 0.5) and the last of row 1
-    does not (-0.35 stays above -0.5); then -0.1 everywhere moves only the two at -0.45."""
-    layer = _layer()
-    layer.rounding_margin = torch.tensor([[0.45, -0.45, 0.0, 0.0], [0.2, -0.2, 0.45, -0.45]], dtype=torch.float16)
-    factors = layer.begin_code_training(rank=1, init_std=0.1, generator=torch.Generator().manual_seed(0))
-    codes = layer.qweight.float()
-    for offset, steps in ((0.1, [[1, 0, 0, 0], [0, 0, 1, 0]]), (-0.1, [[0, -1, 0, 0], [0, 0, 0, -1]])):
-        with torch.no_grad():
-            factors[0].fill_(1.0)
-            factors[1].fill_(offset)
-        assert torch.equal(layer.code_offset.steps(layer.rounding_margin), torch.tensor(steps, dtype=torch.float32))
-        moved = (codes + torch.tensor(steps)).clamp(0, 3)
-        assert torch.equal(layer.code_offset.shifted_codes(layer.qweight, 2, layer.rounding_margin), moved)
-    assert layer.end_code_training(keep=True) == 2 and layer.rounding_margin is None
-
-
-def test_a_dropped_code_offset_leaves_the_layer_as_it_was() -> None:
-    layer = _layer()
-    before = {k: v.clone() for k, v in layer.state_dict().items()}
-    _offset_by_hand(layer)
-    assert layer.end_code_training(keep=False) == 0
-    after = layer.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-
-
-@pytest.mark.parametrize(("settings", "message"), [
-    ({"epochs": 0}, "extensions.end_to_end.epochs"), ({"lr": 0.0}, "extensions.end_to_end.lr"),
-    ({"tokens": 0}, "extensions.end_to_end.tokens"), ({"batch_size": 0}, "extensions.end_to_end.batch_size"),
-    ({"rounding_rank": -1}, "extensions.end_to_end.rounding_rank"),
-    ({"rounding_rank": 4, "rounding_lr": 0.0}, "extensions.end_to_end.rounding_lr"),
-    ({"rounding_lr": 0.01}, "with rounding_rank=0 would do nothing"),
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("epochs", 0, "extensions.end_to_end.epochs"), ("lr", 0.0, "extensions.end_to_end.lr"), ("tokens", 0, "extensions.end_to_end.tokens"),
+    ("batch_size", 0, "extensions.end_to_end.batch_size"),
 ])
-def test_bad_settings_are_refused(settings: dict[str, float], message: str) -> None:
+def test_bad_settings_are_refused(field: str, value: float, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        EndToEndConfig(**settings)
+        EndToEndConfig(**{field: value})
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +89,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                         "plain_w4a8": w4a8, "e2e_w4a8": [*w4a8, "--extensions.end_to_end", "{activation_clip: true}"],
                         "scales_w4a8": [*w4a8, "--extensions.end_to_end", "{}"],
                         "norms": ["--extensions.end_to_end", "{norms: true}"],
-                        "codes": ["--extensions.end_to_end", "{rounding_rank: 2, rounding_lr: 0.05}", "--keep_checkpoints", "true"],
-                        "diverging_codes": ["--extensions.end_to_end", "{rounding_rank: 2, rounding_lr: 0.05, lr: 1000}"],
                         "diverging_norms": ["--extensions.end_to_end", "{norms: true, lr: 1000}"],
                         "diverging_w4a8": [*w4a8, "--extensions.end_to_end.lr", "1000"]}.items():
         out = tmp_path_factory.mktemp(name)
@@ -303,55 +236,3 @@ def test_a_norm_trains_through_a_float32_shift_that_folds_in_at_the_end() -> Non
         assert not torch.nn.utils.parametrize.is_parametrized(norm)
         with torch.no_grad():
             norm.weight.fill_(1.0)
-
-
-def _codes(folder: Path) -> dict[str, torch.Tensor]:
-    return {name: tensor for name, tensor in load_file(folder / "quant_state.safetensors").items()
-            if name.endswith(".qweight")}
-
-
-def test_asked_the_phase_moves_codes_and_reports_exactly_how_many(runs: dict[str, Path]) -> None:
-    """The same windows with and without the code offset: every code that differs was moved by the phase, and
-    the report says how many (its share of all codes)."""
-    record = _report(runs["codes"])["end_to_end"]
-    assert record["trained"] == ["scales", "codes"] and record["kept"], record
-    windows, moved = _codes(runs["e2e"]), _codes(runs["codes"])
-    assert windows.keys() == moved.keys()
-    changed = sum(int((windows[n] != moved[n]).sum()) for n in windows)
-    total = sum(t.numel() for t in windows.values())
-    assert changed > 0 and record["codes_changed"] == changed / total
-    assert "codes_changed" not in _report(runs["e2e"])["end_to_end"]
-    events = EventAccumulator(str(runs["codes"] / "tensorboard")).Reload()
-    assert len(events.Scalars("e2e/codes_moved")) == 1  # one epoch
-
-
-def test_a_dropped_phase_puts_the_codes_back_bit_for_bit(runs: dict[str, Path]) -> None:
-    record = _report(runs["diverging_codes"])["end_to_end"]
-    assert not record["kept"] and record["codes_changed"] == 0
-    plain, dropped = (load_file(runs[n] / "quant_state.safetensors") for n in ("plain", "diverging_codes"))
-    assert plain.keys() == dropped.keys() and all(torch.equal(plain[name], dropped[name]) for name in plain)
-
-
-def test_the_windows_keep_their_margins_for_the_phase_and_no_output_carries_them(runs: dict[str, Path]) -> None:
-    """The margins reach the window checkpoints (a resumed run's phase reads them) and nothing the run writes
-    after the phase; the windows and the phase's starting point are those of the run without them."""
-    saved = [load_file(path) for path in sorted((runs["codes"] / "checkpoints").glob("block_*.safetensors"))]
-    margins = [t for state in saved for name, t in state.items() if name.endswith(".rounding_margin")]
-    assert margins and all(t.dtype == torch.float16 and -0.5 <= t.min() and t.max() < 0.5 for t in margins)
-    assert not any("margin" in name for name in load_file(runs["codes"] / "quant_state.safetensors"))
-    assert not any("margin" in name for name in load_file(runs["codes"] / "model" / "model.safetensors"))
-    plain, codes = _report(runs["e2e"]), _report(runs["codes"])
-    assert codes["end_to_end"]["output_kl_before"] == plain["end_to_end"]["output_kl_before"]
-    assert [w["train_loss_last"] for w in codes["windows"]] == [w["train_loss_last"] for w in plain["windows"]]
-
-
-def test_windows_without_margins_are_not_resumed_into_a_phase_that_moves_codes(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "run"
-    flags = ["quantize", "--config", str(TINY_RECIPE), "--output_dir", str(out), *FAST, "--keep_checkpoints", "true"]
-    assert main([*flags, "--extensions.end_to_end", "{}"]) == 0
-    capsys.readouterr()
-    assert main([*flags, "--extensions.end_to_end", "{rounding_rank: 2}"]) == 2
-    err = capsys.readouterr().err
-    assert "without the rounding margins" in err and "--resume false" in err and "Traceback" not in err

@@ -127,19 +127,11 @@ def hard_rounding(module: nn.Module) -> Iterator[None]:
             layer.use_hard_rounding = False
 
 
-def finalize_block(block: nn.Module, keep_margins: bool = False) -> None:
+def finalize_block(block: nn.Module) -> None:
     """Put a :class:`FinalizedQuantLinear` (hardened rounding, frozen clipping, integer codes) in the place of
-    every calibrating :class:`QuantLinear` of ``block``; a block with none left is unchanged. ``keep_margins``:
-    the layers keep their rounding margins for the end-to-end phase (:meth:`QuantLinear.finalize`)."""
+    every calibrating :class:`QuantLinear` of ``block``; a block with none left is unchanged."""
     for name, layer in list(quant_linears(block)):
-        replace_module(block, name, layer.finalize(keep_margin=keep_margins))
-
-
-def drop_rounding_margins(module: nn.Module) -> None:
-    """Forget every finalised layer's rounding margins (what the end-to-end phase's code offset read): no
-    output, export or evaluation carries them."""
-    for _, layer in finalized_linears(module):
-        layer.rounding_margin = None
+        replace_module(block, name, layer.finalize())
 
 
 def reset_block_to_round_to_nearest(block: nn.Module) -> None:

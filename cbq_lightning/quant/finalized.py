@@ -7,14 +7,11 @@ integers and what the forward needs remain, and this class is what checkpoints, 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cbq_lightning.quant.act_quantizer import ActivationQuantizer
-from cbq_lightning.quant.code_offset import LowRankCodeOffset
 from cbq_lightning.quant.correction import LowRankCorrection
 from cbq_lightning.quant.weight_quantizer import WeightQuantizer
 
@@ -39,9 +36,8 @@ def quantized_linear(
 
 class FinalizedQuantLinear(nn.Module):
     """A quantized linear after calibration: integer codes, scales and zero-points, and the dequantized weight
-    its forward uses. Nothing in it trains, except during the optional end-to-end phase
-    (:mod:`cbq_lightning.end_to_end`): its scales (:meth:`begin_scale_training`) and, when the phase asks for it,
-    a low-rank offset on its codes (:meth:`begin_code_training`).
+    its forward uses. Nothing in it trains, except its scales during the optional end-to-end phase
+    (:meth:`begin_scale_training`; :mod:`cbq_lightning.end_to_end`), which never touches the codes.
 
     Its state dict holds ``weight`` (dequantized, the model's dtype), ``bias`` (if any), ``qweight`` (uint8
     codes ``[out, in]``), ``scales`` (float32 ``[out, in / group]``), ``zeros`` (uint8), ``mins`` (float32, GGML's
@@ -65,9 +61,6 @@ class FinalizedQuantLinear(nn.Module):
         correction: frozen low-rank correction on the unquantized input, or None.
         flip_fraction: share of decisions that differ from round-to-nearest (None when rounding was not
             learned and did not start from GPTQ): a monitoring signal, not saved.
-        rounding_margin: each LoRA-Rounding decision's soft value less its hardened one (``[out, in]`` float16),
-            kept only for the end-to-end phase's code offset (:mod:`cbq_lightning.quant.code_offset`): in the window
-            checkpoints, so a resumed run has it, and dropped by the phase, so no output carries it. None otherwise.
     """
 
     def __init__(
@@ -88,7 +81,6 @@ class FinalizedQuantLinear(nn.Module):
         act_quantizer: ActivationQuantizer | None = None,
         correction: LowRankCorrection | None = None,
         flip_fraction: float | None = None,
-        rounding_margin: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = codes.shape
@@ -104,23 +96,18 @@ class FinalizedQuantLinear(nn.Module):
         self.register_buffer("mins", mins)
         self.register_buffer("super_scales", super_scales)
         self.register_buffer("super_mins", super_mins)
-        self.register_buffer("rounding_margin", rounding_margin)
         self.ggml_type = ggml_type
         self.weight = self.dequantized_weight().to(dtype)
         self.act_quantizer = act_quantizer
         self.correction = correction
         #: log of a multiplicative gain on every scale while the end-to-end phase trains them; None otherwise
         self.register_parameter("scale_log_gain", None)
-        #: the low-rank offset on the codes while the end-to-end phase trains them; None otherwise
-        self.register_module("code_offset", None)
-        self.code_offset: LowRankCodeOffset | None
 
-    def dequantized_weight(self, scales: torch.Tensor | None = None, codes: torch.Tensor | None = None
-                           ) -> torch.Tensor:
+    def dequantized_weight(self, scales: torch.Tensor | None = None) -> torch.Tensor:
         """``scale * (q - zero)`` (``scale * q + min`` with minimums) from the stored integer state (or the given
-        ``scales`` and float ``codes``, differentiably), ``[out, in]`` fp32."""
+        ``scales``, differentiably), ``[out, in]`` fp32."""
         group = self.group_size or self.in_features
-        q = (self.qweight.float() if codes is None else codes).reshape(self.out_features, -1, group)
+        q = self.qweight.float().reshape(self.out_features, -1, group)
         mins = None if self.mins is None else self.mins.unsqueeze(-1)
         scales = self.scales if scales is None else scales
         w = WeightQuantizer.dequantize_codes(q, scales.unsqueeze(-1), self.zeros.float().unsqueeze(-1), mins)
@@ -151,46 +138,11 @@ class FinalizedQuantLinear(nn.Module):
             self.scales = self.scales * gain.detach().to(self.scales).exp()
             self.weight = self.dequantized_weight().to(self.weight)
 
-    def begin_code_training(self, rank: int, init_std: float, generator: torch.Generator) -> list[nn.Parameter]:
-        """Let every code move by whole steps, ``clamp(q + floor(m + A1 A2 + 0.5))`` with ``m`` the windows'
-        margins (0, every decision firm, on a layer whose rounding was not LoRA-Rounding's: the guard's
-        round-to-nearest fallback), starting at exactly the stored codes; the offset's factors. Only on
-        cbq-lightning's grid (``scale * (q - zero)``), as the scales."""
-        if not self.scales_trainable:
-            raise ValueError(f"{self.ggml_type}: the codes are tied to the grid's super-blocks and cannot train")
-        self.code_offset = LowRankCodeOffset(self.out_features, self.in_features, rank, init_std, generator).to(
-            self.qweight.device)
-        return list(self.code_offset.parameters())
-
-    @torch.no_grad()
-    def end_code_training(self, keep: bool) -> int:
-        """Store the moved codes (``keep``) or drop the offset; how many codes changed (0 when dropped)."""
-        offset, self.code_offset = self.code_offset, None
-        margin, self.rounding_margin = self.rounding_margin, None
-        if not keep or offset is None:
-            return 0
-        moved = offset.shifted_codes(self.qweight, self.bits, margin).to(self.qweight.dtype)
-        changed = int((moved != self.qweight).sum())
-        self.qweight = moved
-        self.weight = self.dequantized_weight().to(self.weight)
-        return changed
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if self.scale_log_gain is not None or self.code_offset is not None:
-            scales = self.scales if self.scale_log_gain is None else self.scales * self.scale_log_gain.exp()
-            codes = (None if self.code_offset is None
-                     else self.code_offset.shifted_codes(self.qweight, self.bits, self.rounding_margin))
-            weight = self.dequantized_weight(scales, codes)
+        if self.scale_log_gain is not None:
+            weight = self.dequantized_weight(self.scales * self.scale_log_gain.exp())
         return quantized_linear(x, weight, self.bias, self.act_quantizer, self.correction)
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        # a layer rebuilt for resume has no margins yet (the window kept them in its checkpoint): take the saved
-        # tensor's shape so they load, as the window left them
-        key = prefix + "rounding_margin"
-        if key in state_dict and self.rounding_margin is None:
-            self.rounding_margin = torch.empty_like(state_dict[key], device=self.qweight.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def correction_parameter_count(self) -> int:
         """Full-precision parameters the correction adds to the layer (0 without one)."""

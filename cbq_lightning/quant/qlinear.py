@@ -311,13 +311,11 @@ class QuantLinear(nn.Module):
 
     # --- finalisation --------------------------------------------------------------------------------
     @torch.no_grad()
-    def finalize(self, keep_margin: bool = False) -> FinalizedQuantLinear:
+    def finalize(self) -> FinalizedQuantLinear:
         """The finalised layer: hardened rounding and frozen clipping stored as integer codes, nothing trainable.
 
         This layer is left as it is; :func:`cbq_lightning.quant.convert.finalize_block` puts the returned one in
-        its place. The activation quantizer and correction move to the new layer, frozen. ``keep_margin``: also
-        keep each LoRA-Rounding decision's soft value less its hardened one (``h(V) - 1[h(V) >= 0.5]``, in
-        [-0.5, 0.5), float16), where the end-to-end phase's code offset starts (``rounding_rank``).
+        its place. The activation quantizer and correction move to the new layer, frozen.
         """
         assert self.quantizer is not None
         quantizer = self.quantizer
@@ -326,10 +324,6 @@ class QuantLinear(nn.Module):
         offset = self.signed_offset()
         hard = self.rounding.decisions(hard=True)
         codes = quantizer.codes(self.weight, scale, zero, hard, offset, minimum)
-        margin = None
-        if keep_margin and isinstance(self.rounding, LoRARounding):
-            margin = (self.rounding.soft() - hard).reshape(self.out_features, self.in_features).to(torch.float16)
-            margin = margin.clamp(max=0.5 - 2**-12)  # float16 rounds 0.49995 up to 0.5, which would flip the code
         flip_fraction = None
         if offset is not None or hard is not None:
             nearest = quantizer.codes(self.weight, scale, zero, None, minimum=minimum)
@@ -354,7 +348,6 @@ class QuantLinear(nn.Module):
             act_quantizer=self.act_quantizer,
             correction=self.correction,
             flip_fraction=flip_fraction,
-            rounding_margin=margin,
         )
 
     def extra_repr(self) -> str:

@@ -33,12 +33,6 @@ from cbq_lightning.section_types import changed_fields
 ZETA, GAMMA = 1.1, -0.1
 
 
-def capped_rank(rank: int, out_features: int, in_features: int) -> int:
-    """``rank``, or half the smaller dimension of an ``out x in`` weight too narrow for it (low-rank either way)."""
-    smallest = min(out_features, in_features)
-    return rank if rank < smallest else max(1, smallest // 2)
-
-
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
     """``h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)``."""
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
@@ -102,8 +96,8 @@ class RoundingConfig:
         unchanged, so a recipe computes the same on every model it fitted before. :func:`narrow_layers`
         lists the layers this caps, for the log and ``report.json``.
         """
-        return capped_rank(self.rank, out_features, in_features)
-
+        smallest = min(out_features, in_features)
+        return self.rank if self.rank < smallest else max(1, smallest // 2)
     def _refuse_settings_offset_ignores(self) -> None:
         """``form: offset`` trains one full-rank offset per weight through a straight-through forward: it has no
         factors and no regulariser, so a changed rank, initialisation or regulariser setting would silently do
